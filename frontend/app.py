@@ -1,0 +1,34 @@
+"""The Quart-Trio application class shared by wsrunner's apps, with the keep-alive fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
+
+
+class _ShieldFinalSend(TrioASGIHTTPConnection):  # type: ignore[misc]
+    """Shield the last body send of a response.
+
+    Hypercorn starts its keep-alive idle timer from inside that send, which quart-trio runs in
+    a nursery it cancels when the request ends; unshielded, the timer never starts, idle
+    connections are never closed, and every shutdown waits out `graceful_timeout` (stack.md §5.4).
+    """
+
+    async def _send_response(self, send: Any, response: Any) -> None:
+        async def send_shielding_last(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await super()._send_response(send_shielding_last, response)
+
+
+class App(QuartTrio):  # type: ignore[misc]
+    """QuartTrio (a plain Quart app answers 500 under hypercorn.trio) with the fix above."""
+
+    asgi_http_class = _ShieldFinalSend

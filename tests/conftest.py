@@ -1,0 +1,137 @@
+"""Fixtures: real Redis and PostgreSQL, isolated per test by key prefix and schema."""
+
+from __future__ import annotations
+
+# trio_asyncio must be imported before psycopg (stack.md §4.2).
+import trio_asyncio  # noqa: F401  # isort: skip
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+import trio
+from psycopg import sql
+
+from wsrunner.daemon import Daemon, run_daemon
+from wsrunner.settings import Settings
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(name="redis_client")
+def _redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture(name="prefix")
+def _prefix(redis_client: redis.Redis) -> Iterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"wsrtest-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    keys = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        redis_client.unlink(*keys)
+
+
+@pytest.fixture(name="schema")
+def _schema() -> Iterator[str]:
+    """A PostgreSQL schema of this test's own; dropped afterwards."""
+    name = f"wsrtest_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture(name="settings")
+def _settings(tmp_path: Path, prefix: str, schema: str) -> Settings:
+    return Settings(
+        worker_id=f"test-{uuid.uuid4().hex[:8]}",
+        concurrency=2,
+        redis_url=REDIS_URL,
+        redis_prefix=prefix,
+        database_url=DATABASE_URL,
+        database_schema=schema,
+        volume_path=tmp_path / "volume",
+        frontend="none",
+        health_port=0,
+        heartbeat_interval_s=0.5,
+        lease_ttl_s=2.0,
+        reconcile_interval_s=1.0,
+        shutdown_grace_s=1.0,
+        kill_grace_s=0.5,
+        git_schemes=("https", "ssh", "file"),
+    )
+
+
+@pytest.fixture(name="start_daemon")
+async def _start_daemon(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
+    """start_daemon(**overrides) -> Daemon; every daemon started is stopped gracefully after."""
+    async with trio.open_nursery() as nursery:
+        started: list[Daemon] = []
+
+        async def start(**overrides: Any) -> Daemon:
+            daemon: Daemon = await nursery.start(run_daemon, replace(settings, **overrides))
+            started.append(daemon)
+            return daemon
+
+        yield start
+        for d in started:
+            d.stop()
+
+
+@pytest.fixture(name="daemon")
+async def _daemon(start_daemon: Callable[..., Any]) -> Daemon:
+    daemon: Daemon = await start_daemon()
+    return daemon
+
+
+async def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, poll: float = 0.02) -> Any:
+    """Wait until `await predicate()` (or `predicate()`) is truthy; fail after `timeout` s."""
+    with trio.fail_after(timeout):
+        while True:
+            value = predicate()
+            if hasattr(value, "__await__"):
+                value = await value
+            if value:
+                return value
+            await trio.sleep(poll)
+
+
+async def wait_terminal(daemon: Daemon, task_id: str, timeout: float = 30.0) -> Any:
+    async def done() -> Any:
+        rec = await daemon.service.get(task_id)
+        return rec if rec.status.terminal else None
+
+    return await wait_for(done, timeout=timeout)
+
+
+def cmd(command: str, **extra: Any) -> dict[str, Any]:
+    return {"action": "execute_command", "command": command, **extra}
+
+
+def task_body(*steps: dict[str, Any], workspace_id: str = "ws-1", **extra: Any) -> dict[str, Any]:
+    return {"workspace_id": workspace_id, "steps": list(steps), **extra}
+
+
+def raw_payload(**overrides: Any) -> str:
+    payload = {
+        "task_id": str(uuid.uuid4()),
+        "task_type": "background_job",
+        "workspace_id": "ws-raw",
+        "agent_id": None,
+        "priority": "normal",
+        "timeout_seconds": 60,
+        "steps": [cmd("echo hello")],
+        "created_at": "2026-11-24T00:00:00+00:00",
+    }
+    payload.update(overrides)
+    return json.dumps(payload)

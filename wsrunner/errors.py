@@ -1,0 +1,74 @@
+"""The exception tree of wsrunner; every error the core raises on purpose is one of these.
+
+    WsrunnerError                   root: anything wsrunner raises deliberately
+    ├── ConfigError                 a setting is missing, unknown or of the wrong type
+    ├── ValidationError             input (a payload, a request body) does not have the expected shape
+    ├── NotFoundError               a task or workspace that does not exist (or is not visible)
+    ├── ConflictError               the request contradicts the current state
+    │   ├── InvalidTransitionError  a lifecycle move the transition table does not allow
+    │   └── IdempotencyConflictError  an idempotency key reused with a different body
+    ├── WorkspaceError              a workspace operation was refused
+    │   ├── PathEscapeError         a path would leave the workspace
+    │   └── QuotaExceededError      the workspace is over its storage quota
+    └── UnavailableError            Redis or PostgreSQL could not be reached
+
+Messages say what was expected and what was found. Driver exceptions (redis-py, psycopg) are
+translated into `UnavailableError` by the adapters, never leaked past them.
+"""
+
+from __future__ import annotations
+
+
+class WsrunnerError(Exception):
+    """Root of every error wsrunner raises on purpose."""
+
+
+class ConfigError(WsrunnerError):
+    """A setting is missing, unknown, or does not have the expected type or range."""
+
+
+class ValidationError(WsrunnerError):
+    """Input does not have the expected shape; `field` is the path of the offending value."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+class NotFoundError(WsrunnerError):
+    """The task or workspace does not exist, or the caller may not see it."""
+
+
+class ConflictError(WsrunnerError):
+    """The request contradicts the current state of the task."""
+
+
+class InvalidTransitionError(ConflictError):
+    """The lifecycle does not allow moving from `current` to `target`."""
+
+    def __init__(self, task_id: str, current: str, target: str) -> None:
+        super().__init__(f"task {task_id} is {current}; it cannot become {target}")
+        self.task_id = task_id
+        self.current = current
+        self.target = target
+
+
+class IdempotencyConflictError(ConflictError):
+    """An idempotency key was reused with a request body that differs from the first one."""
+
+
+class WorkspaceError(WsrunnerError):
+    """A workspace operation was refused."""
+
+
+class PathEscapeError(WorkspaceError):
+    """A path would resolve outside its workspace (`..`, absolute, or through a symlink)."""
+
+
+class QuotaExceededError(WorkspaceError):
+    """The workspace uses more storage than its quota allows."""
+
+
+class UnavailableError(WsrunnerError):
+    """A backing service (Redis or PostgreSQL) could not be reached or failed."""

@@ -1,0 +1,208 @@
+"""Leases: the heartbeat that keeps this daemon's claims, and the reaper that frees a dead one's.
+
+A daemon's lease is its heartbeat key in Redis (TTL `lease_ttl_s`) and, for each running task,
+`lease_expires_at` in PostgreSQL; both are renewed every `heartbeat_interval_s`. The reaper:
+
+1. Redis path: for every registered daemon whose heartbeat expired, each claim in its in-flight
+   hash is re-queued (head of its queue), or failed after `max_attempts` starts.
+2. PostgreSQL path (the source of truth, for when Redis lost data): running tasks whose lease
+   expired and whose daemon has no heartbeat are re-queued or failed; queued tasks that Redis
+   does not know at all are pushed again. A duplicate payload is harmless: starting a task is a
+   compare-and-set from `queued`, so only one copy ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import trio
+
+from wsrunner.errors import InvalidTransitionError, NotFoundError, UnavailableError
+from wsrunner.models import JSON, TaskRecord, TaskState
+from wsrunner.payload import validate_task_id
+from wsrunner.ports import Queue, Store
+from wsrunner.runner import StopReason, TaskRunner
+from wsrunner.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+async def serve_heartbeat(
+    settings: Settings, queue: Queue, store: Store, runner: TaskRunner,
+    *, task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:  # fmt: skip
+    """Renew this daemon's leases every `heartbeat_interval_s`, forever."""
+    first = True
+    while True:
+        ids = list(runner.running)
+        try:
+            await queue.heartbeat(settings.worker_id, ids, settings.lease_ttl_s)
+            await store.renew_leases(settings.worker_id, ids)
+        except UnavailableError as exc:
+            logger.warning("heartbeat failed: %s", exc)
+        if first:
+            task_status.started()
+            first = False
+        await trio.sleep(settings.heartbeat_interval_s)
+
+
+async def serve_cancel_watch(
+    settings: Settings, queue: Queue, runner: TaskRunner,
+    *, task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:  # fmt: skip
+    """Stop local tasks that were cancelled elsewhere: pub/sub for speed, a 1 s sweep as backstop.
+
+    The sweep also catches tasks a reaper handed to another daemon while we looked dead.
+    """
+    send, recv = trio.open_memory_channel[str](100)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_listen, queue, send)
+
+        async def sweep() -> None:
+            while True:
+                await trio.sleep(1.0)
+                try:
+                    states = await queue.statuses(list(runner.running))
+                except UnavailableError:
+                    continue
+                for tid, status in states.items():
+                    rt = runner.running.get(tid)
+                    if rt is None or status is None:
+                        continue
+                    if status in ("cancelled", "failed", "completed", "timed_out"):
+                        runner.stop_task(tid, StopReason.CANCEL)
+                    elif status == "queued":
+                        runner.stop_task(tid, StopReason.LOST)
+
+        nursery.start_soon(sweep)
+        task_status.started()
+        async for task_id in recv:
+            if runner.stop_task(task_id, StopReason.CANCEL):
+                logger.info("cancel request received", extra={"task_id": task_id})
+
+
+async def _listen(queue: Queue, send: trio.MemorySendChannel[str]) -> None:
+    while True:
+        try:
+            await queue.serve_cancel_listener(send)
+        except UnavailableError as exc:
+            logger.warning("cancel channel lost, resubscribing in 1s: %s", exc)
+        await trio.sleep(1.0)
+
+
+def payload_from_record(rec: TaskRecord) -> JSON:
+    """A queue payload rebuilt from the durable record (credentials are never stored)."""
+    cfg = rec.configuration
+    return {
+        "task_id": rec.id,
+        "task_type": rec.task_type,
+        "workspace_id": rec.workspace_id,
+        "agent_id": None,
+        "priority": rec.priority.value,
+        "timeout_seconds": cfg.get("timeout_seconds", 300),
+        "stop_on_error": cfg.get("stop_on_error", False),
+        "steps": cfg.get("steps", []),
+        "created_at": rec.submitted_at.isoformat(),
+        **({"idempotency_key": rec.idempotency_key} if rec.idempotency_key else {}),
+    }
+
+
+class Reaper:
+    """Frees the work of dead daemons. Safe to run on every daemon at once."""
+
+    def __init__(self, settings: Settings, queue: Queue, store: Store) -> None:
+        self.settings, self.queue, self.store = settings, queue, store
+
+    async def _give_up_or_requeue(self, rec: TaskRecord, dead_worker: str) -> TaskState | None:
+        """CAS a dead daemon's running task to queued, or failed after max_attempts."""
+        if rec.attempts >= self.settings.max_attempts:
+            target, error = TaskState.FAILED, (
+                f"gave up after {rec.attempts} attempts: daemon {dead_worker} stopped "
+                "renewing its lease while running the task")  # fmt: skip
+        else:
+            target, error = TaskState.QUEUED, None
+        try:
+            await self.store.transition(rec.id, target, expect_worker=dead_worker, error=error)
+        except (InvalidTransitionError, NotFoundError):
+            return None
+        event: JSON = {"status": target.value, "reason": f"daemon {dead_worker} died"}
+        if error:
+            event["error"] = error
+        await self.queue.transition(rec.id, rec.workspace_id, target,
+                                    fields={"error": error} if error else None, event=event)  # fmt: skip
+        logger.warning("task of dead daemon %s is now %s", dead_worker, target.value,
+                       extra={"task_id": rec.id, "workspace_id": rec.workspace_id})  # fmt: skip
+        return target
+
+    async def reap_dead_workers(self) -> int:
+        """Redis path; returns how many claims were handled."""
+        handled = 0
+        for worker in await self.queue.dead_workers():
+            if worker == self.settings.worker_id:
+                continue
+            for claim_id, payload in (await self.queue.inflight(worker)).items():
+                handled += 1
+                await self._reap_claim(worker, claim_id, payload)
+            await self.queue.forget_worker(worker)
+        return handled
+
+    async def _reap_claim(self, worker: str, claim_id: str, payload: str) -> None:
+        prio = claim_id.split(":", 1)[0]
+        try:
+            obj = json.loads(payload)
+            task_id = validate_task_id(obj.get("task_id") if isinstance(obj, dict) else None)
+        except Exception:  # noqa: BLE001 - anything unreadable is dead-lettered, not retried
+            await self.queue.dead_letter(worker, claim_id, "unreadable payload left by a dead daemon")
+            return
+        try:
+            rec = await self.store.get(task_id)
+        except NotFoundError:  # claimed but never started: just hand it on
+            await self.queue.requeue_claim(worker, claim_id, prio)
+            return
+        if rec.status is TaskState.RUNNING and rec.worker_id == worker:
+            target = await self._give_up_or_requeue(rec, worker)
+            if target is TaskState.QUEUED:
+                await self.queue.requeue_claim(worker, claim_id, prio)
+            else:
+                await self.queue.ack(worker, claim_id)
+        elif rec.status is TaskState.QUEUED:
+            await self.queue.requeue_claim(worker, claim_id, prio)
+        else:  # ended (its ack was lost), or running elsewhere: this copy is spent
+            await self.queue.ack(worker, claim_id)
+
+    async def reconcile(self) -> int:
+        """PostgreSQL path; returns how many tasks were re-queued or failed."""
+        n = 0
+        for rec in await self.store.expired_running():
+            if rec.worker_id and await self.queue.is_alive(rec.worker_id):
+                continue  # alive, its PostgreSQL renewals failed for a while: let it finish
+            target = await self._give_up_or_requeue(rec, rec.worker_id or "unknown")
+            if target is TaskState.QUEUED:
+                await self.queue.requeue_payload(payload_from_record(rec))
+            n += target is not None
+        stale = await self.store.stale_queued(age_s=max(5.0, self.settings.heartbeat_interval_s))
+        known = await self.queue.statuses(r.id for r in stale)
+        for rec in stale:
+            if known.get(rec.id) is None:
+                logger.warning("queued task missing from Redis; pushing it again",
+                               extra={"task_id": rec.id, "workspace_id": rec.workspace_id})  # fmt: skip
+                await self.queue.requeue_payload(payload_from_record(rec))
+                n += 1
+        return n
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Reap every half lease, reconcile every `reconcile_interval_s`; first pass at once."""
+        task_status.started()
+        period = self.settings.lease_ttl_s / 2
+        next_reconcile = trio.current_time()
+        while True:
+            try:
+                await self.reap_dead_workers()
+                if trio.current_time() >= next_reconcile:
+                    await self.reconcile()
+                    next_reconcile = trio.current_time() + self.settings.reconcile_interval_s
+            except UnavailableError as exc:
+                logger.warning("reaper pass failed: %s", exc)
+            await trio.sleep(min(period, self.settings.reconcile_interval_s))

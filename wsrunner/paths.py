@@ -1,0 +1,270 @@
+"""File operations contained in a workspace, safe against `..`, absolute paths and symlink tricks.
+
+Every path is opened relative to the workspace's directory fd with `openat2(RESOLVE_BENEATH)`,
+so the kernel refuses any resolution that leaves the workspace, including through a symlink that
+is swapped in while we work. Where openat2 is missing (Linux < 5.6), each component is opened
+with O_NOFOLLOW instead, which refuses symlinks altogether. FIFOs, sockets and devices are
+refused. These functions block: call them through `trio.to_thread.run_sync`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+from wsrunner.errors import PathEscapeError, WorkspaceError
+
+_SYS_OPENAT2: Final = 437  # x86_64 and aarch64 share the number
+_RESOLVE_NO_MAGICLINKS: Final = 0x02
+_RESOLVE_BENEATH: Final = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _probe_openat2() -> bool:
+    how = _OpenHow(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE_BENEATH)
+    fd = _libc.syscall(_SYS_OPENAT2, -100, b".", ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return False
+
+
+HAVE_OPENAT2: Final = _probe_openat2()
+
+
+def clean_relative(path: str) -> str:
+    """Normalise a workspace-relative path, refusing absolute paths, NULs and `..` escapes."""
+    if "\x00" in path:
+        raise PathEscapeError(f"path {path!r} contains a NUL character")
+    if path.startswith(("/", "~")):
+        raise PathEscapeError(f"path {path!r} is absolute; expected a path inside the workspace")
+    norm = os.path.normpath(path or ".")
+    if norm == ".." or norm.startswith("../"):
+        raise PathEscapeError(f"path {path!r} leaves the workspace")
+    return norm
+
+
+def _openat2(dir_fd: int, rel: str, flags: int, mode: int = 0) -> int:
+    # openat2 refuses a mode without O_CREAT (EINVAL), unlike openat.
+    mode = mode if flags & os.O_CREAT else 0
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    while True:
+        fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(rel), ctypes.byref(how),
+                           ctypes.sizeof(how))  # fmt: skip
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err not in (errno.EINTR, errno.EAGAIN):
+            raise OSError(err, os.strerror(err), rel)
+
+
+def _walk_nofollow(dir_fd: int, rel: str, flags: int, mode: int = 0) -> int:
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    fd = os.dup(dir_fd)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)  # fmt: skip
+            os.close(fd)
+            fd = nxt
+        last = parts[-1] if parts else "."
+        return os.open(last, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def open_beneath(root_fd: int, path: str, flags: int, mode: int = 0o644) -> int:
+    """Open `path` relative to `root_fd` without ever resolving outside it.
+
+    Raises:
+        PathEscapeError: the path, or a symlink on the way, leads outside the workspace.
+        OSError: anything else (ENOENT, ENOTDIR, ...).
+    """
+    rel = clean_relative(path)
+    try:
+        if HAVE_OPENAT2:
+            return _openat2(root_fd, rel, flags, mode)
+        return _walk_nofollow(root_fd, rel, flags, mode)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.ELOOP):
+            raise PathEscapeError(f"path {path!r} resolves outside the workspace") from None
+        raise
+
+
+@contextmanager
+def _fd(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def open_root(root: str) -> Iterator[int]:
+    """The workspace directory as an fd, the anchor of every contained operation."""
+    with _fd(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as fd:
+        yield fd
+
+
+def _not_found(path: str, exc: OSError) -> WorkspaceError:
+    if exc.errno == errno.ENOENT:
+        return WorkspaceError(f"{path}: no such file or directory")
+    if exc.errno == errno.ENOTDIR:
+        return WorkspaceError(f"{path}: a component of the path is not a directory")
+    if exc.errno == errno.EISDIR:
+        return WorkspaceError(f"{path}: is a directory, expected a file")
+    return WorkspaceError(f"{path}: {exc.strerror}")
+
+
+@dataclass(frozen=True, slots=True)
+class FileContent:
+    content: str
+    size_bytes: int
+    truncated: bool
+    binary: bool
+
+
+def read_text(root: str, path: str, cap: int) -> FileContent:
+    """Read at most `cap` bytes of a regular file, decoded as UTF-8 (binary files detected)."""
+    with open_root(root) as rfd:
+        try:
+            fd = open_beneath(rfd, path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise _not_found(path, exc) from None
+        with _fd(fd):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise WorkspaceError(f"{path}: not a regular file")
+            chunks, left = [], cap
+            while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+                chunks.append(chunk)
+                left -= len(chunk)
+    data = b"".join(chunks)
+    binary = b"\x00" in data[:8192]
+    return FileContent(
+        content="" if binary else data.decode("utf-8", errors="replace"),
+        size_bytes=st.st_size,
+        truncated=st.st_size > len(data),
+        binary=binary,
+    )
+
+
+def make_dirs(root: str, path: str) -> None:
+    """`mkdir -p` beneath the workspace: every component is created and checked in place."""
+    rel = clean_relative(path)
+    if rel == ".":
+        return
+    with open_root(root) as rfd:
+        done = ""
+        for part in rel.split("/"):
+            done = f"{done}/{part}" if done else part
+            try:
+                with _fd(open_beneath(rfd, os.path.dirname(done) or ".",
+                                      os.O_RDONLY | os.O_DIRECTORY)) as pfd:  # fmt: skip
+                    os.mkdir(part, 0o755, dir_fd=pfd)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise _not_found(done, exc) from None
+            try:  # exists: it must be a directory beneath the root, not a symlink out of it
+                os.close(open_beneath(rfd, done, os.O_RDONLY | os.O_DIRECTORY))
+            except OSError as exc:
+                raise _not_found(done, exc) from None
+
+
+def write_text(root: str, path: str, content: str) -> int:
+    """Write `content` atomically (temp file + rename), creating parents; returns bytes written."""
+    rel = clean_relative(path)
+    if rel == ".":
+        raise WorkspaceError("path: expected a file name, got the workspace root")
+    parent, name = os.path.split(rel)
+    data = content.encode("utf-8")
+    make_dirs(root, parent or ".")
+    with open_root(root) as rfd:
+        try:
+            dfd = open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise _not_found(parent, exc) from None
+        with _fd(dfd):
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    raise WorkspaceError(f"{path}: exists and is not a regular file")
+            except FileNotFoundError:
+                pass
+            tmp = f".{name}.wsrunner-{os.getpid()}-{id(data):x}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=dfd)  # fmt: skip
+            try:
+                with _fd(fd):
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except OSError:
+                    pass
+                raise
+    return len(data)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    name: str
+    type: str  #: "file", "dir", "symlink" or "other"
+    size: int | None
+    modified_at: float
+
+
+def list_dir(root: str, path: str, cap: int) -> tuple[list[Entry], bool]:
+    """Entries of a directory, directories first then by name; (entries, truncated)."""
+    with open_root(root) as rfd:
+        try:
+            dfd = open_beneath(rfd, path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise _not_found(path, exc) from None
+        with _fd(dfd):
+            names = []
+            truncated = False
+            with os.scandir(dfd) as it:
+                for de in it:
+                    if len(names) >= cap:
+                        truncated = True
+                        break
+                    names.append(de.name)
+            entries = []
+            for name in names:
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed while we listed
+                kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
+                        else "symlink" if stat.S_ISLNK(st.st_mode) else "other")  # fmt: skip
+                entries.append(Entry(name, kind, st.st_size if kind == "file" else None, st.st_mtime))
+    entries.sort(key=lambda e: (e.type != "dir", e.name.lower()))
+    return entries, truncated
+
+
+def real_dir(root: str, path: str) -> str:
+    """The absolute path of a directory inside the workspace (for a child's cwd), verified."""
+    with open_root(root) as rfd:
+        try:
+            os.close(open_beneath(rfd, path, os.O_RDONLY | os.O_DIRECTORY))
+        except OSError as exc:
+            raise _not_found(path, exc) from None
+    return os.path.join(root, clean_relative(path))

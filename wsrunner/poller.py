@@ -1,0 +1,65 @@
+"""The poller: wait for an idle slot, claim the next task, hand it over; block while idle."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+import trio
+
+from wsrunner.errors import UnavailableError
+from wsrunner.ports import Queue
+from wsrunner.slots import Slots
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_S: Final = 5.0
+
+
+async def serve_poller(
+    queue: Queue, slots: Slots, worker_id: str, stopping: trio.Event,
+    *, task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:  # fmt: skip
+    """Feed `slots` until `stopping` is set; then close them.
+
+    There is no polling sleep: with nothing queued, the poller blocks in Redis until a payload
+    arrives. A Redis failure is retried with exponential backoff; the daemon stays up.
+    """
+    task_status.started()
+    backoff = 0.1
+    try:
+        while not stopping.is_set():
+            await slots.wait_idle()
+            try:
+                claim = None
+                while claim is None and not stopping.is_set():
+                    claim = await queue.claim(worker_id)
+                    if claim is None:
+                        with trio.CancelScope() as waiting:
+                            # A stop request must not wait for the idle block to time out.
+                            async with trio.open_nursery() as nursery:
+                                nursery.start_soon(_cancel_on, stopping, waiting)
+                                await queue.wait_for_work()
+                                nursery.cancel_scope.cancel()
+                backoff = 0.1
+            except UnavailableError as exc:
+                slots.release_unused()
+                logger.warning("cannot claim tasks (retrying in %.1fs): %s", backoff, exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            if claim is None:
+                slots.release_unused()
+                break
+            if stopping.is_set():  # claimed while stopping: give it straight back
+                await queue.requeue_claim(worker_id, claim.claim_id, claim.priority)
+                slots.release_unused()
+                break
+            await slots.hand_off(claim)
+    finally:
+        slots.close()
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

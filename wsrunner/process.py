@@ -1,0 +1,155 @@
+"""Child processes owned from spawn to reap: own session, capped output, whole-group kill.
+
+Each command starts in a new session (its pid is its process group id). When it exits, times out
+or is cancelled, every process left in its group gets SIGTERM, then SIGKILL after a grace period,
+and the direct child is reaped, so no background grandchild outlives its step or holds its pipes.
+Output is read by our own pumps into capped buffers: the first `cap` bytes are kept, the rest is
+counted and dropped, so a `yes` cannot exhaust the daemon's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import trio
+
+DRAIN_S: Final = 2.0  # how long to wait for pipes after the group is dead (a setsid escapee)
+_POLL_S: Final = 0.02
+
+
+@dataclass(slots=True)
+class CappedBuffer:
+    """Keeps the first `cap` bytes written to it and counts all of them."""
+
+    cap: int
+    data: bytearray = field(default_factory=bytearray)
+    total: int = 0
+
+    def add(self, chunk: bytes) -> None:
+        room = self.cap - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+        self.total += len(chunk)
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.data)
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+@dataclass(slots=True)
+class Capture:
+    """What a process printed; filled while it runs, so it is complete even after a cancel."""
+
+    stdout: CappedBuffer
+    stderr: CappedBuffer
+    #: called with ("stdout" | "stderr", chunk) as output arrives; must not block
+    on_output: Callable[[str, bytes], None] | None = None
+    pipes_held_open: bool = False  #: a process that left the group kept our pipes open
+
+    @classmethod
+    def capped(cls, stdout_cap: int, stderr_cap: int,
+               on_output: Callable[[str, bytes], None] | None = None) -> Capture:  # fmt: skip
+        return cls(CappedBuffer(stdout_cap), CappedBuffer(stderr_cap), on_output)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True if a non-zombie process is still in group `pgid` (killpg(0) counts zombies too)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _killpg(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+async def terminate_group(proc: trio.Process, grace: float) -> None:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds, reap the direct child.
+
+    Cancellation: call it shielded; it always finishes within `grace` plus a few ms.
+    """
+    pgid = proc.pid
+    if _killpg(pgid, signal.SIGTERM):
+        with trio.move_on_after(grace):
+            await proc.wait()
+            while await trio.to_thread.run_sync(_group_alive, pgid):
+                await trio.sleep(_POLL_S)
+        _killpg(pgid, signal.SIGKILL)
+    await proc.wait()
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    capture: Capture,
+    kill_grace: float,
+) -> int:
+    """Run `argv` to completion and return its exit status (negative: killed by that signal).
+
+    The caller owns the timeout: wrap the call in `trio.move_on_after`.
+
+    Cancellation: the whole process group is terminated (SIGTERM, grace, SIGKILL) and the
+    child reaped before `Cancelled` propagates; `capture` keeps what was printed until then.
+    """
+    proc = await trio.lowlevel.open_process(
+        list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with trio.open_nursery() as nursery:
+            done = [trio.Event(), trio.Event()]
+
+            async def pump(stream: trio.abc.ReceiveStream, name: str, buf: CappedBuffer,
+                           finished: trio.Event) -> None:  # fmt: skip
+                try:
+                    async with stream:
+                        while chunk := await stream.receive_some(65536):
+                            buf.add(chunk)
+                            if capture.on_output is not None:
+                                capture.on_output(name, chunk)
+                finally:
+                    finished.set()
+
+            nursery.start_soon(pump, proc.stdout, "stdout", capture.stdout, done[0])
+            nursery.start_soon(pump, proc.stderr, "stderr", capture.stderr, done[1])
+            await proc.wait()
+            # The command is done; whatever it left running in its group goes with it.
+            with trio.CancelScope(shield=True):
+                await terminate_group(proc, kill_grace)
+            with trio.move_on_after(DRAIN_S):
+                for ev in done:
+                    await ev.wait()
+            if not all(ev.is_set() for ev in done):
+                capture.pipes_held_open = True
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None or await trio.to_thread.run_sync(_group_alive, proc.pid):
+                await terminate_group(proc, kill_grace)
+    assert proc.returncode is not None
+    return proc.returncode

@@ -1,0 +1,458 @@
+"""Redis adapter: priority queues with leased claims, the status mirror, event streams, heartbeats.
+
+The only module that imports redis-py. It runs redis-py's asyncio client through trio-asyncio
+(stack.md §2) with `socket_timeout=None`, so trio cancel scopes stay the only timeout mechanism.
+Multi-step writes are Lua scripts, so each is atomic and costs one round trip:
+
+- CLAIM pops the oldest payload of the highest non-empty priority and records it in the daemon's
+  in-flight hash in the same step: a daemon that dies after a claim leaves the payload where the
+  reaper finds it. Nothing is ever only in a dead process's memory.
+- TRANSITION compare-and-sets the status hash against the lifecycle table and, only if the move
+  applied, appends the event, stores the result, and acknowledges the claim.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+import trio
+import trio_asyncio
+from redis.exceptions import RedisError
+from trio_asyncio import aio_as_trio, trio_as_aio
+
+from wsrunner.errors import UnavailableError
+from wsrunner.keys import Keys
+from wsrunner.models import JSON, PRIORITY_ORDER, Event, TaskState, sources_of
+
+logger = logging.getLogger(__name__)
+
+STATUS_TTL_S: Final = 7200
+RESULT_TTL_S: Final = 3600
+STREAM_MAXLEN: Final = 10_000  # events kept per task (approximate trim)
+WAKE_BLOCK_S: Final = 5  # server-side bound of one idle wait; the poller just waits again
+
+_CLAIM: Final = """
+for i = 1, #ARGV do
+  local payload = redis.call('RPOP', KEYS[i])
+  if payload then
+    local field = ARGV[i] .. ':' .. redis.call('INCR', KEYS[#ARGV + 2])
+    redis.call('HSET', KEYS[#ARGV + 1], field, payload)
+    return {field, payload}
+  end
+end
+return false
+"""
+
+# KEYS: inflight, queue   ARGV: claim id.  Back to the consumer end: it is served next.
+_REQUEUE: Final = """
+local payload = redis.call('HGET', KEYS[1], ARGV[1])
+if not payload then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], payload)
+return 1
+"""
+
+# KEYS: inflight, dead   ARGV: claim id, reason, worker id, time
+_DEAD_LETTER: Final = """
+local payload = redis.call('HGET', KEYS[1], ARGV[1])
+if not payload then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('LPUSH', KEYS[2], cjson.encode({payload = payload, reason = ARGV[2],
+                                           worker_id = ARGV[3], dead_lettered_at = ARGV[4]}))
+return 1
+"""
+
+# KEYS: status, events, result, active set, inflight
+# ARGV: target, allowed sources (JSON list), status ttl, fields (JSON object), event data JSON
+#       ('' for none), event envelope JSON, timestamp, result JSON ('' for none), result ttl,
+#       claim id ('' for none), terminal ('1'/'0'), task id
+# Returns {1, event id or ''} when applied, {0, current status} when refused.
+_TRANSITION: Final = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if current and current ~= ARGV[1] then
+  local ok = false
+  for _, s in ipairs(cjson.decode(ARGV[2])) do if s == current then ok = true end end
+  if not ok then return {0, current} end
+end
+local flat = {'status', ARGV[1]}
+for k, v in pairs(cjson.decode(ARGV[4])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local id = ''
+if ARGV[5] ~= '' then
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*',
+                  'type', 'status_changed', 'data', ARGV[5], 'ts', ARGV[7])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('PUBLISH', KEYS[2], ARGV[6])
+end
+if ARGV[8] ~= '' then redis.call('SET', KEYS[3], ARGV[8], 'EX', ARGV[9]) end
+if ARGV[10] ~= '' then redis.call('HDEL', KEYS[5], ARGV[10]) end
+if ARGV[11] == '1' then redis.call('SREM', KEYS[4], ARGV[12]) end
+return {1, id}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A payload taken from a queue and recorded against this daemon until acknowledged."""
+
+    claim_id: str  #: "<priority>:<n>", the field in the daemon's in-flight hash
+    payload: str  #: raw JSON, exactly as the producer pushed it
+
+    @property
+    def priority(self) -> str:
+        return self.claim_id.split(":", 1)[0]
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _translate(exc: Exception) -> UnavailableError:
+    return UnavailableError(f"Redis failed: {exc}")
+
+
+class RedisQueue:
+    """Everything wsrunner keeps in Redis. Create with `open_redis_queue()`."""
+
+    def __init__(self, client: Any, blocking: Any, keys: Keys) -> None:
+        # Bound to the loop it was opened in, so any trio task may call it (an HTTP handler,
+        # a test), not only tasks that inherited the loop's context.
+        self._loop = trio_asyncio.current_loop.get()
+        self._r = client  # commands
+        self._blocking = blocking  # blocking waits and pub/sub, on their own connections
+        self.keys = keys
+        self._claim = client.register_script(_CLAIM)
+        self._requeue = client.register_script(_REQUEUE)
+        self._dead_letter = client.register_script(_DEAD_LETTER)
+        self._transition = client.register_script(_TRANSITION)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await aio_as_trio(fn, loop=self._loop)(*args, **kwargs)
+        except RedisError as exc:
+            raise _translate(exc) from exc
+
+    async def ping(self) -> None:
+        await self._call(self._r.ping)
+
+    # --- submit -------------------------------------------------------------------------------
+
+    async def enqueue(self, payload: JSON, *, event_data: JSON) -> str:
+        """Queue a new task: status hash, active set, payload and `queued` event in one MULTI.
+
+        Returns the id of the `queued` event.
+        """
+        tid, ws = payload["task_id"], payload["workspace_id"]
+        ts = now_iso()
+        status = {
+            "status": TaskState.QUEUED.value,
+            "workspace_id": ws,
+            "submitted_at": ts,
+            "priority": payload["priority"],
+            "task_type": payload.get("task_type", "background_job"),
+        }
+        k = self.keys
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(k.status(tid), mapping=status).expire(k.status(tid), STATUS_TTL_S)
+        pipe.sadd(k.active(ws), tid)
+        self._add_event(pipe, tid, "status_changed", event_data, ts)
+        pipe.lpush(k.queue(payload["priority"]), json.dumps(payload))
+        results = await self._call(pipe.execute)
+        return str(results[3])
+
+    async def requeue_payload(self, payload: JSON) -> None:
+        """Put a payload rebuilt from PostgreSQL back on its queue, with a fresh status hash."""
+        tid = payload["task_id"]
+        k = self.keys
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(
+            k.status(tid),
+            mapping={"status": "queued", "workspace_id": payload["workspace_id"],
+                     "priority": payload["priority"]},
+        ).expire(k.status(tid), STATUS_TTL_S)  # fmt: skip
+        pipe.sadd(k.active(payload["workspace_id"]), tid)
+        pipe.rpush(k.queue(payload["priority"]), json.dumps(payload))
+        await self._call(pipe.execute)
+
+    # --- claims -------------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str) -> Claim | None:
+        """Take the next payload (strict priority, FIFO within one) and lease it to `worker_id`.
+
+        Cancellation: shielded; the claim either happened (and is leased) or did not.
+        """
+        k = self.keys
+        with trio.CancelScope(shield=True):
+            res = await self._call(
+                self._claim,
+                keys=[*k.queues(), k.inflight(worker_id), k.claim_seq],
+                args=[p.value for p in PRIORITY_ORDER],
+            )
+        return None if res is None else Claim(str(res[0]), str(res[1]))
+
+    async def wait_for_work(self) -> bool:
+        """Block until some queue is non-empty (True), or WAKE_BLOCK_S passes (False).
+
+        Redis cannot block on "any of these lists" without popping, so one blocking `BLMOVE q q`
+        per queue waits on its list; moving a list's last element onto itself changes nothing.
+        The first to return ends the wait, the others are cancelled (redis-py drops their
+        connections). Producers that only LPUSH therefore wake an idle daemon at once.
+        """
+        found = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch(queue: str) -> None:
+                nonlocal found
+                moved = await self._call(
+                    self._blocking.blmove, queue, queue, WAKE_BLOCK_S, "RIGHT", "RIGHT"
+                )
+                if moved is not None:
+                    found = True
+                nursery.cancel_scope.cancel()
+
+            for queue in self.keys.queues():
+                nursery.start_soon(watch, queue)
+        return found
+
+    async def ack(self, worker_id: str, claim_id: str) -> None:
+        await self._call(self._r.hdel, self.keys.inflight(worker_id), claim_id)
+
+    async def requeue_claim(self, worker_id: str, claim_id: str, priority: str) -> bool:
+        """Move a claimed payload back to the head of its queue; False if it was not there."""
+        k = self.keys
+        with trio.CancelScope(shield=True):
+            moved = await self._call(
+                self._requeue, keys=[k.inflight(worker_id), k.queue(priority)], args=[claim_id]
+            )
+        return bool(moved)
+
+    async def dead_letter(self, worker_id: str, claim_id: str, reason: str) -> None:
+        """Move a claimed payload that cannot run to the dead-letter list, with the reason."""
+        k = self.keys
+        await self._call(
+            self._dead_letter,
+            keys=[k.inflight(worker_id), k.dead],
+            args=[claim_id, reason, worker_id, now_iso()],
+        )
+
+    async def inflight(self, worker_id: str) -> dict[str, str]:
+        return dict(await self._call(self._r.hgetall, self.keys.inflight(worker_id)))
+
+    # --- status mirror and events -------------------------------------------------------------
+
+    async def transition(
+        self,
+        task_id: str,
+        workspace_id: str,
+        target: TaskState,
+        *,
+        fields: dict[str, str] | None = None,
+        event: JSON | None = None,
+        result: JSON | None = None,
+        ack: tuple[str, str] | None = None,
+    ) -> tuple[bool, str]:
+        """Compare-and-set the status hash to `target`; on success also emit, store and ack.
+
+        Returns (applied, event id) or (False, current status). A missing hash (expired, or
+        Redis was wiped) accepts any move: PostgreSQL has already arbitrated it.
+        """
+        k = self.keys
+        ts = now_iso()
+        envelope = (
+            {"event_type": "status_changed", "task_id": task_id, "data": event, "timestamp": ts}
+            if event is not None
+            else None
+        )
+        worker, claim_id = ack if ack is not None else ("-", "")
+        res = await self._call(
+            self._transition,
+            keys=[k.status(task_id), k.events(task_id), k.result(task_id), k.active(workspace_id),
+                  k.inflight(worker)],
+            args=[
+                target.value,
+                json.dumps(sorted(s.value for s in sources_of(target))),
+                STATUS_TTL_S,
+                json.dumps(fields or {}),
+                "" if event is None else json.dumps(event),
+                "" if envelope is None else json.dumps(envelope),
+                ts,
+                "" if result is None else json.dumps(result),
+                RESULT_TTL_S,
+                claim_id,
+                "1" if target.terminal else "0",
+                task_id,
+            ],
+        )  # fmt: skip
+        return bool(int(res[0])), str(res[1])
+
+    def _add_event(self, pipe: Any, task_id: str, kind: str, data: JSON, ts: str) -> None:
+        stream = self.keys.events(task_id)
+        blob = json.dumps(data)
+        pipe.xadd(stream, {"type": kind, "data": blob, "ts": ts}, maxlen=STREAM_MAXLEN,
+                  approximate=True)  # fmt: skip
+        pipe.expire(stream, STATUS_TTL_S)
+        envelope = {"event_type": kind, "task_id": task_id, "data": data, "timestamp": ts}
+        pipe.publish(stream, json.dumps(envelope))
+
+    async def emit(self, task_id: str, kind: str, data: JSON) -> str:
+        """Append one event to the task's stream (and the legacy channel); returns its id."""
+        pipe = self._r.pipeline(transaction=False)
+        self._add_event(pipe, task_id, kind, data, now_iso())
+        results = await self._call(pipe.execute)
+        return str(results[0])
+
+    async def read_events(
+        self, task_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 500
+    ) -> list[Event]:
+        """Events after `after`, oldest first; with `block_ms`, wait that long for new ones."""
+        client = self._r if block_ms is None else self._blocking
+        stream = self.keys.events(task_id)
+        if block_ms is None:
+            raw = await self._call(client.xrange, stream, f"({after}", "+", count=count)
+        else:
+            reply = await self._call(client.xread, {stream: after}, count=count, block=block_ms)
+            raw = reply[0][1] if reply else []
+        return [
+            Event(
+                id=eid,
+                type=f["type"],
+                task_id=task_id,
+                data=json.loads(f["data"]),
+                timestamp=f["ts"],
+            )  # fmt: skip
+            for eid, f in raw
+        ]
+
+    async def status(self, task_id: str) -> dict[str, str]:
+        return dict(await self._call(self._r.hgetall, self.keys.status(task_id)))
+
+    async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
+        """The `status` field of each task (None where the hash is missing), in one round trip."""
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        pipe = self._r.pipeline(transaction=False)
+        for tid in ids:
+            pipe.hget(self.keys.status(tid), "status")
+        return dict(zip(ids, await self._call(pipe.execute), strict=True))
+
+    async def result(self, task_id: str) -> JSON | None:
+        raw = await self._call(self._r.get, self.keys.result(task_id))
+        return None if raw is None else dict(json.loads(raw))
+
+    # --- daemons ------------------------------------------------------------------------------
+
+    async def heartbeat(self, worker_id: str, running: Iterable[str], ttl_s: float) -> None:
+        """Renew this daemon's lease and publish which tasks it runs."""
+        k = self.keys
+        ttl = max(1, int(ttl_s + 0.999))
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(k.heartbeat(worker_id), str(int(time.time())), ex=ttl)
+        pipe.sadd(k.workers, worker_id)
+        pipe.delete(k.worker_tasks(worker_id))
+        ids = list(running)
+        if ids:
+            pipe.sadd(k.worker_tasks(worker_id), *ids).expire(k.worker_tasks(worker_id), ttl)
+        await self._call(pipe.execute)
+
+    async def retire(self, worker_id: str) -> None:
+        """Remove a stopped daemon's heartbeat; it must hold no claims any more."""
+        k = self.keys
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(k.heartbeat(worker_id), k.worker_tasks(worker_id))
+        pipe.srem(k.workers, worker_id)
+        await self._call(pipe.execute)
+
+    async def dead_workers(self) -> list[str]:
+        """Daemons registered in the worker set whose heartbeat (lease) has expired."""
+        k = self.keys
+        workers = sorted(await self._call(self._r.smembers, k.workers))
+        if not workers:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for w in workers:
+            pipe.exists(k.heartbeat(w))
+        alive = await self._call(pipe.execute)
+        return [w for w, a in zip(workers, alive, strict=True) if not a]
+
+    async def is_alive(self, worker_id: str) -> bool:
+        return bool(await self._call(self._r.exists, self.keys.heartbeat(worker_id)))
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Drop a dead daemon from the worker set once its in-flight hash is empty."""
+        k = self.keys
+        if not await self._call(self._r.exists, k.inflight(worker_id)):
+            await self._call(self._r.srem, k.workers, worker_id)
+
+    # --- cancellation -------------------------------------------------------------------------
+
+    async def publish_cancel(self, task_id: str) -> None:
+        await self._call(self._r.publish, self.keys.cancel_channel, task_id)
+
+    async def serve_cancel_listener(
+        self, send: trio.MemorySendChannel[str], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Forward task ids published on the cancel channel to `send`, until cancelled.
+
+        The whole subscription loop runs on the asyncio side: one bridge crossing per message.
+        """
+        channel = self.keys.cancel_channel
+        ready = trio.Event()
+
+        async def loop() -> None:  # asyncio flavoured
+            pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                ready.set()  # plain sync call: trio.Event.set is thread-agnostic within the loop
+                async for msg in pubsub.listen():
+                    if msg.get("type") == "message":
+                        await trio_as_aio(send.send)(msg["data"])
+            finally:
+                await pubsub.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._call, loop)
+            await ready.wait()
+            task_status.started()
+
+    async def delete_prefix(self) -> int:
+        """Delete every key under this prefix (tests, and `wsrunner` maintenance)."""
+        n = 0
+        async for key in aio_as_trio(self._r.scan_iter(match=f"{self.keys.prefix}:*", count=500), loop=self._loop):
+            n += await self._call(self._r.unlink, key)
+        return n
+
+
+@asynccontextmanager
+async def open_redis_queue(url: str, prefix: str) -> AsyncIterator[RedisQueue]:
+    """Connect to Redis (inside `trio_asyncio.open_loop()`) and check it answers.
+
+    Raises:
+        UnavailableError: Redis cannot be reached.
+    """
+    # socket_timeout=None: on Python 3.11 a set socket timeout makes redis-py wrap calls in
+    # asyncio.wait_for, which can swallow a cancellation (stack.md §2.3).
+    opts: dict[str, Any] = {"decode_responses": True, "socket_timeout": None,
+                            "socket_connect_timeout": 5, "health_check_interval": 30}  # fmt: skip
+    client = aioredis.Redis.from_url(url, **opts)
+    blocking = aioredis.Redis.from_url(url, **opts)
+    try:
+        queue = RedisQueue(client, blocking, Keys(prefix))
+        await queue.ping()
+        yield queue
+    finally:
+        with trio.CancelScope(shield=True):
+            for c in (client, blocking):
+                try:
+                    await aio_as_trio(c.aclose)()
+                except (RedisError, OSError):  # already broken; nothing left to release
+                    pass

@@ -1,0 +1,356 @@
+"""The lifecycle of one claimed task: start it, run its steps under its deadline, record the end.
+
+Every state write goes to PostgreSQL first (the compare-and-set there decides) and is then
+mirrored to Redis with its event. A task that a cancel request already ended keeps that state;
+the runner only attaches what the steps did. On shutdown a task is put back at the head of its
+queue instead of being lost.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final, TypeVar
+
+import trio
+
+from wsrunner.errors import (
+    InvalidTransitionError,
+    NotFoundError,
+    QuotaExceededError,
+    UnavailableError,
+    ValidationError,
+)
+from wsrunner.executor import Executor, StepContext
+from wsrunner.models import JSON, TaskSpec, TaskState
+from wsrunner.payload import parse_task, validate_task_id
+from wsrunner.ports import Queue, Store
+from wsrunner.queue import Claim
+from wsrunner.settings import Settings
+from wsrunner.workspace import Workspaces
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+OUTPUT_FLUSH_S: Final = 0.1  # output events are batched over this long
+OUTPUT_EVENT_BYTES: Final = 16_384  # ... or this many bytes
+OUTPUT_EVENTS_CAP_BYTES: Final = 1_048_576  # streamed per task; the result keeps its own caps
+FINISH_RETRY_S: Final = 120.0  # how long a terminal write is retried while a store is down
+
+
+class StopReason(enum.Enum):
+    """Why a running task's cancel scope was cancelled."""
+
+    CANCEL = "cancel"  #: a cancel request already wrote the `cancelled` state
+    SHUTDOWN = "shutdown"  #: the daemon is stopping: re-queue the task
+    LOST = "lost"  #: another daemon took the task over: write nothing
+
+
+@dataclass(slots=True)
+class RunningTask:
+    spec: TaskSpec
+    claim: Claim
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    reason: StopReason | None = None
+
+
+async def retrying(what: str, fn: Callable[[], Awaitable[T]], *, budget_s: float = FINISH_RETRY_S) -> T:
+    """Call `fn` until it does not raise UnavailableError, backing off, for up to `budget_s`."""
+    delay, deadline = 0.1, trio.current_time() + budget_s
+    while True:
+        try:
+            return await fn()
+        except UnavailableError as exc:
+            if trio.current_time() + delay > deadline:
+                raise
+            logger.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class _OutputForwarder:
+    """Turns a command's output chunks into batched `output` events, within a byte budget."""
+
+    def __init__(self, queue: Queue, task_id: str) -> None:
+        self._queue, self._task_id = queue, task_id
+        self._pending: list[tuple[str, bytes]] = []
+        self._size = self._sent = 0
+        self._step = 0
+        self._wake = trio.Event()
+        self._lock = trio.Lock()
+
+    def start_step(self, step: int) -> None:
+        self._step = step
+
+    def feed(self, stream: str, chunk: bytes) -> None:
+        if self._sent + self._size >= OUTPUT_EVENTS_CAP_BYTES:
+            return
+        self._pending.append((stream, chunk))
+        self._size += len(chunk)
+        self._wake.set()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            pending, self._pending, self._size = self._pending, [], 0
+            self._wake = trio.Event()
+            for stream in ("stdout", "stderr"):
+                data = b"".join(c for s, c in pending if s == stream)
+                if data:
+                    self._sent += len(data)
+                    text = data.decode("utf-8", errors="replace")
+                    await self._queue.emit(self._task_id, "output",
+                                           {"step": self._step, "stream": stream, "data": text})  # fmt: skip
+
+    async def serve(self) -> None:
+        while True:
+            await self._wake.wait()
+            with trio.move_on_after(OUTPUT_FLUSH_S):
+                while self._size < OUTPUT_EVENT_BYTES:
+                    await trio.sleep(0.01)
+            try:
+                await self.flush()
+            except UnavailableError as exc:
+                logger.warning("output event lost: %s", exc, extra={"task_id": self._task_id})
+
+
+class TaskRunner:
+    """Runs claimed tasks; `running` maps task id to what is running on this daemon."""
+
+    def __init__(self, settings: Settings, queue: Queue, store: Store, workspaces: Workspaces,
+                 executor: Executor) -> None:  # fmt: skip
+        self.settings = settings
+        self.queue = queue
+        self.store = store
+        self.workspaces = workspaces
+        self.executor = executor
+        self.running: dict[str, RunningTask] = {}
+        self.worker_id = settings.worker_id
+
+    def stop_task(self, task_id: str, reason: StopReason) -> bool:
+        """Cancel a task running here; False if it is not running on this daemon."""
+        rt = self.running.get(task_id)
+        if rt is None:
+            return False
+        if rt.reason is None:
+            rt.reason = reason
+        rt.scope.cancel()
+        return True
+
+    # --- claim to start -----------------------------------------------------------------------
+
+    async def run_claim(self, claim: Claim) -> None:
+        """Run one claimed payload to its end. Never raises for a task-level problem."""
+        spec = await self._parse(claim)
+        if spec is None:
+            return
+        log = {"task_id": spec.task_id, "workspace_id": spec.workspace_id}
+        try:
+            started = await self._start(spec, claim)
+        except UnavailableError as exc:
+            # Leave the claim in place: the reaper re-queues it once we are gone, and the
+            # reconciler finds the row; put it back now so another daemon can try.
+            logger.error("cannot start task: %s; re-queueing it", exc, extra=log)
+            with trio.CancelScope(shield=True):
+                await self.queue.requeue_claim(self.worker_id, claim.claim_id, claim.priority)
+            return
+        if not started:
+            return
+        rt = RunningTask(spec, claim)
+        self.running[spec.task_id] = rt
+        try:
+            await self._execute(rt)
+        finally:
+            del self.running[spec.task_id]
+
+    async def _parse(self, claim: Claim) -> TaskSpec | None:
+        """The claim's TaskSpec, or None after dead-lettering (and failing) a bad payload."""
+        obj: object = None
+        try:
+            obj = json.loads(claim.payload)
+            return parse_task(obj)
+        except ValueError as exc:  # not JSON at all
+            reason = f"invalid JSON: {exc}"
+        except ValidationError as exc:
+            reason = str(exc)
+        task_id = None
+        if isinstance(obj, dict):
+            try:
+                task_id = validate_task_id(obj.get("task_id"))
+            except ValidationError:
+                pass
+        logger.error("malformed payload moved to the dead-letter list: %s", reason,
+                     extra={"task_id": task_id, "claim_id": claim.claim_id})  # fmt: skip
+        await self.queue.dead_letter(self.worker_id, claim.claim_id, reason)
+        if task_id is not None:  # whoever watches this id gets an answer, not silence
+            try:
+                await self.store.transition(task_id, TaskState.FAILED, error=f"invalid payload: {reason}")
+                ws = obj.get("workspace_id") if isinstance(obj, dict) else None
+                await self.queue.transition(task_id, ws if isinstance(ws, str) else "-", TaskState.FAILED,
+                                            fields={"error": f"invalid payload: {reason}"},
+                                            event={"status": "failed", "error": f"invalid payload: {reason}"})  # fmt: skip
+            except (NotFoundError, InvalidTransitionError):
+                pass  # never recorded (a foreign producer), or already ended
+        return None
+
+    async def _start(self, spec: TaskSpec, claim: Claim) -> bool:
+        """Move the task to `running`; False (claim acknowledged) if it must not run."""
+        try:
+            await self.store.get(spec.task_id)
+        except NotFoundError:  # pushed by a producer that writes no durable row
+            await self.store.create(spec, workspace_path=self.workspaces.root(spec.workspace_id))
+        try:
+            record = await self.store.transition(spec.task_id, TaskState.RUNNING, worker_id=self.worker_id)
+        except InvalidTransitionError as exc:
+            logger.info("not starting task: it is %s", exc.current,
+                        extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
+            await self.queue.ack(self.worker_id, claim.claim_id)
+            return False
+        await self.queue.transition(
+            spec.task_id, spec.workspace_id, TaskState.RUNNING,
+            fields={"worker_id": self.worker_id, "started_at": datetime.now(UTC).isoformat(),
+                    "attempts": str(record.attempts)},
+            event={"status": "running", "worker_id": self.worker_id, "attempt": record.attempts},
+        )  # fmt: skip
+        return True
+
+    # --- steps --------------------------------------------------------------------------------
+
+    async def _execute(self, rt: RunningTask) -> None:
+        spec = rt.spec
+        tid, ws = spec.task_id, spec.workspace_id
+        log = {"task_id": tid, "workspace_id": ws}
+        t0 = time.monotonic()
+        rt.scope.deadline = trio.current_time() + spec.timeout_seconds
+        steps: list[JSON] = []
+        failed_steps: list[int] = []
+        error: str | None = None
+        ctx: StepContext | None = None
+        forwarder = _OutputForwarder(self.queue, tid)
+        logger.info("task started", extra=log)
+        try:
+            with rt.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(forwarder.serve)
+                    try:
+                        await self.workspaces.prepare(ws)
+                        await self.workspaces.check_quota(ws)
+                    except QuotaExceededError as exc:
+                        error = str(exc)
+                        await self.queue.emit(tid, "error", {"error": error})
+                    else:
+                        env = await self.workspaces.open_task(ws, tid, spec.credentials)
+                        ctx = StepContext(env=env, workspace_id=ws, on_output=forwarder.feed)
+                        for i, step in enumerate(spec.steps, start=1):
+                            forwarder.start_step(i)
+                            await self.queue.emit(tid, "progress_update", {
+                                "step": i, "total_steps": len(spec.steps),
+                                "description": step.description or f"Step {i}: {step.action}"})  # fmt: skip
+                            budget = rt.scope.deadline - trio.current_time()
+                            res = await self.executor.run_step(step, ctx, budget_s=budget)
+                            await forwarder.flush()
+                            steps.append({"step": i, "action": step.action, "result": res})
+                            if "error" in res:
+                                failed_steps.append(i)
+                                await self.queue.emit(tid, "error", {"step": i, "error": res["error"]})
+                                if spec.stop_on_error:
+                                    break
+                    nursery.cancel_scope.cancel()
+        finally:
+            elapsed_ms = int((time.monotonic() - t0) * 1000)
+            if rt.scope.cancelled_caught and ctx is not None and ctx.capture is not None:
+                # The step that was running when the task stopped: keep what it printed.
+                part = self.executor.describe(ctx.capture, exit_code=None, duration_ms=0)
+                part["error"] = "interrupted"
+                steps.append({"step": len(steps) + 1, "action": spec.steps[len(steps)].action,
+                              "result": part})  # fmt: skip
+            with trio.CancelScope(shield=True):
+                repos = await self.workspaces.list_repos(ws) if ctx is not None else []
+                if ctx is not None:
+                    await self.workspaces.close_task(ws, tid, repos=repos)
+                await self._finish(rt, steps, failed_steps, error, elapsed_ms, repos)
+
+    # --- the end ------------------------------------------------------------------------------
+
+    async def _finish(self, rt: RunningTask, steps: list[JSON], failed: list[int],
+                      error: str | None, elapsed_ms: int, repos: list[str]) -> None:  # fmt: skip
+        spec, claim = rt.spec, rt.claim
+        tid, ws = spec.task_id, spec.workspace_id
+        log = {"task_id": tid, "workspace_id": ws}
+        if rt.reason is StopReason.SHUTDOWN:
+            await self._requeue(rt)
+            return
+        if rt.reason is StopReason.LOST:
+            logger.warning("task was taken over by another daemon; dropping our run", extra=log)
+            return
+        if rt.reason is StopReason.CANCEL:
+            state = TaskState.CANCELLED
+            error = "cancelled on request"
+        elif rt.scope.cancelled_caught:
+            state = TaskState.TIMED_OUT
+            error = f"timed out after {elapsed_ms / 1000:.1f}s (timeout_seconds={spec.timeout_seconds})"
+        elif error is not None or failed:
+            state = TaskState.FAILED
+            if error is None:
+                first = steps[[s["step"] for s in steps].index(failed[0])]
+                error = (f"step {failed[0]} of {len(spec.steps)} ({first['action']}) failed: "
+                         f"{first['result']['error']}")  # fmt: skip
+                if len(failed) > 1:
+                    error += f" (steps failed: {', '.join(map(str, failed))})"
+        else:
+            state = TaskState.COMPLETED
+        result: JSON = {
+            "status": state.value,
+            "result": {"steps": steps, "workspace_id": ws, "repos_cached": repos},
+            "execution_time_ms": elapsed_ms,
+            "completed_at": datetime.now(UTC).isoformat(),
+        }
+        if error is not None:
+            result["error"] = error
+        try:
+            await retrying("recording the end of a task", lambda: self.store.transition(
+                tid, state, expect_worker=self.worker_id, result=result, error=error,
+                execution_time_ms=elapsed_ms))  # fmt: skip
+            applied = True
+        except InvalidTransitionError as exc:
+            # A cancel request (or a reaper that thought us dead) ended it first: its state
+            # stands; we only attach what the steps did.
+            applied = False
+            logger.info("task already %s; attaching the result only", exc.current, extra=log)
+            await retrying("attaching a result", lambda: self.store.attach_result(tid, result, elapsed_ms))
+        except (NotFoundError, UnavailableError) as exc:
+            logger.error("could not record the end of the task: %s", exc, extra=log)
+            return
+        event: JSON = {"status": state.value, "execution_time_ms": elapsed_ms}
+        if error is not None:
+            event["error"] = error
+        try:
+            if applied:
+                await retrying("mirroring the end of a task", lambda: self.queue.transition(
+                    tid, ws, state, fields={"completed_at": result["completed_at"], **({"error": error} if error else {})},
+                    event=event, result=result, ack=(self.worker_id, claim.claim_id)))  # fmt: skip
+            else:
+                await retrying("acknowledging a claim", lambda: self.queue.ack(self.worker_id, claim.claim_id))
+        except UnavailableError as exc:
+            logger.error("Redis did not take the end of the task: %s", exc, extra=log)
+        logger.info("task %s in %d ms", state.value if applied else "ended", elapsed_ms, extra=log)
+
+    async def _requeue(self, rt: RunningTask) -> None:
+        """Give the task back: `queued` again, its payload at the head of its queue."""
+        spec = rt.spec
+        log = {"task_id": spec.task_id, "workspace_id": spec.workspace_id}
+        try:
+            await self.store.transition(spec.task_id, TaskState.QUEUED, expect_worker=self.worker_id)
+        except InvalidTransitionError as exc:  # ended meanwhile (a cancel)
+            logger.info("not re-queueing: task is %s", exc.current, extra=log)
+            await self.queue.ack(self.worker_id, rt.claim.claim_id)
+            return
+        # Status first, payload second: once the payload is visible another daemon may start it.
+        await self.queue.transition(spec.task_id, spec.workspace_id, TaskState.QUEUED,
+                                    event={"status": "queued", "reason": "daemon shutting down"})  # fmt: skip
+        await self.queue.requeue_claim(self.worker_id, rt.claim.claim_id, rt.claim.priority)
+        logger.info("task re-queued for another daemon", extra=log)

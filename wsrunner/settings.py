@@ -1,0 +1,219 @@
+"""The daemon's configuration: one frozen, typed snapshot built from a YAML file and the environment.
+
+This module is the only reader of `os.environ` and of config files. Each setting has a YAML key
+(its field name) and an environment variable; the environment wins. The reference system's
+variable names are kept (`WORKER_CONCURRENCY`, `REDIS_URL`, ...). Unknown YAML keys, wrong types
+and out-of-range values are errors that name the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from wsrunner.errors import ConfigError
+from wsrunner.payload import WORKSPACE_ID_RE
+
+GIB: Final = 1024**3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Every tunable of the daemon. Build it with `load_settings()`."""
+
+    worker_id: str  #: this daemon's name in Redis and in task records
+    concurrency: int = 3  #: task slots (WORKER_CONCURRENCY)
+    redis_url: str = field(default="redis://localhost:6379/0", repr=False)
+    redis_prefix: str = "workspace"  #: first part of every Redis key
+    database_url: str = field(default="", repr=False)
+    database_schema: str = "public"  #: PostgreSQL schema holding wsrunner's tables
+    volume_path: Path = Path("/workspaces")  #: WORKSPACE_VOLUME_PATH
+    default_quota_bytes: int = 5 * GIB  #: WORKSPACE_DEFAULT_QUOTA_GB, in bytes
+    workspace_quotas: Mapping[str, int] = field(default_factory=dict)  #: per-workspace bytes
+    health_host: str = "127.0.0.1"  #: bind address of the internal API (WORKER_BIND_HOST)
+    health_port: int = 8081  #: WORKER_HEALTH_PORT
+    internal_token: str = field(default="", repr=False)  #: WORKER_INTERNAL_TOKEN
+    frontend: str = "frontend"  #: module serving HTTP; "none" runs a worker-only daemon
+    heartbeat_interval_s: float = 30.0  #: how often the heartbeat and leases are renewed
+    lease_ttl_s: float = 60.0  #: a daemon silent this long is dead; its tasks are re-queued
+    reconcile_interval_s: float = 60.0  #: how often PostgreSQL is compared with Redis
+    max_attempts: int = 3  #: starts before a task whose daemons keep dying is failed
+    shutdown_grace_s: float = 30.0  #: running tasks may finish this long after SIGTERM
+    kill_grace_s: float = 5.0  #: SIGTERM to SIGKILL delay for a step's process group
+    stdout_cap_bytes: int = 100_000  #: kept per step; the rest is counted and dropped
+    stderr_cap_bytes: int = 50_000
+    read_cap_bytes: int = 500_000  #: read_file step
+    list_cap_entries: int = 1000  #: list_directory step
+    git_schemes: tuple[str, ...] = ("https", "ssh")  #: URL schemes a git_clone step may use
+    log_level: str = "INFO"
+
+
+def default_worker_id() -> str:
+    """Unique per process and readable: host, pid and a random suffix (pid 1 is common)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _positive_int(v: Any) -> int:
+    n = int(v)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
+def _positive_float(v: Any) -> float:
+    x = float(v)
+    if not x > 0:
+        raise ValueError("must be greater than 0")
+    return x
+
+
+def _port(v: Any) -> int:
+    n = int(v)
+    if not 0 <= n <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return n
+
+
+def _gb_to_bytes(v: Any) -> int:
+    gb = float(v)
+    if not gb > 0:
+        raise ValueError("must be a number of GB greater than 0")
+    return int(gb * GIB)
+
+
+def _quotas(v: Any) -> dict[str, int]:
+    if not isinstance(v, dict):
+        raise ValueError("must be a mapping of workspace id to bytes")
+    out = {}
+    for ws, n in v.items():
+        if not isinstance(ws, str) or not WORKSPACE_ID_RE.fullmatch(ws):
+            raise ValueError(f"{ws!r} is not a valid workspace id")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"quota of {ws!r} must be a positive number of bytes")
+        out[ws] = n
+    return out
+
+
+def _schemes(v: Any) -> tuple[str, ...]:
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list | tuple) or not all(isinstance(s, str) for s in items):
+        raise ValueError("must be a list of URL schemes")
+    return tuple(s.strip() for s in items if s.strip())
+
+
+def _identifier(v: Any) -> str:
+    s = str(v)
+    if not s.replace("_", "").isalnum() or s[0].isdigit():
+        raise ValueError("must be a SQL identifier (letters, digits, '_')")
+    return s
+
+
+def _level(v: Any) -> str:
+    s = str(v).upper()
+    if s not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+    return s
+
+
+#: field name -> (environment variable, converter). The YAML key is the field name.
+_SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
+    "worker_id": ("WORKER_ID", str),
+    "concurrency": ("WORKER_CONCURRENCY", _positive_int),
+    "redis_url": ("REDIS_URL", str),
+    "redis_prefix": ("WSRUNNER_REDIS_PREFIX", str),
+    "database_url": ("DATABASE_URL", str),
+    "database_schema": ("WSRUNNER_DATABASE_SCHEMA", _identifier),
+    "volume_path": ("WORKSPACE_VOLUME_PATH", Path),
+    "default_quota_bytes": ("WORKSPACE_DEFAULT_QUOTA_GB", _gb_to_bytes),
+    "workspace_quotas": ("", _quotas),
+    "health_host": ("WORKER_BIND_HOST", str),
+    "health_port": ("WORKER_HEALTH_PORT", _port),
+    "internal_token": ("WORKER_INTERNAL_TOKEN", str),
+    "frontend": ("WSRUNNER_FRONTEND", str),
+    "heartbeat_interval_s": ("WSRUNNER_HEARTBEAT_INTERVAL", _positive_float),
+    "lease_ttl_s": ("WSRUNNER_LEASE_TTL", _positive_float),
+    "reconcile_interval_s": ("WSRUNNER_RECONCILE_INTERVAL", _positive_float),
+    "max_attempts": ("WSRUNNER_MAX_ATTEMPTS", _positive_int),
+    "shutdown_grace_s": ("WSRUNNER_SHUTDOWN_GRACE", _positive_float),
+    "kill_grace_s": ("WSRUNNER_KILL_GRACE", _positive_float),
+    "stdout_cap_bytes": ("WSRUNNER_STDOUT_CAP", _positive_int),
+    "stderr_cap_bytes": ("WSRUNNER_STDERR_CAP", _positive_int),
+    "read_cap_bytes": ("WSRUNNER_READ_CAP", _positive_int),
+    "list_cap_entries": ("WSRUNNER_LIST_CAP", _positive_int),
+    "git_schemes": ("WSRUNNER_GIT_SCHEMES", _schemes),
+    "log_level": ("LOG_LEVEL", _level),
+}
+
+#: YAML spelling of the quota in GB, as the environment variable has it.
+_YAML_ALIASES: Final = {"default_quota_gb": "default_quota_bytes"}
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from `config_file` (YAML, optional) and then `environ`.
+
+    `config_file` defaults to `$WSRUNNER_CONFIG`. Raises ConfigError naming the key and source.
+    """
+    env = os.environ if environ is None else environ
+    path = config_file or env.get("WSRUNNER_CONFIG") or None
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    for name, (var, convert) in _SOURCES.items():
+        if var and env.get(var, "") != "":
+            values[name] = _convert(name, env[var], convert, f"environment variable {var}")
+    values.setdefault("worker_id", default_worker_id())
+    settings = Settings(**values)
+    if not settings.database_url:
+        raise ConfigError(
+            "DATABASE_URL is not set: expected a PostgreSQL URL such as "
+            "postgresql://user@127.0.0.1:5432/dbname (environment or `database_url` in the config)"
+        )
+    if settings.lease_ttl_s <= settings.heartbeat_interval_s:
+        raise ConfigError(
+            f"lease_ttl_s ({settings.lease_ttl_s}) must be longer than heartbeat_interval_s "
+            f"({settings.heartbeat_interval_s}), or every daemon would look dead between beats"
+        )
+    return settings
+
+
+def _convert(name: str, raw: Any, convert: Callable[[Any], Any], where: str) -> Any:
+    try:
+        return convert(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} ({name}): {exc or 'invalid value'}; got {raw!r}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    # The quota is spelled in GB in YAML, as in the environment.
+    known = ({f.name for f in fields(Settings)} - set(_YAML_ALIASES.values())) | set(_YAML_ALIASES)
+    out: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in known:
+            raise ConfigError(
+                f"{path}: unknown key {key!r}; expected one of {', '.join(sorted(known))}"
+            )
+        name = _YAML_ALIASES.get(key, key)
+        out[name] = _convert(name, raw, _SOURCES[name][1], f"{path}: key {key!r}")
+    return out

@@ -1,0 +1,360 @@
+"""PostgreSQL adapter: the durable task record, its compare-and-set transitions, and migrations.
+
+The only module that imports psycopg. psycopg 3 has no trio support, so it runs the sync driver
+and a `ConnectionPool` in worker threads (stack.md §4.3), never on the trio thread. A trio
+cancellation becomes a server-side cancel of the running statement; the transaction rolls back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from importlib import resources
+from typing import Any, Final, LiteralString, TypeVar, cast
+
+import psycopg
+import trio
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from wsrunner.errors import (
+    IdempotencyConflictError,
+    InvalidTransitionError,
+    NotFoundError,
+    UnavailableError,
+)
+from wsrunner.models import JSON, Priority, TaskRecord, TaskSpec, TaskState, sources_of
+from wsrunner.payload import to_configuration
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_MIGRATION_LOCK: Final = 0x77737275  # pg_advisory_xact_lock key: "wsru"
+
+
+def _load_queries() -> dict[str, LiteralString]:
+    text = resources.files("wsrunner").joinpath("sql/queries.sql").read_text(encoding="utf-8")
+    blocks = re.split(r"^-- name: (\w+)\s*$", text, flags=re.MULTILINE)
+    return {name: cast(LiteralString, body.strip()) for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}  # fmt: skip
+
+
+Q: Final = _load_queries()
+
+
+def request_hash(configuration: JSON, workspace_id: str, priority: str) -> str:
+    """A stable digest of what was asked for, to tell a retried submit from a different one."""
+    blob = json.dumps([workspace_id, priority, configuration], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _record(row: dict[str, Any]) -> TaskRecord:
+    return TaskRecord(
+        id=str(row["id"]),
+        workspace_id=row["workspace_id"],
+        status=TaskState(row["status"]),
+        priority=Priority(row["priority"]),
+        task_type=row["task_type"],
+        configuration=row["configuration"] or {},
+        submitted_at=row["submitted_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        result=row["result"],
+        error_message=row["error_message"],
+        execution_time_ms=row["execution_time_ms"],
+        worker_id=row["worker_id"],
+        attempts=row["attempts"],
+        idempotency_key=row["idempotency_key"],
+        correlation_id=row["correlation_id"],
+        cancel_requested=row["cancel_requested_at"] is not None,
+    )
+
+
+class PostgresStore:
+    """The task_executions table. Create with `open_postgres_store()`."""
+
+    def __init__(self, pool: ConnectionPool[Any], max_size: int, lease_s: float) -> None:
+        self._pool = pool
+        self._limiter = trio.CapacityLimiter(max_size)  # never more threads than connections
+        self.lease_s = lease_s
+
+    async def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run `fn(conn)` in a worker thread inside one transaction.
+
+        Cancellation: the statement is cancelled on the server and the transaction rolled back
+        before this returns; the connection goes back to the pool clean.
+        """
+        lock, active, finished = threading.Lock(), {}, trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def work() -> T:
+            try:
+                with self._pool.connection() as conn:
+                    with lock:
+                        active["conn"] = conn
+                    try:
+                        return fn(conn)
+                    finally:
+                        with lock:
+                            active.pop("conn", None)
+            finally:
+                token.run_sync_soon(finished.set)
+
+        try:
+            return await trio.to_thread.run_sync(
+                work, abandon_on_cancel=True, limiter=self._limiter
+            )
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+
+                def cancel_query() -> None:
+                    with lock:
+                        conn = active.get("conn")
+                        if conn is not None:
+                            try:
+                                conn.cancel_safe(timeout=5)
+                            except psycopg.Error:
+                                pass  # the statement ended on its own meanwhile
+
+                await trio.to_thread.run_sync(cancel_query)
+                await finished.wait()
+            raise
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise UnavailableError(f"PostgreSQL failed: {exc}") from exc
+
+    async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        def q(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(Q[name], params)
+                return cur.fetchall() if cur.description else []
+
+        return await self._run(q)
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1"))
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def create(
+        self, spec: TaskSpec, *, workspace_path: str | None = None
+    ) -> tuple[TaskRecord, bool]:
+        """Insert the `queued` record of `spec`; returns (record, created).
+
+        With an idempotency key already used in the workspace, returns the first task and False
+        if the request is the same, and raises IdempotencyConflictError if it differs. A task id
+        that exists already returns the existing record and False (a producer re-pushed it).
+        """
+        configuration = to_configuration(spec)
+        digest = request_hash(configuration, spec.workspace_id, spec.priority.value)
+        params = {
+            "id": spec.task_id,
+            "workspace_id": spec.workspace_id,
+            "task_type": spec.task_type,
+            "configuration": Jsonb(configuration),
+            "priority": spec.priority.value,
+            "timeout_seconds": spec.timeout_seconds,
+            "idempotency_key": spec.idempotency_key,
+            "request_hash": digest,
+            "correlation_id": spec.correlation_id,
+            "workspace_path": workspace_path,
+        }
+
+        def tx(conn: psycopg.Connection[Any]) -> tuple[dict[str, Any], bool]:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(Q["insert_task"], params)
+                row = cur.fetchone()
+                if row is not None:
+                    return row, True
+                if spec.idempotency_key is not None:
+                    cur.execute(Q["get_by_idempotency_key"], params)
+                    row = cur.fetchone()
+                    if row is not None:
+                        return row, False
+                cur.execute(Q["get_task"], params)
+                row = cur.fetchone()
+                assert row is not None, "insert conflicted, yet no row has the id or the key"
+                return row, False
+
+        row, created = await self._run(tx)
+        if not created and spec.idempotency_key is not None and row["request_hash"] != digest:
+            if row["idempotency_key"] == spec.idempotency_key:
+                raise IdempotencyConflictError(
+                    f"idempotency key {spec.idempotency_key!r} was already used in workspace "
+                    f"{spec.workspace_id} for task {row['id']} with a different request"
+                )
+        return _record(row), created
+
+    async def transition(
+        self,
+        task_id: str,
+        target: TaskState,
+        *,
+        worker_id: str | None = None,
+        expect_worker: str | None = None,
+        result: JSON | None = None,
+        error: str | None = None,
+        execution_time_ms: int | None = None,
+    ) -> TaskRecord:
+        """Compare-and-set the task's status to `target` if the transition table allows it.
+
+        `expect_worker` additionally requires the task to be held by that daemon (so a daemon
+        whose lease was taken over cannot overwrite its successor's state).
+
+        Raises:
+            InvalidTransitionError: the current state (or owner) does not allow the move.
+            NotFoundError: no task has this id.
+        """
+        params = {
+            "id": task_id,
+            "target": target.value,
+            "terminal": target.terminal,
+            "sources": [s.value for s in sources_of(target)],
+            "worker_id": worker_id,
+            "expect_worker": expect_worker,
+            "lease_s": self.lease_s,
+            "result": None if result is None else Jsonb(result),
+            "error": error,
+            "execution_time_ms": execution_time_ms,
+        }
+
+        def tx(conn: psycopg.Connection[Any]) -> tuple[dict[str, Any] | None, str | None]:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(Q["transition"], params)
+                row = cur.fetchone()
+                if row is not None:
+                    return row, None
+                cur.execute(Q["get_task"], params)
+                current = cur.fetchone()
+                return None, None if current is None else current["status"]
+
+        row, current = await self._run(tx)
+        if row is not None:
+            return _record(row)
+        if current is None:
+            raise NotFoundError(f"no task with id {task_id}")
+        raise InvalidTransitionError(task_id, current, target.value)
+
+    async def attach_result(self, task_id: str, result: JSON, execution_time_ms: int) -> None:
+        """Store the result of a task whose terminal state someone else already wrote."""
+        await self._rows("attach_result", {"id": task_id, "result": Jsonb(result),
+                                           "execution_time_ms": execution_time_ms})  # fmt: skip
+
+    async def renew_leases(self, worker_id: str, task_ids: Sequence[str]) -> None:
+        if task_ids:
+            await self._rows(
+                "renew_leases",
+                {"worker_id": worker_id, "ids": list(task_ids), "lease_s": self.lease_s},
+            )
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord:
+        rows = await self._rows("get_task", {"id": task_id})
+        if not rows:
+            raise NotFoundError(f"no task with id {task_id}")
+        return _record(rows[0])
+
+    async def expired_running(self, limit: int = 500) -> list[TaskRecord]:
+        """Running tasks whose daemon stopped renewing the lease."""
+        return [_record(r) for r in await self._rows("expired_running", {"limit": limit})]
+
+    async def stale_queued(self, age_s: float, limit: int = 1000) -> list[TaskRecord]:
+        """Tasks queued (or re-queued) more than `age_s` seconds ago, oldest first."""
+        return [
+            _record(r) for r in await self._rows("stale_queued", {"age_s": age_s, "limit": limit})
+        ]
+
+    async def list(
+        self,
+        *,
+        workspace_id: str | None = None,
+        status: TaskState | None = None,
+        limit: int = 50,
+        before: tuple[datetime, str] | None = None,
+    ) -> list[TaskRecord]:
+        """Newest first; `before` is the (submitted_at, id) of the last task of the previous page."""
+        rows = await self._rows(
+            "list_tasks",
+            {
+                "workspace_id": workspace_id,
+                "status": None if status is None else status.value,
+                "before_ts": None if before is None else before[0],
+                "before_id": None if before is None else before[1],
+                "limit": limit,
+            },
+        )
+        return [_record(r) for r in rows]
+
+
+def _migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
+    """Apply the numbered migrations not applied yet, each in its own transaction."""
+    applied: list[str] = []
+    migrations = sorted(
+        (f for f in resources.files("wsrunner").joinpath("sql/migrations").iterdir()
+         if f.name.endswith(".sql")),
+        key=lambda f: f.name,
+    )  # fmt: skip
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS wsrunner_migrations"
+            " (version TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+    for f in migrations:
+        with conn.transaction():
+            # Several daemons may start at once: one applies, the others wait and then skip.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            done = conn.execute(
+                "SELECT 1 FROM wsrunner_migrations WHERE version = %s", (f.name,)
+            ).fetchone()
+            if done:
+                continue
+            conn.execute(cast(LiteralString, f.read_text(encoding="utf-8")))
+            conn.execute("INSERT INTO wsrunner_migrations (version) VALUES (%s)", (f.name,))
+            applied.append(f.name)
+    return applied
+
+
+@asynccontextmanager
+async def open_postgres_store(
+    url: str, *, schema: str = "public", max_size: int = 8, lease_s: float = 60.0
+) -> AsyncIterator[PostgresStore]:
+    """Connect, apply pending migrations, and yield the store.
+
+    Raises:
+        UnavailableError: PostgreSQL cannot be reached or the migrations fail.
+    """
+    options = f"-c search_path={schema} -c statement_timeout=30000"
+    pool: ConnectionPool[Any] = ConnectionPool(
+        url, min_size=1, max_size=max_size, open=False, kwargs={"options": options},
+        name="wsrunner",
+    )  # fmt: skip
+
+    def start() -> list[str]:
+        pool.open(wait=True, timeout=10)
+        with pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                return _migrate(conn, schema)
+            finally:
+                conn.autocommit = False
+
+    try:
+        applied = await trio.to_thread.run_sync(start)
+    except (psycopg.Error, PoolTimeout) as exc:
+        await trio.to_thread.run_sync(lambda: pool.close(timeout=1))
+        raise UnavailableError(f"PostgreSQL cannot be used: {str(exc).strip()}") from exc
+    for name in applied:
+        logger.info("applied migration %s", name, extra={"schema": schema})
+    try:
+        yield PostgresStore(pool, max_size, lease_s)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lambda: pool.close(timeout=5))

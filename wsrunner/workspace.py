@@ -1,0 +1,242 @@
+"""Per-workspace directories: layout, metadata, storage quota, and per-task credentials.
+
+    <volume>/<workspace_id>/
+        repos/                   cloned repositories (persistent)
+        artifacts/               task outputs worth keeping (persistent)
+        tasks/<task_id>/         the task's private HOME, TMPDIR and credentials; removed after it
+        .workspace_meta.json     created, last used, task count, repos cached
+
+Every filesystem walk and write here runs in a worker thread, never on the trio thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from wsrunner.errors import QuotaExceededError
+from wsrunner.models import Credentials
+from wsrunner.payload import validate_workspace_id
+
+META_FILE: Final = ".workspace_meta.json"
+LAYOUT: Final = ("repos", "artifacts", "tasks")
+USAGE_CACHE_S: Final = 5.0  # a burst of tasks in one workspace walks it once
+SAFE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_GIT_PROTOCOLS: Final = {"https": "https", "http": "http", "ssh": "ssh", "git": "git", "file": "file"}
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def disk_usage(root: str) -> int:
+    """Bytes allocated under `root`: blocks not sizes, hard links once, symlinks not followed."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    stack = [root]
+    while stack:
+        path = stack.pop()
+        try:
+            it = os.scandir(path)
+        except OSError:
+            continue
+        with it:
+            for de in it:
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(de.path)
+                if st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEnvironment:
+    """Where a task's commands run and with which environment."""
+
+    root: str  #: the workspace directory
+    task_dir: str  #: tasks/<task_id>, removed when the task ends
+    env: Mapping[str, str]
+
+
+class Workspaces:
+    """The workspaces under one volume."""
+
+    def __init__(self, volume: Path, *, default_quota: int, quotas: Mapping[str, int],
+                 git_schemes: tuple[str, ...]) -> None:  # fmt: skip
+        self.volume = volume
+        self.default_quota = default_quota
+        self.quotas = dict(quotas)
+        self._git_protocols = ":".join(_GIT_PROTOCOLS[s] for s in git_schemes if s in _GIT_PROTOCOLS)
+        self._limiter = trio.CapacityLimiter(4)
+        self._usage: dict[str, tuple[float, int]] = {}
+
+    def root(self, workspace_id: str) -> str:
+        return str(self.volume / validate_workspace_id(workspace_id))
+
+    def quota(self, workspace_id: str) -> int:
+        return self.quotas.get(workspace_id, self.default_quota)
+
+    async def _thread(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def prepare(self, workspace_id: str) -> str:
+        """Create the workspace layout and metadata if missing; returns its directory."""
+        root = self.root(workspace_id)
+
+        def make() -> None:
+            for sub in LAYOUT:
+                os.makedirs(os.path.join(root, sub), mode=0o755, exist_ok=True)
+            meta = os.path.join(root, META_FILE)
+            if not os.path.exists(meta):
+                self._update_meta(root, lambda m: m)
+
+        await self._thread(make)
+        return root
+
+    async def usage(self, workspace_id: str, *, fresh: bool = False) -> int:
+        """Bytes the workspace occupies on disk (cached for USAGE_CACHE_S unless `fresh`)."""
+        cached = self._usage.get(workspace_id)
+        if cached is not None and not fresh and time.monotonic() - cached[0] < USAGE_CACHE_S:
+            return cached[1]
+        used: int = await self._thread(disk_usage, self.root(workspace_id))
+        self._usage[workspace_id] = (time.monotonic(), used)
+        return used
+
+    async def check_quota(self, workspace_id: str) -> int:
+        """Raise QuotaExceededError if the workspace is at or over its quota; returns usage."""
+        used, quota = await self.usage(workspace_id), self.quota(workspace_id)
+        if used >= quota:
+            raise QuotaExceededError(
+                f"workspace {workspace_id} uses {_human(used)} of its {_human(quota)} storage "
+                "quota; delete files (or raise its quota) before running more tasks"
+            )
+        return used
+
+    async def open_task(
+        self, workspace_id: str, task_id: str, credentials: Credentials | None
+    ) -> TaskEnvironment:
+        """Create tasks/<task_id> with a private HOME and TMPDIR, and the task's credentials."""
+        root = self.root(workspace_id)
+        task_dir = os.path.join(root, "tasks", task_id)
+
+        def make() -> dict[str, str]:
+            shutil.rmtree(task_dir, ignore_errors=True)  # a previous attempt's leftovers
+            for sub in ("home", "tmp"):
+                os.makedirs(os.path.join(task_dir, sub), mode=0o700)
+            env = {
+                "PATH": SAFE_PATH,
+                "HOME": os.path.join(task_dir, "home"),
+                "TMPDIR": os.path.join(task_dir, "tmp"),
+                "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8",
+                "WORKSPACE_ID": workspace_id,
+                "TASK_ID": task_id,
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "PYTHONUNBUFFERED": "1",
+                "GIT_CONFIG_GLOBAL": os.path.join(task_dir, "gitconfig"),
+                "GIT_CONFIG_NOSYSTEM": "1",
+                "GIT_TERMINAL_PROMPT": "0",
+                "GIT_ALLOW_PROTOCOL": self._git_protocols,
+            }
+            gitconfig = "[safe]\n\tdirectory = *\n"
+            if credentials is not None:
+                if credentials.git_name or credentials.git_email:
+                    # Values were checked for control characters; quote for gitconfig syntax.
+                    name = (credentials.git_name or "wsrunner").replace("\\", "\\\\").replace('"', '\\"')
+                    email = (credentials.git_email or "wsrunner@localhost").replace("\\", "\\\\").replace('"', '\\"')
+                    gitconfig += f'[user]\n\tname = "{name}"\n\temail = "{email}"\n'
+                if credentials.ssh_private_key:
+                    key = os.path.join(task_dir, "ssh_key")
+                    # Created 0600 in one step: no window at the umask's mode.
+                    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                    with os.fdopen(fd, "w") as f:
+                        f.write(credentials.ssh_private_key.rstrip("\n") + "\n")
+                    known = os.path.join(root, ".wsrunner_known_hosts")
+                    env["GIT_SSH_COMMAND"] = (
+                        f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes "
+                        f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known}"
+                    )
+                env.update(credentials.env_vars)
+            with open(env["GIT_CONFIG_GLOBAL"], "w", encoding="utf-8") as f:
+                f.write(gitconfig)
+            return env
+
+        env = await self._thread(make)
+        return TaskEnvironment(root=root, task_dir=task_dir, env=env)
+
+    async def close_task(self, workspace_id: str, task_id: str, *, repos: list[str]) -> None:
+        """Remove the task's directory (and its credentials); count the task in the metadata."""
+        root = self.root(workspace_id)
+        task_dir = os.path.join(root, "tasks", task_id)
+
+        def close() -> None:
+            shutil.rmtree(task_dir, ignore_errors=True)
+
+            def bump(meta: dict[str, Any]) -> dict[str, Any]:
+                meta["total_tasks_run"] = int(meta.get("total_tasks_run", 0)) + 1
+                meta["last_task_at"] = datetime.now(UTC).isoformat()
+                meta["repos_cached"] = repos
+                return meta
+
+            self._update_meta(root, bump)
+
+        with trio.CancelScope(shield=True):
+            await self._thread(close)
+
+    async def list_repos(self, workspace_id: str) -> list[str]:
+        repos = os.path.join(self.root(workspace_id), "repos")
+        names: list[str] = await self._thread(
+            lambda: sorted(e.name for e in os.scandir(repos) if e.is_dir(follow_symlinks=False))
+            if os.path.isdir(repos) else []
+        )  # fmt: skip
+        return names
+
+    def _update_meta(self, root: str, change: Any) -> None:
+        """Read-modify-write the metadata under an exclusive lock, replacing it atomically."""
+        path = os.path.join(root, META_FILE)
+        lock_fd = os.open(os.path.join(root, ".wsrunner_meta.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    meta = json.load(f)
+                if not isinstance(meta, dict):
+                    raise ValueError("not an object")
+            except (OSError, ValueError):
+                meta = {
+                    "workspace_id": os.path.basename(root),
+                    "created_at": datetime.now(UTC).isoformat(),
+                    "total_tasks_run": 0,
+                    "repos_cached": [],
+                }
+            meta = change(meta)
+            meta["updated_at"] = datetime.now(UTC).isoformat()
+            meta["storage_quota_bytes"] = self.quota(os.path.basename(root))
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2)
+            os.replace(tmp, path)
+        finally:
+            os.close(lock_fd)
