@@ -1,0 +1,158 @@
+"""Cancellation, timeouts and the cancel/complete race: exactly one terminal state, no survivors."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import redis
+import trio
+import trio_asyncio
+
+from tests.conftest import cmd, task_body, wait_for, wait_terminal
+from wsrunner.daemon import Daemon
+from wsrunner.errors import InvalidTransitionError, NotFoundError
+from wsrunner.models import TaskState
+from wsrunner.queue import open_redis_queue
+from wsrunner.service import Service
+from wsrunner.store import open_postgres_store
+
+# A process tree: a background grandchild and a foreground child, both in the step's group.
+TREE = "sleep 100 & echo $! > {pids}; sleep 100 & echo $! >> {pids}; echo started; wait"
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+async def started(daemon: Daemon, task_id: str) -> bool:
+    return any(e.type == "output" for e in await daemon.service.events(task_id))
+
+
+async def test_timeout_kills_the_whole_process_tree(daemon: Daemon, tmp_path) -> None:
+    pids = tmp_path / "pids"
+    sub = await daemon.service.submit(task_body(cmd(TREE.format(pids=pids)), timeout_seconds=10))
+    rec = await wait_terminal(daemon, sub.record.id, timeout=30)
+    assert rec.status is TaskState.TIMED_OUT
+    assert "timed out after" in rec.error_message
+    assert 9_000 <= rec.execution_time_ms < 20_000
+    grandchildren = [int(p) for p in pids.read_text().split()]
+    assert len(grandchildren) == 2
+    await wait_for(lambda: not any(alive(p) for p in grandchildren), timeout=5)
+    step = rec.result["result"]["steps"][0]["result"]
+    assert step["stdout"] == "started\n" and step["error"] == "interrupted"
+
+
+async def test_cancel_of_a_running_task_kills_it_at_once(daemon: Daemon, tmp_path) -> None:
+    pids = tmp_path / "pids"
+    sub = await daemon.service.submit(task_body(cmd(TREE.format(pids=pids)), timeout_seconds=600))
+    await wait_for(lambda: started(daemon, sub.record.id))
+    rec = await daemon.service.cancel(sub.record.id)
+    assert rec.status is TaskState.CANCELLED
+    await wait_for(lambda: sub.record.id not in daemon.runner.running, timeout=5)
+    grandchildren = [int(p) for p in pids.read_text().split()]
+    await wait_for(lambda: not any(alive(p) for p in grandchildren), timeout=5)
+    final = await daemon.service.get(sub.record.id)
+    assert final.status is TaskState.CANCELLED
+    assert final.result is not None  # what ran before the cancel is kept
+    statuses = [e.data["status"] for e in await daemon.service.events(sub.record.id)
+                if e.type == "status_changed"]  # fmt: skip
+    assert statuses == ["queued", "running", "cancelled"]
+
+
+async def test_cancel_of_a_queued_task_means_it_never_starts(start_daemon, tmp_path) -> None:
+    daemon = await start_daemon(concurrency=1)
+    blocker = await daemon.service.submit(task_body(cmd("sleep 2")))
+    marker = tmp_path / "ran"
+    queued = await daemon.service.submit(task_body(cmd(f"touch {marker}")))
+    await daemon.service.cancel(queued.record.id)
+    await wait_terminal(daemon, blocker.record.id)
+    await trio.sleep(0.5)  # give the daemon every chance to (wrongly) start it
+    rec = await daemon.service.get(queued.record.id)
+    assert rec.status is TaskState.CANCELLED and rec.attempts == 0
+    assert not marker.exists()
+    statuses = [e.data["status"] for e in await daemon.service.events(queued.record.id)
+                if e.type == "status_changed"]  # fmt: skip
+    assert statuses == ["queued", "cancelled"]
+
+
+async def test_cancel_of_a_terminal_task_is_refused_with_its_state(daemon: Daemon) -> None:
+    sub = await daemon.service.submit(task_body(cmd("true")))
+    await wait_terminal(daemon, sub.record.id)
+    with pytest.raises(InvalidTransitionError, match="is completed; it cannot become cancelled"):
+        await daemon.service.cancel(sub.record.id)
+
+
+async def test_unknown_or_malformed_ids_are_not_found(daemon: Daemon) -> None:
+    for bad in ("not-a-uuid", "00000000-0000-0000-0000-000000000000", "../etc"):
+        with pytest.raises(NotFoundError):
+            await daemon.service.get(bad)
+        with pytest.raises(NotFoundError):
+            await daemon.service.cancel(bad)
+
+
+async def test_cancel_racing_completion_ends_in_exactly_one_state(daemon: Daemon, redis_client: redis.Redis) -> None:
+    keys = daemon.service.queue.keys  # type: ignore[attr-defined]
+    outcomes = set()
+    for i in range(25):
+        sub = await daemon.service.submit(task_body(cmd("true")))
+        await trio.sleep(0.002 * (i % 10))  # sweep the cancel across the task's short life
+        try:
+            await daemon.service.cancel(sub.record.id)
+        except InvalidTransitionError:
+            pass
+        rec = await wait_terminal(daemon, sub.record.id)
+        await wait_for(lambda: sub.record.id not in daemon.runner.running, timeout=5)
+        outcomes.add(rec.status)
+        assert redis_client.hget(keys.status(rec.id), "status") == rec.status.value
+        terminal = [e for e in await daemon.service.events(rec.id)
+                    if e.type == "status_changed" and e.data["status"] not in ("queued", "running")]  # fmt: skip
+        assert [e.data["status"] for e in terminal] == [rec.status.value]
+    assert outcomes <= {TaskState.COMPLETED, TaskState.CANCELLED}
+
+
+async def test_cancel_reaches_the_daemon_running_the_task(daemon: Daemon, settings) -> None:
+    sub = await daemon.service.submit(task_body(cmd("echo go; sleep 100"), timeout_seconds=600))
+    await wait_for(lambda: started(daemon, sub.record.id))
+    # The cancel arrives through other connections (another process's API), not this daemon's.
+    async with (
+        trio_asyncio.open_loop(),
+        open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
+        open_postgres_store(settings.database_url, schema=settings.database_schema) as store,
+    ):
+        await Service(settings, queue, store).cancel(sub.record.id)
+    with trio.fail_after(2):  # pub/sub delivers in ms; the 1 s sweep is the backstop
+        while sub.record.id in daemon.runner.running:
+            await trio.sleep(0.01)
+    assert (await daemon.service.get(sub.record.id)).status is TaskState.CANCELLED
+
+
+async def test_step_timeout_fails_the_step_not_the_task(daemon: Daemon) -> None:
+    sub = await daemon.service.submit(task_body(cmd("sleep 30", timeout=1), cmd("echo after")))
+    rec = await wait_terminal(daemon, sub.record.id)
+    steps = rec.result["result"]["steps"]
+    assert steps[0]["result"]["timed_out"] is True and "timed out after 1s" in steps[0]["result"]["error"]
+    assert steps[1]["result"]["stdout"] == "after\n"
+    assert rec.status is TaskState.FAILED
+
+
+async def test_output_is_capped_and_flagged(daemon: Daemon) -> None:
+    sub = await daemon.service.submit(task_body(cmd("head -c 5000000 /dev/zero | tr '\\0' x")))
+    rec = await wait_terminal(daemon, sub.record.id)
+    step = rec.result["result"]["steps"][0]["result"]
+    assert step["truncated"] is True and len(step["stdout"]) == daemon.settings.stdout_cap_bytes
+    assert step["stdout_bytes"] == 5_000_000 and rec.status is TaskState.COMPLETED
+
+
+def test_signal_names_are_reported() -> None:
+    from wsrunner.executor import Executor
+    from wsrunner.process import Capture
+
+    res = Executor.describe(Capture.capped(10, 10), exit_code=-signal.SIGKILL, duration_ms=1)
+    assert res["signal"] == "SIGKILL" and res["error"] == "killed by SIGKILL"
+    assert os.getpid() > 0
