@@ -1,0 +1,34 @@
+"""Dependency direction: the core never imports the frontend; one module per driver."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imports(package: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[path.relative_to(ROOT).as_posix()] = names
+    return found
+
+
+def test_core_never_imports_the_frontend_or_quart() -> None:
+    for module, names in imports("wsrunner").items():
+        assert not names & {"frontend", "quart", "quart_trio", "hypercorn"}, module
+
+
+def test_only_the_adapters_import_the_drivers() -> None:
+    core = imports("wsrunner")
+    assert {m for m, n in core.items() if "redis" in n} == {"wsrunner/queue.py"}
+    assert {m for m, n in core.items() if "psycopg" in n or "psycopg_pool" in n} == {"wsrunner/store.py"}
+    for module, names in imports("frontend").items():
+        assert not names & {"redis", "psycopg"}, module

@@ -1,0 +1,78 @@
+"""The `wsrunner` command as users run it: real process, real exit codes, real /health."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import trio
+
+from tests.conftest import DATABASE_URL, REDIS_URL, wait_for
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "wsrunner", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_redis_exits_nonzero_with_one_line(tmp_path) -> None:
+    res = run_cli("serve", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+                                "DATABASE_URL": DATABASE_URL, "WORKSPACE_VOLUME_PATH": str(tmp_path)})  # fmt: skip
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1].startswith("wsrunner: cannot start: Redis failed")
+
+
+def test_unreachable_postgres_exits_nonzero(tmp_path) -> None:
+    res = run_cli("serve", env={"REDIS_URL": REDIS_URL, "WORKSPACE_VOLUME_PATH": str(tmp_path),
+                                "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x"})  # fmt: skip
+    assert res.returncode == 1 and "cannot start: PostgreSQL" in res.stderr
+
+
+def test_invalid_config_exits_2_naming_the_key() -> None:
+    res = run_cli("serve", env={"DATABASE_URL": DATABASE_URL, "WORKER_CONCURRENCY": "-1"})
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("wsrunner: invalid configuration: environment variable "
+                                  "WORKER_CONCURRENCY (concurrency): must be at least 1; got '-1'")  # fmt: skip
+
+
+async def test_serve_answers_health_and_stops_on_sigterm(tmp_path, prefix, schema) -> None:
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
+           "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
+           "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WORKER_HEALTH_PORT": str(port),
+           "WORKER_ID": "cli-test"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        async with httpx.AsyncClient() as client:
+
+            async def healthy() -> dict | None:
+                try:
+                    r = await client.get(f"http://127.0.0.1:{port}/health")
+                except httpx.TransportError:
+                    return None
+                return r.json() if r.status_code == 200 else None
+
+            body = await wait_for(healthy, timeout=30, poll=0.1)
+        assert body["worker_id"] == "cli-test" and body["concurrency"] == 3
+        assert body["active_tasks"] == 0 and body["volume_path"] == str(tmp_path / "v")
+        assert body["checks"] == {"redis": "ok", "postgres": "ok"}
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            while proc.poll() is None:
+                await trio.sleep(0.05)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

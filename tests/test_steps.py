@@ -1,0 +1,154 @@
+"""The seven step actions, containment, quota and credentials, run by a real daemon."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from tests.conftest import cmd, task_body, wait_terminal
+from wsrunner.daemon import Daemon
+from wsrunner.models import TaskState
+
+
+async def run(daemon: Daemon, *steps, **extra):
+    sub = await daemon.service.submit(task_body(*steps, **extra))
+    return await wait_terminal(daemon, sub.record.id)
+
+
+def results(rec):
+    return [s["result"] for s in rec.result["result"]["steps"]]
+
+
+async def test_file_steps_round_trip(daemon: Daemon) -> None:
+    rec = await run(
+        daemon,
+        {"action": "create_directory", "path": "src/pkg"},
+        {"action": "write_file", "path": "src/pkg/a.txt", "content": "héllo\n"},
+        {"action": "read_file", "path": "src/pkg/a.txt"},
+        {"action": "list_directory", "path": "src"},
+        cmd("cat src/pkg/a.txt", cwd="."),
+    )
+    assert rec.status is TaskState.COMPLETED, rec.error_message
+    mk, wr, rd, ls, sh = results(rec)
+    assert mk["created"] is True and wr["size_bytes"] == len("héllo\n".encode())
+    assert rd["content"] == "héllo\n" and rd["truncated"] is False
+    assert [e["name"] for e in ls["entries"]] == ["pkg"] and ls["entries"][0]["type"] == "dir"
+    assert sh["stdout"] == "héllo\n"
+
+
+async def test_workspace_layout_and_metadata(daemon: Daemon) -> None:
+    rec = await run(daemon, cmd("pwd; echo $HOME"), workspace_id="ws-layout")
+    root = daemon.settings.volume_path / "ws-layout"
+    out = results(rec)[0]["stdout"].split()
+    assert out[0] == str(root) and out[1] == str(root / "tasks" / rec.id / "home")
+    assert {"repos", "artifacts", "tasks"} <= set(os.listdir(root))
+    assert not (root / "tasks" / rec.id).exists()  # ephemeral: removed after the task
+    import json
+
+    meta = json.loads((root / ".workspace_meta.json").read_text())
+    assert meta["total_tasks_run"] == 1 and meta["workspace_id"] == "ws-layout"
+
+
+async def test_paths_cannot_leave_the_workspace(daemon: Daemon, tmp_path) -> None:
+    root = daemon.settings.volume_path / "ws-esc"
+    root.mkdir(parents=True)
+    (root / "out").symlink_to("/etc")
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+    (root / "leak").symlink_to(secret)
+    rec = await run(
+        daemon,
+        {"action": "read_file", "path": "../../etc/passwd"},
+        {"action": "read_file", "path": "/etc/passwd"},
+        {"action": "read_file", "path": "out/passwd"},
+        {"action": "read_file", "path": "leak"},
+        {"action": "write_file", "path": "out/evil", "content": "x"},
+        {"action": "list_directory", "path": "out"},
+        cmd("pwd", cwd="out"),
+        workspace_id="ws-esc",
+    )
+    res = results(rec)
+    assert all("error" in r for r in res), res
+    assert all("s3cret" not in str(r) and "root:" not in str(r) for r in res)
+    assert "absolute" in res[1]["error"] and "outside the workspace" in res[2]["error"]
+    assert not os.path.exists("/etc/evil")
+
+
+async def test_quota_exceeded_fails_with_a_clear_message(start_daemon) -> None:
+    daemon = await start_daemon(workspace_quotas={"ws-small": 64 * 1024})
+    root = daemon.settings.volume_path / "ws-small"
+    root.mkdir(parents=True)
+    (root / "big").write_bytes(os.urandom(128 * 1024))
+    rec = await run(daemon, cmd("echo never"), workspace_id="ws-small")
+    assert rec.status is TaskState.FAILED
+    assert "storage quota" in rec.error_message and "ws-small" in rec.error_message
+    events = await daemon.service.events(rec.id)
+    assert events[-1].type == "status_changed" and events[-1].data["status"] == "failed"
+    assert any(e.type == "error" for e in events)
+
+
+async def test_credentials_are_for_the_task_only(daemon: Daemon, redis_client) -> None:
+    creds = {"env_vars": {"API_TOKEN": "tok-123"}, "git_name": "Ada", "git_email": "ada@example.org",
+             "ssh_private_key": "-----BEGIN KEY-----\nabc\n-----END KEY-----"}  # fmt: skip
+    rec = await run(daemon, cmd('echo "$API_TOKEN"; git config --global user.name; '
+                                'stat -c %a "$(dirname "$HOME")/ssh_key"'),  # fmt: skip
+                    credentials=creds)
+    out = results(rec)[0]["stdout"].split()
+    assert out == ["tok-123", "Ada", "600"]
+    root = daemon.settings.volume_path / "ws-1"
+    assert not (root / "tasks" / rec.id).exists()
+    assert "tok-123" not in str(rec.configuration) and "BEGIN KEY" not in str(rec.configuration)
+    events = await daemon.service.events(rec.id)
+    assert "BEGIN KEY" not in str([e.data for e in events])
+
+
+def _git_repo(path) -> str:
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    (path / "README").write_text("v1\n")
+    subprocess.run(["git", "-C", str(path), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(path), "commit", "-qm", "v1"], check=True, env=env)
+    return f"file://{path}"
+
+
+async def test_git_clone_then_pull(daemon: Daemon, tmp_path) -> None:
+    origin = tmp_path / "origin" / "proj"
+    origin.mkdir(parents=True)
+    url = _git_repo(origin)
+    rec = await run(daemon, {"action": "git_clone", "repo": url, "branch": "main", "shallow": False},
+                    cmd("cat repos/proj/README"), {"action": "git_pull", "repo_name": "proj"})  # fmt: skip
+    assert rec.status is TaskState.COMPLETED, rec.error_message
+    clone, cat, pull = results(rec)
+    assert clone["repo_path"] == "repos/proj" and clone["cached"] is False
+    assert cat["stdout"] == "v1\n" and pull["cached"] is True
+    assert rec.result["result"]["repos_cached"] == ["proj"]
+    # A second clone of another remote with the same name is refused, not silently pulled.
+    other = tmp_path / "elsewhere" / "proj"
+    other.mkdir(parents=True)
+    rec2 = await run(daemon, {"action": "git_clone", "repo": _git_repo(other)})
+    assert "already holds another repository" in results(rec2)[0]["error"]
+
+
+async def test_git_clone_refuses_schemes_not_allowed(start_daemon) -> None:
+    daemon = await start_daemon(git_schemes=("https",))
+    rec = await run(daemon, {"action": "git_clone", "repo": "file:///etc"},
+                    {"action": "git_clone", "repo": "ext::sh -c id"},
+                    {"action": "git_pull", "repo_name": "nothing"})  # fmt: skip
+    res = results(rec)
+    assert "not allowed" in res[0]["error"] and "expected a URL" in res[1]["error"]
+    assert "Repo not cached" in res[2]["error"]
+
+
+async def test_clone_token_stays_out_of_records_and_git_config(daemon: Daemon, tmp_path) -> None:
+    origin = tmp_path / "o" / "tok"
+    origin.mkdir(parents=True)
+    _git_repo(origin)
+    # The token is in the URL as legacy producers send it; file:// ignores it, the point is where
+    # it ends up.
+    url = f"file://x-access-token:ghp_SECRET@{origin}"
+    sub = await daemon.service.submit(task_body({"action": "git_clone", "repo": url}))
+    rec = await wait_terminal(daemon, sub.record.id)
+    assert "ghp_SECRET" not in str(rec.configuration)
+    assert "ghp_SECRET" not in str(await daemon.service.events(rec.id))
+    assert "ghp_SECRET" not in str(rec.result)
