@@ -36,7 +36,11 @@ async def serve(
     async with trio.open_nursery() as nursery:
         internal = create_internal_app(service)
         urls = await nursery.start(
-            partial(hypercorn_serve, internal, _config(settings.health_host, settings.health_port),
-                    shutdown_trigger=shutdown_trigger)  # fmt: skip
+            partial(
+                hypercorn_serve,
+                internal,
+                _config(settings.health_host, settings.health_port),
+                shutdown_trigger=shutdown_trigger,
+            )
         )
         task_status.started(list(urls))

@@ -94,7 +94,9 @@ async def _daemon(start_daemon: Callable[..., Any]) -> Daemon:
     return daemon
 
 
-async def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, poll: float = 0.02) -> Any:
+async def wait_for(
+    predicate: Callable[[], Any], *, timeout: float = 20.0, poll: float = 0.02
+) -> Any:
     """Wait until `await predicate()` (or `predicate()`) is truthy; fail after `timeout` s."""
     with trio.fail_after(timeout):
         while True:

@@ -29,6 +29,8 @@ def test_core_never_imports_the_frontend_or_quart() -> None:
 def test_only_the_adapters_import_the_drivers() -> None:
     core = imports("wsrunner")
     assert {m for m, n in core.items() if "redis" in n} == {"wsrunner/queue.py"}
-    assert {m for m, n in core.items() if "psycopg" in n or "psycopg_pool" in n} == {"wsrunner/store.py"}
+    assert {m for m, n in core.items() if "psycopg" in n or "psycopg_pool" in n} == {
+        "wsrunner/store.py"
+    }
     for module, names in imports("frontend").items():
         assert not names & {"redis", "psycopg"}, module

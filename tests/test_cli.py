@@ -14,7 +14,9 @@ import trio
 from tests.conftest import DATABASE_URL, REDIS_URL, wait_for
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "wsrunner", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 

@@ -11,8 +11,12 @@ from wsrunner.daemon import Daemon
 from wsrunner.models import TaskState
 
 
-async def test_submitted_task_completes_with_durable_result(daemon: Daemon, redis_client: redis.Redis) -> None:
-    sub = await daemon.service.submit(task_body(cmd("echo out; echo err >&2"), cmd("printf second")))
+async def test_submitted_task_completes_with_durable_result(
+    daemon: Daemon, redis_client: redis.Redis
+) -> None:
+    sub = await daemon.service.submit(
+        task_body(cmd("echo out; echo err >&2"), cmd("printf second"))
+    )
     assert sub.created and sub.record.status is TaskState.QUEUED
     rec = await wait_terminal(daemon, sub.record.id)
     assert rec.status is TaskState.COMPLETED
@@ -59,12 +63,16 @@ async def test_nonzero_exit_is_a_step_error_and_fails_the_task(daemon: Daemon) -
 
 
 async def test_stop_on_error_skips_the_remaining_steps(daemon: Daemon) -> None:
-    sub = await daemon.service.submit(task_body(cmd("false"), cmd("echo never"), stop_on_error=True))
+    sub = await daemon.service.submit(
+        task_body(cmd("false"), cmd("echo never"), stop_on_error=True)
+    )
     rec = await wait_terminal(daemon, sub.record.id)
     assert rec.status is TaskState.FAILED and len(rec.result["result"]["steps"]) == 1
 
 
-async def test_payload_pushed_by_a_legacy_producer_runs_and_gets_a_row(daemon: Daemon, redis_client: redis.Redis) -> None:
+async def test_payload_pushed_by_a_legacy_producer_runs_and_gets_a_row(
+    daemon: Daemon, redis_client: redis.Redis
+) -> None:
     keys = daemon.service.queue.keys  # type: ignore[attr-defined]
     payload = raw_payload()
     redis_client.lpush(keys.queue("normal"), payload)

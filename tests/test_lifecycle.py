@@ -96,7 +96,9 @@ async def test_unknown_or_malformed_ids_are_not_found(daemon: Daemon) -> None:
             await daemon.service.cancel(bad)
 
 
-async def test_cancel_racing_completion_ends_in_exactly_one_state(daemon: Daemon, redis_client: redis.Redis) -> None:
+async def test_cancel_racing_completion_ends_in_exactly_one_state(
+    daemon: Daemon, redis_client: redis.Redis
+) -> None:
     keys = daemon.service.queue.keys  # type: ignore[attr-defined]
     outcomes = set()
     for i in range(25):
@@ -107,7 +109,8 @@ async def test_cancel_racing_completion_ends_in_exactly_one_state(daemon: Daemon
         except InvalidTransitionError:
             pass
         rec = await wait_terminal(daemon, sub.record.id)
-        await wait_for(lambda: sub.record.id not in daemon.runner.running, timeout=5)
+        tid = sub.record.id
+        await wait_for(lambda: tid not in daemon.runner.running, timeout=5)  # noqa: B023
         outcomes.add(rec.status)
         assert redis_client.hget(keys.status(rec.id), "status") == rec.status.value
         terminal = [e for e in await daemon.service.events(rec.id)
@@ -136,7 +139,10 @@ async def test_step_timeout_fails_the_step_not_the_task(daemon: Daemon) -> None:
     sub = await daemon.service.submit(task_body(cmd("sleep 30", timeout=1), cmd("echo after")))
     rec = await wait_terminal(daemon, sub.record.id)
     steps = rec.result["result"]["steps"]
-    assert steps[0]["result"]["timed_out"] is True and "timed out after 1s" in steps[0]["result"]["error"]
+    assert (
+        steps[0]["result"]["timed_out"] is True
+        and "timed out after 1s" in steps[0]["result"]["error"]
+    )
     assert steps[1]["result"]["stdout"] == "after\n"
     assert rec.status is TaskState.FAILED
 

@@ -37,12 +37,28 @@ def body(**kw):
         ({"steps": [{"action": "execute_command"}]}, "steps[0].command", "is required"),
         ({"steps": [cmd("x", timeout=0)]}, "steps[0].timeout", "from 1 to 3600"),
         ({"steps": [cmd("x", comand="typo")]}, "steps[0].comand", "unknown field"),
-        ({"steps": [{"action": "git_clone", "repo": "--upload-pack=x"}]}, "steps[0].repo", "not an option"),
-        ({"steps": [{"action": "git_clone", "repo": "r", "branch": "-x"}]}, "steps[0].branch", "branch name"),
-        ({"steps": [{"action": "git_pull", "repo_name": "../x"}]}, "steps[0].repo_name", "directory in repos/"),
+        (
+            {"steps": [{"action": "git_clone", "repo": "--upload-pack=x"}]},
+            "steps[0].repo",
+            "not an option",
+        ),
+        (
+            {"steps": [{"action": "git_clone", "repo": "r", "branch": "-x"}]},
+            "steps[0].branch",
+            "branch name",
+        ),
+        (
+            {"steps": [{"action": "git_pull", "repo_name": "../x"}]},
+            "steps[0].repo_name",
+            "directory in repos/",
+        ),
         ({"steps": [{"action": "read_file", "path": "a\x00b"}]}, "steps[0].path", "NUL"),
         ({"credentials": {"git_name": "a\n[core]"}}, "credentials.git_name", "control characters"),
-        ({"credentials": {"env_vars": {"PATH": "/evil"}}}, "credentials.env_vars.PATH", "variable name"),
+        (
+            {"credentials": {"env_vars": {"PATH": "/evil"}}},
+            "credentials.env_vars.PATH",
+            "variable name",
+        ),
         ({"credentials": {"password": "x"}}, "credentials.password", "unknown field"),
     ],
 )

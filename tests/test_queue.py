@@ -49,7 +49,9 @@ async def _all_done(daemon: Daemon, ids: list[str]) -> bool:
         return False
 
 
-async def test_idle_daemon_wakes_on_a_plain_lpush_without_polling(daemon: Daemon, redis_client: redis.Redis) -> None:
+async def test_idle_daemon_wakes_on_a_plain_lpush_without_polling(
+    daemon: Daemon, redis_client: redis.Redis
+) -> None:
     # The idle wait blocks in Redis for WAKE_BLOCK_S (5 s) at a time; a poller that only looked
     # again after that would miss this deadline. Behaviour, not a benchmark: the bound is loose.
     await trio.sleep(0.3)  # let the poller settle into its blocking wait
@@ -64,7 +66,9 @@ async def test_idle_daemon_wakes_on_a_plain_lpush_without_polling(daemon: Daemon
     await wait_for(running_or_done, timeout=2.0, poll=0.005)
 
 
-async def test_malformed_payloads_are_dead_lettered_not_dropped(daemon: Daemon, redis_client: redis.Redis) -> None:
+async def test_malformed_payloads_are_dead_lettered_not_dropped(
+    daemon: Daemon, redis_client: redis.Redis
+) -> None:
     keys = daemon.service.queue.keys  # type: ignore[attr-defined]
     good_id = str(uuid.uuid4())
     bad = [
@@ -88,7 +92,9 @@ async def test_malformed_payloads_are_dead_lettered_not_dropped(daemon: Daemon, 
     assert (await wait_terminal(daemon, sub.record.id)).status is TaskState.COMPLETED
 
 
-async def test_redis_wiped_while_tasks_are_queued(start_daemon, redis_client: redis.Redis, settings) -> None:
+async def test_redis_wiped_while_tasks_are_queued(
+    start_daemon, redis_client: redis.Redis, settings
+) -> None:
     daemon = await start_daemon(concurrency=1)
     blocker = await daemon.service.submit(task_body(cmd("sleep 1.5")))
     queued = [await daemon.service.submit(task_body(cmd(f"echo {i}"))) for i in range(3)]
@@ -122,7 +128,9 @@ async def test_daemon_killed_with_sigkill_loses_nothing(start_daemon, settings, 
             open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
             open_postgres_store(settings.database_url, schema=settings.database_schema) as store,
         ):
-            sub = await Service(settings, queue, store).submit(task_body(cmd(script), timeout_seconds=600))
+            sub = await Service(settings, queue, store).submit(
+                task_body(cmd(script), timeout_seconds=600)
+            )
             await wait_for(pidfile.exists, timeout=30)
             assert (await store.get(sub.record.id)).worker_id == "victim"
             victim.send_signal(signal.SIGKILL)
@@ -142,7 +150,9 @@ async def test_daemon_killed_with_sigkill_loses_nothing(start_daemon, settings, 
             victim.wait()
 
 
-async def test_task_whose_daemons_keep_dying_is_failed_after_max_attempts(start_daemon, settings, redis_client) -> None:
+async def test_task_whose_daemons_keep_dying_is_failed_after_max_attempts(
+    start_daemon, settings, redis_client
+) -> None:
     from wsrunner.keys import Keys
 
     keys = Keys(settings.redis_prefix)
@@ -168,7 +178,9 @@ async def test_task_whose_daemons_keep_dying_is_failed_after_max_attempts(start_
     assert "gave up after 3 attempts" in rec.error_message
 
 
-async def test_sigterm_requeues_running_tasks_and_exits_zero(start_daemon, settings, tmp_path) -> None:
+async def test_sigterm_requeues_running_tasks_and_exits_zero(
+    start_daemon, settings, tmp_path
+) -> None:
     victim = _spawn_daemon(settings, "graceful")
     pidfile = tmp_path / "pid"
     try:
@@ -177,8 +189,12 @@ async def test_sigterm_requeues_running_tasks_and_exits_zero(start_daemon, setti
             open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
             open_postgres_store(settings.database_url, schema=settings.database_schema) as store,
         ):
-            script = f"if [ -e {pidfile} ]; then echo resumed; else echo $$ > {pidfile}; sleep 300; fi"
-            sub = await Service(settings, queue, store).submit(task_body(cmd(script), timeout_seconds=600))
+            script = (
+                f"if [ -e {pidfile} ]; then echo resumed; else echo $$ > {pidfile}; sleep 300; fi"
+            )
+            sub = await Service(settings, queue, store).submit(
+                task_body(cmd(script), timeout_seconds=600)
+            )
             await wait_for(pidfile.exists, timeout=30)
             victim.send_signal(signal.SIGTERM)  # grace is 30 s by default: set a short one below
             with trio.fail_after(60):

@@ -39,7 +39,9 @@ def test_yaml_file_and_environment_precedence(tmp_path) -> None:
     f = tmp_path / "wsrunner.yaml"
     f.write_text("concurrency: 5\ndefault_quota_gb: 1\nworkspace_quotas: {ws-a: 1000}\n")
     s = load_settings(f, environ={**BASE, "WORKER_CONCURRENCY": "4"})
-    assert s.concurrency == 4 and s.default_quota_bytes == GIB and s.workspace_quotas == {"ws-a": 1000}
+    assert (
+        s.concurrency == 4 and s.default_quota_bytes == GIB and s.workspace_quotas == {"ws-a": 1000}
+    )
 
 
 @pytest.mark.parametrize(

@@ -90,9 +90,14 @@ async def test_quota_exceeded_fails_with_a_clear_message(start_daemon) -> None:
 async def test_credentials_are_for_the_task_only(daemon: Daemon, redis_client) -> None:
     creds = {"env_vars": {"API_TOKEN": "tok-123"}, "git_name": "Ada", "git_email": "ada@example.org",
              "ssh_private_key": "-----BEGIN KEY-----\nabc\n-----END KEY-----"}  # fmt: skip
-    rec = await run(daemon, cmd('echo "$API_TOKEN"; git config --global user.name; '
-                                'stat -c %a "$(dirname "$HOME")/ssh_key"'),  # fmt: skip
-                    credentials=creds)
+    rec = await run(
+        daemon,
+        cmd(
+            'echo "$API_TOKEN"; git config --global user.name; '
+            'stat -c %a "$(dirname "$HOME")/ssh_key"'
+        ),
+        credentials=creds,
+    )
     out = results(rec)[0]["stdout"].split()
     assert out == ["tok-123", "Ada", "600"]
     root = daemon.settings.volume_path / "ws-1"

@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         "Settings come from the environment (REDIS_URL, DATABASE_URL, WORKER_CONCURRENCY, ...) "
         "and an optional YAML file; see the README for every key.",
     )
-    serve.add_argument("--config", metavar="FILE", help="YAML settings file (default: $WSRUNNER_CONFIG)")
+    serve.add_argument(
+        "--config", metavar="FILE", help="YAML settings file (default: $WSRUNNER_CONFIG)"
+    )
     return parser
 
 

@@ -62,7 +62,9 @@ def load_frontend(name: str) -> Any:
         raise ConfigError(f"frontend: cannot import {name!r} ({exc}); set it to 'none' "
                           "to run without HTTP") from None  # fmt: skip
     if not callable(getattr(module, "serve", None)):
-        raise ConfigError(f"frontend: module {name!r} has no serve(service, settings, stop) function")
+        raise ConfigError(
+            f"frontend: module {name!r} has no serve(service, settings, stop) function"
+        )
     return module
 
 
@@ -83,9 +85,13 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         workspaces = Workspaces(settings.volume_path, default_quota=settings.default_quota_bytes,
                                 quotas=settings.workspace_quotas, git_schemes=settings.git_schemes)  # fmt: skip
         try:
-            await trio.to_thread.run_sync(lambda: settings.volume_path.mkdir(parents=True, exist_ok=True))
+            await trio.to_thread.run_sync(
+                lambda: settings.volume_path.mkdir(parents=True, exist_ok=True)
+            )
         except OSError as exc:
-            raise ConfigError(f"WORKSPACE_VOLUME_PATH {settings.volume_path}: {exc.strerror}") from None
+            raise ConfigError(
+                f"WORKSPACE_VOLUME_PATH {settings.volume_path}: {exc.strerror}"
+            ) from None
         runner = TaskRunner(settings, queue, store, workspaces, Executor(settings, workspaces))
         slots = Slots(settings.concurrency, runner)
         service = Service(settings, queue, store, stats=slots.statistics)
@@ -99,11 +105,15 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
                 await services.start(serve_cancel_watch, settings, queue, runner)
                 await services.start(reaper.serve)
                 if frontend is not None:
-                    daemon.urls = await http.start(frontend.serve, service, settings, http_stop.wait)
+                    daemon.urls = await http.start(
+                        frontend.serve, service, settings, http_stop.wait
+                    )
                 services.start_soon(_drain_timer, daemon)
                 async with trio.open_nursery() as work:
                     await work.start(slots.serve)
-                    await work.start(serve_poller, queue, slots, settings.worker_id, daemon.stopping)
+                    await work.start(
+                        serve_poller, queue, slots, settings.worker_id, daemon.stopping
+                    )
                     logger.info("wsrunner %s ready: %d slots, volume %s%s", settings.worker_id,
                                 settings.concurrency, settings.volume_path,
                                 f", serving {' '.join(daemon.urls)}" if daemon.urls else "")  # fmt: skip

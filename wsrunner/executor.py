@@ -107,11 +107,15 @@ class Executor:
     async def _spawn(self, argv: list[str], ctx: StepContext, *, cwd: str, timeout: float,
                      extra_env: dict[str, str] | None = None) -> JSON:  # fmt: skip
         s = self.settings
-        ctx.capture = capture = Capture.capped(s.stdout_cap_bytes, s.stderr_cap_bytes, ctx.on_output)
+        ctx.capture = capture = Capture.capped(
+            s.stdout_cap_bytes, s.stderr_cap_bytes, ctx.on_output
+        )
         start = time.monotonic()
         env = dict(ctx.env.env, **(extra_env or {}))
         with trio.move_on_after(timeout) as scope:
-            rc = await run_process(argv, cwd=cwd, env=env, capture=capture, kill_grace=s.kill_grace_s)
+            rc = await run_process(
+                argv, cwd=cwd, env=env, capture=capture, kill_grace=s.kill_grace_s
+            )
         ctx.capture = None
         result = self.describe(capture, exit_code=None if scope.cancelled_caught else rc,
                                duration_ms=_ms(start))  # fmt: skip
@@ -157,7 +161,9 @@ class Executor:
             parts = urlsplit(url)
             scheme = parts.scheme.lower()
             if not scheme or "::" in url.split("/", 1)[0]:
-                raise WorkspaceError(f"repo: expected a URL like https://host/owner/name.git, got {redact_url(url)!r}")
+                raise WorkspaceError(
+                    f"repo: expected a URL like https://host/owner/name.git, got {redact_url(url)!r}"
+                )
         if scheme not in self.settings.git_schemes:
             raise WorkspaceError(
                 f"repo: URL scheme {scheme!r} is not allowed; expected one of "
@@ -207,7 +213,9 @@ class Executor:
         if step.branch:
             argv += ["--branch", step.branch]
         argv += ["--", clean_url, dest]
-        result = await self._spawn(argv, ctx, cwd=ctx.env.root, timeout=timeout, extra_env=extra_env)
+        result = await self._spawn(
+            argv, ctx, cwd=ctx.env.root, timeout=timeout, extra_env=extra_env
+        )
         result.update(repo_path=f"repos/{name}", cached=False)
         if "error" not in result:
             ctx.repos_touched.append(name)
@@ -236,7 +244,9 @@ class Executor:
     # --- files --------------------------------------------------------------------------------
 
     async def _read(self, step: ReadFile, ctx: StepContext) -> JSON:
-        got = await self._fs_call(paths.read_text, ctx.env.root, step.path, self.settings.read_cap_bytes)
+        got = await self._fs_call(
+            paths.read_text, ctx.env.root, step.path, self.settings.read_cap_bytes
+        )
         return {"path": paths.clean_relative(step.path), "content": got.content,
                 "size_bytes": got.size_bytes, "truncated": got.truncated, "binary": got.binary}  # fmt: skip
 
@@ -256,8 +266,10 @@ class Executor:
         )
         return {
             "path": paths.clean_relative(step.path),
-            "entries": [{"name": e.name, "type": e.type, "size": e.size,
-                         "modified_at": e.modified_at} for e in entries],  # fmt: skip
+            "entries": [
+                {"name": e.name, "type": e.type, "size": e.size, "modified_at": e.modified_at}
+                for e in entries
+            ],
             "count": len(entries),
             "truncated": truncated,
         }
@@ -267,6 +279,3 @@ def _write_executable(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o700)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-
-
-

@@ -153,8 +153,10 @@ class Reaper:
         try:
             obj = json.loads(payload)
             task_id = validate_task_id(obj.get("task_id") if isinstance(obj, dict) else None)
-        except Exception:  # noqa: BLE001 - anything unreadable is dead-lettered, not retried
-            await self.queue.dead_letter(worker, claim_id, "unreadable payload left by a dead daemon")
+        except Exception:
+            await self.queue.dead_letter(
+                worker, claim_id, "unreadable payload left by a dead daemon"
+            )
             return
         try:
             rec = await self.store.get(task_id)

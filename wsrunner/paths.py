@@ -239,7 +239,7 @@ def list_dir(root: str, path: str, cap: int) -> tuple[list[Entry], bool]:
         except OSError as exc:
             raise _not_found(path, exc) from None
         with _fd(dfd):
-            names = []
+            names: list[str] = []
             truncated = False
             with os.scandir(dfd) as it:
                 for de in it:
@@ -255,7 +255,9 @@ def list_dir(root: str, path: str, cap: int) -> tuple[list[Entry], bool]:
                     continue  # removed while we listed
                 kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
                         else "symlink" if stat.S_ISLNK(st.st_mode) else "other")  # fmt: skip
-                entries.append(Entry(name, kind, st.st_size if kind == "file" else None, st.st_mtime))
+                entries.append(
+                    Entry(name, kind, st.st_size if kind == "file" else None, st.st_mtime)
+                )
     entries.sort(key=lambda e: (e.type != "dir", e.name.lower()))
     return entries, truncated
 

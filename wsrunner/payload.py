@@ -116,7 +116,7 @@ def parse_task(obj: object, *, task_id: str | None = None) -> TaskSpec:
 
 def to_payload(spec: TaskSpec, *, created_at: datetime | None = None) -> JSON:
     """The queue payload for `spec`, in the reference system's shape (credentials included)."""
-    payload = {
+    payload: JSON = {
         "task_id": spec.task_id,
         "task_type": spec.task_type,
         "workspace_id": spec.workspace_id,

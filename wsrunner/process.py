@@ -94,7 +94,8 @@ async def terminate_group(proc: trio.Process, grace: float) -> None:
     if _killpg(pgid, signal.SIGTERM):
         with trio.move_on_after(grace):
             await proc.wait()
-            while await trio.to_thread.run_sync(_group_alive, pgid):
+            # No event exists for "the group is empty": look again every few ms.
+            while await trio.to_thread.run_sync(_group_alive, pgid):  # noqa: ASYNC110
                 await trio.sleep(_POLL_S)
         _killpg(pgid, signal.SIGKILL)
     await proc.wait()
@@ -119,7 +120,8 @@ async def run_process(
         list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     try:
         async with trio.open_nursery() as nursery:
             done = [trio.Event(), trio.Event()]
@@ -128,7 +130,7 @@ async def run_process(
                            finished: trio.Event) -> None:  # fmt: skip
                 try:
                     async with stream:
-                        while chunk := await stream.receive_some(65536):
+                        while chunk := bytes(await stream.receive_some(65536)):
                             buf.add(chunk)
                             if capture.on_output is not None:
                                 capture.on_output(name, chunk)

@@ -328,7 +328,7 @@ class RedisQueue:
                 task_id=task_id,
                 data=json.loads(f["data"]),
                 timestamp=f["ts"],
-            )  # fmt: skip
+            )
             for eid, f in raw
         ]
 
@@ -427,7 +427,9 @@ class RedisQueue:
     async def delete_prefix(self) -> int:
         """Delete every key under this prefix (tests, and `wsrunner` maintenance)."""
         n = 0
-        async for key in aio_as_trio(self._r.scan_iter(match=f"{self.keys.prefix}:*", count=500), loop=self._loop):
+        async for key in aio_as_trio(
+            self._r.scan_iter(match=f"{self.keys.prefix}:*", count=500), loop=self._loop
+        ):
             n += await self._call(self._r.unlink, key)
         return n
 

@@ -59,7 +59,9 @@ class RunningTask:
     reason: StopReason | None = None
 
 
-async def retrying(what: str, fn: Callable[[], Awaitable[T]], *, budget_s: float = FINISH_RETRY_S) -> T:
+async def retrying(
+    what: str, fn: Callable[[], Awaitable[T]], *, budget_s: float = FINISH_RETRY_S
+) -> T:
     """Call `fn` until it does not raise UnavailableError, backing off, for up to `budget_s`."""
     delay, deadline = 0.1, trio.current_time() + budget_s
     while True:
@@ -110,7 +112,8 @@ class _OutputForwarder:
         while True:
             await self._wake.wait()
             with trio.move_on_after(OUTPUT_FLUSH_S):
-                while self._size < OUTPUT_EVENT_BYTES:
+                # A batching window, bounded above by OUTPUT_FLUSH_S.
+                while self._size < OUTPUT_EVENT_BYTES:  # noqa: ASYNC110
                     await trio.sleep(0.01)
             try:
                 await self.flush()
@@ -188,7 +191,9 @@ class TaskRunner:
         await self.queue.dead_letter(self.worker_id, claim.claim_id, reason)
         if task_id is not None:  # whoever watches this id gets an answer, not silence
             try:
-                await self.store.transition(task_id, TaskState.FAILED, error=f"invalid payload: {reason}")
+                await self.store.transition(
+                    task_id, TaskState.FAILED, error=f"invalid payload: {reason}"
+                )
                 ws = obj.get("workspace_id") if isinstance(obj, dict) else None
                 await self.queue.transition(task_id, ws if isinstance(ws, str) else "-", TaskState.FAILED,
                                             fields={"error": f"invalid payload: {reason}"},
@@ -204,7 +209,9 @@ class TaskRunner:
         except NotFoundError:  # pushed by a producer that writes no durable row
             await self.store.create(spec, workspace_path=self.workspaces.root(spec.workspace_id))
         try:
-            record = await self.store.transition(spec.task_id, TaskState.RUNNING, worker_id=self.worker_id)
+            record = await self.store.transition(
+                spec.task_id, TaskState.RUNNING, worker_id=self.worker_id
+            )
         except InvalidTransitionError as exc:
             logger.info("not starting task: it is %s", exc.current,
                         extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
@@ -256,7 +263,9 @@ class TaskRunner:
                             steps.append({"step": i, "action": step.action, "result": res})
                             if "error" in res:
                                 failed_steps.append(i)
-                                await self.queue.emit(tid, "error", {"step": i, "error": res["error"]})
+                                await self.queue.emit(
+                                    tid, "error", {"step": i, "error": res["error"]}
+                                )
                                 if spec.stop_on_error:
                                     break
                     nursery.cancel_scope.cancel()
@@ -292,7 +301,9 @@ class TaskRunner:
             error = "cancelled on request"
         elif rt.scope.cancelled_caught:
             state = TaskState.TIMED_OUT
-            error = f"timed out after {elapsed_ms / 1000:.1f}s (timeout_seconds={spec.timeout_seconds})"
+            error = (
+                f"timed out after {elapsed_ms / 1000:.1f}s (timeout_seconds={spec.timeout_seconds})"
+            )
         elif error is not None or failed:
             state = TaskState.FAILED
             if error is None:
@@ -321,7 +332,9 @@ class TaskRunner:
             # stands; we only attach what the steps did.
             applied = False
             logger.info("task already %s; attaching the result only", exc.current, extra=log)
-            await retrying("attaching a result", lambda: self.store.attach_result(tid, result, elapsed_ms))
+            await retrying(
+                "attaching a result", lambda: self.store.attach_result(tid, result, elapsed_ms)
+            )
         except (NotFoundError, UnavailableError) as exc:
             logger.error("could not record the end of the task: %s", exc, extra=log)
             return
@@ -334,7 +347,9 @@ class TaskRunner:
                     tid, ws, state, fields={"completed_at": result["completed_at"], **({"error": error} if error else {})},
                     event=event, result=result, ack=(self.worker_id, claim.claim_id)))  # fmt: skip
             else:
-                await retrying("acknowledging a claim", lambda: self.queue.ack(self.worker_id, claim.claim_id))
+                await retrying(
+                    "acknowledging a claim", lambda: self.queue.ack(self.worker_id, claim.claim_id)
+                )
         except UnavailableError as exc:
             logger.error("Redis did not take the end of the task: %s", exc, extra=log)
         logger.info("task %s in %d ms", state.value if applied else "ended", elapsed_ms, extra=log)
@@ -344,7 +359,9 @@ class TaskRunner:
         spec = rt.spec
         log = {"task_id": spec.task_id, "workspace_id": spec.workspace_id}
         try:
-            await self.store.transition(spec.task_id, TaskState.QUEUED, expect_worker=self.worker_id)
+            await self.store.transition(
+                spec.task_id, TaskState.QUEUED, expect_worker=self.worker_id
+            )
         except InvalidTransitionError as exc:  # ended meanwhile (a cancel)
             logger.info("not re-queueing: task is %s", exc.current, extra=log)
             await self.queue.ack(self.worker_id, rt.claim.claim_id)

@@ -7,6 +7,7 @@ protocol's errors in one place.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import uuid
 from dataclasses import dataclass
@@ -65,8 +66,14 @@ class Service:
         """The durable record. Raises NotFoundError (also for a malformed id)."""
         return await self.store.get(_task_id(task_id))
 
-    async def list(self, *, workspace_id: str | None = None, status: str | None = None,
-                   limit: int = 50, before: tuple[datetime, str] | None = None) -> list[TaskRecord]:  # fmt: skip
+    async def list(
+        self,
+        *,
+        workspace_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        before: tuple[datetime, str] | None = None,
+    ) -> builtins.list[TaskRecord]:
         if workspace_id is not None:
             validate_workspace_id(workspace_id)
         state = None
@@ -75,11 +82,14 @@ class Service:
                 state = TaskState(status)
             except ValueError:
                 raise ValidationError(
-                    "status", f"expected one of {', '.join(s.value for s in TaskState)}, got {status!r}"
+                    "status",
+                    f"expected one of {', '.join(s.value for s in TaskState)}, got {status!r}",
                 ) from None
         if not 1 <= limit <= 500:
             raise ValidationError("limit", f"expected an integer from 1 to 500, got {limit}")
-        return await self.store.list(workspace_id=workspace_id, status=state, limit=limit, before=before)
+        return await self.store.list(
+            workspace_id=workspace_id, status=state, limit=limit, before=before
+        )
 
     async def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a queued or running task; it ends `cancelled` and a running command is killed.
@@ -99,7 +109,7 @@ class Service:
         return record
 
     async def events(self, task_id: str, after: str = "0-0", *,
-                     block_ms: int | None = None) -> list[Event]:  # fmt: skip
+                     block_ms: int | None = None) -> builtins.list[Event]:  # fmt: skip
         """Events after `after` (a stream id), oldest first; `block_ms` waits for new ones."""
         return await self.queue.read_events(_task_id(task_id), after, block_ms=block_ms)
 
@@ -129,6 +139,3 @@ def _task_id(task_id: str) -> str:
         return validate_task_id(task_id)
     except ValidationError:
         raise NotFoundError(f"no task with id {task_id!r}") from None
-
-
-

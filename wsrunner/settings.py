@@ -152,7 +152,7 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
 }
 
 #: YAML spelling of the quota in GB, as the environment variable has it.
-_YAML_ALIASES: Final = {"default_quota_gb": "default_quota_bytes"}
+_YAML_ALIASES: Final[dict[str, str]] = {"default_quota_gb": "default_quota_bytes"}
 
 
 def load_settings(
@@ -214,6 +214,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"{path}: unknown key {key!r}; expected one of {', '.join(sorted(known))}"
             )
-        name = _YAML_ALIASES.get(key, key)
+        name: str = _YAML_ALIASES.get(str(key), str(key))
         out[name] = _convert(name, raw, _SOURCES[name][1], f"{path}: key {key!r}")
     return out

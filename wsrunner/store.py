@@ -43,7 +43,7 @@ _MIGRATION_LOCK: Final = 0x77737275  # pg_advisory_xact_lock key: "wsru"
 def _load_queries() -> dict[str, LiteralString]:
     text = resources.files("wsrunner").joinpath("sql/queries.sql").read_text(encoding="utf-8")
     blocks = re.split(r"^-- name: (\w+)\s*$", text, flags=re.MULTILINE)
-    return {name: cast(LiteralString, body.strip()) for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}  # fmt: skip
+    return {name: cast("LiteralString", body.strip()) for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}  # fmt: skip
 
 
 Q: Final = _load_queries()
@@ -183,12 +183,16 @@ class PostgresStore:
                 return row, False
 
         row, created = await self._run(tx)
-        if not created and spec.idempotency_key is not None and row["request_hash"] != digest:
-            if row["idempotency_key"] == spec.idempotency_key:
-                raise IdempotencyConflictError(
-                    f"idempotency key {spec.idempotency_key!r} was already used in workspace "
-                    f"{spec.workspace_id} for task {row['id']} with a different request"
-                )
+        if (
+            not created
+            and spec.idempotency_key is not None
+            and row["request_hash"] != digest
+            and row["idempotency_key"] == spec.idempotency_key
+        ):
+            raise IdempotencyConflictError(
+                f"idempotency key {spec.idempotency_key!r} was already used in workspace "
+                f"{spec.workspace_id} for task {row['id']} with a different request"
+            )
         return _record(row), created
 
     async def transition(
@@ -316,7 +320,7 @@ def _migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
             ).fetchone()
             if done:
                 continue
-            conn.execute(cast(LiteralString, f.read_text(encoding="utf-8")))
+            conn.execute(f.read_text(encoding="utf-8"))  # our own migration file, not input
             conn.execute("INSERT INTO wsrunner_migrations (version) VALUES (%s)", (f.name,))
             applied.append(f.name)
     return applied

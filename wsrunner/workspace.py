@@ -33,7 +33,13 @@ META_FILE: Final = ".workspace_meta.json"
 LAYOUT: Final = ("repos", "artifacts", "tasks")
 USAGE_CACHE_S: Final = 5.0  # a burst of tasks in one workspace walks it once
 SAFE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_GIT_PROTOCOLS: Final = {"https": "https", "http": "http", "ssh": "ssh", "git": "git", "file": "file"}
+_GIT_PROTOCOLS: Final = {
+    "https": "https",
+    "http": "http",
+    "ssh": "ssh",
+    "git": "git",
+    "file": "file",
+}
 
 
 def _human(n: float) -> str:
@@ -88,7 +94,9 @@ class Workspaces:
         self.volume = volume
         self.default_quota = default_quota
         self.quotas = dict(quotas)
-        self._git_protocols = ":".join(_GIT_PROTOCOLS[s] for s in git_schemes if s in _GIT_PROTOCOLS)
+        self._git_protocols = ":".join(
+            _GIT_PROTOCOLS[s] for s in git_schemes if s in _GIT_PROTOCOLS
+        )
         self._limiter = trio.CapacityLimiter(4)
         self._usage: dict[str, tuple[float, int]] = {}
 
@@ -164,8 +172,16 @@ class Workspaces:
             if credentials is not None:
                 if credentials.git_name or credentials.git_email:
                     # Values were checked for control characters; quote for gitconfig syntax.
-                    name = (credentials.git_name or "wsrunner").replace("\\", "\\\\").replace('"', '\\"')
-                    email = (credentials.git_email or "wsrunner@localhost").replace("\\", "\\\\").replace('"', '\\"')
+                    name = (
+                        (credentials.git_name or "wsrunner")
+                        .replace("\\", "\\\\")
+                        .replace('"', '\\"')
+                    )
+                    email = (
+                        (credentials.git_email or "wsrunner@localhost")
+                        .replace("\\", "\\\\")
+                        .replace('"', '\\"')
+                    )
                     gitconfig += f'[user]\n\tname = "{name}"\n\temail = "{email}"\n'
                 if credentials.ssh_private_key:
                     key = os.path.join(task_dir, "ssh_key")
