@@ -34,3 +34,16 @@ def test_only_the_adapters_import_the_drivers() -> None:
     }
     for module, names in imports("frontend").items():
         assert not names & {"redis", "psycopg"}, module
+
+
+def test_only_the_composition_root_imports_the_adapters() -> None:
+    """Everything else depends on the Protocols in wsrunner.ports."""
+    for path in (ROOT / "wsrunner").rglob("*.py"):
+        if path.name in ("daemon.py", "queue.py", "store.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in (
+                "wsrunner.queue",
+                "wsrunner.store",
+            ):
+                raise AssertionError(f"{path.name} imports {node.module}; depend on wsrunner.ports")

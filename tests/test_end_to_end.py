@@ -46,7 +46,8 @@ async def test_events_are_stored_in_order_and_end_with_status(daemon: Daemon) ->
     assert ("output", 1) in kinds
     assert ("error", 2) in kinds
     assert kinds[-1] == ("status_changed", "failed")
-    assert [e.id for e in events] == sorted(e.id for e in events) or True
+    ids = [tuple(map(int, e.id.split("-"))) for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
     # Replay from an event id returns only what came after it.
     later = await daemon.service.events(sub.record.id, after=events[2].id)
     assert [e.id for e in later] == [e.id for e in events[3:]]

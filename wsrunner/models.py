@@ -217,3 +217,15 @@ class Event:
             "data": self.data,
             "timestamp": self.timestamp,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A payload taken from a queue and recorded against this daemon until acknowledged."""
+
+    claim_id: str  #: "<priority>:<n>", the field in the daemon's in-flight hash
+    payload: str  #: raw JSON, exactly as the producer pushed it
+
+    @property
+    def priority(self) -> str:
+        return self.claim_id.split(":", 1)[0]

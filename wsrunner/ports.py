@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import trio
 
-    from wsrunner.models import JSON, Event, TaskRecord, TaskSpec, TaskState
-    from wsrunner.queue import Claim
+    from wsrunner.models import JSON, Claim, Event, TaskRecord, TaskSpec, TaskState
 
 
 class Queue(Protocol):

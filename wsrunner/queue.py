@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -30,7 +29,7 @@ from trio_asyncio import aio_as_trio, trio_as_aio
 
 from wsrunner.errors import UnavailableError
 from wsrunner.keys import Keys
-from wsrunner.models import JSON, PRIORITY_ORDER, Event, TaskState, sources_of
+from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, sources_of
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ return 1
 # KEYS: status, events, result, active set, inflight
 # ARGV: target, allowed sources (JSON list), status ttl, fields (JSON object), event data JSON
 #       ('' for none), event envelope JSON, timestamp, result JSON ('' for none), result ttl,
-#       claim id ('' for none), terminal ('1'/'0'), task id
+#       claim id ('' for none), terminal ('1'/'0'), task id, stream maxlen
 # Returns {1, event id or ''} when applied, {0, current status} when refused.
 _TRANSITION: Final = """
 local current = redis.call('HGET', KEYS[1], 'status')
@@ -88,7 +87,7 @@ redis.call('HSET', KEYS[1], unpack(flat))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local id = ''
 if ARGV[5] ~= '' then
-  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*',
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[13], '*',
                   'type', 'status_changed', 'data', ARGV[5], 'ts', ARGV[7])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
   redis.call('PUBLISH', KEYS[2], ARGV[6])
@@ -98,18 +97,6 @@ if ARGV[10] ~= '' then redis.call('HDEL', KEYS[5], ARGV[10]) end
 if ARGV[11] == '1' then redis.call('SREM', KEYS[4], ARGV[12]) end
 return {1, id}
 """
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A payload taken from a queue and recorded against this daemon until acknowledged."""
-
-    claim_id: str  #: "<priority>:<n>", the field in the daemon's in-flight hash
-    payload: str  #: raw JSON, exactly as the producer pushed it
-
-    @property
-    def priority(self) -> str:
-        return self.claim_id.split(":", 1)[0]
 
 
 def now_iso() -> str:
@@ -290,6 +277,7 @@ class RedisQueue:
                 claim_id,
                 "1" if target.terminal else "0",
                 task_id,
+                STREAM_MAXLEN,
             ],
         )  # fmt: skip
         return bool(int(res[0])), str(res[1])
@@ -423,15 +411,6 @@ class RedisQueue:
             nursery.start_soon(self._call, loop)
             await ready.wait()
             task_status.started()
-
-    async def delete_prefix(self) -> int:
-        """Delete every key under this prefix (tests, and `wsrunner` maintenance)."""
-        n = 0
-        async for key in aio_as_trio(
-            self._r.scan_iter(match=f"{self.keys.prefix}:*", count=500), loop=self._loop
-        ):
-            n += await self._call(self._r.unlink, key)
-        return n
 
 
 @asynccontextmanager

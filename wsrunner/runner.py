@@ -27,10 +27,9 @@ from wsrunner.errors import (
     ValidationError,
 )
 from wsrunner.executor import Executor, StepContext
-from wsrunner.models import JSON, TaskSpec, TaskState
+from wsrunner.models import JSON, Claim, TaskSpec, TaskState
 from wsrunner.payload import parse_task, validate_task_id
 from wsrunner.ports import Queue, Store
-from wsrunner.queue import Claim
 from wsrunner.settings import Settings
 from wsrunner.workspace import Workspaces
 

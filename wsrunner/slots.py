@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from wsrunner.queue import Claim
+from wsrunner.models import Claim
 from wsrunner.runner import TaskRunner
 
 logger = logging.getLogger(__name__)
