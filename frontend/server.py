@@ -1,7 +1,16 @@
-"""Serve the frontend's apps with Hypercorn inside the daemon's nursery."""
+"""Serve the frontend's two apps with Hypercorn inside the daemon's nursery.
+
+    serve
+    ├── public API   (public_host:public_port)   REST + SSE, bearer tokens
+    └── internal API (health_host:health_port)   /health, files, exec, grep, git
+
+Both stop through one shutdown trigger; open SSE streams are ended first (the hub), so
+Hypercorn does not wait out its graceful timeout for them.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -11,8 +20,13 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from frontend.internal import create_internal_app
+from frontend.public import create_public_app
+from frontend.sse import Hub
+from wsrunner.errors import ConfigError
 from wsrunner.service import Service
 from wsrunner.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 def _config(host: str, port: int) -> Config:
@@ -32,15 +46,34 @@ async def serve(
     *,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the internal API until `shutdown_trigger` returns; reports the bound URLs."""
-    async with trio.open_nursery() as nursery:
-        internal = create_internal_app(service)
-        urls = await nursery.start(
-            partial(
-                hypercorn_serve,
-                internal,
-                _config(settings.health_host, settings.health_port),
-                shutdown_trigger=shutdown_trigger,
-            )
+    """Serve both APIs until `shutdown_trigger` returns; reports the bound URLs.
+
+    Raises:
+        ConfigError: the internal token is empty and running without one was not asked for.
+    """
+    if not settings.internal_token and not settings.internal_no_auth:
+        raise ConfigError(
+            "WORKER_INTERNAL_TOKEN is empty: the internal API would run commands for anyone who "
+            "reaches it. Set a token, or set WSRUNNER_INTERNAL_NO_AUTH=true to run without one"
         )
-        task_status.started(list(urls))
+    if not settings.internal_token:
+        logger.warning("the internal API runs WITHOUT authentication (internal_no_auth)")
+    stopped = trio.Event()
+    async with trio.open_nursery() as nursery:
+        hub = Hub(nursery, settings.sse_keepalive_s)
+
+        async def stop() -> None:
+            await shutdown_trigger()
+            hub.close()
+            stopped.set()
+
+        nursery.start_soon(stop)
+        urls: list[str] = []
+        for app, host, port in (
+            (create_public_app(service, hub), settings.public_host, settings.public_port),
+            (create_internal_app(service, hub), settings.health_host, settings.health_port),
+        ):
+            urls += await nursery.start(
+                partial(hypercorn_serve, app, _config(host, port), shutdown_trigger=stopped.wait)
+            )
+        task_status.started(urls)

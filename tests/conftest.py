@@ -8,10 +8,11 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -137,3 +138,36 @@ def raw_payload(**overrides: Any) -> str:
     }
     payload.update(overrides)
     return json.dumps(payload)
+
+
+INTERNAL_TOKEN = "internal-test-token-0123456789"
+
+
+@dataclass
+class Api:
+    """A daemon serving both HTTP APIs on free ports, with an all-workspaces bearer token."""
+
+    daemon: Daemon
+    public: str  #: base URL of the public API
+    internal: str  #: base URL of the internal API
+    token: str
+
+    def client(self, token: str | None = None, **kw: Any) -> httpx.AsyncClient:
+        """A client of the public API, authenticated with `token` (default: the test's own)."""
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        return httpx.AsyncClient(base_url=self.public, headers=headers, timeout=30, **kw)
+
+    def internal_client(self, **kw: Any) -> httpx.AsyncClient:
+        headers = {"X-Internal-Token": INTERNAL_TOKEN}
+        return httpx.AsyncClient(base_url=self.internal, headers=headers, timeout=60, **kw)
+
+
+@pytest.fixture(name="api")
+async def _api(start_daemon: Callable[..., Any]) -> Api:
+    daemon: Daemon = await start_daemon(
+        frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
+        internal_token=INTERNAL_TOKEN, sse_keepalive_s=0.5,
+    )  # fmt: skip
+    _, token = await daemon.service.create_token("tests", None)
+    public, internal = daemon.urls
+    return Api(daemon, public, internal, token)

@@ -47,12 +47,23 @@ def test_invalid_config_exits_2_naming_the_key() -> None:
                                   "WORKER_CONCURRENCY (concurrency): must be at least 1; got '-1'")  # fmt: skip
 
 
+def test_empty_internal_token_refuses_to_start(tmp_path, prefix, schema) -> None:
+    res = run_cli("serve", env={"REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
+                                "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
+                                "WORKSPACE_VOLUME_PATH": str(tmp_path), "WORKER_INTERNAL_TOKEN": "",
+                                "PUBLIC_API_PORT": "0", "WORKER_HEALTH_PORT": "0"})  # fmt: skip
+    assert res.returncode == 2
+    assert "WORKER_INTERNAL_TOKEN is empty" in res.stderr
+    assert "WSRUNNER_INTERNAL_NO_AUTH=true" in res.stderr
+
+
 async def test_serve_answers_health_and_stops_on_sigterm(tmp_path, prefix, schema) -> None:
     port = free_port()
     env = {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
            "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
            "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WORKER_HEALTH_PORT": str(port),
-           "WORKER_ID": "cli-test"}  # fmt: skip
+           "WORKER_ID": "cli-test", "WORKER_INTERNAL_TOKEN": "cli-token",
+           "PUBLIC_API_HOST": "127.0.0.1", "PUBLIC_API_PORT": str(free_port())}  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
-from tests.conftest import cmd, task_body, wait_terminal
+from tests.conftest import cmd, raw_payload, task_body, wait_terminal
 from wsrunner.daemon import Daemon
 from wsrunner.models import TaskState
 
@@ -88,16 +89,16 @@ async def test_quota_exceeded_fails_with_a_clear_message(start_daemon) -> None:
 
 
 async def test_credentials_are_for_the_task_only(daemon: Daemon, redis_client) -> None:
+    # Credentials come with a producer's queue payload (the reference system's way); the API
+    # refuses them (test_api_public).
     creds = {"env_vars": {"API_TOKEN": "tok-123"}, "git_name": "Ada", "git_email": "ada@example.org",
              "ssh_private_key": "-----BEGIN KEY-----\nabc\n-----END KEY-----"}  # fmt: skip
-    rec = await run(
-        daemon,
-        cmd(
-            'echo "$API_TOKEN"; git config --global user.name; '
-            'stat -c %a "$(dirname "$HOME")/ssh_key"'
-        ),
-        credentials=creds,
-    )
+    step = cmd('echo "$API_TOKEN"; git config --global user.name; '
+               'stat -c %a "$(dirname "$HOME")/ssh_key"')  # fmt: skip
+    payload = raw_payload(workspace_id="ws-1", steps=[step], credentials=creds)
+    keys = daemon.service.queue.keys  # type: ignore[attr-defined]
+    redis_client.lpush(keys.queue("normal"), payload)
+    rec = await wait_terminal(daemon, json.loads(payload)["task_id"])
     out = results(rec)[0]["stdout"].split()
     assert out == ["tok-123", "Ada", "600"]
     root = daemon.settings.volume_path / "ws-1"

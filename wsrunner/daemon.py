@@ -21,9 +21,11 @@ from typing import Any
 import trio
 import trio_asyncio
 
+from wsrunner.credentials import credential_provider
 from wsrunner.errors import ConfigError, UnavailableError
 from wsrunner.executor import Executor
 from wsrunner.lease import Reaper, serve_cancel_watch, serve_heartbeat
+from wsrunner.operations import WorkspaceOps
 from wsrunner.poller import serve_poller
 from wsrunner.queue import open_redis_queue
 from wsrunner.runner import StopReason, TaskRunner
@@ -92,9 +94,13 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
             raise ConfigError(
                 f"WORKSPACE_VOLUME_PATH {settings.volume_path}: {exc.strerror}"
             ) from None
-        runner = TaskRunner(settings, queue, store, workspaces, Executor(settings, workspaces))
+        executor = Executor(
+            settings, workspaces, credential_provider(settings.git_credentials_file)
+        )
+        runner = TaskRunner(settings, queue, store, workspaces, executor)
         slots = Slots(settings.concurrency, runner)
-        service = Service(settings, queue, store, stats=slots.statistics)
+        ops = WorkspaceOps(settings, workspaces, executor)
+        service = Service(settings, queue, store, ops=ops, stats=slots.statistics)
         daemon = Daemon(settings, service, runner, slots)
         reaper = Reaper(settings, queue, store)
         await reaper.reconcile()  # PostgreSQL is the source of truth: repair Redis first

@@ -3,12 +3,15 @@
     WsrunnerError                   root: anything wsrunner raises deliberately
     ├── ConfigError                 a setting is missing, unknown or of the wrong type
     ├── ValidationError             input (a payload, a request body) does not have the expected shape
+    ├── AuthenticationError         a missing, malformed, unknown or revoked API token
     ├── NotFoundError               a task or workspace that does not exist (or is not visible)
     ├── ConflictError               the request contradicts the current state
     │   ├── InvalidTransitionError  a lifecycle move the transition table does not allow
     │   └── IdempotencyConflictError  an idempotency key reused with a different body
     ├── WorkspaceError              a workspace operation was refused
     │   ├── PathEscapeError         a path would leave the workspace
+    │   ├── PathNotFoundError       no such file or directory in the workspace
+    │   ├── TooLargeError           a file or output is bigger than the cap allows
     │   └── QuotaExceededError      the workspace is over its storage quota
     └── UnavailableError            Redis or PostgreSQL could not be reached
 
@@ -34,6 +37,10 @@ class ValidationError(WsrunnerError):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
+
+
+class AuthenticationError(WsrunnerError):
+    """The request carries no valid API token (missing, malformed, unknown or revoked)."""
 
 
 class NotFoundError(WsrunnerError):
@@ -64,6 +71,14 @@ class WorkspaceError(WsrunnerError):
 
 class PathEscapeError(WorkspaceError):
     """A path would resolve outside its workspace (`..`, absolute, or through a symlink)."""
+
+
+class PathNotFoundError(WorkspaceError):
+    """No such file or directory in the workspace (or a component of the path is not a directory)."""
+
+
+class TooLargeError(WorkspaceError):
+    """A file is bigger than the cap of the operation that was asked for."""
 
 
 class QuotaExceededError(WorkspaceError):

@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 import trio
 
 from wsrunner import paths
-from wsrunner.errors import WorkspaceError
+from wsrunner.credentials import GitCredentialProvider, NoCredentials
+from wsrunner.errors import ConfigError, WorkspaceError
 from wsrunner.models import (
     JSON,
     CreateDirectory,
@@ -65,9 +66,11 @@ def _ms(start: float) -> int:
 class Executor:
     """Runs steps; stateless between steps apart from the settings it was built with."""
 
-    def __init__(self, settings: Settings, workspaces: Workspaces) -> None:
+    def __init__(self, settings: Settings, workspaces: Workspaces,
+                 credentials: GitCredentialProvider | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.workspaces = workspaces
+        self.credentials = credentials or NoCredentials()
         self._fs = trio.CapacityLimiter(8)
 
     async def run_step(self, step: Step, ctx: StepContext, *, budget_s: float) -> JSON:
@@ -104,7 +107,7 @@ class Executor:
 
     # --- processes ----------------------------------------------------------------------------
 
-    async def _spawn(self, argv: list[str], ctx: StepContext, *, cwd: str, timeout: float,
+    async def spawn(self, argv: list[str], ctx: StepContext, *, cwd: str, timeout: float,
                      extra_env: dict[str, str] | None = None) -> JSON:  # fmt: skip
         s = self.settings
         ctx.capture = capture = Capture.capped(
@@ -149,7 +152,7 @@ class Executor:
 
     async def _command(self, step: ExecuteCommand, ctx: StepContext, timeout: float) -> JSON:
         cwd = await self._fs_call(paths.real_dir, ctx.env.root, step.cwd)
-        return await self._spawn(["/bin/sh", "-c", step.command], ctx, cwd=cwd, timeout=timeout)
+        return await self.spawn(["/bin/sh", "-c", step.command], ctx, cwd=cwd, timeout=timeout)
 
     # --- git ----------------------------------------------------------------------------------
 
@@ -184,21 +187,9 @@ class Executor:
         self._check_repo_url(step.repo)
         name = self.repo_name(step.repo)
         dest = os.path.join(ctx.env.root, "repos", name)
-        clean_url, extra_env = step.repo, {}
-        parts = urlsplit(step.repo)
-        if parts.scheme in ("http", "https") and (parts.username or parts.password):
-            # Keep the token off the command line (ps), out of .git/config and of any output:
-            # git asks our askpass helper, which reads it from this process's environment.
-            clean_url = redact_url(step.repo)
-            askpass = os.path.join(ctx.env.task_dir, "askpass")
-            await self._fs_call(_write_executable, askpass, _ASKPASS)
-            user = parts.username or "x-access-token"
-            extra_env = {"GIT_ASKPASS": askpass, "WSRUNNER_GIT_USERNAME": user,
-                         "WSRUNNER_GIT_PASSWORD": parts.password or ""}  # fmt: skip
-            if parts.password is None:  # https://TOKEN@host: the token is the user part
-                extra_env.update(WSRUNNER_GIT_USERNAME="x-access-token", WSRUNNER_GIT_PASSWORD=user)
+        clean_url, extra_env = await self._clone_auth(step.repo, ctx)
         if await self._fs_call(os.path.isdir, dest):
-            origin = await self._spawn(["git", "-C", dest, "remote", "get-url", "origin"], ctx,
+            origin = await self.spawn(["git", "-C", dest, "remote", "get-url", "origin"], ctx,
                                        cwd=ctx.env.root, timeout=30)  # fmt: skip
             if origin["stdout"].strip() != clean_url:
                 return {"error": f"repos/{name} already holds another repository "
@@ -213,24 +204,50 @@ class Executor:
         if step.branch:
             argv += ["--branch", step.branch]
         argv += ["--", clean_url, dest]
-        result = await self._spawn(
-            argv, ctx, cwd=ctx.env.root, timeout=timeout, extra_env=extra_env
-        )
+        result = await self.spawn(argv, ctx, cwd=ctx.env.root, timeout=timeout, extra_env=extra_env)
         result.update(repo_path=f"repos/{name}", cached=False)
         if "error" not in result:
             ctx.repos_touched.append(name)
         return result
 
+    async def _clone_auth(self, url: str, ctx: StepContext) -> tuple[str, dict[str, str]]:
+        """The URL to give git and the environment that answers its password prompt.
+
+        Keeps a token off the command line (ps), out of .git/config and of any output: git
+        asks our askpass helper, which reads it from the child's environment. The token is
+        the URL's own (a producer of the reference system) or the workspace's credential.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            return url, {}
+        if parts.username or parts.password:
+            user, password = parts.username or "x-access-token", parts.password or ""
+            if parts.password is None:  # https://TOKEN@host: the token is the user part
+                user, password = "x-access-token", parts.username or ""
+            url = redact_url(url)
+        else:
+            try:
+                token = await self.credentials.token_for(ctx.workspace_id, parts.hostname or "")
+            except ConfigError as exc:
+                raise WorkspaceError(f"cannot read git credentials: {exc}") from None
+            if token is None:
+                return url, {}
+            user, password = "x-access-token", token
+        askpass = os.path.join(ctx.env.task_dir, "askpass")
+        await self._fs_call(_write_executable, askpass, _ASKPASS)
+        return url, {"GIT_ASKPASS": askpass, "WSRUNNER_GIT_USERNAME": user,
+                     "WSRUNNER_GIT_PASSWORD": password}  # fmt: skip
+
     async def _git_pull(self, repo: str, branch: str | None, ctx: StepContext, timeout: float,
                         extra_env: dict[str, str] | None = None) -> JSON:  # fmt: skip
         deadline = trio.current_time() + timeout
         if branch:
-            checkout = await self._spawn(["git", "-C", repo, "checkout", branch, "--"], ctx,
+            checkout = await self.spawn(["git", "-C", repo, "checkout", branch, "--"], ctx,
                                          cwd=ctx.env.root, timeout=timeout)  # fmt: skip
             if "error" in checkout:
                 return checkout
         left = max(1.0, deadline - trio.current_time())
-        return await self._spawn(["git", "-C", repo, "pull", "--no-rebase"], ctx,
+        return await self.spawn(["git", "-C", repo, "pull", "--no-rebase"], ctx,
                                  cwd=ctx.env.root, timeout=left, extra_env=extra_env)  # fmt: skip
 
     async def _pull(self, step: GitPull, ctx: StepContext, timeout: float) -> JSON:

@@ -229,3 +229,18 @@ class Claim:
     @property
     def priority(self) -> str:
         return self.claim_id.split(":", 1)[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiToken:
+    """A bearer token of the public API, as stored (the secret itself is never kept)."""
+
+    id: str
+    name: str
+    workspaces: tuple[str, ...] | None  #: None: every workspace
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def allows(self, workspace_id: str) -> bool:
+        return self.workspaces is None or workspace_id in self.workspaces

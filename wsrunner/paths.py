@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
-from wsrunner.errors import PathEscapeError, WorkspaceError
+from wsrunner.errors import PathEscapeError, PathNotFoundError, WorkspaceError
 
 _SYS_OPENAT2: Final = 437  # x86_64 and aarch64 share the number
 _RESOLVE_NO_MAGICLINKS: Final = 0x02
@@ -119,11 +119,11 @@ def open_root(root: str) -> Iterator[int]:
         yield fd
 
 
-def _not_found(path: str, exc: OSError) -> WorkspaceError:
+def not_found(path: str, exc: OSError) -> WorkspaceError:
     if exc.errno == errno.ENOENT:
-        return WorkspaceError(f"{path}: no such file or directory")
+        return PathNotFoundError(f"{path}: no such file or directory")
     if exc.errno == errno.ENOTDIR:
-        return WorkspaceError(f"{path}: a component of the path is not a directory")
+        return PathNotFoundError(f"{path}: a component of the path is not a directory")
     if exc.errno == errno.EISDIR:
         return WorkspaceError(f"{path}: is a directory, expected a file")
     return WorkspaceError(f"{path}: {exc.strerror}")
@@ -143,7 +143,7 @@ def read_text(root: str, path: str, cap: int) -> FileContent:
         try:
             fd = open_beneath(rfd, path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
-            raise _not_found(path, exc) from None
+            raise not_found(path, exc) from None
         with _fd(fd):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -178,11 +178,11 @@ def make_dirs(root: str, path: str) -> None:
             except FileExistsError:
                 pass
             except OSError as exc:
-                raise _not_found(done, exc) from None
+                raise not_found(done, exc) from None
             try:  # exists: it must be a directory beneath the root, not a symlink out of it
                 os.close(open_beneath(rfd, done, os.O_RDONLY | os.O_DIRECTORY))
             except OSError as exc:
-                raise _not_found(done, exc) from None
+                raise not_found(done, exc) from None
 
 
 def write_text(root: str, path: str, content: str) -> int:
@@ -197,7 +197,7 @@ def write_text(root: str, path: str, content: str) -> int:
         try:
             dfd = open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
-            raise _not_found(parent, exc) from None
+            raise not_found(parent, exc) from None
         with _fd(dfd):
             try:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -237,7 +237,7 @@ def list_dir(root: str, path: str, cap: int) -> tuple[list[Entry], bool]:
         try:
             dfd = open_beneath(rfd, path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
-            raise _not_found(path, exc) from None
+            raise not_found(path, exc) from None
         with _fd(dfd):
             names: list[str] = []
             truncated = False
@@ -268,5 +268,5 @@ def real_dir(root: str, path: str) -> str:
         try:
             os.close(open_beneath(rfd, path, os.O_RDONLY | os.O_DIRECTORY))
         except OSError as exc:
-            raise _not_found(path, exc) from None
+            raise not_found(path, exc) from None
     return os.path.join(root, clean_relative(path))

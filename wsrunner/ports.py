@@ -6,6 +6,7 @@ embedded backend can implement them without touching the core.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import trio
 
-    from wsrunner.models import JSON, Claim, Event, TaskRecord, TaskSpec, TaskState
+    from wsrunner.models import JSON, ApiToken, Claim, Event, TaskRecord, TaskSpec, TaskState
 
 
 class Queue(Protocol):
@@ -84,7 +85,14 @@ class Store(Protocol):
         self,
         *,
         workspace_id: str | None = None,
+        workspaces: Sequence[str] | None = None,
         status: TaskState | None = None,
         limit: int = 50,
         before: tuple[datetime, str] | None = None,
     ) -> list[TaskRecord]: ...
+    async def create_token(
+        self, token_id: str, name: str, secret_sha256: str, workspaces: Sequence[str] | None
+    ) -> ApiToken: ...
+    async def token_digest(self, token_id: str) -> tuple[ApiToken, str] | None: ...
+    async def list_tokens(self) -> builtins.list[ApiToken]: ...
+    async def revoke_token(self, token_id: str) -> ApiToken: ...

@@ -1,26 +1,45 @@
-"""The HTTP-agnostic facade of the core: submit, get, list, cancel, events, health.
+"""The HTTP-agnostic facade of the core: tasks, API tokens, and workspace operations.
 
 Frontends (and the CLI) call only this. It validates input, talks to the store and the queue
 through their Protocols, and raises `wsrunner.errors` exceptions that a frontend maps to its
 protocol's errors in one place.
+
+Task methods take the caller's `scope`: the API token it authenticated with, or None for a
+trusted caller (the internal API, the CLI). A task outside the scope does not exist for the
+caller: NotFoundError, never a "forbidden" that would confirm the id.
 """
 
 from __future__ import annotations
 
 import builtins
 import logging
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
-from wsrunner.errors import NotFoundError, UnavailableError, ValidationError
-from wsrunner.models import JSON, Event, TaskRecord, TaskState
-from wsrunner.payload import parse_task, to_payload, validate_task_id, validate_workspace_id
+from wsrunner import tokens
+from wsrunner.errors import AuthenticationError, NotFoundError, UnavailableError, ValidationError
+from wsrunner.models import JSON, ApiToken, Event, TaskRecord, TaskState
+from wsrunner.operations import WorkspaceOps
+from wsrunner.payload import (
+    BRANCH_RE,
+    parse_task,
+    to_payload,
+    validate_task_id,
+    validate_workspace_id,
+)
 from wsrunner.ports import Queue, Store
 from wsrunner.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+TOKEN_CACHE_S: Final = 5.0  #: a revoked token stops working within this time on every daemon
+_CLONE_KEYS: Final = frozenset({"repo_url", "branch", "shallow", "priority", "timeout_seconds",
+                                "idempotency_key", "description"})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,25 +52,83 @@ class Service:
     """What a client of wsrunner can ask of it."""
 
     def __init__(self, settings: Settings, queue: Queue, store: Store,
-                 stats: Any = None) -> None:  # fmt: skip
+                 ops: WorkspaceOps | None = None, stats: Any = None) -> None:  # fmt: skip
         self.settings = settings
         self.queue = queue
         self.store = store
+        self.ops = ops  #: the workspace operations, when this process runs tasks
         self._stats = stats  # callable returning the slot statistics, when a daemon runs
+        self._tokens: dict[str, tuple[float, ApiToken]] = {}
 
-    async def submit(self, body: object) -> Submitted:
+    # --- API tokens ---------------------------------------------------------------------------
+
+    async def authenticate(self, token: str) -> ApiToken:
+        """The token's record if it is valid. Raises AuthenticationError, saying why not."""
+        token_id = tokens.token_id_of(token)
+        key = tokens.digest(token)
+        hit = self._tokens.get(key)
+        if hit is not None and time.monotonic() - hit[0] < TOKEN_CACHE_S:
+            return hit[1]
+        found = await self.store.token_digest(token_id)
+        if found is None or not tokens.matches(token, found[1]):
+            raise AuthenticationError("the bearer token is not known")
+        record = found[0]
+        if record.revoked_at is not None:
+            raise AuthenticationError(f"the bearer token {token_id} was revoked")
+        if len(self._tokens) > 10_000:
+            self._tokens.clear()
+        self._tokens[key] = (time.monotonic(), record)
+        return record
+
+    async def create_token(
+        self, name: str, workspaces: Sequence[str] | None
+    ) -> tuple[ApiToken, str]:
+        """A new token scoped to `workspaces` (None: all); returns (record, the token itself)."""
+        if not name or len(name) > 200 or not name.isprintable():
+            raise ValidationError("name", "expected 1-200 printable characters")
+        if workspaces is not None:
+            if not workspaces:
+                raise ValidationError("workspaces", "expected at least one workspace id")
+            for i, ws in enumerate(workspaces):
+                validate_workspace_id(ws, f"workspaces[{i}]")
+        token_id, token = tokens.new_token()
+        record = await self.store.create_token(token_id, name, tokens.digest(token),
+                                               None if workspaces is None else sorted(set(workspaces)))  # fmt: skip
+        return record, token
+
+    async def list_tokens(self) -> builtins.list[ApiToken]:
+        return await self.store.list_tokens()
+
+    async def revoke_token(self, token_id: str) -> ApiToken:
+        return await self.store.revoke_token(token_id)
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    async def submit(self, body: object, *, scope: ApiToken | None = None) -> Submitted:
         """Validate `body`, record the task durably, then queue it.
 
         The durable row is written first. If Redis fails after that, the task is still accepted:
-        the reconciler pushes queued rows that Redis does not know.
+        the reconciler pushes queued rows that Redis does not know. Secrets are refused: git
+        tokens come from the credential provider when the clone runs, never with the request.
 
         Raises:
             ValidationError: naming the offending field.
+            NotFoundError: the workspace is outside the caller's scope.
             IdempotencyConflictError: the key was used with a different body.
         """
-        if isinstance(body, dict) and "task_id" in body:
-            raise ValidationError("task_id", "is assigned by wsrunner; remove it from the request")
+        if isinstance(body, dict):
+            for key, why in (("task_id", "is assigned by wsrunner; remove it from the request"),
+                             ("credentials", "are not accepted over the API; git tokens come "
+                                             "from the daemon's git_credentials_file")):  # fmt: skip
+                if key in body:
+                    raise ValidationError(key, why)
         spec = parse_task(body, task_id=str(uuid.uuid4()))
+        for i, step in enumerate(spec.steps):
+            repo = getattr(step, "repo", None)
+            if repo is not None and "@" in urlsplit(repo).netloc:
+                raise ValidationError(f"steps[{i}].repo", "expected a URL without credentials; "
+                                      "git tokens come from the daemon's git_credentials_file")  # fmt: skip
+        _check_scope(scope, spec.workspace_id)
         record, created = await self.store.create(spec, workspace_path=str(
             self.settings.volume_path / spec.workspace_id))  # fmt: skip
         if created:
@@ -62,9 +139,64 @@ class Service:
                              extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
         return Submitted(record, created)
 
-    async def get(self, task_id: str) -> TaskRecord:
-        """The durable record. Raises NotFoundError (also for a malformed id)."""
-        return await self.store.get(_task_id(task_id))
+    async def submit_clone(self, workspace_id: str, body: object, *,
+                           scope: ApiToken | None = None) -> Submitted:  # fmt: skip
+        """Queue a clone of `repo_url` into the workspace (the reference's GitHub clone flow).
+
+        The URL must use an allowed scheme (https) and host, and carry no credentials: the
+        workspace's token, if any, is looked up when the clone runs.
+        """
+        validate_workspace_id(workspace_id)
+        _check_scope(scope, workspace_id)
+        if not isinstance(body, dict):
+            raise ValidationError("", f"expected a JSON object, got {type(body).__name__}")
+        unknown = sorted(set(body) - _CLONE_KEYS)
+        if unknown:
+            raise ValidationError(
+                unknown[0], f"unknown field; expected one of {', '.join(sorted(_CLONE_KEYS))}"
+            )
+        url = body.get("repo_url")
+        if not isinstance(url, str) or not url or len(url) > 2048:
+            raise ValidationError(
+                "repo_url", "expected a repository URL such as https://github.com/owner/name.git"
+            )
+        parts = urlsplit(url)
+        s = self.settings
+        if parts.scheme not in s.clone_schemes:
+            raise ValidationError("repo_url", f"expected a URL with scheme {' or '.join(s.clone_schemes)}, "
+                                              f"got {parts.scheme or 'none'!r}")  # fmt: skip
+        if "@" in parts.netloc:
+            raise ValidationError("repo_url", "expected a URL without credentials; the "
+                                              "workspace's git token is added by wsrunner")  # fmt: skip
+        host = (parts.netloc or "").lower()
+        if host not in s.clone_hosts and (parts.hostname or "") not in s.clone_hosts:
+            raise ValidationError("repo_url", f"host {host!r} is not allowed; expected one of "
+                                              f"{', '.join(s.clone_hosts)}")  # fmt: skip
+        if parts.query or parts.fragment or not parts.path.strip("/"):
+            raise ValidationError("repo_url", "expected a repository path and no query or fragment")
+        branch = body.get("branch")
+        if branch is not None and (not isinstance(branch, str) or not BRANCH_RE.fullmatch(branch)
+                                   or ".." in branch):  # fmt: skip
+            raise ValidationError("branch", "expected a branch name matching ^[A-Za-z0-9._/-]+$, "
+                                            "not starting with '-'")  # fmt: skip
+        step: JSON = {"action": "git_clone", "repo": url,
+                      "description": body.get("description") or f"Clone {url}"}  # fmt: skip
+        if branch is not None:
+            step["branch"] = branch
+        if "shallow" in body:
+            step["shallow"] = body["shallow"]
+        task = {"workspace_id": workspace_id, "steps": [step], "task_type": "background_job"}
+        task.update(
+            {k: body[k] for k in ("priority", "timeout_seconds", "idempotency_key") if k in body}
+        )
+        return await self.submit(task, scope=scope)
+
+    async def get(self, task_id: str, *, scope: ApiToken | None = None) -> TaskRecord:
+        """The durable record. Raises NotFoundError (also for a malformed id or another scope)."""
+        record = await self.store.get(_task_id(task_id))
+        if scope is not None and not scope.allows(record.workspace_id):
+            raise NotFoundError(f"no task with id {task_id!r}")
+        return record
 
     async def list(
         self,
@@ -73,9 +205,11 @@ class Service:
         status: str | None = None,
         limit: int = 50,
         before: tuple[datetime, str] | None = None,
+        scope: ApiToken | None = None,
     ) -> builtins.list[TaskRecord]:
         if workspace_id is not None:
             validate_workspace_id(workspace_id)
+            _check_scope(scope, workspace_id)
         state = None
         if status is not None:
             try:
@@ -88,17 +222,21 @@ class Service:
         if not 1 <= limit <= 500:
             raise ValidationError("limit", f"expected an integer from 1 to 500, got {limit}")
         return await self.store.list(
-            workspace_id=workspace_id, status=state, limit=limit, before=before
+            workspace_id=workspace_id,
+            workspaces=None if scope is None else scope.workspaces,
+            status=state,
+            limit=limit,
+            before=before,
         )
 
-    async def cancel(self, task_id: str) -> TaskRecord:
+    async def cancel(self, task_id: str, *, scope: ApiToken | None = None) -> TaskRecord:
         """Cancel a queued or running task; it ends `cancelled` and a running command is killed.
 
         Raises:
-            NotFoundError: no such task.
+            NotFoundError: no such task (in the caller's scope).
             InvalidTransitionError: it already ended (the message names its state).
         """
-        tid = _task_id(task_id)
+        tid = (await self.get(task_id, scope=scope)).id
         record = await self.store.transition(tid, TaskState.CANCELLED, error="cancelled on request")
         await self.queue.transition(tid, record.workspace_id, TaskState.CANCELLED,
                                     fields={"error": "cancelled on request"},
@@ -131,6 +269,20 @@ class Service:
             "volume_path": str(self.settings.volume_path),
             "checks": checks,
         }
+
+    # --- workspace operations (the internal API) ---------------------------------------------
+
+    @property
+    def workspace(self) -> WorkspaceOps:
+        """list_files, read_file, write_file, exec, grep and git on a workspace."""
+        if self.ops is None:
+            raise UnavailableError("this process does not run workspace operations")
+        return self.ops
+
+
+def _check_scope(scope: ApiToken | None, workspace_id: str) -> None:
+    if scope is not None and not scope.allows(workspace_id):
+        raise NotFoundError(f"no workspace {workspace_id!r}")
 
 
 def _task_id(task_id: str) -> str:

@@ -37,9 +37,19 @@ class Settings:
     volume_path: Path = Path("/workspaces")  #: WORKSPACE_VOLUME_PATH
     default_quota_bytes: int = 5 * GIB  #: WORKSPACE_DEFAULT_QUOTA_GB, in bytes
     workspace_quotas: Mapping[str, int] = field(default_factory=dict)  #: per-workspace bytes
+    public_host: str = "0.0.0.0"  #: bind address of the public REST/SSE API (PUBLIC_API_HOST)
+    public_port: int = 8080  #: PUBLIC_API_PORT
     health_host: str = "127.0.0.1"  #: bind address of the internal API (WORKER_BIND_HOST)
     health_port: int = 8081  #: WORKER_HEALTH_PORT
     internal_token: str = field(default="", repr=False)  #: WORKER_INTERNAL_TOKEN
+    internal_no_auth: bool = False  #: serve the internal API without a token (explicit opt-out)
+    max_request_bytes: int = 10 * 1024 * 1024  #: largest HTTP request body accepted
+    file_read_cap_bytes: int = 2 * 1024 * 1024  #: largest file the internal API returns
+    exec_timeout_max_s: int = 600  #: longest `timeout` an internal /exec may ask for
+    sse_keepalive_s: float = 15.0  #: a comment line on idle event streams this often
+    clone_hosts: tuple[str, ...] = ("github.com", "gitlab.com", "bitbucket.org")
+    clone_schemes: tuple[str, ...] = ("https",)  #: of the clone endpoint; https in production
+    git_credentials_file: Path | None = None  #: per-workspace git tokens (credentials.py)
     frontend: str = "frontend"  #: module serving HTTP; "none" runs a worker-only daemon
     heartbeat_interval_s: float = 30.0  #: how often the heartbeat and leases are renewed
     lease_ttl_s: float = 60.0  #: a daemon silent this long is dead; its tasks are re-queued
@@ -101,11 +111,22 @@ def _quotas(v: Any) -> dict[str, int]:
     return out
 
 
-def _schemes(v: Any) -> tuple[str, ...]:
+def _names(v: Any) -> tuple[str, ...]:
     items = v.split(",") if isinstance(v, str) else v
     if not isinstance(items, list | tuple) or not all(isinstance(s, str) for s in items):
-        raise ValueError("must be a list of URL schemes")
-    return tuple(s.strip() for s in items if s.strip())
+        raise ValueError("must be a comma-separated list or a list of names")
+    return tuple(s.strip().lower() for s in items if s.strip())
+
+
+def _flag(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def _identifier(v: Any) -> str:
@@ -136,6 +157,16 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "health_host": ("WORKER_BIND_HOST", str),
     "health_port": ("WORKER_HEALTH_PORT", _port),
     "internal_token": ("WORKER_INTERNAL_TOKEN", str),
+    "internal_no_auth": ("WSRUNNER_INTERNAL_NO_AUTH", _flag),
+    "public_host": ("PUBLIC_API_HOST", str),
+    "public_port": ("PUBLIC_API_PORT", _port),
+    "max_request_bytes": ("WSRUNNER_MAX_REQUEST_BYTES", _positive_int),
+    "file_read_cap_bytes": ("WSRUNNER_FILE_READ_CAP", _positive_int),
+    "exec_timeout_max_s": ("WSRUNNER_EXEC_TIMEOUT_MAX", _positive_int),
+    "sse_keepalive_s": ("WSRUNNER_SSE_KEEPALIVE", _positive_float),
+    "clone_hosts": ("WSRUNNER_CLONE_HOSTS", _names),
+    "clone_schemes": ("WSRUNNER_CLONE_SCHEMES", _names),
+    "git_credentials_file": ("WSRUNNER_GIT_CREDENTIALS_FILE", Path),
     "frontend": ("WSRUNNER_FRONTEND", str),
     "heartbeat_interval_s": ("WSRUNNER_HEARTBEAT_INTERVAL", _positive_float),
     "lease_ttl_s": ("WSRUNNER_LEASE_TTL", _positive_float),
@@ -147,7 +178,7 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "stderr_cap_bytes": ("WSRUNNER_STDERR_CAP", _positive_int),
     "read_cap_bytes": ("WSRUNNER_READ_CAP", _positive_int),
     "list_cap_entries": ("WSRUNNER_LIST_CAP", _positive_int),
-    "git_schemes": ("WSRUNNER_GIT_SCHEMES", _schemes),
+    "git_schemes": ("WSRUNNER_GIT_SCHEMES", _names),
     "log_level": ("LOG_LEVEL", _level),
 }
 

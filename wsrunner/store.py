@@ -7,6 +7,7 @@ cancellation becomes a server-side cancel of the running statement; the transact
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from wsrunner.errors import (
     NotFoundError,
     UnavailableError,
 )
-from wsrunner.models import JSON, Priority, TaskRecord, TaskSpec, TaskState, sources_of
+from wsrunner.models import JSON, ApiToken, Priority, TaskRecord, TaskSpec, TaskState, sources_of
 from wsrunner.payload import to_configuration
 
 logger = logging.getLogger(__name__)
@@ -279,15 +280,20 @@ class PostgresStore:
         self,
         *,
         workspace_id: str | None = None,
+        workspaces: Sequence[str] | None = None,
         status: TaskState | None = None,
         limit: int = 50,
         before: tuple[datetime, str] | None = None,
     ) -> list[TaskRecord]:
-        """Newest first; `before` is the (submitted_at, id) of the last task of the previous page."""
+        """Newest first; `before` is the (submitted_at, id) of the last task of the previous page.
+
+        `workspaces`, when given, restricts the tasks to those workspaces (a token's scope).
+        """
         rows = await self._rows(
             "list_tasks",
             {
                 "workspace_id": workspace_id,
+                "workspaces": None if workspaces is None else list(workspaces),
                 "status": None if status is None else status.value,
                 "before_ts": None if before is None else before[0],
                 "before_id": None if before is None else before[1],
@@ -295,6 +301,40 @@ class PostgresStore:
             },
         )
         return [_record(r) for r in rows]
+
+    # --- API tokens ---------------------------------------------------------------------------
+
+    async def create_token(
+        self, token_id: str, name: str, secret_sha256: str, workspaces: Sequence[str] | None
+    ) -> ApiToken:
+        params = {"id": token_id, "name": name, "secret_sha256": secret_sha256,
+                  "workspaces": None if workspaces is None else list(workspaces)}  # fmt: skip
+        return _token((await self._rows("insert_token", params))[0])
+
+    async def token_digest(self, token_id: str) -> tuple[ApiToken, str] | None:
+        """The token and its stored digest, or None; marks it used (at most once a minute)."""
+        rows = await self._rows("get_token", {"id": token_id})
+        if not rows:
+            return None
+        if rows[0]["revoked_at"] is None:
+            await self._rows("touch_token", {"id": token_id})
+        return _token(rows[0]), rows[0]["secret_sha256"]
+
+    async def list_tokens(self) -> builtins.list[ApiToken]:
+        return [_token(r) for r in await self._rows("list_tokens", {})]
+
+    async def revoke_token(self, token_id: str) -> ApiToken:
+        rows = await self._rows("revoke_token", {"id": token_id})
+        if not rows:
+            raise NotFoundError(f"no API token with id {token_id!r}")
+        return _token(rows[0])
+
+
+def _token(row: dict[str, Any]) -> ApiToken:
+    ws = row["workspaces"]
+    return ApiToken(id=row["id"], name=row["name"], workspaces=None if ws is None else tuple(ws),
+                    created_at=row["created_at"], last_used_at=row["last_used_at"],
+                    revoked_at=row["revoked_at"])  # fmt: skip
 
 
 def _migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:

@@ -30,6 +30,10 @@ from wsrunner.models import Credentials
 from wsrunner.payload import validate_workspace_id
 
 META_FILE: Final = ".workspace_meta.json"
+META_LOCK: Final = ".wsrunner_meta.lock"
+KNOWN_HOSTS: Final = ".wsrunner_known_hosts"
+#: Top-level names the internal file API refuses: per-task credentials and wsrunner's own files.
+RESERVED: Final = frozenset({"tasks", META_FILE, META_LOCK, KNOWN_HOSTS})
 LAYOUT: Final = ("repos", "artifacts", "tasks")
 USAGE_CACHE_S: Final = 5.0  # a burst of tasks in one workspace walks it once
 SAFE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -166,6 +170,9 @@ class Workspaces:
                 "GIT_CONFIG_GLOBAL": os.path.join(task_dir, "gitconfig"),
                 "GIT_CONFIG_NOSYSTEM": "1",
                 "GIT_TERMINAL_PROMPT": "0",
+                "GIT_EDITOR": ":",  # nothing waits for an editor or a pager
+                "GIT_PAGER": "cat",
+                "PAGER": "cat",
                 "GIT_ALLOW_PROTOCOL": self._git_protocols,
             }
             gitconfig = "[safe]\n\tdirectory = *\n"
@@ -189,7 +196,7 @@ class Workspaces:
                     fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                     with os.fdopen(fd, "w") as f:
                         f.write(credentials.ssh_private_key.rstrip("\n") + "\n")
-                    known = os.path.join(root, ".wsrunner_known_hosts")
+                    known = os.path.join(root, KNOWN_HOSTS)
                     env["GIT_SSH_COMMAND"] = (
                         f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes "
                         f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known}"
@@ -202,13 +209,18 @@ class Workspaces:
         env = await self._thread(make)
         return TaskEnvironment(root=root, task_dir=task_dir, env=env)
 
-    async def close_task(self, workspace_id: str, task_id: str, *, repos: list[str]) -> None:
-        """Remove the task's directory (and its credentials); count the task in the metadata."""
+    async def close_task(self, workspace_id: str, task_id: str, *, repos: list[str] | None) -> None:
+        """Remove the task's directory (and its credentials); count the task in the metadata.
+
+        `repos` None: an ad-hoc session of the internal API, which is not counted.
+        """
         root = self.root(workspace_id)
         task_dir = os.path.join(root, "tasks", task_id)
 
         def close() -> None:
             shutil.rmtree(task_dir, ignore_errors=True)
+            if repos is None:
+                return
 
             def bump(meta: dict[str, Any]) -> dict[str, Any]:
                 meta["total_tasks_run"] = int(meta.get("total_tasks_run", 0)) + 1
@@ -221,6 +233,10 @@ class Workspaces:
         with trio.CancelScope(shield=True):
             await self._thread(close)
 
+    async def exists(self, workspace_id: str) -> bool:
+        root = self.root(workspace_id)
+        return bool(await self._thread(os.path.isdir, root))
+
     async def list_repos(self, workspace_id: str) -> list[str]:
         repos = os.path.join(self.root(workspace_id), "repos")
         names: list[str] = await self._thread(
@@ -232,7 +248,7 @@ class Workspaces:
     def _update_meta(self, root: str, change: Any) -> None:
         """Read-modify-write the metadata under an exclusive lock, replacing it atomically."""
         path = os.path.join(root, META_FILE)
-        lock_fd = os.open(os.path.join(root, ".wsrunner_meta.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        lock_fd = os.open(os.path.join(root, META_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:

@@ -64,8 +64,29 @@ SELECT * FROM task_executions
 -- name: list_tasks
 SELECT * FROM task_executions
  WHERE (%(workspace_id)s::text IS NULL OR workspace_id = %(workspace_id)s)
+   AND (%(workspaces)s::text[] IS NULL OR workspace_id = ANY(%(workspaces)s::text[]))
    AND (%(status)s::text IS NULL OR status = %(status)s)
    AND (%(before_ts)s::timestamptz IS NULL
         OR (submitted_at, id) < (%(before_ts)s::timestamptz, %(before_id)s::uuid))
  ORDER BY submitted_at DESC, id DESC
  LIMIT %(limit)s;
+
+-- name: insert_token
+INSERT INTO api_tokens (id, name, secret_sha256, workspaces)
+VALUES (%(id)s, %(name)s, %(secret_sha256)s, %(workspaces)s::text[])
+RETURNING *;
+
+-- name: get_token
+SELECT * FROM api_tokens WHERE id = %(id)s;
+
+-- name: list_tokens
+SELECT * FROM api_tokens ORDER BY created_at, id;
+
+-- name: revoke_token
+UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())
+ WHERE id = %(id)s
+RETURNING *;
+
+-- name: touch_token
+UPDATE api_tokens SET last_used_at = now()
+ WHERE id = %(id)s AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute');

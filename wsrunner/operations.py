@@ -1,0 +1,460 @@
+"""Direct workspace operations for orchestrators: list, read, write, grep, exec and git.
+
+The internal API calls these through the service facade. They share the task steps' guarantees:
+paths are opened beneath the workspace (`paths`), commands run in a fresh session directory with
+the clean task environment and are killed with their whole group on timeout, output is capped,
+and writes respect the storage quota. Commands take a slot of their own limiter, as large as the
+daemon's task concurrency, so a burst of calls cannot fork without bound.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import mimetypes
+import os
+import re
+import shlex
+import shutil
+import stat
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import trio
+
+from wsrunner import paths
+from wsrunner.errors import (
+    NotFoundError,
+    PathEscapeError,
+    QuotaExceededError,
+    TooLargeError,
+    UnavailableError,
+    ValidationError,
+)
+from wsrunner.executor import Executor, StepContext
+from wsrunner.models import JSON, GitClone
+from wsrunner.payload import BRANCH_RE, validate_workspace_id
+from wsrunner.process import CappedBuffer, Capture, run_process
+from wsrunner.settings import Settings
+from wsrunner.workspace import RESERVED, Workspaces
+
+GREP_TIMEOUT_S: Final = 30.0
+GREP_MAX_RESULTS: Final = 200
+GREP_SCAN_CAP: Final = 10_000  #: matches collected before sorting and cutting to max_results
+GREP_LINE_CAP: Final = 500  #: characters of a matching line returned
+GREP_FILE_CAP: Final = 10 * 1024 * 1024  #: larger files are not searched
+GIT_TIMEOUT_S: Final = 120.0
+CLONE_TIMEOUT_S: Final = 300.0
+SLOT_WAIT_S: Final = 10.0
+#: Operations of the internal git endpoint (the reference system's, plus reset).
+GIT_OPERATIONS: Final = frozenset({"status", "diff", "log", "add", "commit", "checkout", "branch",
+                                   "fetch", "pull", "push", "clone", "reset", "stash", "show",
+                                   "blame"})  # fmt: skip
+#: Options that run programs, read or write outside the repository, or rewrite config.
+_GIT_DENIED_LONG: Final = ("--config", "--config-env", "--upload-pack", "--receive-pack",
+                           "--exec", "--git-dir", "--work-tree", "--namespace", "--output",
+                           "--no-index", "--ext-diff", "--template", "--separate-git-dir",
+                           "--reference", "--open-files-in-pager", "--local", "--shared",
+                           "--ssh", "--super-prefix")  # fmt: skip
+_GIT_DENIED_SHORT: Final = ("-c", "-O")
+_GIT_DENIED_SHORT_REMOTE: Final = ("-u",)  #: --upload-pack for clone, fetch and pull
+#: Configuration that keeps a repository's own .git/config and hooks from running programs.
+_GIT_SAFE_CONFIG: Final = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
+                           "-c", "core.pager=cat", "-c", "diff.external=",
+                           "-c", "protocol.ext.allow=never")  # fmt: skip
+_LANGUAGES: Final = {".py": "python", ".js": "javascript", ".mjs": "javascript",
+                     ".ts": "typescript", ".tsx": "typescript", ".jsx": "javascript",
+                     ".json": "json", ".md": "markdown", ".yaml": "yaml", ".yml": "yaml",
+                     ".toml": "toml", ".sh": "shell", ".bash": "shell", ".rs": "rust",
+                     ".go": "go", ".java": "java", ".c": "c", ".h": "c", ".cpp": "cpp",
+                     ".hpp": "cpp", ".rb": "ruby", ".php": "php", ".html": "html",
+                     ".css": "css", ".sql": "sql", ".xml": "xml", ".env": "dotenv",
+                     ".txt": "plaintext"}  # fmt: skip
+
+
+def _check_path(path: object, field: str = "path") -> str:
+    """A workspace-relative path that does not name wsrunner's reserved top-level entries."""
+    if not isinstance(path, str):
+        raise ValidationError(field, f"expected a string, got {type(path).__name__}")
+    if len(path) > 4096:
+        raise ValidationError(field, "expected at most 4096 characters")
+    rel = paths.clean_relative(path)
+    if rel.split("/", 1)[0] in RESERVED:
+        raise PathEscapeError(f"path {path!r} is reserved for wsrunner's own files")
+    return rel
+
+
+class WorkspaceOps:
+    """The operations of the internal API, for one daemon."""
+
+    def __init__(self, settings: Settings, workspaces: Workspaces, executor: Executor) -> None:
+        self.settings = settings
+        self.workspaces = workspaces
+        self.executor = executor
+        self.rg = shutil.which("rg")  #: ripgrep, when installed; a Python search otherwise
+        self._commands = trio.CapacityLimiter(settings.concurrency)
+
+    async def _root(self, workspace_id: str, *, create: bool = False) -> str:
+        validate_workspace_id(workspace_id)
+        if create:
+            return await self.workspaces.prepare(workspace_id)
+        if not await self.workspaces.exists(workspace_id):
+            raise NotFoundError(f"workspace {workspace_id} does not exist")
+        return self.workspaces.root(workspace_id)
+
+    async def _fs(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    # --- files ----------------------------------------------------------------------------
+
+    async def list_files(self, workspace_id: str, path: str = ".") -> JSON:
+        rel = _check_path(path)
+        root = await self._root(workspace_id)
+        entries, truncated = await self._fs(
+            paths.list_dir, root, rel, self.settings.list_cap_entries
+        )
+        shown = [e for e in entries if not (rel == "." and e.name in RESERVED)]
+        return {
+            "path": rel,
+            "entries": [
+                {
+                    "name": e.name,
+                    "path": e.name if rel == "." else f"{rel}/{e.name}",
+                    "type": e.type,
+                    "size": e.size or 0,
+                    "modified_at": e.modified_at,
+                }
+                for e in shown
+            ],
+            "truncated": truncated,
+        }
+
+    async def read_file(self, workspace_id: str, path: str) -> JSON:
+        """The file's text (UTF-8), or base64 when it is binary; TooLargeError above the cap."""
+        rel = _check_path(path)
+        root = await self._root(workspace_id)
+        cap = self.settings.file_read_cap_bytes
+        data, size = await self._fs(_read_bytes, root, rel, cap)
+        binary = b"\x00" in data[:8192]
+        if not binary:
+            try:
+                text, encoding = data.decode("utf-8"), "utf-8"
+            except UnicodeDecodeError:
+                binary = True
+        if binary:
+            text, encoding = base64.b64encode(data).decode("ascii"), "base64"
+        ext = os.path.splitext(rel)[1].lower()
+        return {
+            "path": rel,
+            "name": os.path.basename(rel),
+            "content": text,
+            "encoding": encoding,
+            "binary": binary,
+            "size": size,
+            "language": _LANGUAGES.get(ext, "plaintext"),
+            "mime_type": mimetypes.guess_type(rel)[0]
+            or ("application/octet-stream" if binary else "text/plain"),
+        }
+
+    async def write_file(self, workspace_id: str, path: str, content: object) -> JSON:
+        rel = _check_path(path)
+        if rel == ".":
+            raise ValidationError("path", "expected a file name, got the workspace root")
+        if not isinstance(content, str):
+            raise ValidationError("content", f"expected a string, got {type(content).__name__}")
+        root = await self._root(workspace_id, create=True)
+        size = len(content.encode("utf-8"))
+        used = await self.workspaces.usage(workspace_id, fresh=True)
+        quota = self.workspaces.quota(workspace_id)
+        if used + size > quota:
+            raise QuotaExceededError(
+                f"writing {size} bytes would exceed the storage quota of workspace "
+                f"{workspace_id} ({used} of {quota} bytes used)"
+            )
+        written = await self._fs(paths.write_text, root, rel, content)
+        return {"written": True, "path": rel, "size_bytes": written}
+
+    # --- commands -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _session(self, workspace_id: str) -> AsyncIterator[StepContext]:
+        """A command slot and a throw-away HOME/TMPDIR, as a task step would have."""
+        await self._root(workspace_id, create=True)
+        await self.workspaces.check_quota(workspace_id)
+        with trio.move_on_after(SLOT_WAIT_S) as waited:
+            await self._commands.acquire()
+        if waited.cancelled_caught:
+            raise UnavailableError(
+                f"all {self._commands.total_tokens} command slots stayed busy for "
+                f"{SLOT_WAIT_S:g}s; retry later"
+            )
+        session = f"api-{uuid.uuid4().hex}"
+        try:
+            env = await self.workspaces.open_task(workspace_id, session, None)
+            try:
+                yield StepContext(env=env, workspace_id=workspace_id)
+            finally:
+                await self.workspaces.close_task(workspace_id, session, repos=None)
+        finally:
+            self._commands.release()
+
+    def _timeout(self, timeout: object, default: float) -> float:
+        if timeout is None:
+            return default
+        hi = self.settings.exec_timeout_max_s
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 1 <= timeout <= hi
+        ):
+            raise ValidationError("timeout", f"expected a number of seconds from 1 to {hi}, "
+                                             f"got {timeout!r}")  # fmt: skip
+        return float(timeout)
+
+    def check_exec(self, command: object, cwd: object, timeout: object) -> tuple[str, str, float]:
+        """Validate an exec request: (command, workspace-relative cwd, timeout in seconds)."""
+        if not isinstance(command, str) or not command.strip():
+            raise ValidationError("command", "expected a non-empty string")
+        if len(command) > 65536:
+            raise ValidationError("command", "expected at most 65536 characters")
+        rel = _check_path("." if cwd is None else cwd, "cwd")
+        return command, rel, self._timeout(timeout, 120.0)
+
+    async def exec(
+        self,
+        workspace_id: str,
+        command: object,
+        cwd: object = ".",
+        timeout: object = None,
+        *,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> JSON:
+        """Run `command` with `/bin/sh -c` in the workspace; `on_output` sees output live."""
+        text, rel, seconds = self.check_exec(command, cwd, timeout)
+        async with self._session(workspace_id) as ctx:
+            ctx.on_output = on_output
+            workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
+            result = await self.executor.spawn(
+                ["/bin/sh", "-c", text], ctx, cwd=workdir, timeout=seconds
+            )
+        result["cwd"] = rel
+        return result
+
+    async def git(self, workspace_id: str, operation: object, cwd: object = ".",
+                  args: object = None, branch: object = None) -> JSON:  # fmt: skip
+        """One git operation from a fixed set, with its arguments checked (see `git_argv`)."""
+        if not isinstance(operation, str) or operation not in GIT_OPERATIONS:
+            raise ValidationError("operation", f"expected one of {', '.join(sorted(GIT_OPERATIONS))}, "
+                                               f"got {operation!r}")  # fmt: skip
+        argv = git_arguments(operation, args)
+        rel = _check_path("." if cwd is None else cwd, "cwd")
+        async with self._session(workspace_id) as ctx:
+            if operation == "clone":
+                if len(argv) != 1 or argv[0].startswith("-"):
+                    raise ValidationError("args", "clone expects exactly one repository URL")
+                if branch is not None and (
+                    not isinstance(branch, str) or not BRANCH_RE.fullmatch(branch) or ".." in branch
+                ):
+                    raise ValidationError("branch", "expected a branch name of letters, digits "
+                                                    "and ._/-, not starting with '-'")  # fmt: skip
+                result = await self.executor.run_step(
+                    GitClone(repo=argv[0], branch=branch, shallow=True), ctx,
+                    budget_s=CLONE_TIMEOUT_S,
+                )  # fmt: skip
+            else:
+                workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
+                result = await self.executor.spawn(
+                    ["git", *_GIT_SAFE_CONFIG, operation, *argv], ctx,
+                    cwd=workdir, timeout=GIT_TIMEOUT_S,
+                )  # fmt: skip
+        result["operation"] = operation
+        return result
+
+    # --- search ---------------------------------------------------------------------------
+
+    async def grep(self, workspace_id: str, pattern: object, path: object = ".",
+                   include: object = None, max_results: object = 50) -> JSON:  # fmt: skip
+        """Regex search under `path`: matches sorted by file and line, at most `max_results`.
+
+        ripgrep runs when installed; otherwise a Python search with the same rules gives the
+        same results: no symlinks followed, `.git` and binary files skipped, files over 10 MiB
+        skipped, reserved entries excluded.
+        """
+        if not isinstance(pattern, str) or not pattern:
+            raise ValidationError("pattern", "expected a non-empty regular expression")
+        if len(pattern) > 1000:
+            raise ValidationError("pattern", "expected at most 1000 characters")
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise ValidationError("pattern", f"not a valid regular expression: {exc}") from None
+        if include is not None and (
+            not isinstance(include, str) or not include or len(include) > 200
+        ):
+            raise ValidationError("include", "expected a glob such as *.py")
+        if (
+            isinstance(max_results, bool)
+            or not isinstance(max_results, int)
+            or not 1 <= max_results <= GREP_MAX_RESULTS
+        ):
+            raise ValidationError("max_results", f"expected an integer from 1 to {GREP_MAX_RESULTS}, "
+                                                 f"got {max_results!r}")  # fmt: skip
+        rel = _check_path(path)
+        root = await self._root(workspace_id)
+        await self._fs(paths.real_dir, root, rel)  # contained, and a directory
+        if self.rg is not None:
+            found, complete = await self._rg(root, rel, pattern, include)
+        else:
+            with trio.move_on_after(GREP_TIMEOUT_S) as scope:
+                found = await self._fs(_py_grep, root, rel, regex, include)
+            complete = not scope.cancelled_caught
+            if not complete:
+                found = []
+        found = [m for m in found if m["file"].split("/", 1)[0] not in RESERVED]
+        found.sort(key=lambda m: (m["file"], m["line"]))
+        return {
+            "pattern": pattern,
+            "path": rel,
+            "matches": found[:max_results],
+            "total": len(found),
+            "truncated": len(found) > max_results or len(found) >= GREP_SCAN_CAP or not complete,
+            "engine": "ripgrep" if self.rg is not None else "python",
+        }
+
+    async def _rg(self, root: str, rel: str, pattern: str,
+                  include: str | None) -> tuple[list[JSON], bool]:  # fmt: skip
+        assert self.rg is not None
+        argv = [self.rg, "--json", "--no-config", "--hidden", "--no-ignore", "--no-follow",
+                "--glob", "!.git", "--max-filesize", str(GREP_FILE_CAP), "--max-count",
+                str(GREP_SCAN_CAP)]  # fmt: skip
+        if include is not None:
+            argv += ["--glob", include]
+        argv += ["--regexp", pattern, "--", rel]
+        capture = Capture(CappedBuffer(64 * 1024 * 1024), CappedBuffer(64 * 1024))
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+        async with self._slot():
+            with trio.move_on_after(GREP_TIMEOUT_S) as scope:
+                rc = await run_process(argv, cwd=root, env=env, capture=capture,
+                                       kill_grace=self.settings.kill_grace_s)  # fmt: skip
+        if not scope.cancelled_caught and rc == 2 and not capture.stdout.total:
+            message = capture.stderr.text().strip().splitlines()
+            raise ValidationError("pattern", message[-1] if message else "ripgrep failed")
+        found: list[JSON] = []
+        for line in capture.stdout.data.splitlines():
+            if len(found) >= GREP_SCAN_CAP:
+                break
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue  # the last line of a capped output
+            if item.get("type") != "match":
+                continue
+            data = item["data"]
+            if "text" not in data["path"] or "text" not in data["lines"]:
+                continue  # a path or line that is not UTF-8
+            found.append(_match(data["path"]["text"], data["line_number"], data["lines"]["text"]))
+        return found, not (scope.cancelled_caught or capture.stdout.truncated)
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        async with self._commands:
+            yield
+
+
+def git_arguments(operation: str, args: object) -> list[str]:
+    """The argument list of a git operation, refusing options that run code or escape.
+
+    `args` is a string (split like a shell would, without expansion) or a list of strings.
+    """
+    if args is None or args == "":
+        return []
+    if isinstance(args, str):
+        try:
+            argv = shlex.split(args)
+        except ValueError as exc:
+            raise ValidationError("args", f"cannot split into arguments: {exc}") from None
+    elif isinstance(args, list) and all(isinstance(a, str) for a in args):
+        argv = list(args)
+    else:
+        raise ValidationError("args", "expected a string or a list of strings")
+    if len(argv) > 64:
+        raise ValidationError("args", "expected at most 64 arguments")
+    denied_short = _GIT_DENIED_SHORT + (
+        _GIT_DENIED_SHORT_REMOTE if operation in ("clone", "fetch", "pull") else ()
+    )
+    for i, arg in enumerate(argv):
+        if "\x00" in arg or len(arg) > 4096:
+            raise ValidationError(f"args[{i}]", "expected at most 4096 characters and no NUL")
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            if any(name == d or (len(name) > 4 and d.startswith(name)) for d in _GIT_DENIED_LONG):
+                raise ValidationError(f"args[{i}]", f"git option {name} is not allowed: it can "
+                                                    "run programs or reach outside the workspace")  # fmt: skip
+        elif arg.startswith("-") and any(arg.startswith(d) for d in denied_short):
+            raise ValidationError(f"args[{i}]", f"git option {arg[:2]} is not allowed for "
+                                                f"{operation}: it can run programs")  # fmt: skip
+    return argv
+
+
+def _match(file: str, line: int, text: str) -> JSON:
+    content = text.rstrip("\r\n")
+    return {"file": os.path.normpath(file), "line": line, "content": content[:GREP_LINE_CAP]}
+
+
+def _read_bytes(root: str, rel: str, cap: int) -> tuple[bytes, int]:
+    with paths.open_root(root) as rfd:
+        try:
+            fd = paths.open_beneath(rfd, rel, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise paths.not_found(rel, exc) from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValidationError("path", f"{rel} is not a regular file")
+            if st.st_size > cap:
+                raise TooLargeError(f"{rel} is {st.st_size} bytes; the largest file this API "
+                                    f"returns is {cap} bytes")  # fmt: skip
+            data = f.read(cap + 1)
+    if len(data) > cap:  # grew since the stat
+        raise TooLargeError(f"{rel} is over {cap} bytes, the largest file this API returns")
+    return data, len(data)
+
+
+def _py_grep(root: str, rel: str, regex: re.Pattern[str], include: str | None) -> list[JSON]:
+    """The fallback search; the same rules as the ripgrep invocation above."""
+    found: list[JSON] = []
+    top = os.path.join(root, rel)
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            relpath = os.path.relpath(full, root)
+            if include is not None:
+                subject = name if "/" not in include else os.path.relpath(full, top)
+                if not fnmatch.fnmatchcase(subject, include):
+                    continue
+            try:
+                st = os.lstat(full)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > GREP_FILE_CAP:
+                    continue
+                with open(full, "rb") as f:
+                    data = f.read(GREP_FILE_CAP + 1)
+            except OSError:
+                continue
+            if b"\x00" in data:
+                continue
+            lines = data.split(b"\n")
+            if lines[-1] == b"":
+                lines.pop()  # the newline that ends the last line does not start another
+            for n, raw in enumerate(lines, start=1):
+                text = raw.decode("utf-8", errors="replace")
+                if regex.search(text):
+                    found.append(_match(relpath, n, text))
+                    if len(found) >= GREP_SCAN_CAP:
+                        return found
+    return found
