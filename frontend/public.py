@@ -238,7 +238,7 @@ def create_public_app(service: Service, hub: Hub) -> App:
                                                    f"1732400000000-0, got {after[:40]!r}")  # fmt: skip
         first = await service.events(record.id, after)
         if not first and record.status.terminal:
-            return Response(status=204)  # over, nothing left to send: EventSource stops
+            return Response(b"", status=204)  # over, nothing left to send: EventSource stops
         return await stream_response(_task_frames(service, hub, record.id, after, first))
 
     return app

@@ -20,6 +20,7 @@ import trio
 from psycopg import sql
 
 from wsrunner.daemon import Daemon, run_daemon
+from wsrunner.errors import NotFoundError
 from wsrunner.settings import Settings
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -111,7 +112,10 @@ async def wait_for(
 
 async def wait_terminal(daemon: Daemon, task_id: str, timeout: float = 30.0) -> Any:
     async def done() -> Any:
-        rec = await daemon.service.get(task_id)
+        try:
+            rec = await daemon.service.get(task_id)
+        except NotFoundError:  # a payload pushed to Redis has a row once a daemon claims it
+            return None
         return rec if rec.status.terminal else None
 
     return await wait_for(done, timeout=timeout)

@@ -146,15 +146,18 @@ async def test_git_clone_refuses_schemes_not_allowed(start_daemon) -> None:
     assert "Repo not cached" in res[2]["error"]
 
 
-async def test_clone_token_stays_out_of_records_and_git_config(daemon: Daemon, tmp_path) -> None:
+async def test_clone_token_stays_out_of_records_and_git_config(
+    daemon: Daemon, tmp_path, redis_client
+) -> None:
     origin = tmp_path / "o" / "tok"
     origin.mkdir(parents=True)
     _git_repo(origin)
     # The token is in the URL as legacy producers send it; file:// ignores it, the point is where
     # it ends up.
     url = f"file://x-access-token:ghp_SECRET@{origin}"
-    sub = await daemon.service.submit(task_body({"action": "git_clone", "repo": url}))
-    rec = await wait_terminal(daemon, sub.record.id)
+    payload = raw_payload(workspace_id="ws-1", steps=[{"action": "git_clone", "repo": url}])
+    redis_client.lpush(daemon.service.queue.keys.queue("normal"), payload)  # type: ignore[attr-defined]
+    rec = await wait_terminal(daemon, json.loads(payload)["task_id"])
     assert "ghp_SECRET" not in str(rec.configuration)
     assert "ghp_SECRET" not in str(await daemon.service.events(rec.id))
     assert "ghp_SECRET" not in str(rec.result)

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 class GitCredentialProvider(Protocol):
     async def token_for(self, workspace_id: str, host: str) -> str | None:
-        """The access token of `workspace_id` for `host`, or None."""
+        """The access token of `workspace_id` for `host` (`name` or `name:port`), or None."""
         ...
 
 
@@ -53,10 +53,15 @@ class FileCredentialProvider:
         self.path = path
 
     async def token_for(self, workspace_id: str, host: str) -> str | None:
+        """`host` may carry a port; a key with the port wins over the bare host name."""
         data = await trio.to_thread.run_sync(self._load)
-        per_ws = data.get("workspaces", {}).get(workspace_id, {})
-        token = per_ws.get(host, data.get("default", {}).get(host))
-        return token if isinstance(token, str) and token else None
+        tables = (data.get("workspaces", {}).get(workspace_id) or {}, data.get("default") or {})
+        for table in tables:
+            for key in dict.fromkeys((host, host.rsplit(":", 1)[0] if ":" in host else host)):
+                token = table.get(key)
+                if isinstance(token, str) and token:
+                    return token
+        return None
 
     def _load(self) -> dict[str, Any]:
         try:

@@ -227,7 +227,7 @@ class Executor:
             url = redact_url(url)
         else:
             try:
-                token = await self.credentials.token_for(ctx.workspace_id, parts.hostname or "")
+                token = await self.credentials.token_for(ctx.workspace_id, parts.netloc.lower())
             except ConfigError as exc:
                 raise WorkspaceError(f"cannot read git credentials: {exc}") from None
             if token is None:
