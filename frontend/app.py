@@ -29,6 +29,12 @@ class _ShieldFinalSend(TrioASGIHTTPConnection):
 
 
 class App(QuartTrio):
-    """QuartTrio (a plain Quart app answers 500 under hypercorn.trio) with the fix above."""
+    """QuartTrio (a plain Quart app answers 500 under hypercorn.trio) with the fix above.
+
+    No static folder: nothing is served that is not an API route.
+    """
 
     asgi_http_class = _ShieldFinalSend
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, static_folder=None)

@@ -185,9 +185,9 @@ async def _exec_frames(service: Service, hub: Hub, workspace_id: str,
         except trio.WouldBlock:
             dropped += len(chunk)  # the reader is behind; the final result still has it all
 
-    async def run(scope_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
-            scope_status.started(scope)
+            task_status.started(scope)
             async with send:
                 try:
                     result = await service.workspace.exec(

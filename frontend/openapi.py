@@ -28,6 +28,17 @@ _ERRORS: Final = {
     "503": "Redis or PostgreSQL is unavailable, or every command slot is busy; retry later",
 }
 
+#: One event of a stream, as an EventSource client sees it; `data` is JSON text.
+_SSE_EVENT: Final = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["event", "data"],
+}
+
 
 class Provider(OpenAPIProvider):
     """Marks the required query parameters (quart-schema leaves them all optional)."""
@@ -59,7 +70,10 @@ def install_openapi(app: Quart, *, sse_paths: Collection[str] = (),
 def document(app: Quart, *, sse_paths: Collection[str] = (),
              open_paths: Collection[str] = ()) -> dict[str, Any]:  # fmt: skip
     doc: dict[str, Any] = copy.deepcopy(app.extensions["QUART_SCHEMA"].openapi_provider.schema())
-    doc["components"]["schemas"]["Problem"] = Problem.model_json_schema()
+    schemas = doc["components"]["schemas"]
+    problem_schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(problem_schema.pop("$defs", {}))
+    schemas["Problem"] = problem_schema
     problem = {"$ref": "#/components/schemas/Problem"}
     for path, operations in doc["paths"].items():
         for operation in operations.values():
@@ -74,7 +88,7 @@ def document(app: Quart, *, sse_paths: Collection[str] = (),
             if path in sse_paths:
                 responses["200"] = {
                     "description": "A stream of Server-Sent Events (id, event, data as JSON)",
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                 }
                 responses["204"] = {"description": "The task has ended and nothing is left to send"}
             if path in open_paths:

@@ -106,7 +106,11 @@ class WorkspaceOps:
         return self.workspaces.root(workspace_id)
 
     async def _fs(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args)
+        """`fn(*args)` in a thread; an OSError the helper did not explain becomes a refusal."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except OSError as exc:
+            raise paths.not_found(str(args[1]) if len(args) > 1 else "path", exc) from None
 
     # --- files ----------------------------------------------------------------------------
 
@@ -291,10 +295,17 @@ class WorkspaceOps:
             regex = re.compile(pattern)
         except re.error as exc:
             raise ValidationError("pattern", f"not a valid regular expression: {exc}") from None
+        if "\x00" in pattern:
+            raise ValidationError("pattern", "expected no NUL character")
         if include is not None and (
-            not isinstance(include, str) or not include or len(include) > 200
+            not isinstance(include, str)
+            or not include
+            or len(include) > 200
+            or not include.isprintable()
         ):
-            raise ValidationError("include", "expected a glob such as *.py")
+            raise ValidationError(
+                "include", "expected a glob such as *.py (1-200 printable characters)"
+            )
         if (
             isinstance(max_results, bool)
             or not isinstance(max_results, int)

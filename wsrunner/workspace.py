@@ -176,20 +176,14 @@ class Workspaces:
                 "GIT_ALLOW_PROTOCOL": self._git_protocols,
             }
             gitconfig = "[safe]\n\tdirectory = *\n"
+            name, email = "wsrunner", "wsrunner@localhost"  # git refuses to commit without
             if credentials is not None:
-                if credentials.git_name or credentials.git_email:
-                    # Values were checked for control characters; quote for gitconfig syntax.
-                    name = (
-                        (credentials.git_name or "wsrunner")
-                        .replace("\\", "\\\\")
-                        .replace('"', '\\"')
-                    )
-                    email = (
-                        (credentials.git_email or "wsrunner@localhost")
-                        .replace("\\", "\\\\")
-                        .replace('"', '\\"')
-                    )
-                    gitconfig += f'[user]\n\tname = "{name}"\n\temail = "{email}"\n'
+                # Values were checked for control characters; quote for gitconfig syntax.
+                name = credentials.git_name or name
+                email = credentials.git_email or email
+            quoted = [v.replace("\\", "\\\\").replace('"', '\\"') for v in (name, email)]
+            gitconfig += f'[user]\n\tname = "{quoted[0]}"\n\temail = "{quoted[1]}"\n'
+            if credentials is not None:
                 if credentials.ssh_private_key:
                     key = os.path.join(task_dir, "ssh_key")
                     # Created 0600 in one step: no window at the umask's mode.
