@@ -163,7 +163,7 @@ def create_public_app(service: Service, hub: Hub) -> App:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("send Authorization: Bearer <token>")
-        g.scope = await service.authenticate(token.strip())
+        g.scope = await service.tokens.authenticate(token.strip())
 
     def scope() -> ApiToken:
         token: ApiToken = g.scope

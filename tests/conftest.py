@@ -172,6 +172,6 @@ async def _api(start_daemon: Callable[..., Any]) -> Api:
         frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
         internal_token=INTERNAL_TOKEN, sse_keepalive_s=0.5,
     )  # fmt: skip
-    _, token = await daemon.service.create_token("tests", None)
+    _, token = await daemon.service.tokens.create("tests", None)
     public, internal = daemon.urls
     return Api(daemon, public, internal, token)

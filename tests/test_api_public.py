@@ -82,7 +82,7 @@ async def test_submit_runs_the_task_and_get_returns_its_result(api: Api) -> None
                 "steps": [{"action": "git_clone", "repo": "https://user:tok@github.com/a/b.git"}],
             },
             "steps[0].repo",
-        ),  # fmt: skip
+        ),
         ([1, 2], ""),
     ],
 )
@@ -265,16 +265,16 @@ async def test_authentication(api: Api) -> None:
                        "Bearer wsr_0123456789ab_" + "A" * 43, api.token):  # fmt: skip
             problem(await anon.get("/api/tasks", headers={"Authorization": header}), 401)
         assert (await anon.get("/openapi.json")).status_code == 200
-    record, token = await api.daemon.service.create_token("soon revoked", None)
-    await api.daemon.service.revoke_token(record.id)
+    record, token = await api.daemon.service.tokens.create("soon revoked", None)
+    await api.daemon.service.tokens.revoke(record.id)
     async with api.client(token) as c:
         assert "revoked" in problem(await c.get("/api/tasks"), 401)["detail"]
-    rows = await api.daemon.service.list_tokens()
+    rows = await api.daemon.service.tokens.list()
     assert all(token not in str(r) for r in rows)  # only the digest is stored
 
 
 async def test_a_scoped_token_never_sees_other_workspaces(api: Api) -> None:
-    _, scoped = await api.daemon.service.create_token("team a", ["ws-a"])
+    _, scoped = await api.daemon.service.tokens.create("team a", ["ws-a"])
     async with api.client() as admin, api.client(scoped) as a:
         theirs = await submitted(api, admin, cmd("true"), workspace_id="ws-b")
         mine = await submitted(api, a, cmd("true"), workspace_id="ws-a")
@@ -367,7 +367,7 @@ async def test_clone_uses_the_workspace_token_and_never_stores_it(
         internal_token="t", clone_schemes=("http",), clone_hosts=(git_http,),
         git_schemes=("http",), git_credentials_file=creds,
     )  # fmt: skip
-    _, token = await daemon.service.create_token("t", None)
+    _, token = await daemon.service.tokens.create("t", None)
     api = Api(daemon, daemon.urls[0], daemon.urls[1], token)
     url = f"http://{git_http}/proj.git"
     async with api.client() as c:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -89,3 +90,26 @@ async def test_serve_answers_health_and_stops_on_sigterm(tmp_path, prefix, schem
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_tokens_create_list_revoke(schema) -> None:
+    env = {"DATABASE_URL": DATABASE_URL, "WSRUNNER_DATABASE_SCHEMA": schema}
+    made = run_cli("tokens", "create", "--name", "ci bot", "--workspace", "ws-a",
+                   "--workspace", "ws-b", "--json", env=env)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)
+    assert token["workspaces"] == ["ws-a", "ws-b"] and token["token"].startswith("wsr_")
+    plain = run_cli("tokens", "create", "--name", "admin", "--all-workspaces", env=env)
+    assert plain.stdout.startswith("wsr_") and "shown only now" in plain.stderr
+    listed = run_cli("tokens", "list", env=env)
+    assert token["id"] in listed.stdout and "[ws-a,ws-b]" in listed.stdout
+    assert "wsr_" not in listed.stdout  # secrets are never listed
+    assert run_cli("tokens", "revoke", token["id"], env=env).returncode == 0
+    rows = json.loads(run_cli("tokens", "list", "--json", env=env).stdout)
+    assert next(r for r in rows if r["id"] == token["id"])["revoked_at"] is not None
+    missing = run_cli("tokens", "revoke", "nope", env=env)
+    assert missing.returncode == 2 and "no API token with id 'nope'" in missing.stderr
+    bad = run_cli("tokens", "create", "--name", "x", "--workspace", "../etc", env=env)
+    assert bad.returncode == 2 and "workspaces[0]" in bad.stderr
+    usage = run_cli("tokens", "create", "--name", "x", env=env)
+    assert usage.returncode == 2 and "--all-workspaces" in usage.stderr

@@ -1,12 +1,14 @@
-"""The `wsrunner` command: `wsrunner serve` runs the daemon."""
+"""The `wsrunner` command: `serve` runs the daemon, `tokens` manages the public API's tokens."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # trio_asyncio patches asyncio at import; it must come before psycopg (stack.md §4.2).
 import trio_asyncio  # noqa: F401  # isort: skip
@@ -14,9 +16,12 @@ import trio
 
 from wsrunner import __version__
 from wsrunner.daemon import Daemon, run_daemon
-from wsrunner.errors import ConfigError, UnavailableError
+from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging
+from wsrunner.models import ApiToken
 from wsrunner.settings import Settings, load_settings
+from wsrunner.store import open_postgres_store
+from wsrunner.tokens import TokenRegistry
 
 logger = logging.getLogger("wsrunner")
 
@@ -32,10 +37,65 @@ def _parser() -> argparse.ArgumentParser:
         "Settings come from the environment (REDIS_URL, DATABASE_URL, WORKER_CONCURRENCY, ...) "
         "and an optional YAML file; see the README for every key.",
     )
-    serve.add_argument(
-        "--config", metavar="FILE", help="YAML settings file (default: $WSRUNNER_CONFIG)"
+    config_help = "YAML settings file (default: $WSRUNNER_CONFIG)"
+    serve.add_argument("--config", metavar="FILE", help=config_help)
+    tokens = sub.add_parser(
+        "tokens",
+        help="manage the public API's bearer tokens",
+        description="Create, list and revoke bearer tokens of the public API. They are stored "
+        "in PostgreSQL (DATABASE_URL) as SHA-256 digests; a token is shown once, at creation.",
     )
+    tokens.add_argument("--config", metavar="FILE", help=config_help)
+    actions = tokens.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a token and print it once")
+    create.add_argument("--name", required=True, help="who or what uses it, e.g. 'ci-bot'")
+    scope = create.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--workspace", action="append", metavar="ID", dest="workspaces",
+                       help="a workspace the token may use (repeat for several)")  # fmt: skip
+    scope.add_argument("--all-workspaces", action="store_true",
+                       help="the token may use every workspace")  # fmt: skip
+    create.add_argument("--json", action="store_true", help="print JSON")
+    listing = actions.add_parser("list", help="list tokens (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    revoke = actions.add_parser("revoke", help="revoke a token by id (effective within 5 s)")
+    revoke.add_argument("token_id", metavar="ID", help="the id shown by `tokens list`")
+    revoke.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _token_json(t: ApiToken) -> dict[str, Any]:
+    return {"id": t.id, "name": t.name,
+            "workspaces": None if t.workspaces is None else list(t.workspaces),
+            "created_at": t.created_at.isoformat(),
+            "last_used_at": t.last_used_at and t.last_used_at.isoformat(),
+            "revoked_at": t.revoked_at and t.revoked_at.isoformat()}  # fmt: skip
+
+
+async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
+    async with open_postgres_store(settings.database_url, schema=settings.database_schema,
+                                   max_size=2) as store:  # fmt: skip
+        registry = TokenRegistry(store)
+        if args.action == "create":
+            scope = None if args.all_workspaces else args.workspaces
+            record, token = await registry.create(args.name, scope)
+            if args.json:
+                print(json.dumps({**_token_json(record), "token": token}))
+            else:
+                print(token)
+                print(f"token {record.id} ({record.name}) created; it is shown only now",
+                      file=sys.stderr)  # fmt: skip
+        elif args.action == "list":
+            found = await registry.list()
+            if args.json:
+                print(json.dumps([_token_json(t) for t in found]))
+            for t in [] if args.json else found:
+                scope = "all workspaces" if t.workspaces is None else ",".join(t.workspaces)
+                state = "revoked" if t.revoked_at else "active"
+                print(f"{t.id}  {state:7}  {t.name}  [{scope}]  created {t.created_at:%Y-%m-%d}")
+        else:
+            record = await registry.revoke(args.token_id)
+            print(json.dumps(_token_json(record)) if args.json else f"token {record.id} revoked")
+    return 0
 
 
 async def _serve(settings: Settings) -> None:
@@ -77,6 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    if args.command == "tokens":
+        try:
+            return trio.run(_tokens, settings, args)
+        except (ValidationError, NotFoundError) as exc:
+            print(f"wsrunner: {exc}", file=sys.stderr)
+            return 2
+        except UnavailableError as exc:
+            print(f"wsrunner: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 1
     try:
         trio.run(_serve, settings)
     except (Exception, BaseExceptionGroup) as exc:

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import builtins
 import logging
-import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from wsrunner import tokens
-from wsrunner.errors import AuthenticationError, NotFoundError, UnavailableError, ValidationError
+from wsrunner.errors import NotFoundError, UnavailableError, ValidationError
 from wsrunner.models import JSON, ApiToken, Event, TaskRecord, TaskState
 from wsrunner.operations import WorkspaceOps
 from wsrunner.payload import (
@@ -34,10 +31,10 @@ from wsrunner.payload import (
 )
 from wsrunner.ports import Queue, Store
 from wsrunner.settings import Settings
+from wsrunner.tokens import TokenRegistry
 
 logger = logging.getLogger(__name__)
 
-TOKEN_CACHE_S: Final = 5.0  #: a revoked token stops working within this time on every daemon
 _CLONE_KEYS: Final = frozenset({"repo_url", "branch", "shallow", "priority", "timeout_seconds",
                                 "idempotency_key", "description"})  # fmt: skip
 
@@ -58,49 +55,7 @@ class Service:
         self.store = store
         self.ops = ops  #: the workspace operations, when this process runs tasks
         self._stats = stats  # callable returning the slot statistics, when a daemon runs
-        self._tokens: dict[str, tuple[float, ApiToken]] = {}
-
-    # --- API tokens ---------------------------------------------------------------------------
-
-    async def authenticate(self, token: str) -> ApiToken:
-        """The token's record if it is valid. Raises AuthenticationError, saying why not."""
-        token_id = tokens.token_id_of(token)
-        key = tokens.digest(token)
-        hit = self._tokens.get(key)
-        if hit is not None and time.monotonic() - hit[0] < TOKEN_CACHE_S:
-            return hit[1]
-        found = await self.store.token_digest(token_id)
-        if found is None or not tokens.matches(token, found[1]):
-            raise AuthenticationError("the bearer token is not known")
-        record = found[0]
-        if record.revoked_at is not None:
-            raise AuthenticationError(f"the bearer token {token_id} was revoked")
-        if len(self._tokens) > 10_000:
-            self._tokens.clear()
-        self._tokens[key] = (time.monotonic(), record)
-        return record
-
-    async def create_token(
-        self, name: str, workspaces: Sequence[str] | None
-    ) -> tuple[ApiToken, str]:
-        """A new token scoped to `workspaces` (None: all); returns (record, the token itself)."""
-        if not name or len(name) > 200 or not name.isprintable():
-            raise ValidationError("name", "expected 1-200 printable characters")
-        if workspaces is not None:
-            if not workspaces:
-                raise ValidationError("workspaces", "expected at least one workspace id")
-            for i, ws in enumerate(workspaces):
-                validate_workspace_id(ws, f"workspaces[{i}]")
-        token_id, token = tokens.new_token()
-        record = await self.store.create_token(token_id, name, tokens.digest(token),
-                                               None if workspaces is None else sorted(set(workspaces)))  # fmt: skip
-        return record, token
-
-    async def list_tokens(self) -> builtins.list[ApiToken]:
-        return await self.store.list_tokens()
-
-    async def revoke_token(self, token_id: str) -> ApiToken:
-        return await self.store.revoke_token(token_id)
+        self.tokens = TokenRegistry(store)  #: the public API's bearer tokens
 
     # --- tasks --------------------------------------------------------------------------------
 

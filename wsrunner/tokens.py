@@ -11,11 +11,19 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import Final
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
 
-from wsrunner.errors import AuthenticationError
+from wsrunner.errors import AuthenticationError, ValidationError
+from wsrunner.models import ApiToken
+from wsrunner.payload import validate_workspace_id
+
+if TYPE_CHECKING:
+    from wsrunner.ports import Store
 
 PREFIX: Final = "wsr"
+CACHE_S: Final = 5.0  #: a revoked token stops working on every daemon within this time
 _FORMAT: Final = re.compile(r"wsr_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 
 
@@ -39,3 +47,48 @@ def token_id_of(token: str) -> str:
 
 def matches(token: str, stored_digest: str) -> bool:
     return hmac.compare_digest(digest(token).encode(), stored_digest.encode())
+
+
+class TokenRegistry:
+    """Create, list, revoke and check tokens; checks are cached for CACHE_S per daemon."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cache: dict[str, tuple[float, ApiToken]] = {}
+
+    async def authenticate(self, token: str) -> ApiToken:
+        """The token's record if it is valid. Raises AuthenticationError, saying why not."""
+        token_id = token_id_of(token)
+        key = digest(token)
+        hit = self._cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < CACHE_S:
+            return hit[1]
+        found = await self.store.token_digest(token_id)
+        if found is None or not matches(token, found[1]):
+            raise AuthenticationError("the bearer token is not known")
+        record = found[0]
+        if record.revoked_at is not None:
+            raise AuthenticationError(f"the bearer token {token_id} was revoked")
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (time.monotonic(), record)
+        return record
+
+    async def create(self, name: str, workspaces: Sequence[str] | None) -> tuple[ApiToken, str]:
+        """A new token scoped to `workspaces` (None: all); returns (record, the token itself)."""
+        if not name or len(name) > 200 or not name.isprintable():
+            raise ValidationError("name", "expected 1-200 printable characters")
+        if workspaces is not None:
+            if not workspaces:
+                raise ValidationError("workspaces", "expected at least one workspace id")
+            for i, ws in enumerate(workspaces):
+                validate_workspace_id(ws, f"workspaces[{i}]")
+        token_id, token = new_token()
+        scope = None if workspaces is None else sorted(set(workspaces))
+        return await self.store.create_token(token_id, name, digest(token), scope), token
+
+    async def list(self) -> list[ApiToken]:
+        return await self.store.list_tokens()
+
+    async def revoke(self, token_id: str) -> ApiToken:
+        return await self.store.revoke_token(token_id)
