@@ -15,12 +15,11 @@ import trio_asyncio  # noqa: F401  # isort: skip
 import trio
 
 from wsrunner import __version__
-from wsrunner.daemon import Daemon, run_daemon
+from wsrunner.daemon import Daemon, open_store, run_daemon
 from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging
 from wsrunner.models import ApiToken
 from wsrunner.settings import Settings, load_settings
-from wsrunner.store import open_postgres_store
 from wsrunner.tokens import TokenRegistry
 
 logger = logging.getLogger("wsrunner")
@@ -72,8 +71,7 @@ def _token_json(t: ApiToken) -> dict[str, Any]:
 
 
 async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
-    async with open_postgres_store(settings.database_url, schema=settings.database_schema,
-                                   max_size=2) as store:  # fmt: skip
+    async with open_store(settings) as store:
         registry = TokenRegistry(store)
         if args.action == "create":
             scope = None if args.all_workspaces else args.workspaces

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ from wsrunner.executor import Executor
 from wsrunner.lease import Reaper, serve_cancel_watch, serve_heartbeat
 from wsrunner.operations import WorkspaceOps
 from wsrunner.poller import serve_poller
+from wsrunner.ports import Store
 from wsrunner.queue import open_redis_queue
 from wsrunner.runner import StopReason, TaskRunner
 from wsrunner.service import Service
@@ -52,6 +55,14 @@ class Daemon:
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
         self.stopping.set()
+
+
+@asynccontextmanager
+async def open_store(settings: Settings, max_size: int = 2) -> AsyncIterator[Store]:
+    """The durable store alone (migrated), for commands that need no daemon: `wsrunner tokens`."""
+    async with open_postgres_store(settings.database_url, schema=settings.database_schema,
+                                   max_size=max_size, lease_s=settings.lease_ttl_s) as store:  # fmt: skip
+        yield store
 
 
 def load_frontend(name: str) -> Any:
@@ -81,8 +92,7 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
     async with (
         trio_asyncio.open_loop(),
         open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
-        open_postgres_store(settings.database_url, schema=settings.database_schema,
-                            max_size=settings.concurrency + 4, lease_s=settings.lease_ttl_s) as store,
+        open_store(settings, max_size=settings.concurrency + 4) as store,
     ):  # fmt: skip
         workspaces = Workspaces(settings.volume_path, default_quota=settings.default_quota_bytes,
                                 quotas=settings.workspace_quotas, git_schemes=settings.git_schemes)  # fmt: skip
