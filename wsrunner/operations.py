@@ -36,7 +36,7 @@ from wsrunner.errors import (
 )
 from wsrunner.executor import Executor, StepContext
 from wsrunner.models import JSON, GitClone
-from wsrunner.payload import BRANCH_RE, validate_workspace_id
+from wsrunner.payload import validate_branch, validate_workspace_id
 from wsrunner.process import CappedBuffer, Capture, run_process
 from wsrunner.settings import Settings
 from wsrunner.workspace import RESERVED, Workspaces
@@ -259,13 +259,9 @@ class WorkspaceOps:
             if operation == "clone":
                 if len(argv) != 1 or argv[0].startswith("-"):
                     raise ValidationError("args", "clone expects exactly one repository URL")
-                if branch is not None and (
-                    not isinstance(branch, str) or not BRANCH_RE.fullmatch(branch) or ".." in branch
-                ):
-                    raise ValidationError("branch", "expected a branch name of letters, digits "
-                                                    "and ._/-, not starting with '-'")  # fmt: skip
+                ref = None if branch is None else validate_branch(branch)
                 result = await self.executor.run_step(
-                    GitClone(repo=argv[0], branch=branch, shallow=True), ctx,
+                    GitClone(repo=argv[0], branch=ref, shallow=True), ctx,
                     budget_s=CLONE_TIMEOUT_S,
                 )  # fmt: skip
             else:

@@ -255,15 +255,20 @@ class _Reader:
                 )
 
 
+def validate_branch(value: object, field: str = "branch") -> str:
+    """Return `value` if it is a branch name we pass to git, else raise ValidationError."""
+    if not isinstance(value, str) or not BRANCH_RE.fullmatch(value) or ".." in value:
+        raise ValidationError(
+            field,
+            "expected a branch name of letters, digits, '.', '_', '/' or '-', not starting "
+            f"with '-', got {_shown(value)}",
+        )
+    return value
+
+
 def _branch(r: _Reader) -> str | None:
     branch = r.get_str("branch", max_chars=255)
-    if branch is not None and (not BRANCH_RE.fullmatch(branch) or ".." in branch):
-        raise ValidationError(
-            r.field("branch"),
-            "expected a branch name of letters, digits, '.', '_', '/' or '-', not starting "
-            f"with '-', got {_shown(branch)}",
-        )
-    return branch
+    return None if branch is None else validate_branch(branch, r.field("branch"))
 
 
 def _parse_step(raw: object, path: str) -> Step:

@@ -23,9 +23,9 @@ from wsrunner.errors import NotFoundError, UnavailableError, ValidationError
 from wsrunner.models import JSON, ApiToken, Event, TaskRecord, TaskState
 from wsrunner.operations import WorkspaceOps
 from wsrunner.payload import (
-    BRANCH_RE,
     parse_task,
     to_payload,
+    validate_branch,
     validate_task_id,
     validate_workspace_id,
 )
@@ -110,30 +110,10 @@ class Service:
             raise ValidationError(
                 unknown[0], f"unknown field; expected one of {', '.join(sorted(_CLONE_KEYS))}"
             )
-        url = body.get("repo_url")
-        if not isinstance(url, str) or not url or len(url) > 2048:
-            raise ValidationError(
-                "repo_url", "expected a repository URL such as https://github.com/owner/name.git"
-            )
-        parts = urlsplit(url)
-        s = self.settings
-        if parts.scheme not in s.clone_schemes:
-            raise ValidationError("repo_url", f"expected a URL with scheme {' or '.join(s.clone_schemes)}, "
-                                              f"got {parts.scheme or 'none'!r}")  # fmt: skip
-        if "@" in parts.netloc:
-            raise ValidationError("repo_url", "expected a URL without credentials; the "
-                                              "workspace's git token is added by wsrunner")  # fmt: skip
-        host = (parts.netloc or "").lower()
-        if host not in s.clone_hosts and (parts.hostname or "") not in s.clone_hosts:
-            raise ValidationError("repo_url", f"host {host!r} is not allowed; expected one of "
-                                              f"{', '.join(s.clone_hosts)}")  # fmt: skip
-        if parts.query or parts.fragment or not parts.path.strip("/"):
-            raise ValidationError("repo_url", "expected a repository path and no query or fragment")
+        url = _clone_url(body.get("repo_url"), self.settings)
         branch = body.get("branch")
-        if branch is not None and (not isinstance(branch, str) or not BRANCH_RE.fullmatch(branch)
-                                   or ".." in branch):  # fmt: skip
-            raise ValidationError("branch", "expected a branch name matching ^[A-Za-z0-9._/-]+$, "
-                                            "not starting with '-'")  # fmt: skip
+        if branch is not None:
+            validate_branch(branch)
         step: JSON = {"action": "git_clone", "repo": url,
                       "description": body.get("description") or f"Clone {url}"}  # fmt: skip
         if branch is not None:
@@ -233,6 +213,29 @@ class Service:
         if self.ops is None:
             raise UnavailableError("this process does not run workspace operations")
         return self.ops
+
+
+def _clone_url(url: object, settings: Settings) -> str:
+    """`url` if the clone endpoint may fetch it: allowed scheme and host, no credentials."""
+    if not isinstance(url, str) or not url or len(url) > 2048:
+        raise ValidationError(
+            "repo_url", "expected a repository URL such as https://github.com/owner/name.git"
+        )
+    parts = urlsplit(url)
+    schemes, hosts = settings.clone_schemes, settings.clone_hosts
+    if parts.scheme not in schemes:
+        raise ValidationError("repo_url", f"expected a URL with scheme {' or '.join(schemes)}, "
+                                          f"got {parts.scheme or 'none'!r}")  # fmt: skip
+    if "@" in parts.netloc:
+        raise ValidationError("repo_url", "expected a URL without credentials; the "
+                                          "workspace's git token is added by wsrunner")  # fmt: skip
+    host = parts.netloc.lower()
+    if host not in hosts and (parts.hostname or "") not in hosts:
+        raise ValidationError("repo_url", f"host {host!r} is not allowed; expected one of "
+                                          f"{', '.join(hosts)}")  # fmt: skip
+    if parts.query or parts.fragment or not parts.path.strip("/"):
+        raise ValidationError("repo_url", "expected a repository path and no query or fragment")
+    return url
 
 
 def _check_scope(scope: ApiToken | None, workspace_id: str) -> None:
