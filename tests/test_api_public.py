@@ -387,6 +387,11 @@ async def test_clone_uses_the_workspace_token_and_never_stores_it(
     stored += [str(redis_client.hgetall(k)) for k in redis_client.scan_iter(f"{daemon.settings.redis_prefix}:*")
                if redis_client.type(k) == "hash"]  # fmt: skip
     assert all(SECRET not in s for s in stored)
+    # A later git_pull step authenticates the same way (the server asks on every request).
+    async with api.client() as c:
+        pull = {"action": "git_pull", "repo_name": "proj"}
+        rec = await final(c, await submitted(api, c, pull, workspace_id="ws-git"))
+    assert rec["status"] == "completed", rec["result"]
     # Without a token for this workspace the server refuses, and the task says so.
     async with api.client() as c:
         r = await c.post(

@@ -254,7 +254,11 @@ class Executor:
         dest = os.path.join(ctx.env.root, "repos", step.repo_name)
         if not await self._fs_call(os.path.isdir, os.path.join(dest, ".git")):
             return {"error": f"Repo not cached: {step.repo_name}. Clone it first."}
-        result = await self._git_pull(dest, step.branch, ctx, timeout)
+        origin = await self.spawn(["git", "-C", dest, "remote", "get-url", "origin"], ctx,
+                                  cwd=ctx.env.root, timeout=30)  # fmt: skip
+        # The workspace's token for the origin's host, as for the clone.
+        _, extra_env = await self._clone_auth(origin["stdout"].strip(), ctx)
+        result = await self._git_pull(dest, step.branch, ctx, timeout, extra_env)
         result.update(repo_path=f"repos/{step.repo_name}", cached=True)
         return result
 
