@@ -6,6 +6,8 @@ from __future__ import annotations
 import trio_asyncio  # noqa: F401  # isort: skip
 import json
 import os
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -74,20 +76,51 @@ def _settings(tmp_path: Path, prefix: str, schema: str) -> Settings:
     )
 
 
+HANG_REPORT_S = 240.0
+
+
+def _task_tree(task: trio.lowlevel.Task, depth: int = 0) -> list[str]:
+    """One line per trio task: its name and where it waits (the innermost frames)."""
+    frames, coro = [], task.coro
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            frames.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    lines = ["  " * depth + f"{task.name}  @ " + " > ".join(frames[-5:])]
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            lines += _task_tree(child, depth + 1)
+    return lines
+
+
 @pytest.fixture(name="start_daemon")
 async def _start_daemon(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
-    """start_daemon(**overrides) -> Daemon; every daemon started is stopped gracefully after."""
-    async with trio.open_nursery() as nursery:
-        started: list[Daemon] = []
+    """start_daemon(**overrides) -> Daemon; every daemon started is stopped gracefully after.
 
-        async def start(**overrides: Any) -> Daemon:
-            daemon: Daemon = await nursery.start(run_daemon, replace(settings, **overrides))
-            started.append(daemon)
-            return daemon
+    If the test is still running after HANG_REPORT_S, a thread prints the trio task tree to
+    stderr (read-only, while trio waits), so a hang says where it waits.
+    """
+    root = trio.lowlevel.current_root_task()
+    report = threading.Timer(HANG_REPORT_S, lambda: print(
+        "\n".join(["trio tasks of a test running too long:", *_task_tree(root)]),
+        file=sys.__stderr__, flush=True))  # fmt: skip
+    report.daemon = True
+    report.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            started: list[Daemon] = []
 
-        yield start
-        for d in started:
-            d.stop()
+            async def start(**overrides: Any) -> Daemon:
+                daemon: Daemon = await nursery.start(run_daemon, replace(settings, **overrides))
+                started.append(daemon)
+                return daemon
+
+            yield start
+            for d in started:
+                d.stop()
+    finally:
+        report.cancel()
 
 
 @pytest.fixture(name="daemon")
