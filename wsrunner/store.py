@@ -78,6 +78,10 @@ def _record(row: dict[str, Any]) -> TaskRecord:
     )
 
 
+class _Dropped(Exception):
+    """Raised in a worker thread that started after its caller was cancelled."""
+
+
 class PostgresStore:
     """The task_executions table. Create with `open_postgres_store()`."""
 
@@ -92,19 +96,25 @@ class PostgresStore:
         Cancellation: the statement is cancelled on the server and the transaction rolled back
         before this returns; the connection goes back to the pool clean.
         """
-        lock, active, finished = threading.Lock(), {}, trio.Event()
+        lock, finished = threading.Lock(), trio.Event()
+        # "started": the thread took the work; "dropped": cancelled before that, so it must not.
+        state: dict[str, Any] = {"started": False, "dropped": False, "conn": None}
         token = trio.lowlevel.current_trio_token()
 
         def work() -> T:
             try:
+                with lock:
+                    if state["dropped"]:
+                        raise _Dropped  # nobody waits for this result
+                    state["started"] = True
                 with self._pool.connection() as conn:
                     with lock:
-                        active["conn"] = conn
+                        state["conn"] = conn
                     try:
                         return fn(conn)
                     finally:
                         with lock:
-                            active.pop("conn", None)
+                            state["conn"] = None
             finally:
                 token.run_sync_soon(finished.set)
 
@@ -113,11 +123,17 @@ class PostgresStore:
                 work, abandon_on_cancel=True, limiter=self._limiter
             )
         except trio.Cancelled:
+            # Cancelled while waiting for a thread (the limiter), the work never started and
+            # never will; cancelled while it runs, stop the statement and wait for the rollback.
+            with lock:
+                if not state["started"]:
+                    state["dropped"] = True
+                    raise
             with trio.CancelScope(shield=True):
 
                 def cancel_query() -> None:
                     with lock:
-                        conn = active.get("conn")
+                        conn = state["conn"]
                         if conn is not None:
                             try:
                                 conn.cancel_safe(timeout=5)
