@@ -1,12 +1,38 @@
-"""The Quart-Trio application class shared by wsrunner's apps, with the keep-alive fix."""
+"""What wsrunner's two apps share: the Quart-Trio app class (with the keep-alive fix) and
+request helpers that turn malformed input into the core's errors."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import trio
+from quart import request
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
+from werkzeug.exceptions import BadRequest
+
+from wsrunner.errors import ValidationError
+
+
+async def json_body() -> Any:
+    """The request body as JSON; a 400 problem when it is not JSON."""
+    raw = await request.get_data(as_text=False)
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def query_int(name: str, default: int) -> int:
+    """An integer query parameter; a 422 naming it when it is not one."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValidationError(name, f"expected an integer, got {raw!r}") from None
 
 
 class _ShieldFinalSend(TrioASGIHTTPConnection):

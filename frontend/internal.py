@@ -18,9 +18,8 @@ from quart import Response, jsonify, request
 from quart_schema import QuartSchema, document_querystring, document_request, document_response
 
 from frontend import problems, schemas
-from frontend.app import App
+from frontend.app import App, json_body, query_int
 from frontend.openapi import Provider, install_openapi
-from frontend.public import json_body
 from frontend.sse import KEEPALIVE, Hub, frame, stream_response
 from wsrunner import __version__
 from wsrunner.errors import AuthenticationError, ValidationError, WsrunnerError
@@ -37,16 +36,6 @@ def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ValidationError("", f"expected a JSON object, got {type(body).__name__}")
     return body
-
-
-def _query_int(name: str, default: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValidationError(name, f"expected an integer, got {raw!r}") from None
 
 
 def _required_arg(name: str) -> str:
@@ -148,7 +137,7 @@ def create_internal_app(service: Service, hub: Hub) -> App:
                 _required_arg("pattern"),
                 request.args.get("path") or ".",
                 request.args.get("include") or None,
-                _query_int("max_results", 50),
+                query_int("max_results", 50),
             )
         )
 

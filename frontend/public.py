@@ -22,27 +22,18 @@ from quart_schema import (
     document_request,
     document_response,
 )
-from werkzeug.exceptions import BadRequest
 
 from frontend import problems, schemas
-from frontend.app import App
+from frontend.app import App, json_body, query_int
 from frontend.openapi import install_openapi
 from frontend.sse import EVENT_ID, KEEPALIVE, RETRY_MS, Hub, frame, stream_response
+from wsrunner import __version__
 from wsrunner.errors import AuthenticationError, ValidationError
 from wsrunner.models import TERMINAL_STATES, ApiToken, TaskRecord
 from wsrunner.service import Service, Submitted
 
 OPEN_PATHS: Final = frozenset({"/openapi.json"})
 _TERMINAL: Final = frozenset(s.value for s in TERMINAL_STATES)
-
-
-async def json_body() -> Any:
-    """The request body as JSON; a 400 problem when it is not JSON."""
-    raw = await request.get_data(as_text=False)
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -129,16 +120,6 @@ def _with_idempotency(body: Any) -> Any:
     return body
 
 
-def _int_arg(name: str, default: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValidationError(name, f"expected an integer, got {raw!r}") from None
-
-
 def create_public_app(service: Service, hub: Hub) -> App:
     app = App("wsrunner.public")
     app.config["MAX_CONTENT_LENGTH"] = service.settings.max_request_bytes
@@ -149,7 +130,7 @@ def create_public_app(service: Service, hub: Hub) -> App:
         swagger_ui_path=None,  # the UIs load scripts from CDNs
         redoc_ui_path=None,
         scalar_ui_path=None,
-        info={"title": "wsrunner public API", "version": _version()},
+        info={"title": "wsrunner public API", "version": __version__},
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
         security=[{"bearer": []}],
     )
@@ -193,7 +174,7 @@ def create_public_app(service: Service, hub: Hub) -> App:
     async def list_tasks() -> Response:
         """Tasks newest first, one page at a time."""
         cursor = request.args.get("cursor") or None
-        limit = _int_arg("limit", 50)
+        limit = query_int("limit", 50)
         records = await service.list(
             workspace_id=request.args.get("workspace_id") or None,
             status=request.args.get("status") or None,
@@ -267,9 +248,3 @@ async def _task_frames(service: Service, hub: Hub, task_id: str, after: str,
                 if (await service.get(task_id)).status.terminal:
                     return
                 yield KEEPALIVE
-
-
-def _version() -> str:
-    from wsrunner import __version__
-
-    return __version__
