@@ -63,6 +63,7 @@ async def _schemathesis(base: str, headers: dict[str, str], tmp_path: Path, *ext
                                         env={**os.environ, "SCHEMATHESIS_HOOKS": ""})  # fmt: skip
     out = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, out[-6000:]
+    print(out[out.rfind("Test cases:") :].strip())  # shown with -rP: how much was generated
 
 
 @pytest.mark.fuzz
