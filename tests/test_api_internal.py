@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from httpx_sse import aconnect_sse
 
 from tests.conftest import INTERNAL_TOKEN, Api, wait_for
@@ -309,3 +310,23 @@ async def test_stop_ends_open_streams_at_once(start_daemon, tmp_path: Path) -> N
                 if b"started" in chunk:
                     daemon.stop()
     await wait_for(lambda: daemon.slots.statistics().running == 0)
+
+
+async def test_exec_waits_for_a_command_slot_then_503(start_daemon, monkeypatch) -> None:
+    monkeypatch.setattr("wsrunner.operations.SLOT_WAIT_S", 0.5)
+    daemon = await start_daemon(frontend="frontend", public_host="127.0.0.1", public_port=0,
+                                health_port=0, internal_token=INTERNAL_TOKEN, concurrency=1)  # fmt: skip
+    headers = {"X-Internal-Token": INTERNAL_TOKEN}
+    async with httpx.AsyncClient(base_url=daemon.urls[1], headers=headers, timeout=30) as c:
+        first: list[httpx.Response] = []
+
+        async def hold_the_slot() -> None:
+            first.append(await c.post(f"{WS}/exec", json={"command": "sleep 2"}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold_the_slot)
+            await trio.sleep(0.5)
+            r = await c.post(f"{WS}/exec", json={"command": "true"})
+            body = problem(r, 503)
+            assert "command slots" in body["detail"] and r.headers["retry-after"] == "5"
+        assert first[0].status_code == 200 and first[0].json()["exit_code"] == 0
