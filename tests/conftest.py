@@ -95,16 +95,23 @@ def _task_tree(task: trio.lowlevel.Task, depth: int = 0) -> list[str]:
 
 
 @pytest.fixture(name="start_daemon")
-async def _start_daemon(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
+async def _start_daemon(
+    settings: Settings, pytestconfig: pytest.Config
+) -> AsyncIterator[Callable[..., Any]]:
     """start_daemon(**overrides) -> Daemon; every daemon started is stopped gracefully after.
 
     If the test is still running after HANG_REPORT_S, a thread prints the trio task tree to
     stderr (read-only, while trio waits), so a hang says where it waits.
     """
     root = trio.lowlevel.current_root_task()
-    report = threading.Timer(HANG_REPORT_S, lambda: print(
-        "\n".join(["trio tasks of a test running too long:", *_task_tree(root)]),
-        file=sys.__stderr__, flush=True))  # fmt: skip
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def report_hang() -> None:
+        tree = "\n".join(["trio tasks of a test running too long:", *_task_tree(root)])
+        with capture.global_and_fixture_disabled():
+            print(tree, file=sys.stderr, flush=True)
+
+    report = threading.Timer(HANG_REPORT_S, report_hang)
     report.daemon = True
     report.start()
     try:
