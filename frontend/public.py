@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, Final
+from urllib.parse import urlencode
 
 from quart import Response, g, jsonify, request
 from quart_schema import (
@@ -189,8 +190,9 @@ def create_public_app(service: Service, hub: Hub) -> App:
         if next_cursor is not None:
             args = request.args.to_dict()
             args.update(cursor=next_cursor, limit=str(limit))
-            query = "&".join(f"{k}={v}" for k, v in sorted(args.items()))
-            response.headers["Link"] = f'<{request.path}?{query}>; rel="next"'
+            response.headers["Link"] = (
+                f'<{request.path}?{urlencode(sorted(args.items()))}>; rel="next"'
+            )
         return response
 
     @app.get("/api/tasks/<task_id>")

@@ -152,7 +152,9 @@ async def test_list_is_newest_first_with_cursor_pages(api: Api) -> None:
             cursor = page["next_cursor"]
             if cursor is None:
                 break
-            assert 'rel="next"' in r.headers["link"]
+            link = httpx.URL(r.headers["link"].split(";")[0].strip("<>"))
+            assert link.path == "/api/tasks" and link.params["cursor"] == cursor
+            assert link.params["workspace_id"] == "ws-list" and link.params["limit"] == "2"
         assert seen == list(reversed(ids)) and pages == 3
         assert all("result" not in t for t in page["tasks"])
         for t in ids:
