@@ -14,6 +14,7 @@ from httpx_sse import aconnect_sse
 
 from tests.conftest import INTERNAL_TOKEN, Api, wait_for
 from tests.test_api_public import problem
+from wsrunner import search
 from wsrunner.operations import git_arguments
 
 WS = "/workspaces/ws-int"
@@ -330,3 +331,12 @@ async def test_exec_waits_for_a_command_slot_then_503(start_daemon, monkeypatch)
             body = problem(r, 503)
             assert "command slots" in body["detail"] and r.headers["retry-after"] == "5"
         assert first[0].status_code == 200 and first[0].json()["exit_code"] == 0
+
+
+def test_fallback_search_stops_at_its_deadline(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"f{i}").write_text("needle\n")
+    query = search.check("needle", None, 50)
+    assert search._walk(str(tmp_path), ".", query, deadline=0.0) == ([], False)
+    found, complete = search._walk(str(tmp_path), ".", query, deadline=float("inf"))
+    assert complete and sorted(m["file"] for m in found) == ["f0", "f1", "f2"]

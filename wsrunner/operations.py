@@ -10,11 +10,8 @@ daemon's task concurrency, so a burst of calls cannot fork without bound.
 from __future__ import annotations
 
 import base64
-import fnmatch
-import json
 import mimetypes
 import os
-import re
 import shlex
 import shutil
 import stat
@@ -25,7 +22,7 @@ from typing import Any, Final
 
 import trio
 
-from wsrunner import paths
+from wsrunner import paths, search
 from wsrunner.errors import (
     NotFoundError,
     PathEscapeError,
@@ -37,15 +34,9 @@ from wsrunner.errors import (
 from wsrunner.executor import Executor, StepContext
 from wsrunner.models import JSON, GitClone
 from wsrunner.payload import validate_branch, validate_workspace_id
-from wsrunner.process import CappedBuffer, Capture, run_process
 from wsrunner.settings import Settings
 from wsrunner.workspace import RESERVED, Workspaces
 
-GREP_TIMEOUT_S: Final = 30.0
-GREP_MAX_RESULTS: Final = 200
-GREP_SCAN_CAP: Final = 10_000  #: matches collected before sorting and cutting to max_results
-GREP_LINE_CAP: Final = 500  #: characters of a matching line returned
-GREP_FILE_CAP: Final = 10 * 1024 * 1024  #: larger files are not searched
 GIT_TIMEOUT_S: Final = 120.0
 CLONE_TIMEOUT_S: Final = 300.0
 SLOT_WAIT_S: Final = 10.0
@@ -277,98 +268,30 @@ class WorkspaceOps:
 
     async def grep(self, workspace_id: str, pattern: object, path: object = ".",
                    include: object = None, max_results: object = 50) -> JSON:  # fmt: skip
-        """Regex search under `path`: matches sorted by file and line, at most `max_results`.
+        """Regex search under `path` (see `wsrunner.search`): matches sorted by file and line.
 
-        ripgrep runs when installed; otherwise a Python search with the same rules gives the
-        same results: no symlinks followed, `.git` and binary files skipped, files over 10 MiB
-        skipped, reserved entries excluded.
+        At most `max_results` are returned; `total` counts what was found (up to SCAN_CAP).
+        wsrunner's reserved entries are never among the matches.
         """
-        if not isinstance(pattern, str) or not pattern:
-            raise ValidationError("pattern", "expected a non-empty regular expression")
-        if len(pattern) > 1000:
-            raise ValidationError("pattern", "expected at most 1000 characters")
-        try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            raise ValidationError("pattern", f"not a valid regular expression: {exc}") from None
-        if "\x00" in pattern:
-            raise ValidationError("pattern", "expected no NUL character")
-        if include is not None and (
-            not isinstance(include, str)
-            or not include
-            or len(include) > 200
-            or not include.isprintable()
-        ):
-            raise ValidationError(
-                "include", "expected a glob such as *.py (1-200 printable characters)"
-            )
-        if (
-            isinstance(max_results, bool)
-            or not isinstance(max_results, int)
-            or not 1 <= max_results <= GREP_MAX_RESULTS
-        ):
-            raise ValidationError("max_results", f"expected an integer from 1 to {GREP_MAX_RESULTS}, "
-                                                 f"got {max_results!r}")  # fmt: skip
+        query = search.check(pattern, include, max_results)
         rel = _check_path(path)
         root = await self._root(workspace_id)
         await self._fs(paths.real_dir, root, rel)  # contained, and a directory
-        if self.rg is not None:
-            found, complete = await self._rg(root, rel, pattern, include)
-        else:
-            with trio.move_on_after(GREP_TIMEOUT_S) as scope:
-                found = await self._fs(_py_grep, root, rel, regex, include)
-            complete = not scope.cancelled_caught
-            if not complete:
-                found = []
+        async with self._commands:
+            found, complete = await search.run(root, rel, query, rg=self.rg,
+                                               kill_grace=self.settings.kill_grace_s)  # fmt: skip
         found = [m for m in found if m["file"].split("/", 1)[0] not in RESERVED]
         found.sort(key=lambda m: (m["file"], m["line"]))
         return {
-            "pattern": pattern,
+            "pattern": query.pattern,
             "path": rel,
-            "matches": found[:max_results],
+            "matches": found[: query.max_results],
             "total": len(found),
-            "truncated": len(found) > max_results or len(found) >= GREP_SCAN_CAP or not complete,
+            "truncated": len(found) > query.max_results
+            or len(found) >= search.SCAN_CAP
+            or not complete,
             "engine": "ripgrep" if self.rg is not None else "python",
         }
-
-    async def _rg(self, root: str, rel: str, pattern: str,
-                  include: str | None) -> tuple[list[JSON], bool]:  # fmt: skip
-        assert self.rg is not None
-        argv = [self.rg, "--json", "--no-config", "--hidden", "--no-ignore", "--no-follow",
-                "--glob", "!.git", "--max-filesize", str(GREP_FILE_CAP), "--max-count",
-                str(GREP_SCAN_CAP)]  # fmt: skip
-        if include is not None:
-            argv += ["--glob", include]
-        argv += ["--regexp", pattern, "--", rel]
-        capture = Capture(CappedBuffer(64 * 1024 * 1024), CappedBuffer(64 * 1024))
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-        async with self._slot():
-            with trio.move_on_after(GREP_TIMEOUT_S) as scope:
-                rc = await run_process(argv, cwd=root, env=env, capture=capture,
-                                       kill_grace=self.settings.kill_grace_s)  # fmt: skip
-        if not scope.cancelled_caught and rc == 2 and not capture.stdout.total:
-            message = capture.stderr.text().strip().splitlines()
-            raise ValidationError("pattern", message[-1] if message else "ripgrep failed")
-        found: list[JSON] = []
-        for line in capture.stdout.data.splitlines():
-            if len(found) >= GREP_SCAN_CAP:
-                break
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue  # the last line of a capped output
-            if item.get("type") != "match":
-                continue
-            data = item["data"]
-            if "text" not in data["path"] or "text" not in data["lines"]:
-                continue  # a path or line that is not UTF-8
-            found.append(_match(data["path"]["text"], data["line_number"], data["lines"]["text"]))
-        return found, not (scope.cancelled_caught or capture.stdout.truncated)
-
-    @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        async with self._commands:
-            yield
 
 
 def git_arguments(operation: str, args: object) -> list[str]:
@@ -408,11 +331,6 @@ def git_arguments(operation: str, args: object) -> list[str]:
     return argv
 
 
-def _match(file: str, line: int, text: str) -> JSON:
-    content = text.rstrip("\r\n")
-    return {"file": os.path.normpath(file), "line": line, "content": content[:GREP_LINE_CAP]}
-
-
 def _read_bytes(root: str, rel: str, cap: int) -> tuple[bytes, int]:
     with paths.open_root(root) as rfd:
         try:
@@ -430,38 +348,3 @@ def _read_bytes(root: str, rel: str, cap: int) -> tuple[bytes, int]:
     if len(data) > cap:  # grew since the stat
         raise TooLargeError(f"{rel} is over {cap} bytes, the largest file this API returns")
     return data, len(data)
-
-
-def _py_grep(root: str, rel: str, regex: re.Pattern[str], include: str | None) -> list[JSON]:
-    """The fallback search; the same rules as the ripgrep invocation above."""
-    found: list[JSON] = []
-    top = os.path.join(root, rel)
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        dirnames[:] = [d for d in dirnames if d != ".git"]
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            relpath = os.path.relpath(full, root)
-            if include is not None:
-                subject = name if "/" not in include else os.path.relpath(full, top)
-                if not fnmatch.fnmatchcase(subject, include):
-                    continue
-            try:
-                st = os.lstat(full)
-                if not stat.S_ISREG(st.st_mode) or st.st_size > GREP_FILE_CAP:
-                    continue
-                with open(full, "rb") as f:
-                    data = f.read(GREP_FILE_CAP + 1)
-            except OSError:
-                continue
-            if b"\x00" in data:
-                continue
-            lines = data.split(b"\n")
-            if lines[-1] == b"":
-                lines.pop()  # the newline that ends the last line does not start another
-            for n, raw in enumerate(lines, start=1):
-                text = raw.decode("utf-8", errors="replace")
-                if regex.search(text):
-                    found.append(_match(relpath, n, text))
-                    if len(found) >= GREP_SCAN_CAP:
-                        return found
-    return found

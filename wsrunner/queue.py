@@ -431,7 +431,8 @@ async def open_redis_queue(url: str, prefix: str) -> AsyncIterator[RedisQueue]:
         await queue.ping()
         yield queue
     finally:
-        with trio.CancelScope(shield=True):
+        with trio.move_on_after(10) as cleanup:  # shielded, and bounded
+            cleanup.shield = True
             for c in (client, blocking):
                 try:
                     await aio_as_trio(c.aclose)()

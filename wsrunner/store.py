@@ -129,7 +129,9 @@ class PostgresStore:
                 if not state["started"]:
                     state["dropped"] = True
                     raise
-            with trio.CancelScope(shield=True):
+            # Shielded, and bounded: cancel_safe gives up after 5 s, statement_timeout is 30 s.
+            with trio.move_on_after(40) as cleanup:
+                cleanup.shield = True
 
                 def cancel_query() -> None:
                     with lock:
@@ -142,6 +144,10 @@ class PostgresStore:
 
                 await trio.to_thread.run_sync(cancel_query)
                 await finished.wait()
+            if cleanup.cancelled_caught:
+                logger.error(
+                    "a cancelled PostgreSQL call did not end within 40 s; its thread is left"
+                )
             raise
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise UnavailableError(f"PostgreSQL failed: {exc}") from exc
