@@ -54,7 +54,7 @@ async def _schemathesis(base: str, headers: dict[str, str], tmp_path: Path, *ext
     st = Path(sys.executable).with_name("st")
     argv = [str(st), "run", f"{base}/openapi.json", "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,"
-            "response_schema_conformance", "--max-examples", "25", "--request-timeout", "20",
+            "response_schema_conformance", "--max-examples", os.environ.get("WSRUNNER_FUZZ_EXAMPLES", "25"), "--request-timeout", "20",
             "--seed", "1", "--no-color", "--report-dir", str(tmp_path), *extra]  # fmt: skip
     for name, value in headers.items():
         argv += ["--header", f"{name}: {value}"]
