@@ -17,7 +17,7 @@ import trio
 from quart import Response, jsonify, request
 from quart_schema import QuartSchema, document_querystring, document_request, document_response
 
-from frontend import problems, schemas
+from frontend import probes, problems, schemas
 from frontend.app import App, json_body, query_int
 from frontend.openapi import Provider, install_openapi
 from frontend.sse import KEEPALIVE, Hub, frame, stream_response
@@ -28,7 +28,7 @@ from wsrunner.service import Service
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS: Final = frozenset({"/health", "/openapi.json"})
+OPEN_PATHS: Final = frozenset({"/health", "/openapi.json"}) | probes.PATHS
 STREAM_BUFFER: Final = 256  #: output chunks a slow reader of /exec/stream may fall behind
 
 
@@ -62,6 +62,7 @@ def create_internal_app(service: Service, hub: Hub) -> App:
         security=[{"internal_token": []}],
         openapi_provider_class=Provider,
     )
+    probes.install_probes(app, service)
     install_openapi(app, sse_paths={"/workspaces/{workspace_id}/exec/stream"},
                     open_paths=OPEN_PATHS)  # fmt: skip
     expected = service.settings.internal_token.encode()

@@ -24,7 +24,7 @@ from quart_schema import (
     document_response,
 )
 
-from frontend import problems, schemas
+from frontend import probes, problems, schemas
 from frontend.app import App, json_body, query_int
 from frontend.openapi import install_openapi
 from frontend.sse import EVENT_ID, KEEPALIVE, RETRY_MS, Hub, frame, stream_response
@@ -33,7 +33,7 @@ from wsrunner.errors import AuthenticationError, ValidationError
 from wsrunner.models import TERMINAL_STATES, ApiToken, TaskRecord
 from wsrunner.service import Service, Submitted
 
-OPEN_PATHS: Final = frozenset({"/openapi.json"})
+OPEN_PATHS: Final = frozenset({"/openapi.json"}) | probes.PATHS
 _TERMINAL: Final = frozenset(s.value for s in TERMINAL_STATES)
 
 
@@ -135,6 +135,7 @@ def create_public_app(service: Service, hub: Hub) -> App:
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
         security=[{"bearer": []}],
     )
+    probes.install_probes(app, service)
     install_openapi(app, sse_paths={"/api/tasks/{task_id}/events"}, open_paths=OPEN_PATHS)
 
     @app.before_request

@@ -180,6 +180,16 @@ class Health(BaseModel):
     checks: dict[str, str]
 
 
+class Live(BaseModel):
+    status: Literal["alive"]
+    worker_id: str
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str] = Field(description='redis, postgres, volume: "ok" or why not')
+
+
 class PathQuery(BaseModel):
     path: str = Field(".", max_length=4096)
 

@@ -80,7 +80,7 @@ async def test_serve_answers_health_and_stops_on_sigterm(tmp_path, prefix, schem
             body = await wait_for(healthy, timeout=30, poll=0.1)
         assert body["worker_id"] == "cli-test" and body["concurrency"] == 3
         assert body["active_tasks"] == 0 and body["volume_path"] == str(tmp_path / "v")
-        assert body["checks"] == {"redis": "ok", "postgres": "ok"}
+        assert body["checks"] == {"redis": "ok", "postgres": "ok", "volume": "ok"}
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             while proc.poll() is None:

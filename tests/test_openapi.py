@@ -30,12 +30,13 @@ async def test_documents_are_valid_and_cover_every_route(api: Api) -> None:
     assert set(public["paths"]) == {
         "/api/tasks/submit", "/api/tasks", "/api/tasks/{task_id}", "/api/tasks/{task_id}/cancel",
         "/api/tasks/{task_id}/events", "/api/workspaces/{workspace_id}/github/clone",
+        "/livez", "/readyz",
     }  # fmt: skip
     assert set(internal["paths"]) == {
         "/health", "/workspaces/{workspace_id}/files", "/workspaces/{workspace_id}/files/content",
         "/workspaces/{workspace_id}/files/write", "/workspaces/{workspace_id}/exec",
         "/workspaces/{workspace_id}/exec/stream", "/workspaces/{workspace_id}/files/grep",
-        "/workspaces/{workspace_id}/git",
+        "/workspaces/{workspace_id}/git", "/livez", "/readyz",
     }  # fmt: skip
     submit = public["paths"]["/api/tasks/submit"]["post"]
     assert set(submit["responses"]) >= {"202", "401", "409", "422"}

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import builtins
 import logging
+import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
+
+import trio
 
 from wsrunner.errors import NotFoundError, UnavailableError, ValidationError
 from wsrunner.models import JSON, ApiToken, Event, TaskRecord, TaskState
@@ -35,6 +39,7 @@ from wsrunner.tokens import TokenRegistry
 
 logger = logging.getLogger(__name__)
 
+CHECK_TIMEOUT_S: Final = 2.0  #: per readiness check
 _CLONE_KEYS: Final = frozenset({"repo_url", "branch", "shallow", "priority", "timeout_seconds",
                                 "idempotency_key", "description"})  # fmt: skip
 
@@ -186,15 +191,35 @@ class Service:
         """Events after `after` (a stream id), oldest first; `block_ms` waits for new ones."""
         return await self.queue.read_events(_task_id(task_id), after, block_ms=block_ms)
 
+    async def checks(self) -> dict[str, str]:
+        """Whether Redis and PostgreSQL answer and the volume takes a file: "ok" or why not.
+
+        Each check gets CHECK_TIMEOUT_S, so a probe answers even when a backend hangs.
+        """
+        results = {}
+        for name, check in (("redis", self.queue.ping), ("postgres", self.store.ping),
+                            ("volume", self._check_volume)):  # fmt: skip
+            with trio.move_on_after(CHECK_TIMEOUT_S) as waited:
+                try:
+                    await check()
+                    results[name] = "ok"
+                except (UnavailableError, OSError) as exc:
+                    results[name] = f"unavailable: {exc}"
+            if waited.cancelled_caught:
+                results[name] = f"unavailable: no answer within {CHECK_TIMEOUT_S:g}s"
+        return results
+
+    async def _check_volume(self) -> None:
+        def probe() -> None:
+            fd, path = tempfile.mkstemp(prefix=".wsrunner-ready-", dir=self.settings.volume_path)
+            os.close(fd)
+            os.unlink(path)
+
+        await trio.to_thread.run_sync(probe)
+
     async def health(self) -> JSON:
-        """The reference system's /health shape, plus whether Redis and PostgreSQL answer."""
-        checks = {}
-        for name, ping in (("redis", self.queue.ping), ("postgres", self.store.ping)):
-            try:
-                await ping()
-                checks[name] = "ok"
-            except UnavailableError as exc:
-                checks[name] = f"unavailable: {exc}"
+        """The reference system's /health shape, plus `checks` (see `checks()`)."""
+        checks = await self.checks()
         stats = self._stats() if self._stats is not None else None
         return {
             "status": "healthy" if all(v == "ok" for v in checks.values()) else "degraded",
