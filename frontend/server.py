@@ -35,7 +35,7 @@ def _config(host: str, port: int) -> Config:
     cfg.graceful_timeout = 3.0
     cfg.keep_alive_timeout = 5.0
     cfg.accesslog = None
-    cfg.errorlog = "-"
+    cfg.errorlog = logging.getLogger("hypercorn.error")  # through our handler (JSON lines)
     return cfg
 
 

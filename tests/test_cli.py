@@ -113,3 +113,52 @@ def test_tokens_create_list_revoke(schema) -> None:
     assert bad.returncode == 2 and "workspaces[0]" in bad.stderr
     usage = run_cli("tokens", "create", "--name", "x", env=env)
     assert usage.returncode == 2 and "--all-workspaces" in usage.stderr
+
+
+async def test_serve_logs_json_lines_with_task_ids_and_no_secrets(tmp_path, prefix, schema) -> None:
+    public, internal = free_port(), free_port()
+    env = {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
+           "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
+           "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WORKER_HEALTH_PORT": str(internal),
+           "WORKER_INTERNAL_TOKEN": "internal-secret-token", "PUBLIC_API_HOST": "127.0.0.1",
+           "PUBLIC_API_PORT": str(public)}  # fmt: skip
+    token = run_cli(
+        "tokens", "create", "--name", "logs", "--all-workspaces", env=env
+    ).stdout.strip()
+    proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{public}", headers=headers) as c:
+
+            async def submitted() -> str | None:
+                try:
+                    r = await c.post("/api/tasks/submit", json={
+                        "workspace_id": "ws-log", "steps": [{"action": "execute_command",
+                                                              "command": "echo hi"}]})  # fmt: skip
+                except httpx.TransportError:
+                    return None
+                return str(r.json()["task_id"])
+
+            task_id = await wait_for(submitted, timeout=30, poll=0.1)
+
+            async def done() -> bool:
+                r = await c.get(f"/api/tasks/{task_id}")
+                return bool(r.json()["status"] == "completed")
+
+            await wait_for(done, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=30))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = err.decode().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"ts", "level", "logger", "message"} <= e.keys() for e in events)
+    mine = [e for e in events if e.get("task_id") == task_id]
+    assert {e["message"] for e in mine} >= {"task started"} and all(
+        e["workspace_id"] == "ws-log" for e in mine
+    )
+    assert any("Running on" in e["message"] for e in events)  # Hypercorn's lines too
+    assert token not in err.decode() and "internal-secret-token" not in err.decode()

@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     if args.command == "tokens":
         try:
             return trio.run(_tokens, settings, args)

@@ -63,6 +63,7 @@ class Settings:
     list_cap_entries: int = 1000  #: list_directory step
     git_schemes: tuple[str, ...] = ("https", "ssh")  #: URL schemes a git_clone step may use
     log_level: str = "INFO"
+    log_format: str = "auto"  #: "json", "text", or "auto" (text on a terminal, else JSON)
 
 
 def default_worker_id() -> str:
@@ -143,6 +144,13 @@ def _level(v: Any) -> str:
     return s
 
 
+def _log_format(v: Any) -> str:
+    s = str(v).lower()
+    if s not in {"auto", "json", "text"}:
+        raise ValueError("must be one of auto, json, text")
+    return s
+
+
 #: field name -> (environment variable, converter). The YAML key is the field name.
 _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "worker_id": ("WORKER_ID", str),
@@ -180,6 +188,7 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "list_cap_entries": ("WSRUNNER_LIST_CAP", _positive_int),
     "git_schemes": ("WSRUNNER_GIT_SCHEMES", _names),
     "log_level": ("LOG_LEVEL", _level),
+    "log_format": ("LOG_FORMAT", _log_format),
 }
 
 #: YAML spelling of the quota in GB, as the environment variable has it.
