@@ -1,4 +1,5 @@
-"""The `wsrunner` command: `serve` runs the daemon, `tokens` manages the public API's tokens."""
+"""The `wsrunner` command: `serve` runs the daemon, `tokens` manages the public API's tokens,
+`submit` and `tasks` talk to a daemon (`wsrunner.console`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import trio_asyncio  # noqa: F401  # isort: skip
 import trio
 
-from wsrunner import __version__
+from wsrunner import __version__, console
 from wsrunner.daemon import Daemon, open_store, run_daemon
 from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a token by id (effective within 5 s)")
     revoke.add_argument("token_id", metavar="ID", help="the id shown by `tokens list`")
     revoke.add_argument("--json", action="store_true", help="print JSON")
+    console.add_parsers(sub)
     return parser
 
 
@@ -129,6 +131,8 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("submit", "tasks"):
+        return console.run(args)  # a client of a daemon: no daemon settings needed
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

@@ -1,0 +1,171 @@
+"""The commands that talk to a daemon over HTTP: `wsrunner submit` and `wsrunner tasks ...`.
+
+The server and token come from `--url`/`--token`, else `WSRUNNER_URL`/`WSRUNNER_TOKEN`. Output
+is lines for people, or one JSON document per command with `--json`. `submit --wait` and
+`tasks watch` follow the task's events (resuming after a dropped connection) and exit with its
+outcome: 0 completed, 1 failed, 3 timed out, 4 cancelled; 2 is a usage or request error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+import yaml
+
+from wsrunner.client import ApiError, Client, Event, Task
+
+EXIT_CODES: Final = {"completed": 0, "failed": 1, "timed_out": 3, "cancelled": 4}
+DEFAULT_URL: Final = "http://127.0.0.1:8080"
+
+
+def add_parsers(sub: Any) -> None:
+    """Add `submit` and `tasks` to the CLI's subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("WSRUNNER_URL", DEFAULT_URL),
+                        help=f"public API address (default: $WSRUNNER_URL or {DEFAULT_URL})")  # fmt: skip
+    common.add_argument("--token", default=os.environ.get("WSRUNNER_TOKEN"),
+                        help="bearer token (default: $WSRUNNER_TOKEN)")  # fmt: skip
+    common.add_argument("--json", action="store_true", help="print JSON")
+
+    submit = sub.add_parser(
+        "submit", parents=[common], help="submit a task and print its id",
+        description="Submit a task: one shell command (after --) or the steps of a YAML/JSON "
+        "file. Prints the task id; with --wait, follows the task and exits with its outcome.",
+    )  # fmt: skip
+    submit.add_argument("--workspace", required=True, metavar="ID", help="workspace id")
+    submit.add_argument("--priority", default="normal",
+                        choices=["critical", "high", "normal", "low"], help="queue priority")  # fmt: skip
+    submit.add_argument("--timeout", type=int, default=300, metavar="SECONDS",
+                        help="task timeout, 10-3600 (default 300)")  # fmt: skip
+    submit.add_argument("--steps", type=Path, metavar="FILE",
+                        help="a YAML or JSON list of steps instead of a command")  # fmt: skip
+    submit.add_argument("--idempotency-key", metavar="KEY", help="retry-safe submission key")
+    submit.add_argument("--wait", action="store_true", help="follow the task to its end")
+    submit.add_argument("shell", nargs="*", metavar="COMMAND", help="the shell command, after --")
+
+    tasks = sub.add_parser("tasks", help="list, show, cancel or watch tasks",
+                           description="Look at and act on tasks of the public API.")  # fmt: skip
+    actions = tasks.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", parents=[common], help="newest tasks first")
+    listing.add_argument("--workspace", metavar="ID", help="only this workspace")
+    listing.add_argument("--status", help="only tasks in this state")
+    listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    for name, text in (("show", "a task's record"), ("cancel", "cancel a queued or running task"),
+                       ("watch", "follow a task's events to its end")):  # fmt: skip
+        action = actions.add_parser(name, parents=[common], help=text)
+        action.add_argument("task_id", metavar="ID")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.token:
+        print("wsrunner: no token; pass --token or set WSRUNNER_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        code: int = trio.run(_run, args)
+    except ApiError as exc:
+        print(f"wsrunner: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"wsrunner: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+async def _run(args: argparse.Namespace) -> int:
+    async with Client(args.url, args.token) as wsr:
+        if args.command == "submit":
+            return await _submit(wsr, args)
+        if args.action == "list":
+            found = []
+            async for task in wsr.list(workspace_id=args.workspace, status=args.status):
+                found.append(task)
+                if len(found) >= args.limit:
+                    break
+            _print_tasks(found, args.json)
+            return 0
+        if args.action == "show":
+            task = await wsr.get(args.task_id)
+            print(json.dumps(task.raw, indent=2) if args.json else _describe(task))
+            return 0
+        if args.action == "cancel":
+            await wsr.cancel(args.task_id)
+            print(json.dumps({"id": args.task_id, "status": "cancelled"}) if args.json
+                  else f"task {args.task_id} cancelled")  # fmt: skip
+            return 0
+        return await _watch(wsr, args.task_id, args.json)
+
+
+async def _submit(wsr: Client, args: argparse.Namespace) -> int:
+    if args.steps is not None:
+        steps = await trio.to_thread.run_sync(lambda: yaml.safe_load(args.steps.read_text()))
+        if not isinstance(steps, list):
+            raise ValueError(f"{args.steps}: expected a list of steps")
+    elif args.shell:
+        steps = [{"action": "execute_command", "command": " ".join(args.shell)}]
+    else:
+        raise ValueError("give a command after -- or a --steps file")
+    accepted = await wsr.submit(args.workspace, steps, priority=args.priority,
+                                timeout_seconds=args.timeout,
+                                idempotency_key=args.idempotency_key)  # fmt: skip
+    if not args.wait:
+        print(json.dumps({"task_id": accepted.task_id, "status": accepted.status})
+              if args.json else accepted.task_id)  # fmt: skip
+        return 0
+    if not args.json:
+        print(accepted.task_id, file=sys.stderr)
+    return await _watch(wsr, accepted.task_id, args.json)
+
+
+async def _watch(wsr: Client, task_id: str, as_json: bool) -> int:
+    """Print each event as it comes (a JSON line each with --json); exit with the outcome."""
+    async for event in wsr.events(task_id):
+        if as_json:
+            print(json.dumps({"id": event.id, "event": event.type, "data": event.data}), flush=True)
+        else:
+            _print_event(event)
+    task = await wsr.get(task_id)
+    if not as_json:
+        took = (
+            f" in {task.raw.get('execution_time_ms')} ms"
+            if task.raw.get("execution_time_ms") is not None
+            else ""
+        )
+        print(f"task {task.id} {task.status}{took}"
+              + (f": {task.error_message}" if task.error_message else ""), file=sys.stderr)  # fmt: skip
+    return EXIT_CODES.get(task.status, 1)
+
+
+def _print_event(event: Event) -> None:
+    data = event.data
+    if event.type == "output":
+        stream = sys.stdout if data.get("stream") == "stdout" else sys.stderr
+        stream.write(str(data.get("data", "")))
+        stream.flush()
+    elif event.type == "progress_update":
+        print(f"[{data.get('step')}/{data.get('total_steps')}] {data.get('description', '')}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    elif event.type == "error":
+        print(f"step {data.get('step')}: {data.get('error')}", file=sys.stderr, flush=True)
+
+
+def _describe(task: Task) -> str:
+    lines = [f"task       {task.id}", f"workspace  {task.workspace_id}",
+             f"status     {task.status}", f"priority   {task.priority}",
+             f"submitted  {task.submitted_at}", f"attempts   {task.attempts}"]  # fmt: skip
+    if task.error_message:
+        lines.append(f"error      {task.error_message}")
+    return "\n".join(lines)
+
+
+def _print_tasks(tasks: list[Task], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([t.raw for t in tasks]))
+        return
+    for t in tasks:
+        print(f"{t.id}  {t.status:<9}  {t.priority:<8}  {t.workspace_id}  {t.submitted_at}")
