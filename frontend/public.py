@@ -170,6 +170,25 @@ def create_public_app(service: Service, hub: Hub) -> App:
         body = _with_idempotency(await json_body())
         return _accepted(await service.submit_clone(workspace_id, body, scope=scope()))
 
+    @app.get("/api/tools")
+    @document_response(schemas.ToolList)
+    async def tool_definitions() -> Response:
+        """The workspace tools an agent can call, as JSON Schema tool definitions."""
+        return jsonify({"tools": service.tool_definitions()})
+
+    @app.post("/api/tools/call")
+    @document_request(schemas.ToolCall)
+    @document_response(schemas.ToolResult)
+    async def call_tool() -> Response:
+        """Run one tool in a workspace of the token's scope, under the same limits as the
+        internal API."""
+        body = await json_body()
+        if not isinstance(body, dict):
+            raise ValidationError("", f"expected a JSON object, got {type(body).__name__}")
+        result = await service.call_tool(body.get("workspace_id"), body.get("tool"),
+                                         body.get("arguments", {}), scope=scope())  # fmt: skip
+        return jsonify({"tool": body["tool"], "result": result})
+
     @app.get("/api/tasks")
     @document_querystring(schemas.ListQuery)
     @document_response(schemas.TaskPage)

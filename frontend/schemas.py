@@ -168,6 +168,29 @@ class Problem(BaseModel):
     error: str | None = Field(None, description="the message again (internal API only)")
 
 
+class ToolDefinition(BaseModel):
+    name: str
+    description: str
+    category: str
+    permission: Literal["read", "write"]
+    parameters: dict[str, Any] = Field(description="JSON Schema of the arguments")
+
+
+class ToolList(BaseModel):
+    tools: list[ToolDefinition]
+
+
+class ToolCall(BaseModel):
+    workspace_id: WorkspaceId
+    tool: str = Field(description="a name from GET /api/tools")
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolResult(BaseModel):
+    tool: str
+    result: dict[str, Any]
+
+
 # --- internal API -------------------------------------------------------------------------------
 
 

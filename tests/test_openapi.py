@@ -30,7 +30,7 @@ async def test_documents_are_valid_and_cover_every_route(api: Api) -> None:
     assert set(public["paths"]) == {
         "/api/tasks/submit", "/api/tasks", "/api/tasks/{task_id}", "/api/tasks/{task_id}/cancel",
         "/api/tasks/{task_id}/events", "/api/workspaces/{workspace_id}/github/clone",
-        "/livez", "/readyz",
+        "/livez", "/readyz", "/api/tools", "/api/tools/call",
     }  # fmt: skip
     assert set(internal["paths"]) == {
         "/health", "/workspaces/{workspace_id}/files", "/workspaces/{workspace_id}/files/content",
@@ -70,7 +70,9 @@ async def _schemathesis(base: str, headers: dict[str, str], tmp_path: Path, *ext
 @pytest.mark.fuzz
 async def test_fuzz_public_api(api: Api, tmp_path: Path) -> None:
     """No 500, no hang, every response as documented, for generated requests."""
-    await _schemathesis(api.public, {"Authorization": f"Bearer {api.token}"}, tmp_path)
+    # /api/tools/call can run workspace_exec: it waits for the sandbox (issue 4), as below.
+    await _schemathesis(api.public, {"Authorization": f"Bearer {api.token}"}, tmp_path,
+                        "--exclude-path-regex", "/api/tools/call")  # fmt: skip
 
 
 @pytest.mark.fuzz

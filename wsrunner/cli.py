@@ -15,7 +15,7 @@ from typing import Any
 import trio_asyncio  # noqa: F401  # isort: skip
 import trio
 
-from wsrunner import __version__, console
+from wsrunner import __version__, console, tools
 from wsrunner.daemon import Daemon, open_store, run_daemon
 from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging
@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a token by id (effective within 5 s)")
     revoke.add_argument("token_id", metavar="ID", help="the id shown by `tokens list`")
     revoke.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("tools", help="print the agent tool definitions (JSON)",
+                   description="Print the workspace tools an agent can call, as served at "
+                   "GET /api/tools: name, description, category, permission, JSON Schema.")  # fmt: skip
     console.add_parsers(sub)
     return parser
 
@@ -133,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("submit", "tasks"):
         return console.run(args)  # a client of a daemon: no daemon settings needed
+    if args.command == "tools":
+        print(json.dumps({"tools": tools.definitions()}, indent=2))
+        return 0
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from wsrunner import tools
 from wsrunner.errors import NotFoundError, UnavailableError, ValidationError
 from wsrunner.models import JSON, ApiToken, Event, TaskRecord, TaskState
 from wsrunner.operations import WorkspaceOps
@@ -229,6 +230,18 @@ class Service:
             "volume_path": str(self.settings.volume_path),
             "checks": checks,
         }
+
+    # --- agent tools ---------------------------------------------------------------------------
+
+    def tool_definitions(self) -> builtins.list[JSON]:
+        return tools.definitions()
+
+    async def call_tool(self, workspace_id: object, name: object, arguments: object, *,
+                        scope: ApiToken | None = None) -> JSON:  # fmt: skip
+        """Run an agent tool in a workspace of the caller's scope (see `wsrunner.tools`)."""
+        ws = validate_workspace_id(workspace_id)
+        _check_scope(scope, ws)
+        return await tools.call(self.workspace, ws, name, arguments)
 
     # --- workspace operations (the internal API) ---------------------------------------------
 
