@@ -27,6 +27,7 @@ from wsrunner.credentials import credential_provider
 from wsrunner.errors import ConfigError, UnavailableError
 from wsrunner.executor import Executor
 from wsrunner.lease import Reaper, serve_cancel_watch, serve_heartbeat
+from wsrunner.metrics import Metrics
 from wsrunner.operations import WorkspaceOps
 from wsrunner.poller import serve_poller
 from wsrunner.ports import Store
@@ -107,10 +108,13 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         executor = Executor(
             settings, workspaces, credential_provider(settings.git_credentials_file)
         )
-        runner = TaskRunner(settings, queue, store, workspaces, executor)
+        metrics = Metrics()
+        queue.on_error = metrics.backend_errors.labels(backend="redis").inc
+        store.on_error = metrics.backend_errors.labels(backend="postgres").inc
+        runner = TaskRunner(settings, queue, store, workspaces, executor, metrics)
         slots = Slots(settings.concurrency, runner)
         ops = WorkspaceOps(settings, workspaces, executor)
-        service = Service(settings, queue, store, ops=ops, stats=slots.statistics)
+        service = Service(settings, queue, store, ops=ops, stats=slots.statistics, metrics=metrics)
         daemon = Daemon(settings, service, runner, slots)
         reaper = Reaper(settings, queue, store)
         await reaper.reconcile()  # PostgreSQL is the source of truth: repair Redis first

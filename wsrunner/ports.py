@@ -7,7 +7,7 @@ embedded backend can implement them without touching the core.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 class Queue(Protocol):
     """Fast shared state: priority queues with leased claims, status mirror, events, heartbeats."""
+
+    on_error: Callable[[], None] | None
 
     async def ping(self) -> None: ...
     async def enqueue(self, payload: JSON, *, event_data: JSON) -> str: ...
@@ -44,6 +46,7 @@ class Queue(Protocol):
     async def read_events(
         self, task_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 500
     ) -> list[Event]: ...
+    async def depths(self) -> dict[str, int]: ...
     async def status(self, task_id: str) -> dict[str, str]: ...
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]: ...
     async def result(self, task_id: str) -> JSON | None: ...
@@ -60,6 +63,8 @@ class Queue(Protocol):
 
 class Store(Protocol):
     """The durable record: the arbiter of every state change."""
+
+    on_error: Callable[[], None] | None
 
     async def ping(self) -> None: ...
     async def create(

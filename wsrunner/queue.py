@@ -114,6 +114,7 @@ class RedisQueue:
         # Bound to the loop it was opened in, so any trio task may call it (an HTTP handler,
         # a test), not only tasks that inherited the loop's context.
         self._loop = trio_asyncio.current_loop.get()
+        self.on_error: Callable[[], None] | None = None  #: called on each failed call (metrics)
         self._r = client  # commands
         self._blocking = blocking  # blocking waits and pub/sub, on their own connections
         self.keys = keys
@@ -126,6 +127,8 @@ class RedisQueue:
         try:
             return await aio_as_trio(fn, loop=self._loop)(*args, **kwargs)
         except RedisError as exc:
+            if self.on_error is not None:
+                self.on_error()
             raise _translate(exc) from exc
 
     async def ping(self) -> None:
@@ -319,6 +322,14 @@ class RedisQueue:
             )
             for eid, f in raw
         ]
+
+    async def depths(self) -> dict[str, int]:
+        """Payloads waiting in each priority queue, in one round trip."""
+        pipe = self._r.pipeline(transaction=False)
+        for priority in PRIORITY_ORDER:
+            pipe.llen(self.keys.queue(priority))
+        counts = await self._call(pipe.execute)
+        return {p.value: int(n) for p, n in zip(PRIORITY_ORDER, counts, strict=True)}
 
     async def status(self, task_id: str) -> dict[str, str]:
         return dict(await self._call(self._r.hgetall, self.keys.status(task_id)))

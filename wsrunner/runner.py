@@ -27,6 +27,7 @@ from wsrunner.errors import (
     ValidationError,
 )
 from wsrunner.executor import Executor, StepContext
+from wsrunner.metrics import Metrics
 from wsrunner.models import JSON, Claim, TaskSpec, TaskState
 from wsrunner.payload import parse_task, validate_task_id
 from wsrunner.ports import Queue, Store
@@ -124,7 +125,8 @@ class TaskRunner:
     """Runs claimed tasks; `running` maps task id to what is running on this daemon."""
 
     def __init__(self, settings: Settings, queue: Queue, store: Store, workspaces: Workspaces,
-                 executor: Executor) -> None:  # fmt: skip
+                 executor: Executor, metrics: Metrics | None = None) -> None:  # fmt: skip
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.queue = queue
         self.store = store
@@ -238,6 +240,7 @@ class TaskRunner:
         ctx: StepContext | None = None
         forwarder = _OutputForwarder(self.queue, tid)
         logger.info("task started", extra=log)
+        self.metrics.tasks_started.labels(priority=spec.priority.value).inc()
         try:
             with rt.scope:
                 async with trio.open_nursery() as nursery:
@@ -258,6 +261,9 @@ class TaskRunner:
                                 "description": step.description or f"Step {i}: {step.action}"})  # fmt: skip
                             budget = rt.scope.deadline - trio.current_time()
                             res = await self.executor.run_step(step, ctx, budget_s=budget)
+                            self.metrics.step_seconds.labels(action=step.action).observe(
+                                res.get("duration_ms", 0) / 1000
+                            )
                             await forwarder.flush()
                             steps.append({"step": i, "action": step.action, "result": res})
                             if "error" in res:
@@ -352,6 +358,11 @@ class TaskRunner:
         except UnavailableError as exc:
             logger.error("Redis did not take the end of the task: %s", exc, extra=log)
         logger.info("task %s in %d ms", state.value if applied else "ended", elapsed_ms, extra=log)
+        if applied:
+            self.metrics.tasks_finished.labels(
+                status=state.value, priority=spec.priority.value
+            ).inc()
+            self.metrics.task_seconds.labels(status=state.value).observe(elapsed_ms / 1000)
 
     async def _requeue(self, rt: RunningTask) -> None:
         """Give the task back: `queued` again, its payload at the head of its queue."""

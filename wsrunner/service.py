@@ -25,6 +25,7 @@ import trio
 
 from wsrunner import tools
 from wsrunner.errors import NotFoundError, UnavailableError, ValidationError
+from wsrunner.metrics import Metrics
 from wsrunner.models import JSON, ApiToken, Event, TaskRecord, TaskState
 from wsrunner.operations import WorkspaceOps
 from wsrunner.payload import (
@@ -55,13 +56,15 @@ class Service:
     """What a client of wsrunner can ask of it."""
 
     def __init__(self, settings: Settings, queue: Queue, store: Store,
-                 ops: WorkspaceOps | None = None, stats: Any = None) -> None:  # fmt: skip
+                 ops: WorkspaceOps | None = None, stats: Any = None,
+                 metrics: Metrics | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.queue = queue
         self.store = store
         self.ops = ops  #: the workspace operations, when this process runs tasks
         self._stats = stats  # callable returning the slot statistics, when a daemon runs
         self.tokens = TokenRegistry(store)  #: the public API's bearer tokens
+        self.metrics = metrics or Metrics()
 
     # --- tasks --------------------------------------------------------------------------------
 
@@ -230,6 +233,20 @@ class Service:
             "volume_path": str(self.settings.volume_path),
             "checks": checks,
         }
+
+    async def metrics_text(self, *, sse_subscribers: int = 0) -> bytes:
+        """The Prometheus exposition, with the gauges read now (queue depth from Redis)."""
+        m = self.metrics
+        try:
+            for priority, depth in (await self.queue.depths()).items():
+                m.queue_depth.labels(priority=priority).set(depth)
+        except UnavailableError:
+            pass  # counted in wsrunner_backend_errors_total; the rest still renders
+        stats = self._stats() if self._stats is not None else None
+        m.slots_total.set(self.settings.concurrency)
+        m.slots_busy.set(stats.running if stats is not None else 0)
+        m.sse_subscribers.set(sse_subscribers)
+        return m.render()
 
     # --- agent tools ---------------------------------------------------------------------------
 

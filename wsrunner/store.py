@@ -88,6 +88,7 @@ class PostgresStore:
     def __init__(self, pool: ConnectionPool[Any], max_size: int, lease_s: float) -> None:
         self._pool = pool
         self._limiter = trio.CapacityLimiter(max_size)  # never more threads than connections
+        self.on_error: Callable[[], None] | None = None  #: called on each failed call (metrics)
         self.lease_s = lease_s
 
     async def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
@@ -150,6 +151,8 @@ class PostgresStore:
                 )
             raise
         except (psycopg.OperationalError, PoolTimeout) as exc:
+            if self.on_error is not None:
+                self.on_error()
             raise UnavailableError(f"PostgreSQL failed: {exc}") from exc
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,45 @@
+"""Prometheus metrics of one daemon: counters and histograms the runner feeds, gauges read at
+scrape time. Labels are low-cardinality (status, priority, action, backend), never ids.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from wsrunner import __version__
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+_SECONDS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    """One registry per daemon, so several daemons in one process keep apart."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.tasks_started = Counter("wsrunner_tasks_started_total",
+                                     "Task starts (attempts), by priority", ["priority"], registry=r)  # fmt: skip
+        self.tasks_finished = Counter("wsrunner_tasks_finished_total",
+                                      "Tasks ended here, by final status and priority",
+                                      ["status", "priority"], registry=r)  # fmt: skip
+        self.task_seconds = Histogram("wsrunner_task_duration_seconds",
+                                      "Run time of ended tasks, by final status", ["status"],
+                                      buckets=_SECONDS, registry=r)  # fmt: skip
+        self.step_seconds = Histogram("wsrunner_step_duration_seconds",
+                                      "Run time of steps, by action", ["action"],
+                                      buckets=_SECONDS, registry=r)  # fmt: skip
+        self.queue_depth = Gauge("wsrunner_queue_depth", "Tasks waiting, by priority queue",
+                                 ["priority"], registry=r)  # fmt: skip
+        self.slots_busy = Gauge("wsrunner_slots_busy", "Task slots running a task", registry=r)
+        self.slots_total = Gauge("wsrunner_slots_total", "Task slots of this daemon", registry=r)
+        self.backend_errors = Counter("wsrunner_backend_errors_total",
+                                      "Failed calls to Redis or PostgreSQL", ["backend"],
+                                      registry=r)  # fmt: skip
+        self.sse_subscribers = Gauge("wsrunner_sse_subscribers", "Open event streams", registry=r)
+        build = Gauge("wsrunner_build_info", "Version of this daemon", ["version"], registry=r)
+        build.labels(version=__version__).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
