@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -69,3 +70,72 @@ async def test_cancel_and_errors(api: Api) -> None:
     assert invalid.returncode == 2 and "workspace_id" in invalid.stderr.decode()
     nothing = await wsrunner(api, "submit", "--workspace", "ws-cli3")
     assert nothing.returncode == 2 and "give a command" in nothing.stderr.decode()
+
+
+async def test_url_and_token_from_the_client_config_file(api: Api, tmp_path: Path) -> None:
+    config = tmp_path / "client.yaml"
+    config.write_text(f"url: {api.public}\ntoken: {api.token}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSRUNNER_")}
+    env["WSRUNNER_CLIENT_CONFIG"] = str(config)
+    listed = await trio.run_process([sys.executable, "-m", "wsrunner", "tasks", "list"], env=env,
+                                    capture_stdout=True, capture_stderr=True, check=False)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr.decode()
+    config.write_text("url: x\npassword: y\n")
+    bad = await trio.run_process([sys.executable, "-m", "wsrunner", "tasks", "list"], env=env,
+                                 capture_stdout=True, capture_stderr=True, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "keys url and token" in bad.stderr.decode()
+
+
+async def test_watch_resumes_after_a_dropped_connection(api: Api) -> None:
+    """A proxy cuts the first event stream after the first output event; watch reconnects."""
+    host, port = api.public.removeprefix("http://").rsplit(":", 1)
+    requests: list[bytes] = []
+    cuts = 0
+
+    async def relay(client: trio.SocketStream) -> None:
+        nonlocal cuts
+        async with client, await trio.open_tcp_stream(host, int(port)) as upstream:
+            wants_events = False  # keep-alive: the stream may follow other requests
+
+            async def up() -> None:
+                nonlocal wants_events
+                async for data in client:
+                    requests.append(data)
+                    wants_events = wants_events or b"/events" in data
+                    await upstream.send_all(data)
+
+            async def down(scope: trio.CancelScope) -> None:
+                nonlocal cuts
+                seen = b""
+                async for data in upstream:
+                    seen += data
+                    if wants_events and cuts == 0 and b"event: output" in seen:
+                        cuts += 1
+                        end = data.find(b"\n\n", data.find(b"event: output")) + 2
+                        await client.send_all(data[:end])
+                        scope.cancel()  # drop both sides mid-stream
+                        return
+                    await client.send_all(data)
+                scope.cancel()
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(up)
+                    nursery.start_soon(down, nursery.cancel_scope)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # a side hung up: so does the relay
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
+        proxy = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        env = {**os.environ, "WSRUNNER_URL": proxy, "WSRUNNER_TOKEN": api.token}
+        watched = await trio.run_process(
+            [sys.executable, "-m", "wsrunner", "submit", "--workspace", "ws-cut", "--wait", "--",
+             "echo one; sleep 1; echo two"], env=env, capture_stdout=True, capture_stderr=True,
+            check=False)  # fmt: skip
+        nursery.cancel_scope.cancel()
+    assert watched.returncode == 0, watched.stderr.decode()
+    assert cuts == 1
+    assert watched.stdout.decode() == "one\ntwo\n"  # nothing repeated, nothing missed
+    resumed = [r for r in requests if b"/events" in r and b"last-event-id:" in r.lower()]
+    assert len(resumed) == 1

@@ -1,6 +1,8 @@
 """The commands that talk to a daemon over HTTP: `wsrunner submit` and `wsrunner tasks ...`.
 
-The server and token come from `--url`/`--token`, else `WSRUNNER_URL`/`WSRUNNER_TOKEN`. Output
+The server and token come from `--url`/`--token`, else `WSRUNNER_URL`/`WSRUNNER_TOKEN`, else
+the YAML file `WSRUNNER_CLIENT_CONFIG` (default `~/.config/wsrunner/client.yaml`, keys `url` and
+`token`). Output
 is lines for people, or one JSON document per command with `--json`. `submit --wait` and
 `tasks watch` follow the task's events (resuming after a dropped connection) and exit with its
 outcome: 0 completed, 1 failed, 3 timed out, 4 cancelled; 2 is a usage or request error.
@@ -27,10 +29,10 @@ DEFAULT_URL: Final = "http://127.0.0.1:8080"
 def add_parsers(sub: Any) -> None:
     """Add `submit` and `tasks` to the CLI's subcommands."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("WSRUNNER_URL", DEFAULT_URL),
-                        help=f"public API address (default: $WSRUNNER_URL or {DEFAULT_URL})")  # fmt: skip
-    common.add_argument("--token", default=os.environ.get("WSRUNNER_TOKEN"),
-                        help="bearer token (default: $WSRUNNER_TOKEN)")  # fmt: skip
+    common.add_argument("--url", help="public API address (default: $WSRUNNER_URL, the client "
+                        f"config file, or {DEFAULT_URL})")  # fmt: skip
+    common.add_argument("--token", help="bearer token (default: $WSRUNNER_TOKEN or the client "
+                        "config file)")  # fmt: skip
     common.add_argument("--json", action="store_true", help="print JSON")
 
     submit = sub.add_parser(
@@ -62,9 +64,29 @@ def add_parsers(sub: Any) -> None:
         action.add_argument("task_id", metavar="ID")
 
 
+def _client_config() -> dict[str, Any]:
+    path = Path(os.environ.get("WSRUNNER_CLIENT_CONFIG")
+                or Path.home() / ".config" / "wsrunner" / "client.yaml")  # fmt: skip
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    if not isinstance(data, dict) or set(data) - {"url", "token"}:
+        raise ValueError(f"{path}: expected a mapping with the keys url and token")
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        config = _client_config()
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"wsrunner: {exc}", file=sys.stderr)
+        return 2
+    args.url = args.url or os.environ.get("WSRUNNER_URL") or config.get("url") or DEFAULT_URL
+    args.token = args.token or os.environ.get("WSRUNNER_TOKEN") or config.get("token")
     if not args.token:
-        print("wsrunner: no token; pass --token or set WSRUNNER_TOKEN", file=sys.stderr)
+        print("wsrunner: no token; pass --token, set WSRUNNER_TOKEN, or put it in the client "
+              "config file", file=sys.stderr)  # fmt: skip
         return 2
     try:
         code: int = trio.run(_run, args)
