@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -139,3 +141,38 @@ async def test_watch_resumes_after_a_dropped_connection(api: Api) -> None:
     assert watched.stdout.decode() == "one\ntwo\n"  # nothing repeated, nothing missed
     resumed = [r for r in requests if b"/events" in r and b"last-event-id:" in r.lower()]
     assert len(resumed) == 1
+
+
+async def test_watch_on_a_terminal_shows_live_progress(api: Api, tmp_path: Path) -> None:
+    """Under a pseudo-terminal: a progress bar with the step, the output, the final state."""
+    master, slave = os.openpty()
+    env = {**os.environ, "WSRUNNER_URL": api.public, "WSRUNNER_TOKEN": api.token,
+           "TERM": "xterm-256color", "COLUMNS": "100"}  # fmt: skip
+    argv = [sys.executable, "-m", "wsrunner", "submit", "--workspace", "ws-tty", "--steps"]
+    steps = tmp_path / "steps.yaml"
+    steps.write_text("- action: execute_command\n  command: echo one; sleep 0.5\n"
+                     "- action: execute_command\n  command: echo two\n")  # fmt: skip
+    proc = subprocess.Popen([*argv, str(steps), "--wait"], stdin=slave, stdout=slave,
+                            stderr=slave, env=env, close_fds=True)  # fmt: skip
+    os.close(slave)
+
+    def read_all() -> bytes:
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side has closed
+                return out
+            if not chunk:
+                return out
+            out += chunk
+
+    try:
+        raw = await trio.to_thread.run_sync(read_all)
+        code = await trio.to_thread.run_sync(proc.wait)
+    finally:
+        os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode(errors="replace"))
+    assert code == 0, text
+    assert "step 2/2" in text and "1/2" in text  # the bar: step k of n
+    assert "one" in text and "two" in text and "completed in" in text

@@ -19,8 +19,10 @@ from typing import Any, Final
 
 import trio
 import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from wsrunner.client import ApiError, Client, Event, Task
+from wsrunner.client import TERMINAL, ApiError, Client, Event, Task
 
 EXIT_CODES: Final = {"completed": 0, "failed": 1, "timed_out": 3, "cancelled": 4}
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
@@ -145,22 +147,51 @@ async def _submit(wsr: Client, args: argparse.Namespace) -> int:
 
 
 async def _watch(wsr: Client, task_id: str, as_json: bool) -> int:
-    """Print each event as it comes (a JSON line each with --json); exit with the outcome."""
-    async for event in wsr.events(task_id):
-        if as_json:
+    """Follow the task to its end and exit with its outcome.
+
+    On a terminal: a live progress bar (step k of n) under the output as it arrives. Otherwise
+    plain lines (output to stdout/stderr, step headers to stderr), or a JSON line per event.
+    """
+    if as_json:
+        async for event in wsr.events(task_id):
             print(json.dumps({"id": event.id, "event": event.type, "data": event.data}), flush=True)
-        else:
+    elif sys.stdout.isatty():
+        await _watch_live(wsr, task_id)
+    else:
+        async for event in wsr.events(task_id):
             _print_event(event)
     task = await wsr.get(task_id)
     if not as_json:
-        took = (
-            f" in {task.raw.get('execution_time_ms')} ms"
-            if task.raw.get("execution_time_ms") is not None
-            else ""
-        )
-        print(f"task {task.id} {task.status}{took}"
+        ms = task.raw.get("execution_time_ms")
+        print(f"task {task.id} {task.status}" + (f" in {ms / 1000:.1f}s" if ms is not None else "")
               + (f": {task.error_message}" if task.error_message else ""), file=sys.stderr)  # fmt: skip
     return EXIT_CODES.get(task.status, 1)
+
+
+async def _watch_live(wsr: Client, task_id: str) -> None:
+    console = Console()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task("queued", total=None)
+        async for event in wsr.events(task_id):
+            data = event.data
+            if event.type == "progress_update":
+                progress.update(bar, total=data.get("total_steps"),
+                                completed=int(data.get("step", 1)) - 1,
+                                description=f"step {data.get('step')}/{data.get('total_steps')} "
+                                f"{data.get('description', '')}")  # fmt: skip
+            elif event.type == "output":
+                console.print(str(data.get("data", "")), end="", markup=False, highlight=False,
+                              style="red" if data.get("stream") == "stderr" else None)  # fmt: skip
+            elif event.type == "error":
+                console.print(f"step {data.get('step')}: {data.get('error')}", style="bold red",
+                              markup=False)  # fmt: skip
+            elif event.type == "status_changed":
+                if data.get("status") == "running":
+                    progress.update(bar, description="running")
+                elif data.get("status") in TERMINAL:
+                    progress.update(bar, completed=progress.tasks[0].total or 0)
 
 
 def _print_event(event: Event) -> None:
