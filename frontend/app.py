@@ -24,6 +24,14 @@ async def json_body() -> Any:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
 
 
+async def json_object() -> dict[str, Any]:
+    """The request body as a JSON object; 400 when it is not JSON, 422 when not an object."""
+    body = await json_body()
+    if not isinstance(body, dict):
+        raise ValidationError("", f"expected a JSON object, got {type(body).__name__}")
+    return body
+
+
 def query_int(name: str, default: int) -> int:
     """An integer query parameter; a 422 naming it when it is not one."""
     raw = request.args.get(name)

@@ -18,7 +18,7 @@ from quart import Response, jsonify, request
 from quart_schema import QuartSchema, document_querystring, document_request, document_response
 
 from frontend import probes, problems, schemas
-from frontend.app import App, json_body, query_int
+from frontend.app import App, json_object, query_int
 from frontend.openapi import Provider, install_openapi
 from frontend.sse import KEEPALIVE, Hub, frame, stream_response
 from wsrunner import __version__
@@ -30,12 +30,6 @@ logger = logging.getLogger(__name__)
 
 OPEN_PATHS: Final = frozenset({"/health", "/openapi.json"}) | probes.PATHS
 STREAM_BUFFER: Final = 256  #: output chunks a slow reader of /exec/stream may fall behind
-
-
-def _object(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise ValidationError("", f"expected a JSON object, got {type(body).__name__}")
-    return body
 
 
 def _required_arg(name: str) -> str:
@@ -103,7 +97,7 @@ def create_internal_app(service: Service, hub: Hub) -> App:
     @document_response(schemas.WriteResult)
     async def write_file(workspace_id: str) -> Response:
         """Write a text file atomically, creating its parents, within the storage quota."""
-        body = _object(await json_body())
+        body = await json_object()
         path, content = body.get("path"), body.get("content")
         if not isinstance(path, str) or not path.strip():
             raise ValidationError("path", "expected a non-empty string")
@@ -114,7 +108,7 @@ def create_internal_app(service: Service, hub: Hub) -> App:
     @document_response(schemas.CommandResult)
     async def exec_command(workspace_id: str) -> Response:
         """Run a shell command in the workspace; a non-zero exit is a result, not an error."""
-        body = _object(await json_body())
+        body = await json_object()
         return jsonify(
             await ws.exec(workspace_id, body.get("command"), body.get("cwd"), body.get("timeout"))
         )
@@ -123,7 +117,7 @@ def create_internal_app(service: Service, hub: Hub) -> App:
     @document_request(schemas.ExecRequest)
     async def exec_stream(workspace_id: str) -> Response:
         """Run a command and stream it as SSE: `output` events, then one `exit` with the result."""
-        body = _object(await json_body())
+        body = await json_object()
         ws.check_exec(body.get("command"), body.get("cwd"), body.get("timeout"))
         return await stream_response(_exec_frames(service, hub, workspace_id, body))
 
@@ -147,7 +141,7 @@ def create_internal_app(service: Service, hub: Hub) -> App:
     @document_response(schemas.CommandResult)
     async def git(workspace_id: str) -> Response:
         """One git operation from a fixed set; options that run programs are refused."""
-        body = _object(await json_body())
+        body = await json_object()
         return jsonify(
             await ws.git(
                 workspace_id,

@@ -26,7 +26,7 @@ from quart_schema import (
 )
 
 from frontend import probes, problems, schemas
-from frontend.app import App, json_body, query_int
+from frontend.app import App, json_body, json_object, query_int
 from frontend.openapi import install_openapi
 from frontend.sse import EVENT_ID, KEEPALIVE, RETRY_MS, Hub, frame, stream_response
 from wsrunner import __version__
@@ -191,9 +191,7 @@ def create_public_app(service: Service, hub: Hub) -> App:
     async def call_tool() -> Response:
         """Run one tool in a workspace of the token's scope, under the same limits as the
         internal API."""
-        body = await json_body()
-        if not isinstance(body, dict):
-            raise ValidationError("", f"expected a JSON object, got {type(body).__name__}")
+        body = await json_object()
         result = await service.call_tool(body.get("workspace_id"), body.get("tool"),
                                          body.get("arguments", {}), scope=scope())  # fmt: skip
         return jsonify({"tool": body["tool"], "result": result})

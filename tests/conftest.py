@@ -6,6 +6,7 @@ from __future__ import annotations
 import trio_asyncio  # noqa: F401  # isort: skip
 import json
 import os
+import subprocess
 import sys
 import threading
 import uuid
@@ -159,6 +160,18 @@ async def wait_terminal(daemon: Daemon, task_id: str, timeout: float = 30.0) -> 
         return rec if rec.status.terminal else None
 
     return await wait_for(done, timeout=timeout)
+
+
+def git_repo(path: Path, files: dict[str, str], message: str = "first") -> str:
+    """A git repository at `path` with `files` committed on `main`; returns its file:// URL."""
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    subprocess.run(["git", "-C", str(path), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(path), "commit", "-qm", message], check=True, env=env)
+    return f"file://{path}"
 
 
 def cmd(command: str, **extra: Any) -> dict[str, Any]:

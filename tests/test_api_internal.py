@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 import trio
 from httpx_sse import aconnect_sse
 
-from tests.conftest import INTERNAL_TOKEN, Api, wait_for
+from tests.conftest import INTERNAL_TOKEN, Api, git_repo, wait_for
 from tests.test_api_public import problem
 from wsrunner import search
 from wsrunner.operations import git_arguments
@@ -224,18 +223,9 @@ async def test_grep_fallback_gives_the_same_results_as_ripgrep(api: Api) -> None
     assert all(m["file"] not in (".git/config", "bin.dat", "link.py") for m in with_rg["matches"])
 
 
-def _repo(path: Path) -> None:
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
-    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
-    (path / "f").write_text("1\n")
-    subprocess.run(["git", "-C", str(path), "add", "."], check=True)
-    subprocess.run(["git", "-C", str(path), "commit", "-qm", "c1"], check=True, env=env)
-
-
 async def test_git_operations(api: Api, tmp_path: Path) -> None:
     origin = tmp_path / "origin"
-    _repo(origin)
+    git_repo(origin, {"f": "1\n"}, "c1")
     async with api.internal_client() as c:
         r = await c.post(
             f"{WS}/git", json={"operation": "clone", "args": f"file://{origin}", "branch": "main"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import gc
 import http.server
 import json
 import os
@@ -17,8 +16,7 @@ import pytest
 import trio
 from httpx_sse import aconnect_sse
 
-from frontend.sse import Hub
-from tests.conftest import Api, cmd, task_body, wait_for
+from tests.conftest import Api, cmd, git_repo, task_body, wait_for
 
 PROBLEM = "application/problem+json"
 
@@ -247,15 +245,21 @@ async def test_sse_disconnect_is_cleaned_up_at_once(api: Api) -> None:
         async with c.stream("GET", f"/api/tasks/{tid}/events") as r:
             async for _ in r.aiter_bytes():
                 break
-            assert _open_streams(api) == 1
-        await wait_for(lambda: _open_streams(api) == 0, timeout=5)
+            assert await _open_streams(c) == 1
+
+        async def closed() -> bool:
+            return await _open_streams(c) == 0
+
+        await wait_for(closed, timeout=5)
         await c.post(f"/api/tasks/{tid}/cancel")
 
 
-def _open_streams(api: Api) -> int:
-    """Streams the running daemon's hub counts as open (its hub is the one not closed)."""
-    hubs = [o for o in gc.get_objects() if isinstance(o, Hub) and not o.closing.is_set()]
-    return sum(h.open_streams for h in hubs)
+async def _open_streams(c: httpx.AsyncClient) -> int:
+    """Event streams the daemon has open, as its /metrics says."""
+    for line in (await c.get("/metrics")).text.splitlines():
+        if line.startswith("wsrunner_sse_subscribers "):
+            return int(float(line.split()[1]))
+    raise AssertionError("wsrunner_sse_subscribers is missing from /metrics")
 
 
 async def test_authentication(api: Api) -> None:
@@ -321,12 +325,7 @@ def _git_http(tmp_path: Path) -> Iterator[str]:
     """A dumb-HTTP git server for one repository that demands the token as a password."""
     bare = tmp_path / "srv" / "proj.git"
     work = tmp_path / "work"
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
-    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
-    (work / "README").write_text("from http\n")
-    subprocess.run(["git", "-C", str(work), "add", "."], check=True)
-    subprocess.run(["git", "-C", str(work), "commit", "-qm", "one"], check=True, env=env)
+    git_repo(work, {"README": "from http\n"})
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
     subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
     expected = "Basic " + base64.b64encode(f"x-access-token:{SECRET}".encode()).decode()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
-from tests.conftest import cmd, raw_payload, task_body, wait_terminal
+from tests.conftest import cmd, git_repo, raw_payload, task_body, wait_terminal
 from wsrunner.daemon import Daemon
 from wsrunner.models import TaskState
 
@@ -108,20 +107,10 @@ async def test_credentials_are_for_the_task_only(daemon: Daemon, redis_client) -
     assert "BEGIN KEY" not in str([e.data for e in events])
 
 
-def _git_repo(path) -> str:
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
-    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
-    (path / "README").write_text("v1\n")
-    subprocess.run(["git", "-C", str(path), "add", "."], check=True)
-    subprocess.run(["git", "-C", str(path), "commit", "-qm", "v1"], check=True, env=env)
-    return f"file://{path}"
-
-
 async def test_git_clone_then_pull(daemon: Daemon, tmp_path) -> None:
     origin = tmp_path / "origin" / "proj"
     origin.mkdir(parents=True)
-    url = _git_repo(origin)
+    url = git_repo(origin, {"README": "v1\n"}, "v1")
     rec = await run(daemon, {"action": "git_clone", "repo": url, "branch": "main", "shallow": False},
                     cmd("cat repos/proj/README"), {"action": "git_pull", "repo_name": "proj"})  # fmt: skip
     assert rec.status is TaskState.COMPLETED, rec.error_message
@@ -132,7 +121,9 @@ async def test_git_clone_then_pull(daemon: Daemon, tmp_path) -> None:
     # A second clone of another remote with the same name is refused, not silently pulled.
     other = tmp_path / "elsewhere" / "proj"
     other.mkdir(parents=True)
-    rec2 = await run(daemon, {"action": "git_clone", "repo": _git_repo(other)})
+    rec2 = await run(
+        daemon, {"action": "git_clone", "repo": git_repo(other, {"README": "v1\n"}, "v1")}
+    )
     assert "already holds another repository" in results(rec2)[0]["error"]
 
 
@@ -151,7 +142,7 @@ async def test_clone_token_stays_out_of_records_and_git_config(
 ) -> None:
     origin = tmp_path / "o" / "tok"
     origin.mkdir(parents=True)
-    _git_repo(origin)
+    git_repo(origin, {"README": "v1\n"}, "v1")
     # The token is in the URL as legacy producers send it; file:// ignores it, the point is where
     # it ends up.
     url = f"file://x-access-token:ghp_SECRET@{origin}"

@@ -86,6 +86,7 @@ class WorkspaceOps:
         self.workspaces = workspaces
         self.executor = executor
         self.rg = shutil.which("rg")  #: ripgrep, when installed; a Python search otherwise
+        mimetypes.init()  # reads the system's type map once, at start-up, not in a request
         self._commands = trio.CapacityLimiter(settings.concurrency)
 
     async def _root(self, workspace_id: str, *, create: bool = False) -> str:
