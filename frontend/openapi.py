@@ -21,13 +21,15 @@ from frontend.schemas import Problem
 _ERRORS: Final = {
     "400": "The body is not valid JSON",
     "401": "No valid bearer token or internal token",
-    "403": "The path leaves the workspace or names wsrunner's own files",
+    "403": "The path leaves the workspace or names wsrunner's own files, or the command "
+    "policy denies the command (`rule` names the rule that decided)",
     "404": "No such task, workspace, file or route (or not visible to this token)",
     "409": "The request conflicts with the task's state or an earlier request",
     "413": "The request body or the file is too large",
     "422": "A field is not valid; `errors` names it",
     "507": "The workspace is over its storage quota",
-    "503": "Redis or PostgreSQL is unavailable, or every command slot is busy; retry later",
+    "503": "Redis or PostgreSQL is unavailable, every command slot is busy (retry later), or "
+    "the host cannot give the isolation the policy requires (`missing` says why)",
 }
 
 #: One event of a stream, as an EventSource client sees it; `data` is JSON text.

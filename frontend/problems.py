@@ -18,9 +18,11 @@ from wsrunner.errors import (
     ConflictError,
     IdempotencyConflictError,
     InvalidTransitionError,
+    IsolationUnavailableError,
     NotFoundError,
     PathEscapeError,
     PathNotFoundError,
+    PolicyDeniedError,
     QuotaExceededError,
     TooLargeError,
     UnavailableError,
@@ -46,6 +48,13 @@ _STATUS: Final[tuple[tuple[type[WsrunnerError], int, str, str], ...]] = (
     (IdempotencyConflictError, 409, "idempotency-conflict", "Idempotency key reused"),
     (ConflictError, 409, "conflict", "Conflict"),
     (PathEscapeError, 403, "path-refused", "Path refused"),
+    (PolicyDeniedError, 403, "policy-denied", "Denied by the command policy"),
+    (
+        IsolationUnavailableError,
+        503,
+        "isolation-unavailable",
+        "The sandbox the policy requires is unavailable",
+    ),
     (QuotaExceededError, 507, "quota-exceeded", "Storage quota exceeded"),
     (TooLargeError, 413, "too-large", "Too large"),
     (WorkspaceError, 422, "workspace-error", "The workspace operation was refused"),
@@ -79,6 +88,12 @@ def from_error(exc: WsrunnerError) -> Response:
         extra["task_status"] = exc.current
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = 'Bearer realm="wsrunner"'
+    if isinstance(exc, PolicyDeniedError):
+        extra.update(rule=exc.details["rule"], rule_source=exc.details["source"],
+                     policy=exc.details["policy"])  # fmt: skip
+    if isinstance(exc, IsolationUnavailableError):
+        extra.update(required=exc.details["required"], available=exc.details["available"],
+                     missing=exc.details["missing"])  # fmt: skip
     if isinstance(exc, UnavailableError):
         headers["Retry-After"] = str(RETRY_AFTER_S)
     return problem(status, slug, title, str(exc), headers, **extra)

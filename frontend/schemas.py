@@ -166,6 +166,12 @@ class Problem(BaseModel):
     task_id: str | None = None
     task_status: str | None = None
     error: str | None = Field(None, description="the message again (internal API only)")
+    rule: str | None = Field(None, description="policy-denied: the id of the deciding rule")
+    rule_source: str | None = Field(None, description="policy-denied: file:line of that rule")
+    policy: str | None = Field(None, description="policy-denied: the policy version (digest)")
+    required: str | None = Field(None, description="isolation-unavailable: the policy's level")
+    available: str | None = Field(None, description="isolation-unavailable: this host's level")
+    missing: list[str] | None = Field(None, description="isolation-unavailable: what is missing")
 
 
 class ToolDefinition(BaseModel):

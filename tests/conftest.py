@@ -6,6 +6,8 @@ from __future__ import annotations
 import trio_asyncio  # noqa: F401  # isort: skip
 import json
 import os
+import secrets
+import stat
 import subprocess
 import sys
 import threading
@@ -56,8 +58,19 @@ def _schema() -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
+def traversable(path: Path) -> Path:
+    """Let other uids pass through `path` and its parents (pytest makes them 0700), as the
+    workspaces' own uids must to reach the volume and file:// remotes."""
+    for p in (path, *path.parents):
+        mode = p.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            p.chmod(stat.S_IMODE(mode) | stat.S_IXOTH | stat.S_IXGRP)
+    return path
+
+
 @pytest.fixture(name="settings")
 def _settings(tmp_path: Path, prefix: str, schema: str) -> Settings:
+    traversable(tmp_path)
     return Settings(
         worker_id=f"test-{uuid.uuid4().hex[:8]}",
         concurrency=2,
@@ -151,6 +164,14 @@ async def wait_for(
             await trio.sleep(poll)
 
 
+async def exit_code(proc: subprocess.Popen[Any], timeout: float = 20.0) -> int:
+    """Wait, without blocking trio, for a child process to exit; its exit status."""
+    with trio.fail_after(timeout):
+        while proc.poll() is None:
+            await trio.sleep(0.05)
+    return proc.returncode
+
+
 async def wait_terminal(daemon: Daemon, task_id: str, timeout: float = 30.0) -> Any:
     async def done() -> Any:
         try:
@@ -172,6 +193,33 @@ def git_repo(path: Path, files: dict[str, str], message: str = "first") -> str:
     subprocess.run(["git", "-C", str(path), "add", "."], check=True)
     subprocess.run(["git", "-C", str(path), "commit", "-qm", message], check=True, env=env)
     return f"file://{path}"
+
+
+def unique_seconds() -> str:
+    """A `sleep` duration no other test uses, to find its processes from the host."""
+    return f"{1000 + secrets.randbelow(8000)}.{secrets.randbelow(10**6):06d}"
+
+
+def host_pids(token: str) -> list[int]:
+    """Host pids of live processes with `token` as one of their arguments.
+
+    Commands run in their own pid namespace, so what they could write about themselves ($$)
+    means nothing on the host; their arguments are what the host can see.
+    """
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            with open(f"/proc/{entry.name}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if token.encode() in args and state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
 
 
 def cmd(command: str, **extra: Any) -> dict[str, Any]:

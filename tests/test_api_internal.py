@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -11,7 +10,7 @@ import pytest
 import trio
 from httpx_sse import aconnect_sse
 
-from tests.conftest import INTERNAL_TOKEN, Api, git_repo, wait_for
+from tests.conftest import INTERNAL_TOKEN, Api, git_repo, host_pids, unique_seconds, wait_for
 from tests.test_api_public import problem
 from wsrunner import search
 from wsrunner.operations import git_arguments
@@ -132,14 +131,19 @@ async def test_exec_results_and_timeouts(api: Api, tmp_path: Path) -> None:
         )
         env = (await c.post(f"{WS}/exec", json={"command": "env"})).json()["stdout"]
         assert INTERNAL_TOKEN not in env and "DATABASE_URL" not in env
-        marker = tmp_path / "pid"
-        r = await c.post(
-            f"{WS}/exec", json={"command": f"echo $$ > {marker}; sleep 100 & wait", "timeout": 1}
-        )
-        body = r.json()
+        t = unique_seconds()
+        async with trio.open_nursery() as nursery:
+            replies: list[httpx.Response] = []
+
+            async def run() -> None:
+                body = {"command": f"sleep {t} & sleep {t}; wait", "timeout": 2}
+                replies.append(await c.post(f"{WS}/exec", json=body))
+
+            nursery.start_soon(run)
+            await wait_for(lambda: len(host_pids(t)) == 2, timeout=5)
+        body = replies[0].json()
         assert body["timed_out"] and body["exit_code"] == -1
-        pid = int(marker.read_text())
-        await wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=5)
+        await wait_for(lambda: not host_pids(t), timeout=5)
         for bad in ({"command": ""}, {"command": "true", "timeout": 0}, {"command": "true", "timeout": 601},
                     {"command": ["ls"]}, {"command": "true", "timeout": "5"}):  # fmt: skip
             problem(await c.post(f"{WS}/exec", json=bad), 422)
@@ -158,16 +162,16 @@ async def test_exec_stream_sends_output_then_the_result(api: Api) -> None:
     assert events[-1][1]["exit_code"] == 1 and events[-1][1]["stdout"] == "a\n"
 
 
-async def test_exec_stream_disconnect_kills_the_command(api: Api, tmp_path: Path) -> None:
-    marker = tmp_path / "pid"
+async def test_exec_stream_disconnect_kills_the_command(api: Api) -> None:
+    t = unique_seconds()
     async with api.internal_client() as c:
-        body = {"command": f"echo $$ > {marker}; echo started; exec sleep 100"}
+        body = {"command": f"echo started; exec sleep {t}"}
         async with c.stream("POST", f"{WS}/exec/stream", json=body) as r:
             async for chunk in r.aiter_bytes():
                 if b"started" in chunk:
                     break
-        pid = int(marker.read_text())
-        await wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10)
+            await wait_for(lambda: len(host_pids(t)) == 1, timeout=5)
+        await wait_for(lambda: not host_pids(t), timeout=10)
         problem(await c.post(f"{WS}/exec/stream", json={"command": ""}), 422)
 
 
@@ -234,7 +238,7 @@ async def test_git_operations(api: Api, tmp_path: Path) -> None:
         (root(api) / "repos" / "origin" / "f").write_text("2\n")
         # A hook in the repository must not run: hooks are off for API git operations.
         hook = root(api) / "repos" / "origin" / ".git" / "hooks" / "pre-commit"
-        hook.write_text(f"#!/bin/sh\ntouch {tmp_path}/hook-ran\n")
+        hook.write_text(f"#!/bin/sh\ntouch {root(api)}/hook-ran\n")
         hook.chmod(0o755)
         status = (
             await c.post(
@@ -252,7 +256,7 @@ async def test_git_operations(api: Api, tmp_path: Path) -> None:
             )
         ).json()
         assert log["stdout"] == "two words\nc1\n"
-        assert not (tmp_path / "hook-ran").exists()
+        assert not (root(api) / "hook-ran").exists()
         for body, field in (
             ({"operation": "gc"}, "operation"),
             ({"operation": "diff", "args": "--output=/tmp/x"}, "args[0]"),

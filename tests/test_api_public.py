@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import http.server
 import json
-import os
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 import trio
 from httpx_sse import aconnect_sse
 
-from tests.conftest import Api, cmd, git_repo, task_body, wait_for
+from tests.conftest import Api, cmd, git_repo, host_pids, task_body, unique_seconds, wait_for
 
 PROBLEM = "application/problem+json"
 
@@ -168,17 +167,16 @@ async def test_list_is_newest_first_with_cursor_pages(api: Api) -> None:
             assert problem(r, 422)["errors"][0]["field"] == field
 
 
-async def test_cancel_kills_a_running_task_and_then_is_409(api: Api, tmp_path: Path) -> None:
-    marker = tmp_path / "pid"
+async def test_cancel_kills_a_running_task_and_then_is_409(api: Api) -> None:
+    t = unique_seconds()
     async with api.client() as c:
-        tid = await submitted(api, c, cmd(f"sh -c 'echo $$ > {marker}; exec sleep 100'"))
-        await wait_for(lambda: marker.exists() and marker.read_text().strip())
-        pid = int(marker.read_text())
+        tid = await submitted(api, c, cmd(f"sh -c 'exec sleep {t}'"))
+        await wait_for(lambda: host_pids(t))
         r = await c.post(f"/api/tasks/{tid}/cancel")
         assert r.status_code == 200 and r.json() == {"id": tid, "status": "cancelled"}
         rec = await final(c, tid)
         assert rec["status"] == "cancelled"
-        await wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10)
+        await wait_for(lambda: not host_pids(t), timeout=10)
         p = problem(await c.post(f"/api/tasks/{tid}/cancel"), 409)
         assert p["task_status"] == "cancelled" and "cancelled" in p["detail"]
 

@@ -32,18 +32,21 @@ def test_only_the_adapters_import_the_drivers() -> None:
     assert {m for m, n in core.items() if "psycopg" in n or "psycopg_pool" in n} == {
         "wsrunner/store.py"
     }
+    assert {m for m, n in core.items() if "sqlite3" in n} == {"wsrunner/sqlite.py"}
     for module, names in imports("frontend").items():
-        assert not names & {"redis", "psycopg"}, module
+        assert not names & {"redis", "psycopg", "sqlite3"}, module
 
 
 def test_only_the_composition_root_imports_the_adapters() -> None:
     """Everything else depends on the Protocols in wsrunner.ports."""
     for path in (ROOT / "wsrunner").rglob("*.py"):
-        if path.name in ("daemon.py", "queue.py", "store.py"):
+        if path.name in ("daemon.py", "queue.py", "store.py", "sqlite.py", "local.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module in (
                 "wsrunner.queue",
                 "wsrunner.store",
+                "wsrunner.sqlite",
+                "wsrunner.local",
             ):
                 raise AssertionError(f"{path.name} imports {node.module}; depend on wsrunner.ports")

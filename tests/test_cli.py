@@ -12,7 +12,7 @@ import sys
 import httpx
 import trio
 
-from tests.conftest import DATABASE_URL, REDIS_URL, wait_for
+from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, wait_for
 
 
 def run_cli(
@@ -80,12 +80,9 @@ async def test_serve_answers_health_and_stops_on_sigterm(tmp_path, prefix, schem
             body = await wait_for(healthy, timeout=30, poll=0.1)
         assert body["worker_id"] == "cli-test" and body["concurrency"] == 3
         assert body["active_tasks"] == 0 and body["volume_path"] == str(tmp_path / "v")
-        assert body["checks"] == {"redis": "ok", "postgres": "ok", "volume": "ok"}
+        assert body["checks"] == {"redis": "ok", "postgres": "ok", "volume": "ok", "sandbox": "ok"}
         proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
-            while proc.poll() is None:
-                await trio.sleep(0.05)
-        assert proc.returncode == 0
+        assert await exit_code(proc) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -9,7 +9,7 @@ import redis
 import trio
 import trio_asyncio
 
-from tests.conftest import cmd, task_body, wait_for, wait_terminal
+from tests.conftest import cmd, host_pids, task_body, unique_seconds, wait_for, wait_terminal
 from wsrunner.daemon import Daemon
 from wsrunner.errors import InvalidTransitionError, NotFoundError
 from wsrunner.models import TaskState
@@ -17,45 +17,36 @@ from wsrunner.queue import open_redis_queue
 from wsrunner.service import Service
 from wsrunner.store import open_postgres_store
 
-# A process tree: a background grandchild and a foreground child, both in the step's group.
-TREE = "sleep 100 & echo $! > {pids}; sleep 100 & echo $! >> {pids}; echo started; wait"
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
+# A process tree: two background grandchildren, one of them under a shell of its own.
+TREE = "sleep {t} & sh -c 'sleep {t}' & echo started; wait"
 
 
 async def started(daemon: Daemon, task_id: str) -> bool:
     return any(e.type == "output" for e in await daemon.service.events(task_id))
 
 
-async def test_timeout_kills_the_whole_process_tree(daemon: Daemon, tmp_path) -> None:
-    pids = tmp_path / "pids"
-    sub = await daemon.service.submit(task_body(cmd(TREE.format(pids=pids)), timeout_seconds=10))
+async def test_timeout_kills_the_whole_process_tree(daemon: Daemon) -> None:
+    t = unique_seconds()
+    sub = await daemon.service.submit(task_body(cmd(TREE.format(t=t)), timeout_seconds=10))
+    await wait_for(lambda: len(host_pids(t)) == 2)
     rec = await wait_terminal(daemon, sub.record.id, timeout=30)
     assert rec.status is TaskState.TIMED_OUT
     assert "timed out after" in rec.error_message
     assert 9_000 <= rec.execution_time_ms < 20_000
-    grandchildren = [int(p) for p in pids.read_text().split()]
-    assert len(grandchildren) == 2
-    await wait_for(lambda: not any(alive(p) for p in grandchildren), timeout=5)
+    await wait_for(lambda: not host_pids(t), timeout=5)
     step = rec.result["result"]["steps"][0]["result"]
     assert step["stdout"] == "started\n" and step["error"] == "interrupted"
 
 
-async def test_cancel_of_a_running_task_kills_it_at_once(daemon: Daemon, tmp_path) -> None:
-    pids = tmp_path / "pids"
-    sub = await daemon.service.submit(task_body(cmd(TREE.format(pids=pids)), timeout_seconds=600))
+async def test_cancel_of_a_running_task_kills_it_at_once(daemon: Daemon) -> None:
+    t = unique_seconds()
+    sub = await daemon.service.submit(task_body(cmd(TREE.format(t=t)), timeout_seconds=600))
     await wait_for(lambda: started(daemon, sub.record.id))
+    await wait_for(lambda: len(host_pids(t)) == 2)
     rec = await daemon.service.cancel(sub.record.id)
     assert rec.status is TaskState.CANCELLED
     await wait_for(lambda: sub.record.id not in daemon.runner.running, timeout=5)
-    grandchildren = [int(p) for p in pids.read_text().split()]
-    await wait_for(lambda: not any(alive(p) for p in grandchildren), timeout=5)
+    await wait_for(lambda: not host_pids(t), timeout=5)
     final = await daemon.service.get(sub.record.id)
     assert final.status is TaskState.CANCELLED
     assert final.result is not None  # what ran before the cancel is kept
@@ -64,11 +55,11 @@ async def test_cancel_of_a_running_task_kills_it_at_once(daemon: Daemon, tmp_pat
     assert statuses == ["queued", "running", "cancelled"]
 
 
-async def test_cancel_of_a_queued_task_means_it_never_starts(start_daemon, tmp_path) -> None:
+async def test_cancel_of_a_queued_task_means_it_never_starts(start_daemon, settings) -> None:
     daemon = await start_daemon(concurrency=1)
     blocker = await daemon.service.submit(task_body(cmd("sleep 2")))
-    marker = tmp_path / "ran"
-    queued = await daemon.service.submit(task_body(cmd(f"touch {marker}")))
+    marker = settings.volume_path / "ws-1" / "ran"
+    queued = await daemon.service.submit(task_body(cmd("touch ran")))
     await daemon.service.cancel(queued.record.id)
     await wait_terminal(daemon, blocker.record.id)
     await trio.sleep(0.5)  # give the daemon every chance to (wrongly) start it
@@ -150,7 +141,8 @@ async def test_output_is_capped_and_flagged(daemon: Daemon) -> None:
     sub = await daemon.service.submit(task_body(cmd("head -c 5000000 /dev/zero | tr '\\0' x")))
     rec = await wait_terminal(daemon, sub.record.id)
     step = rec.result["result"]["steps"][0]["result"]
-    assert step["truncated"] is True and len(step["stdout"]) == daemon.settings.stdout_cap_bytes
+    cap = daemon.policy.for_workspace("ws-1").limits.stdout_bytes
+    assert step["truncated"] is True and len(step["stdout"]) == cap
     assert step["stdout_bytes"] == 5_000_000 and rec.status is TaskState.COMPLETED
 
 

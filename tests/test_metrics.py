@@ -19,7 +19,8 @@ async def test_metrics_count_what_the_daemon_did(api: Api) -> None:
     service = api.daemon.service
     ok = await service.submit(task_body(cmd("true"), priority="high"))
     bad = await service.submit(task_body(cmd("exit 2")))
-    for sub in (ok, bad):
+    denied = await service.submit(task_body(cmd("sudo true")))
+    for sub in (ok, bad, denied):
         await wait_terminal(api.daemon, sub.record.id)
     queue = service.queue
     with pytest.raises(WsrunnerError):  # a command Redis refuses counts as a backend error
@@ -31,13 +32,20 @@ async def test_metrics_count_what_the_daemon_did(api: Api) -> None:
     assert (
         m[("wsrunner_tasks_finished_total", (("priority", "high"), ("status", "completed")))] == 1
     )
-    assert m[("wsrunner_tasks_finished_total", (("priority", "normal"), ("status", "failed")))] == 1
+    assert m[("wsrunner_tasks_finished_total", (("priority", "normal"), ("status", "failed")))] == 2
     assert m[("wsrunner_tasks_started_total", (("priority", "high"),))] == 1
     assert m[("wsrunner_task_duration_seconds_count", (("status", "completed"),))] == 1
-    assert m[("wsrunner_step_duration_seconds_count", (("action", "execute_command"),))] == 2
+    assert m[("wsrunner_step_duration_seconds_count", (("action", "execute_command"),))] == 3
     assert m[("wsrunner_slots_total", ())] == api.daemon.settings.concurrency
     assert ("wsrunner_build_info", (("version", "0.1.0"),)) in m
     assert m[("wsrunner_backend_errors_total", (("backend", "redis"),))] == 1
+    assert m[("wsrunner_policy_denials_total", (("mode", "enforce"), ("rule", "seed-sudo")))] == 1
+    assert m[("wsrunner_sandbox_refusals_total", ())] == 0
+    assert m[("wsrunner_isolation_level", ())] == 2  # full, here
+    assert m[("wsrunner_policy_last_reload_successful", ())] == 1
+    assert m[("wsrunner_policy_last_reload_success_timestamp_seconds", ())] > 1.7e9
+    digest = api.daemon.policy.current.digest
+    assert m[("wsrunner_policy_info", (("digest", digest),))] == 1
     assert all(ok.record.id not in str(labels) for _, labels in m)  # no ids in labels
 
 

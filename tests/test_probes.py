@@ -15,7 +15,8 @@ async def test_probes_answer_on_both_ports_without_a_token(api: Api) -> None:
             ready = await anon.get("/readyz")
             assert ready.status_code == 200
             assert ready.json() == {"status": "ready",
-                                    "checks": {"redis": "ok", "postgres": "ok", "volume": "ok"}}  # fmt: skip
+                                    "checks": {"redis": "ok", "postgres": "ok", "volume": "ok",
+                                               "sandbox": "ok"}}  # fmt: skip
 
 
 async def test_readyz_is_503_naming_what_is_not_ready(start_daemon, tmp_path) -> None:

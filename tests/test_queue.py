@@ -13,7 +13,16 @@ import redis
 import trio
 import trio_asyncio
 
-from tests.conftest import cmd, raw_payload, task_body, wait_for, wait_terminal
+from tests.conftest import (
+    cmd,
+    exit_code,
+    host_pids,
+    raw_payload,
+    task_body,
+    unique_seconds,
+    wait_for,
+    wait_terminal,
+)
 from wsrunner.daemon import Daemon
 from wsrunner.errors import NotFoundError
 from wsrunner.models import TaskState
@@ -117,10 +126,11 @@ def _spawn_daemon(settings, worker_id: str) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
 
 
-async def test_daemon_killed_with_sigkill_loses_nothing(start_daemon, settings, tmp_path) -> None:
-    marker, pidfile = tmp_path / "first-attempt", tmp_path / "pid"
-    # The first attempt marks itself and hangs; a second attempt finishes at once.
-    script = f"if [ -e {marker} ]; then echo second; else touch {marker}; echo $$ > {pidfile}; sleep 300; fi"
+async def test_daemon_killed_with_sigkill_loses_nothing(start_daemon, settings) -> None:
+    marker = settings.volume_path / "ws-1" / "first-attempt"
+    t = unique_seconds()
+    # The first attempt marks itself (in the workspace) and hangs; a second one finishes at once.
+    script = f"if [ -e first-attempt ]; then echo second; else touch first-attempt; sleep {t}; fi"
     victim = _spawn_daemon(settings, "victim")
     try:
         async with (
@@ -131,12 +141,12 @@ async def test_daemon_killed_with_sigkill_loses_nothing(start_daemon, settings, 
             sub = await Service(settings, queue, store).submit(
                 task_body(cmd(script), timeout_seconds=600)
             )
-            await wait_for(pidfile.exists, timeout=30)
+            await wait_for(lambda: marker.exists() and host_pids(t), timeout=30)
             assert (await store.get(sub.record.id)).worker_id == "victim"
             victim.send_signal(signal.SIGKILL)
             victim.wait()
-            # No systemd here to kill the dead daemon's leftovers: end the orphaned step.
-            os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+            # The sandbox dies with its daemon: nothing of the step outlives it.
+            await wait_for(lambda: not host_pids(t), timeout=5)
         survivor = await start_daemon(worker_id="survivor")
         rec = await wait_terminal(survivor, sub.record.id, timeout=30)
         assert rec.status is TaskState.COMPLETED, rec.error_message
@@ -182,25 +192,21 @@ async def test_sigterm_requeues_running_tasks_and_exits_zero(
     start_daemon, settings, tmp_path
 ) -> None:
     victim = _spawn_daemon(settings, "graceful")
-    pidfile = tmp_path / "pid"
+    pidfile = settings.volume_path / "ws-1" / "pid"
     try:
         async with (
             trio_asyncio.open_loop(),
             open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
             open_postgres_store(settings.database_url, schema=settings.database_schema) as store,
         ):
-            script = (
-                f"if [ -e {pidfile} ]; then echo resumed; else echo $$ > {pidfile}; sleep 300; fi"
-            )
+            script = "if [ -e pid ]; then echo resumed; else echo $$ > pid; sleep 300; fi"
             sub = await Service(settings, queue, store).submit(
                 task_body(cmd(script), timeout_seconds=600)
             )
             await wait_for(pidfile.exists, timeout=30)
             victim.send_signal(signal.SIGTERM)  # grace is 30 s by default: set a short one below
-            with trio.fail_after(60):
-                while victim.poll() is None:
-                    await trio.sleep(0.05)
-            assert victim.returncode == 0, victim.stderr.read().decode() if victim.stderr else ""
+            status = await exit_code(victim, timeout=60)
+            assert status == 0, victim.stderr.read().decode() if victim.stderr else ""
             rec = await store.get(sub.record.id)
             assert rec.status is TaskState.QUEUED  # given back, not lost and not failed
         survivor = await start_daemon()

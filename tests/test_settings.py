@@ -26,7 +26,8 @@ def test_reference_variables_and_defaults() -> None:
         ({"WORKER_CONCURRENCY": "0"}, r"WORKER_CONCURRENCY \(concurrency\): must be at least 1"),
         ({"WORKER_CONCURRENCY": "many"}, "WORKER_CONCURRENCY"),
         ({"WORKER_HEALTH_PORT": "70000"}, "port number"),
-        ({"DATABASE_URL": ""}, "DATABASE_URL is not set"),
+        ({"DATABASE_URL": "", "REDIS_URL": "redis://r:6379/0"}, "DATABASE_URL is not set"),
+        ({"WSRUNNER_BACKEND": "sqlite"}, "must be one of auto, embedded, redis"),
         ({"WSRUNNER_LEASE_TTL": "1", "WSRUNNER_HEARTBEAT_INTERVAL": "5"}, "must be longer"),
     ],
 )
@@ -60,3 +61,11 @@ def test_bad_yaml_names_the_key_and_file(tmp_path, text, message) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         load_settings(f, environ=BASE)
     assert str(f) in str(info.value)
+
+
+def test_the_backend_follows_what_is_configured(tmp_path) -> None:
+    bare = load_settings(environ={"STATE_DIRECTORY": f"{tmp_path}/a:{tmp_path}/b"})
+    assert bare.backend == "embedded" and str(bare.state_dir) == f"{tmp_path}/a"
+    assert load_settings(environ={"DATABASE_URL": "postgresql://x/y"}).backend == "redis"
+    forced = {"DATABASE_URL": "postgresql://x/y", "WSRUNNER_BACKEND": "embedded"}
+    assert load_settings(environ=forced).backend == "embedded"

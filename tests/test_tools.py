@@ -75,6 +75,14 @@ async def test_tool_call_errors(api: Api) -> None:
         r = await c.post("/api/tools/call", json={"workspace_id": "ws-t", "tool": "workspace_read_file",
                                                   "arguments": {"path": "../../etc/passwd"}})  # fmt: skip
         problem(r, 403)
+        # Tool calls go through the same command policy and sandbox as tasks.
+        r = await c.post("/api/tools/call", json={"workspace_id": "ws-t", "tool": "workspace_exec",
+                                                  "arguments": {"command": "nc -l 9"}})  # fmt: skip
+        denied = problem(r, 403)
+        assert denied["rule"] == "default-deny" and denied["type"].endswith("/policy-denied")
+        r = await c.post("/api/tools/call", json={"workspace_id": "ws-t", "tool": "workspace_exec",
+                                                  "arguments": {"command": "ls /root /run"}})  # fmt: skip
+        assert r.status_code == 200 and "No such file or directory" in r.json()["result"]["stderr"]
         r = await agent.post("/api/tools/call", json={"workspace_id": "ws-other",
                                                       "tool": "workspace_exec",
                                                       "arguments": {"command": "touch pwned"}})  # fmt: skip

@@ -20,7 +20,8 @@ from wsrunner.daemon import Daemon, open_store, run_daemon
 from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging
 from wsrunner.models import ApiToken
-from wsrunner.settings import Settings, load_settings
+from wsrunner.policy import console as policy_console
+from wsrunner.settings import Settings, load_settings, policy_paths
 from wsrunner.tokens import TokenRegistry
 
 logger = logging.getLogger("wsrunner")
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                    description="Print the workspace tools an agent can call, as served at "
                    "GET /api/tools: name, description, category, permission, JSON Schema.")  # fmt: skip
     console.add_parsers(sub)
+    policy_console.add_parser(sub)
     return parser
 
 
@@ -133,12 +135,24 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if argv[:1] == ["policy"] and "--" in argv:  # `policy test FILE -- git push -f`
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
     args = _parser().parse_args(argv)
     if args.command in ("submit", "tasks"):
         return console.run(args)  # a client of a daemon: no daemon settings needed
     if args.command == "tools":
         print(json.dumps({"tools": tools.definitions()}, indent=2))
         return 0
+    if args.command == "policy":
+        try:
+            configured = policy_paths(load_settings(None, require_database=False))
+        except ConfigError as exc:
+            print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
+            return 2
+        return policy_console.run(args, command, configured)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

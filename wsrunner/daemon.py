@@ -13,12 +13,16 @@ the background services stop, the HTTP servers close, and this daemon's heartbea
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 import trio
 import trio_asyncio
@@ -27,15 +31,20 @@ from wsrunner.credentials import credential_provider
 from wsrunner.errors import ConfigError, UnavailableError
 from wsrunner.executor import Executor
 from wsrunner.lease import Reaper, serve_cancel_watch, serve_heartbeat
+from wsrunner.local import LocalQueue
 from wsrunner.metrics import Metrics
+from wsrunner.notify import Notifier
 from wsrunner.operations import WorkspaceOps
+from wsrunner.policy import LivePolicy, PolicyError
 from wsrunner.poller import serve_poller
-from wsrunner.ports import Store
+from wsrunner.ports import Queue, Store
 from wsrunner.queue import open_redis_queue
 from wsrunner.runner import StopReason, TaskRunner
+from wsrunner.sandbox import LEVELS, Sandbox, probe, turned_off
 from wsrunner.service import Service
-from wsrunner.settings import Settings
+from wsrunner.settings import Settings, policy_paths
 from wsrunner.slots import Slots
+from wsrunner.sqlite import open_sqlite_store
 from wsrunner.store import open_postgres_store
 from wsrunner.workspace import Workspaces
 
@@ -50,6 +59,9 @@ class Daemon:
     service: Service
     runner: TaskRunner
     slots: Slots
+    policy: LivePolicy
+    metrics: Metrics
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))
     stopping: trio.Event = field(default_factory=trio.Event)
     urls: list[str] = field(default_factory=list)
 
@@ -58,12 +70,58 @@ class Daemon:
         self.stopping.set()
 
 
+EMBEDDED_STORE: Final = "wsrunner.sqlite3"
+
+
 @asynccontextmanager
 async def open_store(settings: Settings, max_size: int = 2) -> AsyncIterator[Store]:
     """The durable store alone (migrated), for commands that need no daemon: `wsrunner tokens`."""
+    if settings.backend == "embedded":
+        async with open_sqlite_store(settings.state_dir / EMBEDDED_STORE,
+                                     lease_s=settings.lease_ttl_s) as embedded:  # fmt: skip
+            yield embedded
+        return
     async with open_postgres_store(settings.database_url, schema=settings.database_schema,
                                    max_size=max_size, lease_s=settings.lease_ttl_s) as store:  # fmt: skip
         yield store
+
+
+@asynccontextmanager
+async def open_backends(settings: Settings) -> AsyncIterator[tuple[Queue, Store]]:
+    """The queue and the store: Redis + PostgreSQL, or the embedded pair in `state_dir`.
+
+    The embedded store is locked to this process (one daemon per state directory). Its running
+    tasks belong to a daemon that is gone, so their leases end now and the reconciler puts them
+    back on the queue with everything still queued.
+    """
+    if settings.backend == "embedded":
+        async with open_sqlite_store(settings.state_dir / EMBEDDED_STORE,
+                                     lease_s=settings.lease_ttl_s) as store:  # fmt: skip
+            lock = await trio.to_thread.run_sync(_lock_state_dir, settings.state_dir)
+            try:
+                await store.expire_leases()
+                yield LocalQueue(store), store
+            finally:
+                os.close(lock)
+        return
+    async with (
+        trio_asyncio.open_loop(),
+        open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
+        open_store(settings, max_size=settings.concurrency + 4) as pg,
+    ):  # fmt: skip
+        yield queue, pg
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    fd = os.open(state_dir / "wsrunner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another wsrunner daemon uses the state directory {state_dir}; "
+                          "the embedded backend serves one daemon (use Redis + PostgreSQL "
+                          "for several)") from None  # fmt: skip
+    return fd
 
 
 def load_frontend(name: str) -> Any:
@@ -90,40 +148,41 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         ConfigError: the frontend cannot be loaded.
     """
     frontend = load_frontend(settings.frontend)
-    async with (
-        trio_asyncio.open_loop(),
-        open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
-        open_store(settings, max_size=settings.concurrency + 4) as store,
-    ):  # fmt: skip
-        workspaces = Workspaces(settings.volume_path, default_quota=settings.default_quota_bytes,
-                                quotas=settings.workspace_quotas, git_schemes=settings.git_schemes)  # fmt: skip
+    async with open_backends(settings) as (queue, store):
         try:
-            await trio.to_thread.run_sync(
-                lambda: settings.volume_path.mkdir(parents=True, exist_ok=True)
-            )
+            await trio.to_thread.run_sync(_make_volume, settings)
         except OSError as exc:
             raise ConfigError(
                 f"WORKSPACE_VOLUME_PATH {settings.volume_path}: {exc.strerror}"
             ) from None
-        executor = Executor(
-            settings, workspaces, credential_provider(settings.git_credentials_file)
-        )
         metrics = Metrics()
+        notifier = Notifier.from_environ()
+        policy = await open_policy(settings, metrics)
+        sandbox = await open_sandbox(settings, policy, metrics)
+        workspaces = Workspaces(settings.volume_path, default_quota=settings.default_quota_bytes,
+                                quotas=settings.workspace_quotas, git_schemes=settings.git_schemes,
+                                uids=sandbox.isolation.uids)  # fmt: skip
+        executor = Executor(settings, workspaces, policy, sandbox,
+                            credential_provider(settings.git_credentials_file), metrics)  # fmt: skip
         queue.on_error = metrics.backend_errors.labels(backend="redis").inc
         store.on_error = metrics.backend_errors.labels(backend="postgres").inc
         runner = TaskRunner(settings, queue, store, workspaces, executor, metrics)
         slots = Slots(settings.concurrency, runner)
         ops = WorkspaceOps(settings, workspaces, executor)
         service = Service(settings, queue, store, ops=ops, stats=slots.statistics, metrics=metrics)
-        daemon = Daemon(settings, service, runner, slots)
+        daemon = Daemon(settings, service, runner, slots, policy, metrics, notifier)
         reaper = Reaper(settings, queue, store)
-        await reaper.reconcile()  # PostgreSQL is the source of truth: repair Redis first
+        # The durable store is the source of truth: repair the queue first. An embedded queue
+        # starts empty, so everything queued is pushed again, however recent.
+        await reaper.reconcile(min_age_s=0 if settings.backend == "embedded" else None)
         http_stop = trio.Event()
         async with trio.open_nursery() as http:
             async with trio.open_nursery() as services:
                 await services.start(serve_heartbeat, settings, queue, store, runner)
                 await services.start(serve_cancel_watch, settings, queue, runner)
                 await services.start(reaper.serve)
+                await services.start(serve_policy_reload, policy, metrics, notifier)
+                await services.start(notifier.serve_watchdog)
                 if frontend is not None:
                     daemon.urls = await http.start(
                         frontend.serve, service, settings, http_stop.wait
@@ -137,6 +196,10 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
                     logger.info("wsrunner %s ready: %d slots, volume %s%s", settings.worker_id,
                                 settings.concurrency, settings.volume_path,
                                 f", serving {' '.join(daemon.urls)}" if daemon.urls else "")  # fmt: skip
+                    await notifier.ready(
+                        f"{settings.concurrency} slots; policy {policy.current.digest}; "
+                        f"isolation {sandbox.isolation.level}"
+                    )
                     task_status.started(daemon)
                 services.cancel_scope.cancel()
             http_stop.set()
@@ -148,10 +211,77 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         logger.info("wsrunner %s stopped", settings.worker_id)
 
 
+def _make_volume(settings: Settings) -> None:
+    volume = settings.volume_path
+    if not volume.is_dir():
+        volume.mkdir(parents=True)
+        volume.chmod(0o711)  # workspace uids pass through; nobody lists the workspaces
+
+
+async def open_policy(settings: Settings, metrics: Metrics) -> LivePolicy:
+    """Load the command policy; an invalid one stops the start-up (ConfigError, exit 2)."""
+    base, dropins = policy_paths(settings)
+    try:
+        live = await trio.to_thread.run_sync(LivePolicy.open, base, dropins)
+    except PolicyError as exc:
+        raise ConfigError(f"invalid command policy:\n{exc}") from None
+    metrics.policy_loaded(live.current.digest, live.last_reload_at)
+    logger.info("policy %s loaded from %s", live.current.digest, ", ".join(live.current.sources))
+    return live
+
+
+async def open_sandbox(settings: Settings, policy: LivePolicy, metrics: Metrics) -> Sandbox:
+    """Probe the isolation this host offers and log it, one line per layer."""
+    if settings.sandbox == "off":
+        isolation = turned_off()
+    else:
+        isolation = await trio.to_thread.run_sync(probe, str(settings.volume_path),
+                                                  settings.sandbox_uids)  # fmt: skip
+
+    metrics.isolation.set(LEVELS[isolation.level])
+    for layer, state in isolation.layers.items():
+        logger.info("sandbox %s: %s", layer, state)
+    required = policy.base().sandbox.require
+    if (refusal := isolation.refusal(required)) is not None:
+        logger.error("sandbox: %s; commands will be refused until this is fixed", refusal)
+    elif isolation.level != "full":
+        logger.warning("sandbox: isolation is %s (missing: %s)", isolation.level,
+                       "; ".join(isolation.missing))  # fmt: skip
+    else:
+        logger.info("sandbox: full isolation")
+    return Sandbox(isolation)
+
+
+async def serve_policy_reload(live: LivePolicy, metrics: Metrics, notifier: Notifier, *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+    """Reload the policy on SIGHUP: validated first, the old one kept if the new one is invalid.
+
+    Tasks already running keep the policy they started with (their `StepContext.policy`).
+    """
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            await notifier.reloading()
+            ok = await reload_policy(live, metrics)
+            await notifier.ready(f"policy {live.current.digest} "
+                                 + ("loaded" if ok else "kept: the new files are invalid"))  # fmt: skip
+
+
+async def reload_policy(live: LivePolicy, metrics: Metrics) -> bool:
+    """One reload (what SIGHUP does); True if the new files are now in force."""
+    if await trio.to_thread.run_sync(live.reload):
+        metrics.policy_loaded(live.current.digest, live.last_reload_at)
+        return True
+    metrics.policy_reload_ok.set(0)
+    metrics.policy_reload_failures.inc()
+    return False
+
+
 async def _drain_timer(daemon: Daemon) -> None:
     """After a stop request, give running tasks `shutdown_grace_s`, then re-queue the rest."""
     await daemon.stopping.wait()
     running = len(daemon.runner.running)
+    await daemon.notifier.stopping(f"stopping: {running} running task(s) finishing")
     logger.info("stopping: no new claims; %d running task(s) have %.0fs to finish",
                 running, daemon.settings.shutdown_grace_s)  # fmt: skip
     await trio.sleep(daemon.settings.shutdown_grace_s)

@@ -12,7 +12,9 @@
     │   ├── PathEscapeError         a path would leave the workspace
     │   ├── PathNotFoundError       no such file or directory in the workspace
     │   ├── TooLargeError           a file or output is bigger than the cap allows
-    │   └── QuotaExceededError      the workspace is over its storage quota
+    │   ├── QuotaExceededError      the workspace is over its storage quota
+    │   ├── PolicyDeniedError       the command policy denies the command (names the rule)
+    │   └── IsolationUnavailableError  the host cannot give the sandbox the policy requires
     └── UnavailableError            Redis or PostgreSQL could not be reached
 
 Messages say what was expected and what was found. Driver exceptions (redis-py, psycopg) are
@@ -83,6 +85,26 @@ class TooLargeError(WorkspaceError):
 
 class QuotaExceededError(WorkspaceError):
     """The workspace uses more storage than its quota allows."""
+
+
+class PolicyDeniedError(WorkspaceError):
+    """The command policy denies a command; `details` is the structured error of the step."""
+
+    def __init__(self, details: dict[str, object]) -> None:
+        super().__init__(str(details["message"]))
+        self.details = details
+
+
+class IsolationUnavailableError(WorkspaceError):
+    """This host cannot isolate commands as well as the policy requires; says what is missing."""
+
+    def __init__(self, required: str, available: str, missing: tuple[str, ...]) -> None:
+        what = "; ".join(missing) or "unknown"
+        super().__init__(f"the policy requires {required} isolation but this host offers only "
+                         f"{available}: {what}")  # fmt: skip
+        self.details: dict[str, object] = {"error": "isolation_unavailable", "required": required,
+                                           "available": available, "missing": list(missing),
+                                           "message": str(self)}  # fmt: skip
 
 
 class UnavailableError(WsrunnerError):

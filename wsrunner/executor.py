@@ -1,26 +1,35 @@
 """Run one step of a task in its workspace and describe what happened.
 
-A step never raises for an ordinary failure: a non-zero exit, a refused path, a missing repo all
-come back as a result with an `error` key, in the reference system's result shape. Only
-cancellation (the task's timeout, a cancel request, shutdown) propagates, after the step's
-processes are dead; what the step printed until then stays readable in `StepContext.capture`.
+A step never raises for an ordinary failure: a non-zero exit, a refused path, a missing repo, a
+command the policy denies all come back as a result with an `error` key, in the reference
+system's result shape. Only cancellation (the task's timeout, a cancel request, shutdown)
+propagates, after the step's processes are dead; what the step printed until then stays
+readable in `StepContext.capture`.
+
+Every process, a command or git, runs in the sandbox (`wsrunner.sandbox`) with the limits of the
+policy the task started with (`StepContext.policy`); commands are first judged by that policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import logging
 import os
 import re
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import trio
 
 from wsrunner import paths
 from wsrunner.credentials import GitCredentialProvider, NoCredentials
-from wsrunner.errors import ConfigError, WorkspaceError
+from wsrunner.errors import ConfigError, IsolationUnavailableError, WorkspaceError
+from wsrunner.metrics import Metrics
 from wsrunner.models import (
     JSON,
     CreateDirectory,
@@ -33,11 +42,20 @@ from wsrunner.models import (
     WriteFile,
 )
 from wsrunner.payload import redact_url
+from wsrunner.policy import EffectivePolicy, LivePolicy
 from wsrunner.process import Capture, run_process
+from wsrunner.sandbox import EXIT_LAUNCH_FAILED, Sandbox
 from wsrunner.settings import Settings
 from wsrunner.workspace import TaskEnvironment, Workspaces
 
+logger = logging.getLogger(__name__)
+
 CLONE_TIMEOUT_S: Final = 300.0
+QUOTA_POLL_S: Final = 0.25  #: how often a running command's workspace is measured, at most
+#: Keeps a repository's own .git/config and hooks from running programs in daemon git calls.
+GIT_SAFE_CONFIG: Final = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
+                          "-c", "core.pager=cat", "-c", "diff.external=",
+                          "-c", "protocol.ext.allow=never")  # fmt: skip
 PULL_TIMEOUT_S: Final = 120.0
 _SCP_LIKE: Final = re.compile(r"[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/].*")
 _ASKPASS: Final = """#!/bin/sh
@@ -54,6 +72,7 @@ class StepContext:
 
     env: TaskEnvironment
     workspace_id: str
+    policy: EffectivePolicy  #: chosen when the task started; a reload does not change it
     on_output: Any = None  #: callable(stream, chunk) for live output events, or None
     capture: Capture | None = None  #: output of the command running now, if any
     repos_touched: list[str] = field(default_factory=list)
@@ -66,12 +85,42 @@ def _ms(start: float) -> int:
 class Executor:
     """Runs steps; stateless between steps apart from the settings it was built with."""
 
-    def __init__(self, settings: Settings, workspaces: Workspaces,
-                 credentials: GitCredentialProvider | None = None) -> None:  # fmt: skip
+    def __init__(self, settings: Settings, workspaces: Workspaces, policy: LivePolicy,
+                 sandbox: Sandbox, credentials: GitCredentialProvider | None = None,
+                 metrics: Metrics | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.workspaces = workspaces
+        self.policy = policy
+        self.sandbox = sandbox
         self.credentials = credentials or NoCredentials()
+        self.metrics = metrics or Metrics()
         self._fs = trio.CapacityLimiter(8)
+
+    def context(self, env: TaskEnvironment, workspace_id: str, on_output: Any = None,
+                policy: EffectivePolicy | None = None) -> StepContext:  # fmt: skip
+        """A step context under `policy` (default: the one in force now), kept for the task."""
+        policy = policy or self.policy.for_workspace(workspace_id)
+        return StepContext(env, workspace_id, policy, on_output)
+
+    def judge(
+        self, policy: EffectivePolicy, command: str, *, task_id: str | None = None
+    ) -> JSON | None:
+        """None if `command` may run; else the failed step's result naming the deciding rule.
+
+        In audit mode a denied command runs: the denial is logged and counted, and None returned.
+        """
+        decision = policy.evaluate(command)
+        if decision.allowed:
+            return None
+        denial = decision.as_error()
+        self.metrics.policy_denials.labels(mode=decision.mode, rule=str(denial["rule"])).inc()
+        log = {"task_id": task_id, "workspace_id": policy.workspace, "rule": denial["rule"],
+               "rule_source": denial["source"]}  # fmt: skip
+        if decision.runs:
+            logger.warning("policy audit: would deny: %s", denial["message"], extra=log)
+            return None
+        logger.info("policy denied: %s", denial["message"], extra=log)
+        return {"error": f"denied by policy: {denial['message']}", "policy_denied": denial}
 
     async def run_step(self, step: Step, ctx: StepContext, *, budget_s: float) -> JSON:
         """Run `step`; returns its result dict (`error` set when it failed).
@@ -108,24 +157,85 @@ class Executor:
     # --- processes ----------------------------------------------------------------------------
 
     async def spawn(self, argv: list[str], ctx: StepContext, *, cwd: str, timeout: float,
-                     extra_env: dict[str, str] | None = None) -> JSON:  # fmt: skip
-        s = self.settings
-        ctx.capture = capture = Capture.capped(
-            s.stdout_cap_bytes, s.stderr_cap_bytes, ctx.on_output
-        )
+                    extra_env: dict[str, str] | None = None, git: bool = False,
+                    network: bool | None = None, read_only: tuple[str, ...] = ()) -> JSON:  # fmt: skip
+        """Run `argv` in the workspace's sandbox; its result dict (`error` set if it failed).
+
+        A command (`git` False) sees the policy's protected paths read-only and its network
+        setting; the daemon's own git operations (`git` True) get `gitNetwork` when `network`.
+        """
+        policy = ctx.policy
+        limits = policy.limits
+        ctx.capture = capture = Capture.capped(limits.stdout_bytes, limits.stderr_bytes,
+                                               ctx.on_output)  # fmt: skip
         start = time.monotonic()
         env = dict(ctx.env.env, **(extra_env or {}))
-        with trio.move_on_after(timeout) as scope:
-            rc = await run_process(
-                argv, cwd=cwd, env=env, capture=capture, kill_grace=s.kill_grace_s
-            )
+        quota = self.workspaces.quota(ctx.workspace_id)
+        room = quota - await self.workspaces.usage(ctx.workspace_id)
+        if room <= 0:
+            ctx.capture = None
+            return {"error": f"the workspace is over its storage quota of {quota} bytes; "
+                             "nothing runs until files are deleted"}  # fmt: skip
+        # No single file may outgrow what is left of the workspace's quota.
+        limits = dataclasses.replace(
+            limits, file_size_bytes=max(4096, min(limits.file_size_bytes, room))
+        )
+        if git:
+            net = bool(network) and policy.sandbox.git_network == "host"
+            protect: list[str] = []
+        else:
+            net = policy.sandbox.network == "host"
+            protect = await self._fs_call(_protected, ctx.env.root, policy.sandbox.protect)
+        timeout = min(timeout, limits.timeout_s)
+        try:
+            async with self.sandbox.launch(
+                argv, root=ctx.env.root, cwd=cwd, policy=policy.sandbox, limits=limits,
+                network=net, protect=protect, read_only=read_only, home=env.get("HOME", "/"),
+            ) as launch:  # fmt: skip
+                over: list[int] = []
+                with trio.move_on_after(timeout) as scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._watch_quota, ctx.workspace_id, quota, over,
+                                           nursery.cancel_scope)  # fmt: skip
+                        rc = await run_process(launch.argv, cwd=launch.cwd, env=env,
+                                               capture=capture, pass_fds=launch.pass_fds,
+                                               kill_grace=self.settings.kill_grace_s)  # fmt: skip
+                        nursery.cancel_scope.cancel()
+        except IsolationUnavailableError as exc:
+            ctx.capture = None
+            self.metrics.sandbox_refusals.inc()
+            return {"error": str(exc), "isolation_unavailable": exc.details}
         ctx.capture = None
-        result = self.describe(capture, exit_code=None if scope.cancelled_caught else rc,
-                               duration_ms=_ms(start))  # fmt: skip
-        if scope.cancelled_caught:
+        stopped = scope.cancelled_caught or bool(over)
+        result = self.describe(capture, exit_code=None if stopped else rc, duration_ms=_ms(start))
+        if over:
+            result["limits_hit"] = ["quota"]
+            result["error"] = (f"killed: the workspace grew to {over[0]} bytes, over its storage "
+                               f"quota of {quota} bytes")  # fmt: skip
+        elif scope.cancelled_caught:
             result["timed_out"] = True
-            result["error"] = f"timed out after {timeout:g}s; its process group was killed"
+            result["error"] = f"timed out after {timeout:g}s; its processes were killed"
+        else:
+            _explain_limits(result, rc, launch.limits_hit, limits)
         return result
+
+    async def _watch_quota(self, workspace_id: str, quota: int, over: list[int],
+                           scope: trio.CancelScope) -> None:  # fmt: skip
+        """Stop a running command (cancel `scope`) once its workspace exceeds its quota.
+
+        The disk is walked at most every QUOTA_POLL_S, and never more than a fifth of the time:
+        a command writing fast overshoots by what it writes in one interval.
+        """
+        interval = QUOTA_POLL_S
+        while True:
+            await trio.sleep(interval)
+            began = trio.current_time()
+            used = await self.workspaces.usage(workspace_id, fresh=True)
+            interval = max(QUOTA_POLL_S, 4 * (trio.current_time() - began))
+            if used > quota:
+                over.append(used)
+                scope.cancel()
+                return
 
     @staticmethod
     def describe(capture: Capture, *, exit_code: int | None, duration_ms: int) -> JSON:
@@ -151,6 +261,9 @@ class Executor:
         return result
 
     async def _command(self, step: ExecuteCommand, ctx: StepContext, timeout: float) -> JSON:
+        task_id = os.path.basename(ctx.env.task_dir)
+        if (denied := self.judge(ctx.policy, step.command, task_id=task_id)) is not None:
+            return denied
         cwd = await self._fs_call(paths.real_dir, ctx.env.root, step.cwd)
         return await self.spawn(["/bin/sh", "-c", step.command], ctx, cwd=cwd, timeout=timeout)
 
@@ -190,12 +303,12 @@ class Executor:
         clean_url, extra_env = await self._clone_auth(step.repo, ctx)
         if await self._fs_call(os.path.isdir, dest):
             origin = await self.spawn(["git", "-C", dest, "remote", "get-url", "origin"], ctx,
-                                       cwd=ctx.env.root, timeout=30)  # fmt: skip
+                                       cwd=ctx.env.root, timeout=30, git=True)  # fmt: skip
             if origin["stdout"].strip() != clean_url:
                 return {"error": f"repos/{name} already holds another repository "
                                  f"({origin['stdout'].strip() or 'unknown remote'}); "
                                  "refusing to reuse it", "repo_path": f"repos/{name}"}  # fmt: skip
-            result = await self._git_pull(dest, step.branch, ctx, timeout, extra_env)
+            result = await self._git_pull(dest, clean_url, step.branch, ctx, timeout, extra_env)
             result.update(repo_path=f"repos/{name}", cached=True)
             return result
         argv = ["git", "clone", "--no-recurse-submodules"]
@@ -204,11 +317,20 @@ class Executor:
         if step.branch:
             argv += ["--branch", step.branch]
         argv += ["--", clean_url, dest]
-        result = await self.spawn(argv, ctx, cwd=ctx.env.root, timeout=timeout, extra_env=extra_env)
+        result = await self.spawn(argv, ctx, cwd=ctx.env.root, timeout=timeout, git=True,
+                                  network=True, read_only=await self._local_remote(clean_url, ctx),
+                                  extra_env=extra_env)  # fmt: skip
         result.update(repo_path=f"repos/{name}", cached=False)
         if "error" not in result:
             ctx.repos_touched.append(name)
         return result
+
+    async def _local_remote(self, url: str, ctx: StepContext) -> tuple[str, ...]:
+        """Host paths a git command needs to see for `url`: a file:// remote, trusted."""
+        if (path := _local_source(url)) is None:
+            return ()
+        await self._fs_call(_trust, ctx.env.root, ctx.env.env["GIT_CONFIG_GLOBAL"], path)
+        return (path,)
 
     async def _clone_auth(self, url: str, ctx: StepContext) -> tuple[str, dict[str, str]]:
         """The URL to give git and the environment that answers its password prompt.
@@ -234,31 +356,35 @@ class Executor:
                 return url, {}
             user, password = "x-access-token", token
         askpass = os.path.join(ctx.env.task_dir, "askpass")
-        await self._fs_call(_write_executable, askpass, _ASKPASS)
+        rel = askpass.removeprefix(ctx.env.root).lstrip("/")
+        await self._fs_call(paths.write_text, ctx.env.root, rel, _ASKPASS, 0o700)
         return url, {"GIT_ASKPASS": askpass, "WSRUNNER_GIT_USERNAME": user,
                      "WSRUNNER_GIT_PASSWORD": password}  # fmt: skip
 
-    async def _git_pull(self, repo: str, branch: str | None, ctx: StepContext, timeout: float,
-                        extra_env: dict[str, str] | None = None) -> JSON:  # fmt: skip
+    async def _git_pull(self, repo: str, url: str, branch: str | None, ctx: StepContext,
+                        timeout: float, extra_env: dict[str, str] | None = None) -> JSON:  # fmt: skip
         deadline = trio.current_time() + timeout
         if branch:
-            checkout = await self.spawn(["git", "-C", repo, "checkout", branch, "--"], ctx,
-                                         cwd=ctx.env.root, timeout=timeout)  # fmt: skip
+            checkout = await self.spawn(["git", *GIT_SAFE_CONFIG, "-C", repo, "checkout", branch,
+                                         "--"], ctx, cwd=ctx.env.root, timeout=timeout, git=True)  # fmt: skip
             if "error" in checkout:
                 return checkout
         left = max(1.0, deadline - trio.current_time())
-        return await self.spawn(["git", "-C", repo, "pull", "--no-rebase"], ctx,
-                                 cwd=ctx.env.root, timeout=left, extra_env=extra_env)  # fmt: skip
+        local = await self._local_remote(url, ctx)
+        return await self.spawn(["git", *GIT_SAFE_CONFIG, "-C", repo, "pull", "--no-rebase"], ctx,
+                                cwd=ctx.env.root, timeout=left, git=True, network=True,
+                                read_only=local, extra_env=extra_env)  # fmt: skip
 
     async def _pull(self, step: GitPull, ctx: StepContext, timeout: float) -> JSON:
         dest = os.path.join(ctx.env.root, "repos", step.repo_name)
         if not await self._fs_call(os.path.isdir, os.path.join(dest, ".git")):
             return {"error": f"Repo not cached: {step.repo_name}. Clone it first."}
         origin = await self.spawn(["git", "-C", dest, "remote", "get-url", "origin"], ctx,
-                                  cwd=ctx.env.root, timeout=30)  # fmt: skip
+                                  cwd=ctx.env.root, timeout=30, git=True)  # fmt: skip
         # The workspace's token for the origin's host, as for the clone.
-        _, extra_env = await self._clone_auth(origin["stdout"].strip(), ctx)
-        result = await self._git_pull(dest, step.branch, ctx, timeout, extra_env)
+        url = origin["stdout"].strip()
+        _, extra_env = await self._clone_auth(url, ctx)
+        result = await self._git_pull(dest, url, step.branch, ctx, timeout, extra_env)
         result.update(repo_path=f"repos/{step.repo_name}", cached=True)
         return result
 
@@ -296,7 +422,80 @@ class Executor:
         }
 
 
-def _write_executable(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o700)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+def _local_source(url: str) -> str | None:
+    """The path of a file:// remote (made visible read-only to the clone or pull), or None."""
+    parts = urlsplit(url)
+    if parts.scheme != "file" or not parts.path.startswith("/"):
+        return None
+    return os.path.normpath(unquote(parts.path))
+
+
+def _trust(root: str, gitconfig: str, path: str) -> None:
+    """Mark one local remote as safe in the task's git config; never `*`.
+
+    The remote belongs to another uid than the workspace's, which git refuses ("dubious
+    ownership"). The task's global config is the place git reads it from for the upload-pack
+    it runs on the remote: it drops GIT_CONFIG_* variables for local transports.
+    """
+    rel = gitconfig.removeprefix(root).lstrip("/")
+    text = paths.read_text(root, rel, 1024 * 1024).content
+    quoted = [p.replace("\\", "\\\\").replace('"', '\\"') for p in (path, f"{path}/.git")]
+    entry = "".join(f'\tdirectory = "{q}"\n' for q in quoted)
+    if entry not in text:
+        paths.write_text(root, rel, f"{text}[safe]\n{entry}")
+
+
+_LIMIT_SIGNALS: Final = {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size"}
+
+
+def _explain_limits(result: JSON, rc: int, hit: list[str], limits: Any) -> None:
+    """Say which limit ended the command, instead of a bare exit status such as 137."""
+    signum = -rc if rc < 0 else rc - 128 if rc > 128 else 0
+    reason = _LIMIT_SIGNALS.get(signum)  # type: ignore[call-overload]
+    hit = list(hit) + ([reason] if reason and reason not in hit else [])
+    if rc == EXIT_LAUNCH_FAILED and not result["stdout"]:
+        result["error"] = "the sandbox could not start the command: " + (
+            result["stderr"].strip().splitlines() or ["unknown reason"])[-1]  # fmt: skip
+    if not hit:
+        return
+    result["limits_hit"] = hit
+    words = {
+        "memory": f"killed: the memory limit of {limits.memory_bytes // 2**20} MiB was reached",
+        "pids": f"the limit of {limits.pids} processes was reached",
+        "cpu": f"killed: the CPU time limit of {limits.cpu_s}s was reached",
+        "file_size": f"killed: a file reached the size limit of {limits.file_size_bytes} bytes "
+        "(the policy's fileSize, or what is left of the storage quota)",
+    }
+    if rc != 0:
+        result["error"] = "; ".join(words[h] for h in hit) + f" (exit status {rc})"
+    else:
+        result["warning"] = "; ".join(words[h] for h in hit)
+
+
+def _protected(root: str, patterns: tuple[str, ...]) -> list[str]:
+    """Existing workspace paths matching the policy's `protect` globs, none through a symlink."""
+    found: list[str] = []
+    for pattern in patterns:
+        parts = [p for p in pattern.split("/") if p not in ("", ".")]
+        level = [root]
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            nxt = []
+            for base in level:
+                try:
+                    names = os.listdir(base) if any(c in part for c in "*?[") else [part]
+                except OSError:
+                    continue
+                for name in names:
+                    if not fnmatch.fnmatchcase(name, part):
+                        continue
+                    path = os.path.join(base, name)
+                    try:
+                        mode = os.lstat(path).st_mode
+                    except OSError:
+                        continue
+                    if stat.S_ISDIR(mode) or (last and stat.S_ISREG(mode)):
+                        nxt.append(path)
+            level = nxt
+        found += level if parts else []
+    return sorted(set(found))

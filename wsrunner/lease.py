@@ -174,8 +174,10 @@ class Reaper:
         else:  # ended (its ack was lost), or running elsewhere: this copy is spent
             await self.queue.ack(worker, claim_id)
 
-    async def reconcile(self) -> int:
-        """PostgreSQL path; returns how many tasks were re-queued or failed."""
+    async def reconcile(self, min_age_s: float | None = None) -> int:
+        """Repair the queue from the durable store; returns how many tasks were re-queued or
+        failed. Queued rows younger than `min_age_s` (default: a heartbeat, at least 5 s) are
+        left alone, as their submit may still be on its way to the queue."""
         n = 0
         for rec in await self.store.expired_running():
             if rec.worker_id and await self.queue.is_alive(rec.worker_id):
@@ -184,7 +186,8 @@ class Reaper:
             if target is TaskState.QUEUED:
                 await self.queue.requeue_payload(payload_from_record(rec))
             n += target is not None
-        stale = await self.store.stale_queued(age_s=max(5.0, self.settings.heartbeat_interval_s))
+        age = max(5.0, self.settings.heartbeat_interval_s) if min_age_s is None else min_age_s
+        stale = await self.store.stale_queued(age_s=age)
         known = await self.queue.statuses(r.id for r in stale)
         for rec in stale:
             if known.get(rec.id) is None:

@@ -13,7 +13,15 @@ import sys
 from datetime import UTC, datetime
 from typing import Final
 
-_CONTEXT_KEYS: Final = ("task_id", "workspace_id", "claim_id", "schema")
+_CONTEXT_KEYS: Final = (
+    "task_id",
+    "workspace_id",
+    "claim_id",
+    "schema",
+    "policy",
+    "rule",
+    "rule_source",
+)
 
 
 class TextFormatter(logging.Formatter):

@@ -38,8 +38,31 @@ class Metrics:
                                       "Failed calls to Redis or PostgreSQL", ["backend"],
                                       registry=r)  # fmt: skip
         self.sse_subscribers = Gauge("wsrunner_sse_subscribers", "Open event streams", registry=r)
+        self.policy_denials = Counter("wsrunner_policy_denials_total",
+                                      "Commands the policy denied (mode=audit: ran anyway), by rule",
+                                      ["mode", "rule"], registry=r)  # fmt: skip
+        self.sandbox_refusals = Counter("wsrunner_sandbox_refusals_total",
+                                        "Commands refused because the host is below the "
+                                        "isolation the policy requires", registry=r)  # fmt: skip
+        self.policy_reload_ok = Gauge("wsrunner_policy_last_reload_successful",
+                                      "1 if the last policy (re)load succeeded", registry=r)  # fmt: skip
+        self.policy_reload_time = Gauge("wsrunner_policy_last_reload_success_timestamp_seconds",
+                                        "When the policy was last loaded successfully", registry=r)  # fmt: skip
+        self.policy_reload_failures = Counter("wsrunner_policy_reload_failures_total",
+                                              "Policy reloads refused as invalid", registry=r)  # fmt: skip
+        self.policy_info = Gauge("wsrunner_policy_info", "The active policy version",
+                                 ["digest"], registry=r)  # fmt: skip
+        self.isolation = Gauge("wsrunner_isolation_level",
+                               "Isolation this host gives commands: 2 full, 1 partial, 0 none",
+                               registry=r)  # fmt: skip
         build = Gauge("wsrunner_build_info", "Version of this daemon", ["version"], registry=r)
         build.labels(version=__version__).set(1)
+
+    def policy_loaded(self, digest: str, at: float) -> None:
+        self.policy_reload_ok.set(1)
+        self.policy_reload_time.set(at)
+        self.policy_info.clear()
+        self.policy_info.labels(digest=digest).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

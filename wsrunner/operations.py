@@ -26,14 +26,16 @@ from wsrunner import paths, search
 from wsrunner.errors import (
     NotFoundError,
     PathEscapeError,
+    PolicyDeniedError,
     QuotaExceededError,
     TooLargeError,
     UnavailableError,
     ValidationError,
 )
-from wsrunner.executor import Executor, StepContext
+from wsrunner.executor import GIT_SAFE_CONFIG, Executor, StepContext
 from wsrunner.models import JSON, GitClone
 from wsrunner.payload import validate_branch, validate_workspace_id
+from wsrunner.process import Capture, run_process
 from wsrunner.settings import Settings
 from wsrunner.workspace import RESERVED, Workspaces
 
@@ -52,10 +54,7 @@ _GIT_DENIED_LONG: Final = ("--config", "--config-env", "--upload-pack", "--recei
                            "--ssh", "--super-prefix")  # fmt: skip
 _GIT_DENIED_SHORT: Final = ("-c", "-O")
 _GIT_DENIED_SHORT_REMOTE: Final = ("-u",)  #: --upload-pack for clone, fetch and pull
-#: Configuration that keeps a repository's own .git/config and hooks from running programs.
-_GIT_SAFE_CONFIG: Final = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
-                           "-c", "core.pager=cat", "-c", "diff.external=",
-                           "-c", "protocol.ext.allow=never")  # fmt: skip
+_GIT_REMOTE: Final = frozenset({"fetch", "pull", "push"})  #: operations that reach the remote
 _LANGUAGES: Final = {".py": "python", ".js": "javascript", ".mjs": "javascript",
                      ".ts": "typescript", ".tsx": "typescript", ".jsx": "javascript",
                      ".json": "json", ".md": "markdown", ".yaml": "yaml", ".yml": "yaml",
@@ -95,7 +94,8 @@ class WorkspaceOps:
             return await self.workspaces.prepare(workspace_id)
         if not await self.workspaces.exists(workspace_id):
             raise NotFoundError(f"workspace {workspace_id} does not exist")
-        return self.workspaces.root(workspace_id)
+        # An existing directory is adopted: its layout and its own uid, as a task would.
+        return await self.workspaces.prepare(workspace_id)
 
     async def _fs(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` in a thread; an OSError the helper did not explain becomes a refusal."""
@@ -191,7 +191,7 @@ class WorkspaceOps:
         try:
             env = await self.workspaces.open_task(workspace_id, session, None)
             try:
-                yield StepContext(env=env, workspace_id=workspace_id)
+                yield self.executor.context(env, workspace_id)
             finally:
                 await self.workspaces.close_task(workspace_id, session, repos=None)
         finally:
@@ -219,6 +219,15 @@ class WorkspaceOps:
         rel = _check_path("." if cwd is None else cwd, "cwd")
         return command, rel, self._timeout(timeout, 120.0)
 
+    def check_policy(self, workspace_id: str, command: str) -> None:
+        """Raise if `command` cannot run here: PolicyDeniedError (naming the rule), or
+        IsolationUnavailableError (the host is below the policy's required isolation)."""
+        policy = self.executor.policy.for_workspace(validate_workspace_id(workspace_id))
+        if (denied := self.executor.judge(policy, command)) is not None:
+            raise PolicyDeniedError(denied["policy_denied"])
+        if (refused := self.executor.sandbox.isolation.refusal(policy.sandbox.require)) is not None:
+            raise refused
+
     async def exec(
         self,
         workspace_id: str,
@@ -230,6 +239,7 @@ class WorkspaceOps:
     ) -> JSON:
         """Run `command` with `/bin/sh -c` in the workspace; `on_output` sees output live."""
         text, rel, seconds = self.check_exec(command, cwd, timeout)
+        self.check_policy(workspace_id, text)
         async with self._session(workspace_id) as ctx:
             ctx.on_output = on_output
             workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
@@ -259,8 +269,9 @@ class WorkspaceOps:
             else:
                 workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
                 result = await self.executor.spawn(
-                    ["git", *_GIT_SAFE_CONFIG, operation, *argv], ctx,
-                    cwd=workdir, timeout=GIT_TIMEOUT_S,
+                    ["git", *GIT_SAFE_CONFIG, operation, *argv], ctx,
+                    cwd=workdir, timeout=GIT_TIMEOUT_S, git=True,
+                    network=operation in _GIT_REMOTE,
                 )  # fmt: skip
         result["operation"] = operation
         return result
@@ -278,9 +289,21 @@ class WorkspaceOps:
         rel = _check_path(path)
         root = await self._root(workspace_id)
         await self._fs(paths.real_dir, root, rel)  # contained, and a directory
+        policy = self.executor.policy.for_workspace(workspace_id)
+        sandbox = self.executor.sandbox
+        sandboxed = sandbox.isolation.level == "full"
+
+        async def spawn(argv: list[str], capture: Capture) -> int:
+            async with sandbox.launch(argv, root=root, cwd=root, policy=policy.sandbox,
+                                      limits=policy.limits, network=False) as launch:  # fmt: skip
+                return await run_process(launch.argv, cwd=launch.cwd, capture=capture,
+                                         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                         kill_grace=self.settings.kill_grace_s,
+                                         pass_fds=launch.pass_fds)  # fmt: skip
+
         async with self._commands:
             found, complete = await search.run(root, rel, query, rg=self.rg,
-                                               kill_grace=self.settings.kill_grace_s)  # fmt: skip
+                                               spawn=spawn if sandboxed else None)  # fmt: skip
         found = [m for m in found if m["file"].split("/", 1)[0] not in RESERVED]
         found.sort(key=lambda m: (m["file"], m["line"]))
         return {
@@ -291,7 +314,7 @@ class WorkspaceOps:
             "truncated": len(found) > query.max_results
             or len(found) >= search.SCAN_CAP
             or not complete,
-            "engine": "ripgrep" if self.rg is not None else "python",
+            "engine": "ripgrep" if self.rg is not None and sandboxed else "python",
         }
 
 

@@ -119,6 +119,14 @@ def open_root(root: str) -> Iterator[int]:
         yield fd
 
 
+def _owner(root_fd: int) -> tuple[int, int] | None:
+    """Who new files belong to: the workspace's owner, when the daemon (root) is not it."""
+    if os.geteuid() != 0:
+        return None
+    st = os.fstat(root_fd)
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
 def not_found(path: str, exc: OSError) -> WorkspaceError:
     if exc.errno == errno.ENOENT:
         return PathNotFoundError(f"{path}: no such file or directory")
@@ -168,6 +176,7 @@ def make_dirs(root: str, path: str) -> None:
     if rel == ".":
         return
     with open_root(root) as rfd:
+        owner = _owner(rfd)
         done = ""
         for part in rel.split("/"):
             done = f"{done}/{part}" if done else part
@@ -175,6 +184,8 @@ def make_dirs(root: str, path: str) -> None:
                 with _fd(open_beneath(rfd, os.path.dirname(done) or ".",
                                       os.O_RDONLY | os.O_DIRECTORY)) as pfd:  # fmt: skip
                     os.mkdir(part, 0o755, dir_fd=pfd)
+                    if owner is not None:
+                        os.chown(part, *owner, dir_fd=pfd, follow_symlinks=False)
             except FileExistsError:
                 pass
             except OSError as exc:
@@ -185,8 +196,11 @@ def make_dirs(root: str, path: str) -> None:
                 raise not_found(done, exc) from None
 
 
-def write_text(root: str, path: str, content: str) -> int:
-    """Write `content` atomically (temp file + rename), creating parents; returns bytes written."""
+def write_text(root: str, path: str, content: str, mode: int = 0o644) -> int:
+    """Write `content` atomically (temp file + rename), creating parents; returns bytes written.
+
+    The file is created with `mode` and belongs to the workspace's owner.
+    """
     rel = clean_relative(path)
     if rel == ".":
         raise WorkspaceError("path: expected a file name, got the workspace root")
@@ -207,9 +221,12 @@ def write_text(root: str, path: str, content: str) -> int:
                 pass
             tmp = f".{name}.wsrunner-{os.getpid()}-{id(data):x}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644, dir_fd=dfd)  # fmt: skip
+                         mode, dir_fd=dfd)  # fmt: skip
             try:
                 with _fd(fd):
+                    if (owner := _owner(rfd)) is not None:
+                        os.fchown(fd, *owner)
+                    os.fchmod(fd, mode)  # not narrowed by the umask
                     view = memoryview(data)
                     while view:
                         view = view[os.write(fd, view) :]
@@ -269,4 +286,4 @@ def real_dir(root: str, path: str) -> str:
             os.close(open_beneath(rfd, path, os.O_RDONLY | os.O_DIRECTORY))
         except OSError as exc:
             raise not_found(path, exc) from None
-    return os.path.join(root, clean_relative(path))
+    return os.path.normpath(os.path.join(root, clean_relative(path)))

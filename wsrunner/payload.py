@@ -8,6 +8,8 @@ Every error names the path of the offending field, e.g. `steps[2].timeout`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from wsrunner.errors import ValidationError
+from wsrunner.errors import IdempotencyConflictError, ValidationError
 from wsrunner.models import (
     JSON,
     CreateDirectory,
@@ -144,6 +146,27 @@ def to_payload(spec: TaskSpec, *, created_at: datetime | None = None) -> JSON:
             if v is not None
         }
     return payload
+
+
+def request_hash(configuration: JSON, workspace_id: str, priority: str) -> str:
+    """A stable digest of what was asked for, to tell a retried submit from a different one."""
+    blob = json.dumps([workspace_id, priority, configuration], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_idempotent_replay(spec: TaskSpec, digest: str, existing: Mapping[str, Any]) -> None:
+    """Raise if `existing` (a stored row that took `spec`'s place) holds `spec`'s idempotency
+    key for a different request; a same-key, same-body retry is fine."""
+    key = spec.idempotency_key
+    if (
+        key is not None
+        and existing["idempotency_key"] == key
+        and existing["request_hash"] != digest
+    ):
+        raise IdempotencyConflictError(
+            f"idempotency key {key!r} was already used in workspace {spec.workspace_id} "
+            f"for task {existing['id']} with a different request"
+        )
 
 
 def to_configuration(spec: TaskSpec) -> JSON:

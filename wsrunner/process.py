@@ -108,6 +108,7 @@ async def run_process(
     env: Mapping[str, str],
     capture: Capture,
     kill_grace: float,
+    pass_fds: tuple[int, ...] = (),
 ) -> int:
     """Run `argv` to completion and return its exit status (negative: killed by that signal).
 
@@ -118,7 +119,7 @@ async def run_process(
     """
     proc = await trio.lowlevel.open_process(
         list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=pass_fds,
     )  # fmt: skip
     assert proc.stdout is not None
     assert proc.stderr is not None
@@ -151,7 +152,11 @@ async def run_process(
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            if proc.returncode is None or await trio.to_thread.run_sync(_group_alive, proc.pid):
+            # The common case, nothing left in the group, costs one signal-0 probe; only a
+            # group that still exists (perhaps only zombies) is looked at through /proc.
+            if proc.returncode is None or (
+                _killpg(proc.pid, 0) and await trio.to_thread.run_sync(_group_alive, proc.pid)
+            ):
                 await terminate_group(proc, kill_grace)
     assert proc.returncode is not None
     return proc.returncode

@@ -239,7 +239,8 @@ class TaskRunner:
         error: str | None = None
         ctx: StepContext | None = None
         forwarder = _OutputForwarder(self.queue, tid)
-        logger.info("task started", extra=log)
+        policy = self.executor.policy.for_workspace(ws)  # the task keeps it, whatever reloads
+        logger.info("task started", extra={**log, "policy": policy.digest})
         self.metrics.tasks_started.labels(priority=spec.priority.value).inc()
         try:
             with rt.scope:
@@ -253,7 +254,7 @@ class TaskRunner:
                         await self.queue.emit(tid, "error", {"error": error})
                     else:
                         env = await self.workspaces.open_task(ws, tid, spec.credentials)
-                        ctx = StepContext(env=env, workspace_id=ws, on_output=forwarder.feed)
+                        ctx = self.executor.context(env, ws, forwarder.feed, policy)
                         for i, step in enumerate(spec.steps, start=1):
                             forwarder.start_step(i)
                             await self.queue.emit(tid, "progress_update", {

@@ -201,8 +201,9 @@ class Service:
         Each check gets CHECK_TIMEOUT_S, so a probe answers even when a backend hangs.
         """
         results = {}
-        for name, check in (("redis", self.queue.ping), ("postgres", self.store.ping),
-                            ("volume", self._check_volume)):  # fmt: skip
+        backends = ((("embedded-store", self.store.ping),) if self.settings.backend == "embedded"
+                    else (("redis", self.queue.ping), ("postgres", self.store.ping)))  # fmt: skip
+        for name, check in (*backends, ("volume", self._check_volume)):
             with trio.move_on_after(CHECK_TIMEOUT_S) as waited:
                 try:
                     await check()
@@ -211,6 +212,10 @@ class Service:
                     results[name] = f"unavailable: {exc}"
             if waited.cancelled_caught:
                 results[name] = f"unavailable: no answer within {CHECK_TIMEOUT_S:g}s"
+        if self.ops is not None:
+            executor = self.ops.executor
+            refusal = executor.sandbox.isolation.refusal(executor.policy.base().sandbox.require)
+            results["sandbox"] = "ok" if refusal is None else f"unavailable: {refusal}"
         return results
 
     async def _check_volume(self) -> None:

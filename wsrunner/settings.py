@@ -20,8 +20,11 @@ import yaml
 
 from wsrunner.errors import ConfigError
 from wsrunner.payload import WORKSPACE_ID_RE
+from wsrunner.policy import bundled_policy
+from wsrunner.sandbox.identity import UidRange
 
 GIB: Final = 1024**3
+DEFAULT_UIDS: Final = UidRange(200000, 265535)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,6 +33,10 @@ class Settings:
 
     worker_id: str  #: this daemon's name in Redis and in task records
     concurrency: int = 3  #: task slots (WORKER_CONCURRENCY)
+    #: "embedded" (in-process queue + SQLite in state_dir) or "redis" (Redis + PostgreSQL);
+    #: chosen from whether REDIS_URL or DATABASE_URL is set, unless WSRUNNER_BACKEND says
+    backend: str = "redis"
+    state_dir: Path = Path("/var/lib/wsrunner")  #: STATE_DIRECTORY; the embedded store's home
     redis_url: str = field(default="redis://localhost:6379/0", repr=False)
     redis_prefix: str = "workspace"  #: first part of every Redis key
     database_url: str = field(default="", repr=False)
@@ -57,18 +64,60 @@ class Settings:
     max_attempts: int = 3  #: starts before a task whose daemons keep dying is failed
     shutdown_grace_s: float = 30.0  #: running tasks may finish this long after SIGTERM
     kill_grace_s: float = 5.0  #: SIGTERM to SIGKILL delay for a step's process group
-    stdout_cap_bytes: int = 100_000  #: kept per step; the rest is counted and dropped
-    stderr_cap_bytes: int = 50_000
     read_cap_bytes: int = 500_000  #: read_file step
     list_cap_entries: int = 1000  #: list_directory step
     git_schemes: tuple[str, ...] = ("https", "ssh")  #: URL schemes a git_clone step may use
+    #: the base command policy; unset: /etc/wsrunner/policy.yaml if present, else the bundled one
+    policy_file: Path | None = None
+    #: drop-ins applied after it, in file-name order; unset: `policy.d/` next to the base file
+    policy_dir: Path | None = None
+    sandbox_uids: UidRange = DEFAULT_UIDS  #: per-workspace uids (when the daemon runs as root)
+    #: "auto": the best isolation the host offers; "off": none at all, which the policy must
+    #: also accept (`require: none`): for trusted single-user setups and benchmarks
+    sandbox: str = "auto"
     log_level: str = "INFO"
     log_format: str = "auto"  #: "json", "text", or "auto" (text on a terminal, else JSON)
+
+
+SYSTEM_POLICY: Final = Path("/etc/wsrunner/policy.yaml")
+
+
+def policy_paths(settings: Settings) -> tuple[Path, Path]:
+    """The base policy file and the drop-in directory the settings designate."""
+    base = settings.policy_file or (SYSTEM_POLICY if SYSTEM_POLICY.exists() else bundled_policy())
+    # policy.d next to the base file, even before it exists: a reload picks up a new one.
+    return base, settings.policy_dir or base.parent / "policy.d"
 
 
 def default_worker_id() -> str:
     """Unique per process and readable: host, pid and a random suffix (pid 1 is common)."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _backend(v: Any) -> str:
+    s = str(v).strip().lower()
+    if s not in ("auto", "embedded", "redis"):
+        raise ValueError("must be one of auto, embedded, redis")
+    return s
+
+
+def _sandbox_mode(v: Any) -> str:
+    s = str(v).strip().lower()
+    if s not in ("auto", "off"):
+        raise ValueError("must be auto or off")
+    return s
+
+
+def _state_dir(v: Any) -> Path:
+    # systemd may pass several directories separated by ':'; the first is ours.
+    return Path(str(v).split(":", 1)[0])
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/wsrunner")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "wsrunner"
 
 
 def _positive_int(v: Any) -> int:
@@ -156,6 +205,8 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "worker_id": ("WORKER_ID", str),
     "concurrency": ("WORKER_CONCURRENCY", _positive_int),
     "redis_url": ("REDIS_URL", str),
+    "backend": ("WSRUNNER_BACKEND", _backend),
+    "state_dir": ("STATE_DIRECTORY", _state_dir),
     "redis_prefix": ("WSRUNNER_REDIS_PREFIX", str),
     "database_url": ("DATABASE_URL", str),
     "database_schema": ("WSRUNNER_DATABASE_SCHEMA", _identifier),
@@ -182,11 +233,13 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "max_attempts": ("WSRUNNER_MAX_ATTEMPTS", _positive_int),
     "shutdown_grace_s": ("WSRUNNER_SHUTDOWN_GRACE", _positive_float),
     "kill_grace_s": ("WSRUNNER_KILL_GRACE", _positive_float),
-    "stdout_cap_bytes": ("WSRUNNER_STDOUT_CAP", _positive_int),
-    "stderr_cap_bytes": ("WSRUNNER_STDERR_CAP", _positive_int),
     "read_cap_bytes": ("WSRUNNER_READ_CAP", _positive_int),
     "list_cap_entries": ("WSRUNNER_LIST_CAP", _positive_int),
     "git_schemes": ("WSRUNNER_GIT_SCHEMES", _names),
+    "policy_file": ("POLICY_FILE", Path),
+    "policy_dir": ("POLICY_DIR", Path),
+    "sandbox_uids": ("WSRUNNER_SANDBOX_UIDS", UidRange.parse),
+    "sandbox": ("WSRUNNER_SANDBOX", _sandbox_mode),
     "log_level": ("LOG_LEVEL", _level),
     "log_format": ("LOG_FORMAT", _log_format),
 }
@@ -198,22 +251,32 @@ _YAML_ALIASES: Final[dict[str, str]] = {"default_quota_gb": "default_quota_bytes
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    require_database: bool = True,
 ) -> Settings:
     """Build the settings from `config_file` (YAML, optional) and then `environ`.
 
     `config_file` defaults to `$WSRUNNER_CONFIG`. Raises ConfigError naming the key and source.
+    `require_database` False: for commands that never reach PostgreSQL (`policy`).
     """
     env = os.environ if environ is None else environ
     path = config_file or env.get("WSRUNNER_CONFIG") or None
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_read_yaml(Path(path)))
+    values.update(_read_credentials(env.get("CREDENTIALS_DIRECTORY")))
     for name, (var, convert) in _SOURCES.items():
         if var and env.get(var, "") != "":
             values[name] = _convert(name, env[var], convert, f"environment variable {var}")
     values.setdefault("worker_id", default_worker_id())
+    values.setdefault("state_dir", _default_state_dir())
+    backend = values.get("backend", "auto")
+    if backend == "auto":  # neither REDIS_URL nor DATABASE_URL given: run on our own
+        values["backend"] = (
+            "redis" if values.get("database_url") or "redis_url" in values else "embedded"
+        )
     settings = Settings(**values)
-    if not settings.database_url:
+    if require_database and settings.backend == "redis" and not settings.database_url:
         raise ConfigError(
             "DATABASE_URL is not set: expected a PostgreSQL URL such as "
             "postgresql://user@127.0.0.1:5432/dbname (environment or `database_url` in the config)"
@@ -224,6 +287,29 @@ def load_settings(
             f"({settings.heartbeat_interval_s}), or every daemon would look dead between beats"
         )
     return settings
+
+
+#: systemd credential name (LoadCredential=) -> setting; they beat the YAML file, not the env.
+_CREDENTIALS: Final = {"internal-token": "internal_token", "database-url": "database_url",
+                       "redis-url": "redis_url"}  # fmt: skip
+
+
+def _read_credentials(directory: str | None) -> dict[str, Any]:
+    """Secrets systemd passed as credentials: files in $CREDENTIALS_DIRECTORY, not variables,
+    so the commands the daemon runs never inherit them."""
+    out: dict[str, Any] = {}
+    if not directory:
+        return out
+    for cred, name in _CREDENTIALS.items():
+        try:
+            text = (Path(directory) / cred).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"credential {cred} in {directory}: {exc.strerror}") from None
+        if text:
+            out[name] = _convert(name, text, _SOURCES[name][1], f"credential {cred}")
+    return out
 
 
 def _convert(name: str, raw: Any, convert: Callable[[Any], Any], where: str) -> Any:

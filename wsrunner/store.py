@@ -8,8 +8,6 @@ cancellation becomes a server-side cancel of the running statement; the transact
 from __future__ import annotations
 
 import builtins
-import hashlib
-import json
 import logging
 import re
 import threading
@@ -27,13 +25,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from wsrunner.errors import (
-    IdempotencyConflictError,
     InvalidTransitionError,
     NotFoundError,
     UnavailableError,
 )
 from wsrunner.models import JSON, ApiToken, Priority, TaskRecord, TaskSpec, TaskState, sources_of
-from wsrunner.payload import to_configuration
+from wsrunner.payload import check_idempotent_replay, request_hash, to_configuration
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,12 +45,6 @@ def _load_queries() -> dict[str, LiteralString]:
 
 
 Q: Final = _load_queries()
-
-
-def request_hash(configuration: JSON, workspace_id: str, priority: str) -> str:
-    """A stable digest of what was asked for, to tell a retried submit from a different one."""
-    blob = json.dumps([workspace_id, priority, configuration], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _record(row: dict[str, Any]) -> TaskRecord:
@@ -209,16 +200,8 @@ class PostgresStore:
                 return row, False
 
         row, created = await self._run(tx)
-        if (
-            not created
-            and spec.idempotency_key is not None
-            and row["request_hash"] != digest
-            and row["idempotency_key"] == spec.idempotency_key
-        ):
-            raise IdempotencyConflictError(
-                f"idempotency key {spec.idempotency_key!r} was already used in workspace "
-                f"{spec.workspace_id} for task {row['id']} with a different request"
-            )
+        if not created:
+            check_idempotent_replay(spec, digest, row)
         return _record(row), created
 
     async def transition(

@@ -6,7 +6,10 @@
         tasks/<task_id>/         the task's private HOME, TMPDIR and credentials; removed after it
         .workspace_meta.json     created, last used, task count, repos cached
 
-Every filesystem walk and write here runs in a worker thread, never on the trio thread.
+Every filesystem walk and write here runs in a worker thread, never on the trio thread. A
+workspace's commands can change anything inside it, so every path the daemon touches in there is
+opened through `paths` (contained, no symlink followed out) and what it creates belongs to the
+workspace's own uid when it has one (`sandbox.identity`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from typing import Any, Final
 
 import trio
 
-from wsrunner.errors import QuotaExceededError
+from wsrunner import paths
+from wsrunner.errors import QuotaExceededError, WorkspaceError
 from wsrunner.models import Credentials
 from wsrunner.payload import validate_workspace_id
+from wsrunner.sandbox.identity import UidRange, assign
 
 META_FILE: Final = ".workspace_meta.json"
 META_LOCK: Final = ".wsrunner_meta.lock"
@@ -94,8 +99,9 @@ class Workspaces:
     """The workspaces under one volume."""
 
     def __init__(self, volume: Path, *, default_quota: int, quotas: Mapping[str, int],
-                 git_schemes: tuple[str, ...]) -> None:  # fmt: skip
+                 git_schemes: tuple[str, ...], uids: UidRange | None = None) -> None:  # fmt: skip
         self.volume = volume
+        self.uids = uids  #: per-workspace uids (the daemon is root and can isolate), or None
         self.default_quota = default_quota
         self.quotas = dict(quotas)
         self._git_protocols = ":".join(
@@ -118,10 +124,18 @@ class Workspaces:
         root = self.root(workspace_id)
 
         def make() -> None:
+            if not self.volume.is_dir():
+                self.volume.mkdir(parents=True, exist_ok=True)
+                self.volume.chmod(0o711)  # other uids may pass through, not list
+            try:
+                os.mkdir(root, 0o700)
+            except FileExistsError:
+                pass
+            if self.uids is not None:
+                assign(str(self.volume), root, self.uids)
             for sub in LAYOUT:
-                os.makedirs(os.path.join(root, sub), mode=0o755, exist_ok=True)
-            meta = os.path.join(root, META_FILE)
-            if not os.path.exists(meta):
+                paths.make_dirs(root, sub)
+            if not os.path.lexists(os.path.join(root, META_FILE)):
                 self._update_meta(root, lambda m: m)
 
         await self._thread(make)
@@ -153,10 +167,15 @@ class Workspaces:
         root = self.root(workspace_id)
         task_dir = os.path.join(root, "tasks", task_id)
 
+        rel = f"tasks/{task_id}"
+
         def make() -> dict[str, str]:
-            shutil.rmtree(task_dir, ignore_errors=True)  # a previous attempt's leftovers
+            with paths.open_root(
+                root
+            ) as rfd:  # a previous attempt's leftovers; no symlink followed
+                shutil.rmtree(rel, dir_fd=rfd, ignore_errors=True)
             for sub in ("home", "tmp"):
-                os.makedirs(os.path.join(task_dir, sub), mode=0o700)
+                paths.make_dirs(root, f"{rel}/{sub}")
             env = {
                 "PATH": SAFE_PATH,
                 "HOME": os.path.join(task_dir, "home"),
@@ -175,7 +194,8 @@ class Workspaces:
                 "PAGER": "cat",
                 "GIT_ALLOW_PROTOCOL": self._git_protocols,
             }
-            gitconfig = "[safe]\n\tdirectory = *\n"
+            # No `safe.directory = *`: git runs as the repository's owner, inside the sandbox.
+            gitconfig = ""
             name, email = "wsrunner", "wsrunner@localhost"  # git refuses to commit without
             if credentials is not None:
                 # Values were checked for control characters; quote for gitconfig syntax.
@@ -187,17 +207,15 @@ class Workspaces:
                 if credentials.ssh_private_key:
                     key = os.path.join(task_dir, "ssh_key")
                     # Created 0600 in one step: no window at the umask's mode.
-                    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                    with os.fdopen(fd, "w") as f:
-                        f.write(credentials.ssh_private_key.rstrip("\n") + "\n")
+                    paths.write_text(root, f"{rel}/ssh_key",
+                                     credentials.ssh_private_key.rstrip("\n") + "\n", 0o600)  # fmt: skip
                     known = os.path.join(root, KNOWN_HOSTS)
                     env["GIT_SSH_COMMAND"] = (
                         f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes "
                         f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known}"
                     )
                 env.update(credentials.env_vars)
-            with open(env["GIT_CONFIG_GLOBAL"], "w", encoding="utf-8") as f:
-                f.write(gitconfig)
+            paths.write_text(root, f"{rel}/gitconfig", gitconfig)
             return env
 
         env = await self._thread(make)
@@ -209,10 +227,10 @@ class Workspaces:
         `repos` None: an ad-hoc session of the internal API, which is not counted.
         """
         root = self.root(workspace_id)
-        task_dir = os.path.join(root, "tasks", task_id)
 
         def close() -> None:
-            shutil.rmtree(task_dir, ignore_errors=True)
+            with paths.open_root(root) as rfd:
+                shutil.rmtree(f"tasks/{task_id}", dir_fd=rfd, ignore_errors=True)
             if repos is None:
                 return
 
@@ -240,17 +258,21 @@ class Workspaces:
         return names
 
     def _update_meta(self, root: str, change: Any) -> None:
-        """Read-modify-write the metadata under an exclusive lock, replacing it atomically."""
-        path = os.path.join(root, META_FILE)
-        lock_fd = os.open(os.path.join(root, META_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        """Read-modify-write the metadata under an exclusive lock, replacing it atomically.
+
+        The workspace's commands may have replaced either file with a symlink or a FIFO: both
+        are opened beneath the workspace, without following a symlink and without blocking.
+        """
+        with paths.open_root(root) as rfd:
+            lock_fd = paths.open_beneath(rfd, META_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                                         | os.O_NONBLOCK, 0o600)  # fmt: skip
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
-                with open(path, encoding="utf-8") as f:
-                    meta = json.load(f)
+                meta = json.loads(paths.read_text(root, META_FILE, 1024 * 1024).content)
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
-            except (OSError, ValueError):
+            except (OSError, ValueError, WorkspaceError):
                 meta = {
                     "workspace_id": os.path.basename(root),
                     "created_at": datetime.now(UTC).isoformat(),
@@ -260,9 +282,6 @@ class Workspaces:
             meta = change(meta)
             meta["updated_at"] = datetime.now(UTC).isoformat()
             meta["storage_quota_bytes"] = self.quota(os.path.basename(root))
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2)
-            os.replace(tmp, path)
+            paths.write_text(root, META_FILE, json.dumps(meta, indent=2))
         finally:
             os.close(lock_fd)

@@ -1,0 +1,408 @@
+"""Command policies: validation with positions, every rule kind, overlays, audit, reload, the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    DATABASE_URL,
+    REDIS_URL,
+    cmd,
+    exit_code,
+    task_body,
+    wait_for,
+    wait_terminal,
+)
+from tests.test_cli import free_port, run_cli
+from wsrunner.daemon import Daemon, reload_policy
+from wsrunner.models import TaskState
+from wsrunner.policy import PolicyError, bundled_policy, load_policy
+from wsrunner.policy.schema import json_schema
+from wsrunner.policy.shell import simple_commands
+
+REPO = Path(__file__).resolve().parent.parent
+HEADER = "apiVersion: wsrunner/v1\nkind: Policy\nmetadata:\n  name: t\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(path: Path, *more: Path) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path, None, more)
+    return caught.value.problems
+
+
+def base(tmp_path: Path, rules: str, extra: str = "", name: str = "base.yaml") -> Path:
+    body = HEADER + "spec:\n" + textwrap.indent(textwrap.dedent(extra), "  ") + "  rules:\n"
+    return write(tmp_path / name, body + textwrap.indent(textwrap.dedent(rules), "    "))
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def test_schema_errors_name_file_line_column_and_path(tmp_path: Path) -> None:
+    p = write(tmp_path / "p.yaml", """\
+        apiVersion: wsrunner/v1
+        kind: Policy
+        metadata:
+          name: p
+        spec:
+          mode: NO
+          reson: typo
+          limits:
+            pids: "5"
+            memory: lots
+          rules:
+            - id: a
+              action: allow
+              commands: [ls, true]
+            - id: b
+              action: allow
+              pattern: 'x'
+            - id: c
+              action: deny
+              commands: [rm]
+              args: '(unclosed'
+        """)  # fmt: skip
+    found = problems(p)
+    expect = [
+        f"{p}:6:9: spec.mode: Input should be 'enforce' or 'audit'",  # NO stays a string
+        f"{p}:7:3: spec.reson: unknown key (not in the wsrunner/v1 schema)",
+        f"{p}:9:11: spec.limits.pids: Input should be a valid integer",  # strict: no "5" -> 5
+        f"{p}:10:13: spec.limits.memory: expected a size such as 512MiB, 2G or a number of bytes",
+        f"{p}:14:22: spec.rules.0.commands.1: Input should be a valid string",
+        f"{p}:15:7: spec.rules.1: a `pattern` rule can only deny; allow programs with `commands`",
+        f"{p}:18:7: spec.rules.2: `args` is not a valid regular expression",
+    ]
+    assert len(found) == len(expect), found
+    for got, want in zip(found, expect, strict=True):  # in file order
+        assert got.startswith(want), (got, want)
+
+
+def test_duplicate_keys_and_yaml_errors_are_located(tmp_path: Path) -> None:
+    dup = write(tmp_path / "dup.yaml", HEADER + "spec:\n  mode: audit\n  mode: enforce\n")
+    [msg] = problems(dup)
+    assert msg.startswith(f"{dup}:7:3:") and 'duplicate key "mode"' in msg
+    bad = write(tmp_path / "bad.yaml", HEADER + "spec: [unclosed\n")
+    [msg] = problems(bad)
+    assert msg.startswith(f"{bad}:") and msg.count(":") >= 3
+    version = write(tmp_path / "v.yaml", "apiVersion: wsrunner/v2\nkind: Policy\n"
+                                         "metadata: {name: v}\nspec: {}\n")  # fmt: skip
+    assert problems(version) == [f"{version}:1:13: apiVersion: Input should be 'wsrunner/v1'"]
+
+
+def test_shipped_policies_and_schema_are_valid_and_current() -> None:
+    for name in ("default", "strict"):
+        assert load_policy(bundled_policy(name)).for_workspace("w").rules
+    committed = json.loads((REPO / "policies" / "policy-v1.schema.json").read_text())
+    assert committed == json_schema(), (
+        "run: wsrunner policy schema > policies/policy-v1.schema.json"
+    )
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "programs"),
+    [
+        ("ls -la | grep x && echo ok; true", ["ls", "grep", "echo", "true"]),
+        ("FOO=1 BAR=2 make -j2 2>&1 >out.log", ["make"]),
+        ('echo $(id -u) `whoami` "$(date)"', ["whoami", "id", "date", "echo"]),
+        ('echo "\'" $(nc -l 1) "\'" $((1 + 2))', ["nc", "echo"]),
+        ("sh -c 'curl x; nc -l 1'", ["sh", "curl", "nc"]),
+        ('bash -lc "cat f | python3"', ["bash", "cat", "python3"]),
+        ("env -u X A=1 timeout -s KILL 5 nice -n 3 rm f", ["env", "timeout", "nice", "rm"]),
+        ("find . -name '*.py' -exec rm {} ';'", ["find", "rm"]),
+        ("xargs -n1 -I{} cp {} /tmp < list", ["xargs", "cp"]),
+        ("for f in a b; do cat $f; done", ["cat"]),
+        ("if [ -e x ]; then exec sleep 1; fi", ["[", "exec", "sleep"]),
+        ("diff <(sort a) <(sort b)", ["sort", "sort", "diff"]),
+    ],
+)
+def test_every_program_of_a_line_is_found(line: str, programs: list[str]) -> None:
+    assert sorted(c.program for c in simple_commands(line)) == sorted(programs)
+
+
+def test_rule_kinds_and_precedence(tmp_path: Path) -> None:
+    p = base(tmp_path, """\
+        - {id: tools, action: allow, commands: [ls, git, "python3.*", sh]}
+        - {id: no-push, action: deny, commands: [git], args: '(^| )push( |$)'}
+        - {id: no-secrets, action: deny, pattern: '\\.env\\b'}
+        """).parent / "base.yaml"  # fmt: skip
+    policy = load_policy(p).for_workspace("w")
+
+    def verdict(line: str) -> tuple[bool, str]:
+        d = policy.evaluate(line)
+        return d.allowed, (d.denial.rule_id if d.denial else d.verdicts[0].rule_id)
+
+    assert verdict("git status") == (True, "tools")
+    assert verdict("python3.11 -V") == (True, "tools")  # a glob in `commands`
+    assert verdict("git push origin") == (False, "no-push")  # an explicit deny beats the allow
+    assert verdict("ls; git push") == (False, "no-push")
+    assert verdict("cat .env") == (False, "no-secrets")  # text rules see the whole line
+    assert verdict("cat f") == (False, "default-deny")
+    assert verdict("/usr/bin/git status") == (False, "builtin:path")
+    assert verdict("./ls") == (False, "builtin:path")
+    assert verdict("$TOOL x") == (False, "builtin:dynamic")
+    assert verdict("sh -c 'ls; cat x'") == (False, "default-deny")
+    assert verdict("ls 'unclosed") == (False, "builtin:syntax")
+    assert verdict("   ") == (False, "builtin:empty")
+    d = policy.evaluate("git push")
+    assert d.as_error()["source"] == f"{p}:8" and d.as_error()["policy"] == d.digest
+
+
+def test_overlays_apply_in_order_to_matching_workspaces(tmp_path: Path) -> None:
+    b = base(tmp_path, "- {id: git, action: allow, commands: [git]}",
+             extra="sandbox: {network: none}\nlimits: {memory: 1GiB}\n")  # fmt: skip
+    d = tmp_path / "policy.d"
+    d.mkdir()
+    write(d / "10-all.yaml", """\
+        apiVersion: wsrunner/v1
+        kind: PolicyOverlay
+        metadata: {name: all}
+        spec:
+          limits: {memory: 2GiB, pids: 64}
+          rules:
+            - {id: make, action: allow, commands: [make]}
+        """)  # fmt: skip
+    write(d / "20-acme.yaml", """\
+        apiVersion: wsrunner/v1
+        kind: PolicyOverlay
+        metadata: {name: acme, workspaces: ["acme-*"]}
+        spec:
+          mode: audit
+          sandbox: {network: host}
+          limits: {memory: 3GiB}
+          rules:
+            - {id: acme-no-make, action: deny, commands: [make]}
+        """)  # fmt: skip
+    write(d / "README.txt", "not a policy")
+    policies = load_policy(b, d)
+    other, acme = policies.for_workspace("team-b"), policies.for_workspace("acme-web")
+    assert other.limits.memory_bytes == 2 * 1024**3 and acme.limits.memory_bytes == 3 * 1024**3
+    assert other.limits.pids == acme.limits.pids == 64
+    assert (other.sandbox.network, acme.sandbox.network) == ("none", "host")
+    assert other.evaluate("make").allowed and not acme.evaluate("make").allowed
+    audit = acme.evaluate("make")
+    assert audit.mode == "audit" and audit.runs and audit.denial.rule_id == "acme-no-make"
+    assert other.sources == (str(b), str(d / "10-all.yaml"))
+    write(d / "30-dup.yaml", """\
+        apiVersion: wsrunner/v1
+        kind: Policy
+        metadata: {name: dup}
+        spec:
+          rules:
+            - {id: make, action: allow, commands: [make]}
+        """)  # fmt: skip
+    with pytest.raises(PolicyError) as caught:
+        load_policy(b, d)
+    found = caught.value.problems
+    assert any("30-dup.yaml:2:1: kind: a drop-in must be a PolicyOverlay" in p for p in found)
+    assert any("30-dup.yaml:6:1: spec.rules.0.id: rule id 'make' is already defined at "
+               f"{d / '10-all.yaml'}:7" in p for p in found)  # fmt: skip
+
+
+# --- in the daemon ---------------------------------------------------------------------------
+
+
+def _policy_dir(tmp_path: Path, mode: str) -> Path:
+    d = tmp_path / "etc"
+    d.mkdir(exist_ok=True)
+    write(d / "policy.yaml", (REPO / "policies" / "default.yaml").read_text()
+          .replace("  mode: enforce", f"  mode: {mode}"))  # fmt: skip
+    return d
+
+
+async def test_a_denied_command_fails_its_step_with_the_rule(daemon: Daemon) -> None:
+    sub = await daemon.service.submit(task_body(cmd("echo before"), cmd("nc -l 9"),
+                                                cmd("echo after")))  # fmt: skip
+    rec = await wait_terminal(daemon, sub.record.id)
+    steps = [s["result"] for s in rec.result["result"]["steps"]]
+    assert rec.status is TaskState.FAILED and steps[0]["stdout"] == "before\n"
+    denied = steps[1]["policy_denied"]
+    assert denied["rule"] == "default-deny" and denied["error"] == "policy_denied"
+    assert "'nc' is not allowed" in steps[1]["error"] and "exit_code" not in steps[1]
+    assert steps[2]["stdout"] == "after\n"  # the task goes on (stop_on_error is off)
+    scrape = daemon.metrics.render().decode()
+    assert 'wsrunner_policy_denials_total{mode="enforce",rule="default-deny"} 1.0' in scrape
+
+
+async def test_audit_mode_runs_the_command_and_logs_the_denial(
+    start_daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = _policy_dir(tmp_path, "audit")
+    daemon = await start_daemon(policy_file=d / "policy.yaml")
+    with caplog.at_level(logging.WARNING, logger="wsrunner.executor"):
+        sub = await daemon.service.submit(task_body(cmd("seq 2")))
+        rec = await wait_terminal(daemon, sub.record.id)
+    assert rec.status is TaskState.COMPLETED
+    assert rec.result["result"]["steps"][0]["result"]["stdout"] == "1\n2\n"
+    [line] = [r for r in caplog.records if "would deny" in r.getMessage()]
+    assert line.rule == "default-deny" and line.task_id == sub.record.id
+    assert 'mode="audit",rule="default-deny"} 1.0' in daemon.metrics.render().decode()
+
+
+async def test_reload_keeps_the_old_policy_when_the_new_one_is_invalid(
+    start_daemon, tmp_path: Path
+) -> None:
+    d = _policy_dir(tmp_path, "enforce")
+    daemon = await start_daemon(policy_file=d / "policy.yaml")
+    first = daemon.policy.current.digest
+    # A task that starts now keeps this policy, whatever happens to the files meanwhile.
+    slow = await daemon.service.submit(task_body(cmd("sleep 1.5"), cmd("printf kept")))
+    await wait_for(lambda: slow.record.id in daemon.runner.running)
+    (d / "policy.d").mkdir()
+    write(d / "policy.d" / "50-printf.yaml", """\
+        apiVersion: wsrunner/v1
+        kind: PolicyOverlay
+        metadata: {name: printf}
+        spec:
+          rules:
+            - {id: no-printf, action: deny, commands: [printf]}
+        """)  # fmt: skip
+    assert await reload_policy(daemon.policy, daemon.metrics)
+    assert daemon.policy.current.digest != first
+    rec = await wait_terminal(daemon, slow.record.id)
+    assert rec.result["result"]["steps"][1]["result"]["stdout"] == "kept"
+    new = await daemon.service.submit(task_body(cmd("printf new")))
+    rec = await wait_terminal(daemon, new.record.id)
+    assert rec.result["result"]["steps"][0]["result"]["policy_denied"]["rule"] == "no-printf"
+    # An invalid edit: refused, the policy in force stays, the failure is visible.
+    good = daemon.policy.current.digest
+    write(d / "policy.d" / "60-broken.yaml", "apiVersion: wsrunner/v1\nkind: PolicyOverlay\n"
+                                             "metadata: {name: b}\nspec: {rules: [{id: X}]}\n")  # fmt: skip
+    assert not await reload_policy(daemon.policy, daemon.metrics)
+    assert daemon.policy.current.digest == good
+    scrape = daemon.metrics.render().decode()
+    assert "wsrunner_policy_last_reload_successful 0.0" in scrape
+    assert "wsrunner_policy_reload_failures_total 1.0" in scrape
+
+
+async def test_sighup_reloads_a_running_daemon(tmp_path: Path, prefix: str, schema: str) -> None:
+    d = _policy_dir(tmp_path, "enforce")
+    port, public = free_port(), free_port()
+    env = {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
+           "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
+           "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WORKER_HEALTH_PORT": str(port),
+           "WORKER_INTERNAL_TOKEN": "t", "PUBLIC_API_HOST": "127.0.0.1",
+           "PUBLIC_API_PORT": str(public), "POLICY_FILE": str(d / "policy.yaml")}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{public}") as client:
+
+            async def gauge(name: str) -> str | None:
+                try:
+                    text = (await client.get("/metrics")).text
+                except httpx.TransportError:
+                    return None
+                return next((ln.split()[-1] for ln in text.splitlines()
+                             if ln.startswith(name)), None)  # fmt: skip
+
+            async def reloaded(expected: str) -> bool:
+                return await gauge("wsrunner_policy_last_reload_successful") == expected
+
+            await wait_for(lambda: gauge("wsrunner_policy_info"), timeout=30, poll=0.1)
+            write(d / "policy.yaml", "not: [valid")
+            proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: reloaded("0.0"))
+            write(d / "policy.yaml", (REPO / "policies" / "strict.yaml").read_text())
+            proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: reloaded("1.0"))
+        proc.send_signal(signal.SIGTERM)
+        status = await exit_code(proc)
+        log = proc.stderr.read().decode() if proc.stderr else ""
+        assert "policy reload failed" in log and "policy reloaded" in log
+        assert status == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def test_cli_check(tmp_path: Path) -> None:
+    ok = run_cli("policy", "check", str(REPO / "policies" / "default.yaml"),
+                 str(REPO / "policies" / "examples" / "50-acme-node.yaml"), env={})  # fmt: skip
+    assert ok.returncode == 0 and ok.stdout.startswith("policy ") and "OK (30 rules" in ok.stdout
+    bad = write(tmp_path / "bad.yaml", HEADER + "spec:\n  rules:\n    - {id: a, action: allow}\n")
+    text = run_cli("policy", "check", str(bad), env={})
+    assert text.returncode == 1
+    assert text.stderr.strip() == f"{bad}:7:7: spec.rules.0: a rule needs `commands` or `pattern`"
+    gh = run_cli("policy", "check", "--format", "github", str(bad), env={})
+    assert gh.stdout.strip() == (f"::error file={bad},line=7,col=7::spec.rules.0: a rule needs "
+                                 "`commands` or `pattern`")  # fmt: skip
+    js = json.loads(run_cli("policy", "check", "--format", "json", str(bad), env={}).stdout)
+    assert js == [{"file": str(bad), "line": 7, "column": 7,
+                   "message": "spec.rules.0: a rule needs `commands` or `pattern`"}]  # fmt: skip
+
+
+def test_cli_test_and_explain() -> None:
+    strict = str(REPO / "policies" / "strict.yaml")
+    denied = run_cli("policy", "test", strict, "--", "git", "push", "-f", "origin", "main", env={})
+    assert denied.returncode == 1 and denied.stdout.startswith("deny (rule no-force-push at ")
+    allowed = run_cli("policy", "test", strict, "--", "git status", env={})
+    assert allowed.returncode == 0 and allowed.stdout.strip() == "allow"
+    # Without a file: the configured policy (POLICY_FILE), here the default one.
+    configured = run_cli("policy", "test", "--", "sudo ls", env={})
+    assert configured.returncode == 1 and "seed-sudo" in configured.stdout
+    explained = run_cli("policy", "explain", "--", "ls | sh -c 'grep x; nc -l 1'", env={})
+    lines = explained.stdout.splitlines()
+    assert explained.returncode == 1 and lines[-1] == "decision:  deny"
+    assert any(ln.strip() == "DENY   nc -l 1  [run by sh -c]" for ln in lines), lines
+    assert any("decided by files-and-text" in ln for ln in lines)
+    js = json.loads(run_cli("policy", "explain", "--json", strict, "--", "git status",
+                            env={}).stdout)  # fmt: skip
+    assert js["decision"] == "allow" and js["commands"][0]["matched"] == ["git"]
+
+
+def test_cli_test_cases(tmp_path: Path) -> None:
+    args = ("policy", "test", str(REPO / "policies" / "default.yaml"),
+            str(REPO / "policies" / "examples" / "50-acme-node.yaml"), "--cases")  # fmt: skip
+    ok = run_cli(*args, str(REPO / "policies" / "examples" / "default-cases.yaml"), env={})
+    assert ok.returncode == 0, ok.stdout
+    assert ok.stdout.splitlines()[-1] == "13 passed, 0 failed"
+    wrong = write(tmp_path / "cases.yaml", """\
+        apiVersion: wsrunner/v1
+        kind: PolicyTest
+        cases:
+          - {name: right, command: ls, expect: allow}
+          - {name: wrong rule, command: sudo ls, expect: deny, rule: default-deny}
+          - {name: wrong outcome, command: nc, expect: allow}
+        """)  # fmt: skip
+    out = run_cli(*args, str(wrong), env={})
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == [
+        "PASS  right  (ls)",
+        "FAIL  wrong rule  (sudo ls): expected deny by default-deny, got deny by seed-sudo",
+        "FAIL  wrong outcome  (nc): expected allow, got deny by default-deny",
+        "1 passed, 2 failed",
+    ]
+
+
+def test_the_readme_policy_example_is_valid(tmp_path: Path) -> None:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Command policy and sandbox") :]
+    block = section[
+        section.index("```yaml\n") + 8 : section.index("```\n", section.index("```yaml"))
+    ]
+    policy = load_policy(write(tmp_path / "readme.yaml", block)).for_workspace("w")
+    assert policy.limits.cpus == 2 and policy.sandbox.read_only_paths == ("/opt/node",)
+    assert not policy.evaluate("git push --force origin main").allowed
+    assert policy.evaluate("git push origin main").allowed
