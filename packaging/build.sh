@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build the single-file zipapp and the Debian package:
+#   packaging/build.sh [OUTDIR]      (default: dist/)
+# -> OUTDIR/wsrunner-<version>.pyz          runs with any python3 >= 3.11, no virtualenv
+# -> OUTDIR/wsrunner_<version>_<arch>.deb   /usr/bin/wsrunner, the systemd unit, sysusers,
+#                                           tmpfiles and /etc/wsrunner (conffiles)
+# The version is the package's own (wsrunner/__init__.py). Needs ./dev's .venv (shiv) and dpkg-deb.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="$(realpath -m "${1:-dist}")"
+mkdir -p "$out"
+py=.venv/bin/python
+version="$($py -c 'import wsrunner; print(wsrunner.__version__)')"
+arch="$(dpkg --print-architecture)"
+
+# The zipapp: every dependency inside, including compiled wheels for this architecture.
+pyz="$out/wsrunner-$version.pyz"
+.venv/bin/shiv --quiet --reproducible --compressed -p '/usr/bin/env python3' -c wsrunner \
+    -o "$pyz" . 2>&1 | grep -v '^WARNING: Location' || true
+test -s "$pyz"
+
+stage="$(mktemp -d)"
+chmod 0755 "$stage"
+trap 'rm -rf "$stage"' EXIT
+deb=packaging/debian
+install -D -m 0755 "$pyz" "$stage/usr/bin/wsrunner"
+install -D -m 0644 deploy/systemd/wsrunner.service "$stage/usr/lib/systemd/system/wsrunner.service"
+install -D -m 0644 $deb/wsrunner.sysusers "$stage/usr/lib/sysusers.d/wsrunner.conf"
+install -D -m 0644 $deb/wsrunner.tmpfiles "$stage/usr/lib/tmpfiles.d/wsrunner.conf"
+install -D -m 0640 packaging/wsrunner.conf "$stage/etc/wsrunner/wsrunner.conf"
+install -D -m 0644 policies/default.yaml "$stage/etc/wsrunner/policy.yaml"
+install -D -m 0644 $deb/policy.d-README "$stage/etc/wsrunner/policy.d/README"
+install -D -m 0644 $deb/default "$stage/etc/default/wsrunner"
+install -d -m 0700 "$stage/etc/wsrunner/credentials"
+doc="$stage/usr/share/doc/wsrunner"
+install -D -m 0644 README.md CHANGELOG.md -t "$doc"
+install -D -m 0644 policies/strict.yaml policies/policy-v1.schema.json -t "$doc/policies"
+install -D -m 0644 policies/examples/*.yaml -t "$doc/policies/examples"
+install -D -m 0644 $deb/copyright "$doc/copyright"
+
+mkdir -p "$stage/DEBIAN"
+sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" \
+    -e "s/@SIZE@/$(du -sk --exclude=DEBIAN "$stage" | cut -f1)/" $deb/control > "$stage/DEBIAN/control"
+install -m 0644 $deb/conffiles "$stage/DEBIAN/conffiles"
+install -m 0755 $deb/postinst $deb/prerm $deb/postrm -t "$stage/DEBIAN"
+dpkg-deb --root-owner-group -Zxz --build "$stage" "$out/wsrunner_${version}_${arch}.deb" >/dev/null
+echo "$pyz"
+echo "$out/wsrunner_${version}_${arch}.deb"

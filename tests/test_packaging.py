@@ -1,0 +1,150 @@
+"""The zipapp and the .deb, built for real, installed into a scratch root, run and purged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import traversable
+from tests.test_cli import free_port
+from wsrunner import __version__
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, not the project's virtualenv
+
+pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None or not Path(SYSTEM_PYTHON).exists(),
+                                reason="needs dpkg-deb and a system python3")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    done = subprocess.run(["bash", str(REPO / "packaging" / "build.sh"), str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    pyz, deb = (Path(line) for line in done.stdout.split())
+    return pyz, deb
+
+
+@pytest.fixture(name="scratch")
+def _scratch(tmp_path: Path, artifacts: tuple[Path, Path]) -> Path:
+    """A root with an empty dpkg database and the package installed; scripts run chrootless."""
+    root = tmp_path / "root"
+    for d in ("var/lib/dpkg/updates", "var/lib/dpkg/info"):
+        (root / d).mkdir(parents=True)
+    (root / "var/lib/dpkg/status").touch()
+    dpkg(root, "-i", str(artifacts[1]))
+    return root
+
+
+def dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["dpkg", f"--root={root}", "--force-script-chrootless", "--force-depends",
+                           "--log=/dev/null", *args], capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def run(
+    binary: Path, *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SYSTEM_PYTHON, str(binary), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)  # fmt: skip
+
+
+def test_the_deb_holds_what_it_should(artifacts: tuple[Path, Path]) -> None:
+    _, deb = artifacts
+    assert (
+        deb.name
+        == f"wsrunner_{__version__}_{subprocess.check_output(['dpkg', '--print-architecture'], text=True).strip()}.deb"
+    )
+    info = subprocess.run(["dpkg-deb", "--field", str(deb), "Package", "Version", "Depends"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert f"Version: {__version__}" in info and "bubblewrap" in info
+    listing = subprocess.run(["dpkg-deb", "--contents", str(deb)], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
+    for want in ("/usr/bin/wsrunner", "/usr/lib/systemd/system/wsrunner.service",
+                 "/usr/lib/sysusers.d/wsrunner.conf", "/usr/lib/tmpfiles.d/wsrunner.conf",
+                 "/etc/wsrunner/wsrunner.conf", "/etc/wsrunner/policy.yaml",
+                 "/etc/wsrunner/policy.d/README", "/etc/default/wsrunner"):  # fmt: skip
+        assert want in paths, want
+    control = subprocess.run(["dpkg-deb", "--info", str(deb), "conffiles"], capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+    assert sorted(control) == sorted(["/etc/wsrunner/wsrunner.conf", "/etc/wsrunner/policy.yaml",
+                                      "/etc/wsrunner/policy.d/README", "/etc/default/wsrunner"])  # fmt: skip
+    assert not any("/etc/systemd/system" in p or ".wants" in p for p in paths)  # enables nothing
+
+
+def test_the_config_file_documents_every_setting() -> None:
+    from dataclasses import fields
+
+    from wsrunner.settings import Settings
+
+    text = (REPO / "packaging" / "wsrunner.conf").read_text()
+    for f in fields(Settings):
+        key = "default_quota_gb" if f.name == "default_quota_bytes" else f.name
+        assert f"\n#{key}:" in text, key
+
+
+def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
+    binary = scratch / "usr/bin/wsrunner"
+    assert (scratch / "etc/passwd").read_text().count("wsrunner:x:") == 1
+    token = scratch / "etc/wsrunner/credentials/internal-token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) >= 32
+    assert stat.S_IMODE((scratch / "var/lib/wsrunner/workspaces").stat().st_mode) == 0o711
+    base = {"PATH": os.environ["PATH"], "SHIV_ROOT": str(tmp_path / "shiv"), "HOME": str(tmp_path)}
+    assert run(binary, "--version", env=base).stdout.strip() == f"wsrunner {__version__}"
+    check = run(binary, "policy", "check", str(scratch / "etc/wsrunner/policy.yaml"), env=base)
+    assert check.returncode == 0 and "OK" in check.stdout, check.stderr
+    # A short life on the embedded backend (nothing else needed): serve, submit through the
+    # public API, see it complete, stop.
+    traversable(tmp_path)
+    public = free_port()
+    env = {**base, "STATE_DIRECTORY": str(tmp_path / "state"),
+           "WORKSPACE_VOLUME_PATH": str(tmp_path / "workspaces"), "CREDENTIALS_DIRECTORY":
+           str(token.parent), "POLICY_FILE": str(scratch / "etc/wsrunner/policy.yaml"),
+           "PUBLIC_API_HOST": "127.0.0.1", "PUBLIC_API_PORT": str(public),
+           "WORKER_HEALTH_PORT": str(free_port())}  # fmt: skip
+    made = run(
+        binary, "tokens", "create", "--name", "deb-test", "--all-workspaces", "--json", env=env
+    )
+    assert made.returncode == 0, made.stderr
+    bearer = json.loads(made.stdout)["token"]
+    proc = subprocess.Popen([SYSTEM_PYTHON, str(binary), "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{public}",
+                          headers={"Authorization": f"Bearer {bearer}"}) as c:  # fmt: skip
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    r = c.post("/api/tasks/submit", json={"workspace_id": "deb", "steps": [
+                        {"action": "execute_command", "command": "echo from-the-deb"}]})  # fmt: skip
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the packaged daemon did not start"
+                    time.sleep(0.2)
+            assert r.status_code == 202, r.text
+            task = r.json()["task_id"]
+            while (rec := c.get(f"/api/tasks/{task}").json())["status"] in ("queued", "running"):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert rec["status"] == "completed", rec
+        assert rec["result"]["result"]["steps"][0]["result"]["stdout"] == "from-the-deb\n"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    # Purge: what the package made goes, the workspaces stay.
+    (scratch / "var/lib/wsrunner/workspaces/ws-keep").mkdir()
+    dpkg(scratch, "--purge", "wsrunner")
+    assert not (scratch / "usr/bin/wsrunner").exists() and not (scratch / "etc/wsrunner").exists()
+    assert (scratch / "var/lib/wsrunner/workspaces/ws-keep").is_dir()
