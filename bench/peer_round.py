@@ -1,0 +1,156 @@
+"""One round of one workload for one peer queue; prints a JSON line. Run by bench/peers.py in
+the benchmark's own virtualenv (bench/.venv), where the peers are installed from PyPI:
+
+    bench/.venv/bin/python -m bench.peer_round PEER throughput|latency N
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+URL = os.environ["BENCH_REDIS_URL"]
+PY = sys.executable
+BIN = Path(sys.executable).parent
+WORKERS = {
+    "arq": [PY, "-m", "arq", "bench.peers.arq_app.WorkerSettings"],
+    "saq": [PY, "-m", "saq", "bench.peers.saq_app.settings"],
+    "dramatiq": [PY, "-m", "dramatiq", "bench.peers.dramatiq_app", "--processes", "1",
+                 "--threads", "3"],
+    "celery": [PY, "-m", "celery", "-A", "bench.peers.celery_app", "worker", "--concurrency", "3",
+               "--pool", "threads", "--without-gossip", "--without-mingle", "--without-heartbeat",
+               "--loglevel", "WARNING"],
+    # RQ runs one job per process; its pool of 3 is how it reaches a concurrency of 3.
+    "rq": [str(BIN / "rq"), "worker-pool", "--num-workers", "3", "--url", URL, "--quiet"],
+}  # fmt: skip
+
+
+class Producer:
+    """The peer's own client API, as its users enqueue."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.loop = asyncio.new_event_loop()
+        if peer == "arq":
+            from arq import create_pool
+
+            from bench.peers.arq_app import SETTINGS
+
+            self.pool = self.loop.run_until_complete(create_pool(SETTINGS))
+        elif peer == "saq":
+            from bench.peers.saq_app import queue
+
+            self.queue = queue
+            self.loop.run_until_complete(queue.connect())
+        elif peer == "dramatiq":
+            from bench.peers.dramatiq_app import job
+
+            self.job = job
+        elif peer == "celery":
+            from bench.peers.celery_app import job as cjob
+
+            self.job = cjob
+        elif peer == "rq":
+            from rq import Queue
+
+            self.queue = Queue(connection=redis.Redis.from_url(URL))
+
+    def send(self, run: str, tid: str) -> None:
+        if self.peer == "arq":
+            self.loop.run_until_complete(self.pool.enqueue_job("job", run, tid))
+        elif self.peer == "saq":
+            self.loop.run_until_complete(self.queue.enqueue("job", run=run, tid=tid))
+        elif self.peer == "dramatiq":
+            self.job.send(run, tid)
+        elif self.peer == "celery":
+            self.job.delay(run, tid)
+        else:
+            self.queue.enqueue("bench.peers.rq_app.job", run, tid)
+
+
+def start_worker(peer: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(WORKERS[peer], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+def throughput(peer: str, n: int) -> dict[str, Any]:
+    r = redis.Redis.from_url(URL)
+    r.flushdb()
+    run = uuid.uuid4().hex[:8]
+    producer = Producer(peer)
+    for i in range(n):  # queued before the worker starts: only the draining is timed
+        producer.send(run, f"t{i}")
+    worker = start_worker(peer)
+    deadline = time.time() + 600
+    try:
+        while r.hlen(f"bench:{run}:done") < n and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # would a task run twice?
+    finally:
+        stop_worker(worker)
+    starts = [float(v) for v in r.hvals(f"bench:{run}:start")]
+    done = [float(v) for v in r.hvals(f"bench:{run}:done")]
+    span = max(done) - min(starts)
+    return {"peer": peer, "workload": "throughput", "n": n, "tasks_per_s": len(done) / span,
+            "lost": n - len(done),
+            "run_twice": sum(1 for v in r.hvals(f"bench:{run}:runs") if int(v) > 1)}  # fmt: skip
+
+
+def latency(peer: str, n: int) -> dict[str, Any]:
+    r = redis.Redis.from_url(URL)
+    r.flushdb()
+    run = uuid.uuid4().hex[:8]
+    producer = Producer(peer)
+    worker = start_worker(peer)
+    start_ms: list[float] = []
+    done_ms: list[float] = []
+    try:
+        for i in range(-5, n):  # five warm-up tasks, not counted
+            tid = f"t{i}"
+            t0 = time.time()
+            producer.send(run, tid)
+            deadline = t0 + (120 if i < 0 else 30)
+            while (end := r.hget(f"bench:{run}:done", tid)) is None:
+                if time.time() > deadline:
+                    raise TimeoutError(f"{peer}: task {tid} did not finish")
+                time.sleep(0.0002)
+            if i >= 0:
+                start_ms.append((float(r.hget(f"bench:{run}:start", tid)) - t0) * 1000)
+                done_ms.append((float(end) - t0) * 1000)
+    finally:
+        stop_worker(worker)
+    return {"peer": peer, "workload": "latency", "n": n, **quantiles("start", start_ms),
+            **quantiles("done", done_ms)}  # fmt: skip
+
+
+def quantiles(name: str, values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    return {f"{name}_p50_ms": statistics.median(values),
+            f"{name}_p99_ms": values[min(len(values) - 1, int(len(values) * 0.99))]}  # fmt: skip
+
+
+if __name__ == "__main__":
+    peer, workload, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    result = (throughput if workload == "throughput" else latency)(peer, count)
+    print(json.dumps(result))
