@@ -12,7 +12,6 @@ import ctypes
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
