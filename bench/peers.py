@@ -92,7 +92,7 @@ class Wsrunner:
         return ids
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "wsrunner"), "serve"],
+        self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), *(["/tmp/prof/timed.py"] if os.environ.get("WSR_TIMED") else ["-m", "wsrunner", "serve"])],
                                      env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)  # fmt: skip
 

@@ -158,11 +158,13 @@ class Executor:
 
     async def spawn(self, argv: list[str], ctx: StepContext, *, cwd: str, timeout: float,
                     extra_env: dict[str, str] | None = None, git: bool = False,
-                    network: bool | None = None, read_only: tuple[str, ...] = ()) -> JSON:  # fmt: skip
+                    network: bool | None = None, read_only: tuple[str, ...] = (),
+                    protect: list[str] | None = None) -> JSON:  # fmt: skip
         """Run `argv` in the workspace's sandbox; its result dict (`error` set if it failed).
 
-        A command (`git` False) sees the policy's protected paths read-only and its network
-        setting; the daemon's own git operations (`git` True) get `gitNetwork` when `network`.
+        A command (`git` False) sees the policy's protected paths read-only (`protect`, if the
+        caller found them already) and its network setting; the daemon's own git operations
+        (`git` True) get `gitNetwork` when `network`.
         """
         policy = ctx.policy
         limits = policy.limits
@@ -182,10 +184,11 @@ class Executor:
         )
         if git:
             net = bool(network) and policy.sandbox.git_network == "host"
-            protect: list[str] = []
+            protect = []
         else:
             net = policy.sandbox.network == "host"
-            protect = await self._fs_call(_protected, ctx.env.root, policy.sandbox.protect)
+            if protect is None:
+                protect = await self._fs_call(_protected, ctx.env.root, policy.sandbox.protect)
         timeout = min(timeout, limits.timeout_s)
         try:
             async with self.sandbox.launch(
@@ -264,8 +267,13 @@ class Executor:
         task_id = os.path.basename(ctx.env.task_dir)
         if (denied := self.judge(ctx.policy, step.command, task_id=task_id)) is not None:
             return denied
-        cwd = await self._fs_call(paths.real_dir, ctx.env.root, step.cwd)
-        return await self.spawn(["/bin/sh", "-c", step.command], ctx, cwd=cwd, timeout=timeout)
+        root, globs = ctx.env.root, ctx.policy.sandbox.protect
+        cwd, protect = await self._fs_call(
+            lambda: (paths.real_dir(root, step.cwd), _protected(root, globs))
+        )
+        return await self.spawn(
+            ["/bin/sh", "-c", step.command], ctx, cwd=cwd, timeout=timeout, protect=protect
+        )
 
     # --- git ----------------------------------------------------------------------------------
 

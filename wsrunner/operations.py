@@ -193,7 +193,7 @@ class WorkspaceOps:
             try:
                 yield self.executor.context(env, workspace_id)
             finally:
-                await self.workspaces.close_task(workspace_id, session, repos=None)
+                await self.workspaces.close_task(workspace_id, session, count=False)
         finally:
             self._commands.release()
 

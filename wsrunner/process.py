@@ -5,6 +5,10 @@ or is cancelled, every process left in its group gets SIGTERM, then SIGKILL afte
 and the direct child is reaped, so no background grandchild outlives its step or holds its pipes.
 Output is read by our own pumps into capped buffers: the first `cap` bytes are kept, the rest is
 counted and dropped, so a `yes` cannot exhaust the daemon's memory.
+
+A child is started from the event loop's thread: `subprocess.Popen` uses vfork, so the loop waits
+only until the child has exec'd (well under a millisecond; a worker thread costs more than that),
+and its exit is awaited on a pidfd.
 """
 
 from __future__ import annotations
@@ -77,6 +81,43 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+class _Child:
+    """A started child: its pipes, and its exit awaited on a pidfd (no thread, no SIGCHLD)."""
+
+    def __init__(self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str],
+                 pass_fds: tuple[int, ...]) -> None:  # fmt: skip
+        out_r, out_w = os.pipe()  # both ends close-on-exec; Popen dup2()s the write ends
+        err_r, err_w = os.pipe()
+        try:
+            self._popen = subprocess.Popen(
+                list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out_w,
+                stderr=err_w, start_new_session=True, pass_fds=pass_fds,
+            )  # fmt: skip
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        self.pid = self._popen.pid
+        self._pidfd = os.pidfd_open(self.pid)
+        self.stdout = trio.lowlevel.FdStream(out_r)
+        self.stderr = trio.lowlevel.FdStream(err_r)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        while self._popen.poll() is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        return self._popen.returncode
+
+
 def _killpg(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
@@ -85,7 +126,7 @@ def _killpg(pgid: int, sig: int) -> bool:
         return False
 
 
-async def terminate_group(proc: trio.Process, grace: float) -> None:
+async def terminate_group(proc: _Child, grace: float) -> None:
     """SIGTERM the process group, SIGKILL it after `grace` seconds, reap the direct child.
 
     Cancellation: call it shielded; it always finishes within `grace` plus a few ms.
@@ -117,12 +158,7 @@ async def run_process(
     Cancellation: the whole process group is terminated (SIGTERM, grace, SIGKILL) and the
     child reaped before `Cancelled` propagates; `capture` keeps what was printed until then.
     """
-    proc = await trio.lowlevel.open_process(
-        list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, pass_fds=pass_fds,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    assert proc.stderr is not None
+    proc = _Child(argv, cwd=cwd, env=env, pass_fds=pass_fds)
     try:
         async with trio.open_nursery() as nursery:
             done = [trio.Event(), trio.Event()]

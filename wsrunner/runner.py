@@ -206,13 +206,8 @@ class TaskRunner:
     async def _start(self, spec: TaskSpec, claim: Claim) -> bool:
         """Move the task to `running`; False (claim acknowledged) if it must not run."""
         try:
-            await self.store.get(spec.task_id)
-        except NotFoundError:  # pushed by a producer that writes no durable row
-            await self.store.create(spec, workspace_path=self.workspaces.root(spec.workspace_id))
-        try:
-            record = await self.store.transition(
-                spec.task_id, TaskState.RUNNING, worker_id=self.worker_id
-            )
+            record = await self.store.start(spec, worker_id=self.worker_id,
+                                            workspace_path=self.workspaces.root(spec.workspace_id))  # fmt: skip
         except InvalidTransitionError as exc:
             logger.info("not starting task: it is %s", exc.current,
                         extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
@@ -247,7 +242,6 @@ class TaskRunner:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(forwarder.serve)
                     try:
-                        await self.workspaces.prepare(ws)
                         await self.workspaces.check_quota(ws)
                     except QuotaExceededError as exc:
                         error = str(exc)
@@ -284,9 +278,9 @@ class TaskRunner:
                 steps.append({"step": len(steps) + 1, "action": spec.steps[len(steps)].action,
                               "result": part})  # fmt: skip
             with trio.CancelScope(shield=True):
-                repos = await self.workspaces.list_repos(ws) if ctx is not None else []
+                repos: list[str] = []
                 if ctx is not None:
-                    await self.workspaces.close_task(ws, tid, repos=repos)
+                    repos = await self.workspaces.close_task(ws, tid, count=True)
                 await self._finish(rt, steps, failed_steps, error, elapsed_ms, repos)
 
     # --- the end ------------------------------------------------------------------------------

@@ -196,6 +196,19 @@ class SqliteStore:
             raise NotFoundError(f"no task with id {task_id}")
         raise InvalidTransitionError(task_id, current, target.value)
 
+    async def start(self, spec: TaskSpec, *, worker_id: str, workspace_path: str) -> TaskRecord:
+        """Move a claimed task to `running`, writing its record first if there is none."""
+        try:
+            return await self.transition(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
+        except NotFoundError:
+            pass
+        first, created = await self.create(spec, workspace_path=workspace_path)
+        if not created and first.id != spec.task_id:
+            raise InvalidTransitionError(spec.task_id,
+                                         f"a duplicate of task {first.id} (same idempotency key)",
+                                         TaskState.RUNNING.value)  # fmt: skip
+        return await self.transition(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
+
     async def attach_result(self, task_id: str, result: JSON, execution_time_ms: int) -> None:
         await self.run(lambda c: c.execute(
             "UPDATE task_executions SET result = ?, updated_at = ?,"

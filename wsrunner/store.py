@@ -69,6 +69,65 @@ def _record(row: dict[str, Any]) -> TaskRecord:
     )
 
 
+def _insert_params(spec: TaskSpec, workspace_path: str | None) -> tuple[dict[str, Any], str]:
+    configuration = to_configuration(spec)
+    digest = request_hash(configuration, spec.workspace_id, spec.priority.value)
+    return {
+        "id": spec.task_id,
+        "workspace_id": spec.workspace_id,
+        "task_type": spec.task_type,
+        "configuration": Jsonb(configuration),
+        "priority": spec.priority.value,
+        "timeout_seconds": spec.timeout_seconds,
+        "idempotency_key": spec.idempotency_key,
+        "request_hash": digest,
+        "correlation_id": spec.correlation_id,
+        "workspace_path": workspace_path,
+    }, digest
+
+
+def _insert(
+    cur: psycopg.Cursor[dict[str, Any]], params: dict[str, Any]
+) -> tuple[dict[str, Any], bool]:
+    """(the new row, True), or (the task that already has this id or key, False)."""
+    cur.execute(Q["insert_task"], params)
+    row = cur.fetchone()
+    if row is not None:
+        return row, True
+    if params["idempotency_key"] is not None:
+        cur.execute(Q["get_by_idempotency_key"], params)
+        row = cur.fetchone()
+        if row is not None:
+            return row, False
+    cur.execute(Q["get_task"], params)
+    row = cur.fetchone()
+    assert row is not None, "insert conflicted, yet no row has the id or the key"
+    return row, False
+
+
+def _transition(
+    cur: psycopg.Cursor[dict[str, Any]], params: dict[str, Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(the moved row, None), or (None, the current status), or (None, None): no such task."""
+    cur.execute(Q["transition"], params)
+    row = cur.fetchone()
+    if row is not None:
+        return row, None
+    cur.execute(Q["get_task"], params)
+    current = cur.fetchone()
+    return None, None if current is None else current["status"]
+
+
+def _transitioned(
+    task_id: str, target: TaskState, row: dict[str, Any] | None, current: str | None
+) -> TaskRecord:
+    if row is not None:
+        return _record(row)
+    if current is None:
+        raise NotFoundError(f"no task with id {task_id}")
+    raise InvalidTransitionError(task_id, current, target.value)
+
+
 class _Dropped(Exception):
     """Raised in a worker thread that started after its caller was cancelled."""
 
@@ -168,36 +227,11 @@ class PostgresStore:
         if the request is the same, and raises IdempotencyConflictError if it differs. A task id
         that exists already returns the existing record and False (a producer re-pushed it).
         """
-        configuration = to_configuration(spec)
-        digest = request_hash(configuration, spec.workspace_id, spec.priority.value)
-        params = {
-            "id": spec.task_id,
-            "workspace_id": spec.workspace_id,
-            "task_type": spec.task_type,
-            "configuration": Jsonb(configuration),
-            "priority": spec.priority.value,
-            "timeout_seconds": spec.timeout_seconds,
-            "idempotency_key": spec.idempotency_key,
-            "request_hash": digest,
-            "correlation_id": spec.correlation_id,
-            "workspace_path": workspace_path,
-        }
+        params, digest = _insert_params(spec, workspace_path)
 
         def tx(conn: psycopg.Connection[Any]) -> tuple[dict[str, Any], bool]:
             with conn.cursor(row_factory=dict_row) as cur:
-                cur.execute(Q["insert_task"], params)
-                row = cur.fetchone()
-                if row is not None:
-                    return row, True
-                if spec.idempotency_key is not None:
-                    cur.execute(Q["get_by_idempotency_key"], params)
-                    row = cur.fetchone()
-                    if row is not None:
-                        return row, False
-                cur.execute(Q["get_task"], params)
-                row = cur.fetchone()
-                assert row is not None, "insert conflicted, yet no row has the id or the key"
-                return row, False
+                return _insert(cur, params)
 
         row, created = await self._run(tx)
         if not created:
@@ -224,7 +258,46 @@ class PostgresStore:
             InvalidTransitionError: the current state (or owner) does not allow the move.
             NotFoundError: no task has this id.
         """
-        params = {
+        params = self._transition_params(task_id, target, worker_id=worker_id,
+                                         expect_worker=expect_worker, result=result, error=error,
+                                         execution_time_ms=execution_time_ms)  # fmt: skip
+
+        def tx(conn: psycopg.Connection[Any]) -> tuple[dict[str, Any] | None, str | None]:
+            with conn.cursor(row_factory=dict_row) as cur:
+                return _transition(cur, params)
+
+        return _transitioned(task_id, target, *await self._run(tx))
+
+    async def start(self, spec: TaskSpec, *, worker_id: str, workspace_path: str) -> TaskRecord:
+        """Move a claimed task to `running`, first writing its record if its producer did not.
+
+        One transaction and one round trip to a worker thread: the common case (the record
+        exists) is a single statement.
+
+        Raises:
+            InvalidTransitionError: the task may not start (ended, or a duplicate of another
+                task by idempotency key).
+        """
+        params = self._transition_params(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
+
+        def tx(conn: psycopg.Connection[Any]) -> tuple[dict[str, Any] | None, str | None]:
+            with conn.cursor(row_factory=dict_row) as cur:
+                row, current = _transition(cur, params)
+                if row is not None or current is not None:
+                    return row, current
+                # Pushed by a producer that writes no durable row: write it, then start it.
+                first, created = _insert(cur, _insert_params(spec, workspace_path)[0])
+                if not created:
+                    return None, f"a duplicate of task {first['id']} (same idempotency key)"
+                return _transition(cur, params)
+
+        return _transitioned(spec.task_id, TaskState.RUNNING, *await self._run(tx))
+
+    def _transition_params(self, task_id: str, target: TaskState, *,
+                           worker_id: str | None = None, expect_worker: str | None = None,
+                           result: JSON | None = None, error: str | None = None,
+                           execution_time_ms: int | None = None) -> dict[str, Any]:  # fmt: skip
+        return {
             "id": task_id,
             "target": target.value,
             "terminal": target.terminal,
@@ -236,23 +309,6 @@ class PostgresStore:
             "error": error,
             "execution_time_ms": execution_time_ms,
         }
-
-        def tx(conn: psycopg.Connection[Any]) -> tuple[dict[str, Any] | None, str | None]:
-            with conn.cursor(row_factory=dict_row) as cur:
-                cur.execute(Q["transition"], params)
-                row = cur.fetchone()
-                if row is not None:
-                    return row, None
-                cur.execute(Q["get_task"], params)
-                current = cur.fetchone()
-                return None, None if current is None else current["status"]
-
-        row, current = await self._run(tx)
-        if row is not None:
-            return _record(row)
-        if current is None:
-            raise NotFoundError(f"no task with id {task_id}")
-        raise InvalidTransitionError(task_id, current, target.value)
 
     async def attach_result(self, task_id: str, result: JSON, execution_time_ms: int) -> None:
         """Store the result of a task whose terminal state someone else already wrote."""

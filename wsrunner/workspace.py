@@ -86,6 +86,15 @@ def disk_usage(root: str) -> int:
     return total
 
 
+def _repos(root: str) -> list[str]:
+    """The repositories cached under repos/ (directories only, symlinks not followed)."""
+    repos = os.path.join(root, "repos")
+    if not os.path.isdir(repos):
+        return []
+    with os.scandir(repos) as it:
+        return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+
+
 @dataclass(frozen=True, slots=True)
 class TaskEnvironment:
     """Where a task's commands run and with which environment."""
@@ -122,24 +131,23 @@ class Workspaces:
     async def prepare(self, workspace_id: str) -> str:
         """Create the workspace layout and metadata if missing; returns its directory."""
         root = self.root(workspace_id)
-
-        def make() -> None:
-            if not self.volume.is_dir():
-                self.volume.mkdir(parents=True, exist_ok=True)
-                self.volume.chmod(0o711)  # other uids may pass through, not list
-            try:
-                os.mkdir(root, 0o700)
-            except FileExistsError:
-                pass
-            if self.uids is not None:
-                assign(str(self.volume), root, self.uids)
-            for sub in LAYOUT:
-                paths.make_dirs(root, sub)
-            if not os.path.lexists(os.path.join(root, META_FILE)):
-                self._update_meta(root, lambda m: m)
-
-        await self._thread(make)
+        await self._thread(self._prepare, root)
         return root
+
+    def _prepare(self, root: str) -> None:
+        if not self.volume.is_dir():
+            self.volume.mkdir(parents=True, exist_ok=True)
+            self.volume.chmod(0o711)  # other uids may pass through, not list
+        try:
+            os.mkdir(root, 0o700)
+        except FileExistsError:
+            pass
+        if self.uids is not None:
+            assign(str(self.volume), root, self.uids)
+        for sub in LAYOUT:
+            paths.make_dirs(root, sub)
+        if not os.path.lexists(os.path.join(root, META_FILE)):
+            self._update_meta(root, lambda m: m)
 
     async def usage(self, workspace_id: str, *, fresh: bool = False) -> int:
         """Bytes the workspace occupies on disk (cached for USAGE_CACHE_S unless `fresh`)."""
@@ -163,13 +171,17 @@ class Workspaces:
     async def open_task(
         self, workspace_id: str, task_id: str, credentials: Credentials | None
     ) -> TaskEnvironment:
-        """Create tasks/<task_id> with a private HOME and TMPDIR, and the task's credentials."""
+        """Create tasks/<task_id> with a private HOME and TMPDIR, and the task's credentials.
+
+        Prepares the workspace first (in the same worker thread), as `prepare()` does.
+        """
         root = self.root(workspace_id)
         task_dir = os.path.join(root, "tasks", task_id)
 
         rel = f"tasks/{task_id}"
 
         def make() -> dict[str, str]:
+            self._prepare(root)
             with paths.open_root(
                 root
             ) as rfd:  # a previous attempt's leftovers; no symlink followed
@@ -221,18 +233,20 @@ class Workspaces:
         env = await self._thread(make)
         return TaskEnvironment(root=root, task_dir=task_dir, env=env)
 
-    async def close_task(self, workspace_id: str, task_id: str, *, repos: list[str] | None) -> None:
-        """Remove the task's directory (and its credentials); count the task in the metadata.
+    async def close_task(self, workspace_id: str, task_id: str, *, count: bool) -> list[str]:
+        """Remove the task's directory (and its credentials); returns the cached repositories.
 
-        `repos` None: an ad-hoc session of the internal API, which is not counted.
+        `count`: a task (not an ad-hoc session of the internal API) is counted in the metadata,
+        with the repositories found.
         """
         root = self.root(workspace_id)
 
-        def close() -> None:
+        def close() -> list[str]:
             with paths.open_root(root) as rfd:
                 shutil.rmtree(f"tasks/{task_id}", dir_fd=rfd, ignore_errors=True)
-            if repos is None:
-                return
+            if not count:
+                return []
+            repos = _repos(root)
 
             def bump(meta: dict[str, Any]) -> dict[str, Any]:
                 meta["total_tasks_run"] = int(meta.get("total_tasks_run", 0)) + 1
@@ -241,21 +255,15 @@ class Workspaces:
                 return meta
 
             self._update_meta(root, bump)
+            return repos
 
         with trio.CancelScope(shield=True):
-            await self._thread(close)
+            repos: list[str] = await self._thread(close)
+        return repos
 
     async def exists(self, workspace_id: str) -> bool:
         root = self.root(workspace_id)
         return bool(await self._thread(os.path.isdir, root))
-
-    async def list_repos(self, workspace_id: str) -> list[str]:
-        repos = os.path.join(self.root(workspace_id), "repos")
-        names: list[str] = await self._thread(
-            lambda: sorted(e.name for e in os.scandir(repos) if e.is_dir(follow_symlinks=False))
-            if os.path.isdir(repos) else []
-        )  # fmt: skip
-        return names
 
     def _update_meta(self, root: str, change: Any) -> None:
         """Read-modify-write the metadata under an exclusive lock, replacing it atomically.

@@ -272,8 +272,11 @@ class Sandbox:
         finally:
             for fd in fds:
                 os.close(fd)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._finish, group, launch, limiter=self._limiter)
+            if group.dirs:  # no cgroups (none on this host, or none created): nothing to do
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(
+                        self._finish, group, launch, limiter=self._limiter
+                    )
 
     @staticmethod
     def _finish(group: cgroups.CommandGroup, launch: Launch | None) -> None:
