@@ -24,7 +24,7 @@ async def test_metrics_count_what_the_daemon_did(api: Api) -> None:
         await wait_terminal(api.daemon, sub.record.id)
     queue = service.queue
     with pytest.raises(WsrunnerError):  # a command Redis refuses counts as a backend error
-        await queue._call(queue._r.execute_command, "NO-SUCH-COMMAND")  # type: ignore[attr-defined]
+        await queue._cmd("NO-SUCH-COMMAND")  # type: ignore[attr-defined]
     async with httpx.AsyncClient(base_url=api.public) as anon:
         r = await anon.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")

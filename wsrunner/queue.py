@@ -1,6 +1,8 @@
 """Redis adapter: priority queues with leased claims, the status mirror, event streams, heartbeats.
 
-The only module that imports redis-py. It runs redis-py's asyncio client through trio-asyncio
+Commands, pipelines and scripts go over wsrunner's native trio client (`resp.py`): through the
+trio-asyncio bridge each call cost the daemon six times the CPU. Blocking waits (BLMOVE, XREAD
+BLOCK) and the cancel channel's subscription run redis-py's asyncio client through trio-asyncio
 (stack.md §2) with `socket_timeout=None`, so trio cancel scopes stay the only timeout mechanism.
 Multi-step writes are Lua scripts, so each is atomic and costs one round trip:
 
@@ -30,6 +32,7 @@ from trio_asyncio import aio_as_trio, trio_as_aio
 from wsrunner.errors import UnavailableError
 from wsrunner.keys import Keys
 from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, sources_of
+from wsrunner.resp import Arg, RespClient
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,15 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def _flat(mapping: dict[str, str]) -> list[Arg]:
+    return [x for kv in mapping.items() for x in kv]
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A flat [field, value, ...] reply (HGETALL, a stream entry) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _translate(exc: Exception) -> UnavailableError:
     return UnavailableError(f"Redis failed: {exc}")
 
@@ -110,29 +122,54 @@ def _translate(exc: Exception) -> UnavailableError:
 class RedisQueue:
     """Everything wsrunner keeps in Redis. Create with `open_redis_queue()`."""
 
-    def __init__(self, client: Any, blocking: Any, keys: Keys) -> None:
+    def __init__(self, client: RespClient, blocking: Any, keys: Keys) -> None:
         # Bound to the loop it was opened in, so any trio task may call it (an HTTP handler,
         # a test), not only tasks that inherited the loop's context.
         self._loop = trio_asyncio.current_loop.get()
         self.on_error: Callable[[], None] | None = None  #: called on each failed call (metrics)
-        self._r = client  # commands
-        self._blocking = blocking  # blocking waits and pub/sub, on their own connections
+        self._r = client  # commands, pipelines and scripts (native trio)
+        self._blocking = blocking  # redis-py: blocking waits and pub/sub, on their own connections
         self.keys = keys
-        self._claim = client.register_script(_CLAIM)
-        self._requeue = client.register_script(_REQUEUE)
-        self._dead_letter = client.register_script(_DEAD_LETTER)
-        self._transition = client.register_script(_TRANSITION)
+        self._claim = client.script(_CLAIM)
+        self._requeue = client.script(_REQUEUE)
+        self._dead_letter = client.script(_DEAD_LETTER)
+        self._transition = client.script(_TRANSITION)
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call a redis-py (asyncio) method through the bridge."""
         try:
             return await aio_as_trio(fn, loop=self._loop)(*args, **kwargs)
         except RedisError as exc:
-            if self.on_error is not None:
-                self.on_error()
+            self._failed()
+            raise _translate(exc) from exc
+
+    def _failed(self) -> None:
+        if self.on_error is not None:
+            self.on_error()
+
+    async def _cmd(self, *args: Arg) -> Any:
+        try:
+            return await self._r.execute(*args)
+        except RedisError as exc:
+            self._failed()
+            raise _translate(exc) from exc
+
+    async def _pipe(self, commands: list[list[Arg]], *, transaction: bool = False) -> list[Any]:
+        try:
+            return await self._r.pipeline(commands, transaction=transaction)
+        except RedisError as exc:
+            self._failed()
+            raise _translate(exc) from exc
+
+    async def _script(self, script: Any, keys: list[Arg], args: list[Arg]) -> Any:
+        try:
+            return await script(keys, args)
+        except RedisError as exc:
+            self._failed()
             raise _translate(exc) from exc
 
     async def ping(self) -> None:
-        await self._call(self._r.ping)
+        await self._cmd("PING")
 
     # --- submit -------------------------------------------------------------------------------
 
@@ -151,27 +188,25 @@ class RedisQueue:
             "task_type": payload.get("task_type", "background_job"),
         }
         k = self.keys
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hset(k.status(tid), mapping=status).expire(k.status(tid), STATUS_TTL_S)
-        pipe.sadd(k.active(ws), tid)
-        self._add_event(pipe, tid, "status_changed", event_data, ts)
-        pipe.lpush(k.queue(payload["priority"]), json.dumps(payload))
-        results = await self._call(pipe.execute)
+        results = await self._pipe([
+            ["HSET", k.status(tid), *_flat(status)], ["EXPIRE", k.status(tid), STATUS_TTL_S],
+            ["SADD", k.active(ws), tid],
+            *self._event_commands(tid, "status_changed", event_data, ts),
+            ["LPUSH", k.queue(payload["priority"]), json.dumps(payload)],
+        ], transaction=True)  # fmt: skip
         return str(results[3])
 
     async def requeue_payload(self, payload: JSON) -> None:
         """Put a payload rebuilt from PostgreSQL back on its queue, with a fresh status hash."""
         tid = payload["task_id"]
         k = self.keys
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hset(
-            k.status(tid),
-            mapping={"status": "queued", "workspace_id": payload["workspace_id"],
-                     "priority": payload["priority"]},
-        ).expire(k.status(tid), STATUS_TTL_S)  # fmt: skip
-        pipe.sadd(k.active(payload["workspace_id"]), tid)
-        pipe.rpush(k.queue(payload["priority"]), json.dumps(payload))
-        await self._call(pipe.execute)
+        status = {"status": "queued", "workspace_id": payload["workspace_id"],
+                  "priority": payload["priority"]}  # fmt: skip
+        await self._pipe([
+            ["HSET", k.status(tid), *_flat(status)], ["EXPIRE", k.status(tid), STATUS_TTL_S],
+            ["SADD", k.active(payload["workspace_id"]), tid],
+            ["RPUSH", k.queue(payload["priority"]), json.dumps(payload)],
+        ], transaction=True)  # fmt: skip
 
     # --- claims -------------------------------------------------------------------------------
 
@@ -182,11 +217,8 @@ class RedisQueue:
         """
         k = self.keys
         with trio.CancelScope(shield=True):
-            res = await self._call(
-                self._claim,
-                keys=[*k.queues(), k.inflight(worker_id), k.claim_seq],
-                args=[p.value for p in PRIORITY_ORDER],
-            )
+            res = await self._script(self._claim, [*k.queues(), k.inflight(worker_id), k.claim_seq],
+                                     [p.value for p in PRIORITY_ORDER])  # fmt: skip
         return None if res is None else Claim(str(res[0]), str(res[1]))
 
     async def wait_for_work(self) -> bool:
@@ -214,28 +246,28 @@ class RedisQueue:
         return found
 
     async def ack(self, worker_id: str, claim_id: str) -> None:
-        await self._call(self._r.hdel, self.keys.inflight(worker_id), claim_id)
+        await self._cmd("HDEL", self.keys.inflight(worker_id), claim_id)
 
     async def requeue_claim(self, worker_id: str, claim_id: str, priority: str) -> bool:
         """Move a claimed payload back to the head of its queue; False if it was not there."""
         k = self.keys
         with trio.CancelScope(shield=True):
-            moved = await self._call(
-                self._requeue, keys=[k.inflight(worker_id), k.queue(priority)], args=[claim_id]
+            moved = await self._script(
+                self._requeue, [k.inflight(worker_id), k.queue(priority)], [claim_id]
             )
         return bool(moved)
 
     async def dead_letter(self, worker_id: str, claim_id: str, reason: str) -> None:
         """Move a claimed payload that cannot run to the dead-letter list, with the reason."""
         k = self.keys
-        await self._call(
+        await self._script(
             self._dead_letter,
-            keys=[k.inflight(worker_id), k.dead],
-            args=[claim_id, reason, worker_id, now_iso()],
+            [k.inflight(worker_id), k.dead],
+            [claim_id, reason, worker_id, now_iso()],
         )
 
     async def inflight(self, worker_id: str) -> dict[str, str]:
-        return dict(await self._call(self._r.hgetall, self.keys.inflight(worker_id)))
+        return _pairs(await self._cmd("HGETALL", self.keys.inflight(worker_id)))
 
     # --- status mirror and events -------------------------------------------------------------
 
@@ -263,11 +295,11 @@ class RedisQueue:
             else None
         )
         worker, claim_id = ack if ack is not None else ("-", "")
-        res = await self._call(
+        res = await self._script(
             self._transition,
-            keys=[k.status(task_id), k.events(task_id), k.result(task_id), k.active(workspace_id),
-                  k.inflight(worker)],
-            args=[
+            [k.status(task_id), k.events(task_id), k.result(task_id), k.active(workspace_id),
+             k.inflight(worker)],
+            [
                 target.value,
                 json.dumps(sorted(s.value for s in sources_of(target))),
                 STATUS_TTL_S,
@@ -285,32 +317,35 @@ class RedisQueue:
         )  # fmt: skip
         return bool(int(res[0])), str(res[1])
 
-    def _add_event(self, pipe: Any, task_id: str, kind: str, data: JSON, ts: str) -> None:
+    def _event_commands(self, task_id: str, kind: str, data: JSON, ts: str) -> list[list[Arg]]:
+        """XADD to the task's stream, renew its TTL, PUBLISH the legacy envelope."""
         stream = self.keys.events(task_id)
-        blob = json.dumps(data)
-        pipe.xadd(stream, {"type": kind, "data": blob, "ts": ts}, maxlen=STREAM_MAXLEN,
-                  approximate=True)  # fmt: skip
-        pipe.expire(stream, STATUS_TTL_S)
         envelope = {"event_type": kind, "task_id": task_id, "data": data, "timestamp": ts}
-        pipe.publish(stream, json.dumps(envelope))
+        return [
+            ["XADD", stream, "MAXLEN", "~", STREAM_MAXLEN, "*", "type", kind,
+             "data", json.dumps(data), "ts", ts],
+            ["EXPIRE", stream, STATUS_TTL_S],
+            ["PUBLISH", stream, json.dumps(envelope)],
+        ]  # fmt: skip
 
     async def emit(self, task_id: str, kind: str, data: JSON) -> str:
         """Append one event to the task's stream (and the legacy channel); returns its id."""
-        pipe = self._r.pipeline(transaction=False)
-        self._add_event(pipe, task_id, kind, data, now_iso())
-        results = await self._call(pipe.execute)
+        results = await self._pipe(self._event_commands(task_id, kind, data, now_iso()))
         return str(results[0])
 
     async def read_events(
         self, task_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 500
     ) -> list[Event]:
         """Events after `after`, oldest first; with `block_ms`, wait that long for new ones."""
-        client = self._r if block_ms is None else self._blocking
         stream = self.keys.events(task_id)
+        raw: list[tuple[str, dict[str, str]]]
         if block_ms is None:
-            raw = await self._call(client.xrange, stream, f"({after}", "+", count=count)
+            entries = await self._cmd("XRANGE", stream, f"({after}", "+", "COUNT", count)
+            raw = [(eid, _pairs(flat)) for eid, flat in entries]
         else:
-            reply = await self._call(client.xread, {stream: after}, count=count, block=block_ms)
+            reply = await self._call(
+                self._blocking.xread, {stream: after}, count=count, block=block_ms
+            )
             raw = reply[0][1] if reply else []
         return [
             Event(
@@ -325,27 +360,22 @@ class RedisQueue:
 
     async def depths(self) -> dict[str, int]:
         """Payloads waiting in each priority queue, in one round trip."""
-        pipe = self._r.pipeline(transaction=False)
-        for priority in PRIORITY_ORDER:
-            pipe.llen(self.keys.queue(priority))
-        counts = await self._call(pipe.execute)
+        counts = await self._pipe([["LLEN", self.keys.queue(p)] for p in PRIORITY_ORDER])
         return {p.value: int(n) for p, n in zip(PRIORITY_ORDER, counts, strict=True)}
 
     async def status(self, task_id: str) -> dict[str, str]:
-        return dict(await self._call(self._r.hgetall, self.keys.status(task_id)))
+        return _pairs(await self._cmd("HGETALL", self.keys.status(task_id)))
 
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
         """The `status` field of each task (None where the hash is missing), in one round trip."""
         ids = list(task_ids)
         if not ids:
             return {}
-        pipe = self._r.pipeline(transaction=False)
-        for tid in ids:
-            pipe.hget(self.keys.status(tid), "status")
-        return dict(zip(ids, await self._call(pipe.execute), strict=True))
+        replies = await self._pipe([["HGET", self.keys.status(tid), "status"] for tid in ids])
+        return dict(zip(ids, replies, strict=True))
 
     async def result(self, task_id: str) -> JSON | None:
-        raw = await self._call(self._r.get, self.keys.result(task_id))
+        raw = await self._cmd("GET", self.keys.result(task_id))
         return None if raw is None else dict(json.loads(raw))
 
     # --- daemons ------------------------------------------------------------------------------
@@ -354,48 +384,45 @@ class RedisQueue:
         """Renew this daemon's lease and publish which tasks it runs."""
         k = self.keys
         ttl = max(1, int(ttl_s + 0.999))
-        pipe = self._r.pipeline(transaction=True)
-        pipe.set(k.heartbeat(worker_id), str(int(time.time())), ex=ttl)
-        pipe.sadd(k.workers, worker_id)
-        pipe.delete(k.worker_tasks(worker_id))
+        commands: list[list[Arg]] = [
+            ["SET", k.heartbeat(worker_id), str(int(time.time())), "EX", ttl],
+            ["SADD", k.workers, worker_id],
+            ["DEL", k.worker_tasks(worker_id)],
+        ]
         ids = list(running)
         if ids:
-            pipe.sadd(k.worker_tasks(worker_id), *ids).expire(k.worker_tasks(worker_id), ttl)
-        await self._call(pipe.execute)
+            commands += [["SADD", k.worker_tasks(worker_id), *ids],
+                         ["EXPIRE", k.worker_tasks(worker_id), ttl]]  # fmt: skip
+        await self._pipe(commands, transaction=True)
 
     async def retire(self, worker_id: str) -> None:
         """Remove a stopped daemon's heartbeat; it must hold no claims any more."""
         k = self.keys
-        pipe = self._r.pipeline(transaction=True)
-        pipe.delete(k.heartbeat(worker_id), k.worker_tasks(worker_id))
-        pipe.srem(k.workers, worker_id)
-        await self._call(pipe.execute)
+        await self._pipe([["DEL", k.heartbeat(worker_id), k.worker_tasks(worker_id)],
+                          ["SREM", k.workers, worker_id]], transaction=True)  # fmt: skip
 
     async def dead_workers(self) -> list[str]:
         """Daemons registered in the worker set whose heartbeat (lease) has expired."""
         k = self.keys
-        workers = sorted(await self._call(self._r.smembers, k.workers))
+        workers = sorted(await self._cmd("SMEMBERS", k.workers))
         if not workers:
             return []
-        pipe = self._r.pipeline(transaction=False)
-        for w in workers:
-            pipe.exists(k.heartbeat(w))
-        alive = await self._call(pipe.execute)
+        alive = await self._pipe([["EXISTS", k.heartbeat(w)] for w in workers])
         return [w for w, a in zip(workers, alive, strict=True) if not a]
 
     async def is_alive(self, worker_id: str) -> bool:
-        return bool(await self._call(self._r.exists, self.keys.heartbeat(worker_id)))
+        return bool(await self._cmd("EXISTS", self.keys.heartbeat(worker_id)))
 
     async def forget_worker(self, worker_id: str) -> None:
         """Drop a dead daemon from the worker set once its in-flight hash is empty."""
         k = self.keys
-        if not await self._call(self._r.exists, k.inflight(worker_id)):
-            await self._call(self._r.srem, k.workers, worker_id)
+        if not await self._cmd("EXISTS", k.inflight(worker_id)):
+            await self._cmd("SREM", k.workers, worker_id)
 
     # --- cancellation -------------------------------------------------------------------------
 
     async def publish_cancel(self, task_id: str) -> None:
-        await self._call(self._r.publish, self.keys.cancel_channel, task_id)
+        await self._cmd("PUBLISH", self.keys.cancel_channel, task_id)
 
     async def serve_cancel_listener(
         self, send: trio.MemorySendChannel[str], *, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -435,7 +462,7 @@ async def open_redis_queue(url: str, prefix: str) -> AsyncIterator[RedisQueue]:
     # asyncio.wait_for, which can swallow a cancellation (stack.md §2.3).
     opts: dict[str, Any] = {"decode_responses": True, "socket_timeout": None,
                             "socket_connect_timeout": 5, "health_check_interval": 30}  # fmt: skip
-    client = aioredis.Redis.from_url(url, **opts)
+    client = RespClient.from_url(url)
     blocking = aioredis.Redis.from_url(url, **opts)
     try:
         queue = RedisQueue(client, blocking, Keys(prefix))
@@ -444,8 +471,8 @@ async def open_redis_queue(url: str, prefix: str) -> AsyncIterator[RedisQueue]:
     finally:
         with trio.move_on_after(10) as cleanup:  # shielded, and bounded
             cleanup.shield = True
-            for c in (client, blocking):
-                try:
-                    await aio_as_trio(c.aclose)()
-                except (RedisError, OSError):  # already broken; nothing left to release
-                    pass
+            await client.aclose()
+            try:
+                await aio_as_trio(blocking.aclose)()
+            except (RedisError, OSError):  # already broken; nothing left to release
+                pass

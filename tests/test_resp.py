@@ -1,0 +1,87 @@
+"""The native trio Redis client, against the real Redis."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+import trio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from tests.conftest import REDIS_URL
+from wsrunner.resp import Address, RespClient, encode
+
+
+def test_urls_name_host_port_db_auth_tls_and_unix_sockets() -> None:
+    assert Address.from_url("redis://127.0.0.1:6380/3") == Address("127.0.0.1", 6380, db=3)
+    secure = Address.from_url("rediss://bob:p%40ss@cache.internal/2")
+    assert (secure.tls, secure.username, secure.password, secure.db, secure.port) == (
+        True, "bob", "p@ss", 2, 6379)  # fmt: skip
+    assert Address.from_url("redis://:secret@h").password == "secret"
+    unix = Address.from_url("unix:///run/redis/redis.sock?db=4")
+    assert (unix.path, unix.db) == ("/run/redis/redis.sock", 4)
+    with pytest.raises(ValueError, match="REDIS_URL: expected redis://"):
+        Address.from_url("http://127.0.0.1:6379")
+
+
+def test_commands_are_encoded_as_resp_arrays_of_bulk_strings() -> None:
+    assert encode(["SET", "k", "vé", 7, b"\x00"]) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\xc3\xa9\r\n$1\r\n7\r\n$1\r\n\x00\r\n"
+    )
+
+
+async def test_commands_pipelines_transactions_and_errors(prefix: str) -> None:
+    client = RespClient.from_url(REDIS_URL)
+    key = f"{prefix}:resp"
+    try:
+        assert await client.execute("SET", key, "v") == "OK"
+        assert await client.execute("GET", key) == "v"
+        assert await client.execute("GET", f"{key}:missing") is None
+        assert await client.pipeline([["HSET", f"{key}:h", "a", 1, "b", "x"],
+                                      ["HGETALL", f"{key}:h"]]) == [2, ["a", "1", "b", "x"]]  # fmt: skip
+        assert await client.pipeline(
+            [["INCR", f"{key}:n"], ["INCR", f"{key}:n"]], transaction=True
+        ) == [1, 2]
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await client.pipeline([["INCR", f"{key}:n"], ["LPUSH", key, "x"]], transaction=True)
+        # EXEC ran the first command; the error named is the one Redis gave for the second.
+        assert await client.execute("GET", f"{key}:n") == "3"
+        with pytest.raises(ResponseError, match="unknown command"):
+            await client.execute("NO-SUCH-COMMAND")
+        assert await client.execute("PING") == "PONG"  # the connection is still in step
+    finally:
+        await client.execute("DEL", key, f"{key}:h", f"{key}:n")
+        await client.aclose()
+
+
+async def test_a_script_is_loaded_again_after_redis_forgets_it(prefix: str) -> None:
+    client = RespClient.from_url(REDIS_URL)
+    script = client.script(f"return {{KEYS[1], ARGV[1], '{prefix}'}}")
+    try:
+        assert await script(["k"], ["a"]) == ["k", "a", prefix]
+        redis.Redis.from_url(REDIS_URL).script_flush()
+        assert await script(["k2"], [5]) == ["k2", "5", prefix]
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_call_never_leaves_its_connection_out_of_step(prefix: str) -> None:
+    client = RespClient.from_url(REDIS_URL)
+    key = f"{prefix}:blocked"
+    try:
+        with trio.move_on_after(0.2) as scope:
+            await client.execute("BLPOP", key, 5)  # cancelled while Redis holds the reply back
+        assert scope.cancelled_caught
+        redis.Redis.from_url(REDIS_URL).rpush(key, "late")
+        await trio.sleep(0.1)
+        # A reused connection would read the BLPOP reply here; a fresh one reads its own.
+        assert await client.execute("ECHO", "mine") == "mine"
+        assert await client.execute("LPOP", key) == "late"
+    finally:
+        await client.aclose()
+
+
+async def test_an_unreachable_redis_is_a_connection_error() -> None:
+    client = RespClient.from_url("redis://127.0.0.1:1/0")
+    with pytest.raises(RedisConnectionError, match=r"cannot connect to Redis at 127\.0\.0\.1:1"):
+        await client.execute("PING")
