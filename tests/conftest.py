@@ -7,6 +7,7 @@ import trio_asyncio  # noqa: F401  # isort: skip
 import json
 import os
 import secrets
+import socket
 import stat
 import subprocess
 import sys
@@ -193,6 +194,12 @@ def git_repo(path: Path, files: dict[str, str], message: str = "first") -> str:
     subprocess.run(["git", "-C", str(path), "add", "."], check=True)
     subprocess.run(["git", "-C", str(path), "commit", "-qm", message], check=True, env=env)
     return f"file://{path}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def unique_seconds() -> str:

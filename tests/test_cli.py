@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import httpx
 import trio
 
-from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, wait_for
+from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, free_port, wait_for
 
 
 def run_cli(
@@ -20,12 +19,6 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "wsrunner", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_unreachable_redis_exits_nonzero_with_one_line(tmp_path) -> None:

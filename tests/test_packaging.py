@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import traversable
-from tests.test_cli import free_port
+from tests.conftest import free_port, traversable
 from wsrunner import __version__
 
 REPO = Path(__file__).resolve().parent.parent

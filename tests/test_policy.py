@@ -19,11 +19,12 @@ from tests.conftest import (
     REDIS_URL,
     cmd,
     exit_code,
+    free_port,
     task_body,
     wait_for,
     wait_terminal,
 )
-from tests.test_cli import free_port, run_cli
+from tests.test_cli import run_cli
 from wsrunner.daemon import Daemon, reload_policy
 from wsrunner.models import TaskState
 from wsrunner.policy import PolicyError, bundled_policy, load_policy

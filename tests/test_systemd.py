@@ -14,8 +14,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, traversable
-from tests.test_cli import free_port
+from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, free_port, traversable
 from wsrunner.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent

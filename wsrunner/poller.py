@@ -35,12 +35,7 @@ async def serve_poller(
                 while claim is None and not stopping.is_set():
                     claim = await queue.claim(worker_id)
                     if claim is None:
-                        with trio.CancelScope() as waiting:
-                            # A stop request must not wait for the idle block to time out.
-                            async with trio.open_nursery() as nursery:
-                                nursery.start_soon(_cancel_on, stopping, waiting)
-                                await queue.wait_for_work()
-                                nursery.cancel_scope.cancel()
+                        await _wait_for_work(queue, stopping)
                 backoff = 0.1
             except UnavailableError as exc:
                 slots.release_unused()
@@ -58,6 +53,24 @@ async def serve_poller(
             await slots.hand_off(claim)
     finally:
         slots.close()
+
+
+async def _wait_for_work(queue: Queue, stopping: trio.Event) -> None:
+    """Block until work may be queued, or `stopping` is set (no waiting out the idle block).
+
+    Raises UnavailableError itself, not wrapped in the nursery's exception group.
+    """
+    failed: UnavailableError | None = None
+    with trio.CancelScope() as waiting:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on, stopping, waiting)
+            try:
+                await queue.wait_for_work()
+            except UnavailableError as exc:
+                failed = exc
+            nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -230,19 +230,25 @@ class RedisQueue:
         connections). Producers that only LPUSH therefore wake an idle daemon at once.
         """
         found = False
+        failed: UnavailableError | None = None
         async with trio.open_nursery() as nursery:
 
             async def watch(queue: str) -> None:
-                nonlocal found
-                moved = await self._call(
-                    self._blocking.blmove, queue, queue, WAKE_BLOCK_S, "RIGHT", "RIGHT"
-                )
-                if moved is not None:
-                    found = True
+                nonlocal found, failed
+                try:
+                    moved = await self._call(
+                        self._blocking.blmove, queue, queue, WAKE_BLOCK_S, "RIGHT", "RIGHT"
+                    )
+                except UnavailableError as exc:  # raised below as itself, not in a group
+                    failed = exc
+                else:
+                    found = moved is not None
                 nursery.cancel_scope.cancel()
 
             for queue in self.keys.queues():
                 nursery.start_soon(watch, queue)
+        if failed is not None:
+            raise failed
         return found
 
     async def ack(self, worker_id: str, claim_id: str) -> None:
@@ -445,10 +451,22 @@ class RedisQueue:
             finally:
                 await pubsub.aclose()
 
+        failed: UnavailableError | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._call, loop)
+
+            async def run() -> None:
+                nonlocal failed
+                try:
+                    await self._call(loop)
+                except UnavailableError as exc:  # raised below as itself, not in a group
+                    failed = exc
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
             await ready.wait()
             task_status.started()
+        if failed is not None:
+            raise failed
 
 
 @asynccontextmanager

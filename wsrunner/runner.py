@@ -97,6 +97,13 @@ class _OutputForwarder:
         self._wake.set()
 
     async def flush(self) -> None:
+        """Send what is pending; without Redis it is lost (and logged), the task goes on."""
+        try:
+            await self._flush()
+        except UnavailableError as exc:
+            logger.warning("output event lost: %s", exc, extra={"task_id": self._task_id})
+
+    async def _flush(self) -> None:
         async with self._lock:
             pending, self._pending, self._size = self._pending, [], 0
             self._wake = trio.Event()
@@ -115,10 +122,7 @@ class _OutputForwarder:
                 # A batching window, bounded above by OUTPUT_FLUSH_S.
                 while self._size < OUTPUT_EVENT_BYTES:  # noqa: ASYNC110
                     await trio.sleep(0.01)
-            try:
-                await self.flush()
-            except UnavailableError as exc:
-                logger.warning("output event lost: %s", exc, extra={"task_id": self._task_id})
+            await self.flush()
 
 
 class TaskRunner:
@@ -213,13 +217,24 @@ class TaskRunner:
                         extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
             await self.queue.ack(self.worker_id, claim.claim_id)
             return False
-        await self.queue.transition(
-            spec.task_id, spec.workspace_id, TaskState.RUNNING,
-            fields={"worker_id": self.worker_id, "started_at": datetime.now(UTC).isoformat(),
-                    "attempts": str(record.attempts)},
-            event={"status": "running", "worker_id": self.worker_id, "attempt": record.attempts},
-        )  # fmt: skip
+        try:
+            await self.queue.transition(
+                spec.task_id, spec.workspace_id, TaskState.RUNNING,
+                fields={"worker_id": self.worker_id, "started_at": datetime.now(UTC).isoformat(),
+                        "attempts": str(record.attempts)},
+                event={"status": "running", "worker_id": self.worker_id, "attempt": record.attempts},
+            )  # fmt: skip
+        except UnavailableError as exc:  # PostgreSQL has it; the mirror catches up at the end
+            logger.warning("Redis did not take the start of the task: %s", exc,
+                           extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
         return True
+
+    async def _event(self, task_id: str, kind: str, data: JSON) -> None:
+        """Emit an event. Without Redis the event is lost (and logged); the task goes on."""
+        try:
+            await self.queue.emit(task_id, kind, data)
+        except UnavailableError as exc:
+            logger.warning("%s event lost: %s", kind, exc, extra={"task_id": task_id})
 
     # --- steps --------------------------------------------------------------------------------
 
@@ -243,15 +258,11 @@ class TaskRunner:
                     nursery.start_soon(forwarder.serve)
                     try:
                         await self.workspaces.check_quota(ws)
-                    except QuotaExceededError as exc:
-                        error = str(exc)
-                        await self.queue.emit(tid, "error", {"error": error})
-                    else:
                         env = await self.workspaces.open_task(ws, tid, spec.credentials)
                         ctx = self.executor.context(env, ws, forwarder.feed, policy)
                         for i, step in enumerate(spec.steps, start=1):
                             forwarder.start_step(i)
-                            await self.queue.emit(tid, "progress_update", {
+                            await self._event(tid, "progress_update", {
                                 "step": i, "total_steps": len(spec.steps),
                                 "description": step.description or f"Step {i}: {step.action}"})  # fmt: skip
                             budget = rt.scope.deadline - trio.current_time()
@@ -263,11 +274,15 @@ class TaskRunner:
                             steps.append({"step": i, "action": step.action, "result": res})
                             if "error" in res:
                                 failed_steps.append(i)
-                                await self.queue.emit(
-                                    tid, "error", {"step": i, "error": res["error"]}
-                                )
+                                await self._event(tid, "error", {"step": i, "error": res["error"]})
                                 if spec.stop_on_error:
                                     break
+                    except QuotaExceededError as exc:
+                        error = str(exc)
+                        await self._event(tid, "error", {"error": error})
+                    except Exception as exc:  # a bug, or a store gone mid-task: fail it, loudly
+                        logger.exception("task aborted by an internal error", extra=log)
+                        error = f"internal error: {exc}"
                     nursery.cancel_scope.cancel()
         finally:
             elapsed_ms = int((time.monotonic() - t0) * 1000)

@@ -145,7 +145,9 @@ class PostgresStore:
         """Run `fn(conn)` in a worker thread inside one transaction.
 
         Cancellation: the statement is cancelled on the server and the transaction rolled back
-        before this returns; the connection goes back to the pool clean.
+        before this returns; the connection goes back to the pool clean. Cancelled while still
+        waiting for a pooled connection (PostgreSQL down), it returns at once: the thread drops
+        the work when it gets one, or when the pool gives up.
         """
         lock, finished = threading.Lock(), trio.Event()
         # "started": the thread took the work; "dropped": cancelled before that, so it must not.
@@ -160,6 +162,8 @@ class PostgresStore:
                     state["started"] = True
                 with self._pool.connection() as conn:
                     with lock:
+                        if state["dropped"]:  # the caller gave up while we waited for the pool
+                            raise _Dropped
                         state["conn"] = conn
                     try:
                         return fn(conn)
@@ -177,7 +181,10 @@ class PostgresStore:
             # Cancelled while waiting for a thread (the limiter), the work never started and
             # never will; cancelled while it runs, stop the statement and wait for the rollback.
             with lock:
-                if not state["started"]:
+                if not state["started"] or state["conn"] is None:
+                    # No statement runs yet (the thread waits for the limiter or for a pooled
+                    # connection, which with PostgreSQL down can take the pool's timeout):
+                    # it will drop the work; nothing to wait for.
                     state["dropped"] = True
                     raise
             # Shielded, and bounded: cancel_safe gives up after 5 s, statement_timeout is 30 s.
