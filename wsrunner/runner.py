@@ -195,16 +195,16 @@ class TaskRunner:
                      extra={"task_id": task_id, "claim_id": claim.claim_id})  # fmt: skip
         await self.queue.dead_letter(self.worker_id, claim.claim_id, reason)
         if task_id is not None:  # whoever watches this id gets an answer, not silence
+            error = f"invalid payload: {reason}"
             try:
-                await self.store.transition(
-                    task_id, TaskState.FAILED, error=f"invalid payload: {reason}"
-                )
-                ws = obj.get("workspace_id") if isinstance(obj, dict) else None
-                await self.queue.transition(task_id, ws if isinstance(ws, str) else "-", TaskState.FAILED,
-                                            fields={"error": f"invalid payload: {reason}"},
-                                            event={"status": "failed", "error": f"invalid payload: {reason}"})  # fmt: skip
-            except (NotFoundError, InvalidTransitionError):
-                pass  # never recorded (a foreign producer), or already ended
+                await self.store.transition(task_id, TaskState.FAILED, error=error)
+            except NotFoundError:
+                pass  # its producer writes no record: the status hash is where it looks
+            except InvalidTransitionError:
+                return None  # already ended: that state stands
+            ws = obj.get("workspace_id") if isinstance(obj, dict) else None
+            await self.queue.transition(task_id, ws if isinstance(ws, str) else "-", TaskState.FAILED,
+                                        fields={"error": error}, event={"status": "failed", "error": error})  # fmt: skip
         return None
 
     async def _start(self, spec: TaskSpec, claim: Claim) -> bool:

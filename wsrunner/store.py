@@ -8,6 +8,7 @@ cancellation becomes a server-side cancel of the running statement; the transact
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import re
 import threading
@@ -69,6 +70,21 @@ def _record(row: dict[str, Any]) -> TaskRecord:
     )
 
 
+# A \u0000 escape not itself escaped (preceded by an even number of backslashes).
+_NUL_ESCAPE: Final = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _jsonb(value: Any) -> Jsonb:
+    """`value` for a jsonb column. PostgreSQL refuses the NUL character in jsonb text (a command
+    printing binary output would make its result unstorable), so NULs are stored as U+FFFD."""
+
+    def dumps(obj: Any) -> str:
+        text = json.dumps(obj)
+        return _NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
+
+    return Jsonb(value, dumps=dumps)
+
+
 def _insert_params(spec: TaskSpec, workspace_path: str | None) -> tuple[dict[str, Any], str]:
     configuration = to_configuration(spec)
     digest = request_hash(configuration, spec.workspace_id, spec.priority.value)
@@ -76,7 +92,7 @@ def _insert_params(spec: TaskSpec, workspace_path: str | None) -> tuple[dict[str
         "id": spec.task_id,
         "workspace_id": spec.workspace_id,
         "task_type": spec.task_type,
-        "configuration": Jsonb(configuration),
+        "configuration": _jsonb(configuration),
         "priority": spec.priority.value,
         "timeout_seconds": spec.timeout_seconds,
         "idempotency_key": spec.idempotency_key,
@@ -312,14 +328,14 @@ class PostgresStore:
             "worker_id": worker_id,
             "expect_worker": expect_worker,
             "lease_s": self.lease_s,
-            "result": None if result is None else Jsonb(result),
+            "result": None if result is None else _jsonb(result),
             "error": error,
             "execution_time_ms": execution_time_ms,
         }
 
     async def attach_result(self, task_id: str, result: JSON, execution_time_ms: int) -> None:
         """Store the result of a task whose terminal state someone else already wrote."""
-        await self._rows("attach_result", {"id": task_id, "result": Jsonb(result),
+        await self._rows("attach_result", {"id": task_id, "result": _jsonb(result),
                                            "execution_time_ms": execution_time_ms})  # fmt: skip
 
     async def renew_leases(self, worker_id: str, task_ids: Sequence[str]) -> None:

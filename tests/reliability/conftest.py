@@ -26,7 +26,7 @@ import psycopg
 import pytest
 import trio
 
-from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, free_port, wait_for
+from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, free_port, traversable, wait_for
 
 PERMISSIVE = """\
 apiVersion: wsrunner/v1
@@ -74,9 +74,14 @@ class Daemon:
         self.proc.send_signal(sig)
 
     async def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, and its exit status (a second SIGTERM would mean "stop at once")."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        return await self.wait(timeout)
+
+    async def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
         return await exit_code(self.proc, timeout=timeout)
 
     def rss_bytes(self) -> int:
@@ -179,7 +184,7 @@ def assert_complete(row: dict[str, Any], *, stdout: str | None = None) -> None:
 
 @pytest.fixture
 async def deployment(tmp_path: Path, prefix: str, schema: str) -> AsyncIterator[Deployment]:
-    tmp_path.chmod(0o711)
+    traversable(tmp_path)  # the workspaces' own uids must reach the volume
     dep = Deployment(tmp_path, prefix, schema, REDIS_URL, DATABASE_URL)
     try:
         yield dep

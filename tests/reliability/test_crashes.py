@@ -133,7 +133,7 @@ async def test_sigterm_drains_requeues_the_rest_and_ends_streams(deployment: Dep
             await trio.sleep(0.5)
             t0 = time.monotonic()
             d.kill(signal.SIGTERM)
-            assert await d.stop(timeout=30) == 0
+            assert await d.wait(timeout=30) == 0
             assert time.monotonic() - t0 < 3 + 5  # the grace period, and the requeue after it
     rows = deployment.rows()
     for n, tid in enumerate(short):  # finished within the grace period
