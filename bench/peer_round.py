@@ -1,7 +1,7 @@
 """One round of one workload for one peer queue; prints a JSON line. Run by bench/peers.py in
 the benchmark's own virtualenv (bench/.venv), where the peers are installed from PyPI:
 
-    bench/.venv/bin/python -m bench.peer_round PEER throughput|latency N
+    bench/.venv/bin/python -m bench.peer_round PEER throughput|latency|drain|priority N
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Producer:
 
             self.queue = Queue(connection=redis.Redis.from_url(URL))
 
-    def send(self, run: str, tid: str) -> None:
+    def send(self, run: str, tid: str, *, queue: str | None = None) -> None:
         if self.peer == "arq":
             self.loop.run_until_complete(self.pool.enqueue_job("job", run, tid))
         elif self.peer == "saq":
@@ -75,12 +75,22 @@ class Producer:
             self.job.send(run, tid)
         elif self.peer == "celery":
             self.job.delay(run, tid)
+        elif queue is not None:
+            from rq import Queue
+
+            Queue(queue, connection=self.queue.connection).enqueue(
+                "bench.peers.rq_app.job", run, tid
+            )
         else:
             self.queue.enqueue("bench.peers.rq_app.job", run, tid)
 
 
-def start_worker(peer: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(WORKERS[peer], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+#: Peers whose worker takes a higher priority first, and how it is asked to.
+PRIORITY = {"rq": ["high", "low"]}  # the worker serves its queues in the order given
+
+
+def start_worker(peer: str, queues: list[str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*WORKERS[peer], *(queues or [])], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
 
@@ -144,6 +154,40 @@ def latency(peer: str, n: int) -> dict[str, Any]:
             **quantiles("done", done_ms)}  # fmt: skip
 
 
+def priority(peer: str, n_low: int) -> dict[str, Any]:
+    """n_low low tasks drain; once 100 of them ran, 100 high ones are queued. Counted: the low
+    tasks that started after the high ones were queued and before the last high one started
+    (a strict priority queue: 0), and before the last high one finished."""
+    if peer not in PRIORITY:
+        return {"peer": peer, "workload": "priority", "n": n_low, "skipped": "no priority on Redis"}
+    high_q, low_q = PRIORITY[peer]
+    r = redis.Redis.from_url(URL)
+    r.flushdb()
+    run = uuid.uuid4().hex[:8]
+    producer = Producer(peer)
+    for i in range(n_low):
+        producer.send(run, f"low{i}", queue=low_q)
+    worker = start_worker(peer, PRIORITY[peer])
+    try:
+        while r.hlen(f"bench:{run}:done") < 100:
+            time.sleep(0.01)
+        t_high = time.time()
+        for i in range(100):
+            producer.send(run, f"high{i}", queue=high_q)
+        while sum(1 for k in r.hkeys(f"bench:{run}:done") if k.startswith(b"high")) < 100:
+            time.sleep(0.02)
+    finally:
+        stop_worker(worker)
+    start = {k.decode(): float(v) for k, v in r.hgetall(f"bench:{run}:start").items()}
+    done = {k.decode(): float(v) for k, v in r.hgetall(f"bench:{run}:done").items()}
+    last_start = max(v for k, v in start.items() if k.startswith("high"))
+    last_done = max(v for k, v in done.items() if k.startswith("high"))
+    lows = [v for k, v in start.items() if k.startswith("low") and v > t_high]
+    return {"peer": peer, "workload": "priority", "n": n_low,
+            "low_before_last_high_start": sum(v < last_start for v in lows),
+            "low_before_last_high_done": sum(v < last_done for v in lows)}  # fmt: skip
+
+
 def quantiles(name: str, values: list[float]) -> dict[str, float]:
     values = sorted(values)
     return {f"{name}_p50_ms": statistics.median(values),
@@ -152,5 +196,8 @@ def quantiles(name: str, values: list[float]) -> dict[str, float]:
 
 if __name__ == "__main__":
     peer, workload, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    result = (throughput if workload == "throughput" else latency)(peer, count)
+    run_workload = {"throughput": throughput, "drain": throughput, "latency": latency,
+                    "priority": priority}[workload]  # fmt: skip
+    result = run_workload(peer, count)
+    result["workload"] = workload
     print(json.dumps(result))

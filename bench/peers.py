@@ -1,15 +1,27 @@
-"""wsrunner against peer task queues, on this machine, in one run: one table at the end.
+"""wsrunner against peer task queues, and against the machine's limits, in one run: one table.
 
     .venv/bin/python bench/peers.py [--rounds 3] [--tasks 300] [--latency-tasks 100]
+                                    [--drain-tasks 10000] [--subscribers 1000] [--only SYSTEM...]
+                                    [--workloads throughput latency drain priority fanout limits]
 
-Workloads (issue 6, 1 and 2): throughput of tasks whose one step runs `true` (a real fork/exec)
-at a concurrency of 3, the queue filled before the worker starts; and latency with an idle
-worker, one task at a time: submit -> start and submit -> done. Every system uses the same Redis
-(its own database or key prefix) and one worker process (RQ: its pool of 3 work horses). The
-peers are installed from PyPI into bench/.venv and bench/.venv-celery (Celery needs redis-py 6,
-arq 5) on first use. wsrunner keeps a PostgreSQL record of every task; it is measured with the
-sandbox off (policy `require: none`) and on. Rounds are interleaved; the median and the range of
-the rounds are printed. Nothing is asserted: this prints numbers.
+Workloads (issue 6):
+1. throughput: tasks whose one step runs `true` (a real fork/exec), queued before the worker
+   starts, drained at a concurrency of 3 (first start to last end);
+2. latency: an idle worker, one task at a time: submit -> start and submit -> done;
+3. drain: --drain-tasks queued, time to empty; tasks lost and tasks run twice are counted;
+4. priority: 2,000 low tasks draining; once 100 ran, 100 high ones are queued. Counted: low
+   tasks started after that and before the last high one started (or finished);
+5. fanout (wsrunner only: the peers have no event streams): --subscribers SSE subscribers on 10
+   running tasks, from 4 client processes; delivery latency and the daemon's memory;
+6. limits: the same machine's spawn rate (subprocess, posix_spawn, the sandbox chain), Redis
+   round trip and PostgreSQL commit, so each figure can be read as a fraction of them.
+
+Every system uses the same Redis (its own database or key prefix) and one worker process (RQ:
+its pool of 3 work horses). The peers are installed from PyPI into bench/.venv and
+bench/.venv-celery (Celery needs redis-py 6, arq 5) on first use. wsrunner keeps a PostgreSQL
+record of every task; it is measured with the sandbox off (policy `require: none`) and on.
+Rounds are interleaved; the median and the range of the rounds are printed. Nothing is asserted:
+this prints numbers.
 """
 
 from __future__ import annotations
@@ -80,18 +92,19 @@ class Wsrunner:
                     "WSRUNNER_SANDBOX": "auto" if sandbox else "off", "LOG_LEVEL": "WARNING"}  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def push(self, n: int) -> list[str]:
+    def push(self, n: int, priority: str = "normal", command: str = "true") -> list[str]:
         ids = [str(uuid.uuid4()) for _ in range(n)]
         now = datetime.now(UTC).isoformat()
         payloads = [json.dumps({"task_id": t, "task_type": "background_job", "workspace_id": "bench",
-                                "priority": "normal", "timeout_seconds": 60, "created_at": now,
-                                "steps": [{"action": "execute_command", "command": "true"}]})
+                                "priority": priority, "timeout_seconds": 60, "created_at": now,
+                                "steps": [{"action": "execute_command", "command": command}]})
                     for t in ids]  # fmt: skip
         for i in range(0, n, 1000):
-            self.r.lpush(f"{self.prefix}:tasks:normal", *payloads[i : i + 1000])
+            self.r.lpush(f"{self.prefix}:tasks:{priority}", *payloads[i : i + 1000])
         return ids
 
-    def start(self) -> None:
+    def start(self, **extra: str) -> None:
+        self.env.update(extra)
         self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), *(["/tmp/prof/timed.py"] if os.environ.get("WSR_TIMED") else ["-m", "wsrunner", "serve"])],
                                      env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)  # fmt: skip
@@ -115,11 +128,20 @@ class Wsrunner:
         except psycopg.errors.UndefinedTable:
             return []
 
+    def completed(self) -> int:
+        with psycopg.connect(DATABASE_URL, autocommit=True) as c:
+            try:
+                row = c.execute(f'SELECT count(*) FROM "{self.schema}".task_executions '
+                                "WHERE status = 'completed'").fetchone()  # fmt: skip
+            except psycopg.errors.UndefinedTable:
+                return 0
+        return int(row[0]) if row else 0
+
     def throughput(self, n: int) -> dict[str, Any]:
         self.push(n)
         self.start()
         deadline = time.time() + 900
-        while sum(1 for r in self.rows() if r[1] == "completed") < n and time.time() < deadline:
+        while self.completed() < n and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(0.5)
         rows = self.rows()
@@ -147,6 +169,68 @@ class Wsrunner:
         done = [(rows[t][3].timestamp() - t0) * 1000 for t, t0 in sent.items()]
         return {**quantiles("start", start), **quantiles("done", done)}
 
+    def priority(self, n_low: int) -> dict[str, Any]:
+        low = self.push(n_low, "low")
+        self.start()
+        while self.completed() < 100:
+            time.sleep(0.01)
+        t_high = time.time()
+        high = set(self.push(100, "high"))
+        while True:
+            rows = {r[0]: r for r in self.rows()}
+            if all(rows.get(t, (0, ""))[1] == "completed" for t in high):
+                break
+            time.sleep(0.05)
+        last_start = max(rows[t][2].timestamp() for t in high)
+        last_done = max(rows[t][3].timestamp() for t in high)
+        lows = [rows[t][2].timestamp() for t in low if t in rows and rows[t][2] is not None]
+        lows = [v for v in lows if v > t_high]
+        return {"low_before_last_high_start": sum(v < last_start for v in lows),
+                "low_before_last_high_done": sum(v < last_done for v in lows)}  # fmt: skip
+
+    def fanout(self, subscribers: int, clients: int = 4) -> dict[str, Any]:
+        """SSE subscribers on 10 running tasks that print a line every 50 ms for 6 s."""
+        port = _free_port()
+        self.start(WSRUNNER_FRONTEND="default", PUBLIC_API_PORT=str(port),
+                   PUBLIC_API_HOST="127.0.0.1", WORKER_HEALTH_PORT=str(_free_port()),
+                   WORKER_INTERNAL_TOKEN="bench", WORKER_CONCURRENCY="10")  # fmt: skip
+        token = subprocess.run([str(ROOT / ".venv" / "bin" / "wsrunner"), "tokens", "create", "--name",
+                                "bench", "--all-workspaces"], env=self.env, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+        assert self.proc is not None
+        time.sleep(1.0)
+        idle_rss = _rss(self.proc.pid)
+        ids = self.push(10, command="for i in $(seq 1 120); do echo line $i; sleep 0.05; done")
+        while sum(1 for r in self.rows() if r[1] == "running") < 10:
+            time.sleep(0.02)
+        per = subscribers // clients
+        procs = [subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "bench" / "sse_clients.py"),
+                                   f"http://127.0.0.1:{port}", token, str(per), *ids],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(clients)]  # fmt: skip
+        peak = idle_rss
+        while any(p.poll() is None for p in procs):
+            peak = max(peak, _rss(self.proc.pid))
+            time.sleep(0.1)
+        results = [json.loads(p.stdout.read().strip().splitlines()[-1]) for p in procs if p.stdout]
+        latencies = sorted(x for r in results for x in r["latencies_ms"])
+        return {"connected": sum(r["connected"] for r in results), "ended": sum(r["ended"] for r in results),
+                "errors": sum(len(r["errors"]) for r in results), "events": len(latencies),
+                **quantiles("delivery", latencies), "idle_rss_mib": idle_rss / 2**20,
+                "peak_rss_mib": peak / 2**20}  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
 
 def quantiles(name: str, values: list[float]) -> dict[str, float]:
     values = sorted(values)
@@ -159,9 +243,65 @@ def wsrunner_round(sandbox: bool, workload: str, n: int) -> dict[str, Any]:
         os.chmod(tmp, 0o711)
         w = Wsrunner(sandbox, Path(tmp))
         try:
-            return w.throughput(n) if workload == "throughput" else w.latency(n)
+            run = {"throughput": w.throughput, "drain": w.throughput, "latency": w.latency,
+                   "priority": w.priority, "fanout": w.fanout}[workload]  # fmt: skip
+            return run(n)
         finally:
             w.stop()
+
+
+def limits(runs: int = 300) -> dict[str, float]:
+    """What the machine allows, measured now: spawns per second, Redis and PostgreSQL round trips."""
+    out: dict[str, float] = {}
+    t = time.perf_counter()
+    for _ in range(runs):
+        subprocess.run(["/bin/true"], check=True)
+    out["subprocess_spawns_per_s"] = runs / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(runs):
+        pid = os.posix_spawn("/bin/true", ["/bin/true"], {})
+        os.waitpid(pid, 0)
+    out["posix_spawns_per_s"] = runs / (time.perf_counter() - t)
+    chain = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "bench" / "sandbox_overhead.py"),
+                            "--runs", "100", "--json"], capture_output=True, text=True, check=True)  # fmt: skip
+    out["sandbox_spawns_per_s"] = 1000 / json.loads(chain.stdout)["sandbox_median_ms"]
+    r = redis.Redis.from_url(f"{REDIS_URL}/0")
+    samples = []
+    for _ in range(2000):
+        t = time.perf_counter()
+        r.ping()
+        samples.append(time.perf_counter() - t)
+    out["redis_roundtrip_us"] = statistics.median(samples) * 1e6
+    with psycopg.connect(DATABASE_URL) as c:
+        c.execute("CREATE TEMP TABLE bench_commit (x int)")
+        c.commit()
+        samples = []
+        for _ in range(500):
+            t = time.perf_counter()
+            c.execute("INSERT INTO bench_commit VALUES (1)")
+            c.commit()
+            samples.append(time.perf_counter() - t)
+    out["postgres_commit_us"] = statistics.median(samples) * 1e6
+    return out
+
+
+WORKLOADS = ["throughput", "latency", "drain", "priority", "fanout", "limits"]
+#: What each workload reports, in the table: (key, label, lower is better, format)
+METRICS: dict[str, list[tuple[str, str, bool, str]]] = {
+    "throughput": [("tasks_per_s", "tasks/s, concurrency 3", False, ".1f")],
+    "latency": [("start_p50_ms", "submit -> start p50 ms", True, ".2f"),
+                ("start_p99_ms", "submit -> start p99 ms", True, ".2f"),
+                ("done_p50_ms", "submit -> done p50 ms", True, ".2f"),
+                ("done_p99_ms", "submit -> done p99 ms", True, ".2f")],
+    "drain": [("tasks_per_s", "drain tasks/s", False, ".1f"), ("lost", "drain: lost", True, "d"),
+              ("run_twice", "drain: run twice", True, "d")],
+    "priority": [("low_before_last_high_start", "low started before last high started", True, "d"),
+                 ("low_before_last_high_done", "low started before last high finished", True, "d")],
+    "fanout": [("delivery_p50_ms", "SSE delivery p50 ms", True, ".1f"),
+               ("delivery_p99_ms", "SSE delivery p99 ms", True, ".1f"),
+               ("connected", "SSE subscribers connected", False, "d"),
+               ("peak_rss_mib", "daemon peak RSS MiB", True, ".0f")],
+}  # fmt: skip
 
 
 def main() -> None:
@@ -169,55 +309,80 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--latency-tasks", type=int, default=100)
+    parser.add_argument("--drain-tasks", type=int, default=10_000)
+    parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--only", nargs="*", help="systems to run (default: all)")
+    parser.add_argument("--workloads", nargs="*", default=WORKLOADS, choices=WORKLOADS)
     args = parser.parse_args()
     systems = ["wsrunner", "wsrunner+sandbox", *PEERS]
     if args.only:
         systems = [s for s in systems if s in args.only]
+    sizes = {"throughput": args.tasks, "latency": args.latency_tasks, "drain": args.drain_tasks,
+             "priority": 2000, "fanout": args.subscribers}  # fmt: skip
+    rounds = {"drain": 1, "priority": 1, "fanout": 1}  # long ones: once
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    machine: dict[str, float] = {}
     for rnd in range(args.rounds):
-        for workload, n in (("throughput", args.tasks), ("latency", args.latency_tasks)):
+        for workload in [w for w in args.workloads if w != "limits"]:
+            if rnd >= rounds.get(workload, args.rounds):
+                continue
             for i, system in enumerate(systems):  # interleaved: every system in every round
                 if system.startswith("wsrunner"):
-                    res = wsrunner_round(system.endswith("sandbox"), workload, n)
+                    if workload == "fanout" and system.endswith("sandbox"):
+                        continue  # the sandbox changes nothing about event delivery
+                    res = wsrunner_round(system.endswith("sandbox"), workload, sizes[workload])
+                elif workload == "fanout":
+                    continue
                 else:
-                    res = peer_round(system, workload, n, db=5 + i)
+                    res = peer_round(system, workload, sizes[workload], db=5 + i)
                 results.setdefault((system, workload), []).append(res)
                 print(f"round {rnd + 1} {workload:10} {system:17} "
                       + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in res.items() if k not in ("peer", "workload", "n")),
                       file=sys.stderr, flush=True)  # fmt: skip
-    print(
-        f"\n{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} CPUs, {args.rounds} rounds; "
-        f"throughput: {args.tasks} tasks, concurrency 3; latency: {args.latency_tasks} tasks one at a time"
-    )
-    print(
-        f"{'system':18} {'tasks/s median [range]':>28} {'lost':>5} {'twice':>5} "
-        f"{'submit->start p50/p99 ms':>26} {'submit->done p50/p99 ms':>25}"
-    )
-    best = {}
-    for system in systems:
-        tp = results.get((system, "throughput"), [])
-        lat = results.get((system, "latency"), [])
-        rates = [r["tasks_per_s"] for r in tp]
-        med = statistics.median(rates) if rates else float("nan")
-        best[system] = med
-        s50 = statistics.median(r["start_p50_ms"] for r in lat) if lat else float("nan")
-        s99 = statistics.median(r["start_p99_ms"] for r in lat) if lat else float("nan")
-        d50 = statistics.median(r["done_p50_ms"] for r in lat) if lat else float("nan")
-        d99 = statistics.median(r["done_p99_ms"] for r in lat) if lat else float("nan")
-        lost = sum(r.get("lost", 0) for r in tp)
-        twice = sum(r.get("run_twice") or 0 for r in tp)
+        if rnd == 0 and "limits" in args.workloads:
+            machine = limits()
+            print(f"limits {machine}", file=sys.stderr, flush=True)
+    print_table(systems, results, machine, args)
+
+
+def print_table(systems: list[str], results: dict[tuple[str, str], list[dict[str, Any]]],
+                machine: dict[str, float], args: argparse.Namespace) -> None:  # fmt: skip
+    print(f"\n{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
+          f"median of {args.rounds} rounds [range] where a workload ran more than once")  # fmt: skip
+    peers = [s for s in systems if not s.startswith("wsrunner")]
+    head = f"{'metric':40}" + "".join(f"{s:>20}" for s in systems) + f"{'wsrunner/best peer':>20}"
+    print(head)
+    for workload, metrics in METRICS.items():
+        for key, label, lower, fmt in metrics:
+            cells, medians = [], {}
+            for system in systems:
+                values = [r[key] for r in results.get((system, workload), []) if key in r]
+                if not values:
+                    skipped = [r.get("skipped") for r in results.get((system, workload), [])]
+                    cells.append("n/a" if any(skipped) else "-")
+                    continue
+                med = statistics.median(values)
+                medians[system] = med
+                text = format(med, fmt) if fmt != "d" else str(int(med))
+                if len(values) > 1 and fmt != "d":
+                    text += f" [{format(min(values), fmt)}-{format(max(values), fmt)}]"
+                cells.append(text)
+            if not any(c not in ("-", "n/a") for c in cells):
+                continue
+            ratio = ""
+            best = [medians[p] for p in peers if p in medians]
+            if best and "wsrunner" in medians and fmt != "d":
+                top = min(best) if lower else max(best)
+                ratio = f"{medians['wsrunner'] / top:.2f}" if top else ""
+            print(f"{label:40}" + "".join(f"{c:>20}" for c in cells) + f"{ratio:>20}")
+    for key, value in machine.items():
+        print(f"{'machine: ' + key:40}{value:>20.1f}")
+    if "drain" in args.workloads:
         print(
-            f"{system:18} {med:>10.1f} [{min(rates):.1f}-{max(rates):.1f}]".ljust(48)
-            + f"{lost:>5} {twice:>5} {s50:>12.2f} / {s99:<10.2f} {d50:>10.2f} / {d99:<10.2f}"
+            f"(drain: {args.drain_tasks} tasks; priority: 2,000 low then 100 high; "
+            f"fanout: {args.subscribers} subscribers on 10 tasks)"
         )
-    peers = {k: v for k, v in best.items() if not k.startswith("wsrunner")}
-    if peers and "wsrunner" in best:
-        top = max(peers, key=lambda k: peers[k])
-        print(f"\nthroughput ratio wsrunner/{top} (best peer): {best['wsrunner'] / peers[top]:.2f}"
-              + (f"; with the sandbox: {best['wsrunner+sandbox'] / peers[top]:.2f}"
-                 if "wsrunner+sandbox" in best else ""))  # fmt: skip
 
 
 if __name__ == "__main__":
