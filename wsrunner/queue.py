@@ -15,6 +15,7 @@ Multi-step writes are Lua scripts, so each is atomic and costs one round trip:
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -119,6 +120,110 @@ def _translate(exc: Exception) -> UnavailableError:
     return UnavailableError(f"Redis failed: {exc}")
 
 
+def _stream_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _StreamTail:
+    """One blocking XREAD, on one connection, for every event stream someone waits on.
+
+    An SSE subscriber would otherwise hold a Redis connection in its own XREAD BLOCK for as long
+    as it listens: a thousand subscribers, a thousand connections. Here waiters register the
+    stream and the last id they have; one loop reads all the streams waited on and wakes the
+    waiters of each stream that moved. A stream not in the current read restarts it at once; a
+    stream nobody waits on any more is dropped at the next read.
+    """
+
+    BLOCK_MS: Final = 5000
+    RECENT: Final = 1000  #: entries kept per stream for its waiters
+
+    def entries_after(self, stream: str, after: str) -> list[tuple[str, dict[str, str]]] | None:
+        """The entries after `after` the loop read, or None if it may not have them all."""
+        cursor = _stream_id(after)
+        recent = self._recent.get(stream)
+        if (
+            recent is None
+            or cursor < self._since[stream]
+            or (recent and cursor < recent[0][0] and len(recent) == recent.maxlen)
+        ):
+            return None
+        return [(eid, fields) for key, eid, fields in recent if key > cursor]
+
+    def __init__(self, client: RespClient) -> None:
+        self._client = client
+        self._last: dict[str, tuple[int, int]] = {}  # stream -> newest id the loop knows
+        self._waiters: dict[str, set[trio.Event]] = {}
+        self._reading: trio.CancelScope | None = None
+        self._read: set[str] = set()  # the streams of the read in progress
+        # Entries the loop read, per stream, complete from `_since`: the waiters of a stream
+        # share them instead of each reading them again.
+        self._since: dict[str, tuple[int, int]] = {}
+        self._recent: dict[str, collections.deque[tuple[tuple[int, int], str, dict[str, str]]]] = {}
+        self.failed: RedisError | None = None  #: the last read's error, while Redis is down
+
+    async def wait(self, stream: str, after: str, timeout_s: float) -> None:
+        """Return when `stream` has an entry after `after` (or may have), or after `timeout_s`."""
+        want, known = _stream_id(after), self._last.get(stream)
+        if known is not None and known > want:
+            return  # the loop has seen newer entries than this waiter has
+        if known is None:
+            self._last[stream] = self._since[stream] = want
+            self._recent[stream] = collections.deque(maxlen=self.RECENT)
+        woken = trio.Event()
+        self._waiters.setdefault(stream, set()).add(woken)
+        if stream not in self._read and self._reading is not None:
+            self._reading.cancel()  # read this stream too, from now on
+        try:
+            with trio.move_on_after(timeout_s):
+                await woken.wait()
+        finally:
+            self._waiters[stream].discard(woken)
+
+    async def serve(self) -> None:
+        while True:
+            reply = None
+            with trio.CancelScope() as self._reading:
+                for stream in [s for s, w in self._waiters.items() if not w]:
+                    for held in (self._waiters, self._last, self._since, self._recent):
+                        del held[stream]
+                self._read = set(self._waiters)
+                streams = list(self._read)
+                if not streams:
+                    await trio.sleep_forever()
+                ids = [f"{ms}-{seq}" for ms, seq in (self._last[s] for s in streams)]
+                try:
+                    reply = await self._client.execute(
+                        "XREAD",
+                        "COUNT",
+                        self.RECENT,
+                        "BLOCK",
+                        self.BLOCK_MS,
+                        "STREAMS",
+                        *streams,
+                        *ids,
+                    )
+                    self.failed = None
+                except RedisError as exc:
+                    self.failed = exc
+            self._reading, self._read = None, set()
+            if self.failed is not None:
+                for waiters in self._waiters.values():  # they read, fail and say so themselves
+                    for woken in waiters:
+                        woken.set()
+                await trio.sleep(1.0)
+            for stream, entries in reply or []:
+                if stream not in self._last:
+                    continue
+                for eid, flat in entries:
+                    key = _stream_id(eid)
+                    if key > self._last[stream]:
+                        self._recent[stream].append((key, eid, _pairs(flat)))
+                        self._last[stream] = key
+                for woken in self._waiters.get(stream, ()):
+                    woken.set()
+
+
 class RedisQueue:
     """Everything wsrunner keeps in Redis. Create with `open_redis_queue()`."""
 
@@ -134,6 +239,7 @@ class RedisQueue:
         self._requeue = client.script(_REQUEUE)
         self._dead_letter = client.script(_DEAD_LETTER)
         self._transition = client.script(_TRANSITION)
+        self.tail = _StreamTail(client)  #: its `serve()` runs for as long as the queue is open
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call a redis-py (asyncio) method through the bridge."""
@@ -345,14 +451,21 @@ class RedisQueue:
         """Events after `after`, oldest first; with `block_ms`, wait that long for new ones."""
         stream = self.keys.events(task_id)
         raw: list[tuple[str, dict[str, str]]]
+        # Blocking: wait on the shared tail (one XREAD for all streams), then read what came.
         if block_ms is None:
             entries = await self._cmd("XRANGE", stream, f"({after}", "+", "COUNT", count)
             raw = [(eid, _pairs(flat)) for eid, flat in entries]
         else:
-            reply = await self._call(
-                self._blocking.xread, {stream: after}, count=count, block=block_ms
-            )
-            raw = reply[0][1] if reply else []
+            await self.tail.wait(stream, after, block_ms / 1000)
+            if self.tail.failed is not None:
+                self._failed()
+                raise _translate(self.tail.failed)
+            shared = self.tail.entries_after(stream, after)
+            if shared is not None:
+                raw = shared[:count]
+            else:
+                entries = await self._cmd("XRANGE", stream, f"({after}", "+", "COUNT", count)
+                raw = [(eid, _pairs(flat)) for eid, flat in entries]
         return [
             Event(
                 id=eid,
@@ -485,7 +598,10 @@ async def open_redis_queue(url: str, prefix: str) -> AsyncIterator[RedisQueue]:
     try:
         queue = RedisQueue(client, blocking, Keys(prefix))
         await queue.ping()
-        yield queue
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.tail.serve)
+            yield queue
+            nursery.cancel_scope.cancel()
     finally:
         with trio.move_on_after(10) as cleanup:  # shielded, and bounded
             cleanup.shield = True
