@@ -216,3 +216,25 @@ async def test_sigterm_requeues_running_tasks_and_exits_zero(
         if victim.poll() is None:
             victim.kill()
             victim.wait()
+
+
+async def test_event_waiters_share_one_redis_read(daemon: Daemon, redis_client: redis.Redis) -> None:
+    queue = daemon.service.queue
+    tasks = [f"tail-{uuid.uuid4()}" for _ in range(3)]
+    firsts = [await queue.emit(t, "progress_update", {"step": 0}) for t in tasks]
+    connections = len(redis_client.client_list())
+    got: dict[int, list[str]] = {}
+
+    async def waiter(n: int) -> None:
+        events = await queue.read_events(tasks[n % 3], firsts[n % 3], block_ms=10_000)
+        got[n] = [e.data["step"] for e in events]
+
+    async with trio.open_nursery() as nursery:
+        for n in range(30):
+            nursery.start_soon(waiter, n)
+        await trio.sleep(0.3)
+        # Thirty blocked readers of three streams: one more connection, not thirty.
+        assert len(redis_client.client_list()) <= connections + 1
+        for step, t in enumerate(tasks, start=1):
+            await queue.emit(t, "progress_update", {"step": step})
+    assert got == {n: [n % 3 + 1] for n in range(30)}
