@@ -218,7 +218,9 @@ async def test_sigterm_requeues_running_tasks_and_exits_zero(
             victim.wait()
 
 
-async def test_event_waiters_share_one_redis_read(daemon: Daemon, redis_client: redis.Redis) -> None:
+async def test_event_waiters_share_one_redis_read(
+    daemon: Daemon, redis_client: redis.Redis
+) -> None:
     queue = daemon.service.queue
     tasks = [f"tail-{uuid.uuid4()}" for _ in range(3)]
     firsts = [await queue.emit(t, "progress_update", {"step": 0}) for t in tasks]
