@@ -1,9 +1,10 @@
 """Redis adapter: priority queues with leased claims, the status mirror, event streams, heartbeats.
 
 Commands, pipelines and scripts go over wsrunner's native trio client (`resp.py`): through the
-trio-asyncio bridge each call cost the daemon six times the CPU. Blocking waits (BLMOVE, XREAD
-BLOCK) and the cancel channel's subscription run redis-py's asyncio client through trio-asyncio
-(stack.md §2) with `socket_timeout=None`, so trio cancel scopes stay the only timeout mechanism.
+trio-asyncio bridge each call cost the daemon six times the CPU. Event streams are waited on by
+one shared XREAD BLOCK on that client (`_StreamTail`). The idle wait for work (BLMOVE) and the
+cancel channel's subscription run redis-py's asyncio client through trio-asyncio (stack.md §2)
+with `socket_timeout=None`, so trio cancel scopes stay the only timeout mechanism.
 Multi-step writes are Lua scripts, so each is atomic and costs one round trip:
 
 - CLAIM pops the oldest payload of the highest non-empty priority and records it in the daemon's
