@@ -1,11 +1,21 @@
-"""The PostgreSQL adapter under cancellation, against a real server."""
+"""The stores' compare-and-sets, and the PostgreSQL adapter under cancellation and dropped
+connections, against a real server."""
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
 import trio
 
-from tests.conftest import DATABASE_URL
+from tests.conftest import DATABASE_URL, cmd
 from wsrunner.daemon import open_store
+from wsrunner.errors import InvalidTransitionError, NotFoundError, UnavailableError
+from wsrunner.models import TaskSpec, TaskState
+from wsrunner.payload import parse_task
+from wsrunner.ports import Store
 from wsrunner.settings import Settings
 
 
@@ -32,3 +42,102 @@ async def test_cancelled_while_waiting_for_a_thread_returns_at_once(schema: str)
             # Before the fix, the line above never returned (the test hung here).
             assert waited.cancelled_caught
         await store.ping()  # the store still works
+
+
+@pytest.fixture(name="any_store", params=("postgres", "embedded"))
+async def _any_store(request: pytest.FixtureRequest, schema: str, tmp_path: Path) -> Any:
+    if request.param == "embedded":
+        settings = Settings(worker_id="t", backend="embedded", state_dir=tmp_path, database_url="")
+    else:
+        settings = Settings(worker_id="t", database_url=DATABASE_URL, database_schema=schema)
+    async with open_store(settings) as store:
+        yield store
+
+
+def spec(**extra: Any) -> TaskSpec:
+    body = {"task_id": str(uuid.uuid4()), "workspace_id": "ws-1", "steps": [cmd("true")], **extra}
+    return parse_task(body)
+
+
+async def test_start_and_finish_are_compare_and_sets(any_store: Store) -> None:
+    """The two writes of every task: a record is written when its producer wrote none; a task
+    starts once; a duplicate by idempotency key never starts; only its holder ends it."""
+    store = any_store
+    pushed = spec(idempotency_key="k1")  # an LPUSH producer: no record yet
+    assert await store.start(pushed, worker_id="w1", workspace_path="/v/ws-1") == 1
+    rec = await store.get(pushed.task_id)
+    assert (rec.status, rec.worker_id, rec.attempts) == (TaskState.RUNNING, "w1", 1)
+    assert rec.configuration["steps"][0]["command"] == "true" and rec.idempotency_key == "k1"
+    with pytest.raises(InvalidTransitionError, match="running"):
+        await store.start(pushed, worker_id="w2", workspace_path="/v/ws-1")
+
+    twin = spec(idempotency_key="k1")  # same key, another id
+    with pytest.raises(InvalidTransitionError, match=f"duplicate of task {pushed.task_id}"):
+        await store.start(twin, worker_id="w1", workspace_path="/v/ws-1")
+    with pytest.raises(NotFoundError):
+        await store.get(twin.task_id)
+
+    submitted = spec()  # the API path: the record exists, queued
+    await store.create(submitted)
+    assert await store.start(submitted, worker_id="w1", workspace_path="/v/ws-1") == 1
+
+    result = {"status": "completed", "result": {"steps": [], "out": "a\u0000b"}}
+    with pytest.raises(InvalidTransitionError):  # not the holder
+        await store.finish(pushed.task_id, TaskState.COMPLETED, worker_id="w2", result=result,
+                           error=None, execution_time_ms=5)  # fmt: skip
+    await store.finish(pushed.task_id, TaskState.COMPLETED, worker_id="w1", result=result,
+                       error=None, execution_time_ms=5)  # fmt: skip
+    rec = await store.get(pushed.task_id)
+    assert rec.status is TaskState.COMPLETED and rec.execution_time_ms == 5
+    assert rec.result is not None and rec.result["result"]["out"] in ("a\u0000b", "a\ufffdb")
+    assert rec.completed_at is not None
+    with pytest.raises(InvalidTransitionError, match="completed"):  # ended once
+        await store.finish(pushed.task_id, TaskState.FAILED, worker_id="w1", result=result,
+                           error="late", execution_time_ms=6)  # fmt: skip
+    with pytest.raises(NotFoundError):
+        await store.finish(str(uuid.uuid4()), TaskState.FAILED, worker_id="w1", result=result,
+                           error="x", execution_time_ms=1)  # fmt: skip
+
+
+async def test_the_per_task_statements_survive_a_dropped_connection(schema: str) -> None:
+    """A connection the server closed fails one call (UnavailableError); the next one works."""
+    settings = Settings(worker_id="t", database_url=DATABASE_URL, database_schema=schema)
+    async with open_store(settings) as store:
+        first = spec()
+        assert await store.start(first, worker_id="w1", workspace_path="/v") == 1
+        # Kill every connection of this schema's daemon-side pools from another session.
+        await store._run(lambda conn: conn.execute(  # type: ignore[attr-defined]
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND datname = current_database() "
+            "AND application_name = '' AND query LIKE '%task_executions%'"))  # fmt: skip
+        second = spec()
+        with pytest.raises(UnavailableError):
+            await store.start(second, worker_id="w1", workspace_path="/v")
+        assert await store.start(second, worker_id="w1", workspace_path="/v") == 1
+
+
+async def test_a_cancelled_per_task_statement_is_cancelled_on_the_server(schema: str) -> None:
+    """Cancelled while its row is locked elsewhere, a start is stopped on the server: the task
+    stays queued once the lock goes, and the next call works."""
+    settings = Settings(worker_id="t", database_url=DATABASE_URL, database_schema=schema)
+    async with open_store(settings) as store:
+        queued = spec()
+        await store.create(queued)
+        locked = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def hold_the_row(conn: Any) -> None:
+            conn.execute("SELECT 1 FROM task_executions WHERE id = %s FOR UPDATE",
+                         (queued.task_id,))  # fmt: skip
+            token.run_sync_soon(locked.set)
+            conn.execute("SELECT pg_sleep(1)")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store._run, hold_the_row)  # type: ignore[attr-defined]
+            await locked.wait()
+            with trio.move_on_after(0.3) as waited:
+                await store.start(queued, worker_id="w1", workspace_path="/v")
+            assert waited.cancelled_caught
+        rec = await store.get(queued.task_id)  # the lock is gone: a live UPDATE would have run
+        assert (rec.status, rec.attempts) == (TaskState.QUEUED, 0)
+        assert await store.start(queued, worker_id="w1", workspace_path="/v") == 1

@@ -13,7 +13,7 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
@@ -194,6 +194,44 @@ def make_dirs(root: str, path: str) -> None:
                 os.close(open_beneath(rfd, done, os.O_RDONLY | os.O_DIRECTORY))
             except OSError as exc:
                 raise not_found(done, exc) from None
+
+
+def make_fresh_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
+                   files: Mapping[str, tuple[str, int]] | None = None) -> None:  # fmt: skip
+    """Create the directory `path` (its parents as `make_dirs` does) with `subdirs` and `files`
+    (name: (content, mode)) inside, all the workspace owner's.
+
+    Everything inside is created through one fd of the new directory, files with O_EXCL: a
+    name that appeared meanwhile is an error, never followed. `path` must not exist.
+    """
+    rel = clean_relative(path)
+    parent, name = os.path.split(rel)
+    if parent:
+        make_dirs(root, parent)
+    with open_root(root) as rfd:
+        owner = _owner(rfd)
+        try:
+            pfd = open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise not_found(parent, exc) from None
+        with _fd(pfd):
+            os.mkdir(name, 0o755, dir_fd=pfd)
+            with _fd(open_beneath(pfd, name, os.O_RDONLY | os.O_DIRECTORY)) as dfd:
+                if owner is not None:
+                    os.fchown(dfd, *owner)
+                for sub in subdirs:
+                    os.mkdir(sub, 0o755, dir_fd=dfd)
+                    if owner is not None:
+                        os.chown(sub, *owner, dir_fd=dfd, follow_symlinks=False)
+                for file, (content, mode) in (files or {}).items():
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                    with _fd(os.open(file, flags, mode, dir_fd=dfd)) as fd:
+                        if owner is not None:
+                            os.fchown(fd, *owner)
+                        os.fchmod(fd, mode)  # not narrowed by the umask
+                        view = memoryview(content.encode("utf-8"))
+                        while view:
+                            view = view[os.write(fd, view) :]
 
 
 def write_text(root: str, path: str, content: str, mode: int = 0o644) -> int:

@@ -2,9 +2,10 @@
 
 Commands, pipelines and scripts go over wsrunner's native trio client (`resp.py`): through the
 trio-asyncio bridge each call cost the daemon six times the CPU. Event streams are waited on by
-one shared XREAD BLOCK on that client (`_StreamTail`). The idle wait for work (BLMOVE) and the
-cancel channel's subscription run redis-py's asyncio client through trio-asyncio (stack.md §2)
-with `socket_timeout=None`, so trio cancel scopes stay the only timeout mechanism.
+one shared XREAD BLOCK on that client (`_StreamTail`), the idle wait for work by one BLMOVE per
+queue on connections of its own (`_WorkWatch`). Only the cancel channel's subscription runs
+redis-py's asyncio client through trio-asyncio (stack.md §2), with `socket_timeout=None`, so trio
+cancel scopes stay the only timeout mechanism.
 Multi-step writes are Lua scripts, so each is atomic and costs one round trip:
 
 - CLAIM pops the oldest payload of the highest non-empty priority and records it in the daemon's
@@ -22,6 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -225,6 +227,75 @@ class _StreamTail:
                     woken.set()
 
 
+@dataclass(eq=False, slots=True)
+class _WaitRequest:
+    """One idle wait of the poller; whichever watcher sees work first ends it."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    found: bool = False
+    error: UnavailableError | None = None
+
+
+class _WorkWatch:
+    """Wakes the idle poller when a queue gets work, over connections that stay open.
+
+    Redis cannot block on "any of these lists" without popping, so each queue has a watcher
+    blocked in `BLMOVE q q` on its own connection (moving a list's last element onto itself
+    changes nothing), and producers that only LPUSH wake an idle daemon at once. A watcher
+    blocks only while the poller waits, and after it woke one wait, not again before the next:
+    a queue with a backlog never makes it spin. A wait that ends leaves the other watchers
+    blocked where they are; cancelling them would close their connections (a half-read reply
+    cannot be reused) and cost a new connection per queue at every idle moment.
+    """
+
+    def __init__(self, client: RespClient, queues: Iterable[str]) -> None:
+        self._clients = {q: RespClient(client.address, pool_size=1) for q in queues}
+        self._request: _WaitRequest | None = None
+        self._changed = trio.Event()
+
+    async def wait(self) -> bool:
+        """Block until some queue may have work (True), or WAKE_BLOCK_S passes (False)."""
+        request = _WaitRequest()
+        self._request = request
+        self._changed.set()
+        self._changed = trio.Event()
+        try:
+            with trio.move_on_after(WAKE_BLOCK_S):
+                await request.done.wait()
+        finally:
+            if self._request is request:
+                self._request = None
+        if request.error is not None:
+            raise request.error
+        return request.found
+
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for queue, client in self._clients.items():
+                    nursery.start_soon(self._watch, queue, client)
+        finally:
+            with trio.CancelScope(shield=True):
+                for client in self._clients.values():
+                    await client.aclose()
+
+    async def _watch(self, queue: str, client: RespClient) -> None:
+        served: _WaitRequest | None = None
+        while True:
+            while self._request is None or self._request is served:
+                await self._changed.wait()
+            request = self._request
+            try:
+                moved = await client.execute("BLMOVE", queue, queue, "RIGHT", "RIGHT", WAKE_BLOCK_S)
+            except RedisError as exc:  # this wait fails; the poller backs off and waits again
+                request.error, served = _translate(exc), request
+                request.done.set()
+                continue
+            if moved is not None:
+                request.found, served = True, request
+                request.done.set()
+
+
 class RedisQueue:
     """Everything wsrunner keeps in Redis. Create with `open_redis_queue()`."""
 
@@ -234,13 +305,14 @@ class RedisQueue:
         self._loop = trio_asyncio.current_loop.get()
         self.on_error: Callable[[], None] | None = None  #: called on each failed call (metrics)
         self._r = client  # commands, pipelines and scripts (native trio)
-        self._blocking = blocking  # redis-py: blocking waits and pub/sub, on their own connections
+        self._blocking = blocking  # redis-py: the cancel channel's pub/sub
         self.keys = keys
         self._claim = client.script(_CLAIM)
         self._requeue = client.script(_REQUEUE)
         self._dead_letter = client.script(_DEAD_LETTER)
         self._transition = client.script(_TRANSITION)
         self.tail = _StreamTail(client)  #: its `serve()` runs for as long as the queue is open
+        self._work = _WorkWatch(client, keys.queues())  #: so does its `serve()`
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call a redis-py (asyncio) method through the bridge."""
@@ -329,34 +401,12 @@ class RedisQueue:
         return None if res is None else Claim(str(res[0]), str(res[1]))
 
     async def wait_for_work(self) -> bool:
-        """Block until some queue is non-empty (True), or WAKE_BLOCK_S passes (False).
-
-        Redis cannot block on "any of these lists" without popping, so one blocking `BLMOVE q q`
-        per queue waits on its list; moving a list's last element onto itself changes nothing.
-        The first to return ends the wait, the others are cancelled (redis-py drops their
-        connections). Producers that only LPUSH therefore wake an idle daemon at once.
-        """
-        found = False
-        failed: UnavailableError | None = None
-        async with trio.open_nursery() as nursery:
-
-            async def watch(queue: str) -> None:
-                nonlocal found, failed
-                try:
-                    moved = await self._call(
-                        self._blocking.blmove, queue, queue, WAKE_BLOCK_S, "RIGHT", "RIGHT"
-                    )
-                except UnavailableError as exc:  # raised below as itself, not in a group
-                    failed = exc
-                else:
-                    found = moved is not None
-                nursery.cancel_scope.cancel()
-
-            for queue in self.keys.queues():
-                nursery.start_soon(watch, queue)
-        if failed is not None:
-            raise failed
-        return found
+        """Block until some queue is non-empty (True), or WAKE_BLOCK_S passes (False)."""
+        try:
+            return await self._work.wait()
+        except UnavailableError:
+            self._failed()
+            raise
 
     async def ack(self, worker_id: str, claim_id: str) -> None:
         await self._cmd("HDEL", self.keys.inflight(worker_id), claim_id)
@@ -601,6 +651,7 @@ async def open_redis_queue(url: str, prefix: str) -> AsyncIterator[RedisQueue]:
         await queue.ping()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(queue.tail.serve)
+            nursery.start_soon(queue._work.serve)
             yield queue
             nursery.cancel_scope.cancel()
     finally:

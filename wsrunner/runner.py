@@ -210,8 +210,8 @@ class TaskRunner:
     async def _start(self, spec: TaskSpec, claim: Claim) -> bool:
         """Move the task to `running`; False (claim acknowledged) if it must not run."""
         try:
-            record = await self.store.start(spec, worker_id=self.worker_id,
-                                            workspace_path=self.workspaces.root(spec.workspace_id))  # fmt: skip
+            attempt = await self.store.start(spec, worker_id=self.worker_id,
+                                             workspace_path=self.workspaces.root(spec.workspace_id))  # fmt: skip
         except InvalidTransitionError as exc:
             logger.info("not starting task: it is %s", exc.current,
                         extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
@@ -221,8 +221,8 @@ class TaskRunner:
             await self.queue.transition(
                 spec.task_id, spec.workspace_id, TaskState.RUNNING,
                 fields={"worker_id": self.worker_id, "started_at": datetime.now(UTC).isoformat(),
-                        "attempts": str(record.attempts)},
-                event={"status": "running", "worker_id": self.worker_id, "attempt": record.attempts},
+                        "attempts": str(attempt)},
+                event={"status": "running", "worker_id": self.worker_id, "attempt": attempt},
             )  # fmt: skip
         except UnavailableError as exc:  # PostgreSQL has it; the mirror catches up at the end
             logger.warning("Redis did not take the start of the task: %s", exc,
@@ -338,8 +338,8 @@ class TaskRunner:
         if error is not None:
             result["error"] = error
         try:
-            await retrying("recording the end of a task", lambda: self.store.transition(
-                tid, state, expect_worker=self.worker_id, result=result, error=error,
+            await retrying("recording the end of a task", lambda: self.store.finish(
+                tid, state, worker_id=self.worker_id, result=result, error=error,
                 execution_time_ms=elapsed_ms))  # fmt: skip
             applied = True
         except InvalidTransitionError as exc:

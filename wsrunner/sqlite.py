@@ -196,10 +196,12 @@ class SqliteStore:
             raise NotFoundError(f"no task with id {task_id}")
         raise InvalidTransitionError(task_id, current, target.value)
 
-    async def start(self, spec: TaskSpec, *, worker_id: str, workspace_path: str) -> TaskRecord:
-        """Move a claimed task to `running`, writing its record first if there is none."""
+    async def start(self, spec: TaskSpec, *, worker_id: str, workspace_path: str) -> int:
+        """Move a claimed task to `running`, writing its record first if there is none; the
+        attempt number."""
         try:
-            return await self.transition(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
+            record = await self.transition(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
+            return record.attempts
         except NotFoundError:
             pass
         first, created = await self.create(spec, workspace_path=workspace_path)
@@ -207,7 +209,14 @@ class SqliteStore:
             raise InvalidTransitionError(spec.task_id,
                                          f"a duplicate of task {first.id} (same idempotency key)",
                                          TaskState.RUNNING.value)  # fmt: skip
-        return await self.transition(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
+        record = await self.transition(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
+        return record.attempts
+
+    async def finish(self, task_id: str, target: TaskState, *, worker_id: str, result: JSON,
+                     error: str | None, execution_time_ms: int) -> None:  # fmt: skip
+        """The end of a run by the daemon holding the task (see `Store.finish`)."""
+        await self.transition(task_id, target, expect_worker=worker_id, result=result,
+                              error=error, execution_time_ms=execution_time_ms)  # fmt: skip
 
     async def attach_result(self, task_id: str, result: JSON, execution_time_ms: int) -> None:
         await self.run(lambda c: c.execute(

@@ -1,8 +1,10 @@
 """PostgreSQL adapter: the durable task record, its compare-and-set transitions, and migrations.
 
-The only module that imports psycopg. psycopg 3 has no trio support, so it runs the sync driver
-and a `ConnectionPool` in worker threads (stack.md §4.3), never on the trio thread. A trio
-cancellation becomes a server-side cancel of the running statement; the transaction rolls back.
+psycopg 3 has no trio support, so most calls run the sync driver and a `ConnectionPool` in worker
+threads (stack.md §4.3), never on the trio thread; a trio cancellation becomes a server-side
+cancel of the running statement, and the transaction rolls back. The two statements every task
+runs (`start`, `finish`) go through `wsrunner.libpq` instead: libpq itself, non-blocking, on the
+trio thread, without the thread hops.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from importlib import resources
@@ -30,6 +32,7 @@ from wsrunner.errors import (
     NotFoundError,
     UnavailableError,
 )
+from wsrunner.libpq import LibpqPool, Row
 from wsrunner.models import JSON, ApiToken, Priority, TaskRecord, TaskSpec, TaskState, sources_of
 from wsrunner.payload import check_idempotent_replay, request_hash, to_configuration
 
@@ -74,15 +77,20 @@ def _record(row: dict[str, Any]) -> TaskRecord:
 _NUL_ESCAPE: Final = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
+def _json_text(value: Any) -> str:
+    """`value` as JSON for a jsonb column. PostgreSQL refuses the NUL character in jsonb text (a
+    command printing binary output would make its result unstorable), so NULs become U+FFFD."""
+    text = json.dumps(value)
+    return _NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
+
+
 def _jsonb(value: Any) -> Jsonb:
-    """`value` for a jsonb column. PostgreSQL refuses the NUL character in jsonb text (a command
-    printing binary output would make its result unstorable), so NULs are stored as U+FFFD."""
+    return Jsonb(value, dumps=_json_text)
 
-    def dumps(obj: Any) -> str:
-        text = json.dumps(obj)
-        return _NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
 
-    return Jsonb(value, dumps=dumps)
+def _array(states: Iterable[TaskState]) -> str:
+    """A text[] literal of state names (plain words: nothing to quote)."""
+    return "{" + ",".join(sorted(s.value for s in states)) + "}"
 
 
 def _insert_params(spec: TaskSpec, workspace_path: str | None) -> tuple[dict[str, Any], str]:
@@ -151,8 +159,10 @@ class _Dropped(Exception):
 class PostgresStore:
     """The task_executions table. Create with `open_postgres_store()`."""
 
-    def __init__(self, pool: ConnectionPool[Any], max_size: int, lease_s: float) -> None:
+    def __init__(self, pool: ConnectionPool[Any], fast: LibpqPool, max_size: int,
+                 lease_s: float) -> None:  # fmt: skip
         self._pool = pool
+        self._fast = fast  #: the per-task statements, on the trio thread
         self._limiter = trio.CapacityLimiter(max_size)  # never more threads than connections
         self.on_error: Callable[[], None] | None = None  #: called on each failed call (metrics)
         self.lease_s = lease_s
@@ -291,30 +301,59 @@ class PostgresStore:
 
         return _transitioned(task_id, target, *await self._run(tx))
 
-    async def start(self, spec: TaskSpec, *, worker_id: str, workspace_path: str) -> TaskRecord:
-        """Move a claimed task to `running`, first writing its record if its producer did not.
+    async def start(self, spec: TaskSpec, *, worker_id: str, workspace_path: str) -> int:
+        """Move a claimed task to `running`, first writing its record if its producer did not;
+        returns the attempt number.
 
-        One transaction and one round trip to a worker thread: the common case (the record
-        exists) is a single statement.
+        One statement, on the trio thread (`wsrunner.libpq`): the start of every task.
 
         Raises:
-            InvalidTransitionError: the task may not start (ended, or a duplicate of another
-                task by idempotency key).
+            InvalidTransitionError: the task may not start (ended, started elsewhere, or a
+                duplicate of another task by idempotency key).
         """
-        params = self._transition_params(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
+        configuration = to_configuration(spec)
+        digest = request_hash(configuration, spec.workspace_id, spec.priority.value)
+        rows = await self._fast_call("start_task", [
+            spec.task_id, worker_id, repr(self.lease_s), _array(sources_of(TaskState.RUNNING)),
+            spec.workspace_id, spec.task_type, _json_text(configuration), spec.priority.value,
+            str(spec.timeout_seconds), spec.idempotency_key, digest, spec.correlation_id,
+            workspace_path,
+        ])  # fmt: skip
+        if not rows:
+            current = "started by another daemon at the same moment"
+        elif rows[0][0] is not None:
+            return int(rows[0][0])
+        else:
+            current = str(rows[0][1])
+            if current.startswith("duplicate:"):
+                current = f"a duplicate of task {current[10:]} (same idempotency key)"
+        raise InvalidTransitionError(spec.task_id, current, TaskState.RUNNING.value)
 
-        def tx(conn: psycopg.Connection[Any]) -> tuple[dict[str, Any] | None, str | None]:
-            with conn.cursor(row_factory=dict_row) as cur:
-                row, current = _transition(cur, params)
-                if row is not None or current is not None:
-                    return row, current
-                # Pushed by a producer that writes no durable row: write it, then start it.
-                first, created = _insert(cur, _insert_params(spec, workspace_path)[0])
-                if not created:
-                    return None, f"a duplicate of task {first['id']} (same idempotency key)"
-                return _transition(cur, params)
+    async def finish(self, task_id: str, target: TaskState, *, worker_id: str, result: JSON,
+                     error: str | None, execution_time_ms: int) -> None:  # fmt: skip
+        """Write the end of a run by the daemon that holds the task: one statement, on the trio
+        thread (`wsrunner.libpq`).
 
-        return _transitioned(spec.task_id, TaskState.RUNNING, *await self._run(tx))
+        Raises:
+            InvalidTransitionError: the task is no longer running here (cancelled, taken over).
+            NotFoundError: no task has this id.
+        """
+        rows = await self._fast_call("finish_task", [
+            task_id, target.value, _array(sources_of(target)), worker_id,
+            _json_text(result), error, str(execution_time_ms),
+        ])  # fmt: skip
+        if not rows:
+            raise NotFoundError(f"no task with id {task_id}")
+        if rows[0][0] != "moved":
+            raise InvalidTransitionError(task_id, str(rows[0][0]), target.value)
+
+    async def _fast_call(self, name: str, params: list[str | None]) -> list[Row]:
+        try:
+            return await self._fast.call(name, Q[name], params)
+        except UnavailableError:
+            if self.on_error is not None:
+                self.on_error()
+            raise
 
     def _transition_params(self, task_id: str, target: TaskState, *,
                            worker_id: str | None = None, expect_worker: str | None = None,
@@ -484,8 +523,10 @@ async def open_postgres_store(
         raise UnavailableError(f"PostgreSQL cannot be used: {str(exc).strip()}") from exc
     for name in applied:
         logger.info("applied migration %s", name, extra={"schema": schema})
+    fast = LibpqPool(url, options=options, size=max_size)
     try:
-        yield PostgresStore(pool, max_size, lease_s)
+        yield PostgresStore(pool, fast, max_size, lease_s)
     finally:
+        fast.close()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lambda: pool.close(timeout=5))

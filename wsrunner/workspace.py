@@ -86,6 +86,17 @@ def disk_usage(root: str) -> int:
     return total
 
 
+def _layout_intact(root: str) -> bool:
+    """The workspace, its LAYOUT directories and its metadata are there (none a symlink)."""
+    try:
+        dirs = [root, *(os.path.join(root, sub) for sub in LAYOUT)]
+        return all(stat.S_ISDIR(os.lstat(d).st_mode) for d in dirs) and os.path.lexists(
+            os.path.join(root, META_FILE)
+        )
+    except OSError:
+        return False
+
+
 def _repos(root: str) -> list[str]:
     """The repositories cached under repos/ (directories only, symlinks not followed)."""
     repos = os.path.join(root, "repos")
@@ -118,6 +129,7 @@ class Workspaces:
         )
         self._limiter = trio.CapacityLimiter(4)
         self._usage: dict[str, tuple[float, int]] = {}
+        self._prepared: set[str] = set()  #: roots prepared by this process
 
     def root(self, workspace_id: str) -> str:
         return str(self.volume / validate_workspace_id(workspace_id))
@@ -135,6 +147,8 @@ class Workspaces:
         return root
 
     def _prepare(self, root: str) -> None:
+        if root in self._prepared and _layout_intact(root):
+            return  # prepared by this process and still whole: no mkdir for every task
         if not self.volume.is_dir():
             self.volume.mkdir(parents=True, exist_ok=True)
             self.volume.chmod(0o711)  # other uids may pass through, not list
@@ -148,6 +162,7 @@ class Workspaces:
             paths.make_dirs(root, sub)
         if not os.path.lexists(os.path.join(root, META_FILE)):
             self._update_meta(root, lambda m: m)
+        self._prepared.add(root)
 
     async def usage(self, workspace_id: str, *, fresh: bool = False) -> int:
         """Bytes the workspace occupies on disk (cached for USAGE_CACHE_S unless `fresh`)."""
@@ -186,8 +201,7 @@ class Workspaces:
                 root
             ) as rfd:  # a previous attempt's leftovers; no symlink followed
                 shutil.rmtree(rel, dir_fd=rfd, ignore_errors=True)
-            for sub in ("home", "tmp"):
-                paths.make_dirs(root, f"{rel}/{sub}")
+            files: dict[str, tuple[str, int]] = {}
             env = {
                 "PATH": SAFE_PATH,
                 "HOME": os.path.join(task_dir, "home"),
@@ -219,15 +233,16 @@ class Workspaces:
                 if credentials.ssh_private_key:
                     key = os.path.join(task_dir, "ssh_key")
                     # Created 0600 in one step: no window at the umask's mode.
-                    paths.write_text(root, f"{rel}/ssh_key",
-                                     credentials.ssh_private_key.rstrip("\n") + "\n", 0o600)  # fmt: skip
+                    files["ssh_key"] = (credentials.ssh_private_key.rstrip("\n") + "\n", 0o600)
                     known = os.path.join(root, KNOWN_HOSTS)
                     env["GIT_SSH_COMMAND"] = (
                         f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes "
                         f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known}"
                     )
                 env.update(credentials.env_vars)
-            paths.write_text(root, f"{rel}/gitconfig", gitconfig)
+            files["gitconfig"] = (gitconfig, 0o644)
+            # One directory fd for all of it: a task directory is made for every task.
+            paths.make_fresh_dir(root, rel, subdirs=("home", "tmp"), files=files)
             return env
 
         env = await self._thread(make)

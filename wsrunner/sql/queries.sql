@@ -38,6 +38,64 @@ UPDATE task_executions SET
    AND (%(expect_worker)s::text IS NULL OR worker_id = %(expect_worker)s::text)
 RETURNING *;
 
+-- The two statements of every task's path run on the trio thread (wsrunner.libpq), prepared,
+-- with positional text parameters. Each is one statement: atomic without a transaction block.
+
+-- name: start_task
+-- Move a claimed task to running, inserting it as running if its producer wrote no record.
+-- Rows: (attempts, NULL) when started; (NULL, status) when it exists in a state that may not
+-- start; (NULL, 'duplicate:<id>') when another task has its idempotency key; none when a
+-- concurrent start won.
+-- $1 id, $2 worker_id, $3 lease_s, $4 sources, $5 workspace_id, $6 task_type,
+-- $7 configuration, $8 priority, $9 timeout_seconds, $10 idempotency_key, $11 request_hash,
+-- $12 correlation_id, $13 workspace_path
+WITH moved AS (
+    UPDATE task_executions SET
+        status = 'running', updated_at = now(), started_at = now(), worker_id = $2::text,
+        attempts = attempts + 1, lease_expires_at = now() + make_interval(secs => $3::float8)
+     WHERE id = $1::uuid AND status = ANY($4::text[])
+    RETURNING attempts
+), inserted AS (
+    INSERT INTO task_executions
+        (id, workspace_id, task_type, configuration, priority, status, timeout_seconds,
+         idempotency_key, request_hash, correlation_id, workspace_path, started_at, worker_id,
+         attempts, lease_expires_at)
+    SELECT $1::uuid, $5::text, $6::text, $7::jsonb, $8::text, 'running', $9::integer,
+           $10::text, $11::text, $12::text, $13::text, now(), $2::text,
+           1, now() + make_interval(secs => $3::float8)
+     WHERE NOT EXISTS (SELECT 1 FROM task_executions WHERE id = $1::uuid)
+    ON CONFLICT DO NOTHING
+    RETURNING attempts
+)
+SELECT attempts::text, NULL FROM moved
+UNION ALL
+SELECT attempts::text, NULL FROM inserted
+UNION ALL
+SELECT NULL, status FROM task_executions
+ WHERE id = $1::uuid AND NOT EXISTS (SELECT 1 FROM moved)
+UNION ALL
+SELECT NULL, 'duplicate:' || id::text FROM task_executions
+ WHERE workspace_id = $5::text AND idempotency_key = $10::text AND id <> $1::uuid
+   AND NOT EXISTS (SELECT 1 FROM task_executions WHERE id = $1::uuid);
+
+-- name: finish_task
+-- The end of a run, by the daemon that holds the task. Rows: ('moved') when written, else
+-- (current status); none when there is no such task.
+-- $1 id, $2 target, $3 sources, $4 worker_id, $5 result, $6 error, $7 execution_time_ms
+WITH moved AS (
+    UPDATE task_executions SET
+        status = $2::text, updated_at = now(), completed_at = now(), lease_expires_at = NULL,
+        result = COALESCE($5::jsonb, result), error_message = COALESCE($6::text, error_message),
+        execution_time_ms = COALESCE($7::integer, execution_time_ms),
+        cancel_requested_at = CASE WHEN $2::text = 'cancelled' THEN now()
+                                   ELSE cancel_requested_at END
+     WHERE id = $1::uuid AND status = ANY($3::text[]) AND worker_id = $4::text
+    RETURNING 1
+)
+SELECT 'moved' FROM moved
+UNION ALL
+SELECT status FROM task_executions WHERE id = $1::uuid AND NOT EXISTS (SELECT 1 FROM moved);
+
 -- name: attach_result
 UPDATE task_executions
    SET result = %(result)s, execution_time_ms = COALESCE(execution_time_ms, %(execution_time_ms)s),
