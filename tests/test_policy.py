@@ -164,6 +164,12 @@ def test_rule_kinds_and_precedence(tmp_path: Path) -> None:
     assert verdict("   ") == (False, "builtin:empty")
     d = policy.evaluate("git push")
     assert d.as_error()["source"] == f"{p}:8" and d.as_error()["policy"] == d.digest
+    # Decided once per command text, then remembered: the same answers a second time.
+    for line in ("git status", "git push origin", "cat .env", "$TOOL x", "   "):
+        assert policy.evaluate(line) is policy.evaluate(line)
+    assert verdict("git push origin") == (False, "no-push") and verdict("ls") == (True, "tools")
+    # A reloaded (or another workspace's) policy decides afresh.
+    assert load_policy(p).for_workspace("w").evaluate("ls") is not policy.evaluate("ls")
 
 
 def test_overlays_apply_in_order_to_matching_workspaces(tmp_path: Path) -> None:
