@@ -112,7 +112,7 @@ class Wsrunner:
 
     def start(self, **extra: str) -> None:
         self.env.update(extra)
-        self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), *(["/tmp/prof/timed.py"] if os.environ.get("WSR_TIMED") else ["-m", "wsrunner", "serve"])],
+        self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-m", "wsrunner", "serve"],
                                      env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)  # fmt: skip
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+import trio
+
 from tests.conftest import cmd, git_repo, raw_payload, task_body, wait_terminal
 from wsrunner.daemon import Daemon
 from wsrunner.models import TaskState
+from wsrunner.workspace import Workspaces
 
 
 async def run(daemon: Daemon, *steps, **extra):
@@ -43,10 +46,24 @@ async def test_workspace_layout_and_metadata(daemon: Daemon) -> None:
     assert out[0] == str(root) and out[1] == str(root / "tasks" / rec.id / "home")
     assert {"repos", "artifacts", "tasks"} <= set(os.listdir(root))
     assert not (root / "tasks" / rec.id).exists()  # ephemeral: removed after the task
-    import json
-
     meta = json.loads((root / ".workspace_meta.json").read_text())
     assert meta["total_tasks_run"] == 1 and meta["workspace_id"] == "ws-layout"
+
+    # A removed layout directory is made again for the next task (the layout is only checked
+    # per task, not re-made), and tasks ending together are all counted, sharing writes.
+    os.rmdir(root / "artifacts")
+    ws = daemon.runner.workspaces
+    async with trio.open_nursery() as nursery:
+        for n in range(24):
+            nursery.start_soon(open_and_close, ws, "ws-layout", f"t{n}")
+    assert (root / "artifacts").is_dir()
+    meta = json.loads((root / ".workspace_meta.json").read_text())
+    assert meta["total_tasks_run"] == 25 and not os.listdir(root / "tasks")
+
+
+async def open_and_close(ws: Workspaces, workspace_id: str, task_id: str) -> None:
+    await ws.open_task(workspace_id, task_id, None)
+    await ws.close_task(workspace_id, task_id, count=True)
 
 
 async def test_paths_cannot_leave_the_workspace(daemon: Daemon, tmp_path) -> None:

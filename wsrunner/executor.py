@@ -268,9 +268,14 @@ class Executor:
         if (denied := self.judge(ctx.policy, step.command, task_id=task_id)) is not None:
             return denied
         root, globs = ctx.env.root, ctx.policy.sandbox.protect
-        cwd, protect = await self._fs_call(
-            lambda: (paths.real_dir(root, step.cwd), _protected(root, globs))
-        )
+        if self.sandbox.isolation.level != "full":
+            globs = ()  # nothing binds protected paths read-only without bubblewrap
+        if paths.clean_relative(step.cwd) == "." and not globs:
+            cwd, protect = root, []  # nothing to look up on disk: no worker thread
+        else:
+            cwd, protect = await self._fs_call(
+                lambda: (paths.real_dir(root, step.cwd), _protected(root, globs))
+            )
         return await self.spawn(
             ["/bin/sh", "-c", step.command], ctx, cwd=cwd, timeout=timeout, protect=protect
         )
