@@ -240,26 +240,27 @@ class Sandbox:
         iso = self.isolation
         if (refused := iso.refusal(policy.require)) is not None:
             raise refused
-        uid: int | None = None
-        if iso.uids is not None:
-            st = await trio.to_thread.run_sync(os.stat, root, limiter=self._limiter)
-            if st.st_uid not in iso.uids:
-                raise IsolationUnavailableError(
-                    policy.require,
-                    iso.level,
-                    (f"the workspace {root} is not owned by a workspace uid (owner {st.st_uid})",),
-                )
-            uid = st.st_uid
         group = cgroups.CommandGroup(iso.cgroups, f"cmd-{uuid.uuid4().hex[:12]}")
+
+        def prepare() -> int | None:
+            """The workspace's uid (if workspaces have their own) and the command's cgroups:
+            one worker thread for both."""
+            owner = None if iso.uids is None else os.stat(root).st_uid
+            if iso.cgroups.hierarchies and (iso.uids is None or owner in iso.uids):
+                group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
+            return owner
+
         fds: list[int] = []
         launch: Launch | None = None
         try:
-            if iso.cgroups.hierarchies:
-                await trio.to_thread.run_sync(
-                    lambda: group.create(
-                        memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus
-                    ),
-                    limiter=self._limiter,
+            uid: int | None = None
+            if iso.uids is not None or iso.cgroups.hierarchies:
+                uid = await trio.to_thread.run_sync(prepare, limiter=self._limiter)
+            if iso.uids is not None and uid not in iso.uids:
+                raise IsolationUnavailableError(
+                    policy.require,
+                    iso.level,
+                    (f"the workspace {root} is not owned by a workspace uid (owner {uid})",),
                 )
             binds = [("--bind", root)]
             binds += [("--ro-bind", p) for p in protect]
