@@ -98,16 +98,19 @@ class Wsrunner:
                     "WSRUNNER_FRONTEND": "none", "POLICY_FILE": str(tmp / "policy.yaml"),
                     "WSRUNNER_SANDBOX": "auto" if sandbox else "off", "LOG_LEVEL": "WARNING"}  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pushed: list[str] = []  #: the ids of the last push
 
-    def push(self, n: int, priority: str = "normal", command: str = "true") -> list[str]:
-        ids = [str(uuid.uuid4()) for _ in range(n)]
+    def push(self, n: int, priority: str = "normal", command: str = "true",
+             pipe: Any = None) -> list[str]:  # fmt: skip
+        """Queue `n` tasks as the reference producers do (LPUSH), or add the LPUSH to `pipe`."""
+        self.pushed = ids = [str(uuid.uuid4()) for _ in range(n)]
         now = datetime.now(UTC).isoformat()
         payloads = [json.dumps({"task_id": t, "task_type": "background_job", "workspace_id": "bench",
                                 "priority": priority, "timeout_seconds": 60, "created_at": now,
                                 "steps": [{"action": "execute_command", "command": command}]})
                     for t in ids]  # fmt: skip
         for i in range(0, n, 1000):
-            self.r.lpush(f"{self.prefix}:tasks:{priority}", *payloads[i : i + 1000])
+            (pipe or self.r).lpush(f"{self.prefix}:tasks:{priority}", *payloads[i : i + 1000])
         return ids
 
     def start(self, **extra: str) -> None:
@@ -182,7 +185,14 @@ class Wsrunner:
         while self.completed() < 100:
             time.sleep(0.01)
         t_high = time.time()
-        high = set(self.push(100, "high"))
+        # The highs and a look at the low queue in one MULTI: lows still queued then were
+        # claimed after the highs were visible (the low queue is FIFO, pushed in order).
+        with self.r.pipeline(transaction=True) as pipe:
+            self.push(100, "high", pipe=pipe)
+            pipe.llen(f"{self.prefix}:tasks:low")
+            *_, low_left = pipe.execute()
+        high = set(self.pushed)
+        claimed_after = set(low[len(low) - int(low_left) :])
         while True:
             rows = {r[0]: r for r in self.rows()}
             if all(rows.get(t, (0, ""))[1] == "completed" for t in high):
@@ -192,8 +202,10 @@ class Wsrunner:
         last_done = max(rows[t][3].timestamp() for t in high)
         lows = [rows[t][2].timestamp() for t in low if t in rows and rows[t][2] is not None]
         lows = [v for v in lows if v > t_high]
+        after = [rows[t][2].timestamp() for t in claimed_after if t in rows and rows[t][2]]
         return {"low_before_last_high_start": sum(v < last_start for v in lows),
-                "low_before_last_high_done": sum(v < last_done for v in lows)}  # fmt: skip
+                "low_before_last_high_done": sum(v < last_done for v in lows),
+                "low_claimed_after_high_pushed_started_first": sum(v < last_start for v in after)}  # fmt: skip
 
     def fanout(self, subscribers: int, clients: int = 4) -> dict[str, Any]:
         """SSE subscribers on 10 running tasks that print a line every 50 ms for 6 s."""
@@ -317,7 +329,9 @@ METRICS: dict[str, list[tuple[str, str, bool, str]]] = {
                 ("done_p99_ms", "submit -> done p99 ms", True, ".2f")],
     "drain": [("tasks_per_s", "drain tasks/s", False, ".1f"), ("lost", "drain: lost", True, "d"),
               ("run_twice", "drain: run twice", True, "d")],
-    "priority": [("low_before_last_high_start", "low started before last high started", True, "d"),
+    "priority": [("low_claimed_after_high_pushed_started_first",
+                  "low claimed after the highs, started first", True, "d"),
+                 ("low_before_last_high_start", "low started before last high started", True, "d"),
                  ("low_before_last_high_done", "low started before last high finished", True, "d")],
     "fanout": [("delivery_p50_ms", "SSE delivery p50 ms", True, ".1f"),
                ("delivery_p99_ms", "SSE delivery p99 ms", True, ".1f"),

@@ -75,6 +75,38 @@ async def test_idle_daemon_wakes_on_a_plain_lpush_without_polling(
     await wait_for(running_or_done, timeout=2.0, poll=0.005)
 
 
+async def test_idle_waits_keep_their_connections_and_a_backlog_does_not_spin(
+    start_daemon, redis_client: redis.Redis
+) -> None:
+    """Each wake-up of the idle poller reuses the watchers' connections (one per queue, opened
+    once); while the only slot is busy, a queued task makes no watcher call Redis again."""
+    daemon = await start_daemon(concurrency=1)
+    keys = daemon.service.queue.keys  # type: ignore[attr-defined]
+    await trio.sleep(0.3)  # the watchers are connected and blocked
+
+    def connections() -> int:
+        return int(redis_client.info("stats")["total_connections_received"])
+
+    def blmoves() -> int:
+        return int(redis_client.info("commandstats").get("cmdstat_blmove", {}).get("calls", 0))
+
+    before = connections()
+    for n in range(12):  # each push wakes an idle poller: "low", "high", ... in turn
+        payload = raw_payload(priority=("low", "high", "normal")[n % 3], steps=[cmd("true")])
+        redis_client.lpush(keys.queue(json.loads(payload)["priority"]), payload)
+        await wait_terminal(daemon, json.loads(payload)["task_id"])
+    # Re-connecting watchers cancelled at every wake-up would have opened 3 per task (36).
+    assert connections() - before <= 4
+
+    blocker = raw_payload(steps=[cmd("sleep 2")])
+    redis_client.lpush(keys.queue("normal"), blocker)
+    await wait_for(lambda: json.loads(blocker)["task_id"] in daemon.runner.running)
+    redis_client.lpush(keys.queue("normal"), raw_payload(steps=[cmd("true")]))
+    calls = blmoves()
+    await trio.sleep(1.0)  # the backlog waits for the slot; no watcher re-blocks meanwhile
+    assert blmoves() - calls <= 3  # at most the watchers already blocked; a spin makes thousands
+
+
 async def test_malformed_payloads_are_dead_lettered_not_dropped(
     daemon: Daemon, redis_client: redis.Redis
 ) -> None:
