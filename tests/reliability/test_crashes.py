@@ -22,6 +22,12 @@ async def submit(c: httpx.AsyncClient, *steps: dict[str, Any], **extra: Any) -> 
     return str(r.json()["task_id"])
 
 
+def runs_recorded(deployment: Deployment, task_id: str) -> int:
+    """How many runs of the task's step reached its first line (the file it counts in)."""
+    f = deployment.volume / "ws-1" / f"run-{task_id}"
+    return int(f.read_text()) if f.exists() else 0
+
+
 async def test_sigkill_one_of_two_daemons_loses_nothing(deployment: Deployment) -> None:
     a = await deployment.start("daemon-a")
     b = await deployment.start("daemon-b")
@@ -30,14 +36,21 @@ async def test_sigkill_one_of_two_daemons_loses_nothing(deployment: Deployment) 
                'sleep 1; echo "attempt $n"')  # fmt: skip
     async with deployment.client(a) as c:
         ids = [await submit(c, step, timeout_seconds=60) for _ in range(12)]
-    # Kill A while it holds running tasks.
-    await wait_for(lambda: sum(r["worker_id"] == "daemon-a" and r["status"] == "running"
-                               for r in deployment.rows().values()) >= 2, timeout=30)  # fmt: skip
-    held = {
-        i
-        for i, r in deployment.rows().items()
-        if r["worker_id"] == "daemon-a" and r["status"] == "running"
-    }
+
+    # Kill A while it holds running tasks: frozen first, so that what it holds can be read
+    # (statements it had sent land, commands it had started write their file), then killed.
+    def running_on_a() -> list[str]:
+        return [i for i, r in deployment.rows().items()
+                if r["worker_id"] == "daemon-a" and r["status"] == "running"]  # fmt: skip
+
+    await wait_for(lambda: len(ids_ := running_on_a()) >= 2
+                   and any(runs_recorded(deployment, i) for i in ids_), timeout=30)  # fmt: skip
+    a.kill(signal.SIGSTOP)
+    await trio.sleep(0.3)
+    held = set(running_on_a())
+    # A task A started just before the freeze may not have reached its command yet.
+    runs_before = {i: runs_recorded(deployment, i) for i in held}
+    assert len(held) >= 2 and any(runs_before.values()), runs_before
     killed_at = time.monotonic()
     a.kill(signal.SIGKILL)
     rows = await deployment.wait_terminal(ids, timeout=60)
@@ -46,7 +59,9 @@ async def test_sigkill_one_of_two_daemons_loses_nothing(deployment: Deployment) 
         assert_complete(rows[i])
     for i in held:  # run again by B after A's lease expired, and counted
         assert rows[i]["worker_id"] == "daemon-b" and rows[i]["attempts"] == 2, rows[i]
-        assert rows[i]["result"]["result"]["steps"][0]["result"]["stdout"] == "attempt 2\n"
+        # The re-run sees the workspace as A's run left it.
+        stdout = rows[i]["result"]["result"]["steps"][0]["result"]["stdout"]
+        assert stdout == f"attempt {runs_before[i] + 1}\n", (stdout, runs_before[i])
     assert all(rows[i]["attempts"] == 1 for i in set(ids) - held)
     # The bound: lease (2 s) + one reaper pass (heartbeat interval) + the re-run (1 s) + slack.
     assert taken_over_in < LEASE_S + 12, taken_over_in
