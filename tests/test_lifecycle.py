@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 import redis
@@ -152,3 +153,28 @@ def test_signal_names_are_reported() -> None:
 
     res = Executor.describe(Capture.capped(10, 10), exit_code=-signal.SIGKILL, duration_ms=1)
     assert res["signal"] == "SIGKILL" and res["error"] == "killed by SIGKILL"
+
+
+async def test_a_bug_in_a_step_fails_that_task_only(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception no step should raise (a bug, injected here) fails its task with `internal
+    error`, with the record complete and the traceback logged; the daemon runs the next task."""
+    executor = daemon.runner.executor
+    real = executor.run_step
+
+    async def broken(step: Any, ctx: Any, *, budget_s: float) -> Any:
+        if getattr(step, "command", "") == "echo boom":
+            raise RuntimeError("injected fault")
+        return await real(step, ctx, budget_s=budget_s)
+
+    monkeypatch.setattr(executor, "run_step", broken)
+    sub = await daemon.service.submit(task_body(cmd("echo before"), cmd("echo boom")))
+    rec = await wait_terminal(daemon, sub.record.id)
+    assert rec.status is TaskState.FAILED and rec.error_message == "internal error: injected fault"
+    assert rec.completed_at is not None and rec.execution_time_ms is not None
+    assert [s["result"]["stdout"] for s in rec.result["result"]["steps"]] == ["before\n"]
+    assert any("task aborted by an internal error" in r.message and r.exc_info
+               for r in caplog.records)  # fmt: skip
+    after = await daemon.service.submit(task_body(cmd("echo after")))
+    assert (await wait_terminal(daemon, after.record.id)).status is TaskState.COMPLETED
