@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
@@ -141,3 +142,23 @@ async def test_a_cancelled_per_task_statement_is_cancelled_on_the_server(schema:
         rec = await store.get(queued.task_id)  # the lock is gone: a live UPDATE would have run
         assert (rec.status, rec.attempts) == (TaskState.QUEUED, 0)
         assert await store.start(queued, worker_id="w1", workspace_path="/v") == 1
+
+
+async def test_a_stale_pooled_connection_is_replaced_before_use(schema: str) -> None:
+    """After PostgreSQL dropped a pooled connection (a restart), the next call still works:
+    the pool checks a connection before lending it. Without the check, /health said
+    `degraded` once after PostgreSQL came back."""
+    settings = Settings(worker_id="t", database_url=DATABASE_URL, database_schema=schema)
+    async with open_store(settings, max_size=1) as store:
+        pid = await store._run(  # type: ignore[attr-defined]
+            lambda conn: conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        )
+        with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await store.ping()
+        assert (
+            await store._run(  # type: ignore[attr-defined]
+                lambda conn: conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            )
+            != pid
+        )

@@ -502,9 +502,12 @@ async def open_postgres_store(
         UnavailableError: PostgreSQL cannot be reached or the migrations fail.
     """
     options = f"-c search_path={schema} -c statement_timeout=30000"
+    # Checked when lent: after a PostgreSQL restart, a stale connection is replaced there and
+    # then, instead of failing the next call (a health check, an API request). The per-task
+    # statements, which matter for speed, do not use this pool.
     pool: ConnectionPool[Any] = ConnectionPool(
         url, min_size=1, max_size=max_size, open=False, kwargs={"options": options},
-        name="wsrunner",
+        name="wsrunner", check=ConnectionPool.check_connection,
     )  # fmt: skip
 
     def start() -> list[str]:
