@@ -15,7 +15,16 @@ import pytest
 import trio
 from httpx_sse import aconnect_sse
 
-from tests.conftest import Api, cmd, git_repo, host_pids, task_body, unique_seconds, wait_for
+from tests.conftest import (
+    INTERNAL_TOKEN,
+    Api,
+    cmd,
+    git_repo,
+    host_pids,
+    task_body,
+    unique_seconds,
+    wait_for,
+)
 
 PROBLEM = "application/problem+json"
 
@@ -101,6 +110,42 @@ async def test_malformed_json_is_400_and_unknown_routes_are_problems(api: Api) -
         assert "POST" in r.headers["allow"]
         big = {"workspace_id": "ws-1", "steps": [cmd("x" * 100)] * 1, "pad": "x" * (11 << 20)}
         problem(await c.post("/api/tasks/submit", json=big), 413)
+
+
+async def test_a_body_over_the_limit_is_read_before_its_413(api: Api) -> None:
+    """The whole body is read (and dropped) before the 413, so a client still sending is not
+    cut off by a reset that can swallow its answer, and the connection stays usable."""
+    for base, headers in ((api.public, f"Authorization: Bearer {api.token}"),
+                          (api.internal, f"X-Internal-Token: {INTERNAL_TOKEN}")):  # fmt: skip
+        host, port = base.removeprefix("http://").split(":")
+        path = "/api/tasks/submit" if base == api.public else "/workspaces/ws-1/files/write"
+        body = b'{"pad": "' + b"x" * (11 << 20) + b'"}'
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+            await stream.send_all(head.encode() + body)
+            first = await read_response(stream)
+            assert first.startswith(b"HTTP/1.1 413 "), first[:100]
+            # The same connection answers the next request: nothing of the body was left unread.
+            await stream.send_all(f"GET /openapi.json HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert (await read_response(stream)).startswith(b"HTTP/1.1 200 ")
+
+
+async def read_response(stream: trio.SocketStream) -> bytes:
+    """One HTTP/1.1 response with a Content-Length body, read off a raw connection."""
+    data = b""
+    with trio.fail_after(20):
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            assert chunk, f"connection closed after {data[:200]!r}"
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))  # fmt: skip
+        while len(rest) < length:
+            rest += await stream.receive_some(65536)
+    return head + b"\r\n\r\n" + rest
 
 
 async def test_idempotency_key_returns_the_first_task_or_409(api: Api) -> None:
