@@ -98,12 +98,11 @@ class Wsrunner:
                     "WSRUNNER_FRONTEND": "none", "POLICY_FILE": str(tmp / "policy.yaml"),
                     "WSRUNNER_SANDBOX": "auto" if sandbox else "off", "LOG_LEVEL": "WARNING"}  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
-        self.pushed: list[str] = []  #: the ids of the last push
 
     def push(self, n: int, priority: str = "normal", command: str = "true",
              pipe: Any = None) -> list[str]:  # fmt: skip
         """Queue `n` tasks as the reference producers do (LPUSH), or add the LPUSH to `pipe`."""
-        self.pushed = ids = [str(uuid.uuid4()) for _ in range(n)]
+        ids = [str(uuid.uuid4()) for _ in range(n)]
         now = datetime.now(UTC).isoformat()
         payloads = [json.dumps({"task_id": t, "task_type": "background_job", "workspace_id": "bench",
                                 "priority": priority, "timeout_seconds": 60, "created_at": now,
@@ -188,10 +187,9 @@ class Wsrunner:
         # The highs and a look at the low queue in one MULTI: lows still queued then were
         # claimed after the highs were visible (the low queue is FIFO, pushed in order).
         with self.r.pipeline(transaction=True) as pipe:
-            self.push(100, "high", pipe=pipe)
+            high = set(self.push(100, "high", pipe=pipe))
             pipe.llen(f"{self.prefix}:tasks:low")
             *_, low_left = pipe.execute()
-        high = set(self.pushed)
         claimed_after = set(low[len(low) - int(low_left) :])
         while True:
             rows = {r[0]: r for r in self.rows()}

@@ -72,7 +72,7 @@ async def _read_past_the_limit(scope: Any, receive: Any, limit: int | None) -> A
         if not sent:
             sent = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        return dict(await receive())
+        return await receive()  # type: ignore[no-any-return]
 
     return drained
 

@@ -50,7 +50,7 @@ async def test_workspace_layout_and_metadata(daemon: Daemon) -> None:
     assert meta["total_tasks_run"] == 1 and meta["workspace_id"] == "ws-layout"
 
     # A removed layout directory is made again for the next task (the layout is only checked
-    # per task, not re-made), and tasks ending together are all counted, sharing writes.
+    # per task, not re-made), and tasks ending together are all counted.
     os.rmdir(root / "artifacts")
     ws = daemon.runner.workspaces
     async with trio.open_nursery() as nursery:

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import stat
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,9 +87,9 @@ def disk_usage(root: str) -> int:
     return total
 
 
-def _counted(tasks: int, at: str, repos: list[str], meta: dict[str, Any]) -> dict[str, Any]:
-    """`meta` with `tasks` more tasks run, the last at `at`, and the repositories found."""
-    meta["total_tasks_run"] = int(meta.get("total_tasks_run", 0)) + tasks
+def _counted(at: str, repos: list[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` with one more task run, the last at `at`, and the repositories found."""
+    meta["total_tasks_run"] = int(meta.get("total_tasks_run", 0)) + 1
     meta["last_task_at"] = at
     meta["repos_cached"] = repos
     return meta
@@ -140,9 +139,6 @@ class Workspaces:
         self._limiter = trio.CapacityLimiter(4)
         self._usage: dict[str, tuple[float, int]] = {}
         self._prepared: set[str] = set()  #: roots prepared by this process
-        self._meta_mutex = threading.Lock()  #: guards the two below (worker threads)
-        self._meta_pending: dict[str, list[Any]] = {}  #: root -> [tasks, last at, repos]
-        self._meta_writers: set[str] = set()  #: roots a thread is writing the metadata of
 
     def root(self, workspace_id: str) -> str:
         return str(self.volume / validate_workspace_id(workspace_id))
@@ -275,7 +271,8 @@ class Workspaces:
             if not count:
                 return []
             repos = _repos(root)
-            self._count_task(root, repos)
+            at = datetime.now(UTC).isoformat()
+            self._update_meta(root, functools.partial(_counted, at, repos))
             return repos
 
         with trio.CancelScope(shield=True):
@@ -285,32 +282,6 @@ class Workspaces:
     async def exists(self, workspace_id: str) -> bool:
         root = self.root(workspace_id)
         return bool(await self._thread(os.path.isdir, root))
-
-    def _count_task(self, root: str, repos: list[str]) -> None:
-        """Count a finished task in the workspace's metadata (in a worker thread).
-
-        Tasks of one workspace that end together share a write: while one thread writes, the
-        others leave their counts to it and return, and it writes again until none is left.
-        """
-        with self._meta_mutex:
-            pending = self._meta_pending.setdefault(root, [0, "", []])
-            pending[0] += 1
-            pending[1:] = [datetime.now(UTC).isoformat(), repos]
-            if root in self._meta_writers:
-                return
-            self._meta_writers.add(root)
-        while True:
-            with self._meta_mutex:
-                taken = self._meta_pending.pop(root, None)
-                if taken is None:
-                    self._meta_writers.discard(root)
-                    return
-            try:
-                self._update_meta(root, functools.partial(_counted, *taken))
-            except BaseException:
-                with self._meta_mutex:
-                    self._meta_writers.discard(root)
-                raise
 
     def _update_meta(self, root: str, change: Any) -> None:
         """Read-modify-write the metadata under an exclusive lock, replacing it atomically.
