@@ -51,6 +51,9 @@ async def test_a_task_runs_and_its_events_replay_from_any_point(start_daemon, ba
     events = await wait_for(ended, timeout=5)
     kinds = [e.type for e in events]
     assert kinds[0] == "status_changed" and kinds[-1] == "status_changed"
+    # The first step's progress rides with the start (one Redis round trip), right after it.
+    assert (events[1].data["status"], events[2].type, events[2].data["step"]) == (
+        "running", "progress_update", 1)  # fmt: skip
     assert [e.data["status"] for e in events if e.type == "status_changed"] == [
         "queued", "running", "failed"]  # fmt: skip
     middle = events[len(events) // 2]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 
+import psycopg
 import redis
 import trio
 import trio_asyncio
@@ -272,3 +273,90 @@ async def test_event_waiters_share_one_redis_read(
         for step, t in enumerate(tasks, start=1):
             await queue.emit(t, "progress_update", {"step": step})
     assert got == {n: [n % 3 + 1] for n in range(30)}
+
+
+async def test_a_slot_runs_the_next_task_while_the_last_end_is_recorded(
+    start_daemon, settings
+) -> None:
+    """With one slot, a task whose end cannot be written yet (its row is locked here) does not
+    hold up the next one's steps; both are recorded once the lock goes. (The next one's end then
+    waits: one slot allows one task being recorded.)"""
+    daemon = await start_daemon(concurrency=1)
+    first = await daemon.service.submit(task_body(cmd("echo first; sleep 0.5")))
+    await wait_for(lambda: first.record.id in daemon.runner.running)
+    locked, release = trio.Event(), trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def hold_the_row() -> None:
+        with psycopg.connect(settings.database_url) as conn:  # one transaction, until released
+            conn.execute(f'SELECT 1 FROM "{settings.database_schema}".task_executions '
+                         "WHERE id = %s FOR UPDATE", (first.record.id,))  # fmt: skip
+            token.run_sync_soon(locked.set)
+            trio.from_thread.run(release.wait, trio_token=token)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, hold_the_row)
+        await locked.wait()
+        try:
+            second = await daemon.service.submit(task_body(cmd("echo second")))
+            await wait_for(lambda: output_of(daemon, second.record.id), timeout=10)
+            assert await output_of(daemon, second.record.id) == "second\n"
+            assert (await daemon.service.get(first.record.id)).status is TaskState.RUNNING
+            assert first.record.id in daemon.runner.running  # being recorded, outside the slot
+        finally:
+            release.set()
+    for sub, out in ((first, "first\n"), (second, "second\n")):
+        rec = await wait_terminal(daemon, sub.record.id, timeout=10)
+        assert rec.status is TaskState.COMPLETED and rec.attempts == 1
+        assert rec.result["result"]["steps"][0]["result"]["stdout"] == out
+    await wait_for(lambda: daemon.slots.statistics().running == 0)
+    assert not daemon.runner.running
+
+
+async def output_of(daemon: Daemon, task_id: str) -> str:
+    events = await daemon.service.events(task_id)
+    return "".join(e.data["data"] for e in events if e.type == "output")
+
+
+async def test_a_duplicate_claim_leaves_the_running_task_alone(
+    start_daemon, redis_client: redis.Redis
+) -> None:
+    """The same payload claimed again while its task runs here: the duplicate is refused by the
+    store, and the running task keeps its directory (made while its start was recorded, a
+    duplicate's must not clear it). An earlier attempt's leftovers are cleared."""
+    daemon = await start_daemon(concurrency=2)
+    keys = daemon.service.queue.keys  # type: ignore[attr-defined]
+    root = daemon.settings.volume_path / "ws-raw"
+    task_id = str(uuid.uuid4())
+    (root / "tasks" / task_id / "home").mkdir(parents=True)  # a crashed attempt's leftovers
+    (root / "tasks" / task_id / "home" / "stale").write_text("from before")
+    payload = raw_payload(task_id=task_id, steps=[cmd(
+        "ls $HOME; echo mine > $HOME/mark; sleep 1; cat $HOME/mark")])  # fmt: skip
+    redis_client.lpush(keys.queue("normal"), payload)
+    await wait_for(lambda: task_id in daemon.runner.running)
+    await wait_for(lambda: (root / "tasks" / task_id / "home" / "mark").exists())
+    redis_client.lpush(keys.queue("normal"), payload)
+    await wait_for(lambda: redis_client.llen(keys.queue("normal")) == 0)
+    rec = await wait_terminal(daemon, task_id, timeout=10)
+    assert rec.status is TaskState.COMPLETED and rec.attempts == 1
+    assert rec.result["result"]["steps"][0]["result"]["stdout"] == "mine\n"
+    await wait_for(lambda: redis_client.hlen(keys.inflight(daemon.settings.worker_id)) == 0)
+    assert not (root / "tasks" / task_id).exists()
+
+
+async def test_an_event_rides_with_a_transition_applied_or_not(
+    daemon: Daemon, redis_client: redis.Redis
+) -> None:
+    queue = daemon.service.queue
+    task_id = f"ride-{uuid.uuid4()}"
+    step = {"step": 1, "total_steps": 1, "description": "x"}
+    assert (await queue.transition(task_id, "ws", TaskState.RUNNING, event={"status": "running"},
+                                   then=("progress_update", step)))[0]  # fmt: skip
+    assert (await queue.transition(task_id, "ws", TaskState.COMPLETED)) == (True, "")
+    assert await queue.transition(task_id, "ws", TaskState.RUNNING,
+                                  then=("output", {"data": "late"})) == (False, "completed")  # fmt: skip
+    events = await queue.read_events(task_id)
+    assert [(e.type, e.data) for e in events] == [
+        ("status_changed", {"status": "running"}), ("progress_update", step),
+        ("output", {"data": "late"})]  # fmt: skip
+    assert redis_client.ttl(queue.keys.events(task_id)) > 0  # type: ignore[attr-defined]

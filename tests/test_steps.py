@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import trio
 
-from tests.conftest import cmd, git_repo, raw_payload, task_body, wait_terminal
+from tests.conftest import (
+    cmd,
+    git_repo,
+    raw_payload,
+    task_body,
+    traversable,
+    wait_for,
+    wait_terminal,
+)
 from wsrunner.daemon import Daemon
 from wsrunner.models import TaskState
-from wsrunner.workspace import Workspaces
+from wsrunner.workspace import META_FLUSH_S, Workspaces
 
 
 async def run(daemon: Daemon, *steps, **extra):
@@ -46,8 +55,13 @@ async def test_workspace_layout_and_metadata(daemon: Daemon) -> None:
     assert out[0] == str(root) and out[1] == str(root / "tasks" / rec.id / "home")
     assert {"repos", "artifacts", "tasks"} <= set(os.listdir(root))
     assert not (root / "tasks" / rec.id).exists()  # ephemeral: removed after the task
-    meta = json.loads((root / ".workspace_meta.json").read_text())
-    assert meta["total_tasks_run"] == 1 and meta["workspace_id"] == "ws-layout"
+
+    def meta() -> dict[str, Any]:
+        return json.loads((root / ".workspace_meta.json").read_text())
+
+    # The count is written behind, by the daemon's own writer, within META_FLUSH_S.
+    await wait_for(lambda: meta()["total_tasks_run"] == 1, timeout=META_FLUSH_S + 2)
+    assert meta()["workspace_id"] == "ws-layout" and meta()["repos_cached"] == []
 
     # A removed layout directory is made again for the next task (the layout is only checked
     # per task, not re-made), and tasks ending together are all counted.
@@ -57,8 +71,8 @@ async def test_workspace_layout_and_metadata(daemon: Daemon) -> None:
         for n in range(24):
             nursery.start_soon(open_and_close, ws, "ws-layout", f"t{n}")
     assert (root / "artifacts").is_dir()
-    meta = json.loads((root / ".workspace_meta.json").read_text())
-    assert meta["total_tasks_run"] == 25 and not os.listdir(root / "tasks")
+    await ws.flush_metadata()
+    assert meta()["total_tasks_run"] == 25 and not os.listdir(root / "tasks")
 
 
 async def open_and_close(ws: Workspaces, workspace_id: str, task_id: str) -> None:
@@ -122,6 +136,31 @@ async def test_credentials_are_for_the_task_only(daemon: Daemon, redis_client) -
     assert "tok-123" not in str(rec.configuration) and "BEGIN KEY" not in str(rec.configuration)
     events = await daemon.service.events(rec.id)
     assert "BEGIN KEY" not in str([e.data for e in events])
+
+
+async def test_a_reshaped_task_directory_is_removed_without_following_links(
+    daemon: Daemon, tmp_path
+) -> None:
+    """The task directory is removed however its commands left it: leftovers, a file where a
+    directory was, a symlink out of it (followed by nothing), and a symlink in its own place."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    traversable(outside)
+    reshape = ("import os; h = os.environ['HOME']; d = os.path.dirname(h); "
+               "os.makedirs(os.environ['TMPDIR'] + '/a/b'); open(os.environ['TMPDIR'] + '/a/b/f', 'w'); "
+               f"os.rmdir(h); os.symlink('{outside}', h); os.unlink(d + '/gitconfig'); "
+               "os.mkdir(d + '/gitconfig'); os.mkfifo(d + '/fifo')")  # fmt: skip
+    rec = await run(daemon, cmd(f'python3 -c "{reshape}"'), workspace_id="ws-reshape")
+    assert rec.status is TaskState.COMPLETED, results(rec)
+    tasks = daemon.settings.volume_path / "ws-reshape" / "tasks"
+    assert os.listdir(tasks) == [] and (outside / "keep").read_text() == "keep"
+    # A task directory replaced by a symlink: the link goes, its target stays.
+    replace = ("import os, shutil; d = os.path.dirname(os.environ['HOME']); os.chdir('/'); "
+               f"shutil.rmtree(d); os.symlink('{outside}', d)")  # fmt: skip
+    rec = await run(daemon, cmd(f'python3 -c "{replace}"'), workspace_id="ws-reshape")
+    assert rec.status is TaskState.COMPLETED, results(rec)
+    assert os.listdir(tasks) == [] and (outside / "keep").read_text() == "keep"
 
 
 async def test_git_clone_then_pull(daemon: Daemon, tmp_path) -> None:

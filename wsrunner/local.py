@@ -132,8 +132,18 @@ class LocalQueue:
         event: JSON | None = None,
         result: JSON | None = None,
         ack: tuple[str, str] | None = None,
+        then: tuple[str, JSON] | None = None,
     ) -> tuple[bool, str]:
-        """Compare-and-set the mirror; on success also emit, store the result and ack."""
+        """Compare-and-set the mirror; on success also emit, store the result and ack. The
+        event `then` (kind, data) is emitted last, applied or not."""
+        applied, out = await self._transition(task_id, workspace_id, target, fields, event, ack)
+        if then is not None:
+            await self.emit(task_id, *then)
+        return applied, out
+
+    async def _transition(self, task_id: str, workspace_id: str, target: TaskState,
+                          fields: dict[str, str] | None, event: JSON | None,
+                          ack: tuple[str, str] | None) -> tuple[bool, str]:  # fmt: skip
         current = self._status.get(task_id)
         ended = self._ended.get(task_id)
         if ended is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -197,16 +198,18 @@ def make_dirs(root: str, path: str) -> None:
 
 
 def make_fresh_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
-                   files: Mapping[str, tuple[str, int]] | None = None) -> None:  # fmt: skip
-    """Create the directory `path` (its parents as `make_dirs` does) with `subdirs` and `files`
-    (name: (content, mode)) inside, all the workspace owner's.
+                   files: Mapping[str, tuple[str, int]] | None = None,
+                   parents: bool = True) -> None:  # fmt: skip
+    """Create the directory `path` (its parents as `make_dirs` does, unless `parents` is false:
+    then a missing parent is a PathNotFoundError) with `subdirs` and `files` (name: (content,
+    mode)) inside, all the workspace owner's.
 
     Everything inside is created through one fd of the new directory, files with O_EXCL: a
     name that appeared meanwhile is an error, never followed. `path` must not exist.
     """
     rel = clean_relative(path)
     parent, name = os.path.split(rel)
-    if parent:
+    if parent and parents:
         make_dirs(root, parent)
     with open_root(root) as rfd:
         owner = _owner(rfd)
@@ -232,6 +235,43 @@ def make_fresh_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
                         view = memoryview(content.encode("utf-8"))
                         while view:
                             view = view[os.write(fd, view) :]
+
+
+def remove_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
+               files: Sequence[str] = ()) -> None:  # fmt: skip
+    """Remove the directory `path` and all it holds, never following a symlink; a missing one is
+    no error, and a symlink or file in its place is removed itself.
+
+    `subdirs` and `files` name what it usually holds (as `make_fresh_dir` made it): each is one
+    call. Anything else in there (a command's leftovers, a replaced entry) falls back to a walk.
+    """
+    rel = clean_relative(path)
+    parent, name = os.path.split(rel)
+    with open_root(root) as rfd:
+        try:
+            pfd = open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return
+        with _fd(pfd):
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=pfd)
+                return
+            try:
+                with _fd(open_beneath(pfd, name, os.O_RDONLY | os.O_DIRECTORY)) as dfd:
+                    for file in files:
+                        try:
+                            os.unlink(file, dir_fd=dfd)
+                        except FileNotFoundError:
+                            pass
+                    for sub in subdirs:
+                        os.rmdir(sub, dir_fd=dfd)
+                os.rmdir(name, dir_fd=pfd)
+            except OSError:  # not as it was made: walk what is left
+                shutil.rmtree(name, dir_fd=pfd, ignore_errors=True)
 
 
 def write_text(root: str, path: str, content: str, mode: int = 0o644) -> int:

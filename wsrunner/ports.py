@@ -41,6 +41,7 @@ class Queue(Protocol):
         event: JSON | None = None,
         result: JSON | None = None,
         ack: tuple[str, str] | None = None,
+        then: tuple[str, JSON] | None = None,
     ) -> tuple[bool, str]: ...
     async def emit(self, task_id: str, kind: str, data: JSON) -> str: ...
     async def read_events(

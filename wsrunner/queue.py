@@ -12,7 +12,8 @@ Multi-step writes are Lua scripts, so each is atomic and costs one round trip:
   in-flight hash in the same step: a daemon that dies after a claim leaves the payload where the
   reaper finds it. Nothing is ever only in a dead process's memory.
 - TRANSITION compare-and-sets the status hash against the lifecycle table and, only if the move
-  applied, appends the event, stores the result, and acknowledges the claim.
+  applied, appends the event, stores the result, and acknowledges the claim; an event that
+  follows the move (a task's first progress) can ride along, applied or not.
 """
 
 from __future__ import annotations
@@ -82,11 +83,21 @@ return 1
 #       claim id ('' for none), terminal ('1'/'0'), task id, stream maxlen
 # Returns {1, event id or ''} when applied, {0, current status} when refused.
 _TRANSITION: Final = """
+local function emit_then()
+  if ARGV[14] == '' then return end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[13], '*',
+             'type', ARGV[14], 'data', ARGV[15], 'ts', ARGV[7])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('PUBLISH', KEYS[2], ARGV[16])
+end
 local current = redis.call('HGET', KEYS[1], 'status')
 if current and current ~= ARGV[1] then
   local ok = false
   for _, s in ipairs(cjson.decode(ARGV[2])) do if s == current then ok = true end end
-  if not ok then return {0, current} end
+  if not ok then
+    emit_then()
+    return {0, current}
+  end
 end
 local flat = {'status', ARGV[1]}
 for k, v in pairs(cjson.decode(ARGV[4])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
@@ -102,6 +113,7 @@ end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[3], ARGV[8], 'EX', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HDEL', KEYS[5], ARGV[10]) end
 if ARGV[11] == '1' then redis.call('SREM', KEYS[4], ARGV[12]) end
+emit_then()
 return {1, id}
 """
 
@@ -444,8 +456,10 @@ class RedisQueue:
         event: JSON | None = None,
         result: JSON | None = None,
         ack: tuple[str, str] | None = None,
+        then: tuple[str, JSON] | None = None,
     ) -> tuple[bool, str]:
         """Compare-and-set the status hash to `target`; on success also emit, store and ack.
+        The event `then` (kind, data) is appended last, applied or not: one round trip.
 
         Returns (applied, event id) or (False, current status). A missing hash (expired, or
         Redis was wiped) accepts any move: PostgreSQL has already arbitrated it.
@@ -458,6 +472,9 @@ class RedisQueue:
             else None
         )
         worker, claim_id = ack if ack is not None else ("-", "")
+        then_kind, then_data = then if then is not None else ("", None)
+        then_envelope = {"event_type": then_kind, "task_id": task_id, "data": then_data,
+                         "timestamp": ts}  # fmt: skip
         res = await self._script(
             self._transition,
             [k.status(task_id), k.events(task_id), k.result(task_id), k.active(workspace_id),
@@ -476,6 +493,9 @@ class RedisQueue:
                 "1" if target.terminal else "0",
                 task_id,
                 STREAM_MAXLEN,
+                then_kind,
+                "" if then is None else json.dumps(then_data),
+                "" if then is None else json.dumps(then_envelope),
             ],
         )  # fmt: skip
         return bool(int(res[0])), str(res[1])

@@ -32,10 +32,11 @@ from wsrunner.models import JSON, Claim, TaskSpec, TaskState
 from wsrunner.payload import parse_task, validate_task_id
 from wsrunner.ports import Queue, Store
 from wsrunner.settings import Settings
-from wsrunner.workspace import Workspaces
+from wsrunner.workspace import TaskEnvironment, Workspaces
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+StepsDone = Callable[[], Awaitable[None]]
 
 OUTPUT_FLUSH_S: Final = 0.1  # output events are batched over this long
 OUTPUT_EVENT_BYTES: Final = 16_384  # ... or this many bytes
@@ -73,6 +74,13 @@ async def retrying(
             logger.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
             await trio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _progress(spec: TaskSpec, step: int) -> JSON:
+    """The `progress_update` event's data for the start of step `step` (1-based)."""
+    action = spec.steps[step - 1]
+    return {"step": step, "total_steps": len(spec.steps),
+            "description": action.description or f"Step {step}: {action.action}"}  # fmt: skip
 
 
 class _OutputForwarder:
@@ -151,29 +159,59 @@ class TaskRunner:
 
     # --- claim to start -----------------------------------------------------------------------
 
-    async def run_claim(self, claim: Claim) -> None:
-        """Run one claimed payload to its end. Never raises for a task-level problem."""
+    async def run_claim(self, claim: Claim, steps_done: StepsDone | None = None) -> None:
+        """Run one claimed payload to its end. Never raises for a task-level problem.
+
+        `steps_done` is awaited once the steps have ended, before the directory is removed and
+        the end is recorded: the slot that ran them can take the next claim meanwhile.
+        """
         spec = await self._parse(claim)
         if spec is None:
             return
         log = {"task_id": spec.task_id, "workspace_id": spec.workspace_id}
+        # The task directory is made while the start is being recorded (it needs nothing from
+        # it); a task that may not start has it removed again.
+        prepared: list[TaskEnvironment | Exception] = []
         try:
-            started = await self._start(spec, claim)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._prepare, spec, prepared)
+                started = await self._start(spec, claim)
         except UnavailableError as exc:
             # Leave the claim in place: the reaper re-queues it once we are gone, and the
             # reconciler finds the row; put it back now so another daemon can try.
             logger.error("cannot start task: %s; re-queueing it", exc, extra=log)
             with trio.CancelScope(shield=True):
+                await self._unprepare(spec, prepared)
                 await self.queue.requeue_claim(self.worker_id, claim.claim_id, claim.priority)
             return
         if not started:
+            await self._unprepare(spec, prepared)
             return
         rt = RunningTask(spec, claim)
         self.running[spec.task_id] = rt
         try:
-            await self._execute(rt)
+            await self._execute(rt, prepared[0], steps_done)
         finally:
             del self.running[spec.task_id]
+
+    async def _prepare(self, spec: TaskSpec, out: list[TaskEnvironment | Exception]) -> None:
+        """Check the quota and make the task directory, into `out`; errors are the task's.
+
+        A directory already there is left alone (FileExistsError): it may be a running
+        duplicate's, until the start says this claim owns the task.
+        """
+        ws = spec.workspace_id
+        try:
+            await self.workspaces.check_quota(ws)
+            env = await self.workspaces.open_task(ws, spec.task_id, spec.credentials,
+                                                  clear_leftovers=False)  # fmt: skip
+            out.append(env)
+        except Exception as exc:
+            out.append(exc)
+
+    async def _unprepare(self, spec: TaskSpec, prepared: list[TaskEnvironment | Exception]) -> None:
+        if prepared and isinstance(prepared[0], TaskEnvironment):
+            await self.workspaces.close_task(spec.workspace_id, spec.task_id, count=False)
 
     async def _parse(self, claim: Claim) -> TaskSpec | None:
         """The claim's TaskSpec, or None after dead-lettering (and failing) a bad payload."""
@@ -223,6 +261,7 @@ class TaskRunner:
                 fields={"worker_id": self.worker_id, "started_at": datetime.now(UTC).isoformat(),
                         "attempts": str(attempt)},
                 event={"status": "running", "worker_id": self.worker_id, "attempt": attempt},
+                then=("progress_update", _progress(spec, 1)),
             )  # fmt: skip
         except UnavailableError as exc:  # PostgreSQL has it; the mirror catches up at the end
             logger.warning("Redis did not take the start of the task: %s", exc,
@@ -238,7 +277,8 @@ class TaskRunner:
 
     # --- steps --------------------------------------------------------------------------------
 
-    async def _execute(self, rt: RunningTask) -> None:
+    async def _execute(self, rt: RunningTask, prepared: TaskEnvironment | Exception,
+                       steps_done: StepsDone | None) -> None:  # fmt: skip
         spec = rt.spec
         tid, ws = spec.task_id, spec.workspace_id
         log = {"task_id": tid, "workspace_id": ws}
@@ -257,14 +297,16 @@ class TaskRunner:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(forwarder.serve)
                     try:
-                        await self.workspaces.check_quota(ws)
-                        env = await self.workspaces.open_task(ws, tid, spec.credentials)
+                        if isinstance(prepared, FileExistsError):  # an earlier run's leftovers
+                            prepared = await self.workspaces.open_task(ws, tid, spec.credentials)
+                        if isinstance(prepared, Exception):
+                            raise prepared
+                        env = prepared
                         ctx = self.executor.context(env, ws, forwarder.feed, policy)
                         for i, step in enumerate(spec.steps, start=1):
                             forwarder.start_step(i)
-                            await self._event(tid, "progress_update", {
-                                "step": i, "total_steps": len(spec.steps),
-                                "description": step.description or f"Step {i}: {step.action}"})  # fmt: skip
+                            if i > 1:  # the first went out with the start
+                                await self._event(tid, "progress_update", _progress(spec, i))
                             budget = rt.scope.deadline - trio.current_time()
                             res = await self.executor.run_step(step, ctx, budget_s=budget)
                             self.metrics.step_seconds.labels(action=step.action).observe(
@@ -293,6 +335,8 @@ class TaskRunner:
                 steps.append({"step": len(steps) + 1, "action": spec.steps[len(steps)].action,
                               "result": part})  # fmt: skip
             with trio.CancelScope(shield=True):
+                if steps_done is not None:
+                    await steps_done()
                 repos: list[str] = []
                 if ctx is not None:
                     repos = await self.workspaces.close_task(ws, tid, count=True)

@@ -1,4 +1,11 @@
-"""N task slots: each is a loop that runs one claimed task at a time, inside its cancel scope."""
+"""N task slots: each is a loop that runs the steps of one claimed task at a time.
+
+A task holds its slot while it starts and runs its steps. Removing its directory and recording
+its end happen after the slot is free, in the slots' own nursery, so the next claim's command
+does not wait for the last one's bookkeeping (as a peer queue acknowledges a message off its
+worker thread). At most `count` tasks are being recorded at once; a slot waits for room there
+before it lets its task go, so no more than 2 x `count` tasks are ever `running` here.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ class Slots:
         self.count = count
         self.runner = runner
         self._idle = trio.Semaphore(count)
+        self._recording = trio.Semaphore(count)
+        self._in_steps = 0
         # Buffer 0: a hand-off completes only when a slot loop takes the claim.
         self._send, self._recv = trio.open_memory_channel[Claim](0)
 
@@ -47,23 +56,45 @@ class Slots:
         self._send.close()
 
     def statistics(self) -> SlotStatistics:
-        running = len(self.runner.running)
-        return SlotStatistics(total=self.count, idle=self.count - running, running=running)
+        """Slots by what they do now (a task being recorded holds none)."""
+        busy = self._in_steps
+        return SlotStatistics(total=self.count, idle=self.count - busy, running=busy)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the slot loops until `close()` and every running task has ended."""
+        """Run the slot loops until `close()` and every running task has been recorded."""
         async with trio.open_nursery() as nursery:
             for n in range(self.count):
-                nursery.start_soon(self._slot, n, name=f"slot-{n}")
+                nursery.start_soon(self._slot, n, nursery, name=f"slot-{n}")
             task_status.started()
 
-    async def _slot(self, n: int) -> None:
+    async def _slot(self, n: int, nursery: trio.Nursery) -> None:
         async for claim in self._recv:
+            self._in_steps += 1
             try:
-                await self.runner.run_claim(claim)
-            except Exception:
-                # A bug must not take the daemon (and every other task) down; the claim stays
-                # in our in-flight hash, so the reaper hands it on once we restart.
-                logger.exception("slot %d: unexpected error running claim %s", n, claim.claim_id)
+                # Returns when the task's steps have ended; its recording goes on in `nursery`.
+                await nursery.start(self._run, n, claim, name=f"task {claim.claim_id}")
             finally:
+                self._in_steps -= 1
                 self._idle.release()
+
+    async def _run(self, n: int, claim: Claim, *, task_status: Any) -> None:
+        released = False
+
+        async def steps_done() -> None:
+            nonlocal released
+            if not released:
+                await self._recording.acquire()
+                released = True
+                task_status.started()
+
+        try:
+            await self.runner.run_claim(claim, steps_done)
+        except Exception:
+            # A bug must not take the daemon (and every other task) down; the claim stays
+            # in our in-flight hash, so the reaper hands it on once we restart.
+            logger.exception("slot %d: unexpected error running claim %s", n, claim.claim_id)
+        finally:
+            if released:
+                self._recording.release()
+            else:  # ended before its steps did (not started, or a bug): free the slot now
+                task_status.started()

@@ -6,6 +6,10 @@
         tasks/<task_id>/         the task's private HOME, TMPDIR and credentials; removed after it
         .workspace_meta.json     created, last used, task count, repos cached
 
+The metadata's task counts are written behind: a task's end is tallied in memory and written by
+`serve_metadata` within META_FLUSH_S, and on shutdown. A daemon killed outright loses at most
+that long of counting, never a task.
+
 Every filesystem walk and write here runs in a worker thread, never on the trio thread. A
 workspace's commands can change anything inside it, so every path the daemon touches in there is
 opened through `paths` (contained, no symlink followed out) and what it creates belongs to the
@@ -15,10 +19,9 @@ workspace's own uid when it has one (`sandbox.identity`).
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
+import logging
 import os
-import shutil
 import stat
 import time
 from collections.abc import Mapping
@@ -30,10 +33,12 @@ from typing import Any, Final
 import trio
 
 from wsrunner import paths
-from wsrunner.errors import QuotaExceededError, WorkspaceError
+from wsrunner.errors import PathNotFoundError, QuotaExceededError, WorkspaceError
 from wsrunner.models import Credentials
 from wsrunner.payload import validate_workspace_id
 from wsrunner.sandbox.identity import UidRange, assign
+
+logger = logging.getLogger(__name__)
 
 META_FILE: Final = ".workspace_meta.json"
 META_LOCK: Final = ".wsrunner_meta.lock"
@@ -42,6 +47,9 @@ KNOWN_HOSTS: Final = ".wsrunner_known_hosts"
 RESERVED: Final = frozenset({"tasks", META_FILE, META_LOCK, KNOWN_HOSTS})
 LAYOUT: Final = ("repos", "artifacts", "tasks")
 USAGE_CACHE_S: Final = 5.0  # a burst of tasks in one workspace walks it once
+META_FLUSH_S: Final = 1.0  # task counts reach the metadata file within this long
+TASK_SUBDIRS: Final = ("home", "tmp")
+TASK_FILES: Final = ("gitconfig", "ssh_key")
 SAFE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _GIT_PROTOCOLS: Final = {
     "https": "https",
@@ -87,12 +95,20 @@ def disk_usage(root: str) -> int:
     return total
 
 
-def _counted(at: str, repos: list[str], meta: dict[str, Any]) -> dict[str, Any]:
-    """`meta` with one more task run, the last at `at`, and the repositories found."""
-    meta["total_tasks_run"] = int(meta.get("total_tasks_run", 0)) + 1
-    meta["last_task_at"] = at
-    meta["repos_cached"] = repos
-    return meta
+@dataclass(slots=True)
+class _Tally:
+    """Task ends in one workspace not yet written to its metadata."""
+
+    runs: int
+    last_at: str
+    repos: list[str]
+
+    def applied(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """`meta` with these runs counted, the last at `last_at`, and the repositories found."""
+        meta["total_tasks_run"] = int(meta.get("total_tasks_run", 0)) + self.runs
+        meta["last_task_at"] = self.last_at
+        meta["repos_cached"] = self.repos
+        return meta
 
 
 def _layout_intact(root: str) -> bool:
@@ -139,6 +155,8 @@ class Workspaces:
         self._limiter = trio.CapacityLimiter(4)
         self._usage: dict[str, tuple[float, int]] = {}
         self._prepared: set[str] = set()  #: roots prepared by this process
+        self._tallies: dict[str, _Tally] = {}  #: root: task ends not yet in its metadata
+        self._tallied = trio.Event()  #: set when `_tallies` gets its first entry
 
     def root(self, workspace_id: str) -> str:
         return str(self.volume / validate_workspace_id(workspace_id))
@@ -192,12 +210,13 @@ class Workspaces:
             )
         return used
 
-    async def open_task(
-        self, workspace_id: str, task_id: str, credentials: Credentials | None
-    ) -> TaskEnvironment:
+    async def open_task(self, workspace_id: str, task_id: str, credentials: Credentials | None,
+                        *, clear_leftovers: bool = True) -> TaskEnvironment:  # fmt: skip
         """Create tasks/<task_id> with a private HOME and TMPDIR, and the task's credentials.
 
-        Prepares the workspace first (in the same worker thread), as `prepare()` does.
+        Prepares the workspace first (in the same worker thread), as `prepare()` does. A task
+        directory already there (an earlier attempt's) is replaced, or with `clear_leftovers`
+        false raises FileExistsError.
         """
         root = self.root(workspace_id)
         task_dir = os.path.join(root, "tasks", task_id)
@@ -206,10 +225,6 @@ class Workspaces:
 
         def make() -> dict[str, str]:
             self._prepare(root)
-            with paths.open_root(
-                root
-            ) as rfd:  # a previous attempt's leftovers; no symlink followed
-                shutil.rmtree(rel, dir_fd=rfd, ignore_errors=True)
             files: dict[str, tuple[str, int]] = {}
             env = {
                 "PATH": SAFE_PATH,
@@ -251,7 +266,15 @@ class Workspaces:
                 env.update(credentials.env_vars)
             files["gitconfig"] = (gitconfig, 0o644)
             # One directory fd for all of it: a task directory is made for every task.
-            paths.make_fresh_dir(root, rel, subdirs=("home", "tmp"), files=files)
+            try:  # tasks/ was just seen by _prepare
+                paths.make_fresh_dir(root, rel, subdirs=TASK_SUBDIRS, files=files, parents=False)
+            except PathNotFoundError:  # ... and removed since, by a command
+                paths.make_fresh_dir(root, rel, subdirs=TASK_SUBDIRS, files=files)
+            except FileExistsError:  # a previous attempt's leftovers
+                if not clear_leftovers:
+                    raise
+                paths.remove_dir(root, rel)
+                paths.make_fresh_dir(root, rel, subdirs=TASK_SUBDIRS, files=files)
             return env
 
         env = await self._thread(make)
@@ -261,23 +284,47 @@ class Workspaces:
         """Remove the task's directory (and its credentials); returns the cached repositories.
 
         `count`: a task (not an ad-hoc session of the internal API) is counted in the metadata,
-        with the repositories found.
+        with the repositories found (written behind, see `serve_metadata`).
         """
         root = self.root(workspace_id)
 
         def close() -> list[str]:
-            with paths.open_root(root) as rfd:
-                shutil.rmtree(f"tasks/{task_id}", dir_fd=rfd, ignore_errors=True)
-            if not count:
-                return []
-            repos = _repos(root)
-            at = datetime.now(UTC).isoformat()
-            self._update_meta(root, functools.partial(_counted, at, repos))
-            return repos
+            paths.remove_dir(root, f"tasks/{task_id}", subdirs=TASK_SUBDIRS, files=TASK_FILES)
+            return _repos(root) if count else []
 
         with trio.CancelScope(shield=True):
             repos: list[str] = await self._thread(close)
+        if count:
+            at = datetime.now(UTC).isoformat()
+            if (tally := self._tallies.get(root)) is None:
+                self._tallies[root] = _Tally(1, at, repos)
+                self._tallied.set()
+            else:
+                tally.runs, tally.last_at, tally.repos = tally.runs + 1, at, repos
         return repos
+
+    async def serve_metadata(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Write tallied task ends into the metadata, META_FLUSH_S after the first; on
+        cancellation (the daemon stopping, after its last task), whatever is left."""
+        task_status.started()
+        try:
+            while True:
+                await self._tallied.wait()
+                await trio.sleep(META_FLUSH_S)
+                await self.flush_metadata()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush_metadata()
+
+    async def flush_metadata(self) -> None:
+        """Write every tallied task end into its workspace's metadata now."""
+        tallies, self._tallies, self._tallied = self._tallies, {}, trio.Event()
+        for root, tally in tallies.items():
+            try:
+                await self._thread(self._update_meta, root, tally.applied)
+            except (OSError, WorkspaceError) as exc:  # the workspace was removed meanwhile
+                logger.warning("workspace metadata not updated: %s", exc,
+                               extra={"workspace_id": os.path.basename(root)})  # fmt: skip
 
     async def exists(self, workspace_id: str) -> bool:
         root = self.root(workspace_id)
