@@ -58,6 +58,7 @@ class RunningTask:
     claim: Claim
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reason: StopReason | None = None
+    recording: bool = False  #: its steps are over; only its end is being written
 
 
 async def retrying(
@@ -148,9 +149,10 @@ class TaskRunner:
         self.worker_id = settings.worker_id
 
     def stop_task(self, task_id: str, reason: StopReason) -> bool:
-        """Cancel a task running here; False if it is not running on this daemon."""
+        """Cancel a task running here; False if it is not running on this daemon, or its steps
+        are over (its end is being written: a shutdown must not re-queue it)."""
         rt = self.running.get(task_id)
-        if rt is None:
+        if rt is None or rt.recording:
             return False
         if rt.reason is None:
             rt.reason = reason
@@ -172,14 +174,17 @@ class TaskRunner:
         # The task directory is made while the start is being recorded (it needs nothing from
         # it); a task that may not start has it removed again.
         prepared: list[TaskEnvironment | Exception] = []
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._prepare, spec, prepared)
+        unavailable: UnavailableError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._prepare, spec, prepared)
+            try:  # caught in here: the nursery would wrap it in an exception group
                 started = await self._start(spec, claim)
-        except UnavailableError as exc:
+            except UnavailableError as exc:
+                unavailable = exc
+        if unavailable is not None:
             # Leave the claim in place: the reaper re-queues it once we are gone, and the
             # reconciler finds the row; put it back now so another daemon can try.
-            logger.error("cannot start task: %s; re-queueing it", exc, extra=log)
+            logger.error("cannot start task: %s; re-queueing it", unavailable, extra=log)
             with trio.CancelScope(shield=True):
                 await self._unprepare(spec, prepared)
                 await self.queue.requeue_claim(self.worker_id, claim.claim_id, claim.priority)
@@ -335,6 +340,7 @@ class TaskRunner:
                 steps.append({"step": len(steps) + 1, "action": spec.steps[len(steps)].action,
                               "result": part})  # fmt: skip
             with trio.CancelScope(shield=True):
+                rt.recording = True
                 if steps_done is not None:
                     await steps_done()
                 repos: list[str] = []
