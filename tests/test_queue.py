@@ -360,3 +360,45 @@ async def test_an_event_rides_with_a_transition_applied_or_not(
         ("status_changed", {"status": "running"}), ("progress_update", step),
         ("output", {"data": "late"})]  # fmt: skip
     assert redis_client.ttl(queue.keys.events(task_id)) > 0  # type: ignore[attr-defined]
+
+
+async def test_a_task_being_recorded_when_the_grace_period_ends_is_recorded_not_requeued(
+    start_daemon, settings
+) -> None:
+    """SIGTERM's grace period puts back the tasks still running their steps, not those whose
+    steps are over. Here the second task's steps are over, and its end waits for the first's
+    (one slot: one task being recorded), which waits on a row lock held here."""
+    daemon = await start_daemon(concurrency=1, shutdown_grace_s=0.2)
+    first = await daemon.service.submit(task_body(cmd("sleep 0.3; echo first")))
+    await wait_for(lambda: first.record.id in daemon.runner.running)
+    locked, release = trio.Event(), trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def hold_the_row() -> None:
+        with psycopg.connect(settings.database_url) as conn:
+            conn.execute(f'SELECT 1 FROM "{settings.database_schema}".task_executions '
+                         "WHERE id = %s FOR UPDATE", (first.record.id,))  # fmt: skip
+            token.run_sync_soon(locked.set)
+            trio.from_thread.run(release.wait, trio_token=token)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, hold_the_row)
+        await locked.wait()
+        try:
+            second = await daemon.service.submit(task_body(cmd("echo second")))
+            await wait_for(lambda: (rt := daemon.runner.running.get(second.record.id)) is not None
+                           and rt.recording)  # fmt: skip
+            daemon.stop()
+            await trio.sleep(0.6)  # past the grace period, both ends still waiting
+        finally:
+            release.set()
+    with trio.fail_after(30):
+        while daemon.runner.running:
+            await trio.sleep(0.05)
+    with psycopg.connect(settings.database_url) as conn:  # the daemon has stopped
+        rows = conn.execute(f'SELECT id::text, status, attempts, result FROM '
+                            f'"{settings.database_schema}".task_executions').fetchall()  # fmt: skip
+    got = {r[0]: (r[1], r[2], r[3] and r[3]["result"]["steps"][0]["result"]["stdout"])
+           for r in rows}  # fmt: skip
+    assert got == {first.record.id: ("completed", 1, "first\n"),
+                   second.record.id: ("completed", 1, "second\n")}  # fmt: skip
