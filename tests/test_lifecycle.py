@@ -147,6 +147,30 @@ async def test_output_is_capped_and_flagged(daemon: Daemon) -> None:
     assert step["stdout_bytes"] == 5_000_000 and rec.status is TaskState.COMPLETED
 
 
+async def test_output_past_the_caps_is_counted_and_streamed_while_wanted(tmp_path) -> None:
+    """Past a full buffer, output goes on to a listener that wants it; once nobody does, the
+    rest is only counted (spliced away unread). Every byte is counted either way."""
+    from wsrunner.process import Capture, run_process
+
+    five_mb = ["sh", "-c", "head -c 5000000 /dev/zero | tr '\\0' x"]
+    env = {"PATH": "/usr/bin:/bin"}
+    streamed = {"all": 0, "some": 0}
+
+    def wants_all(stream: str, chunk: bytes) -> None:
+        streamed["all"] += len(chunk)
+
+    def wants_some(stream: str, chunk: bytes) -> bool:
+        streamed["some"] += len(chunk)
+        return streamed["some"] < 100_000
+
+    for on_output in (None, wants_all, wants_some):
+        capture = Capture.capped(1000, 1000, on_output)
+        rc = await run_process(five_mb, cwd=str(tmp_path), env=env, capture=capture, kill_grace=1)
+        assert rc == 0 and capture.stdout.total == 5_000_000 and capture.stdout.text() == "x" * 1000
+    assert streamed["all"] == 5_000_000
+    assert 100_000 <= streamed["some"] < 5_000_000
+
+
 def test_signal_names_are_reported() -> None:
     from wsrunner.executor import Executor
     from wsrunner.process import Capture

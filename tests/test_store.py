@@ -3,6 +3,8 @@ connections, against a real server."""
 
 from __future__ import annotations
 
+import json
+import random
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from wsrunner.models import TaskSpec, TaskState
 from wsrunner.payload import parse_task
 from wsrunner.ports import Store
 from wsrunner.settings import Settings
+from wsrunner.store import _json_text
 
 
 async def test_cancelled_while_waiting_for_a_thread_returns_at_once(schema: str) -> None:
@@ -162,3 +165,27 @@ async def test_a_stale_pooled_connection_is_replaced_before_use(schema: str) -> 
             )
             != pid
         )
+
+
+def _nul_free(value: Any) -> Any:
+    """What `_json_text` must store: every NUL character replaced, nothing else touched."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_nul_free(v) for v in value]
+    return {_nul_free(k): _nul_free(v) for k, v in value.items()}
+
+
+def test_json_for_jsonb_replaces_nul_characters_and_only_them() -> None:
+    rng = random.Random(7)
+    alphabet = ["\x00", "\\", "u", "0", "a", "\n", '"', "é"]
+    cases: list[Any] = [
+        {"stdout": "\x00" * 100_000},
+        ["\\u0000", "\\\\u0000", "\\\x00", "\\\\\x00", "\x00\\u0000"],  # literal text, and NULs
+        {"k\x00": ["x\x00y", {"\\": "\\\\\\u0000"}]},
+    ]
+    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(2000)]
+    for value in cases:
+        text = _json_text(value)
+        assert "\\u0000" not in text.replace("\\\\", "")
+        assert json.loads(text) == _nul_free(value), value

@@ -4,7 +4,10 @@ Each command starts in a new session (its pid is its process group id). When it 
 or is cancelled, every process left in its group gets SIGTERM, then SIGKILL after a grace period,
 and the direct child is reaped, so no background grandchild outlives its step or holds its pipes.
 Output is read by our own pumps into capped buffers: the first `cap` bytes are kept, the rest is
-counted and dropped, so a `yes` cannot exhaust the daemon's memory.
+counted and dropped, so a `yes` cannot exhaust the daemon's memory. Once a buffer is full and
+nobody streams the output any more, the rest is spliced to /dev/null in the kernel, 1 MiB at a
+time (the pipes are made that large), and only counted: a command printing a gigabyte costs the
+event loop a thousand system calls, not a gigabyte of copies that starve every other task.
 
 A child is started from the event loop's thread: `subprocess.Popen` uses vfork, so the loop waits
 only until the child has exec'd (well under a millisecond; a worker thread costs more than that),
@@ -13,6 +16,8 @@ and its exit is awaited on a pidfd.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import signal
 import subprocess
@@ -23,6 +28,7 @@ from typing import Final
 import trio
 
 DRAIN_S: Final = 2.0  # how long to wait for pipes after the group is dead (a setsid escapee)
+PIPE_BYTES: Final = 1 << 20  # each output pipe's buffer (F_SETPIPE_SZ), and one read or splice
 _POLL_S: Final = 0.02
 
 
@@ -44,6 +50,10 @@ class CappedBuffer:
     def truncated(self) -> bool:
         return self.total > len(self.data)
 
+    @property
+    def full(self) -> bool:
+        return len(self.data) >= self.cap
+
     def text(self) -> str:
         return self.data.decode("utf-8", errors="replace")
 
@@ -54,13 +64,14 @@ class Capture:
 
     stdout: CappedBuffer
     stderr: CappedBuffer
-    #: called with ("stdout" | "stderr", chunk) as output arrives; must not block
-    on_output: Callable[[str, bytes], None] | None = None
+    #: called with ("stdout" | "stderr", chunk) as output arrives; must not block. Returning
+    #: False says it wants no more (then a full buffer lets the rest go unread, only counted).
+    on_output: Callable[[str, bytes], bool | None] | None = None
     pipes_held_open: bool = False  #: a process that left the group kept our pipes open
 
     @classmethod
     def capped(cls, stdout_cap: int, stderr_cap: int,
-               on_output: Callable[[str, bytes], None] | None = None) -> Capture:  # fmt: skip
+               on_output: Callable[[str, bytes], bool | None] | None = None) -> Capture:  # fmt: skip
         return cls(CappedBuffer(stdout_cap), CappedBuffer(stderr_cap), on_output)
 
 
@@ -88,6 +99,11 @@ class _Child:
                  pass_fds: tuple[int, ...]) -> None:  # fmt: skip
         out_r, out_w = os.pipe()  # both ends close-on-exec; Popen dup2()s the write ends
         err_r, err_w = os.pipe()
+        for fd in (out_r, err_r):
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:  # over fs.pipe-max-size (or the user's pipe pages): the default
+                pass
         try:
             self._popen = subprocess.Popen(
                 list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out_w,
@@ -116,6 +132,34 @@ class _Child:
             os.close(self._pidfd)
             self._pidfd = -1
         return self._popen.returncode
+
+
+async def _discard(stream: trio.lowlevel.FdStream) -> int:
+    """Read `stream` to its end without copying it into this process; returns the byte count.
+
+    splice(2) moves the pipe's pages to /dev/null in the kernel, with the GIL released.
+    """
+    fd, total = stream.fileno(), 0
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        while True:
+            try:
+                moved = os.splice(fd, null, PIPE_BYTES, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError as exc:  # no splice for this pipe (EINVAL): read and drop
+                if exc.errno != errno.EINVAL:
+                    raise
+                while chunk := await stream.receive_some(PIPE_BYTES):
+                    total += len(chunk)
+                return total
+            if moved == 0:
+                return total
+            total += moved
+            await trio.lowlevel.checkpoint()
+    finally:
+        os.close(null)
 
 
 def _killpg(pgid: int, sig: int) -> bool:
@@ -163,14 +207,20 @@ async def run_process(
         async with trio.open_nursery() as nursery:
             done = [trio.Event(), trio.Event()]
 
-            async def pump(stream: trio.abc.ReceiveStream, name: str, buf: CappedBuffer,
+            async def pump(stream: trio.lowlevel.FdStream, name: str, buf: CappedBuffer,
                            finished: trio.Event) -> None:  # fmt: skip
                 try:
                     async with stream:
-                        while chunk := bytes(await stream.receive_some(65536)):
+                        while chunk := bytes(await stream.receive_some(PIPE_BYTES)):
                             buf.add(chunk)
-                            if capture.on_output is not None:
-                                capture.on_output(name, chunk)
+                            more = (
+                                False
+                                if capture.on_output is None
+                                else capture.on_output(name, chunk)
+                            )
+                            if buf.full and more is False:  # kept all it may, streamed enough
+                                buf.total += await _discard(stream)
+                                break
                 finally:
                     finished.set()
 

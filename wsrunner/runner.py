@@ -98,12 +98,14 @@ class _OutputForwarder:
     def start_step(self, step: int) -> None:
         self._step = step
 
-    def feed(self, stream: str, chunk: bytes) -> None:
+    def feed(self, stream: str, chunk: bytes) -> bool:
+        """Queue `chunk` for the next event; False once the task's event budget is spent."""
         if self._sent + self._size >= OUTPUT_EVENTS_CAP_BYTES:
-            return
+            return False
         self._pending.append((stream, chunk))
         self._size += len(chunk)
         self._wake.set()
+        return True
 
     async def flush(self) -> None:
         """Send what is pending; without Redis it is lost (and logged), the task goes on."""
