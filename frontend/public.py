@@ -260,11 +260,17 @@ async def _task_frames(service: Service, hub: Hub, task_id: str, after: str,
         yield f"retry: {RETRY_MS}\n\n".encode()
         cursor = after
         while True:
+            # What arrived together goes out as one chunk: one send for the HTTP stack, not
+            # one per event, when a busy daemon falls behind a fast task.
+            frames = []
             for event in pending:
-                yield frame(event.id, event.type, event.data)
+                frames.append(frame(event.id, event.type, event.data))
                 cursor = event.id
                 if event.type == "status_changed" and event.data.get("status") in _TERMINAL:
+                    yield b"".join(frames)
                     return
+            if frames:
+                yield b"".join(frames)
             with hub.waiting() as wait:
                 pending = await service.events(
                     task_id, cursor, block_ms=int(hub.keepalive_s * 1000)

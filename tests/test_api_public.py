@@ -282,6 +282,28 @@ async def test_sse_raw_frames_have_retry_and_keepalives(api: Api) -> None:
     assert last.startswith("id: ") and '"status":"completed"' in last
 
 
+async def test_sse_events_read_together_go_out_as_one_chunk(api: Api) -> None:
+    """The frames of the events one read returned are sent in one piece (one send through the
+    HTTP stack), the stream's end included."""
+    from frontend.public import _task_frames
+    from frontend.sse import Hub, frame
+
+    async with api.client() as c:
+        tid = await submitted(api, c, cmd("echo a"), cmd("echo b"))
+    service = api.daemon.service
+
+    async def ended() -> bool:
+        events = await service.events(tid)
+        return events[-1].type == "status_changed" and events[-1].data["status"] == "completed"
+
+    await wait_for(ended, timeout=10)
+    events = await service.events(tid)
+    async with trio.open_nursery() as nursery:
+        chunks = [c async for c in _task_frames(service, Hub(nursery, 15), tid, "0-0", events)]
+    assert len(events) >= 6
+    assert chunks == [b"retry: 2000\n\n", b"".join(frame(e.id, e.type, e.data) for e in events)]
+
+
 async def test_sse_disconnect_is_cleaned_up_at_once(api: Api) -> None:
     async with api.client() as c:
         tid = await submitted(api, c, cmd("sleep 5"))
