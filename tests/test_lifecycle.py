@@ -171,6 +171,24 @@ async def test_output_past_the_caps_is_counted_and_streamed_while_wanted(tmp_pat
     assert 100_000 <= streamed["some"] < 5_000_000
 
 
+async def test_output_is_counted_where_the_kernel_refuses_splice(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from wsrunner import process
+
+    def refused(*args: Any, **kwargs: Any) -> int:
+        raise OSError(errno.EINVAL, "splice refused")
+
+    monkeypatch.setattr(process.os, "splice", refused)
+    capture = process.Capture.capped(1000, 1000)
+    rc = await process.run_process(["sh", "-c", "head -c 3000000 /dev/zero"], cwd=str(tmp_path),
+                                   env={"PATH": os.defpath}, capture=capture, kill_grace=1)  # fmt: skip
+    assert rc == 0 and capture.stdout.total == 3_000_000 and len(capture.stdout.data) == 1000
+
+
 def test_signal_names_are_reported() -> None:
     from wsrunner.executor import Executor
     from wsrunner.process import Capture
