@@ -8,6 +8,9 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import psycopg
 import redis
@@ -275,6 +278,29 @@ async def test_event_waiters_share_one_redis_read(
     assert got == {n: [n % 3 + 1] for n in range(30)}
 
 
+@asynccontextmanager
+async def row_locked(settings: Any, task_id: str) -> AsyncIterator[None]:
+    """The task's PostgreSQL row locked (SELECT ... FOR UPDATE, in another connection's open
+    transaction) for the body of the block: the daemon's writes to it wait."""
+    locked, release = trio.Event(), trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def hold() -> None:
+        with psycopg.connect(settings.database_url) as conn:  # one transaction, until released
+            conn.execute(f'SELECT 1 FROM "{settings.database_schema}".task_executions '
+                         "WHERE id = %s FOR UPDATE", (task_id,))  # fmt: skip
+            token.run_sync_soon(locked.set)
+            trio.from_thread.run(release.wait, trio_token=token)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, hold)
+        await locked.wait()
+        try:
+            yield
+        finally:
+            release.set()
+
+
 async def test_a_slot_runs_the_next_task_while_the_last_end_is_recorded(
     start_daemon, settings
 ) -> None:
@@ -284,27 +310,12 @@ async def test_a_slot_runs_the_next_task_while_the_last_end_is_recorded(
     daemon = await start_daemon(concurrency=1)
     first = await daemon.service.submit(task_body(cmd("echo first; sleep 0.5")))
     await wait_for(lambda: first.record.id in daemon.runner.running)
-    locked, release = trio.Event(), trio.Event()
-    token = trio.lowlevel.current_trio_token()
-
-    def hold_the_row() -> None:
-        with psycopg.connect(settings.database_url) as conn:  # one transaction, until released
-            conn.execute(f'SELECT 1 FROM "{settings.database_schema}".task_executions '
-                         "WHERE id = %s FOR UPDATE", (first.record.id,))  # fmt: skip
-            token.run_sync_soon(locked.set)
-            trio.from_thread.run(release.wait, trio_token=token)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, hold_the_row)
-        await locked.wait()
-        try:
-            second = await daemon.service.submit(task_body(cmd("echo second")))
-            await wait_for(lambda: output_of(daemon, second.record.id), timeout=10)
-            assert await output_of(daemon, second.record.id) == "second\n"
-            assert (await daemon.service.get(first.record.id)).status is TaskState.RUNNING
-            assert first.record.id in daemon.runner.running  # being recorded, outside the slot
-        finally:
-            release.set()
+    async with row_locked(settings, first.record.id):
+        second = await daemon.service.submit(task_body(cmd("echo second")))
+        await wait_for(lambda: output_of(daemon, second.record.id), timeout=10)
+        assert await output_of(daemon, second.record.id) == "second\n"
+        assert (await daemon.service.get(first.record.id)).status is TaskState.RUNNING
+        assert first.record.id in daemon.runner.running  # being recorded, outside the slot
     for sub, out in ((first, "first\n"), (second, "second\n")):
         rec = await wait_terminal(daemon, sub.record.id, timeout=10)
         assert rec.status is TaskState.COMPLETED and rec.attempts == 1
@@ -350,6 +361,8 @@ async def test_an_event_rides_with_a_transition_applied_or_not(
     queue = daemon.service.queue
     task_id = f"ride-{uuid.uuid4()}"
     step = {"step": 1, "total_steps": 1, "description": "x"}
+    channel = redis_client.pubsub(ignore_subscribe_messages=True)
+    channel.subscribe(queue.keys.events(task_id))  # type: ignore[attr-defined]
     assert (await queue.transition(task_id, "ws", TaskState.RUNNING, event={"status": "running"},
                                    then=("progress_update", step)))[0]  # fmt: skip
     assert (await queue.transition(task_id, "ws", TaskState.COMPLETED)) == (True, "")
@@ -360,6 +373,18 @@ async def test_an_event_rides_with_a_transition_applied_or_not(
         ("status_changed", {"status": "running"}), ("progress_update", step),
         ("output", {"data": "late"})]  # fmt: skip
     assert redis_client.ttl(queue.keys.events(task_id)) > 0  # type: ignore[attr-defined]
+    # The reference system's subscribers get the same events, in its envelope.
+    published: list[dict[str, Any]] = []
+    for _ in range(50):  # all were published already; None: the subscription's confirmation
+        if len(published) == 3:
+            break
+        if (message := channel.get_message(timeout=0.1)) is not None:
+            published.append(json.loads(message["data"]))
+    channel.close()
+    assert [(m["event_type"], m["task_id"], m["data"]) for m in published] == [
+        ("status_changed", task_id, {"status": "running"}), ("progress_update", task_id, step),
+        ("output", task_id, {"data": "late"})]  # fmt: skip
+    assert all(m["timestamp"] for m in published)
 
 
 async def test_a_task_being_recorded_when_the_grace_period_ends_is_recorded_not_requeued(
@@ -371,27 +396,12 @@ async def test_a_task_being_recorded_when_the_grace_period_ends_is_recorded_not_
     daemon = await start_daemon(concurrency=1, shutdown_grace_s=0.2)
     first = await daemon.service.submit(task_body(cmd("sleep 0.3; echo first")))
     await wait_for(lambda: first.record.id in daemon.runner.running)
-    locked, release = trio.Event(), trio.Event()
-    token = trio.lowlevel.current_trio_token()
-
-    def hold_the_row() -> None:
-        with psycopg.connect(settings.database_url) as conn:
-            conn.execute(f'SELECT 1 FROM "{settings.database_schema}".task_executions '
-                         "WHERE id = %s FOR UPDATE", (first.record.id,))  # fmt: skip
-            token.run_sync_soon(locked.set)
-            trio.from_thread.run(release.wait, trio_token=token)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, hold_the_row)
-        await locked.wait()
-        try:
-            second = await daemon.service.submit(task_body(cmd("echo second")))
-            await wait_for(lambda: (rt := daemon.runner.running.get(second.record.id)) is not None
-                           and rt.recording)  # fmt: skip
-            daemon.stop()
-            await trio.sleep(0.6)  # past the grace period, both ends still waiting
-        finally:
-            release.set()
+    async with row_locked(settings, first.record.id):
+        second = await daemon.service.submit(task_body(cmd("echo second")))
+        await wait_for(lambda: (rt := daemon.runner.running.get(second.record.id)) is not None
+                       and rt.recording)  # fmt: skip
+        daemon.stop()
+        await trio.sleep(0.6)  # past the grace period, both ends still waiting
     with trio.fail_after(30):
         while daemon.runner.running:
             await trio.sleep(0.05)

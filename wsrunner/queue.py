@@ -126,6 +126,11 @@ def _flat(mapping: dict[str, str]) -> list[Arg]:
     return [x for kv in mapping.items() for x in kv]
 
 
+def _envelope(kind: str, task_id: str, data: JSON, ts: str) -> str:
+    """The reference system's pub/sub message for an event (as `Event.envelope()`), as JSON."""
+    return json.dumps({"event_type": kind, "task_id": task_id, "data": data, "timestamp": ts})
+
+
 def _pairs(flat: list[str]) -> dict[str, str]:
     """A flat [field, value, ...] reply (HGETALL, a stream entry) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -466,15 +471,10 @@ class RedisQueue:
         """
         k = self.keys
         ts = now_iso()
-        envelope = (
-            {"event_type": "status_changed", "task_id": task_id, "data": event, "timestamp": ts}
-            if event is not None
-            else None
-        )
         worker, claim_id = ack if ack is not None else ("-", "")
-        then_kind, then_data = then if then is not None else ("", None)
-        then_envelope = {"event_type": then_kind, "task_id": task_id, "data": then_data,
-                         "timestamp": ts}  # fmt: skip
+        follow: list[Arg] = ["", "", ""]  # the event `then`: kind, data, envelope
+        if then is not None:
+            follow = [then[0], json.dumps(then[1]), _envelope(then[0], task_id, then[1], ts)]
         res = await self._script(
             self._transition,
             [k.status(task_id), k.events(task_id), k.result(task_id), k.active(workspace_id),
@@ -485,7 +485,7 @@ class RedisQueue:
                 STATUS_TTL_S,
                 json.dumps(fields or {}),
                 "" if event is None else json.dumps(event),
-                "" if envelope is None else json.dumps(envelope),
+                "" if event is None else _envelope("status_changed", task_id, event, ts),
                 ts,
                 "" if result is None else json.dumps(result),
                 RESULT_TTL_S,
@@ -493,9 +493,7 @@ class RedisQueue:
                 "1" if target.terminal else "0",
                 task_id,
                 STREAM_MAXLEN,
-                then_kind,
-                "" if then is None else json.dumps(then_data),
-                "" if then is None else json.dumps(then_envelope),
+                *follow,
             ],
         )  # fmt: skip
         return bool(int(res[0])), str(res[1])
@@ -503,12 +501,11 @@ class RedisQueue:
     def _event_commands(self, task_id: str, kind: str, data: JSON, ts: str) -> list[list[Arg]]:
         """XADD to the task's stream, renew its TTL, PUBLISH the legacy envelope."""
         stream = self.keys.events(task_id)
-        envelope = {"event_type": kind, "task_id": task_id, "data": data, "timestamp": ts}
         return [
             ["XADD", stream, "MAXLEN", "~", STREAM_MAXLEN, "*", "type", kind,
              "data", json.dumps(data), "ts", ts],
             ["EXPIRE", stream, STATUS_TTL_S],
-            ["PUBLISH", stream, json.dumps(envelope)],
+            ["PUBLISH", stream, _envelope(kind, task_id, data, ts)],
         ]  # fmt: skip
 
     async def emit(self, task_id: str, kind: str, data: JSON) -> str:
