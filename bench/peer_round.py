@@ -19,6 +19,8 @@ from typing import Any
 
 import redis
 
+from bench.machine import machine_busy_s
+
 ROOT = Path(__file__).resolve().parent.parent
 URL = os.environ["BENCH_REDIS_URL"]
 PY = sys.executable
@@ -114,8 +116,12 @@ def throughput(peer: str, n: int) -> dict[str, Any]:
     worker = start_worker(peer)
     deadline = time.time() + 600
     try:
+        while (done0 := r.hlen(f"bench:{run}:done")) == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        busy0 = machine_busy_s()  # from the first end on: the worker's start-up left out
         while r.hlen(f"bench:{run}:done") < n and time.time() < deadline:
             time.sleep(0.05)
+        busy = machine_busy_s() - busy0
         time.sleep(0.5)  # would a task run twice?
     finally:
         stop_worker(worker)
@@ -123,7 +129,7 @@ def throughput(peer: str, n: int) -> dict[str, Any]:
     done = [float(v) for v in r.hvals(f"bench:{run}:done")]
     span = max(done) - min(starts)
     return {"peer": peer, "workload": "throughput", "n": n, "tasks_per_s": len(done) / span,
-            "lost": n - len(done),
+            "lost": n - len(done), "machine_cpu_ms_per_task": busy / max(1, n - done0) * 1000,
             "run_twice": sum(1 for v in r.hvals(f"bench:{run}:runs") if int(v) > 1)}  # fmt: skip
 
 
