@@ -11,6 +11,7 @@ import base64
 import ctypes
 import os
 import socket
+import subprocess
 import threading
 import uuid
 from collections.abc import Callable
@@ -31,7 +32,8 @@ from wsrunner.errors import (
     WorkspaceError,
 )
 from wsrunner.policy import bundled_policy, load_policy
-from wsrunner.sandbox import probe
+from wsrunner.policy.engine import Limits
+from wsrunner.sandbox import Isolation, _command_argv, probe
 from wsrunner.sandbox.identity import UidRange
 
 PERMISSIVE = """\
@@ -332,6 +334,48 @@ async def test_commands_run_as_the_workspace_uid(sandboxed: Any) -> None:
 
 
 # --- the isolation probe -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [
+    'echo "$0 $# [$*]"', "foo", "if", "# a comment\necho after", "cat <<EOF\nhi $0\nEOF",
+    "exit 7", "echo $$ > pid; exec sleep 0",
+])  # fmt: skip
+def test_without_a_sandbox_a_shell_command_runs_in_the_launch_shell(tmp_path: Path,
+                                                                    command: str) -> None:  # fmt: skip
+    """With nothing to exec between them, the launch's shell runs the command itself (one exec
+    of sh fewer per command): after joining the cgroups and setting the rlimits, as before, and
+    seen by the command exactly as `sh -c` would be."""
+    procs = tmp_path / "cgroup.procs"
+    procs.touch()
+    argv = _unsandboxed_argv(command, procs=[str(procs)])
+    launched = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, check=False)
+    joined = procs.read_text().split()
+    # It joined the cgroup before anything ran (a syntax error on line 1: nothing runs at all).
+    assert len(joined) == 1 or "Syntax error" in launched.stderr
+    if (tmp_path / "pid").exists():  # the command's shell is the one that joined: no exec
+        assert (tmp_path / "pid").read_text().split() == joined
+    plain = subprocess.run(["/bin/sh", "-c", command], cwd=tmp_path, capture_output=True,
+                           text=True, check=False)  # fmt: skip
+    assert (launched.returncode, launched.stdout, launched.stderr) == (
+        plain.returncode, plain.stdout, plain.stderr)  # fmt: skip
+
+
+def test_without_a_sandbox_the_command_runs_where_the_limits_were_set(tmp_path: Path) -> None:
+    argv = _unsandboxed_argv("ulimit -t; ulimit -f; ulimit -n; ulimit -c; "
+                             "tr '\\0' ' ' < /proc/$$/cmdline")  # fmt: skip
+    out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    *limits, cmdline = out.splitlines()
+    assert limits == ["7", "2048", "64", "0"]  # CPU s, 512-byte blocks, files, core
+    assert "ulimit -c 0" in cmdline  # the process image that set them up: not exec'd again
+
+
+def _unsandboxed_argv(command: str, procs: list[str] | None = None) -> list[str]:
+    """The launch of a shell command on a host without isolation (a cgroup.procs to join)."""
+    limits = Limits(timeout_s=60, memory_bytes=2**30, pids=64, cpu_s=7, open_files=64,
+                    file_size_bytes=2**20, stdout_bytes=2**20, stderr_bytes=2**20)  # fmt: skip
+    return _command_argv(Isolation("none", {}, ()), ["/bin/sh", "-c", command], uid=None,
+                         binds=[], cwd="/", network=False, limits=limits, procs=procs or [],
+                         fds=[])  # fmt: skip
 
 
 def test_probe_finds_full_isolation_here(tmp_path: Path) -> None:

@@ -51,14 +51,16 @@ _SYSTEM_RO_TRY: Final = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.co
 _MERGED_USR: Final = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
 # Joins each cgroup given before `--`, sets the rlimits, then becomes the rest of the argv.
 # Runs as root (for cgroup.procs); every value comes in as an argument, none is interpolated.
-_LAUNCH: Final = (
+_SETUP: Final = (
     'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; '
     "ulimit -c 0 || exit 125; "
     # CPU: the soft limit sends SIGXCPU (reported as such), the hard one SIGKILL a bit later.
     '[ "$1" = - ] || { ulimit -S -t "$1" && ulimit -H -t "$(($1 + 5))"; } || exit 125; '
     '[ "$2" = - ] || ulimit -f "$2" || exit 125; [ "$3" = - ] || ulimit -n "$3" || exit 125; '
-    'shift 3; exec "$@"'
+    "shift 3; "
 )
+_LAUNCH: Final = _SETUP + 'exec "$@"'
+_SHELL: Final = "/bin/sh"
 EXIT_LAUNCH_FAILED: Final = 125
 
 
@@ -187,7 +189,14 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
     if limits is not None:
         cpu, fsize, nofile = (str(limits.cpu_s), str(max(1, limits.file_size_bytes // 512)),
                               str(limits.open_files))  # fmt: skip
-    out = _Argv(["/bin/sh", "-c", _LAUNCH, "wsrunner-launch", *procs, "--", cpu, fsize, nofile])
+    direct = uid is None and (isolation.bwrap is None or isolation.level != "full")
+    if direct and len(argv) == 3 and list(argv[:2]) == [_SHELL, "-c"]:
+        # A shell command with nothing to exec in between: the set-up's own shell runs it (one
+        # exec of sh fewer). It sees what `sh -c` would: $0 is /bin/sh, no arguments, line 1.
+        out = _Argv([_SHELL, "-c", _SETUP + argv[2], _SHELL, *procs, "--", cpu, fsize, nofile])
+        out.fds = fds
+        return out
+    out = _Argv([_SHELL, "-c", _LAUNCH, "wsrunner-launch", *procs, "--", cpu, fsize, nofile])
     if uid is not None:
         assert isolation.setpriv is not None
         out += [isolation.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
