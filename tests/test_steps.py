@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -78,6 +79,50 @@ async def test_workspace_layout_and_metadata(daemon: Daemon) -> None:
 async def open_and_close(ws: Workspaces, workspace_id: str, task_id: str) -> None:
     await ws.open_task(workspace_id, task_id, None)
     await ws.close_task(workspace_id, task_id, count=True)
+
+
+async def test_task_directories_are_made_and_removed_by_the_helper(daemon: Daemon) -> None:
+    """The helper process makes and removes task directories as a worker thread would (the
+    same files, modes and environment); anything unusual it leaves to the daemon."""
+    helper = daemon.runner.workspaces.helper
+    await wait_for(lambda: helper.pid is not None)
+    # Its environment is where to import from, nothing of the daemon's (no secrets).
+    environ = Path(f"/proc/{helper.pid}/environ").read_bytes().split(b"\0")
+    assert [e.split(b"=")[0] for e in environ if e] == [b"PYTHONPATH"]
+
+    probe = ('stat -c "%a %F" "$HOME" "$TMPDIR" "$GIT_CONFIG_GLOBAL"; cat "$GIT_CONFIG_GLOBAL"; '
+             'ls -A "$HOME" "$TMPDIR"')  # fmt: skip
+    rec = await run(daemon, cmd("true"), workspace_id="ws-helper")  # the first one prepares
+    served, declined = helper.served, helper.declined
+    rec = await run(daemon, cmd(probe), workspace_id="ws-helper")
+    assert rec.status is TaskState.COMPLETED, results(rec)
+    out = results(rec)[0]["stdout"].splitlines()
+    assert out[:3] == ["755 directory", "755 directory", "644 regular file"], out
+    assert out[3:6] == ["[user]", '\tname = "wsrunner"', '\temail = "wsrunner@localhost"']
+    assert (helper.served - served, helper.declined - declined) == (2, 0)  # made, removed
+    assert os.listdir(daemon.settings.volume_path / "ws-helper" / "tasks") == []
+
+    # Leftovers: the helper declines the removal; the daemon walks them.
+    served, declined = helper.served, helper.declined
+    rec = await run(daemon, cmd('mkdir -p "$TMPDIR/a/b" && touch "$HOME/.x"'),
+                    workspace_id="ws-helper")  # fmt: skip
+    assert rec.status is TaskState.COMPLETED, results(rec)
+    assert (helper.served - served, helper.declined - declined) == (1, 1)
+    assert os.listdir(daemon.settings.volume_path / "ws-helper" / "tasks") == []
+
+
+async def test_a_killed_helper_is_started_again_and_no_task_notices(daemon: Daemon) -> None:
+    helper = daemon.runner.workspaces.helper
+    first = await wait_for(lambda: helper.pid)
+    await run(daemon, cmd("true"), workspace_id="ws-helper")
+    os.kill(first, 9)
+    rec = await run(daemon, cmd("echo still here"), workspace_id="ws-helper")  # in threads
+    assert rec.status is TaskState.COMPLETED and results(rec)[0]["stdout"] == "still here\n"
+    await wait_for(lambda: helper.pid not in (None, first), timeout=10)
+    served = helper.served
+    rec = await run(daemon, cmd("true"), workspace_id="ws-helper")
+    assert rec.status is TaskState.COMPLETED and helper.served - served == 2
+    assert os.listdir(daemon.settings.volume_path / "ws-helper" / "tasks") == []
 
 
 async def test_paths_cannot_leave_the_workspace(daemon: Daemon, tmp_path) -> None:

@@ -183,6 +183,7 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
                 await services.start(reaper.serve)
                 await services.start(serve_policy_reload, policy, metrics, notifier)
                 await services.start(workspaces.serve_metadata)
+                await services.start(workspaces.helper.serve)
                 await services.start(notifier.serve_watchdog)
                 if frontend is not None:
                     daemon.urls = await http.start(

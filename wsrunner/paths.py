@@ -238,12 +238,13 @@ def make_fresh_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
 
 
 def remove_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
-               files: Sequence[str] = ()) -> None:  # fmt: skip
+               files: Sequence[str] = (), walk: bool = True) -> None:  # fmt: skip
     """Remove the directory `path` and all it holds, never following a symlink; a missing one is
     no error, and a symlink or file in its place is removed itself.
 
     `subdirs` and `files` name what it usually holds (as `make_fresh_dir` made it): each is one
-    call. Anything else in there (a command's leftovers, a replaced entry) falls back to a walk.
+    call. Anything else in there (a command's leftovers, a replaced entry) falls back to a walk,
+    or with `walk` false raises the OSError that showed it (what was removed stays removed).
     """
     rel = clean_relative(path)
     parent, name = os.path.split(rel)
@@ -271,6 +272,8 @@ def remove_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
                         os.rmdir(sub, dir_fd=dfd)
                 os.rmdir(name, dir_fd=pfd)
             except OSError:  # not as it was made: walk what is left
+                if not walk:
+                    raise
                 shutil.rmtree(name, dir_fd=pfd, ignore_errors=True)
 
 

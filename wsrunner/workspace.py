@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ import trio
 
 from wsrunner import paths
 from wsrunner.errors import PathNotFoundError, QuotaExceededError, WorkspaceError
+from wsrunner.fshelper import Helper
 from wsrunner.models import Credentials
 from wsrunner.payload import validate_workspace_id
 from wsrunner.sandbox.identity import UidRange, assign
@@ -131,6 +132,25 @@ def _repos(root: str) -> list[str]:
         return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
 
 
+def _helper_make(root: str, rel: str, files: Mapping[str, list[Any]]) -> bool | None:
+    """A task directory, in the helper process: only into a workspace laid out as prepared."""
+    if not _layout_intact(root):
+        return None
+    made = {name: (content, mode) for name, (content, mode) in files.items()}
+    paths.make_fresh_dir(root, rel, subdirs=TASK_SUBDIRS, files=made, parents=False)
+    return True
+
+
+def _helper_remove(root: str, rel: str, count: bool) -> list[str]:
+    """A task directory removed, in the helper process: only one as it was made (no walk)."""
+    paths.remove_dir(root, rel, subdirs=TASK_SUBDIRS, files=TASK_FILES, walk=False)
+    return _repos(root) if count else []
+
+
+#: What `python -m wsrunner.fshelper` runs for the daemon (see `fshelper`).
+HELPER_OPS: Final[dict[str, Callable[..., Any]]] = {"make": _helper_make, "remove": _helper_remove}
+
+
 @dataclass(frozen=True, slots=True)
 class TaskEnvironment:
     """Where a task's commands run and with which environment."""
@@ -157,6 +177,7 @@ class Workspaces:
         self._prepared: set[str] = set()  #: roots prepared by this process
         self._tallies: dict[str, _Tally] = {}  #: root: task ends not yet in its metadata
         self._tallied = trio.Event()  #: set when `_tallies` gets its first entry
+        self.helper = Helper()  #: task directories, off the GIL while `helper.serve` runs
 
     def root(self, workspace_id: str) -> str:
         return str(self.volume / validate_workspace_id(workspace_id))
@@ -223,48 +244,48 @@ class Workspaces:
 
         rel = f"tasks/{task_id}"
 
-        def make() -> dict[str, str]:
+        files: dict[str, tuple[str, int]] = {}
+        env = {
+            "PATH": SAFE_PATH,
+            "HOME": os.path.join(task_dir, "home"),
+            "TMPDIR": os.path.join(task_dir, "tmp"),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "WORKSPACE_ID": workspace_id,
+            "TASK_ID": task_id,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "GIT_CONFIG_GLOBAL": os.path.join(task_dir, "gitconfig"),
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_EDITOR": ":",  # nothing waits for an editor or a pager
+            "GIT_PAGER": "cat",
+            "PAGER": "cat",
+            "GIT_ALLOW_PROTOCOL": self._git_protocols,
+        }
+        # No `safe.directory = *`: git runs as the repository's owner, inside the sandbox.
+        name, email = "wsrunner", "wsrunner@localhost"  # git refuses to commit without
+        if credentials is not None:
+            # Values were checked for control characters; quote for gitconfig syntax.
+            name = credentials.git_name or name
+            email = credentials.git_email or email
+        quoted = [v.replace("\\", "\\\\").replace('"', '\\"') for v in (name, email)]
+        gitconfig = f'[user]\n\tname = "{quoted[0]}"\n\temail = "{quoted[1]}"\n'
+        if credentials is not None:
+            if credentials.ssh_private_key:
+                key = os.path.join(task_dir, "ssh_key")
+                # Created 0600 in one step: no window at the umask's mode.
+                files["ssh_key"] = (credentials.ssh_private_key.rstrip("\n") + "\n", 0o600)
+                known = os.path.join(root, KNOWN_HOSTS)
+                env["GIT_SSH_COMMAND"] = (
+                    f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes "
+                    f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known}"
+                )
+            env.update(credentials.env_vars)
+        files["gitconfig"] = (gitconfig, 0o644)
+
+        def make() -> None:
             self._prepare(root)
-            files: dict[str, tuple[str, int]] = {}
-            env = {
-                "PATH": SAFE_PATH,
-                "HOME": os.path.join(task_dir, "home"),
-                "TMPDIR": os.path.join(task_dir, "tmp"),
-                "LANG": "C.UTF-8",
-                "LC_ALL": "C.UTF-8",
-                "WORKSPACE_ID": workspace_id,
-                "TASK_ID": task_id,
-                "PYTHONDONTWRITEBYTECODE": "1",
-                "PYTHONUNBUFFERED": "1",
-                "GIT_CONFIG_GLOBAL": os.path.join(task_dir, "gitconfig"),
-                "GIT_CONFIG_NOSYSTEM": "1",
-                "GIT_TERMINAL_PROMPT": "0",
-                "GIT_EDITOR": ":",  # nothing waits for an editor or a pager
-                "GIT_PAGER": "cat",
-                "PAGER": "cat",
-                "GIT_ALLOW_PROTOCOL": self._git_protocols,
-            }
-            # No `safe.directory = *`: git runs as the repository's owner, inside the sandbox.
-            gitconfig = ""
-            name, email = "wsrunner", "wsrunner@localhost"  # git refuses to commit without
-            if credentials is not None:
-                # Values were checked for control characters; quote for gitconfig syntax.
-                name = credentials.git_name or name
-                email = credentials.git_email or email
-            quoted = [v.replace("\\", "\\\\").replace('"', '\\"') for v in (name, email)]
-            gitconfig += f'[user]\n\tname = "{quoted[0]}"\n\temail = "{quoted[1]}"\n'
-            if credentials is not None:
-                if credentials.ssh_private_key:
-                    key = os.path.join(task_dir, "ssh_key")
-                    # Created 0600 in one step: no window at the umask's mode.
-                    files["ssh_key"] = (credentials.ssh_private_key.rstrip("\n") + "\n", 0o600)
-                    known = os.path.join(root, KNOWN_HOSTS)
-                    env["GIT_SSH_COMMAND"] = (
-                        f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes "
-                        f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known}"
-                    )
-                env.update(credentials.env_vars)
-            files["gitconfig"] = (gitconfig, 0o644)
             # One directory fd for all of it: a task directory is made for every task.
             try:  # tasks/ was just seen by _prepare
                 paths.make_fresh_dir(root, rel, subdirs=TASK_SUBDIRS, files=files, parents=False)
@@ -275,9 +296,10 @@ class Workspaces:
                     raise
                 paths.remove_dir(root, rel)
                 paths.make_fresh_dir(root, rel, subdirs=TASK_SUBDIRS, files=files)
-            return env
 
-        env = await self._thread(make)
+        # The usual case in the helper process; the rest (a first task, an error) here.
+        if root not in self._prepared or not await self.helper.call("make", root, rel, files):
+            await self._thread(make)
         return TaskEnvironment(root=root, task_dir=task_dir, env=env)
 
     async def close_task(self, workspace_id: str, task_id: str, *, count: bool) -> list[str]:
@@ -286,14 +308,16 @@ class Workspaces:
         `count`: a task (not an ad-hoc session of the internal API) is counted in the metadata,
         with the repositories found (written behind, see `serve_metadata`).
         """
-        root = self.root(workspace_id)
+        root, rel = self.root(workspace_id), f"tasks/{task_id}"
 
         def close() -> list[str]:
-            paths.remove_dir(root, f"tasks/{task_id}", subdirs=TASK_SUBDIRS, files=TASK_FILES)
+            paths.remove_dir(root, rel, subdirs=TASK_SUBDIRS, files=TASK_FILES)
             return _repos(root) if count else []
 
         with trio.CancelScope(shield=True):
-            repos: list[str] = await self._thread(close)
+            repos: list[str] = await self.helper.call("remove", root, rel, count)
+            if repos is None:  # not as it was made (or no helper): walked here
+                repos = await self._thread(close)
         if count:
             at = datetime.now(UTC).isoformat()
             if (tally := self._tallies.get(root)) is None:

@@ -1,0 +1,153 @@
+"""A helper process for the directory work every task needs, off the daemon's GIL.
+
+Making and removing a task directory is about a dozen short system calls. In a worker thread,
+each of them gives the GIL up and takes it back from the trio thread, which is busy with the
+other tasks: the two threads hand the GIL back and forth a dozen times per task, in futex
+calls, and both wait. The helper process has an interpreter of its own; the daemon sends one
+datagram and awaits one back.
+
+Only the usual case goes there. Anything else (an error of any kind, leftovers to walk, a
+workspace whose layout a command changed, no helper running) is answered `None`: "do it
+yourself", and the daemon does the whole operation in a worker thread, as without the helper.
+So the helper changes where the work runs, never what happens.
+
+The helper runs as the daemon's user, ignores SIGINT and SIGTERM (a stopping daemon still
+records its last tasks) and exits when the daemon's end of the socket closes.
+
+    python -m wsrunner.fshelper FD
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_BYTES: Final = 1 << 20  #: a request (a task's credentials included) or a reply, at most
+RESTART_DELAY_S: Final = 1.0
+
+
+@dataclass(slots=True)
+class _Call:
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+
+
+class Helper:
+    """The daemon's end: one helper process while `serve` runs, started again if it dies."""
+
+    def __init__(self) -> None:
+        self._sock: trio.socket.SocketType | None = None
+        self._send_lock = trio.Lock()
+        self._calls: dict[int, _Call] = {}
+        self._next_id = 0
+        self.pid: int | None = None
+        self.served = 0  #: calls the helper did
+        self.declined = 0  #: calls left to the caller (helper absent, or the unusual case)
+
+    async def call(self, op: str, *args: Any) -> Any:
+        """Run `op(*args)` in the helper; None: it did nothing, do it yourself.
+
+        Not cancellable once sent (like a worker thread's call): the helper finishes what it
+        started, and its caller learns what happened.
+        """
+        sock = self._sock
+        if sock is None:
+            self.declined += 1
+            return None
+        self._next_id += 1
+        call_id, call = self._next_id, _Call()
+        self._calls[call_id] = call
+        with trio.CancelScope(shield=True):
+            try:
+                async with self._send_lock:
+                    await sock.send(json.dumps([call_id, op, args]).encode())
+            except OSError:  # the helper went away: `serve` wakes the other callers
+                self._calls.pop(call_id, None)
+                self.declined += 1
+                return None
+            await call.done.wait()
+        if call.result is None:
+            self.declined += 1
+        else:
+            self.served += 1
+        return call.result
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the helper until cancelled; callers are declined while it is down."""
+        task_status.started()
+        while True:
+            try:
+                await self._run_once()
+            except OSError as exc:
+                logger.warning("the directory helper could not start: %s", exc)
+            else:
+                logger.warning("the directory helper exited; task directories are made in "
+                               "worker threads until it is back")  # fmt: skip
+            await trio.sleep(RESTART_DELAY_S)
+
+    async def _run_once(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with theirs:
+                # Its environment is only where to import from: none of the daemon's secrets.
+                proc = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "wsrunner.fshelper", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                    env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+                )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
+        sock = trio.socket.from_stdlib_socket(ours)
+        self._sock, self.pid = sock, proc.pid
+        try:
+            while data := await sock.recv(MESSAGE_BYTES):
+                call_id, result = json.loads(data)
+                if (call := self._calls.pop(call_id, None)) is not None:
+                    call.result = result
+                    call.done.set()
+        finally:
+            self._sock = None
+            sock.close()
+            for call in self._calls.values():  # never answered: do it yourselves
+                call.done.set()
+            self._calls.clear()
+            with trio.CancelScope(shield=True):
+                proc.kill()
+                await proc.wait()
+
+
+def serve_requests(sock: socket.socket, ops: dict[str, Callable[..., Any]]) -> None:
+    """The helper's loop: answer each request with its op's result, or None if it raised."""
+    while data := sock.recv(MESSAGE_BYTES):
+        call_id, op, args = json.loads(data)
+        try:
+            result = ops[op](*args)
+        except Exception:
+            result = None
+        sock.send(json.dumps([call_id, result]).encode())
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from wsrunner.workspace import HELPER_OPS
+
+    with socket.socket(fileno=int(sys.argv[1])) as sock:
+        serve_requests(sock, HELPER_OPS)
+
+
+if __name__ == "__main__":
+    main()
