@@ -138,6 +138,11 @@ def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
                 time.sleep(0.1)
         assert rec["status"] == "completed", rec
         assert rec["result"]["result"]["steps"][0]["result"]["stdout"] == "from-the-deb\n"
+        # Its directory helper started from the zipapp too (else: worker threads, and a warning).
+        children = [c for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]  # fmt: skip
+        cmdlines = [Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0") for c in children]
+        assert any(b"wsrunner.fshelper" in argv for argv in cmdlines), cmdlines
     finally:
         proc.terminate()
         proc.wait(timeout=60)
