@@ -114,7 +114,11 @@ class Helper:
         self._sock, self.pid = sock, proc.pid
         try:
             while data := await sock.recv(MESSAGE_BYTES):
-                call_id, result = json.loads(data)
+                try:
+                    call_id, result = json.loads(data)
+                except ValueError:  # never sent by the helper's loop: stop this one
+                    logger.error("the directory helper sent an unreadable reply")
+                    return
                 if (call := self._calls.pop(call_id, None)) is not None:
                     call.result = result
                     call.done.set()
@@ -135,15 +139,18 @@ def serve_requests(sock: socket.socket, ops: dict[str, Callable[..., Any]]) -> N
         call_id, op, args = json.loads(data)
         try:
             result = ops[op](*args)
-        except Exception:
+        except Exception:  # whatever it was: the daemon does it again, and reports what it finds
             result = None
-        sock.send(json.dumps([call_id, result]).encode())
+        reply = json.dumps([call_id, result]).encode()
+        if len(reply) > MESSAGE_BYTES:  # (a workspace with a great many repositories)
+            reply = json.dumps([call_id, None]).encode()
+        sock.send(reply)
 
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from wsrunner.workspace import HELPER_OPS
+    from wsrunner.workspace import HELPER_OPS  # (workspace imports this module)
 
     with socket.socket(fileno=int(sys.argv[1])) as sock:
         serve_requests(sock, HELPER_OPS)
