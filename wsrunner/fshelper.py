@@ -32,10 +32,13 @@ from typing import Any, Final
 
 import trio
 
+from wsrunner import paths
+
 logger = logging.getLogger(__name__)
 
 MESSAGE_BYTES: Final = 1 << 20  #: a request (a task's credentials included) or a reply, at most
 RESTART_DELAY_S: Final = 1.0
+START_TIMEOUT_S: Final = 10.0  #: the daemon's start waits this long for the helper, at most
 
 
 @dataclass(slots=True)
@@ -52,7 +55,8 @@ class Helper:
         self._send_lock = trio.Lock()
         self._calls: dict[int, _Call] = {}
         self._next_id = 0
-        self.pid: int | None = None
+        self._status: Any = None  #: `serve`'s task status until the helper first answers
+        self.pid: int | None = None  #: the helper's, while it is up
         self.served = 0  #: calls the helper did
         self.declined = 0  #: calls left to the caller (helper absent, or the unusual case)
 
@@ -85,8 +89,12 @@ class Helper:
         return call.result
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the helper until cancelled; callers are declined while it is down."""
-        task_status.started()
+        """Run the helper until cancelled; callers are declined while it is down.
+
+        Started once the helper answered its first request (or could not be started), so the
+        daemon's first tasks find it there.
+        """
+        self._status = task_status
         while True:
             try:
                 await self._run_once()
@@ -95,7 +103,13 @@ class Helper:
             else:
                 logger.warning("the directory helper exited; task directories are made in "
                                "worker threads until it is back")  # fmt: skip
+            self._started()
             await trio.sleep(RESTART_DELAY_S)
+
+    def _started(self) -> None:
+        if self._status is not None:
+            self._status.started()
+            self._status = None
 
     async def _run_once(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -111,19 +125,27 @@ class Helper:
             ours.close()
             raise
         sock = trio.socket.from_stdlib_socket(ours)
-        self._sock, self.pid = sock, proc.pid
         try:
+            await sock.send(json.dumps([0, "ping", []]).encode())
+            with trio.move_on_after(START_TIMEOUT_S) as waiting:
+                await trio.lowlevel.wait_readable(sock)
+            if waiting.cancelled_caught:  # the daemon goes on without it; it may answer later
+                logger.warning("the directory helper did not answer within %g s", START_TIMEOUT_S)
+                self._started()
             while data := await sock.recv(MESSAGE_BYTES):
                 try:
                     call_id, result = json.loads(data)
                 except ValueError:  # never sent by the helper's loop: stop this one
                     logger.error("the directory helper sent an unreadable reply")
                     return
-                if (call := self._calls.pop(call_id, None)) is not None:
+                if call_id == 0:  # the answer to the first request: it is up
+                    self._sock, self.pid = sock, proc.pid
+                    self._started()
+                elif (call := self._calls.pop(call_id, None)) is not None:
                     call.result = result
                     call.done.set()
         finally:
-            self._sock = None
+            self._sock = self.pid = None
             sock.close()
             for call in self._calls.values():  # never answered: do it yourselves
                 call.done.set()
@@ -131,6 +153,32 @@ class Helper:
             with trio.CancelScope(shield=True):
                 proc.kill()
                 await proc.wait()
+
+
+# --- the helper process ---------------------------------------------------------------------
+
+
+def _make(root: str, rel: str, subdirs: list[str], files: dict[str, list[Any]],
+          layout: list[list[str]]) -> bool | None:  # fmt: skip
+    """`paths.make_fresh_dir`, its parent there, into a workspace whose `layout` (directories,
+    files) is still as prepared; None if it is not."""
+    if not paths.layout_intact(root, *layout):
+        return None
+    made = {name: (content, mode) for name, (content, mode) in files.items()}
+    paths.make_fresh_dir(root, rel, subdirs=subdirs, files=made, parents=False)
+    return True
+
+
+def _remove(root: str, rel: str, subdirs: list[str], files: list[str],
+            listing: str | None) -> list[str]:  # fmt: skip
+    """`paths.remove_dir` of a directory as it was made (anything else raises: no walk here);
+    then the directories in `listing`, if one is named."""
+    paths.remove_dir(root, rel, subdirs=subdirs, files=files, walk=False)
+    return paths.subdirectories(root, listing) if listing else []
+
+
+OPS: Final[dict[str, Callable[..., Any]]] = {"make": _make, "remove": _remove,
+                                             "ping": lambda: True}  # fmt: skip
 
 
 def serve_requests(sock: socket.socket, ops: dict[str, Callable[..., Any]]) -> None:
@@ -150,10 +198,8 @@ def serve_requests(sock: socket.socket, ops: dict[str, Callable[..., Any]]) -> N
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from wsrunner.workspace import HELPER_OPS  # (workspace imports this module)
-
     with socket.socket(fileno=int(sys.argv[1])) as sock:
-        serve_requests(sock, HELPER_OPS)
+        serve_requests(sock, OPS)
 
 
 if __name__ == "__main__":

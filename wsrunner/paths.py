@@ -128,6 +128,26 @@ def _owner(root_fd: int) -> tuple[int, int] | None:
     return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
 
 
+def layout_intact(root: str, dirs: Sequence[str], files: Sequence[str]) -> bool:
+    """`root` and `dirs` in it are directories, and `files` in it exist (none a symlink)."""
+    try:
+        for d in (root, *(os.path.join(root, sub) for sub in dirs)):
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                return False
+        return all(os.path.lexists(os.path.join(root, f)) for f in files)
+    except OSError:
+        return False
+
+
+def subdirectories(root: str, name: str) -> list[str]:
+    """The directories in `root`/`name`, sorted (symlinks not followed; none if it is missing)."""
+    where = os.path.join(root, name)
+    if not os.path.isdir(where):
+        return []
+    with os.scandir(where) as it:
+        return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+
+
 def not_found(path: str, exc: OSError) -> WorkspaceError:
     if exc.errno == errno.ENOENT:
         return PathNotFoundError(f"{path}: no such file or directory")

@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,41 +114,7 @@ class _Tally:
 
 def _layout_intact(root: str) -> bool:
     """The workspace, its LAYOUT directories and its metadata are there (none a symlink)."""
-    try:
-        dirs = [root, *(os.path.join(root, sub) for sub in LAYOUT)]
-        return all(stat.S_ISDIR(os.lstat(d).st_mode) for d in dirs) and os.path.lexists(
-            os.path.join(root, META_FILE)
-        )
-    except OSError:
-        return False
-
-
-def _repos(root: str) -> list[str]:
-    """The repositories cached under repos/ (directories only, symlinks not followed)."""
-    repos = os.path.join(root, "repos")
-    if not os.path.isdir(repos):
-        return []
-    with os.scandir(repos) as it:
-        return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-
-
-def _helper_make(root: str, rel: str, files: Mapping[str, list[Any]]) -> bool | None:
-    """A task directory, in the helper process: only into a workspace laid out as prepared."""
-    if not _layout_intact(root):
-        return None
-    made = {name: (content, mode) for name, (content, mode) in files.items()}
-    paths.make_fresh_dir(root, rel, subdirs=TASK_SUBDIRS, files=made, parents=False)
-    return True
-
-
-def _helper_remove(root: str, rel: str, count: bool) -> list[str]:
-    """A task directory removed, in the helper process: only one as it was made (no walk)."""
-    paths.remove_dir(root, rel, subdirs=TASK_SUBDIRS, files=TASK_FILES, walk=False)
-    return _repos(root) if count else []
-
-
-#: What `python -m wsrunner.fshelper` runs for the daemon (see `fshelper`).
-HELPER_OPS: Final[dict[str, Callable[..., Any]]] = {"make": _helper_make, "remove": _helper_remove}
+    return paths.layout_intact(root, LAYOUT, (META_FILE,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +264,9 @@ class Workspaces:
                 paths.make_fresh_dir(root, rel, subdirs=TASK_SUBDIRS, files=files)
 
         # The usual case in the helper process; the rest (a first task, an error) here.
-        if root not in self._prepared or not await self.helper.call("make", root, rel, files):
+        if root not in self._prepared or not await self.helper.call(
+            "make", root, rel, TASK_SUBDIRS, files, (LAYOUT, (META_FILE,))
+        ):
             await self._thread(make)
         return TaskEnvironment(root=root, task_dir=task_dir, env=env)
 
@@ -312,10 +280,13 @@ class Workspaces:
 
         def close() -> list[str]:
             paths.remove_dir(root, rel, subdirs=TASK_SUBDIRS, files=TASK_FILES)
-            return _repos(root) if count else []
+            return paths.subdirectories(root, "repos") if count else []
 
         with trio.CancelScope(shield=True):
-            repos: list[str] = await self.helper.call("remove", root, rel, count)
+            listing = "repos" if count else None
+            repos: list[str] = await self.helper.call(
+                "remove", root, rel, TASK_SUBDIRS, TASK_FILES, listing
+            )
             if repos is None:  # not as it was made (or no helper): walked here
                 repos = await self._thread(close)
         if count:
