@@ -77,7 +77,7 @@ class Helper:
             try:
                 async with self._send_lock:
                     await sock.send(json.dumps([call_id, op, args]).encode())
-            except OSError:  # the helper went away: `serve` wakes the other callers
+            except (OSError, trio.ClosedResourceError):  # the helper went away meanwhile
                 self._calls.pop(call_id, None)
                 self.declined += 1
                 return None
