@@ -41,6 +41,9 @@ async def test_metrics_count_what_the_daemon_did(api: Api) -> None:
     assert m[("wsrunner_backend_errors_total", (("backend", "redis"),))] == 1
     assert m[("wsrunner_policy_denials_total", (("mode", "enforce"), ("rule", "seed-sudo")))] == 1
     assert m[("wsrunner_sandbox_refusals_total", ())] == 0
+    # Three task directories: the first made in a thread (it prepares the workspace too).
+    assert m[("wsrunner_task_dir_operations_total", (("by", "helper"),))] == 5
+    assert m[("wsrunner_task_dir_operations_total", (("by", "thread"),))] == 1
     assert m[("wsrunner_isolation_level", ())] == 2  # full, here
     assert m[("wsrunner_policy_last_reload_successful", ())] == 1
     assert m[("wsrunner_policy_last_reload_success_timestamp_seconds", ())] > 1.7e9

@@ -66,9 +66,16 @@ class Helper:
         Not cancellable once sent (like a worker thread's call): the helper finishes what it
         started, and its caller learns what happened.
         """
+        result = await self._call(op, args)
+        if result is None:
+            self.declined += 1
+        else:
+            self.served += 1
+        return result
+
+    async def _call(self, op: str, args: tuple[Any, ...]) -> Any:
         sock = self._sock
         if sock is None:
-            self.declined += 1
             return None
         self._next_id += 1
         call_id, call = self._next_id, _Call()
@@ -79,13 +86,8 @@ class Helper:
                     await sock.send(json.dumps([call_id, op, args]).encode())
             except (OSError, trio.ClosedResourceError):  # the helper went away meanwhile
                 self._calls.pop(call_id, None)
-                self.declined += 1
                 return None
             await call.done.wait()
-        if call.result is None:
-            self.declined += 1
-        else:
-            self.served += 1
         return call.result
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

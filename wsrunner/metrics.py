@@ -37,6 +37,10 @@ class Metrics:
         self.backend_errors = Counter("wsrunner_backend_errors_total",
                                       "Failed calls to Redis or PostgreSQL", ["backend"],
                                       registry=r)  # fmt: skip
+        self.dir_operations = Counter("wsrunner_task_dir_operations_total",
+                                      "Task directories made or removed, by who did it: helper "
+                                      "(the helper process) or thread (a worker thread: the case "
+                                      "was unusual, or the helper was down)", ["by"], registry=r)  # fmt: skip
         self.sse_subscribers = Gauge("wsrunner_sse_subscribers", "Open event streams", registry=r)
         self.policy_denials = Counter("wsrunner_policy_denials_total",
                                       "Commands the policy denied (mode=audit: ran anyway), by rule",

@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,6 +144,8 @@ class Workspaces:
         self._tallies: dict[str, _Tally] = {}  #: root: task ends not yet in its metadata
         self._tallied = trio.Event()  #: set when `_tallies` gets its first entry
         self.helper = Helper()  #: task directories, off the GIL while `helper.serve` runs
+        #: called with "helper" or "thread" for every task directory made or removed
+        self.on_dir_operation: Callable[[str], None] = lambda by: None
 
     def root(self, workspace_id: str) -> str:
         return str(self.volume / validate_workspace_id(workspace_id))
@@ -264,10 +266,13 @@ class Workspaces:
                 paths.make_fresh_dir(root, rel, subdirs=TASK_SUBDIRS, files=files)
 
         # The usual case in the helper process; the rest (a first task, an error) here.
-        if root not in self._prepared or not await self.helper.call(
+        if root in self._prepared and await self.helper.call(
             "make", root, rel, TASK_SUBDIRS, files, (LAYOUT, (META_FILE,))
         ):
+            self.on_dir_operation("helper")
+        else:
             await self._thread(make)
+            self.on_dir_operation("thread")
         return TaskEnvironment(root=root, task_dir=task_dir, env=env)
 
     async def close_task(self, workspace_id: str, task_id: str, *, count: bool) -> list[str]:
@@ -287,8 +292,10 @@ class Workspaces:
             repos: list[str] = await self.helper.call(
                 "remove", root, rel, TASK_SUBDIRS, TASK_FILES, listing
             )
+            by = "helper"
             if repos is None:  # not as it was made (or no helper): walked here
-                repos = await self._thread(close)
+                repos, by = await self._thread(close), "thread"
+            self.on_dir_operation(by)
         if count:
             at = datetime.now(UTC).isoformat()
             if (tally := self._tallies.get(root)) is None:
