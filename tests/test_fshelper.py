@@ -6,6 +6,7 @@ and test_packaging.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -72,3 +73,27 @@ def test_the_helper_answers_none_for_what_it_cannot_do(tmp_path: Any) -> None:
     server.join(timeout=5)
     assert replies == [[1, None], [2, None], [3, True], [4, None], [5, True], [6, []]]
     assert not (tmp_path / "tasks" / "t").exists()
+
+
+async def test_a_helper_that_never_answers_is_tried_less_and_less_often(monkeypatch: Any) -> None:
+    """The daemon starts anyway (callers are declined); the retries back off, doubling."""
+    monkeypatch.setattr(fshelper.sys, "executable", "/bin/false")  # exits at once, says nothing
+    monkeypatch.setattr(fshelper, "RESTART_DELAY_S", 0.05)
+    spawned: list[float] = []
+    real_open_process = trio.lowlevel.open_process
+
+    async def counting(*args: Any, **kw: Any) -> Any:
+        spawned.append(trio.current_time())
+        return await real_open_process(*args, **kw)
+
+    monkeypatch.setattr(fshelper.trio.lowlevel, "open_process", counting)
+    helper = Helper()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(helper.serve)  # returns: the helper failed, the daemon goes on
+        assert await helper.call("ping") is None and helper.pid is None
+        await trio.sleep(1.6)
+        nursery.cancel_scope.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(spawned)]
+    # Fixed 0.05 s retries would be about 30 attempts; doubling from 0.1 s gives 4 or 5.
+    assert 2 <= len(spawned) <= 5, spawned
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps

@@ -57,6 +57,7 @@ class Helper:
         self._next_id = 0
         self._status: Any = None  #: `serve`'s task status until the helper first answers
         self.pid: int | None = None  #: the helper's, while it is up
+        self.answered = False  #: the current helper answered (is or was up)
         self.served = 0  #: calls the helper did
         self.declined = 0  #: calls left to the caller (helper absent, or the unusual case)
 
@@ -97,16 +98,19 @@ class Helper:
         daemon's first tasks find it there.
         """
         self._status = task_status
+        delay = RESTART_DELAY_S
         while True:
+            self.answered = False
             try:
                 await self._run_once()
             except OSError as exc:
-                logger.warning("the directory helper could not start: %s", exc)
-            else:
-                logger.warning("the directory helper exited; task directories are made in "
-                               "worker threads until it is back")  # fmt: skip
+                logger.warning("the directory helper failed: %s", exc)
+            # One that never answered is tried less and less often (up to once a minute).
+            delay = RESTART_DELAY_S if self.answered else min(60.0, delay * 2)
+            logger.warning("the directory helper is down; task directories are made in worker "
+                           "threads until it is back, in %g s", delay)  # fmt: skip
             self._started()
-            await trio.sleep(RESTART_DELAY_S)
+            await trio.sleep(delay)
 
     def _started(self) -> None:
         if self._status is not None:
@@ -141,7 +145,7 @@ class Helper:
                     logger.error("the directory helper sent an unreadable reply")
                     return
                 if call_id == 0:  # the answer to the first request: it is up
-                    self._sock, self.pid = sock, proc.pid
+                    self._sock, self.pid, self.answered = sock, proc.pid, True
                     self._started()
                 elif (call := self._calls.pop(call_id, None)) is not None:
                     call.result = result
