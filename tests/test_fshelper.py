@@ -22,7 +22,6 @@ from wsrunner.fshelper import MESSAGE_BYTES, Helper, serve_requests
 async def test_no_helper_running_means_do_it_yourself() -> None:
     helper = Helper()
     assert await helper.call("make", "/nowhere", "tasks/t") is None
-    assert (helper.served, helper.declined) == (0, 1)
 
 
 async def test_a_helper_closed_while_a_request_is_being_sent_declines_it() -> None:
@@ -39,7 +38,7 @@ async def test_a_helper_closed_while_a_request_is_being_sent_declines_it() -> No
         nursery.start_soon(lambda: _call_into(helper, results))
         await trio.testing.wait_all_tasks_blocked()
         helper._sock.close()  # as `serve` does when the helper exits
-    assert results == [None] and helper.declined == 1
+    assert results == [None]
     theirs.close()
 
 

@@ -93,22 +93,30 @@ async def test_task_directories_are_made_and_removed_by_the_helper(daemon: Daemo
     probe = ('stat -c "%a %F" "$HOME" "$TMPDIR" "$GIT_CONFIG_GLOBAL"; cat "$GIT_CONFIG_GLOBAL"; '
              'ls -A "$HOME" "$TMPDIR"')  # fmt: skip
     rec = await run(daemon, cmd("true"), workspace_id="ws-helper")  # the first one prepares
-    served, declined = helper.served, helper.declined
+    before = dir_operations(daemon)
     rec = await run(daemon, cmd(probe), workspace_id="ws-helper")
     assert rec.status is TaskState.COMPLETED, results(rec)
     out = results(rec)[0]["stdout"].splitlines()
     assert out[:3] == ["755 directory", "755 directory", "644 regular file"], out
     assert out[3:6] == ["[user]", '\tname = "wsrunner"', '\temail = "wsrunner@localhost"']
-    assert (helper.served - served, helper.declined - declined) == (2, 0)  # made, removed
+    assert dir_operations(daemon, since=before) == (2, 0)  # made, removed: by the helper
     assert os.listdir(daemon.settings.volume_path / "ws-helper" / "tasks") == []
 
     # Leftovers: the helper declines the removal; the daemon walks them.
-    served, declined = helper.served, helper.declined
+    before = dir_operations(daemon)
     rec = await run(daemon, cmd('mkdir -p "$TMPDIR/a/b" && touch "$HOME/.x"'),
                     workspace_id="ws-helper")  # fmt: skip
     assert rec.status is TaskState.COMPLETED, results(rec)
-    assert (helper.served - served, helper.declined - declined) == (1, 1)
+    assert dir_operations(daemon, since=before) == (1, 1)
     assert os.listdir(daemon.settings.volume_path / "ws-helper" / "tasks") == []
+
+
+def dir_operations(daemon: Daemon, since: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """Task directory operations (by the helper, by a thread) the daemon's metrics counted."""
+    get = daemon.metrics.registry.get_sample_value
+    done = [int(get("wsrunner_task_dir_operations_total", {"by": by}) or 0)
+            for by in ("helper", "thread")]  # fmt: skip
+    return done[0] - since[0], done[1] - since[1]
 
 
 async def test_a_killed_helper_is_started_again_and_no_task_notices(daemon: Daemon) -> None:
@@ -119,9 +127,9 @@ async def test_a_killed_helper_is_started_again_and_no_task_notices(daemon: Daem
     rec = await run(daemon, cmd("echo still here"), workspace_id="ws-helper")  # in threads
     assert rec.status is TaskState.COMPLETED and results(rec)[0]["stdout"] == "still here\n"
     await wait_for(lambda: helper.pid not in (None, first), timeout=10)
-    served = helper.served
+    before = dir_operations(daemon)
     rec = await run(daemon, cmd("true"), workspace_id="ws-helper")
-    assert rec.status is TaskState.COMPLETED and helper.served - served == 2
+    assert rec.status is TaskState.COMPLETED and dir_operations(daemon, since=before) == (2, 0)
     assert os.listdir(daemon.settings.volume_path / "ws-helper" / "tasks") == []
 
 

@@ -57,9 +57,7 @@ class Helper:
         self._next_id = 0
         self._status: Any = None  #: `serve`'s task status until the helper first answers
         self.pid: int | None = None  #: the helper's, while it is up
-        self.answered = False  #: the current helper answered (is or was up)
-        self.served = 0  #: calls the helper did
-        self.declined = 0  #: calls left to the caller (helper absent, or the unusual case)
+        self._answered = False  #: the current helper answered (is or was up)
 
     async def call(self, op: str, *args: Any) -> Any:
         """Run `op(*args)` in the helper; None: it did nothing, do it yourself.
@@ -67,14 +65,6 @@ class Helper:
         Not cancellable once sent (like a worker thread's call): the helper finishes what it
         started, and its caller learns what happened.
         """
-        result = await self._call(op, args)
-        if result is None:
-            self.declined += 1
-        else:
-            self.served += 1
-        return result
-
-    async def _call(self, op: str, args: tuple[Any, ...]) -> Any:
         sock = self._sock
         if sock is None:
             return None
@@ -100,13 +90,13 @@ class Helper:
         self._status = task_status
         delay = RESTART_DELAY_S
         while True:
-            self.answered = False
+            self._answered = False
             try:
                 await self._run_once()
             except OSError as exc:
                 logger.warning("the directory helper failed: %s", exc)
             # One that never answered is tried less and less often (up to once a minute).
-            delay = RESTART_DELAY_S if self.answered else min(60.0, delay * 2)
+            delay = RESTART_DELAY_S if self._answered else min(60.0, delay * 2)
             logger.warning("the directory helper is down; task directories are made in worker "
                            "threads until it is back, in %g s", delay)  # fmt: skip
             self._started()
@@ -145,7 +135,7 @@ class Helper:
                     logger.error("the directory helper sent an unreadable reply")
                     return
                 if call_id == 0:  # the answer to the first request: it is up
-                    self._sock, self.pid, self.answered = sock, proc.pid, True
+                    self._sock, self.pid, self._answered = sock, proc.pid, True
                     self._started()
                 elif (call := self._calls.pop(call_id, None)) is not None:
                     call.result = result

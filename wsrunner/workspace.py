@@ -10,7 +10,8 @@ The metadata's task counts are written behind: a task's end is tallied in memory
 `serve_metadata` within META_FLUSH_S, and on shutdown. A daemon killed outright loses at most
 that long of counting, never a task.
 
-Every filesystem walk and write here runs in a worker thread, never on the trio thread. A
+Every filesystem walk and write here runs in a worker thread, never on the trio thread; task
+directories are made and removed by the helper process (`fshelper`) when it can. A
 workspace's commands can change anything inside it, so every path the daemon touches in there is
 opened through `paths` (contained, no symlink followed out) and what it creates belongs to the
 workspace's own uid when it has one (`sandbox.identity`).
