@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
+from typing import Any
 
+import pytest
 import redis
+import trio
 
 from tests.conftest import cmd, raw_payload, task_body, wait_for, wait_terminal
 from wsrunner.daemon import Daemon
@@ -51,6 +55,34 @@ async def test_events_are_stored_in_order_and_end_with_status(daemon: Daemon) ->
     # Replay from an event id returns only what came after it.
     later = await daemon.service.events(sub.record.id, after=events[2].id)
     assert [e.id for e in later] == [e.id for e in events[3:]]
+
+
+async def test_the_start_is_mirrored_while_the_command_runs_and_its_event_comes_first(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first command starts once PostgreSQL has the start, while Redis takes it; the
+    task's own events wait for it, and its end is mirrored after it."""
+    queue = daemon.runner.queue
+    real = queue.transition
+    mirrored: list[float] = []
+
+    async def slow(task_id: str, workspace_id: str, target: TaskState, **kw: Any) -> Any:
+        if target is TaskState.RUNNING:
+            await trio.sleep(0.5)
+            mirrored.append(time.time())
+        return await real(task_id, workspace_id, target, **kw)
+
+    monkeypatch.setattr(queue, "transition", slow)
+    sub = await daemon.service.submit(task_body(cmd("date +%s.%N; echo hi"), cmd("exit 3")))
+    rec = await wait_terminal(daemon, sub.record.id)
+    assert rec.status is TaskState.FAILED
+    began = float(rec.result["result"]["steps"][0]["result"]["stdout"].split()[0])
+    assert began < mirrored[0] - 0.2  # the command did not wait for Redis
+    events = await daemon.service.events(sub.record.id)
+    kinds = [(e.type, e.data.get("status") or e.data.get("step")) for e in events]
+    assert kinds == [("status_changed", "queued"), ("status_changed", "running"),
+                     ("progress_update", 1), ("output", 1), ("progress_update", 2),
+                     ("error", 2), ("status_changed", "failed")]  # fmt: skip
 
 
 async def test_nonzero_exit_is_a_step_error_and_fails_the_task(daemon: Daemon) -> None:

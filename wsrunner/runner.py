@@ -57,8 +57,11 @@ class RunningTask:
     spec: TaskSpec
     claim: Claim
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    attempt: int = 1
     reason: StopReason | None = None
     recording: bool = False  #: its steps are over; only its end is being written
+    #: set once Redis mirrors the start (or failed to): the task's events wait for it
+    mirrored: trio.Event = field(default_factory=trio.Event)
 
 
 async def retrying(
@@ -87,8 +90,8 @@ def _progress(spec: TaskSpec, step: int) -> JSON:
 class _OutputForwarder:
     """Turns a command's output chunks into batched `output` events, within a byte budget."""
 
-    def __init__(self, queue: Queue, task_id: str) -> None:
-        self._queue, self._task_id = queue, task_id
+    def __init__(self, queue: Queue, task_id: str, ready: trio.Event) -> None:
+        self._queue, self._task_id, self._ready = queue, task_id, ready
         self._pending: list[tuple[str, bytes]] = []
         self._size = self._sent = 0
         self._step = 0
@@ -115,6 +118,7 @@ class _OutputForwarder:
             logger.warning("output event lost: %s", exc, extra={"task_id": self._task_id})
 
     async def _flush(self) -> None:
+        await self._ready.wait()  # the start's event goes first
         async with self._lock:
             pending, self._pending, self._size = self._pending, [], 0
             self._wake = trio.Event()
@@ -177,10 +181,11 @@ class TaskRunner:
         # it); a task that may not start has it removed again.
         prepared: list[TaskEnvironment | Exception] = []
         unavailable: UnavailableError | None = None
+        attempt: int | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._prepare, spec, prepared)
             try:  # caught in here: the nursery would wrap it in an exception group
-                started = await self._start(spec, claim)
+                attempt = await self._start(spec, claim)
             except UnavailableError as exc:
                 unavailable = exc
         if unavailable is not None:
@@ -191,10 +196,10 @@ class TaskRunner:
                 await self._unprepare(spec, prepared)
                 await self.queue.requeue_claim(self.worker_id, claim.claim_id, claim.priority)
             return
-        if not started:
+        if attempt is None:
             await self._unprepare(spec, prepared)
             return
-        rt = RunningTask(spec, claim)
+        rt = RunningTask(spec, claim, attempt=attempt)
         self.running[spec.task_id] = rt
         try:
             await self._execute(rt, prepared[0], steps_done)
@@ -252,35 +257,47 @@ class TaskRunner:
                                         fields={"error": error}, event={"status": "failed", "error": error})  # fmt: skip
         return None
 
-    async def _start(self, spec: TaskSpec, claim: Claim) -> bool:
-        """Move the task to `running`; False (claim acknowledged) if it must not run."""
+    async def _start(self, spec: TaskSpec, claim: Claim) -> int | None:
+        """Record the start in PostgreSQL: the attempt number, or None (claim acknowledged) if
+        the task must not run. Redis mirrors it while the first step starts (`_mirror_start`)."""
         try:
-            attempt = await self.store.start(spec, worker_id=self.worker_id,
-                                             workspace_path=self.workspaces.root(spec.workspace_id))  # fmt: skip
+            return await self.store.start(spec, worker_id=self.worker_id,
+                                          workspace_path=self.workspaces.root(spec.workspace_id))  # fmt: skip
         except InvalidTransitionError as exc:
             logger.info("not starting task: it is %s", exc.current,
                         extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
             await self.queue.ack(self.worker_id, claim.claim_id)
-            return False
+            return None
+
+    async def _mirror_start(self, rt: RunningTask) -> None:
+        """Move the Redis status to `running` with its event; then let the task's events out.
+
+        Shielded: it completes, so the task's end is never mirrored before its start.
+        """
+        spec = rt.spec
         try:
-            await self.queue.transition(
-                spec.task_id, spec.workspace_id, TaskState.RUNNING,
-                fields={"worker_id": self.worker_id, "started_at": datetime.now(UTC).isoformat(),
-                        "attempts": str(attempt)},
-                event={"status": "running", "worker_id": self.worker_id, "attempt": attempt},
-                then=("progress_update", _progress(spec, 1)),
-            )  # fmt: skip
+            with trio.CancelScope(shield=True):
+                await self.queue.transition(
+                    spec.task_id, spec.workspace_id, TaskState.RUNNING,
+                    fields={"worker_id": self.worker_id, "started_at": datetime.now(UTC).isoformat(),
+                            "attempts": str(rt.attempt)},
+                    event={"status": "running", "worker_id": self.worker_id, "attempt": rt.attempt},
+                    then=("progress_update", _progress(spec, 1)),
+                )  # fmt: skip
         except UnavailableError as exc:  # PostgreSQL has it; the mirror catches up at the end
             logger.warning("Redis did not take the start of the task: %s", exc,
                            extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
-        return True
+        finally:
+            rt.mirrored.set()
 
-    async def _event(self, task_id: str, kind: str, data: JSON) -> None:
-        """Emit an event. Without Redis the event is lost (and logged); the task goes on."""
+    async def _event(self, rt: RunningTask, kind: str, data: JSON) -> None:
+        """Emit an event after the start's. Without Redis it is lost (and logged); the task
+        goes on."""
+        await rt.mirrored.wait()
         try:
-            await self.queue.emit(task_id, kind, data)
+            await self.queue.emit(rt.spec.task_id, kind, data)
         except UnavailableError as exc:
-            logger.warning("%s event lost: %s", kind, exc, extra={"task_id": task_id})
+            logger.warning("%s event lost: %s", kind, exc, extra={"task_id": rt.spec.task_id})
 
     # --- steps --------------------------------------------------------------------------------
 
@@ -295,13 +312,14 @@ class TaskRunner:
         failed_steps: list[int] = []
         error: str | None = None
         ctx: StepContext | None = None
-        forwarder = _OutputForwarder(self.queue, tid)
+        forwarder = _OutputForwarder(self.queue, tid, rt.mirrored)
         policy = self.executor.policy.for_workspace(ws)  # the task keeps it, whatever reloads
         logger.info("task started", extra={**log, "policy": policy.digest})
         self.metrics.tasks_started.labels(priority=spec.priority.value).inc()
         try:
             with rt.scope:
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._mirror_start, rt)
                     nursery.start_soon(forwarder.serve)
                     try:
                         if isinstance(prepared, FileExistsError):  # an earlier run's leftovers
@@ -313,7 +331,7 @@ class TaskRunner:
                         for i, step in enumerate(spec.steps, start=1):
                             forwarder.start_step(i)
                             if i > 1:  # the first went out with the start
-                                await self._event(tid, "progress_update", _progress(spec, i))
+                                await self._event(rt, "progress_update", _progress(spec, i))
                             budget = rt.scope.deadline - trio.current_time()
                             res = await self.executor.run_step(step, ctx, budget_s=budget)
                             self.metrics.step_seconds.labels(action=step.action).observe(
@@ -323,12 +341,12 @@ class TaskRunner:
                             steps.append({"step": i, "action": step.action, "result": res})
                             if "error" in res:
                                 failed_steps.append(i)
-                                await self._event(tid, "error", {"step": i, "error": res["error"]})
+                                await self._event(rt, "error", {"step": i, "error": res["error"]})
                                 if spec.stop_on_error:
                                     break
                     except QuotaExceededError as exc:
                         error = str(exc)
-                        await self._event(tid, "error", {"error": error})
+                        await self._event(rt, "error", {"error": error})
                     except Exception as exc:  # a bug, or a store gone mid-task: fail it, loudly
                         logger.exception("task aborted by an internal error", extra=log)
                         error = f"internal error: {exc}"
