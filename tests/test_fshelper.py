@@ -1,4 +1,5 @@
-"""The directory helper's protocol: what a caller gets when the helper cannot do the work.
+"""The directory helper's protocol (what a caller gets when the helper cannot do the work) and
+the spare task directories it keeps.
 
 Its use by a daemon (tasks, a killed helper, the packaged daemon) is tested in test_steps.py
 and test_packaging.py.
@@ -8,14 +9,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import socket
+import stat
 import threading
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
-from wsrunner import fshelper
+from wsrunner import fshelper, paths
 from wsrunner.fshelper import MESSAGE_BYTES, Helper, serve_requests
 
 
@@ -55,23 +60,135 @@ def test_the_helper_answers_none_for_what_it_cannot_do(tmp_path: Any) -> None:
     server = threading.Thread(target=serve_requests, args=(theirs, ops))
     server.start()
     (tmp_path / "tasks").mkdir()
+    root, spares = str(tmp_path), "tasks/.spare"
     requests = [[1, "boom", []], [2, "big", []], [3, "ping", []],
-                [4, "make", [str(tmp_path), "tasks/t", ["home"], {"f": ["hi", 0o600]},
-                             [["tasks", "repos"], []]]],  # no repos/: not as prepared
-                [5, "make", [str(tmp_path), "tasks/t", ["home"], {"f": ["hi", 0o600]},
-                             [["tasks"], []]]],
-                [6, "remove", [str(tmp_path), "tasks/t", ["home"], ["f"], "tasks"]]]  # fmt: skip
-    replies = []
+                [4, "make", [root, "tasks/t", ["home"], {"f": ["hi", 0o600]},
+                             [["tasks", "repos"], []], spares]],  # no repos/: not as prepared
+                [5, "make", [root, "tasks/t", ["home"], {"f": ["hi", 0o600]}, [["tasks"], []],
+                             spares]],
+                [6, "remove", [root, "tasks/t", ["home"], ["f"], "tasks", spares, 0]],
+                [7, "make", [root, "tasks/u", ["home"], {}, [["tasks"], []], spares]],
+                [8, "remove", [root, "tasks/u", ["home"], [], None, spares, 1]],  # parked
+                [9, "make", [root, "tasks/v", ["home"], {"f": ["ho", 0o640]}, [["tasks"], []],
+                             spares]]]  # fmt: skip
+    replies, parked = [], 0
     for request in requests:
         ours.send(json.dumps(request).encode())
         replies.append(json.loads(ours.recv(MESSAGE_BYTES)))
         if request[0] == 5:
             made = tmp_path / "tasks" / "t"
             assert (made / "f").read_text() == "hi" and (made / "f").stat().st_mode & 0o777 == 0o600
+        if request[0] == 8:
+            assert os.listdir(tmp_path / "tasks") == [".spare"]
+            parked = (tmp_path / "tasks" / ".spare" / "u").stat().st_ino
     ours.close()
     server.join(timeout=5)
-    assert replies == [[1, None], [2, None], [3, True], [4, None], [5, True], [6, []]]
-    assert not (tmp_path / "tasks" / "t").exists()
+    assert replies == [[1, None], [2, None], [3, True], [4, None], [5, True], [6, [".spare"]],
+                       [7, True], [8, []], [9, True]]  # fmt: skip
+    made = tmp_path / "tasks" / "v"  # the parked directory, with its new file
+    assert made.stat().st_ino == parked and (made / "f").read_text() == "ho"
+    assert sorted(os.listdir(made)) == ["f", "home"] and not os.listdir(tmp_path / "tasks/.spare")
+
+
+# --- spare task directories (paths.park_dir, paths.take_spare) -----------------------------
+
+SUBDIRS, SPARES = ("home", "tmp"), "tasks/.spare"
+
+
+def _made(root: Path, name: str) -> Path:
+    (root / "tasks").mkdir(exist_ok=True)
+    paths.make_fresh_dir(str(root), f"tasks/{name}", subdirs=SUBDIRS,
+                         files={"gitconfig": ("[user]\n", 0o644), "ssh_key": ("k\n", 0o600)})  # fmt: skip
+    return root / "tasks" / name
+
+
+def _park(root: Path, name: str, keep: int = 8) -> bool:
+    return paths.park_dir(str(root), f"tasks/{name}", SPARES, subdirs=SUBDIRS,
+                          files=("gitconfig", "ssh_key"), keep=keep)  # fmt: skip
+
+
+def _take(root: Path, name: str) -> bool:
+    return paths.take_spare(str(root), f"tasks/{name}", SPARES, subdirs=SUBDIRS,
+                            files={"gitconfig": ("[user]\n", 0o644)})  # fmt: skip
+
+
+def test_a_task_directory_as_made_is_parked_without_its_files_and_taken_again(
+    tmp_path: Path,
+) -> None:
+    home = _made(tmp_path, "a") / "home"
+    inode = home.stat().st_ino
+    assert _park(tmp_path, "a")
+    spares = tmp_path / "tasks" / ".spare"
+    assert os.listdir(tmp_path / "tasks") == [".spare"]
+    assert stat.S_IMODE(spares.stat().st_mode) == 0o700  # no command of the workspace enters
+    assert sorted(os.listdir(spares / "a")) == ["home", "tmp"]  # the credentials are gone
+    assert _take(tmp_path, "b")
+    made = tmp_path / "tasks" / "b"
+    assert (made / "home").stat().st_ino == inode and not os.listdir(spares)
+    assert sorted(os.listdir(made)) == ["gitconfig", "home", "tmp"]
+    assert (made / "gitconfig").read_text() == "[user]\n"
+    assert not _take(tmp_path, "c")  # none left: the caller makes one
+    _made(tmp_path, "c")
+    assert not _park(tmp_path, "c", keep=0)  # enough parked: the caller removes it
+    assert sorted(os.listdir(tmp_path / "tasks" / "c")) == ["home", "tmp"]  # files went first
+
+
+def test_a_spare_is_taken_only_into_a_new_name(tmp_path: Path) -> None:
+    _made(tmp_path, "a")
+    assert _park(tmp_path, "a")
+    (tmp_path / "tasks" / "b").mkdir()  # an empty directory: rename(2) would replace it
+    with pytest.raises(FileExistsError):
+        _take(tmp_path, "b")
+    assert os.listdir(tmp_path / "tasks" / ".spare") == ["a"]
+
+
+@pytest.mark.parametrize("change", [
+    "a file in home", "a directory in tmp", "an extra entry", "home missing",
+    "home a symlink", "tmp writable by others", "setgid on the task directory",
+])  # fmt: skip
+def test_a_task_directory_a_command_changed_is_not_parked(tmp_path: Path, change: str) -> None:
+    made = _made(tmp_path, "a")
+    _change(made, change)
+    assert not _park(tmp_path, "a")
+    assert os.listdir(tmp_path / "tasks") == ["a"]  # where it was, for the caller to remove
+
+
+@pytest.mark.parametrize("change", ["a file in home", "an extra entry", "home a symlink",
+                                    "tmp writable by others"])  # fmt: skip
+def test_a_spare_changed_while_parked_is_not_taken(tmp_path: Path, change: str) -> None:
+    _made(tmp_path, "a")
+    assert _park(tmp_path, "a")
+    _change(tmp_path / "tasks" / ".spare" / "a", change)
+    assert not _take(tmp_path, "b")
+    assert not (tmp_path / "tasks" / "b").exists()
+
+
+def test_spares_in_a_directory_that_is_not_the_daemons_are_not_used(tmp_path: Path) -> None:
+    _made(tmp_path, "a")
+    assert _park(tmp_path, "a")
+    os.chmod(tmp_path / "tasks" / ".spare", 0o777)  # anyone could have put things there
+    assert not _take(tmp_path, "b")
+    _made(tmp_path, "c")
+    assert not _park(tmp_path, "c")
+
+
+def _change(made: Path, change: str) -> None:
+    match change:
+        case "a file in home":
+            (made / "home" / ".bashrc").write_text("echo hi\n")
+        case "a directory in tmp":
+            (made / "tmp" / "cache").mkdir()
+        case "an extra entry":
+            (made / "extra").write_text("")
+        case "home missing":
+            (made / "home").rmdir()
+        case "home a symlink":
+            (made / "home").rmdir()
+            (made / "home").symlink_to(made / "tmp")
+        case "tmp writable by others":
+            os.chmod(made / "tmp", 0o777)
+        case "setgid on the task directory":
+            os.chmod(made, 0o2755)
 
 
 async def test_a_helper_that_never_answers_is_tried_less_and_less_often(monkeypatch: Any) -> None:

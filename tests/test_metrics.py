@@ -18,9 +18,10 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_metrics_count_what_the_daemon_did(api: Api) -> None:
     service = api.daemon.service
     ok = await service.submit(task_body(cmd("true"), priority="high"))
+    await wait_terminal(api.daemon, ok.record.id)  # it prepares the workspace (in a thread)
     bad = await service.submit(task_body(cmd("exit 2")))
     denied = await service.submit(task_body(cmd("sudo true")))
-    for sub in (ok, bad, denied):
+    for sub in (bad, denied):
         await wait_terminal(api.daemon, sub.record.id)
     queue = service.queue
     with pytest.raises(WsrunnerError):  # a command Redis refuses counts as a backend error

@@ -20,7 +20,7 @@ from tests.conftest import (
 )
 from wsrunner.daemon import Daemon
 from wsrunner.models import TaskState
-from wsrunner.workspace import META_FLUSH_S, Workspaces
+from wsrunner.workspace import META_FLUSH_S, SPARES, Workspaces
 
 
 async def run(daemon: Daemon, *steps, **extra):
@@ -30,6 +30,11 @@ async def run(daemon: Daemon, *steps, **extra):
 
 def results(rec):
     return [s["result"] for s in rec.result["result"]["steps"]]
+
+
+def task_dirs(workspace: Path) -> list[str]:
+    """The task directories in a workspace (not the spares kept for later tasks)."""
+    return sorted(n for n in os.listdir(workspace / "tasks") if n != os.path.basename(SPARES))
 
 
 async def test_file_steps_round_trip(daemon: Daemon) -> None:
@@ -73,7 +78,7 @@ async def test_workspace_layout_and_metadata(daemon: Daemon) -> None:
             nursery.start_soon(open_and_close, ws, "ws-layout", f"t{n}")
     assert (root / "artifacts").is_dir()
     await ws.flush_metadata()
-    assert meta()["total_tasks_run"] == 25 and not os.listdir(root / "tasks")
+    assert meta()["total_tasks_run"] == 25 and not task_dirs(root)
 
 
 async def open_and_close(ws: Workspaces, workspace_id: str, task_id: str) -> None:
@@ -91,16 +96,22 @@ async def test_task_directories_are_made_and_removed_by_the_helper(daemon: Daemo
     assert [e.split(b"=")[0] for e in environ if e] == [b"PYTHONPATH"]
 
     probe = ('stat -c "%a %F" "$HOME" "$TMPDIR" "$GIT_CONFIG_GLOBAL"; cat "$GIT_CONFIG_GLOBAL"; '
-             'ls -A "$HOME" "$TMPDIR"')  # fmt: skip
+             'ls -A "$HOME/.."; find "$HOME" "$TMPDIR" -mindepth 1 | wc -l; stat -c %i "$HOME"')  # fmt: skip
     rec = await run(daemon, cmd("true"), workspace_id="ws-helper")  # the first one prepares
     before = dir_operations(daemon)
-    rec = await run(daemon, cmd(probe), workspace_id="ws-helper")
-    assert rec.status is TaskState.COMPLETED, results(rec)
-    out = results(rec)[0]["stdout"].splitlines()
-    assert out[:3] == ["755 directory", "755 directory", "644 regular file"], out
-    assert out[3:6] == ["[user]", '\tname = "wsrunner"', '\temail = "wsrunner@localhost"']
-    assert dir_operations(daemon, since=before) == (2, 0)  # made, removed: by the helper
-    assert os.listdir(daemon.settings.volume_path / "ws-helper" / "tasks") == []
+    homes = []
+    for _ in range(2):
+        rec = await run(daemon, cmd(probe), workspace_id="ws-helper")
+        assert rec.status is TaskState.COMPLETED, results(rec)
+        out = results(rec)[0]["stdout"].splitlines()
+        assert out[:3] == ["755 directory", "755 directory", "644 regular file"], out
+        assert out[3:6] == ["[user]", '\tname = "wsrunner"', '\temail = "wsrunner@localhost"']
+        assert out[6:10] == ["gitconfig", "home", "tmp", "0"], out  # HOME, TMPDIR empty
+        homes.append(out[10])
+    assert dir_operations(daemon, since=before) == (4, 0)  # made, removed: by the helper
+    # The directory of the first was parked as it was made and is the second's (one inode).
+    assert homes[0] == homes[1]
+    assert task_dirs(daemon.settings.volume_path / "ws-helper") == []
 
     # Leftovers: the helper declines the removal; the daemon walks them.
     before = dir_operations(daemon)
@@ -108,7 +119,7 @@ async def test_task_directories_are_made_and_removed_by_the_helper(daemon: Daemo
                     workspace_id="ws-helper")  # fmt: skip
     assert rec.status is TaskState.COMPLETED, results(rec)
     assert dir_operations(daemon, since=before) == (1, 1)
-    assert os.listdir(daemon.settings.volume_path / "ws-helper" / "tasks") == []
+    assert task_dirs(daemon.settings.volume_path / "ws-helper") == []
 
 
 def dir_operations(daemon: Daemon, since: tuple[int, int] = (0, 0)) -> tuple[int, int]:
@@ -130,7 +141,7 @@ async def test_a_killed_helper_is_started_again_and_no_task_notices(daemon: Daem
     before = dir_operations(daemon)
     rec = await run(daemon, cmd("true"), workspace_id="ws-helper")
     assert rec.status is TaskState.COMPLETED and dir_operations(daemon, since=before) == (2, 0)
-    assert os.listdir(daemon.settings.volume_path / "ws-helper" / "tasks") == []
+    assert task_dirs(daemon.settings.volume_path / "ws-helper") == []
 
 
 async def test_paths_cannot_leave_the_workspace(daemon: Daemon, tmp_path) -> None:
@@ -186,6 +197,7 @@ async def test_credentials_are_for_the_task_only(daemon: Daemon, redis_client) -
     assert out == ["tok-123", "Ada", "600"]
     root = daemon.settings.volume_path / "ws-1"
     assert not (root / "tasks" / rec.id).exists()
+    assert not list(root.rglob("ssh_key")) and not list(root.rglob("gitconfig"))  # no spare's
     assert "tok-123" not in str(rec.configuration) and "BEGIN KEY" not in str(rec.configuration)
     events = await daemon.service.events(rec.id)
     assert "BEGIN KEY" not in str([e.data for e in events])
@@ -207,13 +219,13 @@ async def test_a_reshaped_task_directory_is_removed_without_following_links(
     rec = await run(daemon, cmd(f'python3 -c "{reshape}"'), workspace_id="ws-reshape")
     assert rec.status is TaskState.COMPLETED, results(rec)
     tasks = daemon.settings.volume_path / "ws-reshape" / "tasks"
-    assert os.listdir(tasks) == [] and (outside / "keep").read_text() == "keep"
+    assert task_dirs(tasks.parent) == [] and (outside / "keep").read_text() == "keep"
     # A task directory replaced by a symlink: the link goes, its target stays.
     replace = ("import os, shutil; d = os.path.dirname(os.environ['HOME']); os.chdir('/'); "
                f"shutil.rmtree(d); os.symlink('{outside}', d)")  # fmt: skip
     rec = await run(daemon, cmd(f'python3 -c "{replace}"'), workspace_id="ws-reshape")
     assert rec.status is TaskState.COMPLETED, results(rec)
-    assert os.listdir(tasks) == [] and (outside / "keep").read_text() == "keep"
+    assert task_dirs(tasks.parent) == [] and (outside / "keep").read_text() == "keep"
 
 
 async def test_git_clone_then_pull(daemon: Daemon, tmp_path) -> None:

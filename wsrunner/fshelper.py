@@ -155,21 +155,25 @@ class Helper:
 
 
 def _make(root: str, rel: str, subdirs: list[str], files: dict[str, list[Any]],
-          layout: list[list[str]]) -> bool | None:  # fmt: skip
-    """`paths.make_fresh_dir`, its parent there, into a workspace whose `layout` (directories,
-    files) is still as prepared; None if it is not."""
+          layout: list[list[str]], spares: str) -> bool | None:  # fmt: skip
+    """A fresh task directory (`paths.make_fresh_dir`, its parent there), from a parked spare
+    when there is one, in a workspace whose `layout` (directories, files) is still as prepared;
+    None if it is not."""
     if not paths.layout_intact(root, *layout):
         return None
     made = {name: (content, mode) for name, (content, mode) in files.items()}
-    paths.make_fresh_dir(root, rel, subdirs=subdirs, files=made, parents=False)
+    if not paths.take_spare(root, rel, spares, subdirs=subdirs, files=made):
+        paths.make_fresh_dir(root, rel, subdirs=subdirs, files=made, parents=False)
     return True
 
 
-def _remove(root: str, rel: str, subdirs: list[str], files: list[str],
-            listing: str | None) -> list[str]:  # fmt: skip
-    """`paths.remove_dir` of a directory as it was made (anything else raises: no walk here);
-    then the directories in `listing`, if one is named."""
-    paths.remove_dir(root, rel, subdirs=subdirs, files=files, walk=False)
+def _remove(root: str, rel: str, subdirs: list[str], files: list[str], listing: str | None,
+            spares: str, keep: int) -> list[str]:  # fmt: skip
+    """The directory gone from `rel`: parked in `spares` (`paths.park_dir`), else removed if
+    it is as it was made (anything else raises: no walk here); then the directories in
+    `listing`, if one is named."""
+    if not paths.park_dir(root, rel, spares, subdirs=subdirs, files=files, keep=keep):
+        paths.remove_dir(root, rel, subdirs=subdirs, files=files, walk=False)
     return paths.subdirectories(root, listing) if listing else []
 
 

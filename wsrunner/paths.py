@@ -246,15 +246,145 @@ def make_fresh_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
                     os.mkdir(sub, 0o755, dir_fd=dfd)
                     if owner is not None:
                         os.chown(sub, *owner, dir_fd=dfd, follow_symlinks=False)
-                for file, (content, mode) in (files or {}).items():
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                    with _fd(os.open(file, flags, mode, dir_fd=dfd)) as fd:
-                        if owner is not None:
-                            os.fchown(fd, *owner)
-                        os.fchmod(fd, mode)  # not narrowed by the umask
-                        view = memoryview(content.encode("utf-8"))
-                        while view:
-                            view = view[os.write(fd, view) :]
+                _write_new_files(dfd, files or {}, owner)
+
+
+def _write_new_files(dfd: int, files: Mapping[str, tuple[str, int]],
+                     owner: tuple[int, int] | None) -> None:  # fmt: skip
+    """Create `files` (name: (content, mode)) in the directory `dfd`, with O_EXCL."""
+    for file, (content, mode) in files.items():
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with _fd(os.open(file, flags, mode, dir_fd=dfd)) as fd:
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)  # not narrowed by the umask
+            view = memoryview(content.encode("utf-8"))
+            while view:
+                view = view[os.write(fd, view) :]
+
+
+# --- spare directories --------------------------------------------------------------------
+# A task directory that is back as `make_fresh_dir` made it (its files aside) is parked in a
+# spares directory instead of removed, and renamed into place for a later task: two renames
+# instead of removing and creating four inodes. The spares directory is the daemon's, mode
+# 0700: a command running as the workspace's own uid can neither enter nor fill it.
+
+_RENAME_NOREPLACE: Final = 1
+_renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28 and later
+
+
+def _rename_noreplace(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
+    """rename(2) that fails with FileExistsError, instead of replacing an empty directory."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if _renameat2(src_fd, src.encode(), dst_fd, dst.encode(), _RENAME_NOREPLACE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), dst)
+
+
+def _plain_dir(fd: int, owner: tuple[int, int] | None) -> bool:
+    """`fd` is a directory of `owner` (else ours), writable by no one else, with no special
+    mode bits and no ACL."""
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o7022 or st.st_mode & 0o700 != 0o700:
+        return False
+    if (st.st_uid, st.st_gid) != (owner or (os.geteuid(), os.getegid())):
+        return False
+    try:
+        names = os.listxattr(fd)
+    except OSError:  # no extended attributes on this filesystem: no ACL either
+        return True
+    return not any(n.startswith("system.posix_acl_") for n in names)
+
+
+def _as_made(dfd: int, subdirs: Sequence[str], owner: tuple[int, int] | None) -> bool:
+    """The directory `dfd` holds `subdirs` and nothing else, and they are empty; each of them
+    is a plain directory (`_plain_dir`), as `make_fresh_dir` made it before its files."""
+    if not _plain_dir(dfd, owner):
+        return False
+    with os.scandir(dfd) as it:
+        if sorted(e.name for e in it) != sorted(subdirs):
+            return False
+    for sub in subdirs:
+        try:
+            fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=dfd)  # fmt: skip
+        except OSError:  # a symlink, or gone
+            return False
+        with _fd(fd):
+            if not _plain_dir(fd, owner):
+                return False
+            with os.scandir(fd) as it:
+                if next(it, None) is not None:
+                    return False
+    return True
+
+
+def park_dir(root: str, path: str, spares: str, *, subdirs: Sequence[str],
+             files: Sequence[str], keep: int) -> bool:  # fmt: skip
+    """Remove `files` from the directory `path`, then move it into `spares` (made if missing)
+    if it is as `make_fresh_dir` made it with `subdirs` and fewer than `keep` are parked there.
+
+    Returns False if it stayed where it is (its `files` removed): remove it with `remove_dir`.
+    """
+    rel, spares = clean_relative(path), clean_relative(spares)
+    parent, name = os.path.split(rel)
+    with open_root(root) as rfd:
+        owner = _owner(rfd)
+        with _fd(open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)) as pfd:
+            try:
+                dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=pfd)  # fmt: skip
+            except OSError:
+                return False
+            with _fd(dfd):
+                for file in files:
+                    try:
+                        os.unlink(file, dir_fd=dfd)
+                    except FileNotFoundError:
+                        pass
+                if not _as_made(dfd, subdirs, owner):
+                    return False
+            try:
+                os.mkdir(spares, 0o700, dir_fd=rfd)
+            except FileExistsError:
+                pass
+            sfd = open_beneath(rfd, spares, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            with _fd(sfd):
+                if not _plain_dir(sfd, None) or len(os.listdir(sfd)) >= keep:
+                    return False
+                _rename_noreplace(pfd, name, sfd, name)
+    return True
+
+
+def take_spare(root: str, path: str, spares: str, *, subdirs: Sequence[str],
+               files: Mapping[str, tuple[str, int]]) -> bool:  # fmt: skip
+    """Make the directory `path` from one parked in `spares` (still as made) and write `files`
+    into it, as `make_fresh_dir` would; False if there is none. `path` must not exist."""
+    rel, spares = clean_relative(path), clean_relative(spares)
+    parent, name = os.path.split(rel)
+    with open_root(root) as rfd:
+        owner = _owner(rfd)
+        try:
+            sfd = open_beneath(rfd, spares, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        with _fd(sfd), _fd(open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)) as pfd:
+            if not _plain_dir(sfd, None):
+                return False
+            for spare in os.listdir(sfd):
+                try:
+                    dfd = os.open(spare, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, dir_fd=sfd)  # fmt: skip
+                except OSError:
+                    continue
+                with _fd(dfd):
+                    if not _as_made(dfd, subdirs, owner):
+                        continue  # not ours to clean here: `remove_dir` of the spares, later
+                    _rename_noreplace(sfd, spare, pfd, name)
+                    _write_new_files(dfd, files, owner)
+                    return True
+    return False
 
 
 def remove_dir(root: str, path: str, *, subdirs: Sequence[str] = (),

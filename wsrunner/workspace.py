@@ -52,6 +52,9 @@ USAGE_CACHE_S: Final = 5.0  # a burst of tasks in one workspace walks it once
 META_FLUSH_S: Final = 1.0  # task counts reach the metadata file within this long
 TASK_SUBDIRS: Final = ("home", "tmp")
 TASK_FILES: Final = ("gitconfig", "ssh_key")
+#: task directories as made, kept for later tasks (by the helper: see `paths.park_dir`)
+SPARES: Final = "tasks/.spare"
+SPARES_KEPT: Final = 8
 SAFE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _GIT_PROTOCOLS: Final = {
     "https": "https",
@@ -268,7 +271,7 @@ class Workspaces:
 
         # The usual case in the helper process; the rest (a first task, an error) here.
         if root in self._prepared and await self.helper.call(
-            "make", root, rel, TASK_SUBDIRS, files, (LAYOUT, (META_FILE,))
+            "make", root, rel, TASK_SUBDIRS, files, (LAYOUT, (META_FILE,)), SPARES
         ):
             self.on_dir_operation("helper")
         else:
@@ -291,7 +294,7 @@ class Workspaces:
         with trio.CancelScope(shield=True):
             listing = "repos" if count else None
             repos: list[str] = await self.helper.call(
-                "remove", root, rel, TASK_SUBDIRS, TASK_FILES, listing
+                "remove", root, rel, TASK_SUBDIRS, TASK_FILES, listing, SPARES, SPARES_KEPT
             )
             by = "helper"
             if repos is None:  # not as it was made (or no helper): walked here
