@@ -380,7 +380,7 @@ def take_spare(root: str, path: str, spares: str, *, subdirs: Sequence[str],
                     continue
                 with _fd(dfd):
                     if not _as_made(dfd, subdirs, owner):
-                        continue  # not ours to clean here: `remove_dir` of the spares, later
+                        continue  # left alone: it counts against `keep`, nothing walks it
                     _rename_noreplace(sfd, spare, pfd, name)
                     _write_new_files(dfd, files, owner)
                     return True

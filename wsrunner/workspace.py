@@ -4,6 +4,8 @@
         repos/                   cloned repositories (persistent)
         artifacts/               task outputs worth keeping (persistent)
         tasks/<task_id>/         the task's private HOME, TMPDIR and credentials; removed after it
+        tasks/.spare/<name>/     task directories left as made, without their files, for later
+                                 tasks (the helper's: `paths.park_dir`, `paths.take_spare`)
         .workspace_meta.json     created, last used, task count, repos cached
 
 The metadata's task counts are written behind: a task's end is tallied in memory and written by
