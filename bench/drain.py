@@ -9,6 +9,9 @@ The quick A/B check behind the step-by-step table in docs/benchmarks.md: the dae
 taken from the PostgreSQL records (first start to last end). CPU per task is the daemon
 process's (all its threads, not its children's), from the first completed task on, so the
 start-up is left out; "loop" is the share of it spent by the main thread, where trio runs.
+A second line splits the whole machine's CPU per task over the same span by who spent it: the
+daemon, the commands it ran (its reaped children), its directory helper, PostgreSQL and Redis
+(their processes), and the rest (the kernel's threads, anything else running).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine_busy_s  # bench/, the script's directory
+
 HERE = Path(__file__).resolve().parent
 # peers.py's own names (the bench/peers/ package hides it from a plain import).
 peers = runpy.run_path(str(HERE / "peers.py"))
@@ -33,6 +38,56 @@ def _thread_cpu_s(pid: int, tid: int) -> float:
     with open(f"/proc/{pid}/task/{tid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(pid: int, children: bool = False) -> float:
+    """CPU seconds (user + system) of `pid`, or of its reaped children; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    first = 13 if children else 11
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
+
+
+def _named(*names: str) -> list[int]:
+    """Pids of the processes whose command name is one of `names`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() in names:
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _helpers(pid: int) -> list[int]:
+    """Pids of the daemon's directory helper (its children started from any of its threads)."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            for child in map(int, f.read().split()):
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as c:
+                        if b"wsrunner.fshelper" in c.read():
+                            found.append(child)
+                except OSError:
+                    continue
+    return found
+
+
+def _split(daemon_pid: int, helpers: list[int]) -> dict[str, float]:
+    """CPU seconds so far, by who spent it (see the module's docstring)."""
+    return {
+        "machine": machine_busy_s(),
+        "daemon": _ticks(daemon_pid),
+        "commands": _ticks(daemon_pid, children=True),
+        "helper": sum(_ticks(p) for p in helpers),
+        "postgres+redis": sum(_ticks(p) for p in _named("postgres", "redis-server")),
+    }
 
 
 def main() -> None:
@@ -56,9 +111,13 @@ def main() -> None:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             pid = daemon.proc.pid
             cpu0, loop0, done0 = cpu_s(pid), _thread_cpu_s(pid, pid), daemon.completed()
+            helpers = _helpers(pid)
+            split0 = _split(pid, helpers)
             while daemon.completed() < args.tasks:
                 time.sleep(0.1)
             cpu, loop = cpu_s(pid) - cpu0, _thread_cpu_s(pid, pid) - loop0
+            split = {k: v - split0[k] for k, v in _split(pid, helpers).items()}
+            split["rest"] = split["machine"] - sum(v for k, v in split.items() if k != "machine")
             if spy is not None:
                 spy.send_signal(2)
                 spy.wait()
@@ -68,6 +127,10 @@ def main() -> None:
             print(f"{len(done) / span:.1f} tasks/s, {cpu / (args.tasks - done0) * 1000:.2f} ms "
                   f"daemon CPU per task (loop {loop / cpu:.0%}), {args.tasks - len(done)} lost, "
                   f"{sum(1 for r in rows if r[4] > 1)} run twice")  # fmt: skip
+            n = args.tasks - done0
+            print(
+                "CPU ms per task: " + ", ".join(f"{k} {v / n * 1000:.2f}" for k, v in split.items())
+            )
         finally:
             daemon.stop()
 
