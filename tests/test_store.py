@@ -103,6 +103,16 @@ async def test_start_and_finish_are_compare_and_sets(any_store: Store) -> None:
                            error="x", execution_time_ms=1)  # fmt: skip
 
 
+async def test_the_per_task_connections_are_open_before_the_first_task(schema: str) -> None:
+    """All of them, so no task's start waits for a connection while later ones overtake it."""
+    settings = Settings(worker_id="t", database_url=DATABASE_URL, database_schema=schema)
+    async with open_store(settings, max_size=3) as store:
+        fast = store._fast  # type: ignore[attr-defined]
+        assert len(fast._idle) == 3
+        assert await store.start(spec(), worker_id="w1", workspace_path="/v") == 1
+        assert len(fast._idle) == 3  # the one it used is back, none was opened
+
+
 async def test_the_per_task_statements_survive_a_dropped_connection(schema: str) -> None:
     """A connection the server closed fails one call (UnavailableError); the next one works."""
     settings = Settings(worker_id="t", database_url=DATABASE_URL, database_schema=schema)

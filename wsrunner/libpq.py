@@ -134,13 +134,30 @@ def _message(pgconn: pq.abc.PGconn) -> str:
 
 
 class LibpqPool:
-    """Up to `size` connections, opened when first needed; `call()` runs one prepared statement."""
+    """Up to `size` connections, opened by `fill()` or when first needed; `call()` runs one
+    prepared statement."""
 
     def __init__(self, url: str, *, options: str, size: int) -> None:
         self._conninfo = make_conninfo(url, options=options, client_encoding="UTF8",
                                        connect_timeout=CONNECT_TIMEOUT_S)  # fmt: skip
         self._idle: list[_Connection] = []
+        self._size = size
         self._slots = trio.Semaphore(size)
+
+    async def fill(self) -> None:
+        """Open the connections not open yet, all at once: a statement that finds none idle
+        opens one itself, and waits for it (a few milliseconds) while calls sent after it
+        overtake it. A connection that cannot be opened now is left to that (logged)."""
+
+        async def one() -> None:
+            try:
+                self._idle.append(await _Connection.open(self._conninfo))
+            except (UnavailableError, psycopg.OperationalError) as exc:
+                logger.warning("could not open a PostgreSQL connection ahead: %s", exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(self._size - len(self._idle)):
+                nursery.start_soon(one)
 
     async def call(self, name: str, sql: str, params: Sequence[str | None]) -> list[Row]:
         """Run `sql` (prepared once per connection as `name`) with text `params`; its rows.

@@ -531,6 +531,7 @@ async def open_postgres_store(
         logger.info("applied migration %s", name, extra={"schema": schema})
     fast = LibpqPool(url, options=options, size=max_size)
     try:
+        await fast.fill()
         yield PostgresStore(pool, fast, max_size, lease_s)
     finally:
         fast.close()
