@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from wsrunner import fshelper, paths
+from wsrunner.errors import PathEscapeError
 from wsrunner.fshelper import MESSAGE_BYTES, Helper, serve_requests
 
 
@@ -60,7 +61,7 @@ def test_the_helper_answers_none_for_what_it_cannot_do(tmp_path: Any) -> None:
     server = threading.Thread(target=serve_requests, args=(theirs, ops))
     server.start()
     (tmp_path / "tasks").mkdir()
-    root, spares = str(tmp_path), "tasks/.spare"
+    root, spares = str(tmp_path), ".spare"
     requests = [[1, "boom", []], [2, "big", []], [3, "ping", []],
                 [4, "make", [root, "tasks/t", ["home"], {"f": ["hi", 0o600]},
                              [["tasks", "repos"], []], spares]],  # no repos/: not as prepared
@@ -92,7 +93,7 @@ def test_the_helper_answers_none_for_what_it_cannot_do(tmp_path: Any) -> None:
 
 # --- spare task directories (paths.park_dir, paths.take_spare) -----------------------------
 
-SUBDIRS, SPARES = ("home", "tmp"), "tasks/.spare"
+SUBDIRS, SPARES = ("home", "tmp"), ".spare"
 
 
 def _made(root: Path, name: str) -> Path:
@@ -170,6 +171,29 @@ def test_spares_in_a_directory_that_is_not_the_daemons_are_not_used(tmp_path: Pa
     assert not _take(tmp_path, "b")
     _made(tmp_path, "c")
     assert not _park(tmp_path, "c")
+
+
+def test_parking_never_leaves_the_workspace(tmp_path: Path) -> None:
+    """`tasks` replaced by a symlink out of the workspace: nothing is parked or made out there."""
+    root, outside = tmp_path / "ws", tmp_path / "outside"
+    root.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    _made(tmp_path / "elsewhere", "a")
+    (tmp_path / "elsewhere" / "tasks").rename(outside)
+    (root / "tasks").symlink_to(outside)
+    with pytest.raises(PathEscapeError):
+        _park(root, "a")
+    assert os.listdir(outside) == ["a"]  # no spares directory made out there
+    with pytest.raises(PathEscapeError):
+        _take(root, "b")
+
+
+def test_a_spares_name_that_is_a_symlink_is_not_used(tmp_path: Path) -> None:
+    _made(tmp_path, "a")
+    (tmp_path / "decoy").mkdir(mode=0o700)
+    (tmp_path / "tasks" / ".spare").symlink_to(tmp_path / "decoy")
+    assert not _park(tmp_path, "a") and not os.listdir(tmp_path / "decoy")
+    assert not _take(tmp_path, "b")
 
 
 def _change(made: Path, change: str) -> None:

@@ -34,7 +34,7 @@ def results(rec):
 
 def task_dirs(workspace: Path) -> list[str]:
     """The task directories in a workspace (not the spares kept for later tasks)."""
-    return sorted(n for n in os.listdir(workspace / "tasks") if n != os.path.basename(SPARES))
+    return sorted(n for n in os.listdir(workspace / "tasks") if n != SPARES)
 
 
 async def test_file_steps_round_trip(daemon: Daemon) -> None:

@@ -183,8 +183,9 @@ OPS: Final[dict[str, Callable[..., Any]]] = {"make": _make, "remove": _remove,
 
 def serve_requests(sock: socket.socket, ops: dict[str, Callable[..., Any]]) -> None:
     """The helper's loop: answer each request with its op's result, or None if it raised."""
-    while data := sock.recv(MESSAGE_BYTES):
-        call_id, op, args = json.loads(data)
+    buf = bytearray(MESSAGE_BYTES)  # one buffer: a fresh 1 MiB per request costs an mmap
+    while size := sock.recv_into(buf):
+        call_id, op, args = json.loads(buf[:size])
         try:
             result = ops[op](*args)
         except Exception:  # whatever it was: the daemon does it again, and reports what it finds

@@ -270,6 +270,7 @@ def _write_new_files(dfd: int, files: Mapping[str, tuple[str, int]],
 # 0700: a command running as the workspace's own uid can neither enter nor fill it.
 
 _RENAME_NOREPLACE: Final = 1
+_OURS: Final = (os.geteuid(), os.getegid())  #: who owns what the daemon (or its helper) made
 _renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28 and later
 
 
@@ -288,7 +289,7 @@ def _plain_dir(fd: int, owner: tuple[int, int] | None) -> bool:
     st = os.fstat(fd)
     if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o7022 or st.st_mode & 0o700 != 0o700:
         return False
-    if (st.st_uid, st.st_gid) != (owner or (os.geteuid(), os.getegid())):
+    if (st.st_uid, st.st_gid) != (owner or _OURS):
         return False
     try:
         names = os.listxattr(fd)
@@ -320,15 +321,35 @@ def _as_made(dfd: int, subdirs: Sequence[str], owner: tuple[int, int] | None) ->
     return True
 
 
+def _open_spares(pfd: int, name: str, *, create: bool) -> int | None:
+    """The spares directory `name` in the directory `pfd`, open (made first if missing and
+    `create`); None if there is none, or it is not the daemon's own (`_plain_dir`)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(name, flags, dir_fd=pfd)
+        except FileNotFoundError:
+            if not create:
+                return None
+            os.mkdir(name, 0o700, dir_fd=pfd)
+            fd = os.open(name, flags, dir_fd=pfd)
+    except OSError:  # a symlink, a file, made by someone else meanwhile: not used
+        return None
+    if not _plain_dir(fd, None):
+        os.close(fd)
+        return None
+    return fd
+
+
 def park_dir(root: str, path: str, spares: str, *, subdirs: Sequence[str],
              files: Sequence[str], keep: int) -> bool:  # fmt: skip
-    """Remove `files` from the directory `path`, then move it into `spares` (made if missing)
-    if it is as `make_fresh_dir` made it with `subdirs` and fewer than `keep` are parked there.
+    """Remove `files` from the directory `path`, then move it into `spares` (a name beside it,
+    made if missing) if it is as `make_fresh_dir` made it with `subdirs` and fewer than `keep`
+    are parked there.
 
     Returns False if it stayed where it is (its `files` removed): remove it with `remove_dir`.
     """
-    rel, spares = clean_relative(path), clean_relative(spares)
-    parent, name = os.path.split(rel)
+    parent, name = os.path.split(clean_relative(path))
     with open_root(root) as rfd:
         owner = _owner(rfd)
         with _fd(open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)) as pfd:
@@ -345,13 +366,10 @@ def park_dir(root: str, path: str, spares: str, *, subdirs: Sequence[str],
                         pass
                 if not _as_made(dfd, subdirs, owner):
                     return False
-            try:
-                os.mkdir(spares, 0o700, dir_fd=rfd)
-            except FileExistsError:
-                pass
-            sfd = open_beneath(rfd, spares, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            if (sfd := _open_spares(pfd, spares, create=True)) is None:
+                return False
             with _fd(sfd):
-                if not _plain_dir(sfd, None) or len(os.listdir(sfd)) >= keep:
+                if len(os.listdir(sfd)) >= keep:
                     return False
                 _rename_noreplace(pfd, name, sfd, name)
     return True
@@ -359,31 +377,28 @@ def park_dir(root: str, path: str, spares: str, *, subdirs: Sequence[str],
 
 def take_spare(root: str, path: str, spares: str, *, subdirs: Sequence[str],
                files: Mapping[str, tuple[str, int]]) -> bool:  # fmt: skip
-    """Make the directory `path` from one parked in `spares` (still as made) and write `files`
-    into it, as `make_fresh_dir` would; False if there is none. `path` must not exist."""
-    rel, spares = clean_relative(path), clean_relative(spares)
-    parent, name = os.path.split(rel)
+    """Make the directory `path` from one parked in `spares` (a name beside it) that is still as
+    made, and write `files` into it, as `make_fresh_dir` would; False if there is none. `path`
+    must not exist."""
+    parent, name = os.path.split(clean_relative(path))
     with open_root(root) as rfd:
         owner = _owner(rfd)
-        try:
-            sfd = open_beneath(rfd, spares, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return False
-        with _fd(sfd), _fd(open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)) as pfd:
-            if not _plain_dir(sfd, None):
+        with _fd(open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)) as pfd:
+            if (sfd := _open_spares(pfd, spares, create=False)) is None:
                 return False
-            for spare in os.listdir(sfd):
-                try:
-                    dfd = os.open(spare, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                  | os.O_CLOEXEC, dir_fd=sfd)  # fmt: skip
-                except OSError:
-                    continue
-                with _fd(dfd):
-                    if not _as_made(dfd, subdirs, owner):
-                        continue  # left alone: it counts against `keep`, nothing walks it
-                    _rename_noreplace(sfd, spare, pfd, name)
-                    _write_new_files(dfd, files, owner)
-                    return True
+            with _fd(sfd):
+                for spare in os.listdir(sfd):
+                    try:
+                        dfd = os.open(spare, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                      | os.O_CLOEXEC, dir_fd=sfd)  # fmt: skip
+                    except OSError:
+                        continue
+                    with _fd(dfd):
+                        if not _as_made(dfd, subdirs, owner):
+                            continue  # left alone: it counts against `keep`, nothing walks it
+                        _rename_noreplace(sfd, spare, pfd, name)
+                        _write_new_files(dfd, files, owner)
+                        return True
     return False
 
 

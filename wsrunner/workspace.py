@@ -54,8 +54,8 @@ USAGE_CACHE_S: Final = 5.0  # a burst of tasks in one workspace walks it once
 META_FLUSH_S: Final = 1.0  # task counts reach the metadata file within this long
 TASK_SUBDIRS: Final = ("home", "tmp")
 TASK_FILES: Final = ("gitconfig", "ssh_key")
-#: task directories as made, kept for later tasks (by the helper: see `paths.park_dir`)
-SPARES: Final = "tasks/.spare"
+#: in tasks/: task directories as made, kept for later tasks (the helper's: `paths.park_dir`)
+SPARES: Final = ".spare"
 SPARES_KEPT: Final = 8
 SAFE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _GIT_PROTOCOLS: Final = {
