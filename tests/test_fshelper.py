@@ -134,6 +134,18 @@ def test_a_task_directory_as_made_is_parked_without_its_files_and_taken_again(
     assert sorted(os.listdir(tmp_path / "tasks" / "c")) == ["home", "tmp"]  # files went first
 
 
+def test_without_a_rename_that_keeps_what_is_there_nothing_is_parked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _made(tmp_path, "a")
+    assert _park(tmp_path, "a")
+    monkeypatch.setattr(paths, "_renameat2", None)  # a C library older than glibc 2.28
+    assert not _take(tmp_path, "b")  # the caller makes a fresh one
+    _made(tmp_path, "c")
+    assert not _park(tmp_path, "c")  # the caller removes it
+    assert sorted(os.listdir(tmp_path / "tasks")) == [".spare", "c"]
+
+
 def test_a_spare_is_taken_only_into_a_new_name(tmp_path: Path) -> None:
     _made(tmp_path, "a")
     assert _park(tmp_path, "a")

@@ -274,13 +274,17 @@ _OURS: Final = (os.geteuid(), os.getegid())  #: who owns what the daemon (or its
 _renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28 and later
 
 
-def _rename_noreplace(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
-    """rename(2) that fails with FileExistsError, instead of replacing an empty directory."""
+def _rename_noreplace(src_fd: int, src: str, dst_fd: int, dst: str) -> bool:
+    """rename(2) that fails with FileExistsError instead of replacing an empty directory;
+    False if this C library or filesystem cannot rename that way (nothing was moved)."""
     if _renameat2 is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not available")
+        return False
     if _renameat2(src_fd, src.encode(), dst_fd, dst.encode(), _RENAME_NOREPLACE) != 0:
         code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOSYS):  # no RENAME_NOREPLACE here
+            return False
         raise OSError(code, os.strerror(code), dst)
+    return True
 
 
 def _plain_dir(fd: int, owner: tuple[int, int] | None) -> bool:
@@ -369,10 +373,7 @@ def park_dir(root: str, path: str, spares: str, *, subdirs: Sequence[str],
             if (sfd := _open_spares(pfd, spares, create=True)) is None:
                 return False
             with _fd(sfd):
-                if len(os.listdir(sfd)) >= keep:
-                    return False
-                _rename_noreplace(pfd, name, sfd, name)
-    return True
+                return len(os.listdir(sfd)) < keep and _rename_noreplace(pfd, name, sfd, name)
 
 
 def take_spare(root: str, path: str, spares: str, *, subdirs: Sequence[str],
@@ -396,7 +397,8 @@ def take_spare(root: str, path: str, spares: str, *, subdirs: Sequence[str],
                     with _fd(dfd):
                         if not _as_made(dfd, subdirs, owner):
                             continue  # left alone: it counts against `keep`, nothing walks it
-                        _rename_noreplace(sfd, spare, pfd, name)
+                        if not _rename_noreplace(sfd, spare, pfd, name):
+                            return False
                         _write_new_files(dfd, files, owner)
                         return True
     return False
