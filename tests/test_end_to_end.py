@@ -85,6 +85,26 @@ async def test_the_start_is_mirrored_while_the_command_runs_and_its_event_comes_
                      ("error", 2), ("status_changed", "failed")]  # fmt: skip
 
 
+async def test_a_task_whose_start_redis_has_not_taken_yet_is_not_taken_for_lost(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel watch's sweep (every second) reads each running task's Redis status; until
+    the start is mirrored that is still `queued`, which must not read as a takeover."""
+    queue = daemon.runner.queue
+    real = queue.transition
+
+    async def slow(task_id: str, workspace_id: str, target: TaskState, **kw: Any) -> Any:
+        if target is TaskState.RUNNING:
+            await trio.sleep(2.5)  # two sweeps go by
+        return await real(task_id, workspace_id, target, **kw)
+
+    monkeypatch.setattr(queue, "transition", slow)
+    sub = await daemon.service.submit(task_body(cmd("sleep 3; echo done")))
+    rec = await wait_terminal(daemon, sub.record.id, timeout=20)
+    assert rec.status is TaskState.COMPLETED and rec.attempts == 1
+    assert rec.result["result"]["steps"][0]["result"]["stdout"] == "done\n"
+
+
 async def test_nonzero_exit_is_a_step_error_and_fails_the_task(daemon: Daemon) -> None:
     sub = await daemon.service.submit(task_body(cmd("exit 7"), cmd("echo still runs")))
     rec = await wait_terminal(daemon, sub.record.id)

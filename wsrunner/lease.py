@@ -63,8 +63,11 @@ async def serve_cancel_watch(
         async def sweep() -> None:
             while True:
                 await trio.sleep(1.0)
+                # Only tasks whose start Redis has already taken: before that it still says
+                # `queued`, which would read as "handed to another daemon".
+                mirrored = [tid for tid, rt in runner.running.items() if rt.mirrored.is_set()]
                 try:
-                    states = await queue.statuses(list(runner.running))
+                    states = await queue.statuses(mirrored)
                 except UnavailableError:
                     continue
                 for tid, status in states.items():
