@@ -30,20 +30,14 @@ from machine import machine_busy_s  # bench/, the script's directory
 HERE = Path(__file__).resolve().parent
 # peers.py's own names (the bench/peers/ package hides it from a plain import).
 peers = runpy.run_path(str(HERE / "peers.py"))
-Wsrunner, cpu_s = peers["Wsrunner"], peers["_cpu_s"]
+Wsrunner = peers["Wsrunner"]
 
 
-def _thread_cpu_s(pid: int, tid: int) -> float:
-    """CPU seconds (user + system) thread `tid` of process `pid` has used."""
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _ticks(pid: int, children: bool = False) -> float:
-    """CPU seconds (user + system) of `pid`, or of its reaped children; 0 if it is gone."""
+def _cpu_s(stat: str, *, children: bool = False) -> float:
+    """CPU seconds (user + system) in a /proc `stat` file: its process's or thread's own, or
+    its reaped children's; 0 if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(stat) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
@@ -83,10 +77,10 @@ def _split(daemon_pid: int, helpers: list[int]) -> dict[str, float]:
     """CPU seconds so far, by who spent it (see the module's docstring)."""
     return {
         "machine": machine_busy_s(),
-        "daemon": _ticks(daemon_pid),
-        "commands": _ticks(daemon_pid, children=True),
-        "helper": sum(_ticks(p) for p in helpers),
-        "postgres+redis": sum(_ticks(p) for p in _named("postgres", "redis-server")),
+        "daemon": _cpu_s(f"/proc/{daemon_pid}/stat"),
+        "commands": _cpu_s(f"/proc/{daemon_pid}/stat", children=True),
+        "helper": sum(_cpu_s(f"/proc/{p}/stat") for p in helpers),
+        "postgres+redis": sum(_cpu_s(f"/proc/{p}/stat") for p in _named("postgres", "redis-server")),
     }
 
 
@@ -110,13 +104,14 @@ def main() -> None:
                                         "--output", args.py_spy, "--pid", str(daemon.proc.pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             pid = daemon.proc.pid
-            cpu0, loop0, done0 = cpu_s(pid), _thread_cpu_s(pid, pid), daemon.completed()
-            helpers = _helpers(pid)
+            loop_stat = f"/proc/{pid}/task/{pid}/stat"  # the main thread, where trio runs
+            loop0, done0, helpers = _cpu_s(loop_stat), daemon.completed(), _helpers(pid)
             split0 = _split(pid, helpers)
             while daemon.completed() < args.tasks:
                 time.sleep(0.1)
-            cpu, loop = cpu_s(pid) - cpu0, _thread_cpu_s(pid, pid) - loop0
+            loop = _cpu_s(loop_stat) - loop0
             split = {k: v - split0[k] for k, v in _split(pid, helpers).items()}
+            cpu = split["daemon"]
             split["rest"] = split["machine"] - sum(v for k, v in split.items() if k != "machine")
             if spy is not None:
                 spy.send_signal(2)

@@ -56,8 +56,8 @@ class StopReason(enum.Enum):
 class RunningTask:
     spec: TaskSpec
     claim: Claim
+    attempt: int  #: its start's number (1 for the first)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    attempt: int = 1
     reason: StopReason | None = None
     recording: bool = False  #: its steps are over; only its end is being written
     #: set once Redis mirrors the start (or failed to): the task's events wait for it
