@@ -189,6 +189,45 @@ async def test_output_is_counted_where_the_kernel_refuses_splice(
     assert rc == 0 and capture.stdout.total == 3_000_000 and len(capture.stdout.data) == 1000
 
 
+async def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(tmp_path) -> None:
+    """A grandchild in a session of its own survives the group kill and keeps the pipes: the
+    step still ends, DRAIN_S after its command, with what was printed and the flag set."""
+    import os
+    import signal as signals
+
+    from wsrunner import process
+
+    t = unique_seconds()
+    capture = process.Capture.capped(1000, 1000)
+    began = trio.current_time()
+    rc = await process.run_process(["sh", "-c", f"setsid sleep {t} & sleep 0.5; echo started"],
+                                   cwd=str(tmp_path), env={"PATH": os.defpath}, capture=capture,
+                                   kill_grace=1)  # fmt: skip
+    took = trio.current_time() - began
+    try:
+        assert rc == 0 and capture.stdout.text() == "started\n" and capture.pipes_held_open
+        assert process.DRAIN_S + 0.5 <= took < process.DRAIN_S + 2.5
+    finally:
+        for pid in host_pids(t):
+            os.kill(pid, signals.SIGKILL)
+
+
+async def test_a_cancelled_command_leaves_no_process_and_no_descriptor(tmp_path) -> None:
+    import os
+
+    from wsrunner import process
+
+    t = unique_seconds()
+    fds = set(os.listdir("/proc/self/fd"))
+    capture = process.Capture.capped(1000, 1000)
+    with trio.move_on_after(1):
+        await process.run_process(["sh", "-c", f"echo started; sleep {t} & sleep {t}"],
+                                  cwd=str(tmp_path), env={"PATH": os.defpath}, capture=capture,
+                                  kill_grace=1)  # fmt: skip
+    assert capture.stdout.text() == "started\n" and not host_pids(t)
+    assert set(os.listdir("/proc/self/fd")) <= fds
+
+
 def test_signal_names_are_reported() -> None:
     from wsrunner.executor import Executor
     from wsrunner.process import Capture

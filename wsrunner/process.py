@@ -3,22 +3,25 @@
 Each command starts in a new session (its pid is its process group id). When it exits, times out
 or is cancelled, every process left in its group gets SIGTERM, then SIGKILL after a grace period,
 and the direct child is reaped, so no background grandchild outlives its step or holds its pipes.
-Output is read by our own pumps into capped buffers: the first `cap` bytes are kept, the rest is
+Output is read into capped buffers: the first `cap` bytes are kept, the rest is
 counted and dropped, so a `yes` cannot exhaust the daemon's memory. Once a buffer is full and
 nobody streams the output any more, the rest is spliced to /dev/null in the kernel, 1 MiB at a
 time (the pipes are made that large), and only counted: a command printing a gigabyte costs the
 event loop a thousand system calls, not a gigabyte of copies that starve every other task.
 
 A child is started from the event loop's thread: `subprocess.Popen` uses vfork, so the loop waits
-only until the child has exec'd (well under a millisecond; a worker thread costs more than that),
-and its exit is awaited on a pidfd.
+only until the child has exec'd (well under a millisecond; a worker thread costs more than that).
+One task then serves the command to its end: it waits on an epoll set holding both pipes and a
+pidfd for the exit, so a command costs the event loop no tasks of its own.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -93,13 +96,15 @@ def _group_alive(pgid: int) -> bool:
 
 
 class _Child:
-    """A started child: its pipes, and its exit awaited on a pidfd (no thread, no SIGCHLD)."""
+    """A started child: the read ends of its pipes (non-blocking), its pidfd, and one epoll
+    set over all three, so a single task can wait for whichever is ready first."""
 
     def __init__(self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str],
                  pass_fds: tuple[int, ...]) -> None:  # fmt: skip
         out_r, out_w = os.pipe()  # both ends close-on-exec; Popen dup2()s the write ends
         err_r, err_w = os.pipe()
         for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
             try:
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
             except OSError:  # over fs.pipe-max-size (or the user's pipe pages): the default
@@ -117,9 +122,11 @@ class _Child:
             os.close(out_w)
             os.close(err_w)
         self.pid = self._popen.pid
-        self._pidfd = os.pidfd_open(self.pid)
-        self.stdout = trio.lowlevel.FdStream(out_r)
-        self.stderr = trio.lowlevel.FdStream(err_r)
+        self.pidfd = os.pidfd_open(self.pid)
+        self.pipes = {out_r: "stdout", err_r: "stderr"}  #: the ones still open
+        self.ready = select.epoll(3)
+        for fd in (out_r, err_r, self.pidfd):
+            self.ready.register(fd, select.EPOLLIN)
 
     @property
     def returncode(self) -> int | None:
@@ -127,39 +134,42 @@ class _Child:
 
     async def wait(self) -> int:
         while self._popen.poll() is None:
-            await trio.lowlevel.wait_readable(self._pidfd)
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
+            await trio.lowlevel.wait_readable(self.pidfd)
         return self._popen.returncode
 
+    def close_pipe(self, fd: int) -> None:
+        del self.pipes[fd]
+        self.ready.unregister(fd)
+        os.close(fd)
 
-async def _discard(stream: trio.lowlevel.FdStream) -> int:
-    """Read `stream` to its end without copying it into this process; returns the byte count.
+    def close(self) -> None:
+        for fd in list(self.pipes):
+            self.close_pipe(fd)
+        self.ready.close()
+        os.close(self.pidfd)
 
-    splice(2) moves the pipe's pages to /dev/null in the kernel, with the GIL released.
+
+_chunk = bytearray(PIPE_BYTES)  # every read lands here first (on the event loop's thread only)
+
+
+def _read(fd: int) -> bytes:
+    """What the pipe holds, up to PIPE_BYTES; b"" at its end. Raises BlockingIOError."""
+    size = os.readv(fd, [_chunk])
+    return bytes(memoryview(_chunk)[:size])
+
+
+def _skip(fd: int, null: int) -> int:
+    """Drop up to PIPE_BYTES of the pipe and count them; 0 at its end. Raises BlockingIOError.
+
+    splice(2) moves the pipe's pages to /dev/null (`null`) in the kernel, never copied into
+    this process; where the kernel refuses (EINVAL), they are read and dropped.
     """
-    fd, total = stream.fileno(), 0
-    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        while True:
-            try:
-                moved = os.splice(fd, null, PIPE_BYTES, flags=os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                continue
-            except OSError as exc:  # no splice for this pipe (EINVAL): read and drop
-                if exc.errno != errno.EINVAL:
-                    raise
-                while chunk := await stream.receive_some(PIPE_BYTES):
-                    total += len(chunk)
-                return total
-            if moved == 0:
-                return total
-            total += moved
-            await trio.lowlevel.checkpoint()
-    finally:
-        os.close(null)
+        return os.splice(fd, null, PIPE_BYTES, flags=os.SPLICE_F_NONBLOCK)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    return os.readv(fd, [_chunk])
 
 
 def _killpg(pgid: int, sig: int) -> bool:
@@ -186,6 +196,57 @@ async def terminate_group(proc: _Child, grace: float) -> None:
     await proc.wait()
 
 
+async def _pump(proc: _Child, capture: Capture, kill_grace: float) -> None:
+    """Read both pipes into `capture` and await the exit, all in this one task; once the
+    command is done, kill what it left in its group, then read on until both pipes end (at
+    most DRAIN_S: a process that left the group may hold them open)."""
+    buffers = {"stdout": capture.stdout, "stderr": capture.stderr}
+    counted: set[int] = set()  # pipes past their cap that nobody streams: only counted
+    null = -1
+    drain_until = math.inf
+    try:
+        while proc.pipes or proc.returncode is None:
+            ready = proc.ready.poll(0)
+            if not ready:
+                with trio.move_on_at(drain_until):
+                    await trio.lowlevel.wait_readable(proc.ready.fileno())
+                    continue
+                capture.pipes_held_open = True
+                return
+            for fd, _ in ready:
+                if fd == proc.pidfd:
+                    proc.ready.unregister(fd)
+                    with trio.CancelScope(shield=True):
+                        await terminate_group(proc, kill_grace)
+                    drain_until = trio.current_time() + DRAIN_S
+                    continue
+                name = proc.pipes[fd]
+                try:
+                    if fd in counted:
+                        size = _skip(fd, null)
+                    else:
+                        chunk = _read(fd)
+                        size = len(chunk)
+                except BlockingIOError:
+                    continue
+                if size == 0:
+                    proc.close_pipe(fd)
+                elif fd in counted:
+                    buffers[name].total += size
+                else:
+                    buf = buffers[name]
+                    buf.add(chunk)
+                    more = False if capture.on_output is None else capture.on_output(name, chunk)
+                    if buf.full and more is False:  # kept all it may, streamed enough
+                        counted.add(fd)
+                        if null < 0:
+                            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            await trio.lowlevel.checkpoint()
+    finally:
+        if null >= 0:
+            os.close(null)
+
+
 async def run_process(
     argv: Sequence[str],
     *,
@@ -204,38 +265,7 @@ async def run_process(
     """
     proc = _Child(argv, cwd=cwd, env=env, pass_fds=pass_fds)
     try:
-        async with trio.open_nursery() as nursery:
-            done = [trio.Event(), trio.Event()]
-
-            async def pump(stream: trio.lowlevel.FdStream, name: str, buf: CappedBuffer,
-                           finished: trio.Event) -> None:  # fmt: skip
-                try:
-                    async with stream:
-                        while chunk := bytes(await stream.receive_some(PIPE_BYTES)):
-                            buf.add(chunk)
-                            more = (
-                                False
-                                if capture.on_output is None
-                                else capture.on_output(name, chunk)
-                            )
-                            if buf.full and more is False:  # kept all it may, streamed enough
-                                buf.total += await _discard(stream)
-                                break
-                finally:
-                    finished.set()
-
-            nursery.start_soon(pump, proc.stdout, "stdout", capture.stdout, done[0])
-            nursery.start_soon(pump, proc.stderr, "stderr", capture.stderr, done[1])
-            await proc.wait()
-            # The command is done; whatever it left running in its group goes with it.
-            with trio.CancelScope(shield=True):
-                await terminate_group(proc, kill_grace)
-            with trio.move_on_after(DRAIN_S):
-                for ev in done:
-                    await ev.wait()
-            if not all(ev.is_set() for ev in done):
-                capture.pipes_held_open = True
-                nursery.cancel_scope.cancel()
+        await _pump(proc, capture, kill_grace)
     finally:
         with trio.CancelScope(shield=True):
             # The common case, nothing left in the group, costs one signal-0 probe; only a
@@ -244,5 +274,6 @@ async def run_process(
                 _killpg(proc.pid, 0) and await trio.to_thread.run_sync(_group_alive, proc.pid)
             ):
                 await terminate_group(proc, kill_grace)
+        proc.close()
     assert proc.returncode is not None
     return proc.returncode

@@ -90,13 +90,16 @@ def _progress(spec: TaskSpec, step: int) -> JSON:
 class _OutputForwarder:
     """Turns a command's output chunks into batched `output` events, within a byte budget."""
 
-    def __init__(self, queue: Queue, task_id: str, ready: trio.Event) -> None:
+    def __init__(self, queue: Queue, task_id: str, ready: trio.Event,
+                 nursery: trio.Nursery) -> None:  # fmt: skip
         self._queue, self._task_id, self._ready = queue, task_id, ready
         self._pending: list[tuple[str, bytes]] = []
         self._size = self._sent = 0
         self._step = 0
         self._wake = trio.Event()
         self._lock = trio.Lock()
+        #: where `serve` starts with the first output (a silent task never needs it); then None
+        self._nursery: trio.Nursery | None = nursery
 
     def start_step(self, step: int) -> None:
         self._step = step
@@ -108,6 +111,9 @@ class _OutputForwarder:
         self._pending.append((stream, chunk))
         self._size += len(chunk)
         self._wake.set()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._serve)
+            self._nursery = None
         return True
 
     async def flush(self) -> None:
@@ -130,7 +136,7 @@ class _OutputForwarder:
                     await self._queue.emit(self._task_id, "output",
                                            {"step": self._step, "stream": stream, "data": text})  # fmt: skip
 
-    async def serve(self) -> None:
+    async def _serve(self) -> None:
         while True:
             await self._wake.wait()
             with trio.move_on_after(OUTPUT_FLUSH_S):
@@ -312,7 +318,6 @@ class TaskRunner:
         failed_steps: list[int] = []
         error: str | None = None
         ctx: StepContext | None = None
-        forwarder = _OutputForwarder(self.queue, tid, rt.mirrored)
         policy = self.executor.policy.for_workspace(ws)  # the task keeps it, whatever reloads
         logger.info("task started", extra={**log, "policy": policy.digest})
         self.metrics.tasks_started.labels(priority=spec.priority.value).inc()
@@ -320,7 +325,7 @@ class TaskRunner:
             with rt.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._mirror_start, rt)
-                    nursery.start_soon(forwarder.serve)
+                    forwarder = _OutputForwarder(self.queue, tid, rt.mirrored, nursery)
                     try:
                         if isinstance(prepared, FileExistsError):  # an earlier run's leftovers
                             prepared = await self.workspaces.open_task(ws, tid, spec.credentials)
