@@ -217,6 +217,7 @@ async def _pump(proc: _Child, capture: Capture, kill_grace: float) -> None:
                 if fd == proc.pidfd:
                     proc.ready.unregister(fd)
                     with trio.CancelScope(shield=True):
+                        await proc.wait()  # reaped first: a zombie still counts in its group
                         await terminate_group(proc, kill_grace)
                     drain_until = trio.current_time() + DRAIN_S
                     continue
