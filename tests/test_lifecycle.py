@@ -212,6 +212,36 @@ async def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(tmp_pat
             os.kill(pid, signals.SIGKILL)
 
 
+async def test_a_watch_is_called_as_it_asks_and_can_stop_the_command(tmp_path) -> None:
+    """The quota watch's hook: called `watch_after` s after the start, then after the delay it
+    returns each time; None stops the whole group like a cancel, output kept."""
+    import os
+    import signal as signals
+
+    from wsrunner import process
+
+    t = unique_seconds()
+    calls: list[float] = []
+    began = trio.current_time()
+
+    async def watch() -> float | None:
+        calls.append(trio.current_time() - began)
+        return None if len(calls) == 3 else 0.2
+
+    capture = process.Capture.capped(1000, 1000)
+    rc = await process.run_process(["sh", "-c", f"echo started; sleep {t} & sleep {t}"],
+                                   cwd=str(tmp_path), env={"PATH": os.defpath}, capture=capture,
+                                   kill_grace=1, watch=watch, watch_after=0.3)  # fmt: skip
+    assert rc == -signals.SIGTERM and capture.stdout.text() == "started\n" and not host_pids(t)
+    assert len(calls) == 3 and 0.3 <= calls[0] < 2
+    assert 0.2 <= calls[1] - calls[0] < 2 and 0.2 <= calls[2] - calls[1] < 2
+    # A command that ends first is never watched.
+    calls.clear()
+    rc = await process.run_process(["true"], cwd=str(tmp_path), env={"PATH": os.defpath},
+                                   capture=capture, kill_grace=1, watch=watch, watch_after=0.3)  # fmt: skip
+    assert rc == 0 and calls == []
+
+
 async def test_a_cancelled_command_leaves_no_process_and_no_descriptor(tmp_path) -> None:
     import os
 

@@ -43,7 +43,7 @@ from wsrunner.models import (
 )
 from wsrunner.payload import redact_url
 from wsrunner.policy import EffectivePolicy, LivePolicy
-from wsrunner.process import Capture, run_process
+from wsrunner.process import Capture, Watch, run_process
 from wsrunner.sandbox import EXIT_LAUNCH_FAILED, Sandbox
 from wsrunner.settings import Settings
 from wsrunner.workspace import TaskEnvironment, Workspaces
@@ -197,13 +197,11 @@ class Executor:
             ) as launch:  # fmt: skip
                 over: list[int] = []
                 with trio.move_on_after(timeout) as scope:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._watch_quota, ctx.workspace_id, quota, over,
-                                           nursery.cancel_scope)  # fmt: skip
-                        rc = await run_process(launch.argv, cwd=launch.cwd, env=env,
-                                               capture=capture, pass_fds=launch.pass_fds,
-                                               kill_grace=self.settings.kill_grace_s)  # fmt: skip
-                        nursery.cancel_scope.cancel()
+                    rc = await run_process(launch.argv, cwd=launch.cwd, env=env,
+                                           capture=capture, pass_fds=launch.pass_fds,
+                                           kill_grace=self.settings.kill_grace_s,
+                                           watch=self._quota_watch(ctx.workspace_id, quota, over),
+                                           watch_after=QUOTA_POLL_S)  # fmt: skip
         except IsolationUnavailableError as exc:
             ctx.capture = None
             self.metrics.sandbox_refusals.inc()
@@ -222,23 +220,23 @@ class Executor:
             _explain_limits(result, rc, launch.limits_hit, limits)
         return result
 
-    async def _watch_quota(self, workspace_id: str, quota: int, over: list[int],
-                           scope: trio.CancelScope) -> None:  # fmt: skip
-        """Stop a running command (cancel `scope`) once its workspace exceeds its quota.
+    def _quota_watch(self, workspace_id: str, quota: int, over: list[int]) -> Watch:
+        """A `run_process` watch that stops a command once its workspace exceeds its quota
+        (the size found goes into `over`).
 
         The disk is walked at most every QUOTA_POLL_S, and never more than a fifth of the time:
         a command writing fast overshoots by what it writes in one interval.
         """
-        interval = QUOTA_POLL_S
-        while True:
-            await trio.sleep(interval)
+
+        async def watch() -> float | None:
             began = trio.current_time()
             used = await self.workspaces.usage(workspace_id, fresh=True)
-            interval = max(QUOTA_POLL_S, 4 * (trio.current_time() - began))
             if used > quota:
                 over.append(used)
-                scope.cancel()
-                return
+                return None
+            return max(QUOTA_POLL_S, 4 * (trio.current_time() - began))
+
+        return watch
 
     @staticmethod
     def describe(capture: Capture, *, exit_code: int | None, duration_ms: int) -> JSON:

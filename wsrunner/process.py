@@ -24,7 +24,7 @@ import os
 import select
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -33,6 +33,8 @@ import trio
 DRAIN_S: Final = 2.0  # how long to wait for pipes after the group is dead (a setsid escapee)
 PIPE_BYTES: Final = 1 << 20  # each output pipe's buffer (F_SETPIPE_SZ), and one read or splice
 _POLL_S: Final = 0.02
+#: A check made while a command runs: returns the seconds until the next one, or None: stop it.
+Watch = Callable[[], Awaitable[float | None]]
 
 
 @dataclass(slots=True)
@@ -196,23 +198,42 @@ async def terminate_group(proc: _Child, grace: float) -> None:
     await proc.wait()
 
 
-async def _pump(proc: _Child, capture: Capture, kill_grace: float) -> None:
-    """Read both pipes into `capture` and await the exit, all in this one task; once the
-    command is done, kill what it left in its group, then read on until both pipes end (at
-    most DRAIN_S: a process that left the group may hold them open)."""
+async def _ready_by(proc: _Child, deadline: float) -> bool:
+    """Wait for a pipe or the exit of `proc`: True when one is ready, False at `deadline`."""
+    if deadline == math.inf:  # (no cancel scope to make)
+        await trio.lowlevel.wait_readable(proc.ready.fileno())
+        return True
+    with trio.move_on_at(deadline):
+        await trio.lowlevel.wait_readable(proc.ready.fileno())
+        return True
+    return False
+
+
+async def _pump(proc: _Child, capture: Capture, kill_grace: float, watch: Watch | None,
+                watch_after: float) -> None:  # fmt: skip
+    """Read both pipes into `capture`, await the exit and call `watch` when due, all in this
+    one task. Once the command is done, kill what it left in its group, then read on until
+    both pipes end (at most DRAIN_S: a process that left the group may hold them open).
+    Returns early, the command still running, when `watch` says to stop it."""
     buffers = {"stdout": capture.stdout, "stderr": capture.stderr}
     counted: set[int] = set()  # pipes past their cap that nobody streams: only counted
     null = -1
     drain_until = math.inf
+    watch_at = math.inf if watch is None else trio.current_time() + watch_after
     try:
         while proc.pipes or proc.returncode is None:
             ready = proc.ready.poll(0)
             if not ready:
-                with trio.move_on_at(drain_until):
-                    await trio.lowlevel.wait_readable(proc.ready.fileno())
-                    continue
-                capture.pipes_held_open = True
-                return
+                if proc.returncode is not None:
+                    if not await _ready_by(proc, drain_until):
+                        capture.pipes_held_open = True
+                        return
+                elif not await _ready_by(proc, watch_at):
+                    assert watch is not None
+                    if (delay := await watch()) is None:
+                        return
+                    watch_at = trio.current_time() + delay
+                continue
             for fd, _ in ready:
                 if fd == proc.pidfd:
                     proc.ready.unregister(fd)
@@ -256,17 +277,23 @@ async def run_process(
     capture: Capture,
     kill_grace: float,
     pass_fds: tuple[int, ...] = (),
+    watch: Watch | None = None,
+    watch_after: float = 0.0,
 ) -> int:
     """Run `argv` to completion and return its exit status (negative: killed by that signal).
 
-    The caller owns the timeout: wrap the call in `trio.move_on_after`.
+    The caller owns the timeout: wrap the call in `trio.move_on_after`. `watch`, if given, is
+    awaited `watch_after` seconds after the start, and again as often as it asks (it returns
+    the seconds until its next call), while the command runs; it returns None to have the
+    command stopped like a cancelled one. While it runs, the pipes are not read (they hold
+    PIPE_BYTES each).
 
     Cancellation: the whole process group is terminated (SIGTERM, grace, SIGKILL) and the
     child reaped before `Cancelled` propagates; `capture` keeps what was printed until then.
     """
     proc = _Child(argv, cwd=cwd, env=env, pass_fds=pass_fds)
     try:
-        await _pump(proc, capture, kill_grace)
+        await _pump(proc, capture, kill_grace, watch, watch_after)
     finally:
         with trio.CancelScope(shield=True):
             # The common case, nothing left in the group, costs one signal-0 probe; only a
