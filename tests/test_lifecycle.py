@@ -165,7 +165,7 @@ async def test_output_past_the_caps_is_counted_and_streamed_while_wanted(tmp_pat
 
     for on_output in (None, wants_all, wants_some):
         capture = Capture.capped(1000, 1000, on_output)
-        rc = await run_process(five_mb, cwd=str(tmp_path), env=env, capture=capture, kill_grace=1)
+        rc = await run_process(five_mb, env=env, capture=capture, kill_grace=1)
         assert rc == 0 and capture.stdout.total == 5_000_000 and capture.stdout.text() == "x" * 1000
     assert streamed["all"] == 5_000_000
     assert 100_000 <= streamed["some"] < 5_000_000
@@ -184,7 +184,7 @@ async def test_output_is_counted_where_the_kernel_refuses_splice(
 
     monkeypatch.setattr(process.os, "splice", refused)
     capture = process.Capture.capped(1000, 1000)
-    rc = await process.run_process(["sh", "-c", "head -c 3000000 /dev/zero"], cwd=str(tmp_path),
+    rc = await process.run_process(["sh", "-c", "head -c 3000000 /dev/zero"],
                                    env={"PATH": os.defpath}, capture=capture, kill_grace=1)  # fmt: skip
     assert rc == 0 and capture.stdout.total == 3_000_000 and len(capture.stdout.data) == 1000
 
@@ -201,7 +201,7 @@ async def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(tmp_pat
     capture = process.Capture.capped(1000, 1000)
     began = trio.current_time()
     rc = await process.run_process(["sh", "-c", f"setsid sleep {t} & sleep 0.5; echo started"],
-                                   cwd=str(tmp_path), env={"PATH": os.defpath}, capture=capture,
+                                   env={"PATH": os.defpath}, capture=capture,
                                    kill_grace=1)  # fmt: skip
     took = trio.current_time() - began
     try:
@@ -230,16 +230,47 @@ async def test_a_watch_is_called_as_it_asks_and_can_stop_the_command(tmp_path) -
 
     capture = process.Capture.capped(1000, 1000)
     rc = await process.run_process(["sh", "-c", f"echo started; sleep {t} & sleep {t}"],
-                                   cwd=str(tmp_path), env={"PATH": os.defpath}, capture=capture,
+                                   env={"PATH": os.defpath}, capture=capture,
                                    kill_grace=1, watch=watch, watch_after=0.3)  # fmt: skip
     assert rc == -signals.SIGTERM and capture.stdout.text() == "started\n" and not host_pids(t)
     assert len(calls) == 3 and 0.3 <= calls[0] < 2
     assert 0.2 <= calls[1] - calls[0] < 2 and 0.2 <= calls[2] - calls[1] < 2
     # A command that ends first is never watched.
     calls.clear()
-    rc = await process.run_process(["true"], cwd=str(tmp_path), env={"PATH": os.defpath},
+    rc = await process.run_process(["true"], env={"PATH": os.defpath},
                                    capture=capture, kill_grace=1, watch=watch, watch_after=0.3)  # fmt: skip
     assert rc == 0 and calls == []
+
+
+async def test_a_command_gets_only_what_it_is_given(tmp_path) -> None:
+    """Started with posix_spawn: no descriptor of the daemon but those passed (one the daemon
+    inherited included, once `inherit_none` ran), SIGPIPE and SIGXFSZ not ignored (Python
+    ignores them), a session of its own, stdin at /dev/null."""
+    import os
+    import signal as signals
+
+    from wsrunner import process
+
+    inherited = os.open(tmp_path, os.O_RDONLY)
+    os.set_inheritable(inherited, True)
+    passed = os.open(tmp_path, os.O_RDONLY)
+    listing = tmp_path / "fds"
+    try:
+        process.inherit_none()
+        capture = process.Capture.capped(10_000, 10_000)
+        # A subshell lists the shell's descriptors (the shell itself neither redirects nor pipes).
+        script = (f"(ls /proc/$$/fd) > {listing}; grep SigIgn /proc/$$/status; "
+                  "cut -d' ' -f6 < /proc/$$/stat; echo $$; readlink /proc/$$/fd/0")  # fmt: skip
+        rc = await process.run_process(["/bin/sh", "-c", script], env={"PATH": os.defpath},
+                                       capture=capture, kill_grace=1, pass_fds=(passed,))  # fmt: skip
+    finally:
+        os.close(inherited)
+        os.close(passed)
+    ignored, session, pid, stdin = capture.stdout.text().splitlines()
+    assert rc == 0 and sorted(map(int, listing.read_text().split())) == [0, 1, 2, passed]
+    mask = int(ignored.split()[1], 16)
+    assert not mask & (1 << (signals.SIGPIPE - 1) | 1 << (signals.SIGXFSZ - 1)), ignored
+    assert session == pid and stdin == "/dev/null"
 
 
 async def test_a_cancelled_command_leaves_no_process_and_no_descriptor(tmp_path) -> None:
@@ -252,7 +283,7 @@ async def test_a_cancelled_command_leaves_no_process_and_no_descriptor(tmp_path)
     capture = process.Capture.capped(1000, 1000)
     with trio.move_on_after(1):
         await process.run_process(["sh", "-c", f"echo started; sleep {t} & sleep {t}"],
-                                  cwd=str(tmp_path), env={"PATH": os.defpath}, capture=capture,
+                                  env={"PATH": os.defpath}, capture=capture,
                                   kill_grace=1)  # fmt: skip
     assert capture.stdout.text() == "started\n" and not host_pids(t)
     assert set(os.listdir("/proc/self/fd")) <= fds

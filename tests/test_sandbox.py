@@ -347,8 +347,8 @@ def test_without_a_sandbox_a_shell_command_runs_in_the_launch_shell(tmp_path: Pa
     seen by the command exactly as `sh -c` would be."""
     procs = tmp_path / "cgroup.procs"
     procs.touch()
-    argv = _unsandboxed_argv(command, procs=[str(procs)])
-    launched = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, check=False)
+    argv = _unsandboxed_argv(command, procs=[str(procs)], cwd=str(tmp_path))
+    launched = subprocess.run(argv, capture_output=True, text=True, check=False)
     joined = procs.read_text().split()
     # It joined the cgroup before anything ran (a syntax error on line 1: nothing runs at all).
     assert len(joined) == 1 or "Syntax error" in launched.stderr
@@ -369,12 +369,12 @@ def test_without_a_sandbox_the_command_runs_where_the_limits_were_set(tmp_path: 
     assert "ulimit -c 0" in cmdline  # the process image that set them up: not exec'd again
 
 
-def _unsandboxed_argv(command: str, procs: list[str] | None = None) -> list[str]:
+def _unsandboxed_argv(command: str, procs: list[str] | None = None, cwd: str = "/") -> list[str]:
     """The launch of a shell command on a host without isolation (a cgroup.procs to join)."""
     limits = Limits(timeout_s=60, memory_bytes=2**30, pids=64, cpu_s=7, open_files=64,
                     file_size_bytes=2**20, stdout_bytes=2**20, stderr_bytes=2**20)  # fmt: skip
     return _command_argv(Isolation("none", {}, ()), ["/bin/sh", "-c", command], uid=None,
-                         binds=[], cwd="/", network=False, limits=limits, procs=procs or [],
+                         binds=[], cwd=cwd, network=False, limits=limits, procs=procs or [],
                          fds=[])  # fmt: skip
 
 

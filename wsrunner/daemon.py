@@ -38,6 +38,7 @@ from wsrunner.operations import WorkspaceOps
 from wsrunner.policy import LivePolicy, PolicyError
 from wsrunner.poller import serve_poller
 from wsrunner.ports import Queue, Store
+from wsrunner.process import inherit_none
 from wsrunner.queue import open_redis_queue
 from wsrunner.runner import StopReason, TaskRunner
 from wsrunner.sandbox import LEVELS, Sandbox, probe, turned_off
@@ -148,6 +149,7 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         ConfigError: the frontend cannot be loaded.
     """
     frontend = load_frontend(settings.frontend)
+    inherit_none()  # commands start with posix_spawn: only what they are given is open there
     async with open_backends(settings) as (queue, store):
         try:
             await trio.to_thread.run_sync(_make_volume, settings)

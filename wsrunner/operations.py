@@ -296,7 +296,7 @@ class WorkspaceOps:
         async def spawn(argv: list[str], capture: Capture) -> int:
             async with sandbox.launch(argv, root=root, cwd=root, policy=policy.sandbox,
                                       limits=policy.limits, network=False) as launch:  # fmt: skip
-                return await run_process(launch.argv, cwd=launch.cwd, capture=capture,
+                return await run_process(launch.argv, capture=capture,
                                          env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                                          kill_grace=self.settings.kill_grace_s,
                                          pass_fds=launch.pass_fds)  # fmt: skip

@@ -9,8 +9,11 @@ nobody streams the output any more, the rest is spliced to /dev/null in the kern
 time (the pipes are made that large), and only counted: a command printing a gigabyte costs the
 event loop a thousand system calls, not a gigabyte of copies that starve every other task.
 
-A child is started from the event loop's thread: `subprocess.Popen` uses vfork, so the loop waits
-only until the child has exec'd (well under a millisecond; a worker thread costs more than that).
+A child is started from the event loop's thread with posix_spawn (a vfork in glibc): the loop
+waits only until the child has exec'd, well under a millisecond, and the spawn costs a fraction
+of `subprocess.Popen`'s Python. Only the descriptors it is given are open in the child: every
+other one is close-on-exec (Python opens them so; `inherit_none` marks those the daemon itself
+inherited).
 One task then serves the command to its end: it waits on an epoll set holding both pipes and a
 pidfd for the exit, so a command costs the event loop no tasks of its own.
 """
@@ -22,8 +25,8 @@ import fcntl
 import math
 import os
 import select
+import shutil
 import signal
-import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -33,6 +36,9 @@ import trio
 DRAIN_S: Final = 2.0  # how long to wait for pipes after the group is dead (a setsid escapee)
 PIPE_BYTES: Final = 1 << 20  # each output pipe's buffer (F_SETPIPE_SZ), and one read or splice
 _POLL_S: Final = 0.02
+#: Python ignores these; a command gets them back (as `subprocess`' restore_signals does), so
+#: that a write past RLIMIT_FSIZE kills it (SIGXFSZ) and `yes | head` ends (SIGPIPE).
+_DEFAULT_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ)
 #: A check made while a command runs: returns the seconds until the next one, or None: stop it.
 Watch = Callable[[], Awaitable[float | None]]
 
@@ -101,9 +107,12 @@ class _Child:
     """A started child: the read ends of its pipes (non-blocking), its pidfd, and one epoll
     set over all three, so a single task can wait for whichever is ready first."""
 
-    def __init__(self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str],
+    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str],
                  pass_fds: tuple[int, ...]) -> None:  # fmt: skip
-        out_r, out_w = os.pipe()  # both ends close-on-exec; Popen dup2()s the write ends
+        path = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0], path=env.get("PATH"))
+        if path is None:
+            raise FileNotFoundError(errno.ENOENT, "no such command on the PATH", argv[0])
+        out_r, out_w = os.pipe()  # both ends close-on-exec; the spawn dup2()s the write ends
         err_r, err_w = os.pipe()
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
@@ -111,11 +120,13 @@ class _Child:
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
             except OSError:  # over fs.pipe-max-size (or the user's pipe pages): the default
                 pass
+        # dup2 onto itself clears close-on-exec in the child only (glibc 2.29 and later).
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2),
+                   *((os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds)]  # fmt: skip
         try:
-            self._popen = subprocess.Popen(
-                list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out_w,
-                stderr=err_w, start_new_session=True, pass_fds=pass_fds,
-            )  # fmt: skip
+            self.pid = os.posix_spawn(path, list(argv), env, file_actions=actions, setsid=True,
+                                      setsigdef=_DEFAULT_SIGNALS)  # fmt: skip
         except BaseException:
             os.close(out_r)
             os.close(err_r)
@@ -123,21 +134,25 @@ class _Child:
         finally:
             os.close(out_w)
             os.close(err_w)
-        self.pid = self._popen.pid
+        self.returncode: int | None = None
         self.pidfd = os.pidfd_open(self.pid)
         self.pipes = {out_r: "stdout", err_r: "stderr"}  #: the ones still open
         self.ready = select.epoll(3)
         for fd in (out_r, err_r, self.pidfd):
             self.ready.register(fd, select.EPOLLIN)
 
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.returncode
+    def poll(self) -> int | None:
+        """Reap the child if it has exited; its exit status (negative: killed by that signal)."""
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
 
     async def wait(self) -> int:
-        while self._popen.poll() is None:
+        while (code := self.poll()) is None:
             await trio.lowlevel.wait_readable(self.pidfd)
-        return self._popen.returncode
+        return code
 
     def close_pipe(self, fd: int) -> None:
         del self.pipes[fd]
@@ -272,7 +287,6 @@ async def _pump(proc: _Child, capture: Capture, kill_grace: float, watch: Watch 
 async def run_process(
     argv: Sequence[str],
     *,
-    cwd: str,
     env: Mapping[str, str],
     capture: Capture,
     kill_grace: float,
@@ -282,7 +296,8 @@ async def run_process(
 ) -> int:
     """Run `argv` to completion and return its exit status (negative: killed by that signal).
 
-    The caller owns the timeout: wrap the call in `trio.move_on_after`. `watch`, if given, is
+    It starts in the daemon's working directory (a launch, `wsrunner.sandbox`, changes to its
+    own first), with only stdin (/dev/null), the pipes and `pass_fds` open. The caller owns the timeout: wrap the call in `trio.move_on_after`. `watch`, if given, is
     awaited `watch_after` seconds after the start, and again as often as it asks (it returns
     the seconds until its next call), while the command runs; it returns None to have the
     command stopped like a cancelled one. While it runs, the pipes are not read (they hold
@@ -291,7 +306,7 @@ async def run_process(
     Cancellation: the whole process group is terminated (SIGTERM, grace, SIGKILL) and the
     child reaped before `Cancelled` propagates; `capture` keeps what was printed until then.
     """
-    proc = _Child(argv, cwd=cwd, env=env, pass_fds=pass_fds)
+    proc = _Child(argv, env=env, pass_fds=pass_fds)
     try:
         await _pump(proc, capture, kill_grace, watch, watch_after)
     finally:
@@ -305,3 +320,15 @@ async def run_process(
         proc.close()
     assert proc.returncode is not None
     return proc.returncode
+
+
+def inherit_none() -> None:
+    """Make every descriptor of this process above stderr close-on-exec, so that none the
+    daemon inherited (from systemd, a shell, a test runner) reaches a command it starts; the
+    ones Python opens are so already."""
+    for name in os.listdir("/proc/self/fd"):
+        if (fd := int(name)) > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass

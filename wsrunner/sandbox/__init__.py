@@ -11,10 +11,11 @@ Levels, from what the start-up probe finds:
 
 Each command is started through one exec chain, with no `preexec_fn` (unsafe with threads):
 
-    /bin/sh -c '<join the cgroups; set rlimits>' ... -- setpriv <uid> -- bwrap <profile> -- cmd
+    /bin/sh -c '<join the cgroups; set rlimits; cd>' ... -- setpriv <uid> -- bwrap <profile> -- cmd
 
 The shell joins the per-command cgroups while it is still root, so every process of the
-command is limited and can be killed; setpriv drops to the workspace's uid; bwrap builds the
+command is limited and can be killed, and changes to the command's working directory (the
+daemon starts it with posix_spawn, which has no working directory to give); setpriv drops to the workspace's uid; bwrap builds the
 sandbox. Killing bwrap ends the sandbox's pid namespace, and the cgroup is emptied afterwards.
 """
 
@@ -57,7 +58,8 @@ _SETUP: Final = (
     # CPU: the soft limit sends SIGXCPU (reported as such), the hard one SIGKILL a bit later.
     '[ "$1" = - ] || { ulimit -S -t "$1" && ulimit -H -t "$(($1 + 5))"; } || exit 125; '
     '[ "$2" = - ] || ulimit -f "$2" || exit 125; [ "$3" = - ] || ulimit -n "$3" || exit 125; '
-    "shift 3; "
+    # The working directory: the spawn has none (posix_spawn), so its shell goes there.
+    'cd -P -- "$4" || exit 125; shift 4; '
 )
 _LAUNCH: Final = _SETUP + 'exec "$@"'
 _SHELL: Final = "/bin/sh"
@@ -189,25 +191,27 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
     if limits is not None:
         cpu, fsize, nofile = (str(limits.cpu_s), str(max(1, limits.file_size_bytes // 512)),
                               str(limits.open_files))  # fmt: skip
-    direct = uid is None and (isolation.bwrap is None or isolation.level != "full")
-    if direct and len(argv) == 3 and list(argv[:2]) == [_SHELL, "-c"]:
+    bwrap = isolation.bwrap if isolation.level == "full" else None
+    sandboxed = bwrap is not None
+    setup = [*procs, "--", cpu, fsize, nofile, "/" if sandboxed else cwd]  # bwrap does --chdir
+    if uid is None and not sandboxed and len(argv) == 3 and list(argv[:2]) == [_SHELL, "-c"]:
         # A shell command with nothing to exec in between: the set-up's own shell runs it (one
         # exec of sh fewer). It sees what `sh -c` would: $0 is /bin/sh, no arguments, line 1.
-        out = _Argv([_SHELL, "-c", _SETUP + argv[2], _SHELL, *procs, "--", cpu, fsize, nofile])
+        out = _Argv([_SHELL, "-c", _SETUP + argv[2], _SHELL, *setup])
         out.fds = fds
         return out
-    out = _Argv([_SHELL, "-c", _LAUNCH, "wsrunner-launch", *procs, "--", cpu, fsize, nofile])
+    out = _Argv([_SHELL, "-c", _LAUNCH, "wsrunner-launch", *setup])
     if uid is not None:
         assert isolation.setpriv is not None
         out += [isolation.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]  # fmt: skip
-    if isolation.bwrap is not None and isolation.level == "full":
+    if bwrap is not None:
         shown = uid if uid is not None else os.geteuid()
         passwd = _data_fd(f"wsrunner:x:{shown}:{shown}:wsrunner:{home}:/bin/sh\n")
         group = _data_fd(f"wsrunner:x:{shown}:\n")
         fds += [passwd, group]
         tmp_size = limits.memory_bytes if limits is not None else 256 * 1024**2
-        out += [isolation.bwrap, *_bwrap_profile(network=network, passwd_fd=passwd,
+        out += [bwrap, *_bwrap_profile(network=network, passwd_fd=passwd,
                                                  group_fd=group, tmp_size=tmp_size)]  # fmt: skip
         for flag, path in binds:
             out += [flag, path, path]
@@ -219,11 +223,11 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
 
 @dataclass(slots=True)
 class Launch:
-    """A command ready to start: argv, fds to pass, cwd; `limits_hit` is filled when it ends."""
+    """A command ready to start (it changes to its working directory itself): argv, fds to
+    pass; `limits_hit` is filled when it ends."""
 
     argv: list[str]
     pass_fds: tuple[int, ...]
-    cwd: str
     limits_hit: list[str] = field(default_factory=list)
 
 
@@ -274,10 +278,9 @@ class Sandbox:
             binds = [("--bind", root)]
             binds += [("--ro-bind", p) for p in protect]
             binds += [("--ro-bind-try", p) for p in (*policy.read_only_paths, *read_only)]
-            full = iso.level == "full"
             spec = _command_argv(iso, argv, uid=uid, binds=binds, cwd=cwd, network=network,
                                  limits=limits, procs=group.procs_files, fds=fds, home=home)  # fmt: skip
-            launch = Launch(list(spec), tuple(fds), "/" if full else cwd)
+            launch = Launch(list(spec), tuple(fds))
             yield launch
         finally:
             for fd in fds:
