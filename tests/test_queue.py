@@ -412,3 +412,21 @@ async def test_a_task_being_recorded_when_the_grace_period_ends_is_recorded_not_
            for r in rows}  # fmt: skip
     assert got == {first.record.id: ("completed", 1, "first\n"),
                    second.record.id: ("completed", 1, "second\n")}  # fmt: skip
+
+
+def test_the_legacy_envelope_is_the_text_json_dumps_would_give() -> None:
+    """Built around the event's data already in JSON (not encoded twice), byte for byte."""
+    from wsrunner.models import Event
+    from wsrunner.queue import _envelope
+
+    data = {"stream": "stdout", "data": 'é "quoted" \\ \n\u2028 \ud800', "step": 2}
+    event = Event(
+        id="0-1",
+        type="output",
+        task_id='task "é"',
+        data=data,
+        timestamp="2026-11-25T00:00:00+00:00",
+    )
+    assert _envelope(event.type, event.task_id, json.dumps(data), event.timestamp) == json.dumps(
+        event.envelope()
+    )

@@ -126,9 +126,16 @@ def _flat(mapping: dict[str, str]) -> list[Arg]:
     return [x for kv in mapping.items() for x in kv]
 
 
-def _envelope(kind: str, task_id: str, data: JSON, ts: str) -> str:
-    """The reference system's pub/sub message for an event (as `Event.envelope()`), as JSON."""
-    return json.dumps({"event_type": kind, "task_id": task_id, "data": data, "timestamp": ts})
+def _envelope(kind: str, task_id: str, data: str, ts: str) -> str:
+    """The reference system's pub/sub message for an event (as `Event.envelope()`), as JSON,
+    around its `data` already in JSON: the same text as `json.dumps` of the whole, without
+    encoding the data twice."""
+    q = json.dumps
+    return f'{{"event_type": {q(kind)}, "task_id": {q(task_id)}, "data": {data}, "timestamp": {q(ts)}}}'
+
+
+#: The states a task may move to each state from, as the transition script reads them.
+_SOURCES: Final = {t: json.dumps(sorted(s.value for s in sources_of(t))) for t in TaskState}
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
@@ -474,18 +481,20 @@ class RedisQueue:
         worker, claim_id = ack if ack is not None else ("-", "")
         follow: list[Arg] = ["", "", ""]  # the event `then`: kind, data, envelope
         if then is not None:
-            follow = [then[0], json.dumps(then[1]), _envelope(then[0], task_id, then[1], ts)]
+            data = json.dumps(then[1])
+            follow = [then[0], data, _envelope(then[0], task_id, data, ts)]
+        said = "" if event is None else json.dumps(event)
         res = await self._script(
             self._transition,
             [k.status(task_id), k.events(task_id), k.result(task_id), k.active(workspace_id),
              k.inflight(worker)],
             [
                 target.value,
-                json.dumps(sorted(s.value for s in sources_of(target))),
+                _SOURCES[target],
                 STATUS_TTL_S,
                 json.dumps(fields or {}),
-                "" if event is None else json.dumps(event),
-                "" if event is None else _envelope("status_changed", task_id, event, ts),
+                said,
+                "" if event is None else _envelope("status_changed", task_id, said, ts),
                 ts,
                 "" if result is None else json.dumps(result),
                 RESULT_TTL_S,
@@ -500,12 +509,11 @@ class RedisQueue:
 
     def _event_commands(self, task_id: str, kind: str, data: JSON, ts: str) -> list[list[Arg]]:
         """XADD to the task's stream, renew its TTL, PUBLISH the legacy envelope."""
-        stream = self.keys.events(task_id)
+        stream, said = self.keys.events(task_id), json.dumps(data)
         return [
-            ["XADD", stream, "MAXLEN", "~", STREAM_MAXLEN, "*", "type", kind,
-             "data", json.dumps(data), "ts", ts],
+            ["XADD", stream, "MAXLEN", "~", STREAM_MAXLEN, "*", "type", kind, "data", said, "ts", ts],
             ["EXPIRE", stream, STATUS_TTL_S],
-            ["PUBLISH", stream, _envelope(kind, task_id, data, ts)],
+            ["PUBLISH", stream, _envelope(kind, task_id, said, ts)],
         ]  # fmt: skip
 
     async def emit(self, task_id: str, kind: str, data: JSON) -> str:

@@ -67,17 +67,11 @@ class Address:
 
 
 def encode(args: Sequence[Arg]) -> bytes:
-    """One command in RESP: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bytes):
-            data = arg
-        else:
-            data = repr(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    """One command in RESP: an array of bulk strings (str as UTF-8, numbers as their repr),
+    packed by hiredis's C code."""
+    # (hiredis's stub types the argument as a tuple of one)
+    packed: bytes = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]
+    return packed
 
 
 class _Connection:

@@ -52,6 +52,7 @@ RESERVED: Final = frozenset({"tasks", META_FILE, META_LOCK, KNOWN_HOSTS})
 LAYOUT: Final = ("repos", "artifacts", "tasks")
 USAGE_CACHE_S: Final = 5.0  # a burst of tasks in one workspace walks it once
 META_FLUSH_S: Final = 1.0  # task counts reach the metadata file within this long
+_ROOTS_KEPT: Final = 4096  # workspace directories remembered (`Workspaces.root`)
 TASK_SUBDIRS: Final = ("home", "tmp")
 TASK_FILES: Final = ("gitconfig", "ssh_key")
 #: in tasks/: task directories as made, kept for later tasks (the helper's: `paths.park_dir`)
@@ -146,6 +147,7 @@ class Workspaces:
         )
         self._limiter = trio.CapacityLimiter(4)
         self._usage: dict[str, tuple[float, int]] = {}
+        self._roots: dict[str, str] = {}  #: workspace id: `root()`, for the last few thousand
         self._prepared: set[str] = set()  #: roots prepared by this process
         self._tallies: dict[str, _Tally] = {}  #: root: task ends not yet in its metadata
         self._tallied = trio.Event()  #: set when `_tallies` gets its first entry
@@ -154,7 +156,13 @@ class Workspaces:
         self.on_dir_operation: Callable[[str], None] = lambda by: None
 
     def root(self, workspace_id: str) -> str:
-        return str(self.volume / validate_workspace_id(workspace_id))
+        """The workspace's directory; raises ValidationError for an invalid id."""
+        if (root := self._roots.get(workspace_id)) is None:
+            root = str(self.volume / validate_workspace_id(workspace_id))
+            if len(self._roots) >= _ROOTS_KEPT:
+                self._roots.clear()
+            self._roots[workspace_id] = root
+        return root
 
     def quota(self, workspace_id: str) -> int:
         return self.quotas.get(workspace_id, self.default_quota)
