@@ -71,13 +71,16 @@ class Slots:
         async for claim in self._recv:
             self._in_steps += 1
             try:
-                # Returns when the task's steps have ended; its recording goes on in `nursery`.
-                await nursery.start(self._run, n, claim, name=f"task {claim.claim_id}")
+                # The task runs in `nursery`: its recording goes on there after its steps.
+                steps_over = trio.Event()
+                nursery.start_soon(self._run, n, claim, steps_over, name=f"task {claim.claim_id}")
+                await steps_over.wait()
             finally:
                 self._in_steps -= 1
                 self._idle.release()
 
-    async def _run(self, n: int, claim: Claim, *, task_status: Any) -> None:
+    async def _run(self, n: int, claim: Claim, steps_over: trio.Event) -> None:
+        """Run the claim; set `steps_over` once its steps have ended (or it ended sooner)."""
         released = False
 
         async def steps_done() -> None:
@@ -85,7 +88,7 @@ class Slots:
             if not released:
                 await self._recording.acquire()
                 released = True
-                task_status.started()
+                steps_over.set()
 
         try:
             await self.runner.run_claim(claim, steps_done)
@@ -97,4 +100,4 @@ class Slots:
             if released:
                 self._recording.release()
             else:  # ended before its steps did (not started, or a bug): free the slot now
-                task_status.started()
+                steps_over.set()
