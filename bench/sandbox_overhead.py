@@ -59,7 +59,7 @@ async def chain(runs: int, volume: Path, *, network: bool) -> tuple[list[float],
         async with sandbox.launch(["/bin/true"], root=str(root), cwd=str(root),
                                   policy=policy.sandbox, limits=policy.limits,
                                   network=network) as launch:  # fmt: skip
-            rc = await run_process(launch.argv, cwd=launch.cwd, env={"PATH": "/usr/bin:/bin"},
+            rc = await run_process(launch.argv, env={"PATH": "/usr/bin:/bin"},
                                    capture=Capture.capped(1024, 1024), kill_grace=1,
                                    pass_fds=launch.pass_fds)  # fmt: skip
         out.append(time.perf_counter() - t)
@@ -71,7 +71,7 @@ async def trio_plain(runs: int) -> list[float]:
     out = []
     for _ in range(runs):
         t = time.perf_counter()
-        await run_process(["/bin/true"], cwd="/", env={}, capture=Capture.capped(1024, 1024),
+        await run_process(["/bin/true"], env={}, capture=Capture.capped(1024, 1024),
                           kill_grace=1)  # fmt: skip
         out.append(time.perf_counter() - t)
     return out
