@@ -33,7 +33,8 @@ async def test_no_helper_running_means_do_it_yourself() -> None:
 async def test_a_helper_closed_while_a_request_is_being_sent_declines_it() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     helper = Helper()
-    helper._sock = trio.socket.from_stdlib_socket(ours)
+    helper._sock = ours
+    ours.setblocking(False)
     while True:  # nobody reads `theirs`: fill the buffer, so the next send waits
         try:
             ours.send(b"x" * 65536)
@@ -43,7 +44,8 @@ async def test_a_helper_closed_while_a_request_is_being_sent_declines_it() -> No
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: _call_into(helper, results))
         await trio.testing.wait_all_tasks_blocked()
-        helper._sock.close()  # as `serve` does when the helper exits
+        trio.lowlevel.notify_closing(ours)  # as `serve` does when the helper exits
+        ours.close()
     assert results == [None]
     theirs.close()
 
@@ -249,3 +251,31 @@ async def test_a_helper_that_never_answers_is_tried_less_and_less_often(monkeypa
     # Fixed 0.05 s retries would be about 30 attempts; doubling from 0.1 s gives 4 or 5.
     assert 2 <= len(spawned) <= 5, spawned
     assert all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps
+
+
+async def test_a_call_to_a_running_helper_is_one_wait_for_its_caller() -> None:
+    """The request goes out at once (no pass through the scheduler before it); the caller is
+    woken once, by the answer. Concurrent callers each get their own answer."""
+    from tests.test_resp import _Steps
+
+    helper = Helper()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(helper.serve)
+        assert helper.pid is not None
+        steps = _Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(steps)
+        try:
+            assert await helper.call("ping") is True
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.steps == 1
+        answers: dict[int, Any] = {}
+
+        async def one(i: int) -> None:  # odd ones ask what the helper does not know: None
+            answers[i] = await helper.call("ping" if i % 2 == 0 else "no-such-op")
+
+        async with trio.open_nursery() as callers:
+            for i in range(20):
+                callers.start_soon(one, i)
+        assert answers == {i: True if i % 2 == 0 else None for i in range(20)}
+        nursery.cancel_scope.cancel()

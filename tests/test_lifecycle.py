@@ -273,6 +273,32 @@ async def test_a_command_gets_only_what_it_is_given(tmp_path) -> None:
     assert session == pid and stdin == "/dev/null"
 
 
+async def test_a_command_is_served_by_its_callers_task_alone() -> None:
+    """No task of its own for the pipes or the exit (one epoll set): a silent command costs the
+    scheduler a few steps of the calling task, and nothing else runs meanwhile."""
+    import os
+
+    from wsrunner import process
+
+    class Steps(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.tasks: list[trio.lowlevel.Task] = []
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            self.tasks.append(task)
+
+    steps = Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        capture = process.Capture.capped(100, 100)
+        rc = await process.run_process(["/bin/true"], env={"PATH": os.defpath}, capture=capture,
+                                       kill_grace=1)  # fmt: skip
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert rc == 0 and set(steps.tasks) == {trio.lowlevel.current_task()}
+    assert 1 <= len(steps.tasks) <= 3, len(steps.tasks)
+
+
 async def test_a_cancelled_command_leaves_no_process_and_no_descriptor(tmp_path) -> None:
     import os
 

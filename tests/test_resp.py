@@ -85,3 +85,61 @@ async def test_an_unreachable_redis_is_a_connection_error() -> None:
     client = RespClient.from_url("redis://127.0.0.1:1/0")
     with pytest.raises(RedisConnectionError, match=r"cannot connect to Redis at 127\.0\.0\.1:1"):
         await client.execute("PING")
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the scheduler's steps of one task."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task, self.steps = task, 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task is self.task
+
+
+class _Wrapped(trio.abc.Stream):
+    """A stream that is not a SocketStream (as a TLS one is not), over a real connection."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_round_trip_on_a_plain_socket_is_one_wait_and_other_streams_still_work() -> None:
+    """On a plain socket a round trip costs the calling task one pass through the scheduler
+    (its wait for the reply), not one after every send and read; a stream that is not a
+    plain socket (TLS) goes through the stream, with the same replies."""
+    from wsrunner.resp import _Connection
+
+    address = Address.from_url(REDIS_URL)
+    plain = _Connection(await trio.open_tcp_stream(address.host, address.port))
+    wrapped = _Connection(_Wrapped(await trio.open_tcp_stream(address.host, address.port)))
+    try:
+        assert plain.fd >= 0 and wrapped.fd == -1
+        steps = _Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for conn in (plain, wrapped):
+                assert await conn.roundtrip(encode(["PING"]) + encode(["ECHO", "é" * 70_000]),
+                                            2) == ["PONG", "é" * 70_000]  # fmt: skip
+            before = steps.steps
+            assert await plain.roundtrip(encode(["PING"]), 1) == ["PONG"]
+            one = steps.steps - before
+            assert await wrapped.roundtrip(encode(["PING"]), 1) == ["PONG"]
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert one == 1 and steps.steps - before - one > 1
+    finally:
+        await plain.stream.aclose()
+        await wrapped.stream.aclose()

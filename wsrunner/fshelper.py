@@ -51,8 +51,8 @@ class Helper:
     """The daemon's end: one helper process while `serve` runs, started again if it dies."""
 
     def __init__(self) -> None:
-        self._sock: trio.socket.SocketType | None = None
-        self._send_lock = trio.Lock()
+        self._sock: socket.socket | None = None  #: non-blocking, while the helper is up
+        self._send_lock = trio.Lock()  #: for a sender that must wait for room
         self._calls: dict[int, _Call] = {}
         self._next_id = 0
         self._status: Any = None  #: `serve`'s task status until the helper first answers
@@ -73,13 +73,23 @@ class Helper:
         self._calls[call_id] = call
         with trio.CancelScope(shield=True):
             try:
-                async with self._send_lock:
-                    await sock.send(json.dumps([call_id, op, args]).encode())
+                await self._send(sock, json.dumps([call_id, op, args]).encode())
             except (OSError, trio.ClosedResourceError):  # the helper went away meanwhile
                 self._calls.pop(call_id, None)
                 return None
             await call.done.wait()
         return call.result
+
+    async def _send(self, sock: socket.socket, data: bytes) -> None:
+        """Send one datagram (SOCK_SEQPACKET: all of it or nothing), at once if there is room,
+        as is usual: no pass through the scheduler (the answer's wait is one)."""
+        while True:
+            try:
+                sock.send(data)
+                return
+            except BlockingIOError:
+                async with self._send_lock:  # one waiter per socket, as trio requires
+                    await trio.lowlevel.wait_writable(sock)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the helper until cancelled; callers are declined while it is down.
@@ -120,17 +130,25 @@ class Helper:
         except BaseException:
             ours.close()
             raise
-        sock = trio.socket.from_stdlib_socket(ours)
+        sock, buf = ours, bytearray(MESSAGE_BYTES)
+        sock.setblocking(False)
         try:
-            await sock.send(json.dumps([0, "ping", []]).encode())
+            await self._send(sock, json.dumps([0, "ping", []]).encode())
             with trio.move_on_after(START_TIMEOUT_S) as waiting:
                 await trio.lowlevel.wait_readable(sock)
             if waiting.cancelled_caught:  # the daemon goes on without it; it may answer later
                 logger.warning("the directory helper did not answer within %g s", START_TIMEOUT_S)
                 self._started()
-            while data := await sock.recv(MESSAGE_BYTES):
+            while True:
                 try:
-                    call_id, result = json.loads(data)
+                    size = sock.recv_into(buf)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                if size == 0:  # the helper is gone
+                    return
+                try:
+                    call_id, result = json.loads(buf[:size])
                 except ValueError:  # never sent by the helper's loop: stop this one
                     logger.error("the directory helper sent an unreadable reply")
                     return
@@ -142,6 +160,7 @@ class Helper:
                     call.done.set()
         finally:
             self._sock = self.pid = None
+            trio.lowlevel.notify_closing(sock)  # a sender waiting for room gets ClosedResourceError
             sock.close()
             for call in self._calls.values():  # never answered: do it yourselves
                 call.done.set()

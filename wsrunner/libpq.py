@@ -167,7 +167,11 @@ class LibpqPool:
             QueryError: the server rejected the statement (the connection stays usable).
         """
         data = [None if p is None else p.encode() for p in params]
-        async with self._slots:
+        try:  # (no pass through the scheduler when a connection is free: the call makes one)
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             conn = self._idle.pop() if self._idle else await _Connection.open(self._conninfo)
             ok = False
             try:
@@ -194,6 +198,8 @@ class LibpqPool:
                     self._idle.append(conn)
                 else:
                     conn.close()
+        finally:
+            self._slots.release()
 
     def close(self) -> None:
         while self._idle:

@@ -235,10 +235,12 @@ async def _pump(proc: _Child, capture: Capture, kill_grace: float, watch: Watch 
     null = -1
     drain_until = math.inf
     watch_at = math.inf if watch is None else trio.current_time() + watch_after
+    waited = False  # since the last batch: then it needs no checkpoint of its own
     try:
         while proc.pipes or proc.returncode is None:
             ready = proc.ready.poll(0)
             if not ready:
+                waited = True
                 if proc.returncode is not None:
                     if not await _ready_by(proc, drain_until):
                         capture.pipes_held_open = True
@@ -278,7 +280,9 @@ async def _pump(proc: _Child, capture: Capture, kill_grace: float, watch: Watch 
                         counted.add(fd)
                         if null < 0:
                             null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-            await trio.lowlevel.checkpoint()
+            if not waited:  # output that never stops must not starve the other tasks
+                await trio.lowlevel.checkpoint()
+            waited = False
     finally:
         if null >= 0:
             os.close(null)
