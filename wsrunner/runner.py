@@ -117,7 +117,10 @@ class _OutputForwarder:
         return True
 
     async def flush(self) -> None:
-        """Send what is pending; without Redis it is lost (and logged), the task goes on."""
+        """Send what is pending; without Redis it is lost (and logged), the task goes on.
+        Returns once the output so far is sent (by this call or by one already sending)."""
+        if not self._pending and not self._lock.locked():
+            return  # nothing to send or being sent (a silent step): not even a checkpoint
         try:
             await self._flush()
         except UnavailableError as exc:
