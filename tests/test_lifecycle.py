@@ -299,6 +299,28 @@ async def test_a_command_is_served_by_its_callers_task_alone() -> None:
     assert 1 <= len(steps.tasks) <= 3, len(steps.tasks)
 
 
+async def test_a_command_that_cannot_be_owned_is_killed_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started, but no pidfd to be had (out of descriptors, say): it is killed and reaped, its
+    pipes closed, and the error raised; nothing runs unowned."""
+    import errno
+    import os
+
+    from wsrunner import process
+
+    def no_more(pid: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    t = unique_seconds()
+    fds = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(process.os, "pidfd_open", no_more)
+    with pytest.raises(OSError, match="Too many open files"):
+        await process.run_process(["/bin/sh", "-c", f"sleep {t}"], env={"PATH": os.defpath},
+                                  capture=process.Capture.capped(10, 10), kill_grace=1)  # fmt: skip
+    assert not host_pids(t) and set(os.listdir("/proc/self/fd")) <= fds
+
+
 async def test_a_cancelled_command_leaves_no_process_and_no_descriptor(tmp_path) -> None:
     import os
 

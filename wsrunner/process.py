@@ -135,11 +135,19 @@ class _Child:
             os.close(out_w)
             os.close(err_w)
         self.returncode: int | None = None
-        self.pidfd = os.pidfd_open(self.pid)
         self.pipes = {out_r: "stdout", err_r: "stderr"}  #: the ones still open
-        self.ready = select.epoll(3)
-        for fd in (out_r, err_r, self.pidfd):
-            self.ready.register(fd, select.EPOLLIN)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+            self.ready = select.epoll(3)
+            for fd in (out_r, err_r, self.pidfd):
+                self.ready.register(fd, select.EPOLLIN)
+        except BaseException:  # out of descriptors, say: the command must not run unowned
+            _killpg(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            for fd in (out_r, err_r, getattr(self, "pidfd", -1)):
+                if fd >= 0:
+                    os.close(fd)
+            raise
 
     def poll(self) -> int | None:
         """Reap the child if it has exited; its exit status (negative: killed by that signal)."""
