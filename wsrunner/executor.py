@@ -197,8 +197,8 @@ class Executor:
             ) as launch:  # fmt: skip
                 over: list[int] = []
                 with trio.move_on_after(timeout) as scope:
-                    rc = await run_process(launch.argv, env=env,
-                                           capture=capture, pass_fds=launch.pass_fds,
+                    rc = await run_process(launch.argv, env=env, capture=capture,
+                                           pass_fds=launch.pass_fds,
                                            kill_grace=self.settings.kill_grace_s,
                                            watch=self._quota_watch(ctx.workspace_id, quota, over),
                                            watch_after=QUOTA_POLL_S)  # fmt: skip

@@ -3,19 +3,20 @@
 Each command starts in a new session (its pid is its process group id). When it exits, times out
 or is cancelled, every process left in its group gets SIGTERM, then SIGKILL after a grace period,
 and the direct child is reaped, so no background grandchild outlives its step or holds its pipes.
-Output is read into capped buffers: the first `cap` bytes are kept, the rest is
-counted and dropped, so a `yes` cannot exhaust the daemon's memory. Once a buffer is full and
-nobody streams the output any more, the rest is spliced to /dev/null in the kernel, 1 MiB at a
-time (the pipes are made that large), and only counted: a command printing a gigabyte costs the
-event loop a thousand system calls, not a gigabyte of copies that starve every other task.
+Output is read into capped buffers: the first `cap` bytes are kept, the rest is counted and
+dropped, so a `yes` cannot exhaust the daemon's memory. Once a buffer is full and nobody streams
+the output any more, the rest is spliced to /dev/null in the kernel, 1 MiB at a time (the pipes
+are made that large), and only counted: a command printing a gigabyte costs the event loop a
+thousand system calls, not a gigabyte of copies that starve every other task.
 
 A child is started from the event loop's thread with posix_spawn (a vfork in glibc): the loop
-waits only until the child has exec'd, well under a millisecond, and the spawn costs a fraction
-of `subprocess.Popen`'s Python. Only the descriptors it is given are open in the child: every
-other one is close-on-exec (Python opens them so; `inherit_none` marks those the daemon itself
-inherited).
-One task then serves the command to its end: it waits on an epoll set holding both pipes and a
-pidfd for the exit, so a command costs the event loop no tasks of its own.
+waits until the child has exec'd (about 0.1 ms on an idle machine, 0.35 ms under load), and the
+spawn costs about half the CPU of `subprocess.Popen`. Only the descriptors it is given are open
+in the child: every other one is close-on-exec (Python opens them so; `inherit_none` marks those
+the daemon itself inherited).
+
+One task then serves the command to its end, the caller's: it waits on an epoll set holding
+both pipes and a pidfd for the exit, so a command costs the event loop no tasks of its own.
 """
 
 from __future__ import annotations
@@ -309,11 +310,13 @@ async def run_process(
     """Run `argv` to completion and return its exit status (negative: killed by that signal).
 
     It starts in the daemon's working directory (a launch, `wsrunner.sandbox`, changes to its
-    own first), with only stdin (/dev/null), the pipes and `pass_fds` open. The caller owns the timeout: wrap the call in `trio.move_on_after`. `watch`, if given, is
-    awaited `watch_after` seconds after the start, and again as often as it asks (it returns
-    the seconds until its next call), while the command runs; it returns None to have the
-    command stopped like a cancelled one. While it runs, the pipes are not read (they hold
-    PIPE_BYTES each).
+    own first), with only stdin (/dev/null), the pipes and `pass_fds` open. The caller owns the
+    timeout: wrap the call in `trio.move_on_after`.
+
+    `watch`, if given, is awaited `watch_after` seconds after the start, then again as often as
+    it asks (it returns the seconds until its next call) while the command runs; it returns None
+    to have the command stopped like a cancelled one. While it runs, the pipes are not read
+    (they hold PIPE_BYTES each).
 
     Cancellation: the whole process group is terminated (SIGTERM, grace, SIGKILL) and the
     child reaped before `Cancelled` propagates; `capture` keeps what was printed until then.

@@ -131,7 +131,8 @@ def _envelope(kind: str, task_id: str, data: str, ts: str) -> str:
     around its `data` already in JSON: the same text as `json.dumps` of the whole, without
     encoding the data twice."""
     q = json.dumps
-    return f'{{"event_type": {q(kind)}, "task_id": {q(task_id)}, "data": {data}, "timestamp": {q(ts)}}}'
+    return (f'{{"event_type": {q(kind)}, "task_id": {q(task_id)}, "data": {data}, '
+            f'"timestamp": {q(ts)}}}')  # fmt: skip
 
 
 #: The states a task may move to each state from, as the transition script reads them.

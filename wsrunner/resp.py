@@ -86,8 +86,9 @@ class _Connection:
         """Send `payload`, then read `replies` replies.
 
         On a plain socket, with system calls on its descriptor: one wait per read, where the
-        stream would add a pass through the scheduler after every send and read (about a tenth
-        of what a task costs the event loop, in three round trips).
+        stream adds a pass through the scheduler after every send and read. (With the helper's
+        datagrams and the free connections taken without a pass, a task's passes through the
+        scheduler went from 35 to 22.)
         """
         if self.fd < 0:
             return await self._through_stream(payload, replies)
