@@ -107,18 +107,21 @@ def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
     # public API, see it complete, stop.
     traversable(tmp_path)
     public = free_port()
+    health = next(port for port in iter(free_port, None) if port != public)
     env = {**base, "STATE_DIRECTORY": str(tmp_path / "state"),
            "WORKSPACE_VOLUME_PATH": str(tmp_path / "workspaces"), "CREDENTIALS_DIRECTORY":
            str(token.parent), "POLICY_FILE": str(scratch / "etc/wsrunner/policy.yaml"),
            "PUBLIC_API_HOST": "127.0.0.1", "PUBLIC_API_PORT": str(public),
-           "WORKER_HEALTH_PORT": str(free_port())}  # fmt: skip
+           "WORKER_HEALTH_PORT": str(health)}  # fmt: skip
     made = run(
         binary, "tokens", "create", "--name", "deb-test", "--all-workspaces", "--json", env=env
     )
     assert made.returncode == 0, made.stderr
     bearer = json.loads(made.stdout)["token"]
-    proc = subprocess.Popen([SYSTEM_PYTHON, str(binary), "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    log = tmp_path / "daemon.log"  # (a file, not a pipe nobody reads until the end)
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([SYSTEM_PYTHON, str(binary), "serve"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=sink)  # fmt: skip
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{public}",
                           headers={"Authorization": f"Bearer {bearer}"}) as c:  # fmt: skip
@@ -129,7 +132,9 @@ def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
                         {"action": "execute_command", "command": "echo from-the-deb"}]})  # fmt: skip
                     break
                 except httpx.TransportError:
-                    assert time.monotonic() < deadline, "the packaged daemon did not start"
+                    said = log.read_text(errors="replace")[-3000:]
+                    assert proc.poll() is None, f"the packaged daemon exited: {said}"
+                    assert time.monotonic() < deadline, f"the packaged daemon did not start: {said}"
                     time.sleep(0.2)
             assert r.status_code == 202, r.text
             task = r.json()["task_id"]
