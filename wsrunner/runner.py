@@ -98,7 +98,7 @@ class _OutputForwarder:
         self._step = 0
         self._wake = trio.Event()
         self._lock = trio.Lock()
-        #: where `serve` starts with the first output (a silent task never needs it); then None
+        #: where `_serve` starts with the first output (a silent task never needs it); then None
         self._nursery: trio.Nursery | None = nursery
 
     def start_step(self, step: int) -> None:
