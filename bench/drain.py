@@ -3,6 +3,7 @@
     .venv/bin/python bench/drain.py 2000                 # sandbox off, concurrency 3
     .venv/bin/python bench/drain.py 2000 --sandbox
     .venv/bin/python bench/drain.py 3000 --py-spy out.txt   # also record py-spy's raw stacks
+    .venv/bin/python bench/drain.py 3000 --profile out.prof # the daemon under cProfile
 
 The quick A/B check behind the step-by-step table in docs/benchmarks.md: the daemon is the one
 `peers.py` runs (Redis + PostgreSQL, its own prefix and schema, removed afterwards). Tasks/s is
@@ -10,7 +11,7 @@ taken from the PostgreSQL records (first start to last end). CPU per task is the
 process's (all its threads, not its children's), from the first completed task on, so the
 start-up is left out; "loop" is the share of it spent by the main thread, where trio runs.
 A second line splits the whole machine's CPU per task over the same span by who spent it: the
-daemon, the commands it ran (its reaped children), its directory helper, PostgreSQL and Redis
+daemon, the commands it ran (its reaped children), its directory helper, PostgreSQL, Redis
 (their processes), and the rest (the kernel's threads, anything else running).
 """
 
@@ -80,7 +81,8 @@ def _split(daemon_pid: int, helpers: list[int]) -> dict[str, float]:
         "daemon": _cpu_s(f"/proc/{daemon_pid}/stat"),
         "commands": _cpu_s(f"/proc/{daemon_pid}/stat", children=True),
         "helper": sum(_cpu_s(f"/proc/{p}/stat") for p in helpers),
-        "postgres+redis": sum(_cpu_s(f"/proc/{p}/stat") for p in _named("postgres", "redis-server")),
+        "postgres": sum(_cpu_s(f"/proc/{p}/stat") for p in _named("postgres")),
+        "redis": sum(_cpu_s(f"/proc/{p}/stat") for p in _named("redis-server")),
     }
 
 
@@ -89,12 +91,13 @@ def main() -> None:
     parser.add_argument("tasks", type=int)
     parser.add_argument("--sandbox", action="store_true")
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy record --format raw into FILE")
+    parser.add_argument("--profile", metavar="FILE", help="run the daemon under cProfile into FILE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         daemon = Wsrunner(args.sandbox, Path(tmp))
         try:
             daemon.push(args.tasks)
-            daemon.start()
+            daemon.start(profile=args.profile)
             while daemon.completed() == 0:
                 time.sleep(0.05)
             spy = None

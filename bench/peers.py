@@ -113,9 +113,13 @@ class Wsrunner:
             (pipe or self.r).lpush(f"{self.prefix}:tasks:{priority}", *payloads[i : i + 1000])
         return ids
 
-    def start(self, **extra: str) -> None:
+    def start(self, profile: str | None = None, **extra: str) -> None:
+        """Start the daemon, with `extra` in its environment; under cProfile into `profile`."""
         self.env.update(extra)
-        self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-m", "wsrunner", "serve"],
+        python = [str(ROOT / ".venv" / "bin" / "python")]
+        if profile is not None:
+            python += ["-m", "cProfile", "-o", profile]
+        self.proc = subprocess.Popen([*python, "-m", "wsrunner", "serve"],
                                      env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)  # fmt: skip
 

@@ -7,6 +7,7 @@ import redis
 import trio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.conftest import REDIS_URL
 from wsrunner.resp import Address, RespClient, encode
@@ -76,6 +77,25 @@ async def test_a_cancelled_call_never_leaves_its_connection_out_of_step(prefix: 
         await trio.sleep(0.1)
         # A reused connection would read the BLPOP reply here; a fresh one reads its own.
         assert await client.execute("ECHO", "mine") == "mine"
+        assert await client.execute("LPOP", key) == "late"
+    finally:
+        await client.aclose()
+
+
+async def test_a_call_redis_does_not_answer_in_time_fails_and_its_connection_goes(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("wsrunner.resp.CALL_TIMEOUT_S", 0.3)
+    client = RespClient.from_url(REDIS_URL)
+    key = f"{prefix}:held"
+    try:
+        started = trio.current_time()
+        with pytest.raises(RedisTimeoutError, match=r"did not answer within 0\.3s"):
+            await client.execute("BLPOP", key, 5)  # Redis holds the reply back for 5 s
+        assert 0.3 <= trio.current_time() - started < 2
+        redis.Redis.from_url(REDIS_URL).rpush(key, "late")
+        await trio.sleep(0.1)
+        assert await client.execute("ECHO", "mine") == "mine"  # not the BLPOP's late reply
         assert await client.execute("LPOP", key) == "late"
     finally:
         await client.aclose()

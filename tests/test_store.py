@@ -20,7 +20,8 @@ from wsrunner.models import TaskSpec, TaskState
 from wsrunner.payload import parse_task
 from wsrunner.ports import Store
 from wsrunner.settings import Settings
-from wsrunner.store import _json_text
+from wsrunner.sqlite import SqliteStore
+from wsrunner.store import PostgresStore, _json_text
 
 
 async def test_cancelled_while_waiting_for_a_thread_returns_at_once(schema: str) -> None:
@@ -58,6 +59,16 @@ async def _any_store(request: pytest.FixtureRequest, schema: str, tmp_path: Path
         yield store
 
 
+async def _has_request_hash(store: Store, task_id: str) -> bool:
+    """Whether the task's record holds a request hash, read through the store's connection."""
+    if isinstance(store, PostgresStore):
+        sql = "SELECT request_hash IS NOT NULL FROM task_executions WHERE id = %s"
+        return bool(await store._run(lambda c: c.execute(sql, [task_id]).fetchone()[0]))
+    assert isinstance(store, SqliteStore)
+    sql = "SELECT request_hash IS NOT NULL FROM task_executions WHERE id = ?"
+    return bool(await store.run(lambda c: c.execute(sql, [task_id]).fetchone()[0]))
+
+
 def spec(**extra: Any) -> TaskSpec:
     body = {"task_id": str(uuid.uuid4()), "workspace_id": "ws-1", "steps": [cmd("true")], **extra}
     return parse_task(body)
@@ -84,6 +95,10 @@ async def test_start_and_finish_are_compare_and_sets(any_store: Store) -> None:
     submitted = spec()  # the API path: the record exists, queued
     await store.create(submitted)
     assert await store.start(submitted, worker_id="w1", workspace_path="/v/ws-1") == 1
+    unkeyed = spec()  # pushed without a key: no request hash (nothing compares with it)
+    await store.start(unkeyed, worker_id="w1", workspace_path="/v/ws-1")
+    assert [await _has_request_hash(store, t.task_id) for t in (pushed, submitted, unkeyed)] == [
+        True, False, False]  # fmt: skip
 
     result = {"status": "completed", "result": {"steps": [], "out": "a\u0000b"}}
     with pytest.raises(InvalidTransitionError):  # not the holder

@@ -168,7 +168,7 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
                             credential_provider(settings.git_credentials_file), metrics)  # fmt: skip
         queue.on_error = metrics.backend_errors.labels(backend="redis").inc
         store.on_error = metrics.backend_errors.labels(backend="postgres").inc
-        workspaces.on_dir_operation = lambda by: metrics.dir_operations.labels(by=by).inc()
+        workspaces.on_dir_operation = lambda by: metrics.dir_operation(by).inc()
         runner = TaskRunner(settings, queue, store, workspaces, executor, metrics)
         slots = Slots(settings.concurrency, runner)
         ops = WorkspaceOps(settings, workspaces, executor)

@@ -175,10 +175,12 @@ class LibpqPool:
             conn = self._idle.pop() if self._idle else await _Connection.open(self._conninfo)
             ok = False
             try:
-                with trio.fail_after(CALL_TIMEOUT_S):
+                # A deadline scope, not `fail_after` (half the cost, on every task's two calls).
+                with trio.CancelScope(deadline=trio.current_time() + CALL_TIMEOUT_S):
                     rows = await conn.call(name, sql.encode(), data)
-                ok = True
-                return rows
+                    ok = True
+                    return rows
+                raise UnavailableError(f"PostgreSQL did not answer within {CALL_TIMEOUT_S:g} s")
             except QueryError:
                 ok = True  # the server answered: the connection is in step
                 raise
@@ -187,10 +189,6 @@ class LibpqPool:
                     cleanup.shield = True
                     await conn.cancel()
                 raise
-            except trio.TooSlowError:
-                raise UnavailableError(
-                    f"PostgreSQL did not answer within {CALL_TIMEOUT_S:.0f} s"
-                ) from None
             except psycopg.OperationalError as exc:  # the link broke: libpq says how
                 raise UnavailableError(f"PostgreSQL failed: {str(exc).strip()}") from exc
             finally:

@@ -4,6 +4,7 @@ scrape time. Labels are low-cardinality (status, priority, action, backend), nev
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -61,6 +62,13 @@ class Metrics:
                                registry=r)  # fmt: skip
         build = Gauge("wsrunner_build_info", "Version of this daemon", ["version"], registry=r)
         build.labels(version=__version__).set(1)
+        # The children every task feeds, by their label values in order, remembered: `labels()`
+        # takes a lock and builds its key on each call (2.5 µs; six calls per task).
+        self.started = cache(self.tasks_started.labels)  #: (priority)
+        self.finished = cache(self.tasks_finished.labels)  #: (status, priority)
+        self.task_time = cache(self.task_seconds.labels)  #: (status)
+        self.step_time = cache(self.step_seconds.labels)  #: (action)
+        self.dir_operation = cache(self.dir_operations.labels)  #: (by)
 
     def policy_loaded(self, digest: str, at: float) -> None:
         self.policy_reload_ok.set(1)

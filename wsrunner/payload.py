@@ -148,13 +148,17 @@ def to_payload(spec: TaskSpec, *, created_at: datetime | None = None) -> JSON:
     return payload
 
 
-def request_hash(configuration: JSON, workspace_id: str, priority: str) -> str:
-    """A stable digest of what was asked for, to tell a retried submit from a different one."""
-    blob = json.dumps([workspace_id, priority, configuration], sort_keys=True)
+def request_hash(spec: TaskSpec, configuration: JSON) -> str | None:
+    """A stable digest of what was asked for, to tell a retried submit from a different one;
+    None for a task without an idempotency key (nothing is ever compared with it)."""
+    if spec.idempotency_key is None:
+        return None
+    blob = json.dumps([spec.workspace_id, spec.priority.value, configuration], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def check_idempotent_replay(spec: TaskSpec, digest: str, existing: Mapping[str, Any]) -> None:
+def check_idempotent_replay(spec: TaskSpec, digest: str | None,
+                            existing: Mapping[str, Any]) -> None:  # fmt: skip
     """Raise if `existing` (a stored row that took `spec`'s place) holds `spec`'s idempotency
     key for a different request; a same-key, same-body retry is fine."""
     key = spec.idempotency_key

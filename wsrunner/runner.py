@@ -323,7 +323,7 @@ class TaskRunner:
         ctx: StepContext | None = None
         policy = self.executor.policy.for_workspace(ws)  # the task keeps it, whatever reloads
         logger.info("task started", extra={**log, "policy": policy.digest})
-        self.metrics.tasks_started.labels(priority=spec.priority.value).inc()
+        self.metrics.started(spec.priority.value).inc()
         try:
             with rt.scope:
                 async with trio.open_nursery() as nursery:
@@ -342,7 +342,7 @@ class TaskRunner:
                                 await self._event(rt, "progress_update", _progress(spec, i))
                             budget = rt.scope.deadline - trio.current_time()
                             res = await self.executor.run_step(step, ctx, budget_s=budget)
-                            self.metrics.step_seconds.labels(action=step.action).observe(
+                            self.metrics.step_time(step.action).observe(
                                 res.get("duration_ms", 0) / 1000
                             )
                             await forwarder.flush()
@@ -447,10 +447,8 @@ class TaskRunner:
             logger.error("Redis did not take the end of the task: %s", exc, extra=log)
         logger.info("task %s in %d ms", state.value if applied else "ended", elapsed_ms, extra=log)
         if applied:
-            self.metrics.tasks_finished.labels(
-                status=state.value, priority=spec.priority.value
-            ).inc()
-            self.metrics.task_seconds.labels(status=state.value).observe(elapsed_ms / 1000)
+            self.metrics.finished(state.value, spec.priority.value).inc()
+            self.metrics.task_time(state.value).observe(elapsed_ms / 1000)
 
     async def _requeue(self, rt: RunningTask) -> None:
         """Give the task back: `queued` again, its payload at the head of its queue."""

@@ -117,7 +117,7 @@ class SqliteStore:
         self, spec: TaskSpec, *, workspace_path: str | None = None
     ) -> tuple[TaskRecord, bool]:
         configuration = to_configuration(spec)
-        digest = request_hash(configuration, spec.workspace_id, spec.priority.value)
+        digest = request_hash(spec, configuration)
         now = _now().isoformat()
 
         def tx(c: sqlite3.Connection) -> tuple[sqlite3.Row, bool]:

@@ -96,9 +96,9 @@ def _array(states: Iterable[TaskState]) -> str:
     return "{" + ",".join(sorted(s.value for s in states)) + "}"
 
 
-def _insert_params(spec: TaskSpec, workspace_path: str | None) -> tuple[dict[str, Any], str]:
+def _insert_params(spec: TaskSpec, workspace_path: str | None) -> tuple[dict[str, Any], str | None]:
     configuration = to_configuration(spec)
-    digest = request_hash(configuration, spec.workspace_id, spec.priority.value)
+    digest = request_hash(spec, configuration)
     return {
         "id": spec.task_id,
         "workspace_id": spec.workspace_id,
@@ -315,7 +315,7 @@ class PostgresStore:
                 duplicate of another task by idempotency key).
         """
         configuration = to_configuration(spec)
-        digest = request_hash(configuration, spec.workspace_id, spec.priority.value)
+        digest = request_hash(spec, configuration)
         rows = await self._fast_call("start_task", [
             spec.task_id, worker_id, repr(self.lease_s), _array(sources_of(TaskState.RUNNING)),
             spec.workspace_id, spec.task_type, _json_text(configuration), spec.priority.value,
