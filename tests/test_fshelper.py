@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import socket
 import stat
 import threading
@@ -278,4 +279,36 @@ async def test_a_call_to_a_running_helper_is_one_wait_for_its_caller() -> None:
             for i in range(20):
                 callers.start_soon(one, i)
         assert answers == {i: True if i % 2 == 0 else None for i in range(20)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_call_once_sent_gets_its_answer_and_a_helper_gone_wakes_its_callers() -> None:
+    """A call cannot be cancelled once it is sent: its caller gets the answer, and the
+    cancellation at its next checkpoint. A helper that dies with calls outstanding wakes each
+    of their callers with None (do it yourself)."""
+    helper = Helper()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(helper.serve)
+        assert helper.pid is not None
+        got: list[Any] = []
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            got.append(await helper.call("ping"))
+            await trio.lowlevel.checkpoint()
+            got.append("not reached")
+        assert got == [True] and scope.cancelled_caught
+
+        os.kill(helper.pid, signal.SIGSTOP)  # it reads nothing more
+        answers: list[Any] = []
+
+        async def one() -> None:
+            answers.append(await helper.call("ping"))
+
+        async with trio.open_nursery() as callers:
+            for _ in range(3):
+                callers.start_soon(one)
+            await trio.testing.wait_all_tasks_blocked()
+            assert answers == []
+            os.kill(helper.pid, signal.SIGKILL)
+        assert answers == [None, None, None]
         nursery.cancel_scope.cancel()

@@ -27,9 +27,9 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Final
 
+import outcome
 import trio
 
 from wsrunner import paths
@@ -41,19 +41,13 @@ RESTART_DELAY_S: Final = 1.0
 START_TIMEOUT_S: Final = 10.0  #: the daemon's start waits this long for the helper, at most
 
 
-@dataclass(slots=True)
-class _Call:
-    done: trio.Event = field(default_factory=trio.Event)
-    result: Any = None
-
-
 class Helper:
     """The daemon's end: one helper process while `serve` runs, started again if it dies."""
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None  #: non-blocking, while the helper is up
         self._send_lock = trio.Lock()  #: for a sender that must wait for room
-        self._calls: dict[int, _Call] = {}
+        self._calls: dict[int, trio.lowlevel.Task] = {}  #: sent, awaiting the answer
         self._next_id = 0
         self._status: Any = None  #: `serve`'s task status until the helper first answers
         self.pid: int | None = None  #: the helper's, while it is up
@@ -69,27 +63,29 @@ class Helper:
         if sock is None:
             return None
         self._next_id += 1
-        call_id, call = self._next_id, _Call()
-        self._calls[call_id] = call
-        with trio.CancelScope(shield=True):
-            try:
-                await self._send(sock, json.dumps([call_id, op, args]).encode())
-            except (OSError, trio.ClosedResourceError):  # the helper went away meanwhile
-                self._calls.pop(call_id, None)
-                return None
-            await call.done.wait()
-        return call.result
+        call_id = self._next_id
+        try:
+            await self._send(sock, json.dumps([call_id, op, args]).encode())
+        except (OSError, trio.ClosedResourceError):  # the helper went away meanwhile
+            return None
+        # Registered only now (no checkpoint since the send): the reader wakes this task with
+        # the answer, or with None when the helper goes. The wait refuses to be cancelled, as a
+        # shielded one would, without a cancel scope and an event per call.
+        self._calls[call_id] = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
     async def _send(self, sock: socket.socket, data: bytes) -> None:
         """Send one datagram (SOCK_SEQPACKET: all of it or nothing), at once if there is room,
-        as is usual: no pass through the scheduler (the answer's wait is one)."""
+        as is usual: no pass through the scheduler (the answer's wait is one). Waiting for room
+        is shielded: a call, once begun, is sent."""
         while True:
             try:
                 sock.send(data)
                 return
             except BlockingIOError:
-                async with self._send_lock:  # one waiter per socket, as trio requires
-                    await trio.lowlevel.wait_writable(sock)
+                with trio.CancelScope(shield=True):
+                    async with self._send_lock:  # one waiter per socket, as trio requires
+                        await trio.lowlevel.wait_writable(sock)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the helper until cancelled; callers are declined while it is down.
@@ -155,15 +151,14 @@ class Helper:
                 if call_id == 0:  # the answer to the first request: it is up
                     self._sock, self.pid, self._answered = sock, proc.pid, True
                     self._started()
-                elif (call := self._calls.pop(call_id, None)) is not None:
-                    call.result = result
-                    call.done.set()
+                elif (task := self._calls.pop(call_id, None)) is not None:
+                    trio.lowlevel.reschedule(task, outcome.Value(result))
         finally:
             self._sock = self.pid = None
             trio.lowlevel.notify_closing(sock)  # a sender waiting for room gets ClosedResourceError
             sock.close()
-            for call in self._calls.values():  # never answered: do it yourselves
-                call.done.set()
+            for task in self._calls.values():  # never answered: do it yourselves
+                trio.lowlevel.reschedule(task, outcome.Value(None))
             self._calls.clear()
             with trio.CancelScope(shield=True):
                 proc.kill()

@@ -263,9 +263,12 @@ async def _pump(proc: _Child, capture: Capture, kill_grace: float, watch: Watch 
             for fd, _ in ready:
                 if fd == proc.pidfd:
                     proc.ready.unregister(fd)
-                    with trio.CancelScope(shield=True):
-                        await proc.wait()  # reaped first: a zombie still counts in its group
-                        await terminate_group(proc, kill_grace)
+                    # Reaped first (it has exited: a zombie still counts in its group); what it
+                    # left in its group is terminated. Usually nothing: one signal-0 probe.
+                    if proc.poll() is None or _killpg(proc.pid, 0):
+                        with trio.CancelScope(shield=True):
+                            await proc.wait()
+                            await terminate_group(proc, kill_grace)
                     drain_until = trio.current_time() + DRAIN_S
                     continue
                 name = proc.pipes[fd]
@@ -325,13 +328,12 @@ async def run_process(
     try:
         await _pump(proc, capture, kill_grace, watch, watch_after)
     finally:
-        with trio.CancelScope(shield=True):
-            # The common case, nothing left in the group, costs one signal-0 probe; only a
-            # group that still exists (perhaps only zombies) is looked at through /proc.
-            if proc.returncode is None or (
-                _killpg(proc.pid, 0) and await trio.to_thread.run_sync(_group_alive, proc.pid)
-            ):
-                await terminate_group(proc, kill_grace)
+        # The common case, nothing left in the group, costs one signal-0 probe; only a group
+        # that still exists (perhaps only zombies) is looked at through /proc.
+        if proc.returncode is None or _killpg(proc.pid, 0):
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None or await trio.to_thread.run_sync(_group_alive, proc.pid):
+                    await terminate_group(proc, kill_grace)
         proc.close()
     assert proc.returncode is not None
     return proc.returncode

@@ -86,7 +86,10 @@ class Slots:
         async def steps_done() -> None:
             nonlocal released
             if not released:
-                await self._recording.acquire()
+                try:  # (no pass through the scheduler when there is room, as there usually is)
+                    self._recording.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._recording.acquire()
                 released = True
                 steps_over.set()
 
