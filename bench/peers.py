@@ -16,6 +16,10 @@ Workloads (issue 6):
 6. limits: the same machine's spawn rate (subprocess, posix_spawn, the sandbox chain), Redis
    round trip and PostgreSQL commit, so each figure can be read as a fraction of them.
 
+`<peer>+pg` (only when named in --only: `--only wsrunner dramatiq+pg saq+pg`) is the peer whose
+job also writes a PostgreSQL record of its task when it starts and when it ends, as wsrunner
+does (bench/peers/common.py), for a comparison at the same durability.
+
 Every system uses the same Redis (its own database or key prefix) and one worker process (RQ:
 its pool of 3 work horses). The peers are installed from PyPI into bench/.venv and
 bench/.venv-celery (Celery needs redis-py 6, arq 5) on first use. wsrunner keeps a PostgreSQL
@@ -55,24 +59,44 @@ PEERS = {
 }
 # saq 0.26.4 imports typing_extensions without declaring it.
 PINS = {".venv": ["dramatiq[redis]==2.2.1", "saq==0.26.4", "typing-extensions==4.16.0", "rq==3.0.0",
-                  "arq==0.28.0"],
+                  "arq==0.28.0", "psycopg[binary]==3.3.9"],
         ".venv-celery": ["celery[redis]==5.7.0"]}  # fmt: skip
 
 
 def peer_python(venv: str) -> Path:
+    """The venv's python, made first, and given the pins when they changed since."""
     py = ROOT / "bench" / venv / "bin" / "python"
+    stamp, wanted = ROOT / "bench" / venv / ".pins", "\n".join(PINS[venv])
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(py.parent.parent)], check=True)
+    if not stamp.exists() or stamp.read_text() != wanted:
         for pin in PINS[venv]:  # one at a time: pip's resolver trips over them together
             subprocess.run([str(py), "-m", "pip", "install", "-q", pin], check=True)
+        stamp.write_text(wanted)
     return py
 
 
-def peer_round(peer: str, workload: str, n: int, db: int) -> dict[str, Any]:
-    out = subprocess.run([str(peer_python(PEERS[peer])), "-m", "bench.peer_round", peer, workload,
-                          str(n)], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "BENCH_REDIS_URL": f"{REDIS_URL}/{db}",
-                              "PYTHONPATH": str(ROOT)})  # fmt: skip
+def peer_round(system: str, workload: str, n: int, db: int) -> dict[str, Any]:
+    """One round of a peer; `<peer>+pg` is the peer whose job also keeps a PostgreSQL record
+    of its task (bench/peers/common.py), in a table of its own, dropped afterwards."""
+    peer = system.removesuffix("+pg")
+    env = {**os.environ, "BENCH_REDIS_URL": f"{REDIS_URL}/{db}", "PYTHONPATH": str(ROOT)}
+    table = None
+    if system.endswith("+pg"):
+        table = f"bench_peer_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(DATABASE_URL, autocommit=True) as c:
+            c.execute(f"CREATE TABLE {table} (id TEXT PRIMARY KEY, status TEXT NOT NULL, "  # type: ignore[arg-type]
+                      "started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ, result JSONB)")
+            c.execute(f"CREATE INDEX ON {table} (status)")  # type: ignore[arg-type]
+        env |= {"BENCH_PEER_DATABASE_URL": DATABASE_URL, "BENCH_PEER_TABLE": table}
+    try:
+        out = subprocess.run([str(peer_python(PEERS[peer])), "-m", "bench.peer_round", peer,
+                              workload, str(n)], cwd=ROOT, capture_output=True, text=True,
+                             env=env)  # fmt: skip
+    finally:
+        if table is not None:
+            with psycopg.connect(DATABASE_URL, autocommit=True) as c:
+                c.execute(f"DROP TABLE {table}")  # type: ignore[arg-type]
     if out.returncode != 0:  # reported in the table, not fatal to the whole run
         last = (out.stderr.strip().splitlines() or ["?"])[-1]
         print(f"{peer} {workload} failed: {out.stderr[-2000:]}", file=sys.stderr)
@@ -362,8 +386,8 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="*", default=WORKLOADS, choices=WORKLOADS)
     args = parser.parse_args()
     systems = ["wsrunner", "wsrunner+sandbox", *PEERS]
-    if args.only:
-        systems = [s for s in systems if s in args.only]
+    if args.only:  # `<peer>+pg` only when asked for by name
+        systems = [s for s in [*systems, *(f"{p}+pg" for p in PEERS)] if s in args.only]
     sizes = {"throughput": args.tasks, "latency": args.latency_tasks, "drain": args.drain_tasks,
              "priority": 2000, "fanout": args.subscribers}  # fmt: skip
     rounds = {"drain": 1, "priority": 1, "fanout": 1}  # long ones: once
