@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
 
 from tests.conftest import cmd
 from wsrunner.errors import ValidationError
-from wsrunner.models import TRANSITIONS, ExecuteCommand, GitClone, Priority, TaskState, sources_of
+from wsrunner.models import (
+    TRANSITIONS,
+    EncodedJSON,
+    ExecuteCommand,
+    GitClone,
+    Priority,
+    TaskState,
+    json_text,
+    sources_of,
+)
 from wsrunner.payload import parse_task, to_configuration, to_payload
+from wsrunner.store import _json_text
 
 TID = str(uuid.uuid4())
 
@@ -87,3 +98,13 @@ def test_every_state_change_is_in_one_table() -> None:
     assert sources_of(TaskState.CANCELLED) == {TaskState.QUEUED, TaskState.RUNNING}
     assert sources_of(TaskState.COMPLETED) == {TaskState.RUNNING}
     assert TaskState.QUEUED in TRANSITIONS[TaskState.RUNNING]  # re-queue on shutdown or crash
+
+
+def test_an_encoded_result_is_encoded_once_and_reads_as_its_object() -> None:
+    value = {"status": "completed", "out": "é\u2028\u0000", "n": [1, 2]}
+    encoded = EncodedJSON(value)
+    assert encoded == value and json.loads(json_text(encoded)) == value
+    assert json_text(encoded) == json.dumps(value) and json_text(value) == json.dumps(value)
+    encoded["n"] = []  # the text was made once, when it was built
+    assert json_text(encoded) == json.dumps(value)
+    assert "\\ufffd" in _json_text(encoded) and "\\u0000" not in _json_text(encoded)

@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, TypeAlias
 
 JSON: TypeAlias = dict[str, Any]
+
+
+class EncodedJSON(dict[str, Any]):
+    """A JSON object that keeps its text, encoded once: a task's result is written by both
+    stores, and a megabyte of output costs the event loop about 4 ms each time it is encoded.
+    Treat it as frozen: its text does not follow later changes."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: JSON) -> None:
+        super().__init__(value)
+        self.text = json.dumps(value)
+
+
+def json_text(value: JSON) -> str:
+    """`json.dumps(value)`, the kept text of an EncodedJSON."""
+    return value.text if isinstance(value, EncodedJSON) else json.dumps(value)
 
 
 class TaskState(enum.StrEnum):

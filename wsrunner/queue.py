@@ -36,7 +36,7 @@ from trio_asyncio import aio_as_trio, trio_as_aio
 
 from wsrunner.errors import UnavailableError
 from wsrunner.keys import Keys
-from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, sources_of
+from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, json_text, sources_of
 from wsrunner.resp import Arg, RespClient
 
 logger = logging.getLogger(__name__)
@@ -497,7 +497,7 @@ class RedisQueue:
                 said,
                 "" if event is None else _envelope("status_changed", task_id, said, ts),
                 ts,
-                "" if result is None else json.dumps(result),
+                "" if result is None else json_text(result),
                 RESULT_TTL_S,
                 claim_id,
                 "1" if target.terminal else "0",

@@ -28,7 +28,7 @@ from wsrunner.errors import (
 )
 from wsrunner.executor import Executor, StepContext
 from wsrunner.metrics import Metrics
-from wsrunner.models import JSON, Claim, TaskSpec, TaskState
+from wsrunner.models import JSON, Claim, EncodedJSON, TaskSpec, TaskState
 from wsrunner.payload import parse_task, validate_task_id
 from wsrunner.ports import Queue, Store
 from wsrunner.settings import Settings
@@ -407,14 +407,15 @@ class TaskRunner:
                     error += f" (steps failed: {', '.join(map(str, failed))})"
         else:
             state = TaskState.COMPLETED
-        result: JSON = {
+        body: JSON = {
             "status": state.value,
             "result": {"steps": steps, "workspace_id": ws, "repos_cached": repos},
             "execution_time_ms": elapsed_ms,
             "completed_at": datetime.now(UTC).isoformat(),
         }
         if error is not None:
-            result["error"] = error
+            body["error"] = error
+        result = EncodedJSON(body)  # PostgreSQL and Redis both write it
         try:
             await retrying("recording the end of a task", lambda: self.store.finish(
                 tid, state, worker_id=self.worker_id, result=result, error=error,

@@ -26,7 +26,16 @@ from wsrunner.errors import (
     NotFoundError,
     UnavailableError,
 )
-from wsrunner.models import JSON, ApiToken, Priority, TaskRecord, TaskSpec, TaskState, sources_of
+from wsrunner.models import (
+    JSON,
+    ApiToken,
+    Priority,
+    TaskRecord,
+    TaskSpec,
+    TaskState,
+    json_text,
+    sources_of,
+)
 from wsrunner.payload import check_idempotent_replay, request_hash, to_configuration
 
 T = TypeVar("T")
@@ -180,7 +189,7 @@ class SqliteStore:
                 f" WHERE id = ? AND status IN ({marks}) AND (? IS NULL OR worker_id = ?)",
                 (target.value, now.isoformat(), running, now.isoformat(), target.terminal,
                  now.isoformat(), worker_id, int(running), lease,
-                 None if result is None else json.dumps(result), error, execution_time_ms,
+                 None if result is None else json_text(result), error, execution_time_ms,
                  target is TaskState.CANCELLED, now.isoformat(), task_id, *sources,
                  expect_worker, expect_worker),
             )  # fmt: skip
@@ -222,7 +231,7 @@ class SqliteStore:
         await self.run(lambda c: c.execute(
             "UPDATE task_executions SET result = ?, updated_at = ?,"
             " execution_time_ms = COALESCE(execution_time_ms, ?) WHERE id = ? AND result IS NULL",
-            (json.dumps(result), _now().isoformat(), execution_time_ms, task_id)))  # fmt: skip
+            (json_text(result), _now().isoformat(), execution_time_ms, task_id)))  # fmt: skip
 
     async def renew_leases(self, worker_id: str, task_ids: Sequence[str]) -> None:
         if not task_ids:

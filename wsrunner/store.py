@@ -33,7 +33,16 @@ from wsrunner.errors import (
     UnavailableError,
 )
 from wsrunner.libpq import LibpqPool, Row
-from wsrunner.models import JSON, ApiToken, Priority, TaskRecord, TaskSpec, TaskState, sources_of
+from wsrunner.models import (
+    JSON,
+    ApiToken,
+    Priority,
+    TaskRecord,
+    TaskSpec,
+    TaskState,
+    json_text,
+    sources_of,
+)
 from wsrunner.payload import check_idempotent_replay, request_hash, to_configuration
 
 logger = logging.getLogger(__name__)
@@ -81,7 +90,7 @@ def _json_text(value: Any) -> str:
     left in a piece is an escape, never text. (A regular expression took half a second on the
     event loop for a megabyte of NULs.)
     """
-    text = json.dumps(value)
+    text = json_text(value) if isinstance(value, dict) else json.dumps(value)
     if "\\u0000" not in text:
         return text
     return "\\\\".join(part.replace("\\u0000", "\\ufffd") for part in text.split("\\\\"))
