@@ -16,9 +16,9 @@ Workloads (issue 6):
 6. limits: the same machine's spawn rate (subprocess, posix_spawn, the sandbox chain), Redis
    round trip and PostgreSQL commit, so each figure can be read as a fraction of them.
 
-`<peer>+pg` (only when named in --only: `--only wsrunner dramatiq+pg saq+pg`) is the peer whose
-job also writes a PostgreSQL record of its task when it starts and when it ends, as wsrunner
-does (bench/peers/common.py), for a comparison at the same durability.
+`<peer>+pg` is the peer whose job also writes a PostgreSQL record of its task when it starts and
+when it ends, as wsrunner does (bench/peers/common.py): a comparison at the same durability, in
+the last column. The full run includes dramatiq+pg and saq+pg; --only can name any of them.
 
 Every system uses the same Redis (its own database or key prefix) and one worker process (RQ:
 its pool of 3 work horses). The peers are installed from PyPI into bench/.venv and
@@ -385,9 +385,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="systems to run (default: all)")
     parser.add_argument("--workloads", nargs="*", default=WORKLOADS, choices=WORKLOADS)
     args = parser.parse_args()
-    systems = ["wsrunner", "wsrunner+sandbox", *PEERS]
-    if args.only:  # `<peer>+pg` only when asked for by name
-        systems = [s for s in [*systems, *(f"{p}+pg" for p in PEERS)] if s in args.only]
+    # The two fastest peers again with the same PostgreSQL record as wsrunner; any `<peer>+pg`
+    # can be named with --only.
+    systems = ["wsrunner", "wsrunner+sandbox", *PEERS, "dramatiq+pg", "saq+pg"]
+    if args.only:
+        known = dict.fromkeys([*systems, *(f"{p}+pg" for p in PEERS)])
+        systems = [s for s in known if s in args.only]
     sizes = {"throughput": args.tasks, "latency": args.latency_tasks, "drain": args.drain_tasks,
              "priority": 2000, "fanout": args.subscribers}  # fmt: skip
     rounds = {"drain": 1, "priority": 1, "fanout": 1}  # long ones: once
@@ -424,9 +427,10 @@ def print_table(systems: list[str], results: dict[tuple[str, str], list[dict[str
                 machine: dict[str, float], args: argparse.Namespace) -> None:  # fmt: skip
     print(f"\n{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
           f"median of {args.rounds} rounds [range] where a workload ran more than once")  # fmt: skip
-    peers = [s for s in systems if not s.startswith("wsrunner")]
+    peers = [s for s in systems if not s.startswith("wsrunner") and not s.endswith("+pg")]
+    durable = [s for s in systems if s.endswith("+pg")]  # the peers given the same record
     head = f"{'metric':40}" + "".join(f"{s:>20}" for s in systems) + f"{'wsrunner/best peer':>20}"
-    print(head)
+    print(head + (f"{'wsrunner/best +pg':>20}" if durable else ""))
     for workload, metrics in METRICS.items():
         for key, label, lower, fmt in metrics:
             cells, medians = [], {}
@@ -444,12 +448,9 @@ def print_table(systems: list[str], results: dict[tuple[str, str], list[dict[str
                 cells.append(text)
             if not any(c not in ("-", "n/a") for c in cells):
                 continue
-            ratio = ""
-            best = [medians[p] for p in peers if p in medians]
-            if best and "wsrunner" in medians and fmt != "d":
-                top = min(best) if lower else max(best)
-                ratio = f"{medians['wsrunner'] / top:.2f}" if top else ""
-            print(f"{label:40}" + "".join(f"{c:>20}" for c in cells) + f"{ratio:>20}")
+            ratios = [_ratio(medians, group, lower=lower, fmt=fmt) for group in (peers, durable)]
+            print(f"{label:40}" + "".join(f"{c:>20}" for c in cells) + f"{ratios[0]:>20}"
+                  + (f"{ratios[1]:>20}" if durable else ""))  # fmt: skip
     for key, value in machine.items():
         print(f"{'machine: ' + key:40}{value:>20.1f}")
     if "drain" in args.workloads:
@@ -457,6 +458,15 @@ def print_table(systems: list[str], results: dict[tuple[str, str], list[dict[str
             f"(drain: {args.drain_tasks} tasks; priority: 2,000 low then 100 high; "
             f"fanout: {args.subscribers} subscribers on 10 tasks)"
         )
+
+
+def _ratio(medians: dict[str, float], group: list[str], *, lower: bool, fmt: str) -> str:
+    """wsrunner's median over the best of `group`'s ("" when there is nothing to compare)."""
+    best = [medians[p] for p in group if p in medians]
+    if not best or "wsrunner" not in medians or fmt == "d":
+        return ""
+    top = min(best) if lower else max(best)
+    return f"{medians['wsrunner'] / top:.2f}" if top else ""
 
 
 if __name__ == "__main__":
