@@ -24,8 +24,8 @@ class EncodedJSON(dict[str, Any]):
         self.text = json.dumps(value)
 
 
-def json_text(value: JSON) -> str:
-    """`json.dumps(value)`, the kept text of an EncodedJSON."""
+def json_text(value: Any) -> str:
+    """`json.dumps(value)`; for an EncodedJSON, the text it kept."""
     return value.text if isinstance(value, EncodedJSON) else json.dumps(value)
 
 

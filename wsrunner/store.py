@@ -10,7 +10,6 @@ trio thread, without the thread hops.
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 import re
 import threading
@@ -90,7 +89,7 @@ def _json_text(value: Any) -> str:
     left in a piece is an escape, never text. (A regular expression took half a second on the
     event loop for a megabyte of NULs.)
     """
-    text = json_text(value) if isinstance(value, dict) else json.dumps(value)
+    text = json_text(value)
     if "\\u0000" not in text:
         return text
     return "\\\\".join(part.replace("\\u0000", "\\ufffd") for part in text.split("\\\\"))
