@@ -32,24 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine_busy_s  # bench/, the script's directory
+from machine import cpu_s, machine_busy_s  # bench/, the script's directory
 
 HERE = Path(__file__).resolve().parent
 # peers.py's own names (the bench/peers/ package hides it from a plain import).
 peers = runpy.run_path(str(HERE / "peers.py"))
 Wsrunner = peers["Wsrunner"]
-
-
-def _cpu_s(stat: str, *, children: bool = False) -> float:
-    """CPU seconds (user + system) in a /proc `stat` file: its process's or thread's own, or
-    its reaped children's; 0 if it is gone."""
-    try:
-        with open(stat) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    first = 13 if children else 11
-    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
 
 
 def _named(*names: str) -> list[int]:
@@ -84,11 +72,11 @@ def _split(daemon_pid: int, helpers: list[int]) -> dict[str, float]:
     """CPU seconds so far, by who spent it (see the module's docstring)."""
     return {
         "machine": machine_busy_s(),
-        "daemon": _cpu_s(f"/proc/{daemon_pid}/stat"),
-        "commands": _cpu_s(f"/proc/{daemon_pid}/stat", children=True),
-        "helper": sum(_cpu_s(f"/proc/{p}/stat") for p in helpers),
-        "postgres": sum(_cpu_s(f"/proc/{p}/stat") for p in _named("postgres")),
-        "redis": sum(_cpu_s(f"/proc/{p}/stat") for p in _named("redis-server")),
+        "daemon": cpu_s(f"/proc/{daemon_pid}/stat"),
+        "commands": cpu_s(f"/proc/{daemon_pid}/stat", children=True),
+        "helper": sum(cpu_s(f"/proc/{p}/stat") for p in helpers),
+        "postgres": sum(cpu_s(f"/proc/{p}/stat") for p in _named("postgres")),
+        "redis": sum(cpu_s(f"/proc/{p}/stat") for p in _named("redis-server")),
     }
 
 
@@ -128,11 +116,11 @@ def main() -> None:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             pid = daemon.proc.pid
             loop_stat = f"/proc/{pid}/task/{pid}/stat"  # the main thread, where trio runs
-            loop0, done0, helpers = _cpu_s(loop_stat), daemon.completed(), _helpers(pid)
+            loop0, done0, helpers = cpu_s(loop_stat), daemon.completed(), _helpers(pid)
             split0 = _split(pid, helpers)
             while daemon.completed() < args.tasks:
                 time.sleep(0.1)
-            loop = _cpu_s(loop_stat) - loop0
+            loop = cpu_s(loop_stat) - loop0
             split = {k: v - split0[k] for k, v in _split(pid, helpers).items()}
             cpu = split["daemon"]
             split["rest"] = split["machine"] - sum(v for k, v in split.items() if k != "machine")

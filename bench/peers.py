@@ -45,7 +45,7 @@ from typing import Any
 
 import psycopg
 import redis
-from machine import machine_busy_s  # bench/, the script's directory
+from machine import cpu_s, machine_busy_s  # bench/, the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
@@ -251,7 +251,7 @@ class Wsrunner:
         assert self.proc is not None
         time.sleep(1.0)
         idle_rss = _rss(self.proc.pid)
-        cpu0, wall0 = _cpu_s(self.proc.pid), time.monotonic()
+        cpu0, wall0 = cpu_s(f"/proc/{self.proc.pid}/stat"), time.monotonic()
         ids = self.push(
             10, command="i=0; while [ $i -lt 120 ]; do echo line $i; sleep 0.05; i=$((i+1)); done"
         )
@@ -269,7 +269,7 @@ class Wsrunner:
             peak = max(peak, _rss(self.proc.pid))
             time.sleep(0.1)
         results = [json.loads(out.read_text()) for out in outs]
-        daemon_cpu = (_cpu_s(self.proc.pid) - cpu0) / (time.monotonic() - wall0)
+        daemon_cpu = (cpu_s(f"/proc/{self.proc.pid}/stat") - cpu0) / (time.monotonic() - wall0)
         latencies = sorted(x for r in results for x in r["latencies_ms"])
         return {"connected": sum(r["connected"] for r in results), "ended": sum(r["ended"] for r in results),
                 "errors": sum(len(r["errors"]) for r in results), "events": len(latencies),
@@ -284,13 +284,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss(pid: int) -> int:

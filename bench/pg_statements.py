@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
+from machine import cpu_s  # bench/, the script's directory
 
 from wsrunner.store import Q
 
@@ -29,12 +30,6 @@ RESULT = json.dumps({"status": "completed", "execution_time_ms": 2, "result": {
     "steps": [{"step": 1, "action": "execute_command", "result": {
         "exit_code": 0, "stdout": "", "stderr": "", "duration_ms": 1, "truncated": False}}],
     "workspace_id": "bench", "repos_cached": []}})  # fmt: skip
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -67,7 +62,7 @@ def _run(conn: psycopg.Connection, tasks: int) -> str:  # type: ignore[type-arg]
     pg.prepare(b"start_task", Q["start_task"].encode())
     pg.prepare(b"finish_task", Q["finish_task"].encode())
     server = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
-    cpu0, wall0 = _cpu_s(server), time.perf_counter()
+    cpu0, wall0 = cpu_s(f"/proc/{server}/stat"), time.perf_counter()
     for _ in range(tasks):
         tid = str(uuid.uuid4()).encode()
         for name, params in (
@@ -80,7 +75,7 @@ def _run(conn: psycopg.Connection, tasks: int) -> str:  # type: ignore[type-arg]
             res = pg.exec_prepared(name, params)
             if res.status != psycopg.pq.ExecStatus.TUPLES_OK:
                 raise SystemExit((res.error_message or b"").decode())
-    cpu, wall = _cpu_s(server) - cpu0, time.perf_counter() - wall0
+    cpu, wall = cpu_s(f"/proc/{server}/stat") - cpu0, time.perf_counter() - wall0
     return (f"{tasks} tasks: PostgreSQL CPU {cpu / tasks * 1000:.3f} ms per task, "
             f"wall {wall / tasks * 1000:.3f} ms per task (two statements, two commits)")  # fmt: skip
 
