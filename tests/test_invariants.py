@@ -30,7 +30,17 @@ import pytest
 import trio
 from httpx_sse import aconnect_sse
 
-from tests.conftest import INTERNAL_TOKEN, wait_for
+from tests.conftest import (
+    DATABASE_URL,
+    INTERNAL_TOKEN,
+    REDIS_URL,
+    host_pids,
+    traversable,
+    unique_seconds,
+    wait_for,
+)
+from tests.reliability.conftest import Daemon as ReliabilityDaemon
+from tests.reliability.conftest import Deployment
 from wsrunner.daemon import Daemon
 
 #: The probe. Arguments: tag=NAME, out=DIR (also write the report there), targets=H:P,...
@@ -438,3 +448,51 @@ PATHS: dict[str, Callable[[Tenant], Any]] = {
 @pytest.mark.parametrize("path", list(PATHS))
 async def test_invariants_hold_on_every_path(tenant: Tenant, path: str) -> None:
     await PATHS[path](tenant)
+
+
+# --- restart --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isolation", ["full", "off"])
+async def test_a_daemon_killed_while_a_command_runs_restarts_on_its_ports(
+    tmp_path: Path, prefix: str, schema: str, isolation: str
+) -> None:
+    """SIGKILL a real daemon while a task's command runs, start it again at once on the same
+    ports: it binds and serves, because no command holds the daemon's listening sockets (I1).
+
+    Under full isolation the command dies with its sandbox (bubblewrap --die-with-parent);
+    with the sandbox turned off (WSRUNNER_SANDBOX=off, `require: none`) it outlives the daemon,
+    and a listening socket it inherited would keep the port.
+    """
+    traversable(tmp_path)
+    dep = Deployment(tmp_path, prefix, schema, REDIS_URL, DATABASE_URL)
+    extra = {}
+    if isolation == "off":
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(policy.read_text().replace("require: full", "require: none"))
+        extra["WSRUNNER_SANDBOX"] = "off"
+    seconds = unique_seconds()
+    try:
+        first = await dep.start("inv-restart", **extra)
+        async with dep.client(first) as c:
+            body = {"workspace_id": "ws-restart",
+                    "steps": [{"action": "execute_command", "command": f"sleep {seconds}"}]}  # fmt: skip
+            r = await c.post("/api/tasks/submit", json=body)
+            assert r.status_code == 202, r.text
+            task_id = r.json()["task_id"]
+        await wait_for(lambda: host_pids(seconds), timeout=30)
+        first.kill(signal.SIGKILL)
+        await first.wait()
+        again = ReliabilityDaemon("inv-restart-again", first.env)  # the same ports
+        again.start()
+        dep.daemons.append(again)
+        await again.ready()  # fails if it exits (the ports are taken) or never answers
+        async with dep.client(again) as c, httpx.AsyncClient(timeout=5) as probe:
+            for _ in range(20):  # each on a new connection: none may land in a stale backlog
+                assert (await probe.get(f"{again.internal}/livez")).status_code == 200
+                r = await c.get(f"/api/tasks/{task_id}", headers={"Connection": "close"})
+                assert r.status_code == 200, r.text
+    finally:
+        await dep.close()
+        for pid in host_pids(seconds):
+            os.kill(pid, signal.SIGKILL)
