@@ -45,7 +45,7 @@ def plain(runs: int) -> list[float]:
     return out
 
 
-async def chain(runs: int, volume: Path, *, network: bool) -> tuple[list[float], str]:
+async def chain(runs: int, volume: Path, *, network: str) -> tuple[list[float], str]:
     iso = await trio.to_thread.run_sync(probe, str(volume), UidRange(200000, 265535))
     sandbox = Sandbox(iso)
     root = volume / "bench-ws"
@@ -58,8 +58,8 @@ async def chain(runs: int, volume: Path, *, network: bool) -> tuple[list[float],
         t = time.perf_counter()
         async with sandbox.launch(["/bin/true"], root=str(root), cwd=str(root),
                                   policy=policy.sandbox, limits=policy.limits,
-                                  network=network) as launch:  # fmt: skip
-            rc = await run_process(launch.argv, env={"PATH": "/usr/bin:/bin"},
+                                  network=network, env={"PATH": "/usr/bin:/bin"}) as launch:  # fmt: skip
+            rc = await run_process(launch.argv, env=launch.env,
                                    capture=Capture.capped(1024, 1024), kill_grace=1,
                                    pass_fds=launch.pass_fds)  # fmt: skip
         out.append(time.perf_counter() - t)
@@ -91,14 +91,13 @@ def main() -> None:
         async def measure() -> list[tuple[str, list[float]]]:
             rows = [("subprocess.run /bin/true (no sandbox)", plain(runs)),
                     ("wsrunner run_process /bin/true (no sandbox)", await trio_plain(runs))]  # fmt: skip
-            samples, level = await chain(runs, volume, network=False)
-            rows.append((f"sandboxed /bin/true ({level}, network none)", samples))
-            samples, level = await chain(runs, volume, network=True)
-            rows.append((f"sandboxed /bin/true ({level}, network host)", samples))
+            for mode in ("none", "egress", "host"):
+                samples, level = await chain(runs, volume, network=mode)
+                rows.append((f"sandboxed /bin/true ({level}, network {mode})", samples))
             return rows
 
         if args.json:
-            samples, level = trio.run(partial(chain, runs, volume, network=False))
+            samples, level = trio.run(partial(chain, runs, volume, network="none"))
             shutil.rmtree(volume, ignore_errors=True)
             print(
                 json.dumps({"sandbox_median_ms": statistics.median(samples) * 1000, "level": level})

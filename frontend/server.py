@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any
 
 import trio
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
 from frontend.internal import create_internal_app
@@ -29,8 +29,23 @@ from wsrunner.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+class _Config(Config):
+    """Hypercorn's configuration, with listening sockets no child process inherits.
+
+    Hypercorn makes them inheritable (for its worker processes, which the daemon does not
+    use); every command the daemon starts would then hold both APIs' listeners: it could
+    accept requests meant for the daemon, and keep the ports after the daemon died.
+    """
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets, *sockets.quic_sockets):
+            sock.set_inheritable(False)
+        return sockets
+
+
 def _config(host: str, port: int) -> Config:
-    cfg = Config()
+    cfg = _Config()
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     cfg.graceful_timeout = 3.0
     cfg.keep_alive_timeout = 5.0

@@ -48,10 +48,18 @@ WORKSPACE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 #: git ref names we accept for `branch`: what git allows, minus anything that reads as an option.
 BRANCH_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
 ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-#: Variables a task may not override: the runner sets them to keep the task inside its workspace.
-RESERVED_ENV: Final = frozenset(
-    {"PATH", "HOME", "PWD", "WORKSPACE_ID", "TASK_ID", "LD_PRELOAD", "LD_LIBRARY_PATH"}
-)
+#: Variables a task may not set. The runner's own (they keep the task inside its workspace);
+#: and those that make the loader, libc, a shell at start-up or git run code or read files
+#: the task chose. They only ever reach the sandbox, but a program there that trusts its
+#: environment (git, a shell) must not be steered by the payload either.
+RESERVED_ENV: Final = frozenset({
+    "PATH", "HOME", "PWD", "OLDPWD", "TMPDIR", "WORKSPACE_ID", "TASK_ID", "LANG", "LC_ALL",
+    "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH",
+    "NIS_PATH", "NLSPATH", "RES_OPTIONS", "TZDIR", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS",
+    "IFS", "CDPATH", "PS4", "PROMPT_COMMAND",
+})  # fmt: skip
+#: Prefixes of variable names a task may not set (the loader, malloc, git, ssh, wsrunner).
+RESERVED_ENV_PREFIXES: Final = ("LD_", "MALLOC_", "GIT_", "SSH_", "WSRUNNER_", "BASH_FUNC_")
 
 
 def validate_workspace_id(value: object, field: str = "workspace_id") -> str:
@@ -404,9 +412,13 @@ def _parse_credentials(raw: object) -> Credentials:
     env: dict[str, str] = {}
     for name, value in env_raw.items():
         where = f"credentials.env_vars.{name}"
-        if not ENV_NAME_RE.fullmatch(name) or name in RESERVED_ENV:
+        if not ENV_NAME_RE.fullmatch(name):
+            raise ValidationError(where, "expected a variable name of letters, digits and '_'")
+        if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
             raise ValidationError(
-                where, "expected a variable name of letters, digits and '_', not one of "
+                where, "this variable is reserved: wsrunner sets it, or it makes the loader, "
+                "libc, a shell or git run code the task chose; not allowed are "
+                f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)} and "
                 f"{', '.join(sorted(RESERVED_ENV))}",
             )  # fmt: skip
         if not isinstance(value, str) or "\x00" in value:

@@ -76,10 +76,11 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class SandboxPolicy:
     require: Literal["full", "partial", "none"]
-    network: Literal["none", "host"]
-    git_network: Literal["none", "host"]
+    network: Literal["none", "egress", "host"]
+    git_network: Literal["none", "egress", "host"]
     protect: tuple[str, ...]
     read_only_paths: tuple[str, ...]
+    egress_allow: tuple[str, ...] = ()  #: private ranges an `egress` sandbox may reach
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,8 +209,8 @@ class PolicySet:
             return hit
         applied = [self.files.base] + [o for o in self.files.overlays if _applies(o, workspace)]
         mode = "enforce"
-        sandbox: dict[str, Any] = {"require": "full", "network": "none", "gitNetwork": "host",
-                                      "protect": [], "readOnlyPaths": []}  # fmt: skip
+        sandbox: dict[str, Any] = {"require": "full", "network": "none", "gitNetwork": "egress",
+                                   "protect": [], "readOnlyPaths": [], "egressAllow": []}  # fmt: skip
         limits: dict[str, Any] = dict(DEFAULT_LIMITS, cpus=None)
         rules: list[SourcedRule] = []
         for loaded in applied:
@@ -229,6 +230,7 @@ class PolicySet:
                 git_network=sandbox["gitNetwork"],
                 protect=tuple(sandbox["protect"]),
                 read_only_paths=tuple(sandbox["readOnlyPaths"]),
+                egress_allow=tuple(sandbox["egressAllow"]),
             ),
             limits=Limits(
                 limits["timeoutSeconds"],

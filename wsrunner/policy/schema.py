@@ -7,6 +7,7 @@ misspelt key is an error, never a silent default. The same models produce the JS
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -79,11 +80,20 @@ class Sandbox(_Closed):
     require: Literal["full", "partial", "none"] | None = Field(
         default=None, description="Lowest isolation commands may run under; `none` is explicit"
     )
-    network: Literal["none", "host"] | None = Field(
-        default=None, description="Network of commands: `none` (own empty namespace) or `host`"
+    network: Literal["none", "egress", "host"] | None = Field(
+        default=None,
+        description="Network of commands: `none` (own empty namespace), `egress` (the internet "
+        "through a user-mode stack; never the host or private ranges) or `host` (the host's "
+        "network, loopback included: gives up that protection)",
     )
-    gitNetwork: Literal["none", "host"] | None = Field(
-        default=None, description="Network of the daemon's git clone, pull, fetch and push"
+    gitNetwork: Literal["none", "egress", "host"] | None = Field(
+        default=None,
+        description="Network of the daemon's git clone, pull, fetch and push (default egress)",
+    )
+    egressAllow: list[str] | None = Field(
+        default=None,
+        description="Private IPv4 ranges (CIDR) an `egress` sandbox may reach, e.g. an "
+        "internal git server; the host's loopback is never reachable",
     )
     protect: list[str] | None = Field(
         default=None, description="Workspace paths commands see read-only (.git/hooks, ...)"
@@ -97,6 +107,15 @@ class Sandbox(_Closed):
         for p in self.protect or ():
             if p.startswith("/") or ".." in p.split("/") or not p.strip("/"):
                 raise ValueError(f"protect: {p!r} must be a relative path inside the workspace")
+        for net in self.egressAllow or ():
+            try:
+                parsed = ipaddress.IPv4Network(net)
+            except ValueError:
+                raise ValueError(
+                    f"egressAllow: {net!r} is not an IPv4 network like 10.20.0.0/16"
+                ) from None
+            if parsed.is_loopback or parsed.overlaps(ipaddress.IPv4Network("127.0.0.0/8")):
+                raise ValueError(f"egressAllow: {net!r} overlaps loopback, which egress never reaches")
         for p in self.readOnlyPaths or ():
             if not p.startswith("/") or ".." in p.split("/"):
                 raise ValueError(f"readOnlyPaths: {p!r} must be an absolute path without `..`")
