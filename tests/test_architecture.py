@@ -29,9 +29,11 @@ def test_core_never_imports_the_frontend_or_quart() -> None:
 def test_only_the_adapters_import_the_drivers() -> None:
     core = imports("wsrunner")
     # resp.py is the native trio client of the per-task calls; only queue.py uses it.
+    # provision.py is the operator's tool that makes wsrunner's ACL user (no event loop).
     assert {m for m, n in core.items() if "redis" in n or "hiredis" in n} == {
         "wsrunner/queue.py",
         "wsrunner/resp.py",
+        "wsrunner/provision.py",
     }
     # libpq.py drives libpq from the trio thread for the per-task statements; only store.py uses it.
     assert {m for m, n in core.items() if "psycopg" in n or "psycopg_pool" in n} == {

@@ -15,7 +15,7 @@ from typing import Any
 import trio_asyncio  # noqa: F401  # isort: skip
 import trio
 
-from wsrunner import __version__, console, tools
+from wsrunner import __version__, console, provision, tools
 from wsrunner.daemon import Daemon, open_store, run_daemon
 from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging
@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                    "GET /api/tools: name, description, category, permission, JSON Schema.")  # fmt: skip
     console.add_parsers(sub)
     policy_console.add_parser(sub)
+    provision.add_parser(sub)
     return parser
 
 
@@ -153,6 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
             return 2
         return policy_console.run(args, command, configured)
+    if args.command == "provision":  # the default key prefix is the configured one
+        try:
+            prefix = load_settings(None, require_database=False).redis_prefix
+        except ConfigError as exc:
+            print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
+            return 2
+        return provision.run(args, prefix)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
