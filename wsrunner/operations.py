@@ -285,7 +285,7 @@ class WorkspaceOps:
         At most `max_results` are returned; `total` counts what was found (up to SCAN_CAP).
         wsrunner's reserved entries are never among the matches.
         """
-        query = search.check(pattern, include, max_results)
+        query = await search.prepare(pattern, include, max_results)  # compiled off the loop
         rel = _check_path(path)
         root = await self._root(workspace_id)
         await self._fs(paths.real_dir, root, rel)  # contained, and a directory

@@ -7,6 +7,17 @@ tell the engines apart. Both stop after TIMEOUT_S or SCAN_CAP matches and say so
 Neither follows a symlink out of the workspace, even one swapped in during the search: ripgrep
 runs inside the workspace's sandbox (the caller's `spawn`), and the Python walk opens every
 file beneath the workspace with `paths.open_beneath`.
+
+Patterns are RE2 syntax, which is ripgrep's too (both descend from RE2): no backreferences, no
+look-around, no possessive or atomic groups; `\\uXXXX` and `\\u{...}` are accepted as ripgrep
+accepts them. The one difference left: ripgrep's `\\w`, `\\d`, `\\s` and `\\b` are Unicode-aware,
+the walk's (RE2's) are ASCII; write `\\pL` or `\\p{Greek}` for letters beyond ASCII in both.
+
+Nothing a pattern costs is unbounded on the event loop (the pattern is the tenant's): it is
+compiled by RE2 in a worker thread, one at a time, within RE2_MAX_MEM (RE2 holds the GIL while
+it compiles, so that cap is what bounds the pause); ripgrep compiles it in its own sandboxed
+process within RG_SIZE_LIMIT; the walk matches in linear time in a worker thread, checking its
+deadline on every line and skipping (as incomplete) a line too long for the pattern's size.
 """
 
 from __future__ import annotations
@@ -19,8 +30,9 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
+import re2  # type: ignore[import-untyped]
 import trio
 
 from wsrunner import paths
@@ -37,26 +49,77 @@ SCAN_CAP: Final = 10_000  #: matches collected before sorting and cutting to max
 LINE_CAP: Final = 500  #: characters of a matching line returned
 FILE_CAP: Final = 10 * 1024 * 1024  #: larger files are not searched
 OUTPUT_CAP: Final = 64 * 1024 * 1024  #: of ripgrep's JSON output
+PATTERN_CAP: Final = 1000  #: characters of a pattern
+#: RE2's memory for one pattern: its program and its DFA caches. Compiling stops ("too large")
+#: at about two thirds of it, which bounds the compile to milliseconds (docs/security.md, I7).
+RE2_MAX_MEM: Final = 2 * 1024 * 1024
+#: Unicode property classes (\p, \P) in one pattern: each costs RE2's parser a table walk
+#: before RE2_MAX_MEM can apply (a thousand characters of them took 50 ms, the GIL held).
+UNICODE_CLASS_CAP: Final = 16
+#: ripgrep's limits on its compiled regex and its DFA (its own defaults, made explicit).
+RG_SIZE_LIMIT: Final = "10M"
+#: A line's bytes times the program's size, beyond which the walk does not match the line:
+#: RE2's slowest engine (when its DFA runs out of memory) does about 10^9 of these a second.
+MATCH_BUDGET: Final = 4_000_000_000
+
+#: What RE2's error says, and what to tell the tenant instead (the first prefix that matches).
+_UNSUPPORTED: Final = (
+    ("invalid escape sequence: \\1", "backreferences (\\1 to \\9) are not supported"),
+    ("invalid escape sequence: \\k", "named backreferences (\\k<name>) are not supported"),
+    ("invalid escape sequence: \\g", "backreferences (\\g<name>) are not supported"),
+    ("invalid perl operator: (?P", "named backreferences ((?P=name)) are not supported"),
+    ("invalid perl operator: (?=", "look-ahead ((?=...)) is not supported"),
+    ("invalid perl operator: (?!", "negative look-ahead ((?!...)) is not supported"),
+    ("invalid perl operator: (?<=", "look-behind ((?<=...)) is not supported"),
+    ("invalid perl operator: (?<!", "negative look-behind ((?<!...)) is not supported"),
+    ("invalid perl operator: (?>", "atomic groups ((?>...)) are not supported"),
+    ("bad repetition operator: ", "possessive repetitions (++, *+, ?+) are not supported"),
+    ("invalid escape sequence: \\Z", "\\Z is not supported; \\z is the end of the line"),
+    ("invalid repetition size", "a repetition count is over 1000 (nested counts multiply)"),
+    ("pattern too large", f"it compiles to more than RE2's {RE2_MAX_MEM // 1024} KiB; use "
+                          "fewer or smaller counted repetitions and Unicode classes"),
+)  # fmt: skip
+_SYNTAX: Final = "RE2 syntax, as ripgrep's: no backreferences or look-around"
+
+Regex = Any  #: a compiled RE2 pattern (google-re2 has no type hints)
+
+_COMPILING: Final[trio.lowlevel.RunVar[trio.CapacityLimiter]] = trio.lowlevel.RunVar("compiling")
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
     pattern: str
-    regex: re.Pattern[str]
+    regex: Regex
     include: str | None
     max_results: int
 
 
+async def prepare(pattern: object, include: object, max_results: object) -> Query:
+    """`check` off the event loop, in a worker thread, one pattern at a time.
+
+    One at a time because RE2 holds the GIL while it compiles: a second thread would not run
+    in parallel, only keep the event loop waiting longer between two compiles.
+    """
+    try:
+        limiter = _COMPILING.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(1)
+        _COMPILING.set(limiter)
+    return await trio.to_thread.run_sync(check, pattern, include, max_results, limiter=limiter)
+
+
 def check(pattern: object, include: object, max_results: object) -> Query:
-    """A validated query; ValidationError names the field otherwise."""
+    """A validated query, its pattern compiled; ValidationError names the field otherwise.
+
+    Blocking for up to tens of milliseconds (the compile): from the event loop, use `prepare`.
+    """
     if not isinstance(pattern, str) or not pattern:
         raise ValidationError("pattern", "expected a non-empty regular expression")
-    if len(pattern) > 1000 or "\x00" in pattern:
-        raise ValidationError("pattern", "expected at most 1000 characters and no NUL")
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise ValidationError("pattern", f"not a valid regular expression: {exc}") from None
+    if len(pattern) > PATTERN_CAP or "\x00" in pattern or "\n" in pattern:
+        raise ValidationError(
+            "pattern", f"expected at most {PATTERN_CAP} characters, on one line, and no NUL"
+        )
+    regex = compile_re2(pattern)
     if include is not None and (
         not isinstance(include, str)
         or not include
@@ -74,6 +137,70 @@ def check(pattern: object, include: object, max_results: object) -> Query:
         raise ValidationError("max_results", f"expected an integer from 1 to {MAX_RESULTS}, "
                                              f"got {max_results!r}")  # fmt: skip
     return Query(pattern, regex, include, max_results)
+
+
+def compile_re2(pattern: str) -> Regex:
+    """`pattern` compiled by RE2 within RE2_MAX_MEM; ValidationError("pattern") says why not.
+
+    Not through `re2.compile`, whose process-wide cache would keep 128 tenants' programs alive.
+    """
+    options = re2.Options()
+    options.max_mem = RE2_MAX_MEM
+    options.log_errors = False  # a tenant's mistakes are its answer, not the daemon's log
+    try:
+        return re2._Regexp(_for_re2(pattern), options)
+    except re2.error as exc:
+        raw = exc.args[0] if exc.args else b""
+        found = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    for prefix, explained in _UNSUPPORTED:
+        if found.startswith(prefix):
+            raise ValidationError("pattern", f"{explained} ({_SYNTAX})")
+    raise ValidationError("pattern", f"not a valid regular expression: {found} ({_SYNTAX})")
+
+
+def _for_re2(pattern: str) -> str:
+    """`pattern` with ripgrep's `\\u` escapes in RE2's spelling; refuses what only one accepts.
+
+    One pass over the escapes, so linear in the pattern.
+    """
+    out: list[str] = []
+    classes = 0
+    i = 0
+    while (j := pattern.find("\\", i)) != -1:
+        out.append(pattern[i:j])
+        c = pattern[j + 1 : j + 2]
+        i = j + 2
+        if c in ("p", "P"):
+            classes += 1
+        elif c in ("C", "Q"):
+            what = "\\C (one byte)" if c == "C" else "\\Q...\\E (a quoted literal)"
+            raise ValidationError("pattern", f"{what} is not supported; ripgrep refuses it "
+                                             f"({_SYNTAX})")  # fmt: skip
+        elif c in ("u", "U") and (digits := _code_point(pattern, i, 4 if c == "u" else 8)):
+            hex_digits, i = digits
+            out.append(f"\\x{{{hex_digits}}}")
+            continue
+        out.append(pattern[j:i])
+    out.append(pattern[i:])
+    if classes > UNICODE_CLASS_CAP:
+        raise ValidationError("pattern", f"expected at most {UNICODE_CLASS_CAP} Unicode classes "
+                                         f"(\\p, \\P), found {classes}")  # fmt: skip
+    return "".join(out)
+
+
+def _code_point(pattern: str, i: int, width: int) -> tuple[str, int] | None:
+    """The hex digits of `\\uXXXX`, `\\UXXXXXXXX` or `\\u{X...}` at `i`, and where they end."""
+    if pattern.startswith("{", i):
+        end = pattern.find("}", i, i + 10)
+        digits = pattern[i + 1 : end] if end != -1 else ""
+        nxt = end + 1
+    else:
+        digits, nxt = pattern[i : i + width], i + width
+        if len(digits) != width:
+            return None
+    if not digits or len(digits) > 8 or any(d not in "0123456789abcdefABCDEF" for d in digits):
+        return None
+    return digits, nxt
 
 
 async def run(root: str, rel: str, query: Query, *, rg: str | None,
@@ -95,6 +222,7 @@ def _match(file: str, line: int, text: str) -> JSON:
 
 async def _ripgrep(rg: str, rel: str, query: Query, spawn: Spawn) -> tuple[list[JSON], bool]:
     argv = [rg, "--json", "--no-config", "--hidden", "--no-ignore", "--no-follow",
+            "--regex-size-limit", RG_SIZE_LIMIT, "--dfa-size-limit", RG_SIZE_LIMIT,
             "--glob", "!.git", "--max-filesize", str(FILE_CAP), "--max-count", str(SCAN_CAP)]  # fmt: skip
     if query.include is not None:
         argv += ["--glob", query.include]
@@ -103,8 +231,8 @@ async def _ripgrep(rg: str, rel: str, query: Query, spawn: Spawn) -> tuple[list[
     with trio.move_on_after(TIMEOUT_S) as scope:
         rc = await spawn(argv, capture)
     if not scope.cancelled_caught and rc == 2 and not capture.stdout.total:
-        message = capture.stderr.text().strip().splitlines()
-        raise ValidationError("pattern", message[-1] if message else "ripgrep failed")
+        # --json prints a summary whenever the search ran: nothing at all means no regex.
+        raise ValidationError("pattern", _rg_error(capture.stderr.text()))
     found: list[JSON] = []
     for line in capture.stdout.data.splitlines():
         if len(found) >= SCAN_CAP:
@@ -122,11 +250,29 @@ async def _ripgrep(rg: str, rel: str, query: Query, spawn: Spawn) -> tuple[list[
     return found, not (scope.cancelled_caught or capture.stdout.truncated)
 
 
+def _rg_error(stderr: str) -> str:
+    """ripgrep's reason in one line: its `error:` line, else its first (e.g. the size limit)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    reason = next((line for line in lines if line.startswith("error:")), None)
+    if reason is None:
+        reason = lines[0] if lines else "ripgrep failed"
+    return f"ripgrep cannot search with it: {reason.removeprefix('error:').strip()}"
+
+
 def _walk(root: str, rel: str, query: Query, deadline: float) -> tuple[list[JSON], bool]:
-    """The fallback, in a worker thread; gives up (incomplete) at `deadline`."""
+    """The fallback, in a worker thread; gives up (incomplete) at `deadline`.
+
+    Lines are matched as bytes (RE2 reads UTF-8); a matching line that is not UTF-8 is left
+    out, as ripgrep's output gives such a line only as bytes, which `_ripgrep` leaves out too.
+    """
     found: list[JSON] = []
+    complete = True
     top = os.path.join(root, rel)
-    include = query.include
+    search = query.regex.search
+    longest = MATCH_BUDGET // max(1, query.regex.programsize)
+    # fnmatch.fnmatchcase would keep every tenant's glob in its process-wide cache.
+    glob_text = query.include or ""
+    glob = None if query.include is None else re.compile(fnmatch.translate(glob_text))
     with paths.open_root(root) as rfd:
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
             dirnames[:] = [d for d in dirnames if d != ".git"]
@@ -135,9 +281,9 @@ def _walk(root: str, rel: str, query: Query, deadline: float) -> tuple[list[JSON
                     return found, False
                 full = os.path.join(dirpath, name)
                 relpath = os.path.relpath(full, root)
-                if include is not None:
-                    subject = name if "/" not in include else os.path.relpath(full, top)
-                    if not fnmatch.fnmatchcase(subject, include):
+                if glob is not None:
+                    subject = name if "/" not in glob_text else os.path.relpath(full, top)
+                    if glob.match(subject) is None:
                         continue
                 data = _read_beneath(rfd, relpath)
                 if data is None or b"\x00" in data:
@@ -146,12 +292,21 @@ def _walk(root: str, rel: str, query: Query, deadline: float) -> tuple[list[JSON
                 if lines[-1] == b"":
                     lines.pop()  # the newline that ends the last line does not start another
                 for n, raw in enumerate(lines, start=1):
-                    text = raw.decode("utf-8", errors="replace")
-                    if query.regex.search(text):
-                        found.append(_match(relpath, n, text))
-                        if len(found) >= SCAN_CAP:
-                            return found, False
-    return found, True
+                    if time.monotonic() > deadline:
+                        return found, False
+                    if len(raw) > longest:
+                        complete = False
+                        continue
+                    if search(raw) is None:
+                        continue
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        continue
+                    found.append(_match(relpath, n, text))
+                    if len(found) >= SCAN_CAP:
+                        return found, False
+    return found, complete
 
 
 def _read_beneath(root_fd: int, relpath: str) -> bytes | None:
