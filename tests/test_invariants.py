@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from tests.conftest import (
     DATABASE_URL,
     INTERNAL_TOKEN,
     REDIS_URL,
+    git_repo,
     host_pids,
     traversable,
     unique_seconds,
@@ -43,8 +45,9 @@ from tests.reliability.conftest import Daemon as ReliabilityDaemon
 from tests.reliability.conftest import Deployment
 from wsrunner.daemon import Daemon
 
-#: The probe. Arguments: tag=NAME, out=DIR (also write the report there), targets=H:P,...
-#: (try to connect to each), and `filter` (be a git clean/smudge filter: pass stdin through).
+#: The probe. Arguments: tag=NAME, out=DIR (also write the report there, or where it can:
+#: $HOME, $TMPDIR, its directory), targets=H:P,... (try to connect to each), `filter` (be a
+#: git clean/smudge filter: pass stdin through) and `quiet` (print nothing: git reads stdout).
 PROBE = r"""
 import json, os, socket, sys, time
 
@@ -63,6 +66,24 @@ def main():
         for line in f:
             key, _, value = line.partition(":")
             status[key] = value.strip()
+    ancestors, pid = [], os.getppid()
+    while pid > 1 and len(ancestors) < 16:  # up to the sandbox's init (pid 1), or the host's
+        proc = {"pid": pid}
+        ancestors.append(proc)
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                stat = f.read()
+            proc["comm"] = stat[stat.index("(") + 1:stat.rindex(")")]
+            pid = int(stat[stat.rindex(")") + 2:].split()[1])
+            proc["fds"] = {}
+            for name in os.listdir("/proc/%d/fd" % proc["pid"]):
+                try:
+                    proc["fds"][name] = os.readlink("/proc/%d/fd/%s" % (proc["pid"], name))
+                except OSError:
+                    pass
+        except (OSError, ValueError) as exc:
+            proc["error"] = repr(exc)
+            break
     targets = [t for t in opts.get("targets", "").split(",") if t]
     try:  # the default route's gateway: where pasta maps the host's loopback by default
         with open("/proc/net/route") as f:
@@ -86,17 +107,22 @@ def main():
         "uid": os.getuid(), "euid": os.geteuid(), "fds": fds, "env": dict(os.environ),
         "status": {k: status.get(k) for k in ("Uid", "Gid", "Groups", "Seccomp", "NoNewPrivs",
                                               "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
-        "cwd": os.getcwd(), "reached": reached, "refused": refused,
+        "cwd": os.getcwd(), "reached": reached, "refused": refused, "ancestors": ancestors,
     }
     text = json.dumps(report)
-    if "out" in opts:
-        os.makedirs(opts["out"], exist_ok=True)
-        name = "%s-%d-%d.json" % (opts.get("tag", "probe"), os.getpid(), time.time_ns())
-        with open(os.path.join(opts["out"], name), "w") as f:
-            f.write(text)
+    name = "%s-%d-%d.json" % (opts.get("tag", "probe"), os.getpid(), time.time_ns())
+    for where in (opts.get("out"), os.environ.get("HOME"), os.environ.get("TMPDIR"), "."):
+        if where:
+            try:
+                os.makedirs(where, exist_ok=True)
+                with open(os.path.join(where, name), "w") as f:
+                    f.write(text)
+                break
+            except OSError:
+                continue
     if data is not None:
         sys.stdout.buffer.write(data)
-    else:
+    elif "quiet" not in flags:
         print("WSRPROBE " + text)
 
 main()
@@ -185,6 +211,7 @@ class Tenant:
     host: Host
     mode: str
     root: Path
+    tmp: Path
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.public, timeout=90,
@@ -239,7 +266,7 @@ async def _tenant(
     _, token = await daemon.service.tokens.create("tenant", [WS])
     public, internal = daemon.urls
     root = daemon.settings.volume_path / WS
-    tenant = Tenant(daemon, public, internal, token, host, mode, root)
+    tenant = Tenant(daemon, public, internal, token, host, mode, root, tmp_path)
     async with tenant.internal_client() as c:  # the operator puts the probe in place
         r = await c.post(f"/workspaces/{WS}/files/write", json={"path": "probe.py",
                                                                  "content": PROBE})  # fmt: skip
@@ -258,20 +285,44 @@ def reports_in(text: str) -> list[dict[str, Any]]:
             if line.startswith("WSRPROBE ")]  # fmt: skip
 
 
-def check_report(report: dict[str, Any], tenant: Tenant, *, extra_env: frozenset[str] = frozenset(),
+def _fd_breaks(fds: dict[str, str], tenant: Tenant, *, own: bool) -> dict[str, str]:
+    """Descriptors beyond 0, 1, 2; with `own`, those a git started by the daemon hands down
+    to what it starts (its pipes, the workspace file it filters) are not counted."""
+    return {n: t for n, t in fds.items() if int(n) > 2
+            and not (own and (t.startswith("pipe:") or t.startswith(f"{tenant.root}/")))}  # fmt: skip
+
+
+def check_report(report: dict[str, Any], tenant: Tenant, *, git: bool = False,
                  task_id: str | None = None) -> list[str]:  # fmt: skip
-    """Every invariant the report breaks, one line each (empty: it holds them all)."""
+    """Every invariant the report breaks, one line each (empty: it holds them all).
+
+    `git`: the probe is a program git started (a filter, hook, upload-pack): git's own pipes
+    and the workspace files it has open are allowed, in it and in the git processes above it
+    (which cannot be looked at before they open them); anything else (a socket, a memfd, a
+    file outside the workspace) is not. Git adds a few variables of its own (GIT_ADDED_ENV)
+    and its exec-path to PATH.
+    """
     broken: list[str] = []
-    fds = report["fds"]
-    if sorted(fds, key=int) != ["0", "1", "2"]:
-        broken.append(f"I1: descriptors other than 0, 1, 2: {fds}")
-    env = report["env"]
-    expected = TASK_ENV | SHELL_ENV | extra_env
-    if set(env) != expected:
-        broken.append(f"I2: environment names: unexpected {sorted(set(env) - expected)}, "
-                      f"missing {sorted(expected - set(env))}")  # fmt: skip
-    tokens = sorted(k for k in env if k.startswith("WSRUNNER_"))
-    if tokens:
+    if extra := _fd_breaks(report["fds"], tenant, own=git):
+        broken.append(f"I1: descriptors other than 0, 1, 2: {report['fds']}")
+    chain = report["ancestors"]
+    for proc in chain:
+        if "error" in proc:
+            broken.append(f"I1: could not read the descriptors of {proc}")
+        elif extra := _fd_breaks(proc["fds"], tenant, own=git):
+            broken.append(f"I1: {proc['comm']} (pid {proc['pid']} in the sandbox) holds {extra}")
+    env = dict(report["env"])
+    if git:
+        while env.get("PATH", "").startswith("/usr/lib/git-core:"):
+            env["PATH"] = env["PATH"].removeprefix("/usr/lib/git-core:")
+        added = {k for k in env if k in GIT_ADDED_ENV or k.startswith("GITHEAD_")}
+        required, allowed = TASK_ENV, TASK_ENV | SHELL_ENV | added
+    else:
+        required = allowed = TASK_ENV | SHELL_ENV
+    if not required <= set(env) <= allowed:
+        broken.append(f"I2: environment names: unexpected {sorted(set(env) - allowed)}, "
+                      f"missing {sorted(required - set(env))}")  # fmt: skip
+    if tokens := sorted(k for k in env if k.startswith("WSRUNNER_")):
         broken.append(f"I3: git token variables {tokens}")
     for name, want in (("PATH", SAFE_PATH), ("LANG", "C.UTF-8"), ("WORKSPACE_ID", WS)):
         if env.get(name) != want:
@@ -393,7 +444,7 @@ def _proc_report(pid: int) -> dict[str, Any]:
         "tag": f"pid {pid}", "fds": fds, "env": env, "uid": uid, "euid": euid,
         "status": {k: status.get(k) for k in ("Seccomp", "NoNewPrivs", "CapInh", "CapPrm",
                                               "CapEff", "CapBnd", "CapAmb")},
-        "netns": os.readlink(f"/proc/{pid}/ns/net"), "reached": [],
+        "netns": os.readlink(f"/proc/{pid}/ns/net"), "reached": [], "ancestors": [],
     }  # fmt: skip
 
 
@@ -427,7 +478,7 @@ async def via_grep(tenant: Tenant) -> None:
     assert report is not None, "no ripgrep process was seen while the search ran"
     fds = {k: v for k, v in report["fds"].items() if not v.startswith(f"{tenant.root}/hay")}
     report["fds"] = fds
-    broken = [b for b in check_report(report, tenant, extra_env=frozenset()) if "I2" not in b]
+    broken = [b for b in check_report(report, tenant) if "I2" not in b]
     env = report["env"]
     if set(env) != GREP_ENV:
         broken.append(f"I2: environment {sorted(env)}, expected {sorted(GREP_ENV)}")
@@ -436,12 +487,218 @@ async def via_grep(tenant: Tenant) -> None:
     assert not broken, json.dumps(broken, indent=1)
 
 
+# --- git: the probe as what git starts on the workspace's side -------------------------------
+
+#: Every file named *.probe goes through the tenant's filter (defined in a git config).
+GITATTRIBUTES = "*.probe filter=wsrprobe\n"
+#: Names git itself adds to the environment of the programs it starts (filters, hooks,
+#: upload-pack): git's, not the daemon's nor the tenant's.
+GIT_ADDED_ENV = frozenset({"GIT_DIR", "GIT_PREFIX", "GIT_EXEC_PATH", "GIT_INDEX_FILE",
+                           "GIT_WORK_TREE", "GIT_PROTOCOL", "GIT_REFLOG_ACTION",
+                           "GIT_CONFIG_PARAMETERS"})  # fmt: skip
+
+
+@dataclass
+class Repo:
+    """A repository on the host (file://) and its clone in the workspace, repos/<name>."""
+
+    name: str
+    origin: Path
+    url: str
+
+    def advance(self) -> None:
+        """A new commit on the origin that changes a.probe, so that a pull checks it out."""
+        (self.origin / "a.probe").write_text(f"{uuid.uuid4().hex}\n")
+        env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+                   GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
+        subprocess.run(["git", "-C", str(self.origin), "commit", "-qam", "next"], check=True,
+                       env=env)  # fmt: skip
+
+
+def trigger(tenant: Tenant, tag: str, *flags: str) -> str:
+    """The probe as a command git runs, writing its report to reports/ of the workspace."""
+    return tenant.probe_command(tag, f"out={tenant.root}/reports", *flags)
+
+
+def git_config_commands(repo: str | None, entries: dict[str, str]) -> str:
+    """A shell command setting `entries` in repos/<repo>/.git/config, or (None) the task's
+    global git config."""
+    where = "config --global" if repo is None else f"-C repos/{repo} config"
+    return " && ".join(f"git {where} {shlex.quote(k)} {shlex.quote(v)}"
+                       for k, v in entries.items())  # fmt: skip
+
+
+def planted_repo_config(tenant: Tenant) -> dict[str, str]:
+    """Programs a tenant can name in a repository's own .git/config."""
+    return {
+        "filter.wsrprobe.smudge": trigger(tenant, "smudge-repo", "filter"),
+        "filter.wsrprobe.clean": trigger(tenant, "clean-repo", "filter"),
+        "core.fsmonitor": trigger(tenant, "fsmonitor-repo", "quiet"),
+        "core.hooksPath": str(tenant.root / "hooks"),
+        "remote.origin.uploadpack": trigger(tenant, "uploadpack-repo", "quiet") + "; git-upload-pack",
+        "remote.origin.receivepack": trigger(tenant, "receivepack-repo", "quiet")
+        + "; git-receive-pack",
+    }  # fmt: skip
+
+
+def planted_global_config(tenant: Tenant) -> dict[str, str]:
+    """Programs a task's earlier step can name in its global git config."""
+    return {
+        "filter.wsrprobe.smudge": trigger(tenant, "smudge-global", "filter"),
+        "filter.wsrprobe.clean": trigger(tenant, "clean-global", "filter"),
+        "core.hooksPath": str(tenant.root / "hooks"),
+    }
+
+
+def hook_files(tenant: Tenant) -> list[dict[str, Any]]:
+    """write_file steps for hooks that run the probe (made executable by `chmod_hooks`)."""
+    return [{"action": "write_file", "path": f"hooks/{name}",
+             "content": f"#!/bin/sh\nexec {trigger(tenant, 'hook-' + name, 'quiet')}\n"}
+            for name in ("post-checkout", "post-merge")]  # fmt: skip
+
+
+CHMOD_HOOKS = {"action": "execute_command", "command": "chmod +x hooks/*"}
+
+
+async def cloned(tenant: Tenant) -> Repo:
+    """A new origin on the host, cloned into the workspace by a task, with the tenant's
+    programs planted in its .git/config and in hooks/."""
+    name = f"origin{uuid.uuid4().hex[:8]}"
+    origin = tenant.tmp / name
+    origin.mkdir()
+    url = git_repo(origin, {".gitattributes": GITATTRIBUTES, "a.probe": "1\n"})
+    plant = git_config_commands(name, planted_repo_config(tenant))
+    record = await tenant.submit(
+        {"action": "git_clone", "repo": url, "shallow": False}, *hook_files(tenant), CHMOD_HOOKS,
+        {"action": "execute_command", "command": plant},
+    )  # fmt: skip
+    assert record["status"] == "completed", record
+    return Repo(name, origin, url)
+
+
+def git_reports(tenant: Tenant) -> list[dict[str, Any]]:
+    """The reports the probe wrote in reports/ (and removes them)."""
+    found = []
+    folder = tenant.root / "reports"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        found.append(json.loads(path.read_text()))
+        path.unlink()
+    return found
+
+
+def assert_git_holds(tenant: Tenant, result: dict[str, Any], *, required: bool) -> None:
+    """The probe's reports hold the invariants; `required`: git started at least one."""
+    reports = git_reports(tenant)
+    if required:
+        assert reports, f"git started none of the tenant's programs: {result}"
+    broken = {r["tag"]: check_report(r, tenant, git=True) for r in reports}
+    assert not any(broken.values()), json.dumps(broken, indent=1)
+    assert tenant.host.accepted() == 0, "a connection reached a host listener"
+
+
+async def internal_git(
+    tenant: Tenant, operation: str, cwd: str, args: Any = None
+) -> dict[str, Any]:
+    async with tenant.internal_client() as c:
+        r = await c.post(f"/workspaces/{WS}/git", json={"operation": operation, "cwd": cwd,
+                                                         "args": args})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def via_git_clone(tenant: Tenant) -> None:
+    name = f"fresh{uuid.uuid4().hex[:8]}"
+    origin = tenant.tmp / name
+    origin.mkdir()
+    url = git_repo(origin, {".gitattributes": GITATTRIBUTES, "a.probe": "1\n"})
+    plant = git_config_commands(None, planted_global_config(tenant))
+    record = await tenant.submit(*hook_files(tenant), CHMOD_HOOKS,
+                                 {"action": "execute_command", "command": plant},
+                                 {"action": "git_clone", "repo": url, "shallow": False})  # fmt: skip
+    assert_git_holds(tenant, record, required=True)
+
+
+async def via_git_pull(tenant: Tenant) -> None:
+    repo = await cloned(tenant)
+    git_reports(tenant)
+    repo.advance()
+    plant = git_config_commands(None, planted_global_config(tenant))
+    record = await tenant.submit({"action": "execute_command", "command": plant},
+                                 {"action": "git_pull", "repo_name": repo.name})  # fmt: skip
+    assert_git_holds(tenant, record, required=True)
+
+
+async def via_internal_git_pull(tenant: Tenant) -> None:
+    repo = await cloned(tenant)
+    git_reports(tenant)
+    repo.advance()
+    result = await internal_git(tenant, "pull", f"repos/{repo.name}")
+    assert_git_holds(tenant, result, required=True)
+
+
+async def via_internal_git_clone(tenant: Tenant) -> None:
+    """A clone into an existing clone of the same origin pulls it (the cached path)."""
+    repo = await cloned(tenant)
+    git_reports(tenant)
+    repo.advance()
+    result = await internal_git(tenant, "clone", ".", [repo.url])
+    assert_git_holds(tenant, result, required=True)
+
+
+async def via_internal_git_fetch(tenant: Tenant) -> None:
+    """A fetch checks nothing out: git may start none of the tenant's programs on the
+    workspace's side (an upload-pack named in .git/config is one it could)."""
+    repo = await cloned(tenant)
+    git_reports(tenant)
+    repo.advance()
+    result = await internal_git(tenant, "fetch", f"repos/{repo.name}")
+    assert_git_holds(tenant, result, required=False)
+
+
+async def via_internal_git_push(tenant: Tenant) -> None:
+    """As fetch: a receive-pack named in .git/config is the tenant's program it could start."""
+    repo = await cloned(tenant)
+    git_reports(tenant)
+    result = await internal_git(tenant, "push", f"repos/{repo.name}")
+    assert_git_holds(tenant, result, required=False)
+
+
+async def via_internal_git_local(tenant: Tenant) -> None:
+    """An operation without network (`add`) runs the clean filter of .git/config."""
+    repo = await cloned(tenant)
+    (tenant.root / "repos" / repo.name / "a.probe").write_text("changed\n")
+    git_reports(tenant)
+    result = await internal_git(tenant, "add", f"repos/{repo.name}", ["a.probe"])
+    assert_git_holds(tenant, result, required=True)
+
+
+async def via_workspace_git(tenant: Tenant) -> None:
+    repo = await cloned(tenant)
+    git_reports(tenant)
+    repo.advance()
+    async with tenant.client() as c:
+        r = await c.post("/api/tools/call", json={
+            "workspace_id": WS, "tool": "workspace_git",
+            "arguments": {"operation": "pull", "cwd": f"repos/{repo.name}"}})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert_git_holds(tenant, r.json()["result"], required=True)
+
+
 PATHS: dict[str, Callable[[Tenant], Any]] = {
     "execute_command": via_execute_command,
     "exec": via_exec,
     "exec_stream": via_exec_stream,
     "workspace_exec": via_workspace_exec,
     "grep": via_grep,
+    "git_clone": via_git_clone,
+    "git_pull": via_git_pull,
+    "git_internal_pull": via_internal_git_pull,
+    "git_internal_clone": via_internal_git_clone,
+    "git_internal_fetch": via_internal_git_fetch,
+    "git_internal_push": via_internal_git_push,
+    "git_internal_local": via_internal_git_local,
+    "workspace_git": via_workspace_git,
 }
 
 
@@ -496,3 +753,103 @@ async def test_a_daemon_killed_while_a_command_runs_restarts_on_its_ports(
         await dep.close()
         for pid in host_pids(seconds):
             os.kill(pid, signal.SIGKILL)
+
+
+# --- git: tenant configuration never meets the network (I3) ---------------------------------
+
+
+def ssh_url(name: str) -> str:
+    """An ssh remote nobody answers: only a tenant's core.sshCommand makes it "work"."""
+    return f"ssh://wsrunner-probe.invalid/{name}.git"
+
+
+@dataclass
+class Planted:
+    """A core.sshCommand of the tenant's: the probe (its report is the marker), then a line
+    on stderr, then failure."""
+
+    tenant: Tenant
+    word: str = field(default_factory=lambda: f"WSRMARKER{uuid.uuid4().hex}")
+
+    def command(self, where: str) -> str:
+        probe = self.tenant.probe_command(
+            f"ssh-{where}", f"out={self.tenant.root}/markers", "quiet"
+        )
+        return f"{probe}; echo {self.word} >&2; exit 1"
+
+    def ran(self, result: dict[str, Any]) -> list[str]:
+        """Every trace of it: markers anywhere under the test's directory (the volume, and a
+        daemon's mirrors if they are there), its word in the result, a connection."""
+        traces = [str(p) for p in self.tenant.tmp.rglob("ssh-*.json")]
+        if self.word in json.dumps(result):
+            traces.append("its stderr line in the result")
+        if self.tenant.host.accepted():
+            traces.append("a connection to a host listener")
+        return traces
+
+
+async def planted_ssh_repo(tenant: Tenant, planted: Planted) -> Repo:
+    """A clone whose origin is an ssh URL, with the tenant's core.sshCommand in .git/config."""
+    repo = await cloned(tenant)
+    repo.url = ssh_url(repo.name)
+    plant = git_config_commands(repo.name, {"remote.origin.url": repo.url,
+                                            "core.sshCommand": planted.command("repo")})  # fmt: skip
+    record = await tenant.submit({"action": "execute_command", "command": plant})
+    assert record["status"] == "completed", record
+    return repo
+
+
+def global_ssh(planted: Planted) -> dict[str, Any]:
+    """A step planting core.sshCommand in the task's global git config."""
+    plant = git_config_commands(None, {"core.sshCommand": planted.command("global")})
+    return {"action": "execute_command", "command": plant}
+
+
+async def network_git_clone(tenant: Tenant, planted: Planted) -> dict[str, Any]:
+    url = ssh_url(f"fresh{uuid.uuid4().hex[:8]}")
+    return await tenant.submit(global_ssh(planted), {"action": "git_clone", "repo": url})
+
+
+async def network_git_pull(tenant: Tenant, planted: Planted) -> dict[str, Any]:
+    repo = await planted_ssh_repo(tenant, planted)
+    return await tenant.submit(global_ssh(planted), {"action": "git_pull", "repo_name": repo.name})
+
+
+async def network_internal(operation: str, tenant: Tenant, planted: Planted) -> dict[str, Any]:
+    repo = await planted_ssh_repo(tenant, planted)
+    if operation == "clone":  # of the same URL: the cached path, a pull
+        return await internal_git(tenant, "clone", ".", [repo.url])
+    return await internal_git(tenant, operation, f"repos/{repo.name}")
+
+
+async def network_workspace_git(tenant: Tenant, planted: Planted) -> dict[str, Any]:
+    repo = await planted_ssh_repo(tenant, planted)
+    async with tenant.client() as c:
+        r = await c.post("/api/tools/call", json={
+            "workspace_id": WS, "tool": "workspace_git",
+            "arguments": {"operation": "pull", "cwd": f"repos/{repo.name}"}})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+NETWORK_PATHS: dict[str, Callable[[Tenant, Planted], Any]] = {
+    "git_clone": network_git_clone,
+    "git_pull": network_git_pull,
+    "git_internal_fetch": lambda t, p: network_internal("fetch", t, p),
+    "git_internal_pull": lambda t, p: network_internal("pull", t, p),
+    "git_internal_push": lambda t, p: network_internal("push", t, p),
+    "git_internal_clone": lambda t, p: network_internal("clone", t, p),
+    "workspace_git": network_workspace_git,
+}
+
+
+@pytest.mark.parametrize("tenant", ["none"], indirect=True)
+@pytest.mark.parametrize("path", list(NETWORK_PATHS))
+async def test_tenant_git_config_never_meets_the_network(tenant: Tenant, path: str) -> None:
+    """A core.sshCommand the tenant put in the task's global git config or in the
+    repository's .git/config never runs when the daemon's git goes to the network (I3)."""
+    planted = Planted(tenant)
+    result = await NETWORK_PATHS[path](tenant, planted)
+    traces = planted.ran(result)
+    assert not traces, f"the tenant's sshCommand ran: {traces}; result: {result}"
