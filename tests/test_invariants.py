@@ -150,12 +150,12 @@ spec:
   rules:
     - {id: anything, action: allow, commands: ["*"]}
 """
-EGRESS = """\
+OVERLAY = """\
 apiVersion: wsrunner/v1
 kind: PolicyOverlay
-metadata: {name: egress}
+metadata: {{name: network-{mode}}}
 spec:
-  sandbox: {network: egress, gitNetwork: egress}
+  sandbox: {{network: {mode}, gitNetwork: {mode}}}
 """
 
 
@@ -248,8 +248,8 @@ async def _tenant(
     etc = tmp_path / "etc"
     (etc / "policy.d").mkdir(parents=True)
     (etc / "policy.yaml").write_text(POLICY)
-    if mode == "egress":
-        (etc / "policy.d" / "50-egress.yaml").write_text(EGRESS)
+    if mode != "none":
+        (etc / "policy.d" / f"50-{mode}.yaml").write_text(OVERLAY.format(mode=mode))
     host = Host()
     host.listen(socket.AF_INET, "127.0.0.1", "127.0.0.1")
     host.listen(socket.AF_INET, "0.0.0.0", *_host_addresses())
@@ -705,6 +705,16 @@ PATHS: dict[str, Callable[[Tenant], Any]] = {
 @pytest.mark.parametrize("path", list(PATHS))
 async def test_invariants_hold_on_every_path(tenant: Tenant, path: str) -> None:
     await PATHS[path](tenant)
+
+
+@pytest.mark.parametrize("tenant", ["host"], indirect=True)
+async def test_the_probe_sees_the_host_when_the_policy_gives_it(tenant: Tenant) -> None:
+    """`network: host` gives up I4 on purpose: the probe must see that, or its silence in the
+    other modes would mean nothing."""
+    async with tenant.internal_client() as c:
+        r = await c.post(f"/workspaces/{WS}/exec", json={"command": tenant.probe_command("host")})
+    (report,) = reports_in(r.json()["stdout"])
+    assert "127.0.0.1:" in " ".join(report["reached"]), report["refused"]
 
 
 # --- restart --------------------------------------------------------------------------------
