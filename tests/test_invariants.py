@@ -280,6 +280,19 @@ async def _tenant(
 # --- the checks ---------------------------------------------------------------------------
 
 
+def outcome(result: dict[str, Any]) -> Any:
+    """What matters of a task record or an operation's result when an assertion fails: each
+    step's error and stderr."""
+    steps = (result.get("result") or {}).get("result", {}).get("steps")
+    if isinstance(result.get("result"), dict) and "exit_code" in result["result"]:
+        result = result["result"]  # a tool call's
+    if steps is None:
+        return {k: result.get(k) for k in ("error", "exit_code", "stderr", "stdout")}
+    return [{"step": s["step"], "action": s["action"],
+             **{k: s["result"][k] for k in ("error", "stderr") if s["result"].get(k)}}
+            for s in steps]  # fmt: skip
+
+
 def reports_in(text: str) -> list[dict[str, Any]]:
     return [json.loads(line.split(" ", 1)[1]) for line in text.splitlines()
             if line.startswith("WSRPROBE ")]  # fmt: skip
@@ -448,8 +461,9 @@ def _proc_report(pid: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-#: What ripgrep runs with (operations.py `grep`): no task environment.
-GREP_ENV = frozenset({"PATH", "LANG"})
+#: What ripgrep runs with (operations.py `grep`): no task environment; bubblewrap sets PWD
+#: where its --chdir took it (checked: the workspace).
+GREP_ENV = frozenset({"PATH", "LANG", "PWD"})
 
 
 async def via_grep(tenant: Tenant) -> None:
@@ -480,8 +494,8 @@ async def via_grep(tenant: Tenant) -> None:
     report["fds"] = fds
     broken = [b for b in check_report(report, tenant) if "I2" not in b]
     env = report["env"]
-    if set(env) != GREP_ENV:
-        broken.append(f"I2: environment {sorted(env)}, expected {sorted(GREP_ENV)}")
+    if set(env) != GREP_ENV or env["PWD"] != str(tenant.root):
+        broken.append(f"I2: environment {env}, expected the names {sorted(GREP_ENV)}")
     if report["netns"] == os.readlink("/proc/self/ns/net"):
         broken.append("I4: ripgrep runs in the host's network namespace")
     assert not broken, json.dumps(broken, indent=1)
@@ -572,7 +586,7 @@ async def cloned(tenant: Tenant) -> Repo:
         {"action": "git_clone", "repo": url, "shallow": False}, *hook_files(tenant), CHMOD_HOOKS,
         {"action": "execute_command", "command": plant},
     )  # fmt: skip
-    assert record["status"] == "completed", record
+    assert record["status"] == "completed", outcome(record)
     return Repo(name, origin, url)
 
 
@@ -590,7 +604,7 @@ def assert_git_holds(tenant: Tenant, result: dict[str, Any], *, required: bool) 
     """The probe's reports hold the invariants; `required`: git started at least one."""
     reports = git_reports(tenant)
     if required:
-        assert reports, f"git started none of the tenant's programs: {result}"
+        assert reports, f"git started none of the tenant's programs: {outcome(result)}"
     broken = {r["tag"]: check_report(r, tenant, git=True) for r in reports}
     assert not any(broken.values()), json.dumps(broken, indent=1)
     assert tenant.host.accepted() == 0, "a connection reached a host listener"
@@ -805,7 +819,7 @@ async def planted_ssh_repo(tenant: Tenant, planted: Planted) -> Repo:
     plant = git_config_commands(repo.name, {"remote.origin.url": repo.url,
                                             "core.sshCommand": planted.command("repo")})  # fmt: skip
     record = await tenant.submit({"action": "execute_command", "command": plant})
-    assert record["status"] == "completed", record
+    assert record["status"] == "completed", outcome(record)
     return repo
 
 
@@ -862,4 +876,4 @@ async def test_tenant_git_config_never_meets_the_network(tenant: Tenant, path: s
     planted = Planted(tenant)
     result = await NETWORK_PATHS[path](tenant, planted)
     traces = planted.ran(result)
-    assert not traces, f"the tenant's sshCommand ran: {traces}; result: {result}"
+    assert not traces, f"the tenant's sshCommand ran: {traces}; result: {outcome(result)}"
