@@ -245,6 +245,14 @@ def test_provision_redis_refuses_what_it_must_not_touch(
                        "--force", "--credentials-dir", str(tmp_path / "d"))  # fmt: skip
     assert default.returncode == 2 and "'default'" in default.stderr
     assert "nopass" in redis_client.acl_getuser("default")["flags"]  # the default user untouched
+    # A credential file that cannot be written stops the run before the account is made.
+    (tmp_path / "not-a-dir").write_text("")
+    newcomer = f"{redis_account.user}_new"
+    blocked = wsrunner("provision", "redis", "--admin-url", REDIS_URL, "--user", newcomer,
+                       "--credentials-dir", str(tmp_path / "not-a-dir"))  # fmt: skip
+    assert blocked.returncode == 2 and "cannot write" in blocked.stderr
+    assert redis_client.acl_getuser(newcomer) is None
+    assert sorted(p.name for p in creds.iterdir()) == ["redis-url"]  # no staged file left
     with redis.Redis.from_url(before.strip()) as r:
         assert r.ping()  # the account still has its password
     # The shared Redis here lets anyone in as `default`: the tool says so.

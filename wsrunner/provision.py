@@ -264,19 +264,39 @@ def psql_command(admin_url: str | None) -> list[str]:
 # --- credential files --------------------------------------------------------------------------
 
 
-def write_credential(directory: Path, name: str, text: str) -> Path:
-    """Write `directory/name` as the only copy of a secret: mode 0600 from its creation, synced,
-    renamed into place (a reader sees the old file or the new one, never a part)."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    final, temporary = directory / name, directory / f".{name}.{secrets.token_hex(4)}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, f"{text}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, final)
-    return final
+class CredentialFile:
+    """The credential file `directory/name`, the only copy of a secret. `stage()` makes its
+    temporary file (mode 0600 from its creation) before the account is touched, so that a
+    directory that cannot take it stops the run while nothing has changed yet; `commit()`
+    writes, syncs and renames it into place (a reader sees the old file or the new one)."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.path = directory / name
+        self._temporary = directory / f".{name}.{secrets.token_hex(4)}"
+        self._fd = -1
+
+    def stage(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd = os.open(self._temporary, flags, 0o600)
+
+    def commit(self, text: str) -> None:
+        try:
+            os.write(self._fd, f"{text}\n".encode())
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._temporary, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Close and remove the staged file (nothing, once it was committed)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._temporary.unlink(missing_ok=True)
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -327,6 +347,12 @@ def run(args: argparse.Namespace, redis_prefix: str) -> int:
         print(f"wsrunner: {target} exists: --force makes a new password and replaces it "
               "(restart wsrunner on every host that uses it)", file=sys.stderr)  # fmt: skip
         return 2
+    credential = CredentialFile(args.credentials_dir, name)
+    try:
+        credential.stage()
+    except OSError as exc:
+        print(f"wsrunner: cannot write {target}: {exc.strerror}", file=sys.stderr)
+        return 2
     try:
         if args.backend == "redis":
             outcome = provision_redis(args.admin_url, user=args.user, prefix=args.prefix or redis_prefix,
@@ -334,9 +360,13 @@ def run(args: argparse.Namespace, redis_prefix: str) -> int:
         else:
             outcome = _provision_postgres(args)
     except ProvisionError as exc:
+        credential.discard()
         print(f"wsrunner: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
-    write_credential(args.credentials_dir, name, outcome.url)
+    except BaseException:
+        credential.discard()
+        raise
+    credential.commit(outcome.url)
     for note in outcome.notes:
         print(f"wsrunner: {note}", file=sys.stderr)
     for warning in outcome.warnings:
