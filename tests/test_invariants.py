@@ -362,8 +362,10 @@ def check_report(report: dict[str, Any], tenant: Tenant, *, git: bool = False,
     return broken
 
 
-def assert_holds(reports: list[dict[str, Any]], tenant: Tenant, **kw: Any) -> None:
-    assert reports, "the probe did not run"
+def assert_holds(result: dict[str, Any], tenant: Tenant, **kw: Any) -> None:
+    """The probe ran (its report is in the command's stdout) and holds every invariant."""
+    reports = reports_in(result["stdout"])
+    assert reports, f"the probe did not run: {outcome(result)}"
     broken = {r.get("tag") or "?": check_report(r, tenant, **kw) for r in reports}
     assert not any(broken.values()), json.dumps(broken, indent=1)
     assert tenant.host.accepted() == 0, "a connection reached a host listener"
@@ -376,14 +378,14 @@ async def via_execute_command(tenant: Tenant) -> None:
     record = await tenant.submit({"action": "execute_command",
                                   "command": tenant.probe_command("execute_command")})  # fmt: skip
     result = record["result"]["result"]["steps"][0]["result"]
-    assert_holds(reports_in(result["stdout"]), tenant, task_id=record["id"])
+    assert_holds(result, tenant, task_id=record["id"])
 
 
 async def via_exec(tenant: Tenant) -> None:
     async with tenant.internal_client() as c:
         r = await c.post(f"/workspaces/{WS}/exec", json={"command": tenant.probe_command("exec")})
     assert r.status_code == 200, r.text
-    assert_holds(reports_in(r.json()["stdout"]), tenant)
+    assert_holds(r.json(), tenant)
 
 
 async def via_exec_stream(tenant: Tenant) -> None:
@@ -394,7 +396,7 @@ async def via_exec_stream(tenant: Tenant) -> None:
             async for ev in source.aiter_sse():
                 events.append((ev.event, json.loads(ev.data)))
     assert events and events[-1][0] == "exit", events
-    assert_holds(reports_in(events[-1][1]["stdout"]), tenant)
+    assert_holds(events[-1][1], tenant)
 
 
 async def via_workspace_exec(tenant: Tenant) -> None:
@@ -403,7 +405,7 @@ async def via_workspace_exec(tenant: Tenant) -> None:
             "workspace_id": WS, "tool": "workspace_exec",
             "arguments": {"command": tenant.probe_command("workspace_exec")}})  # fmt: skip
     assert r.status_code == 200, r.text
-    assert_holds(reports_in(r.json()["result"]["stdout"]), tenant)
+    assert_holds(r.json()["result"], tenant)
 
 
 def inspect_from_host(token: str, program: str, deadline: float) -> dict[str, Any] | None:
