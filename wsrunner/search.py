@@ -51,7 +51,7 @@ FILE_CAP: Final = 10 * 1024 * 1024  #: larger files are not searched
 OUTPUT_CAP: Final = 64 * 1024 * 1024  #: of ripgrep's JSON output
 PATTERN_CAP: Final = 1000  #: characters of a pattern
 #: RE2's memory for one pattern: its program and its DFA caches. Compiling stops ("too large")
-#: at about two thirds of it, which bounds the compile to milliseconds (docs/security.md, I7).
+#: at about two thirds of it, which bounds the compile to milliseconds.
 RE2_MAX_MEM: Final = 2 * 1024 * 1024
 #: Unicode property classes (\p, \P) in one pattern: each costs RE2's parser a table walk
 #: before RE2_MAX_MEM can apply (a thousand characters of them took 50 ms, the GIL held).
