@@ -312,7 +312,7 @@ class Executor:
         name = self.repo_name(step.repo)
         dest = os.path.join(ctx.env.root, "repos", name)
         clean_url, extra_env = await self._clone_auth(step.repo, ctx)
-        if await self._fs_call(os.path.isdir, dest):
+        if await self._fs_call(paths.is_dir, ctx.env.root, f"repos/{name}"):
             origin = await self.spawn(["git", "-C", dest, "remote", "get-url", "origin"], ctx,
                                        cwd=ctx.env.root, timeout=30, git=True)  # fmt: skip
             if origin["stdout"].strip() != clean_url:
@@ -388,7 +388,7 @@ class Executor:
 
     async def _pull(self, step: GitPull, ctx: StepContext, timeout: float) -> JSON:
         dest = os.path.join(ctx.env.root, "repos", step.repo_name)
-        if not await self._fs_call(os.path.isdir, os.path.join(dest, ".git")):
+        if not await self._fs_call(paths.is_dir, ctx.env.root, f"repos/{step.repo_name}/.git"):
             return {"error": f"Repo not cached: {step.repo_name}. Clone it first."}
         origin = await self.spawn(["git", "-C", dest, "remote", "get-url", "origin"], ctx,
                                   cwd=ctx.env.root, timeout=30, git=True)  # fmt: skip

@@ -140,12 +140,26 @@ def layout_intact(root: str, dirs: Sequence[str], files: Sequence[str]) -> bool:
 
 
 def subdirectories(root: str, name: str) -> list[str]:
-    """The directories in `root`/`name`, sorted (symlinks not followed; none if it is missing)."""
-    where = os.path.join(root, name)
-    if not os.path.isdir(where):
-        return []
-    with os.scandir(where) as it:
-        return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    """The directories in `root`/`name`, sorted; none if it is missing or a symlink (no symlink
+    is followed: `name` may be a tenant's link to a host directory)."""
+    with open_root(root) as rfd:
+        try:
+            dfd = open_beneath(rfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except (OSError, PathEscapeError):
+            return []
+        with _fd(dfd), os.scandir(dfd) as it:
+            return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+
+
+def is_dir(root: str, path: str) -> bool:
+    """`path` is a directory beneath the workspace at `root`: a symlink is followed only while
+    it stays inside, so a link to a host directory answers as a missing path does."""
+    with open_root(root) as rfd:
+        try:
+            os.close(open_beneath(rfd, path, os.O_PATH | os.O_DIRECTORY))
+        except (OSError, PathEscapeError):
+            return False
+    return True
 
 
 def not_found(path: str, exc: OSError) -> WorkspaceError:

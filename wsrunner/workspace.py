@@ -119,6 +119,13 @@ class _Tally:
         return meta
 
 
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _layout_intact(root: str) -> bool:
     """The workspace, its LAYOUT directories and its metadata are there (none a symlink)."""
     return paths.layout_intact(root, LAYOUT, (META_FILE,))
@@ -343,8 +350,9 @@ class Workspaces:
                                extra={"workspace_id": os.path.basename(root)})  # fmt: skip
 
     async def exists(self, workspace_id: str) -> bool:
+        """The workspace's directory exists (a symlink in its place is not one)."""
         root = self.root(workspace_id)
-        return bool(await self._thread(os.path.isdir, root))
+        return bool(await self._thread(_is_real_dir, root))
 
     def _update_meta(self, root: str, change: Any) -> None:
         """Read-modify-write the metadata under an exclusive lock, replacing it atomically.
