@@ -103,3 +103,67 @@ async def test_git_pull_of_a_symlink_to_a_host_path_answers_as_for_a_missing_rep
     errors = [r.get("error") for r in results]
     assert errors == [f"Repo not cached: {n}. Clone it first." for n in ("there", "gone", "never")]
     assert [set(r) - {"duration_ms"} for r in results] == [{"error"}] * 3
+
+
+# --- the inode quota (finding 9) --------------------------------------------------------------
+
+
+async def test_a_task_making_more_files_than_the_inode_quota_is_stopped(
+    start_daemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
+        internal_token=INTERNAL_TOKEN, policy_file=_default_policy(tmp_path),
+        workspace_inode_quotas={WS: 3000},
+    )  # fmt: skip
+    _, token = await daemon.service.tokens.create("tenant", [WS])
+    async with httpx.AsyncClient(base_url=daemon.urls[0], timeout=60,
+                                 headers={"Authorization": f"Bearer {token}"}) as client:  # fmt: skip
+        tenant = Tenant(daemon, client)
+        # Empty files without end: a handful of bytes each, so only the inode quota stops this.
+        fill = "python3 -c \"import itertools\nfor i in itertools.count(): open(f'f{i}', 'w')\""
+        [result] = await tenant.steps(cmd(fill, timeout=60))
+        assert result.get("limits_hit") == ["inode_quota"], result
+        assert "over its inode quota of 3000" in result["error"], result
+        assert result["duration_ms"] < 30_000, result  # the watch, not the 60 s timeout
+        # Until files are deleted, nothing more runs and nothing more is written.
+        record = await tenant.task(cmd("true"))
+        assert record["status"] == "failed", record
+        assert "at its inode quota of 3000" in str(record["error_message"]), record
+        r = await tenant.tool("workspace_write_file", path="one-more", content="")
+        assert r.status_code == 507 and "inode quota" in r.json()["detail"], r.text
+    used = await daemon.service.workspace.workspaces.usage(WS, fresh=True)
+    print(f"inode quota 3000: stopped after {result['duration_ms']} ms at {used.inodes} inodes")
+
+
+# --- the pieces, on a real directory tree ------------------------------------------------------
+
+
+def test_disk_usage_counts_inodes_at_any_depth_and_follows_no_symlink(tmp_path: Path) -> None:
+    import os
+
+    from wsrunner.usage import disk_usage
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for i in range(50):
+        (outside / f"f{i}").write_text("x" * 10_000)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "link").symlink_to(outside)
+    (ws / "a").write_text("a")
+    os.link(ws / "a", ws / "b")  # one inode, two names
+    # Deeper than PATH_MAX: 40 directories with 200-character names, a 40 KB file at the end.
+    fd = os.open(ws, os.O_RDONLY)
+    for _ in range(40):
+        os.mkdir("d" * 200, dir_fd=fd)
+        child = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    deep = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(deep, b"x" * 40_000)
+    os.close(deep)
+    os.close(fd)
+    used = disk_usage(str(ws))
+    assert used.inodes == 1 + 1 + 40 + 1  # the link, a (= b), the directories, the deep file
+    assert 40_000 <= used.bytes < 500_000  # the deep file counted; the 50 outside files not

@@ -305,7 +305,7 @@ async def test_filling_the_disk_is_stopped_at_the_quota(start_daemon, tmp_path: 
     assert result["limits_hit"] == ["quota"] and "storage quota of 20971520" in result["error"]
     assert result["duration_ms"] < 10_000, result  # stopped by a poll, not by the 60 s timeout
     used = await daemon.service.workspace.workspaces.usage("ws-q", fresh=True)
-    print(f"quota 20 MiB: stopped after {result['duration_ms']} ms at {used / 2**20:.1f} MiB")
+    print(f"quota 20 MiB: stopped after {result['duration_ms']} ms at {used.bytes / 2**20:.1f} MiB")
     with pytest.raises(QuotaExceededError, match=r"of its 20\.0 MiB storage quota"):
         await daemon.service.workspace.exec("ws-q", "true", ".", 10)
 

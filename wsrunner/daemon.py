@@ -163,7 +163,9 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         sandbox = await open_sandbox(settings, policy, metrics)
         workspaces = Workspaces(settings.volume_path, default_quota=settings.default_quota_bytes,
                                 quotas=settings.workspace_quotas, git_schemes=settings.git_schemes,
-                                uids=sandbox.isolation.uids)  # fmt: skip
+                                uids=sandbox.isolation.uids,
+                                default_inode_quota=settings.default_inode_quota,
+                                inode_quotas=settings.workspace_inode_quotas)  # fmt: skip
         executor = Executor(settings, workspaces, policy, sandbox,
                             credential_provider(settings.git_credentials_file), metrics)  # fmt: skip
         queue.on_error = metrics.backend_errors.labels(backend="redis").inc

@@ -172,12 +172,12 @@ class Executor:
                                                ctx.on_output)  # fmt: skip
         start = time.monotonic()
         env = dict(ctx.env.env, **(extra_env or {}))
+        used = await self.workspaces.usage(ctx.workspace_id)
         quota = self.workspaces.quota(ctx.workspace_id)
-        room = quota - await self.workspaces.usage(ctx.workspace_id)
-        if room <= 0:
+        room = quota - used.bytes
+        if (full := self.workspaces.full(ctx.workspace_id, used)) is not None:
             ctx.capture = None
-            return {"error": f"the workspace is over its storage quota of {quota} bytes; "
-                             "nothing runs until files are deleted"}  # fmt: skip
+            return {"error": f"{full}; nothing runs until files are deleted"}
         # No single file may outgrow what is left of the workspace's quota.
         limits = dataclasses.replace(
             limits, file_size_bytes=max(4096, min(limits.file_size_bytes, room))
@@ -195,12 +195,12 @@ class Executor:
                 argv, root=ctx.env.root, cwd=cwd, policy=policy.sandbox, limits=limits,
                 network=net, protect=protect, read_only=read_only, home=env.get("HOME", "/"),
             ) as launch:  # fmt: skip
-                over: list[int] = []
+                over: list[str] = []
                 with trio.move_on_after(timeout) as scope:
                     rc = await run_process(launch.argv, env=env, capture=capture,
                                            pass_fds=launch.pass_fds,
                                            kill_grace=self.settings.kill_grace_s,
-                                           watch=self._quota_watch(ctx.workspace_id, quota, over),
+                                           watch=self._quota_watch(ctx.workspace_id, over),
                                            watch_after=QUOTA_POLL_S)  # fmt: skip
         except IsolationUnavailableError as exc:
             ctx.capture = None
@@ -210,9 +210,8 @@ class Executor:
         stopped = scope.cancelled_caught or bool(over)
         result = self.describe(capture, exit_code=None if stopped else rc, duration_ms=_ms(start))
         if over:
-            result["limits_hit"] = ["quota"]
-            result["error"] = (f"killed: the workspace grew to {over[0]} bytes, over its storage "
-                               f"quota of {quota} bytes")  # fmt: skip
+            result["limits_hit"] = ["quota" if "storage" in over[0] else "inode_quota"]
+            result["error"] = f"killed: {over[0]}"
         elif scope.cancelled_caught:
             result["timed_out"] = True
             result["error"] = f"timed out after {timeout:g}s; its processes were killed"
@@ -220,9 +219,9 @@ class Executor:
             _explain_limits(result, rc, launch.limits_hit, limits)
         return result
 
-    def _quota_watch(self, workspace_id: str, quota: int, over: list[int]) -> Watch:
-        """A `run_process` watch that stops a command once its workspace exceeds its quota
-        (the size found goes into `over`).
+    def _quota_watch(self, workspace_id: str, over: list[str]) -> Watch:
+        """A `run_process` watch that stops a command once its workspace exceeds its storage
+        or inode quota (what it exceeds, as a sentence, goes into `over`).
 
         The disk is walked at most every QUOTA_POLL_S, and never more than a fifth of the time:
         a command writing fast overshoots by what it writes in one interval.
@@ -231,8 +230,8 @@ class Executor:
         async def watch() -> float | None:
             began = trio.current_time()
             used = await self.workspaces.usage(workspace_id, fresh=True)
-            if used > quota:
-                over.append(used)
+            if (exceeded := self.workspaces.exceeded(workspace_id, used)) is not None:
+                over.append(exceeded)
                 return None
             return max(QUOTA_POLL_S, 4 * (trio.current_time() - began))
 
@@ -411,10 +410,8 @@ class Executor:
     async def _write(self, step: WriteFile, ctx: StepContext) -> JSON:
         size = len(step.content.encode("utf-8"))
         used = await self.workspaces.usage(ctx.workspace_id, fresh=True)
-        quota = self.workspaces.quota(ctx.workspace_id)
-        if used + size > quota:
-            return {"error": f"writing {size} bytes would exceed the workspace's storage quota "
-                             f"({used} of {quota} bytes used)"}  # fmt: skip
+        if (refusal := self.workspaces.refuse_write(ctx.workspace_id, used, size)) is not None:
+            return {"error": refusal}
         written = await self._fs_call(paths.write_text, ctx.env.root, step.path, step.content)
         return {"written": True, "path": paths.clean_relative(step.path), "size_bytes": written}
 

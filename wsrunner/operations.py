@@ -164,12 +164,8 @@ class WorkspaceOps:
         root = await self._root(workspace_id, create=True)
         size = len(content.encode("utf-8"))
         used = await self.workspaces.usage(workspace_id, fresh=True)
-        quota = self.workspaces.quota(workspace_id)
-        if used + size > quota:
-            raise QuotaExceededError(
-                f"writing {size} bytes would exceed the storage quota of workspace "
-                f"{workspace_id} ({used} of {quota} bytes used)"
-            )
+        if (refusal := self.workspaces.refuse_write(workspace_id, used, size)) is not None:
+            raise QuotaExceededError(refusal)
         written = await self._fs(paths.write_text, root, rel, content)
         return {"written": True, "path": rel, "size_bytes": written}
 

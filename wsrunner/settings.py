@@ -44,6 +44,9 @@ class Settings:
     volume_path: Path = Path("/workspaces")  #: WORKSPACE_VOLUME_PATH
     default_quota_bytes: int = 5 * GIB  #: WORKSPACE_DEFAULT_QUOTA_GB, in bytes
     workspace_quotas: Mapping[str, int] = field(default_factory=dict)  #: per-workspace bytes
+    #: inodes (files, directories, links...) one workspace may hold (WORKSPACE_DEFAULT_INODE_QUOTA)
+    default_inode_quota: int = 1_000_000
+    workspace_inode_quotas: Mapping[str, int] = field(default_factory=dict)  #: per workspace
     public_host: str = "0.0.0.0"  #: bind address of the public REST/SSE API (PUBLIC_API_HOST)
     public_port: int = 8080  #: PUBLIC_API_PORT
     health_host: str = "127.0.0.1"  #: bind address of the internal API (WORKER_BIND_HOST)
@@ -148,17 +151,22 @@ def _gb_to_bytes(v: Any) -> int:
     return int(gb * GIB)
 
 
-def _quotas(v: Any) -> dict[str, int]:
-    if not isinstance(v, dict):
-        raise ValueError("must be a mapping of workspace id to bytes")
-    out = {}
-    for ws, n in v.items():
-        if not isinstance(ws, str) or not WORKSPACE_ID_RE.fullmatch(ws):
-            raise ValueError(f"{ws!r} is not a valid workspace id")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"quota of {ws!r} must be a positive number of bytes")
-        out[ws] = n
-    return out
+def _per_workspace(unit: str) -> Callable[[Any], dict[str, int]]:
+    """A converter of a mapping of workspace id to a positive number of `unit`."""
+
+    def convert(v: Any) -> dict[str, int]:
+        if not isinstance(v, dict):
+            raise ValueError(f"must be a mapping of workspace id to {unit}")
+        out = {}
+        for ws, n in v.items():
+            if not isinstance(ws, str) or not WORKSPACE_ID_RE.fullmatch(ws):
+                raise ValueError(f"{ws!r} is not a valid workspace id")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"quota of {ws!r} must be a positive number of {unit}")
+            out[ws] = n
+        return out
+
+    return convert
 
 
 def _names(v: Any) -> tuple[str, ...]:
@@ -212,7 +220,9 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "database_schema": ("WSRUNNER_DATABASE_SCHEMA", _identifier),
     "volume_path": ("WORKSPACE_VOLUME_PATH", Path),
     "default_quota_bytes": ("WORKSPACE_DEFAULT_QUOTA_GB", _gb_to_bytes),
-    "workspace_quotas": ("", _quotas),
+    "workspace_quotas": ("", _per_workspace("bytes")),
+    "default_inode_quota": ("WORKSPACE_DEFAULT_INODE_QUOTA", _positive_int),
+    "workspace_inode_quotas": ("", _per_workspace("inodes")),
     "health_host": ("WORKER_BIND_HOST", str),
     "health_port": ("WORKER_HEALTH_PORT", _port),
     "internal_token": ("WORKER_INTERNAL_TOKEN", str),

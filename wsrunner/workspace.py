@@ -41,6 +41,7 @@ from wsrunner.fshelper import Helper
 from wsrunner.models import Credentials
 from wsrunner.payload import validate_workspace_id
 from wsrunner.sandbox.identity import UidRange, assign
+from wsrunner.usage import Usage, disk_usage
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ KNOWN_HOSTS: Final = ".wsrunner_known_hosts"
 RESERVED: Final = frozenset({"tasks", META_FILE, META_LOCK, KNOWN_HOSTS})
 LAYOUT: Final = ("repos", "artifacts", "tasks")
 USAGE_CACHE_S: Final = 5.0  # a burst of tasks in one workspace walks it once
+DEFAULT_INODE_QUOTA: Final = 1_000_000  #: files, directories and links of one workspace
 META_FLUSH_S: Final = 1.0  # task counts reach the metadata file within this long
 _ROOTS_KEPT: Final = 4096  # workspace directories remembered (`Workspaces.root`)
 TASK_SUBDIRS: Final = ("home", "tmp")
@@ -74,33 +76,6 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError("unreachable")
-
-
-def disk_usage(root: str) -> int:
-    """Bytes allocated under `root`: blocks not sizes, hard links once, symlinks not followed."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    stack = [root]
-    while stack:
-        path = stack.pop()
-        try:
-            it = os.scandir(path)
-        except OSError:
-            continue
-        with it:
-            for de in it:
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(de.path)
-                if st.st_nlink > 1:
-                    if (st.st_dev, st.st_ino) in seen:
-                        continue
-                    seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-    return total
 
 
 @dataclass(slots=True)
@@ -144,16 +119,20 @@ class Workspaces:
     """The workspaces under one volume."""
 
     def __init__(self, volume: Path, *, default_quota: int, quotas: Mapping[str, int],
-                 git_schemes: tuple[str, ...], uids: UidRange | None = None) -> None:  # fmt: skip
+                 git_schemes: tuple[str, ...], uids: UidRange | None = None,
+                 default_inode_quota: int = DEFAULT_INODE_QUOTA,
+                 inode_quotas: Mapping[str, int] | None = None) -> None:  # fmt: skip
         self.volume = volume
         self.uids = uids  #: per-workspace uids (the daemon is root and can isolate), or None
         self.default_quota = default_quota
         self.quotas = dict(quotas)
+        self.default_inode_quota = default_inode_quota
+        self.inode_quotas = dict(inode_quotas or {})
         self._git_protocols = ":".join(
             _GIT_PROTOCOLS[s] for s in git_schemes if s in _GIT_PROTOCOLS
         )
         self._limiter = trio.CapacityLimiter(4)
-        self._usage: dict[str, tuple[float, int]] = {}
+        self._usage: dict[str, tuple[float, Usage]] = {}
         self._roots: dict[str, str] = {}  #: workspace id: `root()`, for the last few thousand
         self._prepared: set[str] = set()  #: roots prepared by this process
         self._tallies: dict[str, _Tally] = {}  #: root: task ends not yet in its metadata
@@ -172,7 +151,46 @@ class Workspaces:
         return root
 
     def quota(self, workspace_id: str) -> int:
+        """The workspace's storage quota, in bytes."""
         return self.quotas.get(workspace_id, self.default_quota)
+
+    def inode_quota(self, workspace_id: str) -> int:
+        """The most inodes (files, directories, links...) the workspace may hold."""
+        return self.inode_quotas.get(workspace_id, self.default_inode_quota)
+
+    def full(self, workspace_id: str, used: Usage) -> str | None:
+        """What the workspace is at or over, as a sentence naming the limit; None if neither."""
+        quota, inodes = self.quota(workspace_id), self.inode_quota(workspace_id)
+        if used.bytes >= quota:
+            return (f"workspace {workspace_id} uses {_human(used.bytes)} of its {_human(quota)} "
+                    f"storage quota ({used.bytes} of {quota} bytes)")  # fmt: skip
+        if used.inodes >= inodes:
+            return (f"workspace {workspace_id} holds {used.inodes} files and directories, at its "
+                    f"inode quota of {inodes}")  # fmt: skip
+        return None
+
+    def exceeded(self, workspace_id: str, used: Usage) -> str | None:
+        """What the workspace is over (past, not at), as a sentence naming the limit, else None:
+        the storage quota (`storage` is in that sentence) or the inode quota."""
+        quota, inodes = self.quota(workspace_id), self.inode_quota(workspace_id)
+        if used.bytes > quota:
+            return (f"the workspace grew to {used.bytes} bytes, over its storage quota of "
+                    f"{quota} bytes")  # fmt: skip
+        if used.inodes > inodes:
+            return (f"the workspace grew to {used.inodes} files and directories, over its "
+                    f"inode quota of {inodes}")  # fmt: skip
+        return None
+
+    def refuse_write(self, workspace_id: str, used: Usage, size: int) -> str | None:
+        """Why writing one file of `size` bytes would pass a quota, or None if it fits."""
+        quota, inodes = self.quota(workspace_id), self.inode_quota(workspace_id)
+        if used.bytes + size > quota:
+            return (f"writing {size} bytes would exceed the storage quota of workspace "
+                    f"{workspace_id} ({used.bytes} of {quota} bytes used)")  # fmt: skip
+        if used.inodes >= inodes:
+            return (f"writing a file would exceed the inode quota of workspace {workspace_id} "
+                    f"({used.inodes} of {inodes} files and directories)")  # fmt: skip
+        return None
 
     async def _thread(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -201,22 +219,22 @@ class Workspaces:
             self._update_meta(root, lambda m: m)
         self._prepared.add(root)
 
-    async def usage(self, workspace_id: str, *, fresh: bool = False) -> int:
-        """Bytes the workspace occupies on disk (cached for USAGE_CACHE_S unless `fresh`)."""
+    async def usage(self, workspace_id: str, *, fresh: bool = False) -> Usage:
+        """What the workspace occupies on disk (cached for USAGE_CACHE_S unless `fresh`)."""
         cached = self._usage.get(workspace_id)
         if cached is not None and not fresh and time.monotonic() - cached[0] < USAGE_CACHE_S:
             return cached[1]
-        used: int = await self._thread(disk_usage, self.root(workspace_id))
+        used: Usage = await self._thread(disk_usage, self.root(workspace_id))
         self._usage[workspace_id] = (time.monotonic(), used)
         return used
 
-    async def check_quota(self, workspace_id: str) -> int:
-        """Raise QuotaExceededError if the workspace is at or over its quota; returns usage."""
-        used, quota = await self.usage(workspace_id), self.quota(workspace_id)
-        if used >= quota:
+    async def check_quota(self, workspace_id: str) -> Usage:
+        """Raise QuotaExceededError if the workspace is at or over its storage or inode quota
+        (the message names which); returns its usage."""
+        used = await self.usage(workspace_id)
+        if (full := self.full(workspace_id, used)) is not None:
             raise QuotaExceededError(
-                f"workspace {workspace_id} uses {_human(used)} of its {_human(quota)} storage "
-                "quota; delete files (or raise its quota) before running more tasks"
+                f"{full}; delete files (or raise its quota) before running more tasks"
             )
         return used
 
