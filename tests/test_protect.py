@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import INTERNAL_TOKEN, cmd, wait_for
+from tests.conftest import INTERNAL_TOKEN, cmd, git_repo, traversable, wait_for
 from wsrunner.policy import bundled_policy
 
 WS = "ws-t"
+HOSTILE = "[core]\n\tfsmonitor = touch /tmp/pwned\n"
 
 
 def _default_policy(tmp_path: Path) -> Path:
@@ -73,6 +74,120 @@ async def _tenant(start_daemon, tmp_path: Path) -> Any:
     async with httpx.AsyncClient(base_url=daemon.urls[0], timeout=60,
                                  headers={"Authorization": f"Bearer {token}"}) as client:  # fmt: skip
         yield Tenant(daemon, client)
+
+
+async def _cloned(tenant: Tenant, tmp_path: Path) -> Path:
+    """A clone at repos/origin (by the daemon's git_clone step); its .git directory."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    traversable(origin)
+    url = git_repo(origin, {"README": "hi\n"})
+    [clone] = await tenant.steps({"action": "git_clone", "repo": url, "shallow": False})
+    assert "error" not in clone, clone
+    return tenant.root / "repos" / "origin" / ".git"
+
+
+# --- protect (finding 5) ----------------------------------------------------------------------
+
+#: Ways a command tries to put its own config where the repository's is, then to plant a hook.
+REPLACE_CONFIG = {
+    "mv .git away": "mv repos/origin/.git repos/origin/moved; mkdir -p repos/origin/.git; "
+                    "printf '{h}' > repos/origin/.git/config",
+    "rm config": "rm -f repos/origin/.git/config; printf '{h}' > repos/origin/.git/config",
+    "ln -s over it": "printf '{h}' > c; ln -sf $PWD/c repos/origin/.git/config",
+    "cp --remove-destination": "printf '{h}' > c; cp --remove-destination c "
+                               "repos/origin/.git/config",
+    "mv a file over it": "printf '{h}' > c; mv -f c repos/origin/.git/config",
+    "mv hooks away": "mv repos/origin/.git/hooks repos/origin/h; mkdir repos/origin/.git/hooks; "
+                     "printf '#!/bin/sh\\ntouch x\\n' > repos/origin/.git/hooks/pre-commit",
+    "rm -rf .git": "rm -rf repos/origin/.git; mkdir -p repos/origin/.git; "
+                   "printf '{h}' > repos/origin/.git/config",  # last: it empties the rest of .git
+}  # fmt: skip
+
+
+async def test_a_command_cannot_move_or_replace_a_repositorys_config_or_hooks(
+    tenant: Tenant, tmp_path: Path
+) -> None:
+    git = await _cloned(tenant, tmp_path)
+    config = (git / "config").read_text()
+    same = git.stat().st_ino
+    # Work inside the repository goes on as before.
+    [commit] = await tenant.steps(cmd("cd repos/origin && git commit -q --allow-empty -m agent "
+                                      "&& git log --oneline | wc -l"))  # fmt: skip
+    assert commit.get("stdout", "").strip() == "2", commit
+    for name, attack in REPLACE_CONFIG.items():
+        [result] = await tenant.steps(cmd(attack.format(h=HOSTILE.replace("\n", "\\n"))))
+        assert (git / "config").read_text() == config, (name, result)
+        assert "error" in result, (name, result)  # the command is refused somewhere
+        assert git.stat().st_ino == same, name  # still the same .git directory
+        assert not (git / "hooks" / "pre-commit").exists(), name
+    # Its parent directory may be renamed: the protected .git goes along, unchanged, and what the
+    # command makes in its place is a new repository of its own (see policies/README.md).
+    [moved] = await tenant.steps(cmd("mv repos/origin repos/kept"))
+    assert "error" not in moved, moved
+    assert (tenant.root / "repos" / "kept" / ".git" / "config").read_text() == config
+
+
+async def test_the_daemons_writes_refuse_protected_paths(tenant: Tenant, tmp_path: Path) -> None:
+    git = await _cloned(tenant, tmp_path)
+    config = (git / "config").read_text()
+    # Steps of a task.
+    results = await tenant.steps(
+        {"action": "write_file", "path": "repos/origin/.git/config", "content": HOSTILE},
+        {"action": "write_file", "path": "repos/origin/.git/hooks/pre-commit", "content": "x"},
+        {"action": "create_directory", "path": "repos/origin/.git/hooks/sub"},
+        {"action": "write_file", "path": ".git/config", "content": HOSTILE},  # not there yet
+    )
+    for result, (path, rule) in zip(results, [
+        ("repos/origin/.git/config", "repos/*/.git/config"),
+        ("repos/origin/.git/hooks/pre-commit", "repos/*/.git/hooks"),
+        ("repos/origin/.git/hooks/sub", "repos/*/.git/hooks"),
+        (".git/config", ".git/config"),
+    ], strict=True):  # fmt: skip
+        assert f"path {path!r} is protected by the policy's sandbox.protect rule {rule!r}" in (
+            result.get("error", "")
+        ), result
+    # The tools' file write (public API) and the orchestrator's /files/write (internal API).
+    r = await tenant.tool("workspace_write_file", path="repos/origin/.git/config", content=HOSTILE)
+    assert r.status_code == 403, r.text
+    assert "'repos/*/.git/config'" in r.json()["detail"]
+    async with httpx.AsyncClient(base_url=tenant.daemon.urls[1],
+                                 headers={"X-Internal-Token": INTERNAL_TOKEN}) as internal:  # fmt: skip
+        r = await internal.post(f"/workspaces/{WS}/files/write",
+                                json={"path": "repos/origin/.git/hooks/post-checkout",
+                                      "content": "#!/bin/sh\n"})  # fmt: skip
+    assert r.status_code == 403, r.text
+    assert "'repos/*/.git/hooks'" in r.json()["detail"]
+    assert (git / "config").read_text() == config
+    assert not (git / "hooks" / "pre-commit").exists()
+    assert not (git / "hooks" / "post-checkout").exists() and not (git / "hooks" / "sub").exists()
+    assert not (tenant.root / ".git").exists()
+    # Beside them, files are written as ever.
+    [ok] = await tenant.steps({"action": "write_file", "path": "repos/origin/notes.md",
+                               "content": "fine"})  # fmt: skip
+    assert ok.get("written") is True, ok
+
+
+async def test_a_symlink_to_a_protected_path_is_no_way_around_it(
+    tenant: Tenant, tmp_path: Path
+) -> None:
+    git = await _cloned(tenant, tmp_path)
+    config = (git / "config").read_text()
+    [link] = await tenant.steps(cmd("ln -s repos/origin/.git alias && ln -s alias/hooks hk"))
+    assert "error" not in link, link
+    results = await tenant.steps(
+        {"action": "write_file", "path": "alias/config", "content": HOSTILE},
+        {"action": "create_directory", "path": "alias/hooks/new"},
+        {"action": "write_file", "path": "hk/pre-commit", "content": "#!/bin/sh\n"},
+    )
+    for result, shown in zip(results, ["repos/origin/.git/config", "repos/origin/.git/hooks/new",
+                                       "repos/origin/.git/hooks/pre-commit"], strict=True):  # fmt: skip
+        assert f"resolves to {shown!r}" in result.get("error", ""), result
+        assert "sandbox.protect rule" in result["error"]
+    r = await tenant.tool("workspace_write_file", path="alias/hooks/post-merge", content="x")
+    assert r.status_code == 403 and "resolves to" in r.json()["detail"], r.text
+    assert (git / "config").read_text() == config
+    assert sorted(p.name for p in (git / "hooks").iterdir() if not p.name.endswith(".sample")) == []
 
 
 # --- tenant symlinks (finding 6) --------------------------------------------------------------
@@ -137,6 +252,28 @@ async def test_a_task_making_more_files_than_the_inode_quota_is_stopped(
 
 
 # --- the pieces, on a real directory tree ------------------------------------------------------
+
+
+def test_find_protected_pins_the_holding_directory_and_follows_no_symlink(tmp_path: Path) -> None:
+    from wsrunner.protect import find_protected, rule_for
+
+    for repo in ("a", "b"):
+        (tmp_path / "repos" / repo / ".git" / "hooks").mkdir(parents=True)
+        (tmp_path / "repos" / repo / ".git" / "config").write_text("")
+    (tmp_path / "repos" / "c").mkdir()
+    (tmp_path / "repos" / "c" / ".git").symlink_to(tmp_path / "repos" / "a" / ".git")
+    (tmp_path / "repos" / "d").symlink_to(tmp_path / "repos" / "b")
+    globs = (".git/config", "repos/*/.git/config", "repos/*/.git/hooks", "repos/a/.git/hooks/x")
+    (tmp_path / "repos" / "a" / ".git" / "hooks" / "x").mkdir()
+    found = find_protected(str(tmp_path), globs)
+    rel = lambda ps: [p.removeprefix(f"{tmp_path}/") for p in ps]  # noqa: E731
+    assert rel(found.read_only) == ["repos/a/.git/config", "repos/a/.git/hooks",
+                                    "repos/a/.git/hooks/x", "repos/b/.git/config",
+                                    "repos/b/.git/hooks"]  # fmt: skip
+    # The .git holding them, pinned; never a directory inside a read-only one (hooks/).
+    assert rel(found.pinned) == ["repos/a/.git", "repos/b/.git"]
+    assert rule_for("repos/a/.git/hooks/pre-commit", globs) == "repos/*/.git/hooks"
+    assert rule_for("repos/a/.git", globs) is None and rule_for("repos/a/b/.git/config", globs) is None
 
 
 def test_disk_usage_counts_inodes_at_any_depth_and_follows_no_symlink(tmp_path: Path) -> None:

@@ -13,12 +13,10 @@ policy the task started with (`StepContext.policy`); commands are first judged b
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import os
 import re
 import signal
-import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -44,6 +42,7 @@ from wsrunner.models import (
 from wsrunner.payload import redact_url
 from wsrunner.policy import EffectivePolicy, LivePolicy
 from wsrunner.process import Capture, Watch, run_process
+from wsrunner.protect import Protected, find_protected
 from wsrunner.sandbox import EXIT_LAUNCH_FAILED, Sandbox
 from wsrunner.settings import Settings
 from wsrunner.workspace import TaskEnvironment, Workspaces
@@ -144,7 +143,10 @@ class Executor:
                 case ListDirectory():
                     result = await self._list(step, ctx)
                 case CreateDirectory():
-                    await self._fs_call(paths.make_dirs, ctx.env.root, step.path)
+                    globs = ctx.policy.sandbox.protect
+                    await self._fs_call(
+                        lambda: paths.make_dirs(ctx.env.root, step.path, protect=globs)
+                    )
                     result = {"created": True, "path": paths.clean_relative(step.path)}
         except WorkspaceError as exc:
             result = {"error": str(exc)}
@@ -159,12 +161,12 @@ class Executor:
     async def spawn(self, argv: list[str], ctx: StepContext, *, cwd: str, timeout: float,
                     extra_env: dict[str, str] | None = None, git: bool = False,
                     network: bool | None = None, read_only: tuple[str, ...] = (),
-                    protect: list[str] | None = None) -> JSON:  # fmt: skip
+                    protect: Protected | None = None) -> JSON:  # fmt: skip
         """Run `argv` in the workspace's sandbox; its result dict (`error` set if it failed).
 
-        A command (`git` False) sees the policy's protected paths read-only (`protect`, if the
-        caller found them already) and its network setting; the daemon's own git operations
-        (`git` True) get `gitNetwork` when `network`.
+        A command (`git` False) sees the policy's protected paths read-only and pinned
+        (`wsrunner.protect`; `protect`, if the caller found them already) and its network
+        setting; the daemon's own git operations (`git` True) get `gitNetwork` when `network`.
         """
         policy = ctx.policy
         limits = policy.limits
@@ -184,16 +186,18 @@ class Executor:
         )
         if git:
             net = bool(network) and policy.sandbox.git_network == "host"
-            protect = []
+            protect = Protected()
         else:
             net = policy.sandbox.network == "host"
             if protect is None:
-                protect = await self._fs_call(_protected, ctx.env.root, policy.sandbox.protect)
+                protect = await self._fs_call(find_protected, ctx.env.root,
+                                              policy.sandbox.protect)  # fmt: skip
         timeout = min(timeout, limits.timeout_s)
         try:
             async with self.sandbox.launch(
                 argv, root=ctx.env.root, cwd=cwd, policy=policy.sandbox, limits=limits,
-                network=net, protect=protect, read_only=read_only, home=env.get("HOME", "/"),
+                network=net, protect=protect.read_only, pinned=protect.pinned,
+                read_only=read_only, home=env.get("HOME", "/"),
             ) as launch:  # fmt: skip
                 over: list[str] = []
                 with trio.move_on_after(timeout) as scope:
@@ -268,10 +272,10 @@ class Executor:
         if self.sandbox.isolation.level != "full":
             globs = ()  # nothing binds protected paths read-only without bubblewrap
         if paths.clean_relative(step.cwd) == "." and not globs:
-            cwd, protect = root, []  # nothing to look up on disk: no worker thread
+            cwd, protect = root, Protected()  # nothing to look up on disk: no worker thread
         else:
             cwd, protect = await self._fs_call(
-                lambda: (paths.real_dir(root, step.cwd), _protected(root, globs))
+                lambda: (paths.real_dir(root, step.cwd), find_protected(root, globs))
             )
         return await self.spawn(
             ["/bin/sh", "-c", step.command], ctx, cwd=cwd, timeout=timeout, protect=protect
@@ -408,11 +412,15 @@ class Executor:
                 "size_bytes": got.size_bytes, "truncated": got.truncated, "binary": got.binary}  # fmt: skip
 
     async def _write(self, step: WriteFile, ctx: StepContext) -> JSON:
+        """Write the file, unless that would pass a quota or the path is protected."""
         size = len(step.content.encode("utf-8"))
         used = await self.workspaces.usage(ctx.workspace_id, fresh=True)
         if (refusal := self.workspaces.refuse_write(ctx.workspace_id, used, size)) is not None:
             return {"error": refusal}
-        written = await self._fs_call(paths.write_text, ctx.env.root, step.path, step.content)
+        globs = ctx.policy.sandbox.protect
+        written = await self._fs_call(
+            lambda: paths.write_text(ctx.env.root, step.path, step.content, protect=globs)
+        )
         return {"written": True, "path": paths.clean_relative(step.path), "size_bytes": written}
 
     async def _list(self, step: ListDirectory, ctx: StepContext) -> JSON:
@@ -478,32 +486,3 @@ def _explain_limits(result: JSON, rc: int, hit: list[str], limits: Any) -> None:
         result["error"] = "; ".join(words[h] for h in hit) + f" (exit status {rc})"
     else:
         result["warning"] = "; ".join(words[h] for h in hit)
-
-
-def _protected(root: str, patterns: tuple[str, ...]) -> list[str]:
-    """Existing workspace paths matching the policy's `protect` globs, none through a symlink."""
-    found: list[str] = []
-    for pattern in patterns:
-        parts = [p for p in pattern.split("/") if p not in ("", ".")]
-        level = [root]
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            nxt = []
-            for base in level:
-                try:
-                    names = os.listdir(base) if any(c in part for c in "*?[") else [part]
-                except OSError:
-                    continue
-                for name in names:
-                    if not fnmatch.fnmatchcase(name, part):
-                        continue
-                    path = os.path.join(base, name)
-                    try:
-                        mode = os.lstat(path).st_mode
-                    except OSError:
-                        continue
-                    if stat.S_ISDIR(mode) or (last and stat.S_ISREG(mode)):
-                        nxt.append(path)
-            level = nxt
-        found += level if parts else []
-    return sorted(set(found))

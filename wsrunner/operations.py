@@ -156,6 +156,11 @@ class WorkspaceOps:
         }
 
     async def write_file(self, workspace_id: str, path: str, content: object) -> JSON:
+        """Write a text file (the tools' file write too).
+
+        Errors: QuotaExceededError (storage or inode quota); PathEscapeError for a path that
+        is, or resolves beneath the workspace to, a path under the policy's `sandbox.protect`.
+        """
         rel = _check_path(path)
         if rel == ".":
             raise ValidationError("path", "expected a file name, got the workspace root")
@@ -166,7 +171,10 @@ class WorkspaceOps:
         used = await self.workspaces.usage(workspace_id, fresh=True)
         if (refusal := self.workspaces.refuse_write(workspace_id, used, size)) is not None:
             raise QuotaExceededError(refusal)
-        written = await self._fs(paths.write_text, root, rel, content)
+        globs = self.executor.policy.for_workspace(workspace_id).sandbox.protect
+        written = await self._fs(
+            lambda root, rel: paths.write_text(root, rel, content, protect=globs), root, rel
+        )
         return {"written": True, "path": rel, "size_bytes": written}
 
     # --- commands -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from wsrunner.errors import PathEscapeError, PathNotFoundError, WorkspaceError
+from wsrunner.protect import rule_for
 
 _SYS_OPENAT2: Final = 437  # x86_64 and aarch64 share the number
 _RESOLVE_NO_MAGICLINKS: Final = 0x02
@@ -162,6 +163,33 @@ def is_dir(root: str, path: str) -> bool:
     return True
 
 
+def resolved(root_fd: int, fd: int) -> str:
+    """Where the directory `fd` is, relative to the directory `root_fd` (symlinks resolved:
+    the kernel's own path of each, from /proc/self/fd)."""
+    top = os.readlink(f"/proc/self/fd/{root_fd}")
+    here = os.readlink(f"/proc/self/fd/{fd}")
+    if here == top:
+        return "."
+    prefix = top.rstrip("/") + "/"
+    if not here.startswith(prefix):
+        raise PathEscapeError(f"{here!r} is not inside the workspace {top!r}")
+    return here[len(prefix) :]
+
+
+def refuse_protected(root_fd: int, dir_fd: int, name: str, path: str,
+                     protect: Sequence[str], rest: str = "") -> None:  # fmt: skip
+    """Raise PathEscapeError if `name` in the directory `dir_fd`, on the way to `path` (`rest`
+    is what follows it there), is or lies under a protected path (`protect.rule_for`), once
+    resolved. The error names `path` and, if it differs, where it resolves to."""
+    if not protect:
+        return
+    real = os.path.normpath(os.path.join(resolved(root_fd, dir_fd), name, rest))
+    if (rule := rule_for(real, protect)) is not None:
+        shown = "" if real == clean_relative(path) else f" (it resolves to {real!r})"
+        raise PathEscapeError(f"path {path!r}{shown} is protected by the policy's sandbox.protect "
+                              f"rule {rule!r}; it cannot be written through the daemon")  # fmt: skip
+
+
 def not_found(path: str, exc: OSError) -> WorkspaceError:
     if exc.errno == errno.ENOENT:
         return PathNotFoundError(f"{path}: no such file or directory")
@@ -205,19 +233,29 @@ def read_text(root: str, path: str, cap: int) -> FileContent:
     )
 
 
-def make_dirs(root: str, path: str) -> None:
-    """`mkdir -p` beneath the workspace: every component is created and checked in place."""
+def make_dirs(root: str, path: str, *, protect: Sequence[str] = (),
+              asked: str | None = None) -> None:  # fmt: skip
+    """`mkdir -p` beneath the workspace: every component is created and checked in place.
+
+    Errors: PathEscapeError if a component is, or resolves to, a path under a `protect` glob
+    (see `refuse_protected`), before anything is made there; it names `asked` (default
+    `path`; `write_text` gives the file it makes these directories for).
+    """
     rel = clean_relative(path)
     if rel == ".":
         return
+    asked = path if asked is None else asked
+    tail = clean_relative(asked).split("/")  #: `rel`'s components, then the rest of `asked`
     with open_root(root) as rfd:
         owner = _owner(rfd)
         done = ""
-        for part in rel.split("/"):
+        for i, part in enumerate(rel.split("/")):
             done = f"{done}/{part}" if done else part
+            rest = "/".join(tail[i + 1 :])
             try:
                 with _fd(open_beneath(rfd, os.path.dirname(done) or ".",
                                       os.O_RDONLY | os.O_DIRECTORY)) as pfd:  # fmt: skip
+                    refuse_protected(rfd, pfd, part, asked, protect, rest)
                     os.mkdir(part, 0o755, dir_fd=pfd)
                     if owner is not None:
                         os.chown(part, *owner, dir_fd=pfd, follow_symlinks=False)
@@ -226,9 +264,11 @@ def make_dirs(root: str, path: str) -> None:
             except OSError as exc:
                 raise not_found(done, exc) from None
             try:  # exists: it must be a directory beneath the root, not a symlink out of it
-                os.close(open_beneath(rfd, done, os.O_RDONLY | os.O_DIRECTORY))
+                dfd = open_beneath(rfd, done, os.O_RDONLY | os.O_DIRECTORY)
             except OSError as exc:
                 raise not_found(done, exc) from None
+            with _fd(dfd):  # ... nor a symlink to a protected directory
+                refuse_protected(rfd, dfd, ".", asked, protect, rest)
 
 
 def make_fresh_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
@@ -458,23 +498,28 @@ def remove_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
                 shutil.rmtree(name, dir_fd=pfd, ignore_errors=True)
 
 
-def write_text(root: str, path: str, content: str, mode: int = 0o644) -> int:
+def write_text(root: str, path: str, content: str, mode: int = 0o644, *,
+               protect: Sequence[str] = ()) -> int:  # fmt: skip
     """Write `content` atomically (temp file + rename), creating parents; returns bytes written.
 
     The file is created with `mode` and belongs to the workspace's owner.
+
+    Errors: PathEscapeError if the file or a parent is, or resolves to, a path under a
+    `protect` glob (see `refuse_protected`); nothing is written then.
     """
     rel = clean_relative(path)
     if rel == ".":
         raise WorkspaceError("path: expected a file name, got the workspace root")
     parent, name = os.path.split(rel)
     data = content.encode("utf-8")
-    make_dirs(root, parent or ".")
+    make_dirs(root, parent or ".", protect=protect, asked=path)
     with open_root(root) as rfd:
         try:
             dfd = open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise not_found(parent, exc) from None
         with _fd(dfd):
+            refuse_protected(rfd, dfd, name, path, protect)
             try:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 if not stat.S_ISREG(st.st_mode):

@@ -241,11 +241,14 @@ class Sandbox:
     @asynccontextmanager
     async def launch(self, argv: Sequence[str], *, root: str, cwd: str, policy: SandboxPolicy,
                      limits: Limits, network: bool, protect: Sequence[str] = (),
-                     read_only: Sequence[str] = (), home: str = "/") -> AsyncIterator[Launch]:  # fmt: skip
+                     pinned: Sequence[str] = (), read_only: Sequence[str] = (),
+                     home: str = "/") -> AsyncIterator[Launch]:  # fmt: skip
         """Prepare `argv` to run in the workspace at `root`; clean up its cgroup afterwards.
 
-        `protect` are absolute paths inside the workspace bound read-only; `read_only` are host
-        paths made visible read-only (besides `policy.read_only_paths`).
+        `protect` are absolute paths inside the workspace bound read-only, `pinned` directories
+        inside it bound read-write onto themselves first (mount points: a command cannot rename
+        or remove them; `wsrunner.protect`); `read_only` are host paths made visible read-only
+        (besides `policy.read_only_paths`).
 
         Errors: IsolationUnavailableError when the host is below `policy.require`.
         Cancellation: the cgroup is killed and removed (shielded) before it propagates.
@@ -276,6 +279,7 @@ class Sandbox:
                     (f"the workspace {root} is not owned by a workspace uid (owner {uid})",),
                 )
             binds = [("--bind", root)]
+            binds += [("--bind", p) for p in pinned]  # before the read-only binds inside them
             binds += [("--ro-bind", p) for p in protect]
             binds += [("--ro-bind-try", p) for p in (*policy.read_only_paths, *read_only)]
             spec = _command_argv(iso, argv, uid=uid, binds=binds, cwd=cwd, network=network,
