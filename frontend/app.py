@@ -22,6 +22,8 @@ async def json_body() -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is JSON nested too deeply") from None
 
 
 async def json_object() -> dict[str, Any]:

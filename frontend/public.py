@@ -79,7 +79,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         ts, task_id = json.loads(raw)
         return datetime.fromisoformat(ts), str(task_id)
-    except (binascii.Error, ValueError, TypeError):
+    except (binascii.Error, ValueError, TypeError, RecursionError):
         raise ValidationError(
             "cursor", "expected the next_cursor value of a previous page"
         ) from None

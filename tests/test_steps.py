@@ -187,14 +187,15 @@ async def test_credentials_are_for_the_task_only(daemon: Daemon, redis_client) -
     # refuses them (test_api_public).
     creds = {"env_vars": {"API_TOKEN": "tok-123"}, "git_name": "Ada", "git_email": "ada@example.org",
              "ssh_private_key": "-----BEGIN KEY-----\nabc\n-----END KEY-----"}  # fmt: skip
+    # The ssh key goes to the daemon's git mirror only (gitremote): no file, no variable here.
     step = cmd('echo "$API_TOKEN"; git config --global user.name; '
-               'stat -c %a "$(dirname "$HOME")/ssh_key"')  # fmt: skip
+               'ls "$(dirname "$HOME")"; echo "${GIT_SSH_COMMAND-unset}"')  # fmt: skip
     payload = raw_payload(workspace_id="ws-1", steps=[step], credentials=creds)
     keys = daemon.service.queue.keys  # type: ignore[attr-defined]
     redis_client.lpush(keys.queue("normal"), payload)
     rec = await wait_terminal(daemon, json.loads(payload)["task_id"])
     out = results(rec)[0]["stdout"].split()
-    assert out == ["tok-123", "Ada", "600"]
+    assert out == ["tok-123", "Ada", "gitconfig", "home", "tmp", "unset"]
     root = daemon.settings.volume_path / "ws-1"
     assert not (root / "tasks" / rec.id).exists()
     assert not list(root.rglob("ssh_key")) and not list(root.rglob("gitconfig"))  # no spare's

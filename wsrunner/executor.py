@@ -20,13 +20,14 @@ import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
 
 import trio
 
 from wsrunner import paths
 from wsrunner.credentials import GitCredentialProvider, NoCredentials
-from wsrunner.errors import ConfigError, IsolationUnavailableError, WorkspaceError
+from wsrunner.errors import IsolationUnavailableError, WorkspaceError
+from wsrunner.gitremote import GitRemote
+from wsrunner.gitsync import GitSync
 from wsrunner.metrics import Metrics
 from wsrunner.models import (
     JSON,
@@ -51,18 +52,7 @@ logger = logging.getLogger(__name__)
 
 CLONE_TIMEOUT_S: Final = 300.0
 QUOTA_POLL_S: Final = 0.25  #: how often a running command's workspace is measured, at most
-#: Keeps a repository's own .git/config and hooks from running programs in daemon git calls.
-GIT_SAFE_CONFIG: Final = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
-                          "-c", "core.pager=cat", "-c", "diff.external=",
-                          "-c", "protocol.ext.allow=never")  # fmt: skip
 PULL_TIMEOUT_S: Final = 120.0
-_SCP_LIKE: Final = re.compile(r"[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/].*")
-_ASKPASS: Final = """#!/bin/sh
-case "$1" in
-  Username*) printf '%s\\n' "$WSRUNNER_GIT_USERNAME" ;;
-  *) printf '%s\\n' "$WSRUNNER_GIT_PASSWORD" ;;
-esac
-"""
 
 
 @dataclass(slots=True)
@@ -94,6 +84,9 @@ class Executor:
         self.credentials = credentials or NoCredentials()
         self.metrics = metrics or Metrics()
         self._fs = trio.CapacityLimiter(8)
+        #: git that reaches a remote: the network half on the daemon's mirrors
+        self.git = GitSync(GitRemote(settings, workspaces, sandbox, self.credentials,
+                                     self.describe), self.spawn)  # fmt: skip
 
     def context(self, env: TaskEnvironment, workspace_id: str, on_output: Any = None,
                 policy: EffectivePolicy | None = None) -> StepContext:  # fmt: skip
@@ -282,24 +275,7 @@ class Executor:
         )
 
     # --- git ----------------------------------------------------------------------------------
-
-    def _check_repo_url(self, url: str) -> str:
-        """The URL's scheme if the settings allow it, else a WorkspaceError."""
-        if _SCP_LIKE.fullmatch(url):
-            scheme = "ssh"
-        else:
-            parts = urlsplit(url)
-            scheme = parts.scheme.lower()
-            if not scheme or "::" in url.split("/", 1)[0]:
-                raise WorkspaceError(
-                    f"repo: expected a URL like https://host/owner/name.git, got {redact_url(url)!r}"
-                )
-        if scheme not in self.settings.git_schemes:
-            raise WorkspaceError(
-                f"repo: URL scheme {scheme!r} is not allowed; expected one of "
-                f"{', '.join(self.settings.git_schemes)}"
-            )
-        return scheme
+    # The network half runs on the daemon's mirror, the rest with no network (`gitsync`).
 
     @staticmethod
     def repo_name(url: str) -> str:
@@ -311,94 +287,31 @@ class Executor:
         return name
 
     async def _clone(self, step: GitClone, ctx: StepContext, timeout: float) -> JSON:
-        self._check_repo_url(step.repo)
+        remote = await self.git.remote.remote(step.repo, ctx.workspace_id)
         name = self.repo_name(step.repo)
         dest = os.path.join(ctx.env.root, "repos", name)
-        clean_url, extra_env = await self._clone_auth(step.repo, ctx)
         if await self._fs_call(paths.is_dir, ctx.env.root, f"repos/{name}"):
-            origin = await self.spawn(["git", "-C", dest, "remote", "get-url", "origin"], ctx,
-                                       cwd=ctx.env.root, timeout=30, git=True)  # fmt: skip
-            if origin["stdout"].strip() != clean_url:
+            origin, _ = await self.git.origin(ctx, dest)
+            if origin != remote.url:
                 return {"error": f"repos/{name} already holds another repository "
-                                 f"({origin['stdout'].strip() or 'unknown remote'}); "
+                                 f"({origin or 'unknown remote'}); "
                                  "refusing to reuse it", "repo_path": f"repos/{name}"}  # fmt: skip
-            result = await self._git_pull(dest, clean_url, step.branch, ctx, timeout, extra_env)
+            result = await self.git.pull(ctx, dest, branch=step.branch, timeout=timeout,
+                                         remote=remote)  # fmt: skip
             result.update(repo_path=f"repos/{name}", cached=True)
             return result
-        argv = ["git", "clone", "--no-recurse-submodules"]
-        if step.shallow:
-            argv += ["--depth", "1"]
-        if step.branch:
-            argv += ["--branch", step.branch]
-        argv += ["--", clean_url, dest]
-        result = await self.spawn(argv, ctx, cwd=ctx.env.root, timeout=timeout, git=True,
-                                  network=True, read_only=await self._local_remote(clean_url, ctx),
-                                  extra_env=extra_env)  # fmt: skip
+        result = await self.git.clone(ctx, remote, dest, branch=step.branch, shallow=step.shallow,
+                                      timeout=timeout)  # fmt: skip
         result.update(repo_path=f"repos/{name}", cached=False)
         if "error" not in result:
             ctx.repos_touched.append(name)
         return result
 
-    async def _local_remote(self, url: str, ctx: StepContext) -> tuple[str, ...]:
-        """Host paths a git command needs to see for `url`: a file:// remote, trusted."""
-        if (path := _local_source(url)) is None:
-            return ()
-        await self._fs_call(_trust, ctx.env.root, ctx.env.env["GIT_CONFIG_GLOBAL"], path)
-        return (path,)
-
-    async def _clone_auth(self, url: str, ctx: StepContext) -> tuple[str, dict[str, str]]:
-        """The URL to give git and the environment that answers its password prompt.
-
-        Keeps a token off the command line (ps), out of .git/config and of any output: git
-        asks our askpass helper, which reads it from the child's environment. The token is
-        the URL's own (a producer of the reference system) or the workspace's credential.
-        """
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            return url, {}
-        if parts.username or parts.password:
-            user, password = parts.username or "x-access-token", parts.password or ""
-            if parts.password is None:  # https://TOKEN@host: the token is the user part
-                user, password = "x-access-token", parts.username or ""
-            url = redact_url(url)
-        else:
-            try:
-                token = await self.credentials.token_for(ctx.workspace_id, parts.netloc.lower())
-            except ConfigError as exc:
-                raise WorkspaceError(f"cannot read git credentials: {exc}") from None
-            if token is None:
-                return url, {}
-            user, password = "x-access-token", token
-        askpass = os.path.join(ctx.env.task_dir, "askpass")
-        rel = askpass.removeprefix(ctx.env.root).lstrip("/")
-        await self._fs_call(paths.write_text, ctx.env.root, rel, _ASKPASS, 0o700)
-        return url, {"GIT_ASKPASS": askpass, "WSRUNNER_GIT_USERNAME": user,
-                     "WSRUNNER_GIT_PASSWORD": password}  # fmt: skip
-
-    async def _git_pull(self, repo: str, url: str, branch: str | None, ctx: StepContext,
-                        timeout: float, extra_env: dict[str, str] | None = None) -> JSON:  # fmt: skip
-        deadline = trio.current_time() + timeout
-        if branch:
-            checkout = await self.spawn(["git", *GIT_SAFE_CONFIG, "-C", repo, "checkout", branch,
-                                         "--"], ctx, cwd=ctx.env.root, timeout=timeout, git=True)  # fmt: skip
-            if "error" in checkout:
-                return checkout
-        left = max(1.0, deadline - trio.current_time())
-        local = await self._local_remote(url, ctx)
-        return await self.spawn(["git", *GIT_SAFE_CONFIG, "-C", repo, "pull", "--no-rebase"], ctx,
-                                cwd=ctx.env.root, timeout=left, git=True, network=True,
-                                read_only=local, extra_env=extra_env)  # fmt: skip
-
     async def _pull(self, step: GitPull, ctx: StepContext, timeout: float) -> JSON:
         dest = os.path.join(ctx.env.root, "repos", step.repo_name)
         if not await self._fs_call(paths.is_dir, ctx.env.root, f"repos/{step.repo_name}/.git"):
             return {"error": f"Repo not cached: {step.repo_name}. Clone it first."}
-        origin = await self.spawn(["git", "-C", dest, "remote", "get-url", "origin"], ctx,
-                                  cwd=ctx.env.root, timeout=30, git=True)  # fmt: skip
-        # The workspace's token for the origin's host, as for the clone.
-        url = origin["stdout"].strip()
-        _, extra_env = await self._clone_auth(url, ctx)
-        result = await self._git_pull(dest, url, step.branch, ctx, timeout, extra_env)
+        result = await self.git.pull(ctx, dest, branch=step.branch, timeout=timeout)
         result.update(repo_path=f"repos/{step.repo_name}", cached=True)
         return result
 
@@ -436,29 +349,6 @@ class Executor:
             "count": len(entries),
             "truncated": truncated,
         }
-
-
-def _local_source(url: str) -> str | None:
-    """The path of a file:// remote (made visible read-only to the clone or pull), or None."""
-    parts = urlsplit(url)
-    if parts.scheme != "file" or not parts.path.startswith("/"):
-        return None
-    return os.path.normpath(unquote(parts.path))
-
-
-def _trust(root: str, gitconfig: str, path: str) -> None:
-    """Mark one local remote as safe in the task's git config; never `*`.
-
-    The remote belongs to another uid than the workspace's, which git refuses ("dubious
-    ownership"). The task's global config is the place git reads it from for the upload-pack
-    it runs on the remote: it drops GIT_CONFIG_* variables for local transports.
-    """
-    rel = gitconfig.removeprefix(root).lstrip("/")
-    text = paths.read_text(root, rel, 1024 * 1024).content
-    quoted = [p.replace("\\", "\\\\").replace('"', '\\"') for p in (path, f"{path}/.git")]
-    entry = "".join(f'\tdirectory = "{q}"\n' for q in quoted)
-    if entry not in text:
-        paths.write_text(root, rel, f"{text}[safe]\n{entry}")
 
 
 _LIMIT_SIGNALS: Final = {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size"}

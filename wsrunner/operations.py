@@ -32,7 +32,8 @@ from wsrunner.errors import (
     UnavailableError,
     ValidationError,
 )
-from wsrunner.executor import GIT_SAFE_CONFIG, Executor, StepContext
+from wsrunner.executor import Executor, StepContext
+from wsrunner.gitremote import GIT_SAFE_CONFIG
 from wsrunner.models import JSON, GitClone
 from wsrunner.payload import validate_branch, validate_workspace_id
 from wsrunner.process import Capture, run_process
@@ -55,6 +56,7 @@ _GIT_DENIED_LONG: Final = ("--config", "--config-env", "--upload-pack", "--recei
 _GIT_DENIED_SHORT: Final = ("-c", "-O")
 _GIT_DENIED_SHORT_REMOTE: Final = ("-u",)  #: --upload-pack for clone, fetch and pull
 _GIT_REMOTE: Final = frozenset({"fetch", "pull", "push"})  #: operations that reach the remote
+_GIT_ARGS_CHARS: Final = 16384  #: of `args` given as one string (split in a few milliseconds)
 _LANGUAGES: Final = {".py": "python", ".js": "javascript", ".mjs": "javascript",
                      ".ts": "typescript", ".tsx": "typescript", ".jsx": "javascript",
                      ".json": "json", ".md": "markdown", ".yaml": "yaml", ".yml": "yaml",
@@ -270,12 +272,15 @@ class WorkspaceOps:
                     GitClone(repo=argv[0], branch=ref, shallow=True), ctx,
                     budget_s=CLONE_TIMEOUT_S,
                 )  # fmt: skip
+            elif operation in _GIT_REMOTE:  # the remote is reached through the daemon's mirror
+                workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
+                result = await self.executor.git.operation(ctx, operation, argv, cwd=workdir,
+                                                           timeout=GIT_TIMEOUT_S)  # fmt: skip
             else:
                 workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
                 result = await self.executor.spawn(
                     ["git", *GIT_SAFE_CONFIG, operation, *argv], ctx,
-                    cwd=workdir, timeout=GIT_TIMEOUT_S, git=True,
-                    network=operation in _GIT_REMOTE,
+                    cwd=workdir, timeout=GIT_TIMEOUT_S, git=True, network=False,
                 )  # fmt: skip
         result["operation"] = operation
         return result
@@ -330,6 +335,9 @@ def git_arguments(operation: str, args: object) -> list[str]:
     if args is None or args == "":
         return []
     if isinstance(args, str):
+        if len(args) > _GIT_ARGS_CHARS:  # shlex.split is quadratic in a quoted word, on the loop
+            raise ValidationError("args", f"expected at most {_GIT_ARGS_CHARS} characters; "
+                                          "pass a list of strings for more")  # fmt: skip
         try:
             argv = shlex.split(args)
         except ValueError as exc:

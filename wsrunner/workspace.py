@@ -28,7 +28,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -113,6 +113,9 @@ class TaskEnvironment:
     root: str  #: the workspace directory
     task_dir: str  #: tasks/<task_id>, removed when the task ends
     env: Mapping[str, str]
+    #: the payload's ssh key: only the daemon's git mirror gets it (`gitremote`), never a file
+    #: or a variable of the workspace's
+    ssh_key: str | None = field(default=None, repr=False)
 
 
 class Workspaces:
@@ -279,15 +282,6 @@ class Workspaces:
         quoted = [v.replace("\\", "\\\\").replace('"', '\\"') for v in (name, email)]
         gitconfig = f'[user]\n\tname = "{quoted[0]}"\n\temail = "{quoted[1]}"\n'
         if credentials is not None:
-            if credentials.ssh_private_key:
-                key = os.path.join(task_dir, "ssh_key")
-                # Created 0600 in one step: no window at the umask's mode.
-                files["ssh_key"] = (credentials.ssh_private_key.rstrip("\n") + "\n", 0o600)
-                known = os.path.join(root, KNOWN_HOSTS)
-                env["GIT_SSH_COMMAND"] = (
-                    f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes "
-                    f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known}"
-                )
             env.update(credentials.env_vars)
         files["gitconfig"] = (gitconfig, 0o644)
 
@@ -312,7 +306,8 @@ class Workspaces:
         else:
             await self._thread(make)
             self.on_dir_operation("thread")
-        return TaskEnvironment(root=root, task_dir=task_dir, env=env)
+        key = credentials.ssh_private_key if credentials is not None else None
+        return TaskEnvironment(root=root, task_dir=task_dir, env=env, ssh_key=key or None)
 
     async def close_task(self, workspace_id: str, task_id: str, *, count: bool) -> list[str]:
         """Remove the task's directory (and its credentials); returns the cached repositories.
@@ -387,7 +382,8 @@ class Workspaces:
                 meta = json.loads(paths.read_text(root, META_FILE, 1024 * 1024).content)
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
-            except (OSError, ValueError, WorkspaceError):
+            except (OSError, ValueError, RecursionError, WorkspaceError):
+                # The workspace's commands can replace the file, with anything (deep nesting).
                 meta = {
                     "workspace_id": os.path.basename(root),
                     "created_at": datetime.now(UTC).isoformat(),
