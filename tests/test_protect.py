@@ -273,7 +273,8 @@ def test_find_protected_pins_the_holding_directory_and_follows_no_symlink(tmp_pa
     # The .git holding them, pinned; never a directory inside a read-only one (hooks/).
     assert rel(found.pinned) == ["repos/a/.git", "repos/b/.git"]
     assert rule_for("repos/a/.git/hooks/pre-commit", globs) == "repos/*/.git/hooks"
-    assert rule_for("repos/a/.git", globs) is None and rule_for("repos/a/b/.git/config", globs) is None
+    assert rule_for("repos/a/.git", globs) is None
+    assert rule_for("repos/a/b/.git/config", globs) is None
 
 
 def test_disk_usage_counts_inodes_at_any_depth_and_follows_no_symlink(tmp_path: Path) -> None:
