@@ -10,11 +10,14 @@ still work through the daemon's mirror (real git, real bubblewrap, real servers)
 
 from __future__ import annotations
 
+import base64
+import http.server
+import json
 import os
 import socket
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,6 +191,12 @@ def advance(origin: Path, text: str) -> None:
                    env=GIT_ENV)  # fmt: skip
 
 
+def rev(repo: Path, name: str) -> str:
+    done = subprocess.run(["git", "-c", "safe.directory=*", "-C", str(repo), "rev-parse", "--verify", "-q", name],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    return done.stdout.strip()
+
+
 def sh(command: str) -> dict[str, Any]:
     return {"action": "execute_command", "command": command}
 
@@ -249,3 +258,130 @@ async def test_planted_git_config_never_runs_for_git_pull(tenant: Tenant) -> Non
     assert not tenant.traces(), (tenant.traces(), results)
     # The daemon's git did go to the network for these: its own ssh, refused at port 1.
     assert "127.0.0.1" in results[2]["stderr"] and "refused" in results[2]["stderr"], results[2]
+
+
+# --- (b) the workspace's git token, and configuration that tries to print it ---------------------
+
+
+@pytest.fixture(name="git_http")
+def _git_http(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A dumb-HTTP git server for one repository that demands SECRET as the password; its
+    host:port and the work tree that feeds it (`publish` after each commit)."""
+    bare = tmp_path / "srv" / "proj.git"
+    work = tmp_path / "work"
+    work.mkdir()
+    git_repo(work, {"README": "v1\n"}, "v1")
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+    expected = "Basic " + base64.b64encode(f"x-access-token:{SECRET}".encode()).decode()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=str(tmp_path / "srv"), **kw)
+
+        def do_GET(self) -> None:
+            if self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="git"')
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", work
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def publish(work: Path, text: str) -> None:
+    """A new commit in `work`, pushed to the HTTP server's repository."""
+    advance(work, text)
+    bare = work.parent / "srv" / "proj.git"
+    subprocess.run(["git", "-C", str(work), "push", "-q", str(bare), "main"], check=True)
+    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+
+
+def files_holding(root: Path, secret: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+            and secret.encode() in p.read_bytes()]  # fmt: skip
+
+
+def leaks(tenant: Tenant) -> list[str]:
+    """Where SECRET shows: a task's record or events, a result of /git or of a tool, a file
+    anywhere in the volume (the workspace and the daemon's mirrors), the host's listener."""
+    found = [f"record {i}" for i, t in enumerate(tenant.tasks) if SECRET in json.dumps(t)]
+    found += [f"events {i}" for i, e in enumerate(tenant.events) if SECRET in e]
+    found += files_holding(tenant.daemon.settings.volume_path, SECRET)
+    found += ["the host's listener" for data in tenant.listener.received if SECRET.encode() in data]
+    return found
+
+
+async def test_the_git_token_never_reaches_the_tenant(
+    tenant: Tenant, git_http: tuple[str, Path]
+) -> None:
+    host, work = git_http
+    creds = tenant.tmp / "git-credentials.yaml"
+    creds.write_text(f"workspaces:\n  {WS}:\n    '{host}': {SECRET}\n")
+    url = f"http://{host}/proj.git"
+    clone = await tenant.submit({"action": "git_clone", "repo": url, "shallow": False})
+    assert "error" not in clone[0], clone[0]  # the token reached the server
+    publish(work, "v2\n")
+    helpers = {"credential.helper": "!$E credential-repo", "core.askPass": "$E askpass-repo",
+               f"credential.http://{host}.helper": "!$E credential-url"}  # fmt: skip
+    results = await tenant.submit(
+        tenant.evil(),
+        sh(f"{SETUP} && git config --global credential.helper \"!$E credential-global\" && "
+           f"git config --global core.askPass \"$E askpass-global\" && " + plant("proj", helpers)),
+        {"action": "git_pull", "repo_name": "proj"},
+        sh("cat env-* 2>/dev/null; env; cat tasks/*/askpass 2>/dev/null; true"),
+    )  # fmt: skip
+    assert not leaks(tenant), leaks(tenant)
+    assert not tenant.traces(), tenant.traces()
+    assert "error" not in results[2], results[2]
+    assert (tenant.root / "repos" / "proj" / "README").read_text() == "v2\n"
+    # The same through /git, the tools API, and a clone of the same URL (the cached path).
+    publish(work, "v3\n")
+    done = [await tenant.git("fetch", "repos/proj"),
+            await tenant.git("pull", "repos/proj", ["--no-rebase"])]  # fmt: skip
+    publish(work, "v4\n")
+    done += [await tenant.tool("pull", "repos/proj"), await tenant.git("clone", ".", [url])]
+    done.append((await tenant.submit(sh("cat env-* 2>/dev/null; true")))[0])
+    assert not leaks(tenant), leaks(tenant)
+    assert not tenant.traces(), tenant.traces()
+    assert not [d for d in done if "error" in d], done
+    assert (tenant.root / "repos" / "proj" / "README").read_text() == "v4\n"
+
+
+# --- (c) the same through /git and the tools API ----------------------------------------------------
+
+
+async def test_planted_git_config_never_runs_for_git_operations(tenant: Tenant) -> None:
+    origin, url = origin_repo(tenant.tmp, "proj")
+    results = await tenant.submit(
+        {"action": "git_clone", "repo": url, "shallow": False}, tenant.evil(),
+        sh(f"{SETUP} && {tenant_repo('y', NOWHERE)} && "
+           + plant("y", {"core.sshCommand": "$E ssh-repo", "credential.helper": "!$E helper"})
+           + " && " + plant("proj", INSTEADOF)),
+    )  # fmt: skip
+    assert all("error" not in r for r in results), results
+    advance(origin, "v2\n")
+    fetched = await tenant.git("fetch", "repos/proj")
+    pulled = await tenant.git("pull", "repos/proj")
+    # A push goes to the network from the mirror only; to a file:// origin it cannot write.
+    await tenant.git("push", "repos/proj", ["origin", "main"])
+    for operation in ("fetch", "pull", "push"):
+        await tenant.git(operation, "repos/y")
+        await tenant.tool(operation, "repos/y")
+        await tenant.tool(operation, "repos/proj")
+    assert not tenant.traces(), tenant.traces()
+    # The fetch and the pull through the mirror work, whatever the repository's config says.
+    assert "error" not in fetched and "error" not in pulled, (fetched, pulled)
+    assert rev(tenant.root / "repos" / "proj", "refs/remotes/origin/main") == rev(origin, "HEAD")
+    assert (tenant.root / "repos" / "proj" / "README").read_text() == "v2\n"
