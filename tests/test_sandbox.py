@@ -237,12 +237,14 @@ async def test_git_hooks_run_inside_the_sandbox_as_the_workspace_uid(sandboxed: 
 
 
 async def test_loopback_is_reachable_only_with_host_network(start_daemon, tmp_path: Path) -> None:
+    """`egress` reaches the internet (not here: no route out of this machine) but never the
+    host's loopback; only `host` does."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
     port = listener.getsockname()[1]
     probe_cmd = f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 2)\""
-    for network, reachable in (("none", False), ("host", True)):
+    for network, reachable in (("none", False), ("egress", False), ("host", True)):
         policy = tmp_path / f"{network}.yaml"
         policy.write_text(PERMISSIVE.replace("network: none", f"network: {network}"))
         daemon = await start_daemon(policy_file=policy)
@@ -374,8 +376,8 @@ def _unsandboxed_argv(command: str, procs: list[str] | None = None, cwd: str = "
     limits = Limits(timeout_s=60, memory_bytes=2**30, pids=64, cpu_s=7, open_files=64,
                     file_size_bytes=2**20, stdout_bytes=2**20, stderr_bytes=2**20)  # fmt: skip
     return _command_argv(Isolation("none", {}, ()), ["/bin/sh", "-c", command], uid=None,
-                         binds=[], cwd=cwd, network=False, limits=limits, procs=procs or [],
-                         fds=[])  # fmt: skip
+                         binds=[], cwd=cwd, network="none", limits=limits, procs=procs or [],
+                         fds=[], env={"PATH": "/usr/bin:/bin"})  # fmt: skip
 
 
 def test_probe_finds_full_isolation_here(tmp_path: Path) -> None:

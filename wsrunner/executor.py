@@ -44,7 +44,7 @@ from wsrunner.payload import redact_url
 from wsrunner.policy import EffectivePolicy, LivePolicy
 from wsrunner.process import Capture, Watch, run_process
 from wsrunner.protect import Protected, find_protected
-from wsrunner.sandbox import EXIT_LAUNCH_FAILED, Sandbox
+from wsrunner.sandbox import EXIT_LAUNCH_FAILED, NetworkMode, Sandbox
 from wsrunner.settings import Settings
 from wsrunner.workspace import TaskEnvironment, Workspaces
 
@@ -177,11 +177,12 @@ class Executor:
         limits = dataclasses.replace(
             limits, file_size_bytes=max(4096, min(limits.file_size_bytes, room))
         )
+        net: NetworkMode
         if git:
-            net = bool(network) and policy.sandbox.git_network == "host"
+            net = policy.sandbox.git_network if network else "none"
             protect = Protected()
         else:
-            net = policy.sandbox.network == "host"
+            net = policy.sandbox.network
             if protect is None:
                 protect = await self._fs_call(find_protected, ctx.env.root,
                                               policy.sandbox.protect)  # fmt: skip
@@ -189,12 +190,12 @@ class Executor:
         try:
             async with self.sandbox.launch(
                 argv, root=ctx.env.root, cwd=cwd, policy=policy.sandbox, limits=limits,
-                network=net, protect=protect.read_only, pinned=protect.pinned,
-                read_only=read_only, home=env.get("HOME", "/"),
+                network=net, env=env, protect=protect.read_only, read_only=read_only,
+                home=env.get("HOME", "/"), pinned=protect.pinned,
             ) as launch:  # fmt: skip
                 over: list[str] = []
                 with trio.move_on_after(timeout) as scope:
-                    rc = await run_process(launch.argv, env=env, capture=capture,
+                    rc = await run_process(launch.argv, env=launch.env, capture=capture,
                                            pass_fds=launch.pass_fds,
                                            kill_grace=self.settings.kill_grace_s,
                                            watch=self._quota_watch(ctx.workspace_id, over),
@@ -206,7 +207,10 @@ class Executor:
         ctx.capture = None
         stopped = scope.cancelled_caught or bool(over)
         result = self.describe(capture, exit_code=None if stopped else rc, duration_ms=_ms(start))
-        if over:
+        if launch.network_failures:
+            result["error"] = ("the sandbox's network could not be set up, so the command did "
+                               f"not run: {launch.network_failures[0]}")  # fmt: skip
+        elif over:
             result["limits_hit"] = ["quota" if "storage" in over[0] else "inode_quota"]
             result["error"] = f"killed: {over[0]}"
         elif scope.cancelled_caught:

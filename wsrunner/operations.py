@@ -304,9 +304,9 @@ class WorkspaceOps:
 
         async def spawn(argv: list[str], capture: Capture) -> int:
             async with sandbox.launch(argv, root=root, cwd=root, policy=policy.sandbox,
-                                      limits=policy.limits, network=False) as launch:  # fmt: skip
-                return await run_process(launch.argv, capture=capture,
-                                         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                      limits=policy.limits, network="none",
+                                      env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}) as launch:  # fmt: skip
+                return await run_process(launch.argv, capture=capture, env=launch.env,
                                          kill_grace=self.settings.kill_grace_s,
                                          pass_fds=launch.pass_fds)  # fmt: skip
 

@@ -115,7 +115,9 @@ class Sandbox(_Closed):
                     f"egressAllow: {net!r} is not an IPv4 network like 10.20.0.0/16"
                 ) from None
             if parsed.is_loopback or parsed.overlaps(ipaddress.IPv4Network("127.0.0.0/8")):
-                raise ValueError(f"egressAllow: {net!r} overlaps loopback, which egress never reaches")
+                raise ValueError(
+                    f"egressAllow: {net!r} overlaps loopback, which egress never reaches"
+                )
         for p in self.readOnlyPaths or ():
             if not p.startswith("/") or ".." in p.split("/"):
                 raise ValueError(f"readOnlyPaths: {p!r} must be an absolute path without `..`")

@@ -4,19 +4,28 @@ Levels, from what the start-up probe finds:
 
     full     bubblewrap: a fresh root with only system directories (read-only) and the one
              workspace (read-write), private /tmp, new pid/ipc/uts/net/user namespaces, no
-             capabilities, no nested user namespaces; plus the workspace's own uid when the
-             daemon is root, rlimits and a cgroup per command
+             capabilities, no nested user namespaces, a seccomp filter; plus the workspace's
+             own uid when the daemon is root, rlimits and a cgroup per command
     partial  no namespaces, but the workspace's own uid (the daemon is root), rlimits and cgroups
     none     nothing of the above; commands run only if the policy says `require: none`
 
 Each command is started through one exec chain, with no `preexec_fn` (unsafe with threads):
 
-    /bin/sh -c '<join the cgroups; set rlimits; cd>' ... -- setpriv <uid> -- bwrap <profile> -- cmd
+    /bin/sh -c '<join the cgroups; set rlimits; cd>' ... -- setpriv <uid> -- bwrap --args FD -- cmd
 
 The shell joins the per-command cgroups while it is still root, so every process of the
 command is limited and can be killed, and changes to the command's working directory (the
-daemon starts it with posix_spawn, which has no working directory to give); setpriv drops to the workspace's uid; bwrap builds the
-sandbox. Killing bwrap ends the sandbox's pid namespace, and the cgroup is emptied afterwards.
+daemon starts it with posix_spawn, which has no working directory to give); setpriv drops to
+the workspace's uid; bwrap builds the sandbox. Killing bwrap ends the sandbox's pid namespace,
+and the cgroup is emptied afterwards.
+
+Nothing the tenant chose reaches the part of the chain that runs with more privilege than the
+sandbox: the shell, setpriv and bwrap get a fixed environment (`LAUNCH_ENV`); the task's
+variables are set by bwrap itself (`--clearenv`, `--setenv`) from its argument file, a memfd,
+so no value appears on a command line either. Without bubblewrap, a small unprivileged step
+after setpriv reads them from such a file and executes the command with exactly them. The
+command holds descriptors 0, 1 and 2 only: bwrap closes its argument, data and seccomp files
+before it executes the command.
 """
 
 from __future__ import annotations
@@ -25,8 +34,9 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -35,11 +45,17 @@ import trio
 
 from wsrunner.errors import IsolationUnavailableError
 from wsrunner.policy import Limits, SandboxPolicy
-from wsrunner.sandbox import cgroups
+from wsrunner.sandbox import cgroups, seccomp
 from wsrunner.sandbox.identity import UidRange, volume_reachable
+from wsrunner.sandbox.network import RESOLV_CONF, Egress, Tools, find_tools
 
 logger = logging.getLogger(__name__)
 Level = Literal["full", "partial", "none"]
+#: none: an empty network namespace; egress: the internet, never the host (`network`);
+#: host: the host's network, loopback included (gives up the host's protection).
+NetworkMode = Literal["none", "egress", "host"]
+#: The environment of the privileged part of the launch chain: fixed, never the task's.
+LAUNCH_ENV: Final = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 LEVELS: Final[dict[str, int]] = {"none": 0, "partial": 1, "full": 2}
 #: Read-only system paths of the sandbox; the `-try` ones may be missing on a host.
 _SYSTEM_RO: Final = ("/usr",)
@@ -58,8 +74,19 @@ _SETUP: Final = (
     # CPU: the soft limit sends SIGXCPU (reported as such), the hard one SIGKILL a bit later.
     '[ "$1" = - ] || { ulimit -S -t "$1" && ulimit -H -t "$(($1 + 5))"; } || exit 125; '
     '[ "$2" = - ] || ulimit -f "$2" || exit 125; [ "$3" = - ] || ulimit -n "$3" || exit 125; '
-    # The working directory: the spawn has none (posix_spawn), so its shell goes there.
-    'cd -P -- "$4" || exit 125; shift 4; '
+    # The working directory: the spawn has none (posix_spawn), so its shell goes there; the
+    # daemon's own directory must not show through as OLDPWD.
+    'cd -P -- "$4" || exit 125; unset OLDPWD; shift 4; '
+)
+#: Without bubblewrap: runs after setpriv, as the workspace's uid, and executes the command
+#: with exactly the environment in the file at descriptor argv[1] (NUL-separated NAME=value).
+_ENV_EXEC: Final = (
+    "import os,sys\n"
+    "fd=int(sys.argv[1]);data=b''\n"
+    "while (c:=os.read(fd,65536)):data+=c\n"
+    "os.close(fd)\n"
+    "env=dict(i.split(b'=',1) for i in data.split(b'\\0') if i)\n"
+    "os.execvpe(sys.argv[2],sys.argv[2:],env)\n"
 )
 _LAUNCH: Final = _SETUP + 'exec "$@"'
 _SHELL: Final = "/bin/sh"
@@ -77,6 +104,8 @@ class Isolation:
     setpriv: str | None = None
     uids: UidRange | None = None  #: per-workspace uids (the daemon is root), else None
     cgroups: cgroups.CgroupSupport = field(default_factory=cgroups.CgroupSupport)
+    seccomp: bytes | None = None  #: the filter's BPF program (full isolation only)
+    egress: Tools | None = None  #: what `egress` needs, when this host has it
 
     def refusal(self, required: str) -> IsolationUnavailableError | None:
         """The error commands get when this host is below the policy's `require`, else None."""
@@ -85,10 +114,11 @@ class Isolation:
         return IsolationUnavailableError(required, self.level, self.missing)
 
 
-def _bwrap_profile(*, network: bool, passwd_fd: int, group_fd: int, tmp_size: int) -> list[str]:
+def _bwrap_profile(*, network: NetworkMode, passwd_fd: int, group_fd: int,
+                   tmp_size: int) -> list[str]:  # fmt: skip
     args = ["--die-with-parent", "--new-session", "--unshare-all", "--unshare-user",
             "--disable-userns", "--cap-drop", "ALL", "--hostname", "wsrunner"]  # fmt: skip
-    if network:
+    if network == "host":
         args.append("--share-net")
     for path in _SYSTEM_RO:
         args += ["--ro-bind", path, path]
@@ -106,14 +136,21 @@ def _bwrap_profile(*, network: bool, passwd_fd: int, group_fd: int, tmp_size: in
     return args
 
 
-def _data_fd(text: str) -> int:
-    """A pipe's read end holding `text` (small: it fits the pipe buffer)."""
-    r, w = os.pipe()
+def _data_fd(data: str | bytes) -> int:
+    """A memfd (close-on-exec) holding `data`, read from its start by the one who gets it."""
+    fd = os.memfd_create("wsrunner-launch")
     try:
-        os.write(w, text.encode())
-    finally:
-        os.close(w)
-    return r
+        os.write(fd, data.encode() if isinstance(data, str) else data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _nul_joined(items: Sequence[str]) -> bytes:
+    """`items` NUL-terminated, for bwrap's `--args` and the env file; no item may hold NUL."""
+    return b"".join(os.fsencode(item) + b"\0" for item in items)
 
 
 def turned_off() -> Isolation:
@@ -145,11 +182,24 @@ def probe(volume: str, uid_range: UidRange) -> Isolation:
         missing.append("cgroups: " + ("; ".join(support.problems) or "no memory/pids controller"))
     layers["rlimits"] = "cpu, fsize, nofile, core"
     bwrap = shutil.which("bwrap")
+    try:
+        program: bytes | None = seccomp.build()
+        layers["seccomp"] = f"deny list of {len(seccomp.DENIED)} system calls"
+    except seccomp.SeccompUnavailableError as exc:
+        program = None
+        layers["seccomp"] = f"unavailable: {exc}"
+    tools = find_tools()
+    egress = tools if isinstance(tools, Tools) else None
+    layers["egress"] = "slirp4netns" if egress else f"unavailable: {tools}"
     if bwrap is None:
         layers["bwrap"] = "not installed (apt-get install bubblewrap)"
         missing.append("bubblewrap: not installed (apt-get install bubblewrap)")
+    elif program is None:
+        layers["bwrap"] = "not used: no seccomp filter to give it"
+        missing.append(f"seccomp: {layers['seccomp']}")
+        bwrap = None
     else:
-        isolation = Isolation("full", {}, (), bwrap, setpriv, uids, support)
+        isolation = Isolation("full", {}, (), bwrap, setpriv, uids, support, program)
         failure = _try_bwrap(isolation)
         if failure is None:
             layers["bwrap"] = f"{bwrap}: user, pid, net, ipc, uts, mount namespaces"
@@ -158,35 +208,35 @@ def probe(volume: str, uid_range: UidRange) -> Isolation:
             missing.append(f"bubblewrap: {failure}")
             bwrap = None
     level: Level = "full" if bwrap else "partial" if uids is not None else "none"
-    return Isolation(level, layers, tuple(missing), bwrap, setpriv, uids, support)
+    return Isolation(level, layers, tuple(missing), bwrap, setpriv, uids, support,
+                     program if bwrap else None, egress if bwrap else None)  # fmt: skip
 
 
 def _try_bwrap(isolation: Isolation) -> str | None:
     """Run `true` through the real launch chain; the error bwrap printed, or None."""
-    spec = _command_argv(isolation, ["/usr/bin/true"], uid=isolation.uids.first if isolation.uids
-                         else None, binds=[], cwd="/", network=False, limits=None,
-                         procs=[], fds=[])  # fmt: skip
+    fds: list[int] = []
     try:
-        done = subprocess.run(spec, pass_fds=spec.fds, capture_output=True, timeout=20, cwd="/",
-                              env={"PATH": "/usr/bin:/bin"}, check=False)  # fmt: skip
+        spec = _command_argv(isolation, ["/usr/bin/true"], uid=isolation.uids.first
+                             if isolation.uids else None, binds=[], cwd="/", network="none",
+                             limits=None, procs=[], fds=fds, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+        done = subprocess.run(spec, pass_fds=fds, capture_output=True, timeout=20, cwd="/",
+                              env=LAUNCH_ENV, check=False)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
     finally:
-        for fd in spec.fds:
+        for fd in fds:
             os.close(fd)
     if done.returncode != 0:
         return done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
     return None
 
 
-class _Argv(list[str]):
-    fds: list[int]
-
-
 def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
-                  binds: list[tuple[str, str]], cwd: str, network: bool, limits: Limits | None,
-                  procs: list[str], fds: list[int], home: str = "/") -> _Argv:  # fmt: skip
-    """The exec chain for `argv`; `binds` are (flag, path) pairs, `fds` collects fds to pass."""
+                  binds: list[tuple[str, str]], cwd: str, network: NetworkMode,
+                  limits: Limits | None, procs: list[str], fds: list[int], env: Mapping[str, str],
+                  home: str = "/", egress_fds: tuple[int, int] | None = None) -> list[str]:  # fmt: skip
+    """The exec chain for `argv` with the task environment `env`; `binds` are (flag, path)
+    pairs; the descriptors to pass are appended to `fds` (the caller closes them)."""
     cpu, fsize, nofile = ("-",) * 3
     if limits is not None:
         cpu, fsize, nofile = (str(limits.cpu_s), str(max(1, limits.file_size_bytes // 512)),
@@ -195,40 +245,59 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
     sandboxed = bwrap is not None
     setup = [*procs, "--", cpu, fsize, nofile, "/" if sandboxed else cwd]  # bwrap does --chdir
     if uid is None and not sandboxed and len(argv) == 3 and list(argv[:2]) == [_SHELL, "-c"]:
-        # A shell command with nothing to exec in between: the set-up's own shell runs it (one
-        # exec of sh fewer). It sees what `sh -c` would: $0 is /bin/sh, no arguments, line 1.
-        out = _Argv([_SHELL, "-c", _SETUP + argv[2], _SHELL, *setup])
-        out.fds = fds
-        return out
-    out = _Argv([_SHELL, "-c", _LAUNCH, "wsrunner-launch", *setup])
+        # No isolation at all (`require: none`): nothing in the chain is more privileged than
+        # the command, so the set-up's own shell runs it (one exec of sh fewer), with the
+        # task's environment. It sees what `sh -c` would: $0 is /bin/sh, no arguments, line 1.
+        return [_SHELL, "-c", _SETUP + argv[2], _SHELL, *setup]
+    out = [_SHELL, "-c", _LAUNCH, "wsrunner-launch", *setup]
     if uid is not None:
         assert isolation.setpriv is not None
         out += [isolation.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]  # fmt: skip
-    if bwrap is not None:
-        shown = uid if uid is not None else os.geteuid()
-        passwd = _data_fd(f"wsrunner:x:{shown}:{shown}:wsrunner:{home}:/bin/sh\n")
-        group = _data_fd(f"wsrunner:x:{shown}:\n")
-        fds += [passwd, group]
-        tmp_size = limits.memory_bytes if limits is not None else 256 * 1024**2
-        out += [bwrap, *_bwrap_profile(network=network, passwd_fd=passwd,
-                                                 group_fd=group, tmp_size=tmp_size)]  # fmt: skip
-        for flag, path in binds:
-            out += [flag, path, path]
-        out += ["--chdir", cwd, "--remount-ro", "/", "--"]
-    out += list(argv)
-    out.fds = fds
-    return out
+    variables = [f"{name}={value}" for name, value in env.items()]
+    if bwrap is None:
+        # Unprivileged from here on (or as privileged as the daemon, without a uid): a small
+        # step sets exactly the task's variables, read from a file, and executes the command.
+        fds.append(envfile := _data_fd(_nul_joined(variables)))
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        return [*out, python, "-I", "-S", "-c", _ENV_EXEC, str(envfile), *argv]
+    shown = uid if uid is not None else os.geteuid()
+    passwd = _data_fd(f"wsrunner:x:{shown}:{shown}:wsrunner:{home}:/bin/sh\n")
+    fds.append(passwd)
+    fds.append(group := _data_fd(f"wsrunner:x:{shown}:\n"))
+    tmp_size = limits.memory_bytes if limits is not None else 256 * 1024**2
+    args = _bwrap_profile(network=network, passwd_fd=passwd, group_fd=group, tmp_size=tmp_size)
+    if network == "egress":
+        fds.append(resolv := _data_fd(RESOLV_CONF))
+        assert egress_fds is not None
+        info, block = egress_fds
+        args += ["--ro-bind-data", str(resolv), "/etc/resolv.conf",
+                 "--info-fd", str(info), "--block-fd", str(block)]  # fmt: skip
+    for flag, path in binds:
+        args += [flag, path, path]
+    if isolation.seccomp is not None:
+        fds.append(program := _data_fd(isolation.seccomp))
+        args += ["--seccomp", str(program)]
+    args += ["--clearenv"]
+    for name, value in env.items():
+        args += ["--setenv", name, value]
+    args += ["--chdir", cwd, "--remount-ro", "/"]
+    fds.append(argfile := _data_fd(_nul_joined(args)))
+    return [*out, bwrap, "--args", str(argfile), "--", *argv]
 
 
 @dataclass(slots=True)
 class Launch:
-    """A command ready to start (it changes to its working directory itself): argv, fds to
-    pass; `limits_hit` is filled when it ends."""
+    """A command ready to start (it changes to its working directory itself): argv, the fds
+    to pass and the environment to start it with (`LAUNCH_ENV`, or the task's without
+    isolation); `limits_hit` is filled when it ends."""
 
     argv: list[str]
     pass_fds: tuple[int, ...]
+    env: dict[str, str]
     limits_hit: list[str] = field(default_factory=list)
+    #: why the sandbox's network could not be set up (the command was stopped before it ran)
+    network_failures: list[str] = field(default_factory=list)
 
 
 class Sandbox:
@@ -237,25 +306,35 @@ class Sandbox:
     def __init__(self, isolation: Isolation) -> None:
         self.isolation = isolation
         self._limiter = trio.CapacityLimiter(8)
+        self._egress = Egress(isolation.egress) if isolation.egress is not None else None
 
     @asynccontextmanager
     async def launch(self, argv: Sequence[str], *, root: str, cwd: str, policy: SandboxPolicy,
-                     limits: Limits, network: bool, protect: Sequence[str] = (),
-                     pinned: Sequence[str] = (), read_only: Sequence[str] = (),
+                     limits: Limits, network: NetworkMode, env: Mapping[str, str],
+                     protect: Sequence[str] = (), pinned: Sequence[str] = (),
+                     read_only: Sequence[str] = (),
                      home: str = "/") -> AsyncIterator[Launch]:  # fmt: skip
-        """Prepare `argv` to run in the workspace at `root`; clean up its cgroup afterwards.
+        """Prepare `argv` to run in the workspace at `root` with the task environment `env`;
+        clean up its cgroup (and its network) afterwards.
 
-        `protect` are absolute paths inside the workspace bound read-only, `pinned` directories
-        inside it bound read-write onto themselves first (mount points: a command cannot rename
-        or remove them; `wsrunner.protect`); `read_only` are host paths made visible read-only
-        (besides `policy.read_only_paths`).
+        `root` is bound read-write and decides the uid (its owner, a workspace uid); `protect`
+        are absolute paths inside it bound read-only, `pinned` directories inside it bound
+        read-write onto themselves first (mount points: a command cannot rename or remove them;
+        `wsrunner.protect`); `read_only` are host paths made visible
+        read-only (besides `policy.read_only_paths`). `network` is the sandbox's network.
 
-        Errors: IsolationUnavailableError when the host is below `policy.require`.
+        Errors: IsolationUnavailableError when the host is below `policy.require`, or cannot
+        give `egress`. A network that could not be attached stops the command before it
+        runs, and `Launch.network_failures` says why.
         Cancellation: the cgroup is killed and removed (shielded) before it propagates.
         """
         iso = self.isolation
         if (refused := iso.refusal(policy.require)) is not None:
             raise refused
+        if network == "egress" and (self._egress is None or iso.level != "full"):
+            why = "needs full isolation" if iso.level != "full" else iso.layers["egress"]
+            raise IsolationUnavailableError(policy.require, iso.level,
+                                            (f"network egress: {why}",))  # fmt: skip
         group = cgroups.CommandGroup(iso.cgroups, f"cmd-{uuid.uuid4().hex[:12]}")
 
         def prepare() -> int | None:
@@ -267,6 +346,7 @@ class Sandbox:
             return owner
 
         fds: list[int] = []
+        kept: list[int] = []  #: the daemon's ends of the egress pipes
         launch: Launch | None = None
         try:
             uid: int | None = None
@@ -282,12 +362,31 @@ class Sandbox:
             binds += [("--bind", p) for p in pinned]  # before the read-only binds inside them
             binds += [("--ro-bind", p) for p in protect]
             binds += [("--ro-bind-try", p) for p in (*policy.read_only_paths, *read_only)]
+            egress_fds = None
+            if network == "egress":
+                info_r, info_w = os.pipe()
+                block_r, block_w = os.pipe()
+                kept += [info_r, block_w]
+                fds += [info_w, block_r]
+                egress_fds = (info_w, block_r)
             spec = _command_argv(iso, argv, uid=uid, binds=binds, cwd=cwd, network=network,
-                                 limits=limits, procs=group.procs_files, fds=fds, home=home)  # fmt: skip
-            launch = Launch(list(spec), tuple(fds))
-            yield launch
+                                 limits=limits, procs=group.procs_files, fds=fds, env=env,
+                                 home=home, egress_fds=egress_fds)  # fmt: skip
+            bare = iso.level == "none" and uid is None and spec[0] == _SHELL and len(argv) == 3
+            launch = Launch(spec, tuple(fds), dict(env) if bare else dict(LAUNCH_ENV))
+            if network != "egress":
+                yield launch
+            else:
+                assert self._egress is not None
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._egress.attach, kept[0], kept[1],
+                                        policy.egress_allow, launch.network_failures)  # fmt: skip
+                    try:
+                        yield launch
+                    finally:
+                        nursery.cancel_scope.cancel()
         finally:
-            for fd in fds:
+            for fd in fds + kept:
                 os.close(fd)
             if group.dirs:  # no cgroups (none on this host, or none created): nothing to do
                 with trio.CancelScope(shield=True):

@@ -20,6 +20,7 @@ asks for it).
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import logging
@@ -46,6 +47,7 @@ GATEWAY: Final = "10.0.2.2"  #: slirp4netns' defaults: the gateway and its DNS f
 RESOLV_CONF: Final = "nameserver 10.0.2.3\noptions timeout:2 attempts:2\n"
 SETUP_TIMEOUT_S: Final = 5.0
 _ADDRESSES_TTL_S: Final = 30.0
+_NS_GET_PARENT: Final = 0xB702  #: ioctl(2) on a namespace descriptor: its parent's
 _ENV: Final = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 
 
@@ -128,18 +130,19 @@ class Egress:
         pid = None
         stop_r, stop_w = os.pipe()  # slirp4netns exits when this closes (--exit-fd)
         ready_r, ready_w = os.pipe()
+        userns = -1
         slirp: trio.Process | None = None
         try:
             with trio.fail_after(SETUP_TIMEOUT_S):
                 pid = await _read_child_pid(info_fd)
+                userns = await _outer_userns(pid)
                 slirp = await trio.lowlevel.open_process(
                     [self.tools.slirp4netns, "--configure", "--mtu=65520",
                      "--disable-host-loopback", "--enable-sandbox",
-                     # bwrap's namespaces are owned by its user namespace: join that one first
-                     f"--userns-path=/proc/{pid}/ns/user", "--ready-fd", str(ready_w),
+                     f"--userns-path=/proc/self/fd/{userns}", "--ready-fd", str(ready_w),
                      "--exit-fd", str(stop_r), str(pid), "tap0"],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE, pass_fds=(ready_w, stop_r), env=_ENV,
+                    stderr=subprocess.PIPE, pass_fds=(ready_w, stop_r, userns), env=_ENV,
                 )  # fmt: skip
                 os.close(ready_w)
                 ready_w = -1
@@ -162,7 +165,7 @@ class Egress:
                 raise EgressError(f"not attached within {SETUP_TIMEOUT_S:g}s") from None
             raise
         finally:
-            for fd in (ready_r, ready_w, stop_r, stop_w):
+            for fd in (ready_r, ready_w, stop_r, stop_w, userns):
                 if fd >= 0:
                     os.close(fd)
             if slirp is not None:
@@ -198,6 +201,33 @@ async def _read_child_pid(fd: int) -> int:
             return pid
         break
     raise EgressError("bubblewrap reported no sandbox pid (did it fail to start?)")
+
+
+async def _outer_userns(pid: int) -> int:
+    """A descriptor of the user namespace that owns the sandbox's network namespace, once the
+    sandbox is done setting itself up.
+
+    bubblewrap reports the pid right after the clone; its child then brings up its loopback
+    (which must not race with ours) and, for `--disable-userns`, moves into a second, nested
+    user namespace, which has no say over the network namespace, before it waits on the block
+    fd. So: wait until the child's user namespace is that nested one, and take its parent.
+    """
+    ours = os.stat("/proc/self/ns/user").st_ino
+    delay = 0.0002
+    while True:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise EgressError("the sandbox ended before its network was set up") from None
+        try:
+            parent = fcntl.ioctl(fd, _NS_GET_PARENT)
+        finally:
+            os.close(fd)
+        if os.fstat(parent).st_ino != ours:
+            return parent
+        os.close(parent)  # still the first namespace: its set-up is under way
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.005)
 
 
 async def _stderr(proc: trio.Process) -> str:
