@@ -1,89 +1,79 @@
-"""Split a shell command line into the simple commands the policy judges.
+"""Name every program a shell command line would start, for the policy to judge.
 
-This is a conservative reading of POSIX shell grammar, not a shell: the line is tokenised with
-`shlex` (quotes honoured, `; & | ( ) < >` split off), cut at every operator, and each piece's
-program is found after variable assignments and redirections. Programs hidden one level down
-are read too: the command of `sh -c '...'`, of wrappers such as `env`, `timeout`, `nice`,
-`xargs`, of `find -exec`, and the contents of `$( )` and backticks. Where the reading is unsure,
-it errs towards naming more programs, so the gate denies rather than waves through. The OS
-sandbox, not this parser, is the security boundary.
+The line is parsed with the bash grammar of tree-sitter (`tree-sitter-bash`) and the tree is
+walked for simple commands, their words taken after quote removal (`policy.words`). Every
+substitution is judged where it stands: `$( )`, backticks, `<( )` and `>( )`, inside arithmetic
+and `${x:-...}`, double quotes, redirection targets, assignments, array elements, `case` words,
+loop lists, function bodies and `[[ ]]` tests. Here-document bodies are data, except the
+substitutions of an unquoted one (`policy.heredoc`). On top of the grammar, what a command runs
+besides itself is read too (`policy.wrappers`): `sh -c`, `env`, `timeout`, `xargs`, `find -exec`,
+`eval`, `trap`, and a here-document fed to a shell.
+
+Commands run with `/bin/sh`, which may be dash: bash syntax that dash reads as commands (`(( ))`,
+`||` inside `[[ ]]`, `\\'` inside `$'...'`) is refused, and the words after `&>` are judged as
+the command dash sees there.
+
+Fail closed: a line the grammar cannot read (an ERROR or MISSING node; the message gives the
+line:column), one longer than MAX_TEXT characters, or one nested deeper than MAX_DEPTH levels
+raises ShellSyntaxError, which the policy turns into a denial. The walk keeps its own stack, so
+no input reaches Python's recursion limit. The OS sandbox, not this reader, is the boundary.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
+import threading
 from dataclasses import dataclass
 from typing import Final
 
-from wsrunner.errors import WsrunnerError
+import tree_sitter_bash
+from tree_sitter import Language, Node, Parser
 
-MAX_DEPTH: Final = 4
-_OPERATORS: Final = frozenset({";", "&", "&&", "|", "||", "(", ")", ";;", "|&", "\n"})
-_REDIRECT: Final = re.compile(r"^\d*(<|>|>>|<<|<<<|<>|>&|<&|&>|&>>|>\|)$")
-_ASSIGNMENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-_PLACEHOLDER: Final = "$__substitution__"
-_SHELLS: Final = frozenset({"sh", "bash", "dash", "zsh", "ksh"})
-_KEYWORDS: Final = frozenset(
-    {
-        "if",
-        "then",
-        "else",
-        "elif",
-        "fi",
-        "do",
-        "done",
-        "while",
-        "until",
-        "for",
-        "in",
-        "case",
-        "esac",
-        "{",
-        "}",
-        "!",
-        "time",
-    }
-)
-#: wrapper -> options that take a value (the wrapped command follows the options)
-_WRAPPERS: Final[dict[str, frozenset[str]]] = {
-    "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string"}),
-    "nice": frozenset({"-n", "--adjustment"}),
-    "nohup": frozenset(),
-    "exec": frozenset({"-a"}),
-    "command": frozenset(),
-    "builtin": frozenset(),
-    "stdbuf": frozenset({"-i", "-o", "-e"}),
-    "timeout": frozenset({"-s", "--signal", "-k", "--kill-after"}),
-    "xargs": frozenset(
-        {
-            "-a",
-            "-d",
-            "-E",
-            "-e",
-            "-I",
-            "-i",
-            "-L",
-            "-l",
-            "-n",
-            "-P",
-            "-s",
-            "--arg-file",
-            "--delimiter",
-            "--max-args",
-            "--max-procs",
-            "--max-lines",
-            "--replace",
-            "--max-chars",
-            "--eof",
-        }
-    ),
-}
-_WRAPPER_POSITIONALS: Final = {"timeout": 1}  # `timeout DURATION cmd`
+from wsrunner.errors import WsrunnerError
+from wsrunner.policy import heredoc, wrappers
+from wsrunner.policy.words import PLACEHOLDER, Source, live_substitution, render
+
+__all__ = ["MAX_DEPTH", "MAX_PIPES", "MAX_TEXT", "PLACEHOLDER", "CommandTooLongError", "NestingTooDeepError",
+           "ShellSyntaxError", "SimpleCommand", "simple_commands"]  # fmt: skip
+
+MAX_TEXT: Final = 65_536  #: characters; a longer command line is refused unread
+#: Levels of `sh -c`, wrappers (`env`, `timeout`, ...) and substitutions inside one another.
+MAX_DEPTH: Final = 32
+MAX_PIPES: Final = 1_000  #: pipe operators in one command line (see _count_pipes)
+_TEXT: Final = frozenset({"raw_string", "string_content", "ansi_c_string", "comment",
+                          "heredoc_body", "heredoc_content"})  # fmt: skip
+_SUBSTITUTION_VIA: Final = {"$(": "$( )", "`": "` `", "<(": "<( )", ">(": ">( )"}
+#: Never visited: no command and no substitution in them.
+_SKIP: Final = frozenset({"comment", "heredoc_start", "heredoc_end", "heredoc_body"})
+#: In `[[ ]]`, separators outside these are where dash, which has no `[[`, ends a command.
+_OPAQUE: Final = frozenset({"string", "raw_string", "ansi_c_string", "translated_string",
+                            "command_substitution", "process_substitution", "expansion",
+                            "simple_expansion", "arithmetic_expansion"})  # fmt: skip
+_SEPARATORS: Final = re.compile(rb"[&|;\n]")
+_CONTINUATION: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\\n")
+_BLANK: Final = (b"", b" ", b"\t", b"\n")
+_ESCAPED_QUOTE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\'")
+_BACKTICK_ESCAPE: Final = re.compile(rb"\\([\\`$])")
+_LANGUAGE: Final = Language(tree_sitter_bash.language())
+_local = threading.local()
 
 
 class ShellSyntaxError(WsrunnerError):
-    """The command line cannot be read (an unterminated quote, or nesting too deep)."""
+    """The command line cannot be read; `rule` is the built-in rule a denial names."""
+
+    rule: str = "builtin:syntax"
+
+
+class NestingTooDeepError(ShellSyntaxError):
+    """More than MAX_DEPTH levels of `sh -c`, wrappers and substitutions inside one another."""
+
+    rule = "builtin:nesting"
+
+
+class CommandTooLongError(ShellSyntaxError):
+    """The command line is longer than MAX_TEXT characters."""
+
+    rule = "builtin:length"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,131 +93,326 @@ class SimpleCommand:
 
 
 def simple_commands(text: str) -> list[SimpleCommand]:
-    """Every simple command in `text`, in order. Raises ShellSyntaxError if it cannot be read."""
-    out: list[SimpleCommand] = []
-    _parse(text, "", 0, out)
-    return out
+    """Every simple command in `text`, each before the ones it contains, in source order.
 
-
-def _tokens(text: str) -> list[str]:
-    lexer = shlex.shlex(text.replace("\n", " ; "), posix=True, punctuation_chars=";&|()<>")
-    lexer.whitespace_split = True
-    lexer.commenters = ""  # `#` mid-word is common (urls); a comment only hides, never adds
+    Errors: ShellSyntaxError (or a subclass) when the text cannot be read, is longer than
+    MAX_TEXT characters or is nested deeper than MAX_DEPTH levels.
+    """
+    if len(text) > MAX_TEXT:
+        raise CommandTooLongError(f"the command is {len(text)} characters long; at most "
+                                  f"{MAX_TEXT} are read")  # fmt: skip
     try:
-        return list(lexer)
-    except ValueError as exc:  # "No closing quotation", "No escaped character"
-        raise ShellSyntaxError(f"cannot read the command: {exc}") from None
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise ShellSyntaxError(f"cannot read the command: {exc.reason} at character "
+                               f"{exc.start + 1}") from None  # fmt: skip
+    _count_pipes(data)
+    return _Reader(data).run()
 
 
-def _parse(text: str, via: str, depth: int, out: list[SimpleCommand]) -> None:
-    if depth > MAX_DEPTH:
-        raise ShellSyntaxError(f"commands are nested more than {MAX_DEPTH} levels deep")
-    text, inner = _lift_substitutions(text)
-    for body, how in inner:
-        _parse(body, how, depth + 1, out)
-    words: list[str] = []
-    tokens = _tokens(text)
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok in _OPERATORS or set(tok) <= set(";&|()"):
-            _finish(words, via, depth, out)
-            words = []
-        elif _REDIRECT.match(tok) or set(tok) <= set("<>&"):
-            i += 1  # skip the redirection target too
-        elif tok.isdigit() and i + 1 < len(tokens) and _REDIRECT.match(tokens[i + 1]):
-            pass  # the fd number of `2>file`
-        else:
-            words.append(tok)
-        i += 1
-    _finish(words, via, depth, out)
+def parse(data: bytes) -> Node:
+    """The root of the syntax tree of `data` (one parser per thread: they are not shared)."""
+    parser = getattr(_local, "parser", None)
+    if parser is None:
+        parser = _local.parser = Parser(_LANGUAGE)
+    return parser.parse(data).root_node
 
 
-def _lift_substitutions(text: str) -> tuple[str, list[tuple[str, str]]]:
-    """`text` with every `$( )`, `<( )`, `>( )` and backtick body replaced by a placeholder
-    word that reads as a computed value, and those bodies (with how they were written)."""
-    bodies: list[tuple[str, str]] = []
-    out: list[str] = []
-    i, double = 0, False
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            out.append(text[i : i + 2])
-            i += 2
-            continue
-        if c == '"':  # inside double quotes, substitutions still run; single quotes are text
-            double = not double
-        elif c == "'" and not double:  # single quotes: nothing inside is special
-            end = text.find("'", i + 1)
-            end = len(text) if end < 0 else end + 1
-            out.append(text[i:end])
-            i = end
-            continue
-        elif c == "`":
-            end = text.find("`", i + 1)
-            end = len(text) if end < 0 else end
-            bodies.append((text[i + 1 : end], "` `"))
-            out.append(_PLACEHOLDER)
-            i = end + 1
-            continue
-        elif c in "$<>" and text[i + 1 : i + 2] == "(":
-            depth, j = 1, i + 2
-            while j < len(text) and depth:
-                depth += {"(": 1, ")": -1}.get(text[j], 0)
-                j += 1
-            if text[i : i + 3] == "$((":  # arithmetic: a number, no command inside
-                out.append("0")
+@dataclass(frozen=True, slots=True)
+class _Visit:
+    node: Node
+    src: Source
+    via: str
+    depth: int
+    quoted: bool = False  #: inside double quotes or a here-document: `'` is a plain character
+    extra: tuple[str, ...] = ()  #: arguments written after a here-document's `<<EOF`
+    stdin: tuple[str, ...] = ()  #: here-documents and here-strings the command reads
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    argv: tuple[str, ...]
+    via: str
+    depth: int
+    stdin: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    text: bytes
+    via: str
+    depth: int
+    what: str  #: how error positions name this text
+
+
+class _Reader:
+    """One reading of a command line, with a stack of work instead of recursion."""
+
+    def __init__(self, data: bytes) -> None:
+        self.top = data
+        self.out: list[SimpleCommand] = []
+        self.stack: list[_Visit | _Run | _Script] = []
+        self.heredocs = heredoc.Scanner(data, parse, ShellSyntaxError)
+
+    def run(self) -> list[SimpleCommand]:
+        self._parse(Source(self.top, self.top), "", 0)
+        while self.stack:
+            item = self.stack.pop()
+            if isinstance(item, _Visit):
+                self._visit(item)
+            elif isinstance(item, _Run):
+                self._run(item)
             else:
-                bodies.append((text[i + 2 : j - 1], f"{c}( )"))
-                out.append(_PLACEHOLDER)
-            i = j
-            continue
-        out.append(c)
-        i += 1
-    return "".join(out), bodies
+                self._parse(Source(item.text, item.text, 0, item.what), item.via, item.depth)
+        return self.out
+
+    def _parse(self, src: Source, via: str, depth: int) -> None:
+        root = parse(src.data)
+        if root.has_error:
+            raise ShellSyntaxError(f"cannot read the command: {_first_error(root, src)}")
+        _continuations(root, src)
+        self.stack.append(_Visit(root, src, via, depth))
+
+    def _script(self, text: str | bytes, via: str, depth: int, what: str) -> None:
+        data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+        self.stack.append(_Script(data, via, _deeper(depth), what))
+
+    def _push(self, item: _Visit, *, via: str | None = None, depth: int | None = None,
+              quoted: bool | None = None, body: Node | None = None, extra: tuple[str, ...] = (),
+              stdin: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """Visit the children of `item` next, in source order (`body` gets extra and stdin)."""
+        via = item.via if via is None else via
+        depth = item.depth if depth is None else depth
+        quoted = item.quoted if quoted is None else quoted
+        for child in reversed(item.node.named_children):
+            if child.type in _SKIP:
+                continue
+            if body is not None and child.id == body.id:
+                self.stack.append(_Visit(child, item.src, via, depth, quoted, extra, stdin))
+            else:
+                self.stack.append(_Visit(child, item.src, via, depth, quoted))
+
+    def _visit(self, item: _Visit) -> None:
+        node, src, kind = item.node, item.src, item.node.type
+        if (why := _bash_only(node, src)) is not None:
+            raise ShellSyntaxError(f"cannot read the command: {why} at {src.where(node.start_byte)}"
+                                   ": commands run with /bin/sh, which may be dash, and dash "
+                                   "would run part of it as commands")  # fmt: skip
+        if kind == "command":
+            self._command(item)
+        elif kind in ("declaration_command", "unset_command", "test_command"):
+            self._push(item)
+            self.stack.append(_Run(_builtin_argv(node, src), item.via, item.depth))
+        elif kind in ("command_substitution", "process_substitution"):
+            opener = src.text(node.children[0])
+            via = _SUBSTITUTION_VIA.get(opener, "$( )")
+            if opener == "`":  # bash reads the text again once `\``, `\\`, `\$` are resolved
+                text = _BACKTICK_ESCAPE.sub(
+                    rb"\1", src.data[node.start_byte + 1 : node.end_byte - 1]
+                )
+                self._script(text, via, item.depth + 1,
+                             f"the text in backticks at {src.where(node.start_byte)}")  # fmt: skip
+            else:
+                self._push(item, via=via, depth=_deeper(item.depth + 1), quoted=False)
+        elif kind in ("string", "translated_string"):
+            self._push(item, quoted=True)
+        elif kind == "redirected_statement":
+            self._redirected(item)
+        elif kind == "heredoc_redirect":
+            body = self.heredocs.check(node, src)
+            self._push(item)
+            if not body.quoted:
+                found = list(self.heredocs.substitutions(body, src))
+                for sub, sub_src in found:
+                    _continuations(sub, sub_src)
+                self.stack += [_Visit(n, s, item.via, item.depth, True) for n, s in reversed(found)]
+        elif kind in ("raw_string", "ansi_c_string") and not item.quoted:
+            return  # text; inside double quotes, a `'` is a plain character: checked below
+        elif node.child_count == 0 or kind in ("raw_string", "ansi_c_string"):
+            if (at := live_substitution(node, src)) is not None:
+                raise ShellSyntaxError(f"cannot read the command: a substitution the grammar "
+                                       f"did not read at {src.where(at)}")  # fmt: skip
+        else:
+            self._push(item)
+
+    def _command(self, item: _Visit) -> None:
+        node, src = item.node, item.src
+        argv: list[str] = []
+        stdin = list(item.stdin)
+        for i, child in enumerate(node.children):
+            if node.field_name_for_child(i) in ("name", "argument"):
+                argv.append(render(child, src))
+            elif child.type == "herestring_redirect" and len(child.named_children) == 1:
+                stdin.append(render(child.named_children[0], src))
+        self._push(item)
+        self.stack.append(_Run((*argv, *item.extra), item.via, item.depth, tuple(stdin)))
+
+    def _redirected(self, item: _Visit) -> None:
+        """A command with redirections after it. The grammar files the words after a target
+        (`cmd >out more words`, `cmd <<EOF more`) under the redirection: they are arguments of
+        the command. A here-document or here-string is what the command reads on its input."""
+        node, src = item.node, item.src
+        body = node.child_by_field_name("body")
+        extra: list[str] = []
+        after: list[str] | None = None  # the words after `&>`: dash runs them as a command
+        stdin: list[str] = []
+        for child in node.children_by_field_name("redirect"):
+            words: list[Node] = []
+            if child.type == "file_redirect":
+                words = child.children_by_field_name("destination")[1:]
+            elif child.type == "heredoc_redirect":
+                words = child.children_by_field_name("argument")
+                stdin.append(self.heredocs.text(child, src))
+            elif child.type == "herestring_redirect" and child.named_children:
+                stdin.append(render(child.named_children[-1], src))
+            rendered = [render(w, src) for w in words]
+            extra += rendered
+            if after is not None:
+                after += rendered
+            elif any(c.type in ("&>", "&>>") for c in child.children):
+                after = rendered
+        if extra and (body is None or body.type != "command"):
+            raise ShellSyntaxError("cannot read the command: words after a redirection at "
+                                   f"{src.where(node.start_byte)} belong to no command")  # fmt: skip
+        self._push(item, body=body, extra=tuple(extra), stdin=tuple(stdin))
+        if after:
+            self.stack.append(_Run(tuple(after), "&> (as dash reads it)", item.depth))
+
+    def _run(self, item: _Run) -> None:
+        """Judge `argv`, then what it runs: a wrapper's command, a script, find -exec."""
+        argv, via, depth = item.argv, item.via, item.depth
+        while argv:
+            _deeper(depth)
+            if argv[0] == "time":  # the keyword: times the command after it, runs nothing itself
+                argv, depth = argv[2 if argv[1:2] == ("-p",) else 1 :], depth + 1
+                continue
+            self.out.append(SimpleCommand(argv, via))
+            name = argv[0].rsplit("/", 1)[-1]
+            runs = wrappers.inner(argv)
+            if runs.script is not None:
+                self._script(runs.script, f"{name} -c" if name in wrappers.SHELLS else name,
+                             depth + 1, f"the script run by {name}")  # fmt: skip
+            elif runs.reads_script:
+                for text in reversed(item.stdin):
+                    self._script(text, f"{name} <<", depth + 1, f"the script {name} reads")
+            for command in reversed(runs.commands):
+                self.stack.append(_Run(command, "find -exec", depth + 1))
+            argv, via, depth = runs.argv, name, depth + 1
 
 
-def _finish(words: list[str], via: str, depth: int, out: list[SimpleCommand]) -> None:
-    if words and words[0] in ("for", "case", "select", "function"):
-        return  # `for NAME in WORDS`: names and words, no program (the body follows `do`)
-    while words and (_ASSIGNMENT.match(words[0]) or words[0] in _KEYWORDS):
-        words = words[1:]
-    if not words:
+def _count_pipes(data: bytes) -> None:
+    """Refuse more than MAX_PIPES pipe operators: tree-sitter takes quadratic time on a long
+    pipeline with a syntax error in it (64 KB of `ls|` then `'` take seconds). They are counted
+    in a reading where each `|` is a blank, which quotes and here-documents the same way and has
+    no pipeline to be slow on; a `|` in quoted text, a comment or a here-document is no pipe."""
+    if data.count(b"|") <= MAX_PIPES:
         return
-    cmd = SimpleCommand(tuple(words), via)
-    out.append(cmd)
-    name = words[0].rsplit("/", 1)[-1]
-    if name in _SHELLS:
-        for k, w in enumerate(words[1:-1], start=1):
-            if w == "-c" or (w.startswith("-") and not w.startswith("--") and "c" in w):
-                _parse(words[k + 1], f"{name} -c", depth + 1, out)
-                break
-    elif name in _WRAPPERS:
-        rest = _unwrap(name, words[1:])
-        if rest:
-            _finish(rest, f"{name}", depth, out)
-    elif name == "find":
-        for k, w in enumerate(words):
-            if w in ("-exec", "-execdir", "-ok", "-okdir") and k + 1 < len(words):
-                end = next((j for j in range(k + 1, len(words)) if words[j] in (";", "+")),
-                           len(words))  # fmt: skip
-                _finish(words[k + 1 : end], "find -exec", depth, out)
+    root = parse(data.replace(b"|", b" "))
+    pipes = data.count(b"|")
+    if not root.has_error:
+        pipes = 0
+        for found in re.finditer(rb"\|", data):
+            node = root.descendant_for_byte_range(found.start(), found.start() + 1)
+            pipes += node is None or node.type not in _TEXT
+    if pipes > MAX_PIPES:
+        raise ShellSyntaxError(f"cannot read the command: it has {pipes} pipes (|); at most "
+                               f"{MAX_PIPES} are read")  # fmt: skip
 
 
-def _unwrap(name: str, args: list[str]) -> list[str]:
-    """The command a wrapper runs: `args` after its options (and positional arguments)."""
-    takes_value = _WRAPPERS[name]
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            i += 1
+def _deeper(depth: int) -> int:
+    if depth > MAX_DEPTH:
+        raise NestingTooDeepError(
+            f"the command is nested too deep: more than {MAX_DEPTH} levels of sh -c, wrappers "
+            "(env, timeout, xargs, ...) and substitutions inside one another"
+        )
+    return depth
+
+
+def _first_error(root: Node, src: Source) -> str:
+    """The first ERROR or MISSING node of a tree, as "unexpected ... at line:column"."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.is_missing:
+            what = ("the line ending the here-document" if node.type == "heredoc_end"
+                    else repr(node.type))  # fmt: skip
+            return f"missing {what} at {src.where(node.start_byte)}"
+        if node.is_error:
+            text = src.text(node)
+            shown = repr(text[:20] + ("..." if len(text) > 20 else "")) if text else "end of text"
+            return f"unexpected {shown} at {src.where(node.start_byte)}"
+        stack.extend(reversed([c for c in node.children if c.has_error or c.is_missing]))
+    return f"unreadable text at {src.where(0)}"  # has_error promised a node
+
+
+def _continuations(node: Node, src: Source) -> None:
+    """Refuse a line continuation (backslash-newline) that joins two words, or a word and an
+    operator: bash joins them (`l\\<newline>s` is `ls`), the grammar reads two words."""
+    data = src.data
+    for found in _CONTINUATION.finditer(data, node.start_byte, node.end_byte):
+        at = found.end() - 2  # the backslash
+        before, after = data[at - 1 : at], data[at + 2 : at + 3]
+        if before in _BLANK or after in _BLANK:
+            continue  # bash and the grammar both see a blank between two words
+        inner = node.descendant_for_byte_range(at, at + 1)
+        kind = inner.type if inner is not None else ""
+        if kind in ("raw_string", "ansi_c_string", "comment"):
+            continue  # kept as text
+        if kind in ("heredoc_body", "heredoc_content") and _in_quoted_heredoc(inner, src):
+            continue  # kept as text
+        raise ShellSyntaxError(f"cannot read the command: a line continuation (backslash at "
+                               f"the end of a line) inside a word at {src.where(at)}; write the "
+                               "word on one line")  # fmt: skip
+
+
+def _in_quoted_heredoc(node: Node | None, src: Source) -> bool:
+    for _ in range(3):  # heredoc_content < heredoc_body < heredoc_redirect
+        if node is None or node.type == "heredoc_redirect":
             break
-        if name == "env" and _ASSIGNMENT.match(a):
-            i += 1
-            continue
-        if not a.startswith("-") or a == "-":
-            break
-        i += 2 if a in takes_value else 1
-    i += _WRAPPER_POSITIONALS.get(name, 0)
-    return args[i:]
+        node = node.parent
+    starts = [] if node is None else [c for c in node.children if c.type == "heredoc_start"]
+    return any(re.search(rb"['\"\\]", src.data[c.start_byte : c.end_byte]) for c in starts)
+
+
+def _bash_only(node: Node, src: Source) -> str | None:
+    """Why `node` is bash syntax that dash (a common /bin/sh) reads as commands, or None."""
+    kind = node.type
+    if kind == "ansi_c_string" and _ESCAPED_QUOTE.search(
+        src.data[node.start_byte : node.end_byte - 1], 2
+    ):
+        return "an escaped quote inside $'...'"  # dash ends the quoted text at that quote
+    if kind == "compound_statement" and node.child_count and node.children[0].type == "((":
+        return "an arithmetic command (( ... )); use $(( ... )) or test"  # dash: subshells
+    if kind == "test_command" and node.child_count and node.children[0].type == "[[":
+        text = bytearray(src.data[node.start_byte : node.end_byte])
+        stack = list(node.children)
+        while stack:  # quoted text and substitutions are read alike by both shells
+            child = stack.pop()
+            if child.type in _OPAQUE:
+                start, end = child.start_byte - node.start_byte, child.end_byte - node.start_byte
+                text[start:end] = b" " * (end - start)
+            else:
+                stack.extend(child.children)
+        if _SEPARATORS.search(text):
+            return "&&, ||, |, ; or a line break inside [[ ]]; use [ ] && [ ]"
+    return None
+
+
+def _builtin_argv(node: Node, src: Source) -> tuple[str, ...]:
+    """`export A=1 B`, `unset x`, `[ -e f ]`, `[[ ... ]]` as the words a policy matches."""
+    words: list[str] = []
+    stack = list(reversed(node.children))
+    while stack:
+        child = stack.pop()
+        if child.type == "variable_assignment":
+            name, value = child.child_by_field_name("name"), child.child_by_field_name("value")
+            left = src.text(name) if name is not None else ""
+            words.append(f"{left}={render(value, src) if value is not None else ''}")
+        elif child.is_named and child.type not in ("binary_expression", "unary_expression",
+                                                   "parenthesized_expression"):  # fmt: skip
+            words.append(render(child, src))
+        elif child.child_count:
+            stack.extend(reversed(child.children))
+        else:
+            words.append(src.text(child))
+    return tuple(words)
