@@ -3,7 +3,12 @@
 Evaluation order, as AWS IAM and sudoers users expect: a line is judged simple command by simple
 command (`policy.shell`); an explicit deny anywhere wins over any allow; a program no allow rule
 names is denied by default. Built-in checks come first and cannot be switched off: a program
-given by path (`/usr/bin/python`, `./x`) or computed at run time (`$CMD`) is refused.
+given by path (`/usr/bin/python`, `./x`) or computed at run time (`$CMD`) is refused, and so is a
+line the shell reader cannot read (`builtin:syntax`), one longer than 65,536 characters
+(`builtin:length`) or nested more than 32 levels deep (`builtin:nesting`).
+
+Evaluation is CPU work on tenant text (a 64 KB line takes tens of milliseconds): the daemon runs
+it off the event loop (`Executor.judge`); `EffectivePolicy.decided` answers from the cache.
 
 Drop-ins apply in sorted file order after the base policy: their rules are added (ids are unique
 across files), and each setting they give replaces the one before. An overlay with
@@ -19,7 +24,13 @@ from typing import Any, Final, Literal
 
 from wsrunner.policy.loader import Loaded, PolicyFiles
 from wsrunner.policy.schema import Rule
-from wsrunner.policy.shell import ShellSyntaxError, SimpleCommand, simple_commands
+from wsrunner.policy.shell import (
+    MAX_TEXT,
+    CommandTooLongError,
+    ShellSyntaxError,
+    SimpleCommand,
+    simple_commands,
+)
 
 DEFAULT_LIMITS: Final = {
     "timeoutSeconds": 3600,
@@ -49,11 +60,14 @@ class SourcedRule:
                    re.compile(rule.pattern) if rule.pattern is not None else None)  # fmt: skip
 
     def matches(self, cmd: SimpleCommand) -> bool:
-        if self.rule.commands is None:
-            return False
-        name = cmd.program
-        if not any(fnmatch.fnmatchcase(name, p) for p in self.rule.commands):
-            return False
+        return self.names(cmd.program) and self.matches_args(cmd)
+
+    def names(self, program: str) -> bool:
+        """Whether one of the rule's `commands` globs names `program`."""
+        commands = self.rule.commands
+        return commands is not None and any(fnmatch.fnmatchcase(program, p) for p in commands)
+
+    def matches_args(self, cmd: SimpleCommand) -> bool:
         return self._args is None or self._args.search(cmd.args) is not None
 
     def matches_text(self, text: str) -> bool:
@@ -119,6 +133,7 @@ class Decision:
 
 DECISION_CACHE_SIZE: Final = 4096  #: decisions kept per effective policy (then: computed)
 DECISION_CACHE_TEXT: Final = 4096  #: longer commands are not kept
+NAME_CACHE_SIZE: Final = 4096  #: program names whose rules are remembered per effective policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +150,17 @@ class EffectivePolicy:
     #: Decisions already made, by command text: the policy never changes, and agents and task
     #: queues send the same commands over and over (parsing and matching cost ~0.2 ms).
     _decided: dict[str, Decision] = field(default_factory=dict, compare=False, repr=False)
+    #: The rules whose `commands` name a program, by program name (a 64 KB line may hold 20,000
+    #: commands; matching each against every glob of every rule took most of its second).
+    _named: dict[str, tuple[SourcedRule, ...]] = field(default_factory=dict, compare=False,
+                                                       repr=False)  # fmt: skip
+
+    def decided(self, text: str) -> Decision | None:
+        """The decision on `text` if it was made before (no parsing: safe on the event loop)."""
+        return self._decided.get(text)
 
     def evaluate(self, text: str) -> Decision:
+        """The decision on `text`. CPU-bound for long texts: call it from a worker thread."""
         if (hit := self._decided.get(text)) is not None:
             return hit
         verdicts = self._verdicts(text)
@@ -148,6 +172,10 @@ class EffectivePolicy:
         return decision
 
     def _verdicts(self, text: str) -> list[Verdict]:
+        if len(text) > MAX_TEXT:  # before the deny patterns: they search the whole text
+            exc = CommandTooLongError(f"the command is {len(text)} characters long; at most "
+                                      f"{MAX_TEXT} are read")  # fmt: skip
+            return [Verdict(False, exc.rule, "built-in", str(exc))]
         if not text.strip():
             return [Verdict(False, "builtin:empty", "built-in", "the command is empty")]
         for sr in self.rules:
@@ -158,10 +186,14 @@ class EffectivePolicy:
         try:
             commands = simple_commands(text)
         except ShellSyntaxError as exc:
-            return [Verdict(False, "builtin:syntax", "built-in", str(exc))]
+            return [Verdict(False, exc.rule, "built-in", str(exc))]
         if not commands:
             return [Verdict(False, "builtin:empty", "built-in", "the command runs no program")]
-        return [self.judge(cmd) for cmd in commands]
+        judged: dict[SimpleCommand, Verdict] = {}  # a line often repeats the same command
+        for cmd in commands:
+            if cmd not in judged:
+                judged[cmd] = self.judge(cmd)
+        return [judged[cmd] for cmd in commands]
 
     def judge(self, cmd: SimpleCommand) -> Verdict:
         """The verdict on one simple command: built-ins, then deny rules, then allow rules."""
@@ -175,7 +207,7 @@ class EffectivePolicy:
             return Verdict(False, "builtin:dynamic", "built-in",
                            f"{name!r}{where}: the program is computed when the command runs, "
                            "so the policy cannot check it", cmd)  # fmt: skip
-        matched = [sr for sr in self.rules if sr.matches(cmd)]
+        matched = [sr for sr in self._naming(name) if sr.matches_args(cmd)]
         ids = tuple(sr.rule.id for sr in matched)
         for sr in matched:
             if sr.rule.action == "deny":
@@ -187,6 +219,15 @@ class EffectivePolicy:
                            cmd, ids)  # fmt: skip
         return Verdict(False, "default-deny", "built-in",
                        f"{name!r}{where} is not allowed by any rule of the policy", cmd)  # fmt: skip
+
+    def _naming(self, program: str) -> tuple[SourcedRule, ...]:
+        """The rules whose `commands` name `program`, in order (remembered per name)."""
+        if (hit := self._named.get(program)) is not None:
+            return hit
+        rules = tuple(sr for sr in self.rules if sr.names(program))
+        if len(self._named) < NAME_CACHE_SIZE:
+            self._named[program] = rules
+        return rules
 
 
 @dataclass(slots=True)
