@@ -15,8 +15,10 @@ import http.server
 import json
 import os
 import socket
+import stat
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +27,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import INTERNAL_TOKEN, git_repo, wait_for
+from tests.conftest import INTERNAL_TOKEN, free_port, git_repo, wait_for
 from wsrunner.daemon import Daemon
 
 WS = "ws-git"
+MIRRORS = ".wsrunner-git"  #: in the volume (wsrunner.gitremote.MIRRORS_DIR)
 SECRET = "ghp_I3SECRET_" + "7" * 24
 #: Everything allowed, protect off, and the daemon's git on the host's network: the most a
 #: tenant can hope for (what the old default was), so that nothing but the mirror stands
@@ -385,3 +388,115 @@ async def test_planted_git_config_never_runs_for_git_operations(tenant: Tenant) 
     assert "error" not in fetched and "error" not in pulled, (fetched, pulled)
     assert rev(tenant.root / "repos" / "proj", "refs/remotes/origin/main") == rev(origin, "HEAD")
     assert (tenant.root / "repos" / "proj" / "README").read_text() == "v2\n"
+
+
+# --- the operations still work through the mirror ----------------------------------------------------
+
+
+@pytest.fixture(name="git_daemon")
+def _git_daemon(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`git daemon` on the host's 127.0.0.1 serving srv/proj.git, pushes allowed; its git://
+    URL and the bare repository."""
+    srv = tmp_path / "gitd"
+    work = tmp_path / "gitd-work"
+    work.mkdir(parents=True)
+    git_repo(work, {"README": "v1\n"}, "v1")
+    bare = srv / "proj.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack",
+         f"--base-path={srv}", "--listen=127.0.0.1", f"--port={port}", str(srv)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"git://127.0.0.1:{port}/proj.git", bare
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def someone_pushes(bare: Path, work: Path) -> None:
+    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True)
+    advance(work, "theirs\n")
+    subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "main"], check=True)
+
+
+async def test_push_goes_through_the_mirror(tenant: Tenant, git_daemon: tuple[str, Path]) -> None:
+    url, bare = git_daemon
+    clone = await tenant.submit({"action": "git_clone", "repo": url, "shallow": False})
+    assert "error" not in clone[0], clone[0]
+    repo = tenant.root / "repos" / "proj"
+    async with tenant.internal() as c:
+        r = await c.post(f"/workspaces/{WS}/files/write",
+                         json={"path": "repos/proj/README", "content": "v2\n"})  # fmt: skip
+        assert r.status_code == 200, r.text
+    for op, args in (("add", ["README"]), ("commit", ["-m", "v2"])):
+        assert "error" not in (done := await tenant.git(op, "repos/proj", args)), done
+    pushed = await tenant.git("push", "repos/proj", ["origin", "main"])
+    assert "error" not in pushed, pushed
+    assert (
+        rev(bare, "refs/heads/main") == rev(repo, "HEAD") == rev(repo, "refs/remotes/origin/main")
+    )
+    # -u: a new branch on the remote, followed from here; then deleted there and here.
+    pushed = await tenant.git("push", "repos/proj", ["-u", "origin", "main:feature"])
+    assert "error" not in pushed, pushed
+    assert rev(bare, "refs/heads/feature") == rev(repo, "HEAD")
+    assert rev(repo, "refs/remotes/origin/feature") == rev(repo, "HEAD")
+    assert rev(repo, "main@{upstream}") == rev(repo, "refs/remotes/origin/feature")
+    assert "error" not in await tenant.git("push", "repos/proj", ["-u", "origin", "main"])
+    assert rev(repo, "main@{upstream}") == rev(repo, "refs/remotes/origin/main")
+    deleted = await tenant.git("push", "repos/proj", ["--delete", "origin", "feature"])
+    assert "error" not in deleted, deleted
+    assert rev(bare, "refs/heads/feature") == "" == rev(repo, "refs/remotes/origin/feature")
+    # Someone else pushed: a plain push is refused, a pull then a push goes through.
+    someone_pushes(bare, tenant.tmp / "other")
+    (repo / "NEW").write_text("mine\n")
+    for op, args in (("add", ["NEW"]), ("commit", ["-m", "mine"])):
+        assert "error" not in (done := await tenant.git(op, "repos/proj", args)), done
+    refused = await tenant.git("push", "repos/proj")
+    assert "error" in refused and "rejected" in refused["stderr"], refused
+    pulled = await tenant.git("pull", "repos/proj", ["--no-rebase"])
+    assert "error" not in pulled, json.dumps(pulled, indent=1)
+    assert "error" not in (pushed := await tenant.git("push", "repos/proj")), pushed
+    assert rev(bare, "refs/heads/main") == rev(repo, "HEAD")
+    # What the mirror's push does not offer is refused, naming the argument.
+    async with tenant.internal() as c:
+        r = await c.post(f"/workspaces/{WS}/git", json={"operation": "push", "cwd": "repos/proj",
+                                                        "args": ["--mirror", "origin"]})  # fmt: skip
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "args[0]", r.text
+
+
+async def test_the_mirror_is_the_daemons(tenant: Tenant) -> None:
+    """Where the mirror lives, whose it is, and what is left after an operation."""
+    origin, url = origin_repo(tenant.tmp, "proj")
+    results = await tenant.submit({"action": "git_clone", "repo": url, "shallow": True},
+                                  sh("git -C repos/proj remote get-url origin"),
+                                  sh("git -C repos/proj rev-parse --is-shallow-repository"))  # fmt: skip
+    assert "error" not in results[0], results[0]
+    assert results[1]["stdout"] == f"{url}\n" and results[2]["stdout"] == "true\n"
+    uid = (tenant.root).stat().st_uid
+    base = tenant.daemon.settings.volume_path / MIRRORS
+    mine = base / WS
+    assert base.stat().st_uid == mine.stat().st_uid == 0
+    assert stat.S_IMODE(base.stat().st_mode) == stat.S_IMODE(mine.stat().st_mode) == 0o711
+    assert sorted(p.name for p in mine.iterdir()) == ["data"]  # the operation's files are gone
+    (mirror,) = (mine / "data").glob("*.git")
+    assert (mine / "data").stat().st_uid == mirror.stat().st_uid == uid
+    assert (mirror / "config").stat().st_uid == 0 and "[remote" not in (
+        mirror / "config"
+    ).read_text()
+    assert rev(mirror, "refs/heads/main") == rev(origin, "HEAD")
+    # A full clone later deepens the mirror; a new commit comes in with a pull.
+    advance(origin, "v2\n")
+    results = await tenant.submit(sh("rm -rf repos/proj"),
+                                  {"action": "git_clone", "repo": url, "shallow": False},
+                                  sh("git -C repos/proj rev-list --count HEAD"))  # fmt: skip
+    assert all("error" not in r for r in results), results
+    assert results[2]["stdout"] == "2\n"
