@@ -19,6 +19,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,6 @@ from typing import Any
 
 import httpx
 import pytest
-import trio
 from httpx_sse import aconnect_sse
 
 from tests.conftest import (
@@ -408,38 +408,63 @@ async def via_workspace_exec(tenant: Tenant) -> None:
     assert_holds(r.json()["result"], tenant)
 
 
-def inspect_from_host(token: str, program: str, deadline: float) -> dict[str, Any] | None:
-    """Find a live process running `program` with `token` among its arguments, stop it, read
-    what the probe would report about it from /proc, and let it go on; None if none showed up
-    before `deadline` (time.monotonic()). Runs in a thread: it polls /proc."""
-    want = token.encode()
-    while time.monotonic() < deadline:
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if os.path.basename(args[0]) != program.encode() or want not in args:
-                continue
-            pid = int(entry.name)
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                continue
-            try:
-                return _proc_report(pid)
-            except OSError:
-                continue  # it ended before it stopped
-            finally:
+HOST_PIDNS = os.readlink("/proc/self/ns/pid")
+
+
+class HostWatch:
+    """While on, inspects from the host every process `match(pid, argv)` picks, in a sandbox
+    (another pid namespace) or, with `sandboxed` False, outside any (the launch chain): a
+    thread polls /proc, stops each such process (SIGSTOP), reads what the probe would report
+    about itself (`_proc_report`) and lets it go on (SIGCONT); once per program a process
+    runs. For what runs nothing of the tenant's (ripgrep, the daemon's own git, the launch
+    chain), so the probe cannot run inside it."""
+
+    def __init__(
+        self, match: Callable[[int, list[bytes]], bool], *, sandboxed: bool = True
+    ) -> None:
+        self.match = match
+        self.sandboxed = sandboxed
+        self.reports: dict[tuple[int, bytes], dict[str, Any]] = {}
+        self._seen: set[tuple[int, bytes]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HostWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                pid = int(entry.name)
                 try:
-                    os.kill(pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.001)
-    return None
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        args = f.read().split(b"\0")
+                    key = (pid, args[0])
+                    if key in self._seen or not self.match(pid, args):
+                        continue
+                    if (os.readlink(f"/proc/{pid}/ns/pid") != HOST_PIDNS) != self.sandboxed:
+                        continue
+                    self._seen.add(key)
+                    os.kill(pid, signal.SIGSTOP)
+                except OSError:
+                    continue  # gone already
+                try:
+                    self.reports[key] = _proc_report(pid)
+                except OSError:
+                    pass  # it ended before it stopped
+                finally:
+                    try:
+                        os.kill(pid, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.001)
 
 
 def _proc_report(pid: int) -> dict[str, Any]:
@@ -455,8 +480,10 @@ def _proc_report(pid: int) -> dict[str, Any]:
     with open(f"/proc/{pid}/status") as f:
         status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
     uid, euid = (int(u) for u in status["Uid"].split()[:2])
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
     return {
-        "tag": f"pid {pid}", "fds": fds, "env": env, "uid": uid, "euid": euid,
+        "tag": f"pid {pid}", "argv": argv, "fds": fds, "env": env, "uid": uid, "euid": euid,
         "status": {k: status.get(k) for k in ("Seccomp", "NoNewPrivs", "CapInh", "CapPrm",
                                               "CapEff", "CapBnd", "CapAmb")},
         "netns": os.readlink(f"/proc/{pid}/ns/net"), "reached": [], "ancestors": [],
@@ -480,18 +507,15 @@ async def via_grep(tenant: Tenant) -> None:
             r = await c.post(f"/workspaces/{WS}/files/write",
                              json={"path": f"hay/{i}.txt", "content": line * 20000})  # fmt: skip
             assert r.status_code == 200, r.text
-        deadline = time.monotonic() + 60
-        async with trio.open_nursery() as nursery:
-            seen: list[dict[str, Any] | None] = []
 
-            async def look() -> None:
-                seen.append(await trio.to_thread.run_sync(inspect_from_host, token, "rg", deadline))
+        def ripgrep(pid: int, args: list[bytes]) -> bool:
+            return os.path.basename(args[0]) == b"rg" and token.encode() in args
 
-            nursery.start_soon(look)
+        with HostWatch(ripgrep) as watch:
             r = await c.get(f"/workspaces/{WS}/files/grep", params={"pattern": token})
-            assert r.status_code == 200 and r.json()["engine"] == "ripgrep", r.text
-    report = seen[0]
-    assert report is not None, "no ripgrep process was seen while the search ran"
+        assert r.status_code == 200 and r.json()["engine"] == "ripgrep", r.text
+    assert watch.reports, "no ripgrep process was seen while the search ran"
+    (report, *_) = watch.reports.values()
     fds = {k: v for k, v in report["fds"].items() if not v.startswith(f"{tenant.root}/hay")}
     report["fds"] = fds
     broken = [b for b in check_report(report, tenant) if "I2" not in b]
@@ -511,7 +535,7 @@ GITATTRIBUTES = "*.probe filter=wsrprobe\n"
 #: upload-pack): git's, not the daemon's nor the tenant's.
 GIT_ADDED_ENV = frozenset({"GIT_DIR", "GIT_PREFIX", "GIT_EXEC_PATH", "GIT_INDEX_FILE",
                            "GIT_WORK_TREE", "GIT_PROTOCOL", "GIT_REFLOG_ACTION",
-                           "GIT_CONFIG_PARAMETERS"})  # fmt: skip
+                           "GIT_CONFIG_PARAMETERS", "GIT_NO_LAZY_FETCH"})  # fmt: skip
 
 
 @dataclass
@@ -701,6 +725,105 @@ async def via_workspace_git(tenant: Tenant) -> None:
     assert_git_holds(tenant, r.json()["result"], required=True)
 
 
+#: The whole environment of the daemon's network-side git (the mirror): its own HOME and
+#: global config (outside the workspace), ssh with `-F /dev/null`; nothing of the task's.
+MIRROR_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "GIT_CONFIG_NOSYSTEM",
+                        "GIT_CONFIG_GLOBAL", "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL",
+                        "GIT_SSH_COMMAND"})  # fmt: skip
+
+
+def check_network_side(report: dict[str, Any], tenant: Tenant) -> list[str]:
+    """What a process of the daemon's network-side git breaks: I1 (besides git's pipes and
+    the repositories' files it reads and writes), I3 (its configuration is the daemon's,
+    outside the workspace: no task variable), I4 (a network namespace of its own), I8."""
+    broken = []
+    fds = {n: t for n, t in report["fds"].items() if int(n) > 2 and not (
+        t.startswith("pipe:") or t.startswith(f"{tenant.tmp}/"))}  # fmt: skip
+    if fds:
+        broken.append(f"I1: descriptors {fds}")
+    env = dict(report["env"])
+    while env.get("PATH", "").startswith("/usr/lib/git-core:"):
+        env["PATH"] = env["PATH"].removeprefix("/usr/lib/git-core:")
+    allowed = MIRROR_ENV | {"PWD"} | GIT_ADDED_ENV
+    if not MIRROR_ENV <= set(env) <= allowed:
+        broken.append(f"I3: environment names: unexpected {sorted(set(env) - allowed)}, "
+                      f"missing {sorted(MIRROR_ENV - set(env))}")  # fmt: skip
+    for name in ("HOME", "GIT_CONFIG_GLOBAL"):
+        if env.get(name, "").startswith(f"{tenant.root}/") or not env.get(name):
+            broken.append(f"I3: {name}={env.get(name)!r}: the tenant's, or none")
+    if env.get("GIT_CONFIG_NOSYSTEM") != "1" or "-F /dev/null" not in env.get(
+        "GIT_SSH_COMMAND", ""
+    ):
+        broken.append("I3: the system's git config or ssh config is read")
+    broken += [b for b in check_report(report, tenant) if b.startswith("I8")]
+    if report["netns"] == os.readlink("/proc/self/ns/net"):
+        broken.append("I4: the network-side git runs in the host's network namespace")
+    return broken
+
+
+async def via_git_mirror(tenant: Tenant) -> None:
+    """The daemon's own network-side git (fetching into its mirror) runs nothing of the
+    tenant's either, so it is inspected from the host while it runs: every process outside
+    the workspace with the origin in its arguments or as its directory (git fetch,
+    upload-pack, pack-objects), kept running by a repository with 16 MiB that does not
+    compress."""
+    name = f"big{uuid.uuid4().hex[:8]}"
+    origin = tenant.tmp / name
+    origin.mkdir()
+    (origin / "blob.bin").write_bytes(os.urandom(16 * 2**20))
+    url = git_repo(origin, {"f": "1\n"})
+    wanted = {url.encode(), str(origin).encode(), f"{origin}/.git".encode()}
+
+    def network_side(pid: int, args: list[bytes]) -> bool:
+        if os.path.basename(args[0]) == b"bwrap":
+            return False  # the sandbox's own init
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            return False
+        if cwd == str(tenant.root) or cwd.startswith(f"{tenant.root}/"):
+            return False  # the workspace's side (`remote set-url origin <url>`, no network)
+        return bool(wanted & set(args)) or cwd in (str(origin), f"{origin}/.git")
+
+    with HostWatch(network_side) as watch:
+        record = await tenant.submit({"action": "git_clone", "repo": url, "shallow": False})
+    assert record["status"] == "completed", outcome(record)
+    assert watch.reports, "no process of the network-side git was seen while it ran"
+    broken = {f"{r['tag']} {r['argv'][:3]}": check_network_side(r, tenant)
+              for r in watch.reports.values()}  # fmt: skip
+    assert not any(broken.values()), json.dumps(broken, indent=1)
+
+
+#: The environment of the launch chain (the shell that joins the cgroups as root, setpriv,
+#: bubblewrap outside its sandbox): fixed, the daemon's; PWD is the shell's, after its `cd`.
+LAUNCH_ENV = frozenset({"PATH", "LC_ALL", "PWD"})
+
+
+async def via_launch_chain(tenant: Tenant) -> None:
+    """What runs with more privilege than the sandbox to start a command (I2): inspected from
+    the host while a command runs, it holds no task variable (the task's environment is set
+    inside the sandbox) and no socket (it would hand it on)."""
+    command = f"sleep 1.5 && echo {uuid.uuid4().hex}"
+
+    def launcher(pid: int, args: list[bytes]) -> bool:
+        return command.encode() in args
+
+    with HostWatch(launcher, sandboxed=False) as watch:
+        async with tenant.internal_client() as c:
+            r = await c.post(f"/workspaces/{WS}/exec", json={"command": command})
+    assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
+    assert watch.reports, "no process of the launch chain was seen while the command ran"
+    broken = {}
+    for report in watch.reports.values():
+        problems = []
+        if unexpected := sorted(set(report["env"]) - LAUNCH_ENV):
+            problems.append(f"I2: variables beyond the launch's own: {unexpected}")
+        if sockets := {n: t for n, t in report["fds"].items() if t.startswith("socket:")}:
+            problems.append(f"I1: sockets {sockets}")
+        broken[f"{report['tag']} {report['argv'][0]}"] = problems
+    assert not any(broken.values()), json.dumps(broken, indent=1)
+
+
 PATHS: dict[str, Callable[[Tenant], Any]] = {
     "execute_command": via_execute_command,
     "exec": via_exec,
@@ -715,6 +838,8 @@ PATHS: dict[str, Callable[[Tenant], Any]] = {
     "git_internal_push": via_internal_git_push,
     "git_internal_local": via_internal_git_local,
     "workspace_git": via_workspace_git,
+    "git_mirror": via_git_mirror,
+    "launch_chain": via_launch_chain,
 }
 
 
