@@ -293,6 +293,16 @@ def outcome(result: dict[str, Any]) -> Any:
             for s in steps]  # fmt: skip
 
 
+def output_of(result: dict[str, Any]) -> str:
+    """Everything a task record's steps, an operation or a tool call printed (not the task's
+    own definition, which holds the commands)."""
+    if "configuration" in result:
+        results = [s["result"] for s in result["result"]["result"]["steps"]]
+    else:
+        results = [result.get("result", result)]
+    return "".join(r.get("stdout", "") + r.get("stderr", "") for r in results)
+
+
 def reports_in(text: str) -> list[dict[str, Any]]:
     return [json.loads(line.split(" ", 1)[1]) for line in text.splitlines()
             if line.startswith("WSRPROBE ")]  # fmt: skip
@@ -498,7 +508,8 @@ GREP_ENV = frozenset({"PATH", "LANG", "PWD"})
 async def via_grep(tenant: Tenant) -> None:
     """ripgrep runs no program of the tenant's: its process is inspected from the host while
     it runs (kept running by a search with megabytes of matches), for descriptors (besides
-    files of the workspace it is reading), environment, identity, seccomp, and a network
+    the workspace files it is reading and the system's it loads), environment, identity,
+    seccomp, and a network
     namespace of its own. What cannot be probed this way: its connections (it makes none)."""
     token = f"needle{uuid.uuid4().hex}"
     line = f"{token} " + "x" * 100 + "\n"
@@ -516,7 +527,9 @@ async def via_grep(tenant: Tenant) -> None:
         assert r.status_code == 200 and r.json()["engine"] == "ripgrep", r.text
     assert watch.reports, "no ripgrep process was seen while the search ran"
     (report, *_) = watch.reports.values()
-    fds = {k: v for k, v in report["fds"].items() if not v.startswith(f"{tenant.root}/hay")}
+    fds = {
+        k: v for k, v in report["fds"].items() if not v.startswith((f"{tenant.root}/hay", "/usr/"))
+    }
     report["fds"] = fds
     broken = [b for b in check_report(report, tenant) if "I2" not in b]
     env = report["env"]
@@ -733,12 +746,12 @@ MIRROR_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "GIT_CONFIG_NOSYSTEM",
 
 
 def check_network_side(report: dict[str, Any], tenant: Tenant) -> list[str]:
-    """What a process of the daemon's network-side git breaks: I1 (besides git's pipes and
-    the repositories' files it reads and writes), I3 (its configuration is the daemon's,
+    """What a process of the daemon's network-side git breaks: I1 (besides git's pipes, the
+    repositories' files it reads and writes and the system's it loads), I3 (its configuration is the daemon's,
     outside the workspace: no task variable), I4 (a network namespace of its own), I8."""
     broken = []
     fds = {n: t for n, t in report["fds"].items() if int(n) > 2 and not (
-        t.startswith("pipe:") or t.startswith(f"{tenant.tmp}/"))}  # fmt: skip
+        t.startswith(("pipe:", "/usr/", f"{tenant.tmp}/")))}  # fmt: skip
     if fds:
         broken.append(f"I1: descriptors {fds}")
     env = dict(report["env"])
@@ -932,7 +945,7 @@ class Planted:
         """Every trace of it: markers anywhere under the test's directory (the volume, and a
         daemon's mirrors if they are there), its word in the result, a connection."""
         traces = [str(p) for p in self.tenant.tmp.rglob("ssh-*.json")]
-        if self.word in json.dumps(result):
+        if self.word in output_of(result):
             traces.append("its stderr line in the result")
         if self.tenant.host.accepted():
             traces.append("a connection to a host listener")
