@@ -46,7 +46,7 @@ from tests.reliability.conftest import Deployment
 from wsrunner.daemon import Daemon
 
 #: The probe. Arguments: tag=NAME, out=DIR (also write the report there, or where it can:
-#: $HOME, $TMPDIR, its directory), targets=H:P,... (try to connect to each), `filter` (be a
+#: its directory, $TMPDIR, $HOME), targets=H:P,... (try to connect to each), `filter` (be a
 #: git clean/smudge filter: pass stdin through) and `quiet` (print nothing: git reads stdout).
 PROBE = r"""
 import json, os, socket, sys, time
@@ -111,7 +111,7 @@ def main():
     }
     text = json.dumps(report)
     name = "%s-%d-%d.json" % (opts.get("tag", "probe"), os.getpid(), time.time_ns())
-    for where in (opts.get("out"), os.environ.get("HOME"), os.environ.get("TMPDIR"), "."):
+    for where in (opts.get("out"), ".", os.environ.get("TMPDIR"), os.environ.get("HOME")):
         if where:
             try:
                 os.makedirs(where, exist_ok=True)
@@ -639,8 +639,18 @@ def git_reports(tenant: Tenant) -> list[dict[str, Any]]:
     return found
 
 
+def stray_reports(tenant: Tenant) -> list[str]:
+    """Reports of the tenant's git programs written anywhere but reports/: one of them ran
+    where reports/ is not to be seen (the daemon's mirror, say)."""
+    found = []
+    for pattern in ("*-repo-*.json", "*-global-*.json", "hook-*.json"):
+        found += [str(p) for p in tenant.tmp.rglob(pattern) if p.parent != tenant.root / "reports"]
+    return found
+
+
 def assert_git_holds(tenant: Tenant, result: dict[str, Any], *, required: bool) -> None:
     """The probe's reports hold the invariants; `required`: git started at least one."""
+    assert stray_reports(tenant) == [], "a program of the tenant's ran outside the workspace"
     reports = git_reports(tenant)
     if required:
         assert reports, f"git started none of the tenant's programs: {outcome(result)}"
