@@ -2,39 +2,29 @@
 
 A tenant controls everything git reads in its workspace: the task's global config, `~/.ssh`,
 each repository's `.git/config` (`core.sshCommand`, `credential.helper`, `url.*.insteadOf`...).
-So no git that reads them ever gets a network or a token (I3). The network side is here:
+So no git that reads them ever gets a network or a token (I3). The network side is here, on
+mirrors outside the workspace (`wsrunner.gitmirror`); the workspace side of each operation
+(`wsrunner.gitsync`) runs with no network.
 
-    <volume>/.wsrunner-git/              root's, 0711 (workspace uids pass through, none lists)
-        <workspace_id>/                  root's, 0711
-            data/                        the workspace uid's, 0700: the mirror sandbox's root
-                known_hosts              ssh's record of the hosts seen (accept-new)
-                <sha256(url)[:32]>.git   a bare mirror of one remote's branches and tags
-            op-<random>/                 root's, 0711: one operation's files, removed after it
-                gitconfig  askpass       git's only configuration; the token's prompt (0755)
-                ssh_key    home/         the task's key (0400, the workspace uid's); empty HOME
-
-A mirror sandbox runs as the workspace's uid with `data/` bound read-write and the operation's
-files read-only, never the workspace; its argv, environment and configuration are the daemon's
-(GIT_CONFIG_NOSYSTEM, GIT_CONFIG_GLOBAL, HOME, ssh `-F /dev/null`, GIT_ALLOW_PROTOCOL). The token
-is in the environment of that one sandbox only. The one workspace path it may see is a
-repository's git directory, read-only and without network, for the local fetch before a push:
-git's upload-pack serves it, which by design runs nothing from the repository it serves.
-The workspace side of each operation (`wsrunner.gitsync`) runs with no network.
+A mirror sandbox runs as the workspace's uid with the workspace's mirrors bound read-write and
+the operation's files read-only, never the workspace; its argv, environment and configuration
+are the daemon's (GIT_CONFIG_NOSYSTEM, GIT_CONFIG_GLOBAL, HOME, ssh `-F /dev/null`,
+GIT_ALLOW_PROTOCOL). The token is in the environment of that one sandbox only. The one
+workspace path it may see is a repository's git directory, read-only and without network, for
+the local fetch before a push: git's upload-pack serves it, which by design runs nothing from
+the repository it serves.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import secrets
 import shlex
-import shutil
-import stat
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -42,6 +32,14 @@ import trio
 
 from wsrunner.credentials import GitCredentialProvider
 from wsrunner.errors import ConfigError, IsolationUnavailableError, WorkspaceError
+from wsrunner.gitmirror import (
+    MIRRORS_DIR,
+    Mirror,
+    gitconfig,
+    make_operation,
+    open_mirror,
+    remove_operation,
+)
 from wsrunner.models import JSON
 from wsrunner.payload import redact_url
 from wsrunner.process import Capture, run_process
@@ -53,7 +51,6 @@ from wsrunner.workspace import SAFE_PATH, Workspaces
 if TYPE_CHECKING:
     from wsrunner.executor import StepContext
 
-MIRRORS_DIR: Final = ".wsrunner-git"  #: in the volume; no workspace id starts with a dot
 #: Keeps a repository's own .git/config and hooks from running programs in daemon git calls.
 GIT_SAFE_CONFIG: Final = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
                           "-c", "core.pager=cat", "-c", "diff.external=",
@@ -61,14 +58,7 @@ GIT_SAFE_CONFIG: Final = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonito
 _MIRROR_FLAGS: Final = ("-c", "core.hooksPath=/dev/null", "-c", "protocol.ext.allow=never")
 _PROTOCOLS: Final = ("https", "http", "ssh", "git", "file")
 _SCP_LIKE: Final = re.compile(r"[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/].*")
-_STALE_OP_S: Final = 3600.0  #: an operation directory this old was left by a daemon that died
 _QUOTA_POLL_S: Final = 0.5
-_ASKPASS: Final = """#!/bin/sh
-case "$1" in
-  Username*) printf '%s\\n' "$WSRUNNER_GIT_USERNAME" ;;
-  *) printf '%s\\n' "$WSRUNNER_GIT_PASSWORD" ;;
-esac
-"""
 History = Literal["shallow", "full", "keep"]
 
 
@@ -80,16 +70,6 @@ class Remote:
     local: str | None = None  #: the host path of a file:// remote (bound read-only)
     username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Mirror:
-    """One remote's mirror in one workspace, as found before an operation."""
-
-    path: str  #: the bare repository
-    data: str  #: the workspace's mirrors directory: the root of the mirror sandbox
-    shallow: bool  #: it holds part of the history only
-    fresh: bool  #: it holds no branch yet
 
 
 def check_url(url: str, schemes: Sequence[str]) -> str:
@@ -124,7 +104,7 @@ class GitRemote:
         self.base = os.path.join(str(settings.volume_path), MIRRORS_DIR)
         self.protocols = ":".join(s for s in settings.git_schemes if s in _PROTOCOLS)
         self._fs = trio.CapacityLimiter(4)
-        self._locks: dict[str, trio.Lock] = {}
+        self._locks: dict[str, tuple[trio.Lock, list[int]]] = {}  #: mirror: (lock, users)
 
     async def remote(self, url: str, workspace_id: str) -> Remote:
         """`url` checked against the allowed schemes, with its credential set apart: the
@@ -152,8 +132,19 @@ class GitRemote:
             return Remote(clean)
         return Remote(clean, username="x-access-token", password=token)
 
-    def _lock(self, path: str) -> trio.Lock:
-        return self._locks.setdefault(path, trio.Lock())
+    @asynccontextmanager
+    async def _exclusive(self, path: str) -> AsyncIterator[None]:
+        """One operation at a time on a mirror, in this daemon (concurrent fetches into one
+        repository fail on each other's ref locks); forgotten when nobody uses it."""
+        lock, users = self._locks.setdefault(path, (trio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[path]
 
     # --- what the workspace side calls ---------------------------------------------------
 
@@ -168,7 +159,7 @@ class GitRemote:
         """
         deadline = trio.current_time() + timeout
         mirror = await self._open(ctx, remote)
-        async with self._lock(mirror.path):
+        async with self._exclusive(mirror.path):
             found = None
             if branches is not None and not branches:
                 found = await self._run(ctx, mirror, remote, ["-C", mirror.path, "ls-remote",
@@ -214,7 +205,7 @@ class GitRemote:
         stands for the i-th object."""
         deadline = trio.current_time() + timeout
         mirror = await self._open(ctx, remote)
-        async with self._lock(mirror.path):
+        async with self._exclusive(mirror.path):
             names = [f"refs/wsrunner/push/{i}" for i in range(len(objects))]
             taken: JSON = {}
             if objects:
@@ -238,51 +229,24 @@ class GitRemote:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._fs)
 
     async def _open(self, ctx: StepContext, remote: Remote) -> Mirror:
-        """The mirror of `remote` for the context's workspace, made if missing; its
-        configuration is written again every time (nothing but the daemon's git writes in a
-        mirror; this keeps even that from lasting)."""
-        name = hashlib.sha256(remote.url.encode()).hexdigest()[:32] + ".git"
-        wsdir = os.path.join(self.base, ctx.workspace_id)
-        data = os.path.join(wsdir, "data")
-        path = os.path.join(data, name)
-
-        def prepare() -> Mirror:
-            owner = _owner(ctx.env.root)
-            _root_dir(self.base)
-            _root_dir(wsdir)
-            _owned_dir(data, owner)
-            _clear_stale(wsdir)
-            fresh = _bare_repository(path, owner)
-            return Mirror(path, data, os.path.exists(os.path.join(path, "shallow")), fresh)
-
-        mirror: Mirror = await self._fs_call(prepare)
+        """The mirror of `remote` for the context's workspace (made, or repaired)."""
+        mirror: Mirror = await self._fs_call(open_mirror, self.base, ctx.workspace_id,
+                                             remote.url, ctx.env.root)  # fmt: skip
         return mirror
 
     @asynccontextmanager
-    async def _operation(self, ctx: StepContext, remote: Remote, *, network: bool,
-                         trust: Sequence[str]) -> AsyncIterator[str]:  # fmt: skip
+    async def _operation(self, ctx: StepContext, *, network: bool,
+                         trust: tuple[str, ...]) -> AsyncIterator[str]:  # fmt: skip
         """A fresh directory of the daemon's files for one git run; removed after it."""
-        wsdir = os.path.join(self.base, ctx.workspace_id)
-        config = _gitconfig(trust)
         key = ctx.env.ssh_key if network else None
-
-        def make() -> str:
-            op = os.path.join(wsdir, f"op-{secrets.token_hex(8)}")
-            os.mkdir(op, 0o711)
-            os.chmod(op, 0o711)
-            os.mkdir(os.path.join(op, "home"), 0o755)
-            _write(op, "gitconfig", config, 0o644, None)
-            _write(op, "askpass", _ASKPASS, 0o755, None)
-            if key:
-                _write(op, "ssh_key", key.rstrip("\n") + "\n", 0o400, _owner(ctx.env.root))
-            return op
-
-        op: str = await self._fs_call(make)
+        made = partial(make_operation, self.base, ctx.workspace_id, ctx.env.root,
+                       config=gitconfig(trust), ssh_key=key)  # fmt: skip
+        op: str = await self._fs_call(made)
         try:
             yield op
         finally:
             with trio.CancelScope(shield=True):
-                await self._fs_call(shutil.rmtree, op, True)
+                await self._fs_call(remove_operation, op)
 
     # --- one git run ------------------------------------------------------------------------
 
@@ -291,7 +255,7 @@ class GitRemote:
         """Run `git <args>` in the mirror sandbox: with the policy's git network and the
         remote's credentials if `network`, else none; `local` are host paths it may read."""
         policy = ctx.policy
-        visible = [*local, *([remote.local] if remote.local else [])]
+        visible = (*local, *([remote.local] if remote.local else []))
         quota = self.workspaces.quota(ctx.workspace_id)
         limits = replace(policy.limits, file_size_bytes=min(policy.limits.file_size_bytes, quota))
         ctx.capture = capture = Capture.capped(limits.stdout_bytes, limits.stderr_bytes,
@@ -299,7 +263,7 @@ class GitRemote:
         start = time.monotonic()
         over: list[int] = []
         try:
-            async with self._operation(ctx, remote, network=network, trust=visible) as op:
+            async with self._operation(ctx, network=network, trust=visible) as op:
                 env = self._env(op, mirror, remote, network=network,
                                 key=bool(network and ctx.env.ssh_key))  # fmt: skip
                 async with self.sandbox.launch(
@@ -380,117 +344,3 @@ def combine(*parts: JSON) -> JSON:
 def _local_path(path: str) -> str:
     """The host path of a file:// URL's (percent-encoded) path."""
     return os.path.normpath(unquote(path))
-
-
-def _gitconfig(trust: Sequence[str]) -> str:
-    """The mirror's whole git configuration: hooks, fsmonitor and ext off; upload-pack may
-    serve any object (the push's local fetch names objects by id); `trust` are the host paths
-    of local repositories owned by another uid (a file:// remote)."""
-    lines = ["[core]", "\thooksPath = /dev/null", "\tfsmonitor = false",
-             "[protocol \"ext\"]", "\tallow = never", "[gc]", "\tautoDetach = false",
-             "[uploadpack]", "\tallowAnySHA1InWant = true", "[safe]"]  # fmt: skip
-    for path in trust:
-        for p in (path, f"{path}/.git"):
-            quoted = p.replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'\tdirectory = "{quoted}"')
-    return "\n".join(lines) + "\n"
-
-
-def _owner(root: str) -> tuple[int, int] | None:
-    """Who the mirrors of the workspace at `root` belong to: its uid, if the daemon is root."""
-    if os.geteuid() != 0:
-        return None
-    st = os.stat(root, follow_symlinks=False)
-    return st.st_uid, st.st_gid
-
-
-def _root_dir(path: str) -> None:
-    """`path` as the daemon's own directory, 0711, never through a symlink."""
-    try:
-        os.mkdir(path, 0o711)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise WorkspaceError(f"{path} is not a directory of the daemon's; refusing to use it")
-    if stat.S_IMODE(st.st_mode) != 0o711:
-        os.chmod(path, 0o711)
-
-
-def _owned_dir(path: str, owner: tuple[int, int] | None) -> None:
-    """`path` as a 0700 directory of `owner`; one of another owner (the workspace was made
-    again, with another uid) is a stale cache and is replaced."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    want = owner or (os.geteuid(), os.getegid())
-    if st is not None and (not stat.S_ISDIR(st.st_mode) or (st.st_uid, st.st_gid) != want):
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-        st = None
-    if st is None:
-        os.mkdir(path, 0o700)
-        if owner is not None:
-            os.chown(path, *owner, follow_symlinks=False)
-
-
-def _clear_stale(wsdir: str) -> None:
-    """Remove operation directories (and the keys in them) left by a daemon that died."""
-    limit = time.time() - _STALE_OP_S
-    with os.scandir(wsdir) as it:
-        for entry in it:
-            if entry.name.startswith("op-") and entry.stat(follow_symlinks=False).st_mtime < limit:
-                shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _write(directory: str, name: str, text: str, mode: int, owner: tuple[int, int] | None) -> None:
-    """Create `directory/name` holding `text` with exactly `mode` (and `owner`)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(os.path.join(directory, name), flags, 0o600)
-    try:
-        os.write(fd, text.encode())
-        if owner is not None:
-            os.fchown(fd, *owner)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-
-
-_MIRROR_CONFIG: Final = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
-#: What would make git look elsewhere for its configuration or objects, or run programs.
-_FOREIGN: Final = ("commondir", "gitdir", "objects/info/alternates", "hooks", "info/attributes")
-
-
-def _bare_repository(path: str, owner: tuple[int, int] | None) -> bool:
-    """Make (or repair) the bare repository of a mirror at `path`, its configuration the
-    daemon's (root's, 0644); True if it holds no branch yet."""
-    new = not os.path.isdir(path)
-    for sub in ("", "objects", "refs", "refs/heads", "refs/tags"):
-        where = os.path.join(path, sub)
-        if not os.path.isdir(where):
-            os.mkdir(where, 0o700)
-            if owner is not None:
-                os.chown(where, *owner, follow_symlinks=False)
-    if new:
-        _write(path, "HEAD", "ref: refs/heads/main\n", 0o644, owner)
-    for name in _FOREIGN:
-        where = os.path.join(path, name)
-        if os.path.isdir(where) and not os.path.islink(where):
-            shutil.rmtree(where)
-        elif os.path.lexists(where):
-            os.unlink(where)
-    temp = f"config.wsrunner-{secrets.token_hex(6)}"
-    _write(path, temp, _MIRROR_CONFIG, 0o644, None)
-    os.rename(os.path.join(path, temp), os.path.join(path, "config"))
-    if new:
-        return True
-    if any(True for _ in os.scandir(os.path.join(path, "refs", "heads"))):
-        return False
-    try:
-        with open(os.path.join(path, "packed-refs"), "rb") as f:
-            return b" refs/heads/" not in f.read()
-    except FileNotFoundError:
-        return True
