@@ -119,7 +119,7 @@ def create_internal_app(service: Service, hub: Hub) -> App:
         """Run a command and stream it as SSE: `output` events, then one `exit` with the result."""
         body = await json_object()
         command, _, _ = ws.check_exec(body.get("command"), body.get("cwd"), body.get("timeout"))
-        ws.check_policy(workspace_id, command)
+        await ws.check_policy(workspace_id, command)
         return await stream_response(_exec_frames(service, hub, workspace_id, body))
 
     @app.get("/workspaces/<workspace_id>/files/grep")

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 CLONE_TIMEOUT_S: Final = 300.0
 QUOTA_POLL_S: Final = 0.25  #: how often a running command's workspace is measured, at most
 PULL_TIMEOUT_S: Final = 120.0
+JUDGE_SHORT_TEXT: Final = 4096  #: longer commands are judged on the limiter of long ones
 
 
 @dataclass(slots=True)
@@ -84,6 +85,9 @@ class Executor:
         self.credentials = credentials or NoCredentials()
         self.metrics = metrics or Metrics()
         self._fs = trio.CapacityLimiter(8)
+        #: Policy evaluation threads: short texts, and long ones on their own so that a flood of
+        #: long commands queues behind itself, not in front of everyone's short ones.
+        self._judging = (trio.CapacityLimiter(4), trio.CapacityLimiter(1))
         #: git that reaches a remote: the network half on the daemon's mirrors
         self.git = GitSync(GitRemote(settings, workspaces, sandbox, self.credentials,
                                      self.describe), self.spawn)  # fmt: skip
@@ -94,14 +98,21 @@ class Executor:
         policy = policy or self.policy.for_workspace(workspace_id)
         return StepContext(env, workspace_id, policy, on_output)
 
-    def judge(
+    async def judge(
         self, policy: EffectivePolicy, command: str, *, task_id: str | None = None
     ) -> JSON | None:
         """None if `command` may run; else the failed step's result naming the deciding rule.
 
         In audit mode a denied command runs: the denial is logged and counted, and None returned.
+        The policy reads the command in a worker thread (CPU work on tenant text: tens of
+        milliseconds for 64 KB), unless it decided the same text before.
+
+        Cancellation: waits for an evaluation under way (bounded by the reader's caps).
         """
-        decision = policy.evaluate(command)
+        decision = policy.decided(command)
+        if decision is None:
+            limiter = self._judging[len(command) > JUDGE_SHORT_TEXT]
+            decision = await trio.to_thread.run_sync(policy.evaluate, command, limiter=limiter)
         if decision.allowed:
             return None
         denial = decision.as_error()
@@ -263,7 +274,7 @@ class Executor:
 
     async def _command(self, step: ExecuteCommand, ctx: StepContext, timeout: float) -> JSON:
         task_id = os.path.basename(ctx.env.task_dir)
-        if (denied := self.judge(ctx.policy, step.command, task_id=task_id)) is not None:
+        if (denied := await self.judge(ctx.policy, step.command, task_id=task_id)) is not None:
             return denied
         root, globs = ctx.env.root, ctx.policy.sandbox.protect
         if self.sandbox.isolation.level != "full":

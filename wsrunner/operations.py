@@ -225,11 +225,12 @@ class WorkspaceOps:
         rel = _check_path("." if cwd is None else cwd, "cwd")
         return command, rel, self._timeout(timeout, 120.0)
 
-    def check_policy(self, workspace_id: str, command: str) -> None:
+    async def check_policy(self, workspace_id: str, command: str) -> None:
         """Raise if `command` cannot run here: PolicyDeniedError (naming the rule), or
-        IsolationUnavailableError (the host is below the policy's required isolation)."""
+        IsolationUnavailableError (the host is below the policy's required isolation).
+        The command is read off the event loop (`Executor.judge`)."""
         policy = self.executor.policy.for_workspace(validate_workspace_id(workspace_id))
-        if (denied := self.executor.judge(policy, command)) is not None:
+        if (denied := await self.executor.judge(policy, command)) is not None:
             raise PolicyDeniedError(denied["policy_denied"])
         if (refused := self.executor.sandbox.isolation.refusal(policy.sandbox.require)) is not None:
             raise refused
@@ -245,7 +246,7 @@ class WorkspaceOps:
     ) -> JSON:
         """Run `command` with `/bin/sh -c` in the workspace; `on_output` sees output live."""
         text, rel, seconds = self.check_exec(command, cwd, timeout)
-        self.check_policy(workspace_id, text)
+        await self.check_policy(workspace_id, text)
         async with self._session(workspace_id) as ctx:
             ctx.on_output = on_output
             workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
