@@ -85,13 +85,14 @@ def main():
             proc["error"] = repr(exc)
             break
     targets = [t for t in opts.get("targets", "").split(",") if t]
-    try:  # the default route's gateway: where pasta maps the host's loopback by default
+    gateway = None
+    try:  # the default route's gateway: where a user-mode stack may map the host's loopback
         with open("/proc/net/route") as f:
             for line in f.read().splitlines()[1:]:
                 parts = line.split()
                 if parts[1] == "00000000" and parts[2] != "00000000":
-                    gw = ".".join(str(b) for b in bytes.fromhex(parts[2])[::-1])
-                    targets += [gw + ":" + t.rsplit(":", 1)[1] for t in list(targets)]
+                    gateway = ".".join(str(b) for b in bytes.fromhex(parts[2])[::-1])
+                    targets += [gateway + ":" + t.rsplit(":", 1)[1] for t in list(targets)]
     except OSError:
         pass
     reached, refused = [], {}
@@ -108,6 +109,7 @@ def main():
         "status": {k: status.get(k) for k in ("Uid", "Gid", "Groups", "Seccomp", "NoNewPrivs",
                                               "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
         "cwd": os.getcwd(), "reached": reached, "refused": refused, "ancestors": ancestors,
+        "gateway": gateway,
     }
     text = json.dumps(report)
     name = "%s-%d-%d.json" % (opts.get("tag", "probe"), os.getpid(), time.time_ns())
@@ -369,6 +371,8 @@ def check_report(report: dict[str, Any], tenant: Tenant, *, git: bool = False,
                       f"{owner}")  # fmt: skip
     if report["reached"]:
         broken.append(f"I4: reached host listeners {report['reached']} (mode {tenant.mode})")
+    if tenant.mode == "egress" and not git and "gateway" in report and not report["gateway"]:
+        broken.append("egress: no default route, so nothing above says egress keeps the host out")
     return broken
 
 
@@ -825,7 +829,8 @@ LAUNCH_ENV = frozenset({"PATH", "LC_ALL", "PWD"})
 async def via_launch_chain(tenant: Tenant) -> None:
     """What runs with more privilege than the sandbox to start a command (I2): inspected from
     the host while a command runs, it holds no task variable (the task's environment is set
-    inside the sandbox) and no socket (it would hand it on)."""
+    inside the sandbox) and none of the daemon's sockets (it would hand them on; a socket of
+    its own, such as libc's for a user lookup, is not the daemon's)."""
     command = f"sleep 1.5 && echo {uuid.uuid4().hex}"
 
     def launcher(pid: int, args: list[bytes]) -> bool:
@@ -836,13 +841,20 @@ async def via_launch_chain(tenant: Tenant) -> None:
             r = await c.post(f"/workspaces/{WS}/exec", json={"command": command})
     assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
     assert watch.reports, "no process of the launch chain was seen while the command ran"
+    daemons = set()  # the daemon runs in this process: its sockets (listeners, Redis, ...)
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if (target := os.readlink(f"/proc/self/fd/{name}")).startswith("socket:"):
+                daemons.add(target)
+        except OSError:
+            pass
     broken = {}
     for report in watch.reports.values():
         problems = []
         if unexpected := sorted(set(report["env"]) - LAUNCH_ENV):
             problems.append(f"I2: variables beyond the launch's own: {unexpected}")
-        if sockets := {n: t for n, t in report["fds"].items() if t.startswith("socket:")}:
-            problems.append(f"I1: sockets {sockets}")
+        if shared := {n: t for n, t in report["fds"].items() if t in daemons}:
+            problems.append(f"I1: the daemon's own sockets {shared}")
         broken[f"{report['tag']} {report['argv'][0]}"] = problems
     assert not any(broken.values()), json.dumps(broken, indent=1)
 
