@@ -466,6 +466,14 @@ async def test_push_goes_through_the_mirror(tenant: Tenant, git_daemon: tuple[st
     assert "error" not in pulled, json.dumps(pulled, indent=1)
     assert "error" not in (pushed := await tenant.git("push", "repos/proj")), pushed
     assert rev(bare, "refs/heads/main") == rev(repo, "HEAD")
+    # Tags: all of them with --tags, the annotated one as the tag object it is.
+    tagged = await tenant.submit(
+        sh("git -C repos/proj tag -a v1 -m one && git -C repos/proj tag v2")
+    )
+    assert "error" not in tagged[0], tagged
+    assert "error" not in (pushed := await tenant.git("push", "repos/proj", ["--tags"])), pushed
+    assert rev(bare, "refs/tags/v1") == rev(repo, "refs/tags/v1") != rev(repo, "HEAD")
+    assert rev(bare, "refs/tags/v2") == rev(repo, "HEAD")
     # What the mirror's push does not offer is refused, naming the argument.
     async with tenant.internal() as c:
         r = await c.post(f"/workspaces/{WS}/git", json={"operation": "push", "cwd": "repos/proj",

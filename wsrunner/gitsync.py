@@ -37,6 +37,7 @@ LOCAL_ONLY: Final = {"GIT_ALLOW_PROTOCOL": "file"}
 _LOOKUP_TIMEOUT_S: Final = 30.0
 _REMOTE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _REF: Final = re.compile(r"refs/(?:[A-Za-z0-9_+-][A-Za-z0-9._+-]*/)*[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
+_OBJECT_ID: Final = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 #: Options of fetch and pull that take their value as the next argument.
 _VALUED: Final = frozenset({"--depth", "--deepen", "--shallow-since", "--shallow-exclude", "-j",
                             "--jobs", "--refmap", "-o", "--server-option", "--negotiation-tip",
@@ -223,8 +224,8 @@ class GitSync:
             listed = await self._git(ctx, ["for-each-ref", "--format=%(objectname) %(refname)",
                                            "refs/tags"], cwd=cwd, timeout=_LOOKUP_TIMEOUT_S)  # fmt: skip
             for line in listed["stdout"].splitlines():
-                oid, ref = line.split(" ", 1)
-                plan.add(False, oid, ref, ref)
+                oid, _, ref = line.partition(" ")
+                plan.add(False, _object_id(oid), ref, ref)
         for spec in specs:
             force, body = spec.startswith("+"), spec.removeprefix("+")
             src, _, dst = body.partition(":")
@@ -240,14 +241,16 @@ class GitSync:
             if "error" in got:
                 return got
             lines = got["stdout"].split()
-            plan.add(force, lines[0], lines[1] if len(lines) > 1 else "", dst)
+            plan.add(force, _object_id(lines[0] if lines else ""), lines[1] if len(lines) > 1 else "",
+                     dst)  # fmt: skip
         lease: list[str] = []
         if "--force-with-lease" in options:
             for ref, _ in plan.tracking:
                 seen = await self._git(ctx, ["rev-parse", "--verify", "-q", ref], cwd=cwd,
                                        timeout=_LOOKUP_TIMEOUT_S)  # fmt: skip
                 dst = "refs/heads/" + ref.split("/", 3)[3]
-                lease.append(f"--force-with-lease={dst}:{seen['stdout'].strip()}")
+                expected = seen["stdout"].strip()
+                lease.append(f"--force-with-lease={dst}:{_object_id(expected) if expected else ''}")
         passed = [o for o in options if o in _PUSH_PASSED]
         pushed = await self.remote.push(ctx, remote, git_dir, plan.objects, plan.refspecs,
                                         [*passed, *lease], timeout=_left(deadline))  # fmt: skip
@@ -288,6 +291,8 @@ class _PushPlan:
         if not _REF.fullmatch(dst) or ".." in dst or dst.endswith((".lock", "/")):
             raise ValidationError("args", f"expected a destination ref like refs/heads/name, "
                                           f"got {dst!r}")  # fmt: skip
+        if full and not _REF.fullmatch(full) and full != "HEAD":
+            raise ValidationError("args", f"expected a ref to push, got {full!r}")
         if oid is None:
             self.refspecs.append(f":{dst}")
         else:
@@ -298,6 +303,13 @@ class _PushPlan:
             self.tracking.append((f"refs/remotes/{self.named}/{branch}", oid))
             if oid is not None and full.startswith("refs/heads/"):
                 self.upstreams.append((full.removeprefix("refs/heads/"), branch))
+
+
+def _object_id(text: str) -> str:
+    """`text` if it is an object id (what the workspace's git printed is the tenant's)."""
+    if not _OBJECT_ID.fullmatch(text):
+        raise WorkspaceError(f"expected an object id from git rev-parse, got {text[:80]!r}")
+    return text
 
 
 def _left(deadline: float) -> float:
