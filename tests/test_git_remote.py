@@ -14,6 +14,7 @@ import base64
 import http.server
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -508,3 +509,43 @@ async def test_the_mirror_is_the_daemons(tenant: Tenant) -> None:
                                   sh("git -C repos/proj rev-list --count HEAD"))  # fmt: skip
     assert all("error" not in r for r in results), results
     assert results[2]["stdout"] == "2\n"
+
+
+def test_a_mirror_is_repaired_without_following_a_symlink(tmp_path: Path) -> None:
+    """What a process of the workspace's uid could have left in a mirror (below full
+    isolation) is removed or replaced by the daemon, which follows none of its symlinks."""
+    # Imported here: the attack tests above also run against code without this module.
+    from wsrunner.gitmirror import make_operation, open_mirror, remove_operation
+
+    root = tmp_path / "volume" / "ws"
+    root.mkdir(parents=True)
+    os.chown(root, 200123, 200123)
+    base = str(tmp_path / "volume" / MIRRORS)
+    mirror = open_mirror(base, "ws", "https://example.org/x.git", str(root))
+    assert mirror.fresh and not mirror.shallow
+    path = Path(mirror.path)
+    assert path.stat().st_uid == 200123 and (path / "config").stat().st_uid == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep\n")
+    shutil.rmtree(path / "refs")
+    (path / "refs").symlink_to(outside)
+    (path / "hooks").mkdir()
+    (path / "hooks" / "pre-push").write_text("#!/bin/sh\n")
+    (path / "commondir").write_text(str(outside) + "\n")
+    (path / "config").unlink()
+    (path / "config").symlink_to(outside / "keep")
+    again = open_mirror(base, "ws", "https://example.org/x.git", str(root))
+    assert again.path == mirror.path and again.fresh
+    assert sorted(p.name for p in outside.iterdir()) == ["keep"]
+    assert (outside / "keep").read_text() == "keep\n"
+    assert (path / "refs").is_dir() and not (path / "refs").is_symlink()
+    assert not (path / "hooks").exists() and not (path / "commondir").exists()
+    assert not (path / "config").is_symlink() and "bare = true" in (path / "config").read_text()
+    # One operation's files: the key is the workspace uid's and private; all gone after.
+    op = Path(make_operation(base, "ws", str(root), config="[core]\n", ssh_key="KEY"))
+    assert (op / "ssh_key").stat().st_uid == 200123
+    assert stat.S_IMODE((op / "ssh_key").stat().st_mode) == 0o400
+    assert (op / "gitconfig").stat().st_uid == 0 and stat.S_IMODE(op.stat().st_mode) == 0o711
+    remove_operation(str(op))
+    assert not op.exists()
