@@ -52,7 +52,6 @@ _OPAQUE: Final = frozenset({"string", "raw_string", "ansi_c_string", "translated
 _SEPARATORS: Final = re.compile(rb"[&|;\n]")
 _CONTINUATION: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\\n")
 _BLANK: Final = (b"", b" ", b"\t", b"\n")
-_ESCAPED_QUOTE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\'")
 _BACKTICK_ESCAPE: Final = re.compile(rb"\\([\\`$])")
 _LANGUAGE: Final = Language(tree_sitter_bash.language())
 _local = threading.local()
@@ -283,6 +282,8 @@ class _Reader:
         argv, via, depth = item.argv, item.via, item.depth
         while argv:
             _deeper(depth)
+            if argv[0] == "coproc":  # a bash keyword the grammar reads as a program
+                raise ShellSyntaxError("cannot read the command: coproc is not read by the policy")
             if argv[0] == "time":  # the keyword: times the command after it, runs nothing itself
                 argv, depth = argv[2 if argv[1:2] == ("-p",) else 1 :], depth + 1
                 continue
@@ -338,9 +339,11 @@ def _first_error(root: Node, src: Source) -> str:
                     else repr(node.type))  # fmt: skip
             return f"missing {what} at {src.where(node.start_byte)}"
         if node.is_error:
-            text = src.text(node)
+            raw = src.data[node.start_byte : node.end_byte]
+            at = node.start_byte + len(raw) - len(raw.lstrip())  # the text, not the blank before
+            text = raw.strip().decode("utf-8", "replace")
             shown = repr(text[:20] + ("..." if len(text) > 20 else "")) if text else "end of text"
-            return f"unexpected {shown} at {src.where(node.start_byte)}"
+            return f"unexpected {shown} at {src.where(at)}"
         stack.extend(reversed([c for c in node.children if c.has_error or c.is_missing]))
     return f"unreadable text at {src.where(0)}"  # has_error promised a node
 
@@ -377,10 +380,9 @@ def _in_quoted_heredoc(node: Node | None, src: Source) -> bool:
 def _bash_only(node: Node, src: Source) -> str | None:
     """Why `node` is bash syntax that dash (a common /bin/sh) reads as commands, or None."""
     kind = node.type
-    if kind == "ansi_c_string" and _ESCAPED_QUOTE.search(
-        src.data[node.start_byte : node.end_byte - 1], 2
-    ):
-        return "an escaped quote inside $'...'"  # dash ends the quoted text at that quote
+    if kind == "ansi_c_string" and b"'" in src.data[node.start_byte + 2 : node.end_byte - 1]:
+        # `\'` inside: dash ends the text at that quote; `\\'`: so does bash (the grammar not)
+        return "a quote inside $'...'"
     if kind == "compound_statement" and node.child_count and node.children[0].type == "((":
         return "an arithmetic command (( ... )); use $(( ... )) or test"  # dash: subshells
     if kind == "test_command" and node.child_count and node.children[0].type == "[[":
