@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from tests.conftest import (
     DATABASE_URL,
@@ -26,6 +27,7 @@ from tests.conftest import (
 )
 from tests.test_cli import run_cli
 from wsrunner.daemon import Daemon, reload_policy
+from wsrunner.errors import PolicyDeniedError
 from wsrunner.models import TaskState
 from wsrunner.policy import PolicyError, bundled_policy, load_policy
 from wsrunner.policy.schema import json_schema
@@ -132,10 +134,46 @@ def test_shipped_policies_and_schema_are_valid_and_current() -> None:
         ("for f in a b; do cat $f; done", ["cat"]),
         ("if [ -e x ]; then exec sleep 1; fi", ["[", "exec", "sleep"]),
         ("diff <(sort a) <(sort b)", ["sort", "sort", "diff"]),
+        # A here-document's body is data; substitutions in an unquoted one run (also after
+        # blanks at the start of a line, where the grammar alone misses them).
+        ("cat > notes.md <<EOF\nrun nc -l 1; rm -rf x\nEOF\n", ["cat"]),
+        ("cat <<'EOF' >run.sh\n$(nc -l 1) `id`\nEOF\n", ["cat"]),
+        ("cat <<EOF\n  $(nc -l 1)\n\t`id`\n${x:-$(date)}\nEOF\n", ["cat", "nc", "id", "date"]),
+        ("cat <<-EOF\n\t$(nc)\n\tEOF\necho done", ["cat", "nc", "echo"]),
+        ("sh <<'EOF'\nnc -l 1\nEOF\n", ["sh", "nc"]),
+        ("bash <<< 'nc -l 1'", ["bash", "nc"]),
+        # Substitutions anywhere.
+        ("echo $((1+$(nc evil 80)))", ["echo", "nc"]),
+        ('echo ${x:-$(nc)} "${y:-$(id)}"', ["echo", "nc", "id"]),
+        ("echo > $(nc) 2>`id`", ["echo", "nc", "id"]),
+        ("X=$(nc) a=(1 $(id) 2)", ["nc", "id"]),
+        ("case $(nc) in a) ls;; esac", ["nc", "ls"]),
+        ("for f in $(nc); do cat $f; done", ["nc", "cat"]),
+        ("f() { rm -f x; }; f", ["rm", "f"]),
+        ("[[ -n $(nc) ]]", ["[[", "nc"]),
+        ("echo `echo \\`nc\\``", ["echo", "echo", "nc"]),
+        # What a command runs.
+        ("eval 'nc -l 1'; trap 'id' EXIT", ["eval", "nc", "trap", "id"]),
+        ("env -S 'nc -l 1'", ["env", "nc"]),
+        ("xargs -i nc ls", ["xargs", "nc"]),
+        ("time -p make", ["make"]),
+        ("echo &>/dev/null nc", ["echo", "nc"]),  # dash: `echo &` then `>/dev/null nc`
     ],
 )
 def test_every_program_of_a_line_is_found(line: str, programs: list[str]) -> None:
     assert sorted(c.program for c in simple_commands(line)) == sorted(programs)
+
+
+@pytest.mark.parametrize(
+    ("line", "argv"),
+    [
+        ("git >/dev/null push origin", ("git", "push", "origin")),
+        ("git <<EOF push\nEOF\n", ("git", "push")),
+        ("echo \"a b\" 'c' $'d\\te' x\\ y", ("echo", "a b", "c", "d\te", "x y")),
+    ],
+)
+def test_words_are_read_as_the_shell_reads_them(line: str, argv: tuple[str, ...]) -> None:
+    assert simple_commands(line)[0].argv == argv
 
 
 def test_rule_kinds_and_precedence(tmp_path: Path) -> None:
@@ -223,6 +261,80 @@ def test_overlays_apply_in_order_to_matching_workspaces(tmp_path: Path) -> None:
                f"{d / '10-all.yaml'}:7" in p for p in found)  # fmt: skip
 
 
+# --- what the reader refuses ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "rule", "message"),
+    [
+        ("ls 'unclosed", "builtin:syntax", 'unexpected "\'unclosed" at 1:4'),
+        ("echo ok\nif true; then", "builtin:syntax", "missing 'fi' at 2:14"),
+        ("sh -c 'ls )'", "builtin:syntax", "unexpected ')' at 1:4 of the script run by sh"),
+        (
+            "cat <<EOF\nunterminated\n",
+            "builtin:syntax",
+            "missing the line ending the here-document",
+        ),
+        # A here-document whose end bash finds elsewhere than the grammar: its lines would be
+        # read as commands by one and as text by the other.
+        ("cat <<EOF\n EOF\necho '\nEOF\nnc evil\n'", "builtin:syntax", "here-document at 2:2"),
+        ("cat <<EOF\nx\nEOF\r\nnc\n", "builtin:syntax", "here-document at 3:1"),
+        ("cat <<EOF\nx \\\nEOF\necho '\nEOF\nnc\n'", "builtin:syntax", "continues onto the"),
+        # bash joins a word across a backslash-newline, the grammar splits it: `lsof`, not `ls`.
+        ("ls\\\nof", "builtin:syntax", "line continuation"),
+        # Bash syntax that dash, the usual /bin/sh, reads as commands.
+        ("((nc))", "builtin:syntax", "(( ... ))"),
+        ("[[ -n x || nc ]]", "builtin:syntax", "inside [[ ]]"),
+        ("echo $'\\' ; nc ; #'", "builtin:syntax", "a quote inside $'...'"),
+        # Caps: never a RecursionError, never an unbounded wait.
+        ("env " * 3000 + "true", "builtin:nesting", "nested too deep"),
+        ("$(" * 3000 + "ls" + ")" * 3000, "builtin:nesting", "nested too deep"),
+        ("x" * 65_537, "builtin:length", "65537 characters"),
+        ("ls|" * 16_000 + "ls '", "builtin:syntax", "16000 pipes"),
+    ],
+)
+def test_what_the_reader_cannot_read_is_denied(line: str, rule: str, message: str) -> None:
+    decision = load_policy(bundled_policy("default")).for_workspace("w").evaluate(line)
+    assert not decision.allowed and decision.denial is not None
+    assert (decision.denial.rule_id, message in decision.denial.message) == (rule, True), (
+        decision.denial.message[:300]
+    )
+
+
+def test_every_program_bash_and_dash_run_is_named(tmp_path: Path) -> None:
+    """The reader against the shells themselves: each line runs in bash and in dash with a PATH
+    of logging stand-ins; every program that ran must be one the reader named (or it refused)."""
+    stubs, log = tmp_path / "bin", tmp_path / "log"
+    stubs.mkdir()
+    for name in ("nc", "id", "date"):
+        (stubs / name).write_text(f'#!/bin/sh\necho {name} >> "$LOG"\n')
+        (stubs / name).chmod(0o755)
+    lines = [
+        "echo $((1+$(nc)))", "echo ${x:-$(nc)}", 'echo "${x:-"$(nc)"}"', "echo ${a[$(nc)]}",
+        "cat <<EOF\n  $(nc)\nEOF", "cat <<EOF\n\t`nc`\nEOF", "cat <<EOF\n$$(nc)\nEOF",
+        "cat <<EOF\n\\\\$(nc)\nEOF", "cat <<-EOF\n\t$(nc)\n\tEOF", "cat <<EOF\n$(echo ')'; nc)\nEOF",
+        "cat <<'EOF'\n$(nc)\nEOF\nid", "cat <<E\\OF\nEOF\nnc\nE\\OF\n", "echo `echo \\`nc\\``",
+        "echo $(echo ')'; nc)", "x=(1 $(nc)); case $(id) in *) date;; esac", "f() { nc; }",
+        "[[ -n $(nc) ]]", "echo >$(nc)", ": <<< $(nc)", "echo a#$(nc)", "!(nc)", "coproc { nc; }",
+        "sh <<'EOF'\nnc\nEOF", "bash -c 'nc'", "env -S 'nc x'", "trap nc EXIT", "eval nc",
+        "echo &>/dev/null nc", "echo $((1) ; nc ; (2))", "echo \"$(echo \")\"; nc)\"",
+        "time nc", "xargs -i nc id </dev/null", "find /dev/null -exec nc {} \\;",
+    ]  # fmt: skip
+    shells = [s for s in ("/bin/bash", "/bin/dash") if Path(s).exists()]
+    assert shells
+    for line in lines:
+        try:
+            named = {c.program for c in simple_commands(line)}
+        except Exception:  # refused: the policy denies the line (ShellSyntaxError)
+            continue
+        for shell in shells:
+            log.write_text("")
+            subprocess.run([shell, "-c", line], cwd=tmp_path, env={"PATH": str(stubs), "LOG": str(log)},
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=10)  # fmt: skip
+            ran = set(log.read_text().split())
+            assert ran <= named, (shell, line, ran, named)
+
+
 # --- in the daemon ---------------------------------------------------------------------------
 
 
@@ -246,6 +358,34 @@ async def test_a_denied_command_fails_its_step_with_the_rule(daemon: Daemon) -> 
     assert steps[2]["stdout"] == "after\n"  # the task goes on (stop_on_error is off)
     scrape = daemon.metrics.render().decode()
     assert 'wsrunner_policy_denials_total{mode="enforce",rule="default-deny"} 1.0' in scrape
+
+
+async def test_the_event_loop_runs_while_a_long_command_is_judged(daemon: Daemon) -> None:
+    """Reading and judging 60 KB of commands is CPU work for a worker thread: the daemon's other
+    tasks keep running meanwhile (progress is counted, not timed)."""
+    line = "ls;" * 20_000 + "nc -l 9"  # 20,001 commands; the last one is denied, nothing runs
+    ticks: list[int] = []
+    judged = trio.Event()
+
+    async def tick() -> None:
+        while not judged.is_set():
+            ticks.append(0)
+            await trio.lowlevel.checkpoint()
+
+    async def call() -> None:
+        start = len(ticks)
+        with pytest.raises(PolicyDeniedError) as denied:
+            await daemon.service.workspace.exec("ws-1", line)
+        ticks_while_judging.append(len(ticks) - start)
+        judged.set()
+        assert denied.value.details["rule"] == "default-deny"
+
+    ticks_while_judging: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        await trio.lowlevel.checkpoint()
+        nursery.start_soon(call)
+    assert ticks_while_judging[0] > 10, ticks_while_judging
 
 
 async def test_audit_mode_runs_the_command_and_logs_the_denial(
@@ -384,7 +524,7 @@ def test_cli_test_cases(tmp_path: Path) -> None:
             str(REPO / "policies" / "examples" / "50-acme-node.yaml"), "--cases")  # fmt: skip
     ok = run_cli(*args, str(REPO / "policies" / "examples" / "default-cases.yaml"), env={})
     assert ok.returncode == 0, ok.stdout
-    assert ok.stdout.splitlines()[-1] == "13 passed, 0 failed"
+    assert ok.stdout.splitlines()[-1] == "31 passed, 0 failed"
     wrong = write(tmp_path / "cases.yaml", """\
         apiVersion: wsrunner/v1
         kind: PolicyTest
