@@ -512,9 +512,14 @@ GREP_ENV = frozenset({"PATH", "LANG", "PWD"})
 async def via_grep(tenant: Tenant) -> None:
     """ripgrep runs no program of the tenant's: its process is inspected from the host while
     it runs (kept running by a search with megabytes of matches), for descriptors (besides
-    the workspace files it is reading and the system's it loads), environment, identity,
-    seccomp, and a network
-    namespace of its own. What cannot be probed this way: its connections (it makes none)."""
+    the workspace directories and files it is reading and the system's it loads), its
+    environment, identity, seccomp, and a network namespace of its own.
+
+    Not probed: whether it could connect anywhere (it runs no code of the tenant's, so
+    nothing would try; its network namespace is checked instead), and whether it could read
+    outside the workspace (it follows no symlink and the path is checked before it starts;
+    with nothing to make it look elsewhere, no honest search can show it).
+    """
     token = f"needle{uuid.uuid4().hex}"
     line = f"{token} " + "x" * 100 + "\n"
     async with tenant.internal_client() as c:
@@ -531,9 +536,8 @@ async def via_grep(tenant: Tenant) -> None:
         assert r.status_code == 200 and r.json()["engine"] == "ripgrep", r.text
     assert watch.reports, "no ripgrep process was seen while the search ran"
     (report, *_) = watch.reports.values()
-    fds = {
-        k: v for k, v in report["fds"].items() if not v.startswith((f"{tenant.root}/hay", "/usr/"))
-    }
+    fds = {k: v for k, v in report["fds"].items()
+           if v != str(tenant.root) and not v.startswith((f"{tenant.root}/", "/usr/"))}  # fmt: skip
     report["fds"] = fds
     broken = [b for b in check_report(report, tenant) if "I2" not in b]
     env = report["env"]
@@ -761,11 +765,11 @@ MIRROR_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "GIT_CONFIG_NOSYSTEM",
 
 def check_network_side(report: dict[str, Any], tenant: Tenant) -> list[str]:
     """What a process of the daemon's network-side git breaks: I1 (besides git's pipes, the
-    repositories' files it reads and writes and the system's it loads), I3 (its configuration is the daemon's,
+    repositories' files it reads and writes, /dev/null and the system's files it loads), I3 (its configuration is the daemon's,
     outside the workspace: no task variable), I4 (a network namespace of its own), I8."""
     broken = []
     fds = {n: t for n, t in report["fds"].items() if int(n) > 2 and not (
-        t.startswith(("pipe:", "/usr/", f"{tenant.tmp}/")))}  # fmt: skip
+        t.startswith(("pipe:", "/usr/", f"{tenant.tmp}/")) or t == "/dev/null")}  # fmt: skip
     if fds:
         broken.append(f"I1: descriptors {fds}")
     env = dict(report["env"])
