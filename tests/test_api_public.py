@@ -25,6 +25,7 @@ from tests.conftest import (
     unique_seconds,
     wait_for,
 )
+from wsrunner.policy import bundled_policy
 
 PROBLEM = "application/problem+json"
 
@@ -428,10 +429,15 @@ async def test_clone_uses_the_workspace_token_and_never_stores_it(
     creds = tmp_path / "git-credentials.yaml"
     creds.write_text(f"workspaces:\n  ws-git:\n    '{git_http}': {SECRET}\n")
     creds.chmod(0o600)
+    # The test's git server listens on the host's loopback, which `egress` never reaches.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        bundled_policy().read_text().replace("gitNetwork: egress", "gitNetwork: host")
+    )
     daemon = await start_daemon(
         frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
         internal_token="t", clone_schemes=("http",), clone_hosts=(git_http,),
-        git_schemes=("http",), git_credentials_file=creds,
+        git_schemes=("http",), git_credentials_file=creds, policy_file=policy,
     )  # fmt: skip
     _, token = await daemon.service.tokens.create("t", None)
     api = Api(daemon, daemon.urls[0], daemon.urls[1], token)
