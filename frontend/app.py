@@ -3,7 +3,6 @@ request helpers that turn malformed input into the core's errors."""
 
 from __future__ import annotations
 
-import json
 from typing import Any, Final
 
 import trio
@@ -12,14 +11,18 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import BadRequest
 
+from frontend import bodies
 from wsrunner.errors import ValidationError
 
 
 async def json_body() -> Any:
-    """The request body as JSON; a 400 problem when it is not JSON."""
-    raw = await request.get_data(as_text=False)
+    """The request body as JSON; a 400 problem when it is not JSON, or JSON that
+    `frontend.bodies` refuses to decode (nested too deeply, too many values)."""
+    raw = await request.get_data(cache=True, as_text=False, parse_form_data=False)
     try:
-        return json.loads(raw)
+        return await bodies.loads(raw)
+    except bodies.BodyLimitError as exc:
+        raise BadRequest(str(exc)) from None
     except ValueError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
