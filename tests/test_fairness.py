@@ -187,3 +187,38 @@ async def test_a_deeply_nested_metadata_file_does_not_stop_the_daemon(api: Api) 
         # The daemon's metadata writer read the planted file and wrote its own over it.
         await wait_for(lambda: meta.read_bytes()[:1] == b"{", timeout=10)
         assert (await public.get("/api/tasks")).status_code == 200
+
+
+def many_small_values(i: int) -> bytes:
+    """A submit body of about 9 MB (under the 10 MiB limit) that is 4.5 million small ints.
+
+    Reading it is cheap; decoding it is not: Python's C parser holds the GIL through the whole
+    array (about 0.15 s). Even bodies put the array in `steps` (a field that refuses it), odd
+    ones in a field nobody reads, so that nothing but the decoding costs.
+    """
+    ints = b"[" + b"0," * 4_500_000 + b"0]"
+    if i % 2:
+        return b'{"workspace_id": "ws-a", "padding": ' + ints + b', "steps": []}'
+    return b'{"workspace_id": "ws-a", "steps": ' + ints + b"}"
+
+
+async def test_large_json_bodies_leave_another_tenant_answered_within_a_second(api: Api) -> None:
+    _, token_a = await api.daemon.service.tokens.create("tenant-a", ["ws-a"])
+    answers: list[tuple[int, httpx.Response]] = []
+
+    async def submit_as_a(i: int, public: httpx.AsyncClient) -> None:
+        r = await public.post("/api/tasks/submit", content=many_small_values(i),
+                              headers={"Content-Type": "application/json"})  # fmt: skip
+        answers.append((i, r))
+
+    async def flood() -> None:
+        async with patient(api.client(token_a)) as public, trio.open_nursery() as nursery:
+            for i in range(FLOOD):
+                nursery.start_soon(submit_as_a, i, public)
+
+    latencies = await b_waits_while(api, flood)
+    assert_b_answered_in_time(latencies, "sent large JSON bodies of small values")
+    assert len(answers) == FLOOD
+    for i, r in answers:
+        # A is answered too: its body is refused for holding too many values, a clear 400.
+        assert "more than 50000 JSON values" in problem(r, 400)["detail"], (i, r.text)
