@@ -280,8 +280,10 @@ def test_overlays_apply_in_order_to_matching_workspaces(tmp_path: Path) -> None:
         ("cat <<EOF\n EOF\necho '\nEOF\nnc evil\n'", "builtin:syntax", "here-document at 2:2"),
         ("cat <<EOF\nx\nEOF\r\nnc\n", "builtin:syntax", "here-document at 3:1"),
         ("cat <<EOF\nx \\\nEOF\necho '\nEOF\nnc\n'", "builtin:syntax", "continues onto the"),
-        # bash joins a word across a backslash-newline, the grammar splits it: `lsof`, not `ls`.
+        # bash joins a word across a backslash-newline, the grammar splits it (`lsof`, not `ls`);
+        # at the start of a line, the grammar joins the line to the one before (`ls nc`).
         ("ls\\\nof", "builtin:syntax", "line continuation"),
+        ("ls\n\\\nnc", "builtin:syntax", "continuation (backslash at the end of a line) at 2:1"),
         # Bash syntax that dash, the usual /bin/sh, reads as commands.
         ("((nc))", "builtin:syntax", "(( ... ))"),
         ("[[ -n x || nc ]]", "builtin:syntax", "inside [[ ]]"),

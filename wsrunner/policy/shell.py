@@ -350,13 +350,15 @@ def _first_error(root: Node, src: Source) -> str:
 
 def _continuations(node: Node, src: Source) -> None:
     """Refuse a line continuation (backslash-newline) that joins two words, or a word and an
-    operator: bash joins them (`l\\<newline>s` is `ls`), the grammar reads two words."""
+    operator: bash joins them (`l\\<newline>s` is `ls`), the grammar reads two words. One at
+    the start of a line is refused too: the grammar then joins that line to the one before."""
     data = src.data
     for found in _CONTINUATION.finditer(data, node.start_byte, node.end_byte):
         at = found.end() - 2  # the backslash
         before, after = data[at - 1 : at], data[at + 2 : at + 3]
-        if before in _BLANK or after in _BLANK:
+        if before != b"\n" and (before in _BLANK or after in _BLANK):
             continue  # bash and the grammar both see a blank between two words
+        # (After a newline, the grammar joins the two lines into one command: bash does not.)
         inner = node.descendant_for_byte_range(at, at + 1)
         kind = inner.type if inner is not None else ""
         if kind in ("raw_string", "ansi_c_string", "comment"):
@@ -364,8 +366,8 @@ def _continuations(node: Node, src: Source) -> None:
         if kind in ("heredoc_body", "heredoc_content") and _in_quoted_heredoc(inner, src):
             continue  # kept as text
         raise ShellSyntaxError(f"cannot read the command: a line continuation (backslash at "
-                               f"the end of a line) inside a word at {src.where(at)}; write the "
-                               "word on one line")  # fmt: skip
+                               f"the end of a line) at {src.where(at)} that bash and the policy "
+                               "would read differently; join the lines")  # fmt: skip
 
 
 def _in_quoted_heredoc(node: Node | None, src: Source) -> bool:
