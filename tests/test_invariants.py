@@ -1,14 +1,21 @@
-"""The isolation invariants (docs/security.md), checked from inside every process the daemon
-starts for a tenant, by one shared probe.
+"""The isolation invariants (docs/security.md), checked on every way the daemon starts a
+process for a tenant, by one shared probe.
 
-A tenant gets a process started on each of the daemon's PATHS below; a new way of starting a
-process joins PATHS. On each, the same probe (PROBE, a Python script in the workspace) reports:
-its descriptors (I1: 0, 1 and 2 only), its exact environment (I2: the task environment and
-nothing of the daemon's, no OLDPWD, no git token), its uid, capabilities, no_new_privs and
-seccomp mode (I8), and whether it reached listeners the test opens on the host (I4), in the
-default network mode (`none`) and in `egress`. Where the daemon runs git, the probe is what git
-itself starts on the workspace's side (a filter, hook or upload-pack the tenant planted); ripgrep
-starts nothing, so its process is inspected from the host while it runs.
+Each way is one entry of PATHS (one test id per path and network mode); a new way of
+starting a process joins PATHS to pass review. On each, the same probe (PROBE, a Python
+script in the workspace) reports from inside: its descriptors and those of the processes
+above it in the sandbox (I1: 0, 1 and 2 only), its exact environment (I2: the task's, no
+OLDPWD, no git token), whether it reached listeners the test opens on the host (I4: on
+127.0.0.1, ::1 and the host's addresses, also through the sandbox's gateway), its uid,
+capabilities, no_new_privs and seccomp mode (I8); in network mode `none` (the default) and
+`egress`. Where the daemon runs git, the probe is what git itself starts on the workspace's
+side: a filter, hook, upload-pack or receive-pack the tenant planted in its global or the
+repository's git config. What runs nothing of the tenant's (ripgrep, the daemon's own
+network-side git, the privileged launch chain) is inspected from the host while it runs
+(`HostWatch`).
+
+Also here: a tenant's core.sshCommand never runs when git goes to the network (I3), and a
+daemon killed while a command runs restarts on its ports (no command holds its sockets).
 """
 
 from __future__ import annotations
@@ -130,14 +137,14 @@ def main():
 main()
 """
 
-#: The task environment a command gets (wsrunner/workspace.py `open_task`), by name; values
-#: that depend on the task are checked in `check_env`.
+#: The task environment a command gets (wsrunner/workspace.py `open_task`), by name; the
+#: values that matter are checked in `check_report`.
 TASK_ENV = frozenset({
     "PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "WORKSPACE_ID", "TASK_ID",
     "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_NOSYSTEM",
     "GIT_TERMINAL_PROMPT", "GIT_EDITOR", "GIT_PAGER", "PAGER", "GIT_ALLOW_PROTOCOL",
 })  # fmt: skip
-#: What `/bin/sh -c` adds when it starts the probe.
+#: Where the command starts (bubblewrap's --chdir, or `/bin/sh -c`).
 SHELL_ENV = frozenset({"PWD"})
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 WS = "ws-inv"
