@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,8 @@ async def test_ld_audit_from_a_payload_never_runs_as_root(
     """The tenant builds an audit library in its workspace; a producer then queues a task of
     that workspace with `credentials.env_vars.LD_AUDIT` naming it (a tenant-chosen variable
     passed through). Nothing runs as root: the payload is refused at claim, naming the field."""
+    if shutil.which("gcc") is None:  # commands see the host's /usr
+        pytest.skip("no C compiler to build the audit library (the refusals are tested below)")
     markers = attacker.root / "markers"
     source = AUDIT_C.replace("MARKERS", json.dumps(str(markers)))
     built = await attacker.run(
