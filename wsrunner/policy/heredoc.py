@@ -18,15 +18,14 @@ from typing import Final
 
 from tree_sitter import Node
 
-from wsrunner.policy.words import Source
+from wsrunner.policy.words import Source, live_substitution
 
 #: A delimiter the checks below understand: a plain word, quoted or not.
 _PLAIN_DELIMITER: Final = re.compile(rb"[A-Za-z0-9_.:+,=@%/'\"\\-]+")
 #: In an unquoted body: an escape, `$$` (the shell's pid), or the start of a substitution.
 _STARTS: Final = re.compile(rb"\\[\\$`]|\$\$|\$[({\[]|`")
-_KINDS: Final = frozenset({"command_substitution", "arithmetic_expansion", "expansion"})
 _PREFIX: Final = b'echo "'  #: a body is read like the inside of a double-quoted string
-_FIRST_WINDOW: Final = 256
+_FIRST_WINDOW: Final = 64  #: bytes; most substitutions are shorter
 _ESCAPE: Final = re.compile(rb"\\([\\$`\n])")
 
 
@@ -117,33 +116,42 @@ class Scanner:
         return raw.decode("utf-8", "surrogateescape")
 
     def substitutions(self, body: Body, src: Source) -> Iterator[tuple[Node, Source]]:
-        """Each substitution of an unquoted body, with the source it was parsed from."""
-        pos = body.start
-        while (found := _STARTS.search(src.data, pos, body.end)) is not None:
-            if found[0] in (b"$$",) or found[0].startswith(b"\\"):
+        """Each substitution or expansion of an unquoted body, with the source it was read from.
+
+        From each substitution the body's text is read as the inside of a double-quoted string,
+        in a window that grows while a substitution runs past it; the string ends at the first
+        `"` outside a substitution (a plain character in the body: reading resumes after it).
+        """
+        data, pos, window = src.data, body.start, _FIRST_WINDOW
+        while (found := _STARTS.search(data, pos, body.end)) is not None:
+            if found[0] == b"$$" or found[0].startswith(b"\\"):
                 pos = found.end()
                 continue
-            node, at = self._extent(src, found.start(), body.end)
-            yield node, at
-            pos = found.start() + node.end_byte - len(_PREFIX)
-
-    def _extent(self, src: Source, start: int, limit: int) -> tuple[Node, Source]:
-        window = _FIRST_WINDOW
-        while True:
-            end = min(start + window, limit)
-            chunk = src.data[start:end]
-            node = _node_at(self._parse(_PREFIX + chunk), len(_PREFIX))
-            if node is not None and not node.has_error:
-                # Read again alone: what follows it in the window must not change the reading.
-                text = _PREFIX + chunk[: node.end_byte - len(_PREFIX)] + b'"'
-                root = self._parse(text)
-                alone = _node_at(root, len(_PREFIX))
-                if not root.has_error and alone is not None and alone.end_byte == node.end_byte:
-                    return alone, Source(text, src.origin, src.offset + start - len(_PREFIX),
-                                         src.what)  # fmt: skip
-            if end >= limit:
+            start = found.start()
+            end = min(start + window, body.end)
+            at = Source(_PREFIX + data[start:end] + b'"', src.origin,
+                        src.offset + start - len(_PREFIX), src.what)  # fmt: skip
+            text = _string_at(self._parse(at.data), len(_PREFIX) - 1)
+            read, cut = start, text is None  # `read`: where the accepted text of this window ends
+            for child in text.named_children if text is not None else ():
+                child_end = at.offset + child.end_byte
+                if child.has_error or child_end > end:
+                    cut = True  # it runs past the window (or does not end at all)
+                    break
+                if child.type == "string_content":
+                    if (live := live_substitution(child, at)) is not None:
+                        raise self._unreadable("a substitution the grammar did not read", at, live)
+                else:
+                    yield child, at
+                read = child_end
+            if text is not None and not cut:
+                pos, window = max(read, min(at.offset + text.end_byte, end)), _FIRST_WINDOW
+            elif read > start:
+                pos = read
+            elif end >= body.end:
                 raise self._unreadable("a substitution in its body does not end", src, start)
-            window *= 4
+            else:
+                window *= 4
 
     def _parse(self, data: bytes) -> Node:
         self.budget -= len(data)
@@ -164,15 +172,12 @@ def _continues(data: bytes, newline: int) -> bool:
     return run % 2 == 1
 
 
-def _node_at(root: Node, byte: int) -> Node | None:
-    """The outermost substitution or expansion that starts at `byte`."""
+def _string_at(root: Node, byte: int) -> Node | None:
+    """The double-quoted string that starts at `byte` (the window's text), or None."""
     node: Node | None = root.descendant_for_byte_range(byte, byte + 1)
-    best = None
-    while node is not None and node.start_byte == byte:
-        if node.type in _KINDS:
-            best = node
+    while node is not None and node.start_byte == byte and node.type != "string":
         node = node.parent
-    return best
+    return node if node is not None and node.type == "string" and node.start_byte == byte else None
 
 
 def _unquote(raw: bytes) -> bytes | None:

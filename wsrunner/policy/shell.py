@@ -33,13 +33,14 @@ from wsrunner.errors import WsrunnerError
 from wsrunner.policy import heredoc, wrappers
 from wsrunner.policy.words import PLACEHOLDER, Source, live_substitution, render
 
-__all__ = ["MAX_DEPTH", "MAX_PIPES", "MAX_TEXT", "PLACEHOLDER", "CommandTooLongError", "NestingTooDeepError",
+__all__ = ["MAX_DEPTH", "MAX_LINE_EXPANSIONS", "MAX_PIPES", "MAX_TEXT", "PLACEHOLDER", "CommandTooLongError", "NestingTooDeepError",
            "ShellSyntaxError", "SimpleCommand", "simple_commands"]  # fmt: skip
 
 MAX_TEXT: Final = 65_536  #: characters; a longer command line is refused unread
 #: Levels of `sh -c`, wrappers (`env`, `timeout`, ...) and substitutions inside one another.
 MAX_DEPTH: Final = 32
 MAX_PIPES: Final = 1_000  #: pipe operators in one command line (see _count_pipes)
+MAX_LINE_EXPANSIONS: Final = 1_000  #: `$` and backticks on a line, with a here-document
 _TEXT: Final = frozenset({"raw_string", "string_content", "ansi_c_string", "comment",
                           "heredoc_body", "heredoc_content"})  # fmt: skip
 _SUBSTITUTION_VIA: Final = {"$(": "$( )", "`": "` `", "<(": "<( )", ">(": ">( )"}
@@ -106,6 +107,7 @@ def simple_commands(text: str) -> list[SimpleCommand]:
         raise ShellSyntaxError(f"cannot read the command: {exc.reason} at character "
                                f"{exc.start + 1}") from None  # fmt: skip
     _count_pipes(data)
+    _count_expansions(data)
     return _Reader(data).run()
 
 
@@ -318,6 +320,19 @@ def _count_pipes(data: bytes) -> None:
     if pipes > MAX_PIPES:
         raise ShellSyntaxError(f"cannot read the command: it has {pipes} pipes (|); at most "
                                f"{MAX_PIPES} are read")  # fmt: skip
+
+
+def _count_expansions(data: bytes) -> None:
+    """Refuse a line with more than MAX_LINE_EXPANSIONS `$` and backticks in a command with a
+    here-document: tree-sitter reads a body line of many expansions in quadratic time (64 KB of
+    `$a ` on one line take seconds; 1,000 per line, about 0.15 s in all)."""
+    if b"<<" not in data:
+        return
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if (count := line.count(b"$") + line.count(b"`")) > MAX_LINE_EXPANSIONS:
+            raise ShellSyntaxError(f"cannot read the command: line {number} has {count} $ and ` "
+                                   f"with a here-document in the command; at most "
+                                   f"{MAX_LINE_EXPANSIONS} are read")  # fmt: skip
 
 
 def _deeper(depth: int) -> int:
