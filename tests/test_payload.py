@@ -68,7 +68,7 @@ def body(**kw):
         (
             {"credentials": {"env_vars": {"PATH": "/evil"}}},
             "credentials.env_vars.PATH",
-            "variable name",
+            "reserved",
         ),
         ({"credentials": {"password": "x"}}, "credentials.password", "unknown field"),
     ],
