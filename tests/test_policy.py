@@ -292,8 +292,10 @@ def test_overlays_apply_in_order_to_matching_workspaces(tmp_path: Path) -> None:
         ("env " * 3000 + "true", "builtin:nesting", "nested too deep"),
         ("$(" * 3000 + "ls" + ")" * 3000, "builtin:nesting", "nested too deep"),
         ("x" * 65_537, "builtin:length", "65537 characters"),
-        ("ls|" * 16_000 + "ls '", "builtin:syntax", "16000 pipes"),
-        ("cat <<EOF\n" + "$a " * 2_000 + "\nEOF\n", "builtin:syntax", "2000 $ and `"),
+        ("ls|" * 16_000 + "ls '", "builtin:complexity", "16000 pipes"),
+        ("cat <<EOF\n" + "$a " * 2_000 + "\nEOF\n", "builtin:complexity", "2000 $ and `"),
+        ("(x)" * 21_000 + '"', "builtin:complexity", "CPU time"),  # the parser recovers slowly
+        (")" * 65_000, "builtin:syntax", "at 1:1"),  # stopped at the first error
     ],
 )
 def test_what_the_reader_cannot_read_is_denied(line: str, rule: str, message: str) -> None:

@@ -5,7 +5,8 @@ command (`policy.shell`); an explicit deny anywhere wins over any allow; a progr
 names is denied by default. Built-in checks come first and cannot be switched off: a program
 given by path (`/usr/bin/python`, `./x`) or computed at run time (`$CMD`) is refused, and so is a
 line the shell reader cannot read (`builtin:syntax`), one longer than 65,536 characters
-(`builtin:length`) or nested more than 32 levels deep (`builtin:nesting`).
+(`builtin:length`), nested more than 32 levels deep (`builtin:nesting`) or too costly to parse
+(`builtin:complexity`).
 
 Evaluation is CPU work on tenant text (64 KB of short commands: about 0.2 s): the daemon runs it
 off the event loop (`Executor.judge`); `EffectivePolicy.decided` answers from the cache.

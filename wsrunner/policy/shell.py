@@ -14,35 +14,36 @@ Commands run with `/bin/sh`, which may be dash: bash syntax that dash reads as c
 the command dash sees there.
 
 Fail closed: a line the grammar cannot read (an ERROR or MISSING node; the message gives the
-line:column), one longer than MAX_TEXT characters, or one nested deeper than MAX_DEPTH levels
-raises ShellSyntaxError, which the policy turns into a denial. The walk keeps its own stack, so
-no input reaches Python's recursion limit. The OS sandbox, not this reader, is the boundary.
+line:column), one longer than MAX_TEXT characters, nested deeper than MAX_DEPTH levels, or too
+costly to parse (`policy.grammar`) raises ShellSyntaxError, which the policy turns into a
+denial. The walk keeps its own stack, so no input reaches Python's recursion limit. The OS
+sandbox, not this reader, is the security boundary.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
 from typing import Final
 
-import tree_sitter_bash
-from tree_sitter import Language, Node, Parser
+from tree_sitter import Node
 
-from wsrunner.errors import WsrunnerError
 from wsrunner.policy import heredoc, wrappers
+from wsrunner.policy.grammar import (
+    CommandTooLongError,
+    Grammar,
+    NestingTooDeepError,
+    ShellSyntaxError,
+    TooComplexError,
+)
 from wsrunner.policy.words import PLACEHOLDER, Source, live_substitution, render
 
-__all__ = ["MAX_DEPTH", "MAX_LINE_EXPANSIONS", "MAX_PIPES", "MAX_TEXT", "PLACEHOLDER", "CommandTooLongError", "NestingTooDeepError",
-           "ShellSyntaxError", "SimpleCommand", "simple_commands"]  # fmt: skip
+__all__ = ["MAX_DEPTH", "MAX_TEXT", "PLACEHOLDER", "CommandTooLongError", "NestingTooDeepError",
+           "ShellSyntaxError", "SimpleCommand", "TooComplexError", "simple_commands"]  # fmt: skip
 
 MAX_TEXT: Final = 65_536  #: characters; a longer command line is refused unread
 #: Levels of `sh -c`, wrappers (`env`, `timeout`, ...) and substitutions inside one another.
 MAX_DEPTH: Final = 32
-MAX_PIPES: Final = 1_000  #: pipe operators in one command line (see _count_pipes)
-MAX_LINE_EXPANSIONS: Final = 1_000  #: `$` and backticks on a line, with a here-document
-_TEXT: Final = frozenset({"raw_string", "string_content", "ansi_c_string", "comment",
-                          "heredoc_body", "heredoc_content"})  # fmt: skip
 _SUBSTITUTION_VIA: Final = {"$(": "$( )", "`": "` `", "<(": "<( )", ">(": ">( )"}
 #: Never visited: no command and no substitution in them.
 _SKIP: Final = frozenset({"comment", "heredoc_start", "heredoc_end", "heredoc_body"})
@@ -54,26 +55,6 @@ _SEPARATORS: Final = re.compile(rb"[&|;\n]")
 _CONTINUATION: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\\n")
 _BLANK: Final = (b"", b" ", b"\t", b"\n")
 _BACKTICK_ESCAPE: Final = re.compile(rb"\\([\\`$])")
-_LANGUAGE: Final = Language(tree_sitter_bash.language())
-_local = threading.local()
-
-
-class ShellSyntaxError(WsrunnerError):
-    """The command line cannot be read; `rule` is the built-in rule a denial names."""
-
-    rule: str = "builtin:syntax"
-
-
-class NestingTooDeepError(ShellSyntaxError):
-    """More than MAX_DEPTH levels of `sh -c`, wrappers and substitutions inside one another."""
-
-    rule = "builtin:nesting"
-
-
-class CommandTooLongError(ShellSyntaxError):
-    """The command line is longer than MAX_TEXT characters."""
-
-    rule = "builtin:length"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,17 +87,7 @@ def simple_commands(text: str) -> list[SimpleCommand]:
     except UnicodeEncodeError as exc:
         raise ShellSyntaxError(f"cannot read the command: {exc.reason} at character "
                                f"{exc.start + 1}") from None  # fmt: skip
-    _count_pipes(data)
-    _count_expansions(data)
     return _Reader(data).run()
-
-
-def parse(data: bytes) -> Node:
-    """The root of the syntax tree of `data` (one parser per thread: they are not shared)."""
-    parser = getattr(_local, "parser", None)
-    if parser is None:
-        parser = _local.parser = Parser(_LANGUAGE)
-    return parser.parse(data).root_node
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +124,11 @@ class _Reader:
         self.top = data
         self.out: list[SimpleCommand] = []
         self.stack: list[_Visit | _Run | _Script] = []
-        self.heredocs = heredoc.Scanner(data, parse, ShellSyntaxError)
+        self.grammar = Grammar()
+        self.heredocs = heredoc.Scanner(data, self.grammar.tree, ShellSyntaxError)
 
     def run(self) -> list[SimpleCommand]:
+        self.grammar.check_shape(self.top)
         self._parse(Source(self.top, self.top), "", 0)
         while self.stack:
             item = self.stack.pop()
@@ -168,9 +141,7 @@ class _Reader:
         return self.out
 
     def _parse(self, src: Source, via: str, depth: int) -> None:
-        root = parse(src.data)
-        if root.has_error:
-            raise ShellSyntaxError(f"cannot read the command: {_first_error(root, src)}")
+        root = self.grammar.read(src)
         _continuations(root, src)
         self.stack.append(_Visit(root, src, via, depth))
 
@@ -303,38 +274,6 @@ class _Reader:
             argv, via, depth = runs.argv, name, depth + 1
 
 
-def _count_pipes(data: bytes) -> None:
-    """Refuse more than MAX_PIPES pipe operators: tree-sitter takes quadratic time on a long
-    pipeline with a syntax error in it (64 KB of `ls|` then `'` take seconds). They are counted
-    in a reading where each `|` is a blank, which quotes and here-documents the same way and has
-    no pipeline to be slow on; a `|` in quoted text, a comment or a here-document is no pipe."""
-    if data.count(b"|") <= MAX_PIPES:
-        return
-    root = parse(data.replace(b"|", b" "))
-    pipes = data.count(b"|")
-    if not root.has_error:
-        pipes = 0
-        for found in re.finditer(rb"\|", data):
-            node = root.descendant_for_byte_range(found.start(), found.start() + 1)
-            pipes += node is None or node.type not in _TEXT
-    if pipes > MAX_PIPES:
-        raise ShellSyntaxError(f"cannot read the command: it has {pipes} pipes (|); at most "
-                               f"{MAX_PIPES} are read")  # fmt: skip
-
-
-def _count_expansions(data: bytes) -> None:
-    """Refuse a line with more than MAX_LINE_EXPANSIONS `$` and backticks in a command with a
-    here-document: tree-sitter reads a body line of many expansions in quadratic time (64 KB of
-    `$a ` on one line take seconds; 1,000 per line, about 0.15 s in all)."""
-    if b"<<" not in data:
-        return
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if (count := line.count(b"$") + line.count(b"`")) > MAX_LINE_EXPANSIONS:
-            raise ShellSyntaxError(f"cannot read the command: line {number} has {count} $ and ` "
-                                   f"with a here-document in the command; at most "
-                                   f"{MAX_LINE_EXPANSIONS} are read")  # fmt: skip
-
-
 def _deeper(depth: int) -> int:
     if depth > MAX_DEPTH:
         raise NestingTooDeepError(
@@ -342,25 +281,6 @@ def _deeper(depth: int) -> int:
             "(env, timeout, xargs, ...) and substitutions inside one another"
         )
     return depth
-
-
-def _first_error(root: Node, src: Source) -> str:
-    """The first ERROR or MISSING node of a tree, as "unexpected ... at line:column"."""
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node.is_missing:
-            what = ("the line ending the here-document" if node.type == "heredoc_end"
-                    else repr(node.type))  # fmt: skip
-            return f"missing {what} at {src.where(node.start_byte)}"
-        if node.is_error:
-            raw = src.data[node.start_byte : node.end_byte]
-            at = node.start_byte + len(raw) - len(raw.lstrip())  # the text, not the blank before
-            text = raw.strip().decode("utf-8", "replace")
-            shown = repr(text[:20] + ("..." if len(text) > 20 else "")) if text else "end of text"
-            return f"unexpected {shown} at {src.where(at)}"
-        stack.extend(reversed([c for c in node.children if c.has_error or c.is_missing]))
-    return f"unreadable text at {src.where(0)}"  # has_error promised a node
 
 
 def _continuations(node: Node, src: Source) -> None:
