@@ -133,7 +133,9 @@ ESCAPES: dict[str, list[str]] = {
         "echo $(touch {canary}/subst)",
         "echo {b64} | base64 -d | sh",
         "s\"\"h -c 'touch {canary}/quotes'",
-        'eval "tou""ch${{IFS}}{canary}/eval"',
+        # The gate now reads eval's argument (a computed program name is refused even under
+        # this policy); a quoted name still reaches the sandbox, which is what this tests.
+        'eval "tou""ch {canary}/eval"',
     ],
     "path tricks": [
         "ln -s {secret} link && cat link",
