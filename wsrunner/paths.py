@@ -24,6 +24,7 @@ from wsrunner.protect import rule_for
 
 _SYS_OPENAT2: Final = 437  # x86_64 and aarch64 share the number
 _RESOLVE_NO_MAGICLINKS: Final = 0x02
+_RESOLVE_NO_SYMLINKS: Final = 0x04
 _RESOLVE_BENEATH: Final = 0x08
 
 
@@ -59,10 +60,10 @@ def clean_relative(path: str) -> str:
     return norm
 
 
-def _openat2(dir_fd: int, rel: str, flags: int, mode: int = 0) -> int:
+def _openat2(dir_fd: int, rel: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
     # openat2 refuses a mode without O_CREAT (EINVAL), unlike openat.
     mode = mode if flags & os.O_CREAT else 0
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS | resolve)
     while True:
         fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(rel), ctypes.byref(how),
                            ctypes.sizeof(how))  # fmt: skip
@@ -104,6 +105,28 @@ def open_beneath(root_fd: int, path: str, flags: int, mode: int = 0o644) -> int:
         if exc.errno in (errno.EXDEV, errno.ELOOP):
             raise PathEscapeError(f"path {path!r} resolves outside the workspace") from None
         raise
+
+
+def open_handle(root_fd: int, path: str) -> int:
+    """An O_PATH descriptor of `path` beneath `root_fd` through no symlink at all (the last
+    component included: a symlink there is refused, not opened), for handing an inode to
+    another process (bubblewrap's `--bind-fd`) so that it never resolves a tenant's path.
+
+    Raises PathEscapeError for a symlink on the way, OSError for anything else.
+    """
+    rel = clean_relative(path)
+    try:
+        if HAVE_OPENAT2:
+            return _openat2(root_fd, rel, os.O_PATH | os.O_NOFOLLOW, resolve=_RESOLVE_NO_SYMLINKS)
+        fd = _walk_nofollow(root_fd, rel, os.O_PATH)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.ELOOP):
+            raise PathEscapeError(f"path {path!r} goes through a symlink") from None
+        raise
+    if stat.S_ISLNK(os.fstat(fd).st_mode):  # O_PATH|O_NOFOLLOW opens the link itself
+        os.close(fd)
+        raise PathEscapeError(f"path {path!r} is a symlink")
+    return fd
 
 
 @contextmanager

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import uuid
@@ -43,7 +44,8 @@ from typing import Final, Literal
 
 import trio
 
-from wsrunner.errors import IsolationUnavailableError
+from wsrunner import paths
+from wsrunner.errors import IsolationUnavailableError, WorkspaceError
 from wsrunner.policy import Limits, SandboxPolicy
 from wsrunner.sandbox import cgroups, seccomp
 from wsrunner.sandbox.identity import UidRange, volume_reachable
@@ -232,11 +234,11 @@ def _try_bwrap(isolation: Isolation) -> str | None:
 
 
 def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
-                  binds: list[tuple[str, str]], cwd: str, network: NetworkMode,
+                  binds: list[tuple[str, str, str]], cwd: str, network: NetworkMode,
                   limits: Limits | None, procs: list[str], fds: list[int], env: Mapping[str, str],
                   home: str = "/", egress_fds: tuple[int, int] | None = None) -> list[str]:  # fmt: skip
-    """The exec chain for `argv` with the task environment `env`; `binds` are (flag, path)
-    pairs; the descriptors to pass are appended to `fds` (the caller closes them)."""
+    """The exec chain for `argv` with the task environment `env`; `binds` are (flag, source,
+    destination) triples; the descriptors to pass are appended to `fds` (the caller closes them)."""
     cpu, fsize, nofile = ("-",) * 3
     if limits is not None:
         cpu, fsize, nofile = (str(limits.cpu_s), str(max(1, limits.file_size_bytes // 512)),
@@ -273,8 +275,8 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
         info, block = egress_fds
         args += ["--ro-bind-data", str(resolv), "/etc/resolv.conf",
                  "--info-fd", str(info), "--block-fd", str(block)]  # fmt: skip
-    for flag, path in binds:
-        args += [flag, path, path]
+    for flag, source, dest in binds:
+        args += [flag, source, dest]
     if isolation.seccomp is not None:
         fds.append(program := _data_fd(isolation.seccomp))
         args += ["--seccomp", str(program)]
@@ -284,6 +286,35 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
     args += ["--chdir", cwd, "--remount-ro", "/"]
     fds.append(argfile := _data_fd(_nul_joined(args)))
     return [*out, bwrap, "--args", str(argfile), "--", *argv]
+
+
+def _handles(root: str, pinned: Sequence[str], protect: Sequence[str],
+             fds: list[int]) -> list[tuple[str, str, str]]:  # fmt: skip
+    """bwrap binds of the pinned directories (read-write) and protected paths (read-only)
+    inside the workspace, each by an O_PATH descriptor opened through no symlink.
+
+    Never a path string: bubblewrap would resolve it again later, following symlinks, and a
+    concurrent command of the same workspace could swap one in between (it bound the host's
+    root into the sandbox in a review). A path that is gone or has become a symlink since it
+    was found is left out: it protects nothing, and the rest still hold. The descriptors are
+    appended to `fds` (the caller closes them).
+    """
+    out: list[tuple[str, str, str]] = []
+    with paths.open_root(root) as rfd:
+        for flag, wanted in (("--bind-fd", pinned), ("--ro-bind-fd", protect)):
+            for path in wanted:
+                rel = os.path.relpath(path, root)
+                if rel.startswith(".."):
+                    raise ValueError(f"{path} is not inside the workspace {root}")
+                try:
+                    fd = paths.open_handle(rfd, rel)
+                except (OSError, WorkspaceError):
+                    continue
+                fds.append(fd)
+                kind = os.fstat(fd).st_mode
+                if stat.S_ISDIR(kind) or (flag == "--ro-bind-fd" and stat.S_ISREG(kind)):
+                    out.append((flag, str(fd), path))
+    return out
 
 
 @dataclass(slots=True)
@@ -337,20 +368,24 @@ class Sandbox:
                                             (f"network egress: {why}",))  # fmt: skip
         group = cgroups.CommandGroup(iso.cgroups, f"cmd-{uuid.uuid4().hex[:12]}")
 
+        fds: list[int] = []
+        kept: list[int] = []  #: the daemon's ends of the egress pipes
+        handles: list[tuple[str, str, str]] = []  #: bwrap binds by descriptor (flag, fd, dest)
+
         def prepare() -> int | None:
-            """The workspace's uid (if workspaces have their own) and the command's cgroups:
-            one worker thread for both."""
+            """The workspace's uid (if workspaces have their own), the command's cgroups and
+            descriptors of the paths inside the workspace to bind: one worker thread for all."""
             owner = None if iso.uids is None else os.stat(root).st_uid
             if iso.cgroups.hierarchies and (iso.uids is None or owner in iso.uids):
                 group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
+            if pinned or protect:
+                handles.extend(_handles(root, pinned, protect, fds))
             return owner
 
-        fds: list[int] = []
-        kept: list[int] = []  #: the daemon's ends of the egress pipes
         launch: Launch | None = None
         try:
             uid: int | None = None
-            if iso.uids is not None or iso.cgroups.hierarchies:
+            if iso.uids is not None or iso.cgroups.hierarchies or pinned or protect:
                 uid = await trio.to_thread.run_sync(prepare, limiter=self._limiter)
             if iso.uids is not None and uid not in iso.uids:
                 raise IsolationUnavailableError(
@@ -358,10 +393,8 @@ class Sandbox:
                     iso.level,
                     (f"the workspace {root} is not owned by a workspace uid (owner {uid})",),
                 )
-            binds = [("--bind", root)]
-            binds += [("--bind", p) for p in pinned]  # before the read-only binds inside them
-            binds += [("--ro-bind", p) for p in protect]
-            binds += [("--ro-bind-try", p) for p in (*policy.read_only_paths, *read_only)]
+            binds = [("--bind", root, root), *handles]
+            binds += [("--ro-bind-try", p, p) for p in (*policy.read_only_paths, *read_only)]
             egress_fds = None
             if network == "egress":
                 info_r, info_w = os.pipe()
