@@ -141,6 +141,28 @@ async def test_a_grep_flood_leaves_another_tenant_answered_within_a_second(
     assert_b_answered_in_time(latencies, f"flooded grep ({engine})")
 
 
+async def test_greps_of_one_long_line_leave_another_tenant_answered(api: Api) -> None:
+    """One line of 1.2 million `a` and the pattern `a`: ripgrep's `--json` record lists every
+    match, 60 MB; decoded whole on the loop it held it 1.2-1.7 s per grep (a review's find)."""
+    _, token_a = await api.daemon.service.tokens.create("tenant-a", ["ws-a"])
+    await write(api, "ws-a", "a.txt", "a" * 1_200_000 + "\n")
+    answers: list[httpx.Response] = []
+
+    async def greps_as_a() -> None:
+        async with patient(api.client(token_a)) as public, trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(grep_as_a, public)
+
+    async def grep_as_a(public: httpx.AsyncClient) -> None:
+        answers.append(await public.post("/api/tools/call", json={
+            "workspace_id": "ws-a", "tool": "workspace_grep", "arguments": {"pattern": "a"}}))  # fmt: skip
+
+    latencies = await b_waits_while(api, greps_as_a)
+    assert_b_answered_in_time(latencies, "grepped one long line")
+    assert len(answers) == 12 and all(r.status_code == 200 for r in answers), answers[0].text
+    assert answers[0].json()["result"]["matches"][0]["line"] == 1
+
+
 async def test_a_long_quoted_git_argument_leaves_another_tenant_answered(api: Api) -> None:
     """`shlex.split` is quadratic in a quoted word: one megabyte took 6.5 s on the loop."""
     _, token_a = await api.daemon.service.tokens.create("tenant-a", ["ws-a"])

@@ -128,6 +128,29 @@ async def test_ripgrep_and_the_walk_give_the_same_matches(api: Api) -> None:
         ("a.txt", 3), ("latin1.txt", 2)]  # fmt: skip
 
 
+async def test_a_line_whose_ripgrep_record_is_huge_matches_as_in_the_walk(api: Api) -> None:
+    """One long line with a match in every few characters makes a `--json` record of megabytes
+    (each submatch listed); it is read in part, off the loop, and gives the walk's match."""
+    ops = api.daemon.service.workspace
+    base = api.daemon.settings.volume_path / "ws-long"
+    async with api.internal_client() as c:
+        await c.post("/workspaces/ws-long/files/write", json={"path": "x", "content": ""})
+    line = 'a"b\\c\td\x01é😀' * 30_000  # quotes, backslashes, escapes, surrogate pairs
+    (base / "long.txt").write_text(f"short a\n{line}\nend a\n", encoding="utf-8")
+    saved = ops.rg
+    for pattern in ("a", "é", "😀"):
+        with_rg = await ops.grep("ws-long", pattern)
+        ops.rg = None
+        try:
+            walked = await ops.grep("ws-long", pattern)
+        finally:
+            ops.rg = saved
+        assert with_rg["engine"] == "ripgrep" and walked["engine"] == "python"
+        assert with_rg["matches"] == walked["matches"], pattern
+    assert [m["line"] for m in with_rg["matches"]] == [2]
+    assert len(with_rg["matches"][0]["content"]) == 500
+
+
 async def test_refusals_through_both_apis_name_the_pattern(api: Api) -> None:
     async with api.internal_client() as c, api.client() as public:
         await c.post("/workspaces/ws-re/files/write", json={"path": "f", "content": "x\n"})

@@ -233,10 +233,25 @@ async def _ripgrep(rg: str, rel: str, query: Query, spawn: Spawn) -> tuple[list[
     if not scope.cancelled_caught and rc == 2 and not capture.stdout.total:
         # --json prints a summary whenever the search ran: nothing at all means no regex.
         raise ValidationError("pattern", _rg_error(capture.stderr.text()))
+    found = await trio.to_thread.run_sync(_rg_matches, capture.stdout.data, limiter=_RG_PARSING)
+    return found, not (scope.cancelled_caught or capture.stdout.truncated)
+
+
+def _rg_matches(output: bytes | bytearray) -> list[JSON]:
+    """The matches in ripgrep's `--json` output (a worker thread; one parse at a time).
+
+    A record is decoded whole only when it is small: one long line of a file can make a
+    record of tens of megabytes (every submatch listed), and one `json.loads` of it holds the
+    GIL for a second or more. Of a big record only what a match needs is read.
+    """
     found: list[JSON] = []
-    for line in capture.stdout.data.splitlines():
+    for line in output.splitlines():
         if len(found) >= SCAN_CAP:
             break
+        if len(line) > _RG_RECORD_DECODED:
+            if (match := _big_rg_match(line)) is not None:
+                found.append(match)
+            continue
         try:
             item = json.loads(line)
         except ValueError:
@@ -247,7 +262,42 @@ async def _ripgrep(rg: str, rel: str, query: Query, spawn: Spawn) -> tuple[list[
         if "text" not in data["path"] or "text" not in data["lines"]:
             continue  # a path or line that is not UTF-8
         found.append(_match(data["path"]["text"], data["line_number"], data["lines"]["text"]))
-    return found, not (scope.cancelled_caught or capture.stdout.truncated)
+    return found
+
+
+_RG_PARSING: Final = trio.CapacityLimiter(1)
+_RG_RECORD_DECODED: Final = 64 * 1024  #: bigger match records are read in part
+#: The start of a match record whose path and line are text; the line's text starts after it.
+_RG_MATCH_HEAD: Final = re.compile(
+    rb'\{"type":"match","data":\{"path":\{"text":("(?:[^"\\]|\\.)*")\},"lines":\{"text":"'
+)
+#: What follows the line's text: a `"` ending a JSON string cannot be followed by `},"` in one.
+_RG_LINE_END: Final = re.compile(rb'"\},"line_number":([0-9]+),')
+
+
+def _big_rg_match(record: bytes) -> JSON | None:
+    """The match of one big `--json` record: its path, line number and the start of its line
+    (what `_match` keeps of it), or None if it is not a text match."""
+    head = _RG_MATCH_HEAD.match(record, 0, 65536)
+    if head is None:
+        return None
+    start = head.end()
+    end = record.find(b'"},"line_number":', start)
+    number = _RG_LINE_END.match(record, end) if end >= 0 else None
+    if number is None:
+        return None
+    # Enough escaped text for LINE_CAP characters (12 bytes at most each: a surrogate pair);
+    # a cut in the middle of an escape is backed off until the prefix decodes.
+    raw = record[start : min(end, start + 12 * LINE_CAP)]
+    for back in range(13):
+        try:
+            text = json.loads(b'"' + raw[: len(raw) - back] + b'"')
+            break
+        except ValueError:
+            continue
+    else:
+        return None
+    return _match(json.loads(head.group(1)), int(number.group(1)), text)
 
 
 def _rg_error(stderr: str) -> str:
