@@ -33,8 +33,9 @@ from wsrunner.errors import (
 )
 from wsrunner.policy import bundled_policy, load_policy
 from wsrunner.policy.engine import Limits
-from wsrunner.sandbox import Isolation, _command_argv, probe
-from wsrunner.sandbox.identity import UidRange
+from wsrunner.process import Capture, run_process
+from wsrunner.sandbox import Isolation, Sandbox, _command_argv, probe
+from wsrunner.sandbox.identity import UidRange, assign
 
 PERMISSIVE = """\
 apiVersion: wsrunner/v1
@@ -550,3 +551,37 @@ async def test_turning_the_sandbox_off_takes_the_policy_too(start_daemon, tmp_pa
     daemon = await start_daemon(sandbox="off", policy_file=policy)
     result = await daemon.service.workspace.exec("ws-1", "id -u; ulimit -t", ".", 10)
     assert result["stdout"].split() == [str(os.geteuid()), "3"]  # no uid change, rlimits kept
+
+
+async def test_a_protected_path_swapped_for_a_symlink_binds_nothing_of_the_host(
+    tmp_path: Path,
+) -> None:
+    """What a command of the same workspace can do between the daemon finding the protected
+    paths and bubblewrap binding them: make one a symlink to `/`. A bind by path followed it
+    and put the host's root inside the sandbox; a bind by descriptor refuses the symlink."""
+    volume = paths_traversable(tmp_path) / "volume"
+    volume.mkdir(mode=0o711)
+    iso = probe(str(volume), UidRange(200000, 265535))
+    assert iso.level == "full", iso.missing
+    root = volume / "ws-swap"
+    root.mkdir(mode=0o700)
+    assign(str(volume), str(root), iso.uids)
+    (root / "repos" / "x").mkdir(parents=True)
+    (root / "repos" / "x" / ".git").symlink_to("/")  # swapped in after find_protected
+    canary, secret = tmp_path / "host-canary", f"host-only-{uuid.uuid4().hex}"
+    canary.write_text(secret)
+    policy = load_policy(bundled_policy()).for_workspace("ws-swap")
+    git = str(root / "repos" / "x" / ".git")
+    capture = Capture.capped(4096, 4096)
+    async with Sandbox(iso).launch(
+        ["/bin/sh", "-c", f"cat repos/x/.git{canary} 2>&1; cat repos/x/.git/config{canary} 2>&1"],
+        root=str(root), cwd=str(root), policy=policy.sandbox, limits=policy.limits,
+        network="none", env={"PATH": "/usr/bin:/bin"}, pinned=[git],
+        protect=[f"{git}/config"],
+    ) as launch:  # fmt: skip
+        await run_process(launch.argv, env=launch.env, capture=capture, kill_grace=1,
+                          pass_fds=launch.pass_fds)  # fmt: skip
+    out = capture.stdout.text()
+    assert secret not in out, out
+    # The command ran (the symlink was left out, not handed to bubblewrap to resolve).
+    assert out.count("No such file") == 2, (out, capture.stderr.text())
