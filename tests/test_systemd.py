@@ -20,8 +20,9 @@ from wsrunner.settings import load_settings
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "systemd" / "wsrunner.service"
 #: `systemd-analyze security --offline` exposure the unit must stay at or under (0 best, 10 worst).
-#: It runs as root (per-workspace uids) and needs user and mount namespaces for bubblewrap.
-EXPOSURE_MAX = 4.0
+#: It runs as root (per-workspace uids) and needs user and mount namespaces for bubblewrap;
+#: 3.9 before the network mode `egress` added four capabilities (docs/security.md).
+EXPOSURE_MAX = 4.7
 
 needs_systemd_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
