@@ -5,8 +5,9 @@ matches as `{file, line, content}` with `file` relative to the workspace root, s
 tell the engines apart. Both stop after TIMEOUT_S or SCAN_CAP matches and say so.
 
 Neither follows a symlink out of the workspace, even one swapped in during the search: ripgrep
-runs inside the workspace's sandbox (the caller's `spawn`), and the Python walk opens every
-file beneath the workspace with `paths.open_beneath`.
+runs inside the workspace's sandbox (the caller's `spawn`), and the Python walk goes down by
+directory descriptors (`os.fwalk`, from a start opened with `paths.open_beneath`) and opens
+each file in its directory without following a symlink.
 
 Patterns are RE2 syntax, which is ripgrep's too (both descend from RE2): no backreferences, no
 look-around, no possessive or atomic groups; `\\uXXXX` and `\\u{...}` are accepted as ripgrep
@@ -275,7 +276,7 @@ _RG_MATCH_HEAD: Final = re.compile(
 _RG_LINE_END: Final = re.compile(rb'"\},"line_number":([0-9]+),')
 
 
-def _big_rg_match(record: bytes) -> JSON | None:
+def _big_rg_match(record: bytes | bytearray) -> JSON | None:
     """The match of one big `--json` record: its path, line number and the start of its line
     (what `_match` keeps of it), or None if it is not a text match."""
     head = _RG_MATCH_HEAD.match(record, 0, 65536)
@@ -317,53 +318,62 @@ def _walk(root: str, rel: str, query: Query, deadline: float) -> tuple[list[JSON
     """
     found: list[JSON] = []
     complete = True
-    top = os.path.join(root, rel)
     search = query.regex.search
     longest = MATCH_BUDGET // max(1, query.regex.programsize)
     # fnmatch.fnmatchcase would keep every tenant's glob in its process-wide cache.
     glob_text = query.include or ""
     glob = None if query.include is None else re.compile(fnmatch.translate(glob_text))
+    # Directory descriptors all the way down (os.fwalk without following symlinks): a
+    # directory swapped for a symlink during the walk is not entered, as root, by its path.
     with paths.open_root(root) as rfd:
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-            dirnames[:] = [d for d in dirnames if d != ".git"]
-            for name in filenames:
-                if time.monotonic() > deadline:
-                    return found, False
-                full = os.path.join(dirpath, name)
-                relpath = os.path.relpath(full, root)
-                if glob is not None:
-                    subject = name if "/" not in glob_text else os.path.relpath(full, top)
-                    if glob.match(subject) is None:
-                        continue
-                data = _read_beneath(rfd, relpath)
-                if data is None or b"\x00" in data:
-                    continue
-                lines = data.split(b"\n")
-                if lines[-1] == b"":
-                    lines.pop()  # the newline that ends the last line does not start another
-                for n, raw in enumerate(lines, start=1):
+        try:
+            top = paths.open_beneath(rfd, rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except (OSError, WorkspaceError):
+            return found, complete
+        try:
+            for dirpath, dirnames, filenames, dfd in os.fwalk(".", dir_fd=top):
+                dirnames[:] = [d for d in dirnames if d != ".git"]
+                for name in filenames:
                     if time.monotonic() > deadline:
                         return found, False
-                    if len(raw) > longest:
-                        complete = False
+                    inside = os.path.normpath(os.path.join(dirpath, name))  # from `rel`
+                    relpath = os.path.normpath(os.path.join(rel, inside))
+                    if glob is not None:
+                        subject = name if "/" not in glob_text else inside
+                        if glob.match(subject) is None:
+                            continue
+                    data = _read_in(dfd, name)
+                    if data is None or b"\x00" in data:
                         continue
-                    if search(raw) is None:
-                        continue
-                    try:
-                        text = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        continue
-                    found.append(_match(relpath, n, text))
-                    if len(found) >= SCAN_CAP:
-                        return found, False
+                    lines = data.split(b"\n")
+                    if lines[-1] == b"":
+                        lines.pop()  # the newline that ends the last line does not start another
+                    for n, raw in enumerate(lines, start=1):
+                        if time.monotonic() > deadline:
+                            return found, False
+                        if len(raw) > longest:
+                            complete = False
+                            continue
+                        if search(raw) is None:
+                            continue
+                        try:
+                            text = raw.decode("utf-8")
+                        except UnicodeDecodeError:
+                            continue
+                        found.append(_match(relpath, n, text))
+                        if len(found) >= SCAN_CAP:
+                            return found, False
+        finally:
+            os.close(top)
     return found, complete
 
 
-def _read_beneath(root_fd: int, relpath: str) -> bytes | None:
-    """A regular file's bytes, opened beneath the workspace with no symlink followed at all."""
+def _read_in(dir_fd: int, name: str) -> bytes | None:
+    """A regular file's bytes, `name` in the directory `dir_fd`, not followed if a symlink."""
     try:
-        fd = paths.open_beneath(root_fd, relpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except (OSError, WorkspaceError):
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)  # fmt: skip
+    except OSError:
         return None
     try:
         st = os.fstat(fd)
