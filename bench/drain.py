@@ -130,10 +130,13 @@ def main() -> None:
             rows = daemon.rows()
             done = [r for r in rows if r[1] == "completed"]
             span = (max(r[3] for r in done) - min(r[2] for r in done)).total_seconds()
-            print(f"{len(done) / span:.1f} tasks/s, {cpu / (args.tasks - done0) * 1000:.2f} ms "
-                  f"daemon CPU per task (loop {loop / cpu:.0%}), {args.tasks - len(done)} lost, "
+            # A short drain can be over before the first measurement: then nothing is measured
+            # (n = 0), which must not end the script.
+            n = max(1, args.tasks - done0)
+            print(f"{len(done) / span:.1f} tasks/s, {cpu / n * 1000:.2f} ms "
+                  f"daemon CPU per task (loop {loop / max(cpu, 1e-9):.0%}), "
+                  f"{args.tasks - len(done)} lost, "
                   f"{sum(1 for r in rows if r[4] > 1)} run twice")  # fmt: skip
-            n = args.tasks - done0
             print(
                 "CPU ms per task: " + ", ".join(f"{k} {v / n * 1000:.2f}" for k, v in split.items())
             )
