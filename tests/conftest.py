@@ -14,6 +14,7 @@ import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -283,3 +284,55 @@ async def _api(start_daemon: Callable[..., Any]) -> Api:
     _, token = await daemon.service.tokens.create("tests", None)
     public, internal = daemon.urls
     return Api(daemon, public, internal, token)
+
+
+async def submit_and_wait(client: httpx.AsyncClient, workspace_id: str,
+                          steps: list[dict[str, Any]], timeout: float = 120) -> dict[str, Any]:  # fmt: skip
+    """Submit a task through the public API (`client` holds the token) and wait for its end;
+    its record."""
+    r = await client.post("/api/tasks/submit", json={"workspace_id": workspace_id, "steps": steps})
+    assert r.status_code == 202, r.text
+    task_id = r.json()["task_id"]
+
+    async def ended() -> dict[str, Any] | None:
+        body: dict[str, Any] = (await client.get(f"/api/tasks/{task_id}")).json()
+        return body if body["status"] in ("completed", "failed", "timed_out") else None
+
+    record: dict[str, Any] = await wait_for(ended, timeout=timeout, poll=0.1)
+    return record
+
+
+@contextmanager
+def git_http_server(directory: Path, password: str, seen: list[str] | None = None) -> Iterator[str]:
+    """A dumb-HTTP git server for the repositories in `directory` that demands `password`
+    (user x-access-token); its host:port. Paths asked for are appended to `seen`."""
+    import base64
+    import http.server
+
+    expected = "Basic " + base64.b64encode(f"x-access-token:{password}".encode()).decode()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=str(directory), **kw)
+
+        def do_GET(self) -> None:
+            if seen is not None:
+                seen.append(self.path)
+            if self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="git"')
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import http.server
 import json
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from tests.conftest import (
     INTERNAL_TOKEN,
     Api,
     cmd,
+    git_http_server,
     git_repo,
     host_pids,
     task_body,
@@ -394,33 +392,8 @@ def _git_http(tmp_path: Path) -> Iterator[str]:
     git_repo(work, {"README": "from http\n"})
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
     subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
-    expected = "Basic " + base64.b64encode(f"x-access-token:{SECRET}".encode()).decode()
-    seen: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(tmp_path / "srv"), **kw)
-
-        def do_GET(self) -> None:
-            seen.append(self.path)
-            if self.headers.get("Authorization") != expected:
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Basic realm="git"')
-                self.end_headers()
-                return
-            super().do_GET()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with git_http_server(tmp_path / "srv", SECRET) as address:
+        yield address
 
 
 async def test_clone_uses_the_workspace_token_and_never_stores_it(

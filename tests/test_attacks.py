@@ -24,7 +24,7 @@ import pytest
 import redis
 import trio
 
-from tests.conftest import INTERNAL_TOKEN, raw_payload, wait_for
+from tests.conftest import INTERNAL_TOKEN, raw_payload, submit_and_wait, wait_for
 from wsrunner.daemon import Daemon
 from wsrunner.errors import ValidationError
 from wsrunner.payload import parse_task
@@ -52,16 +52,7 @@ class Attacker:
     async def run(self, *steps: dict[str, Any]) -> dict[str, Any]:
         """Submit a task in WS through the public API, wait for its end; its record."""
         async with self.client() as c:
-            r = await c.post("/api/tasks/submit", json={"workspace_id": WS, "steps": list(steps)})
-            assert r.status_code == 202, r.text
-            task_id = r.json()["task_id"]
-
-            async def ended() -> dict[str, Any] | None:
-                body: dict[str, Any] = (await c.get(f"/api/tasks/{task_id}")).json()
-                return body if body["status"] in ("completed", "failed", "timed_out") else None
-
-            record: dict[str, Any] = await wait_for(ended, timeout=120, poll=0.1)
-            return record
+            return await submit_and_wait(c, WS, list(steps))
 
 
 @pytest.fixture(name="attacker")

@@ -10,8 +10,6 @@ still work through the daemon's mirror (real git, real bubblewrap, real servers)
 
 from __future__ import annotations
 
-import base64
-import http.server
 import json
 import os
 import shutil
@@ -28,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import INTERNAL_TOKEN, free_port, git_repo, wait_for
+from tests.conftest import INTERNAL_TOKEN, free_port, git_http_server, git_repo, wait_for
 from wsrunner.daemon import Daemon
 
 WS = "ws-git"
@@ -277,31 +275,8 @@ def _git_http(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     git_repo(work, {"README": "v1\n"}, "v1")
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
     subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
-    expected = "Basic " + base64.b64encode(f"x-access-token:{SECRET}".encode()).decode()
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, directory=str(tmp_path / "srv"), **kw)
-
-        def do_GET(self) -> None:
-            if self.headers.get("Authorization") != expected:
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Basic realm="git"')
-                self.end_headers()
-                return
-            super().do_GET()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}", work
-    finally:
-        server.shutdown()
-        server.server_close()
+    with git_http_server(tmp_path / "srv", SECRET) as address:
+        yield address, work
 
 
 def publish(work: Path, text: str) -> None:

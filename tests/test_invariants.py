@@ -44,6 +44,7 @@ from tests.conftest import (
     REDIS_URL,
     git_repo,
     host_pids,
+    submit_and_wait,
     traversable,
     unique_seconds,
     wait_for,
@@ -237,16 +238,7 @@ class Tenant:
     async def submit(self, *steps: dict[str, Any]) -> dict[str, Any]:
         """Submit a task through the public API and wait for its end; its record."""
         async with self.client() as c:
-            r = await c.post("/api/tasks/submit", json={"workspace_id": WS, "steps": list(steps)})
-            assert r.status_code == 202, r.text
-            task_id = r.json()["task_id"]
-
-            async def ended() -> dict[str, Any] | None:
-                body: dict[str, Any] = (await c.get(f"/api/tasks/{task_id}")).json()
-                return body if body["status"] in ("completed", "failed", "timed_out") else None
-
-            record: dict[str, Any] = await wait_for(ended, timeout=120, poll=0.1)
-            return record
+            return await submit_and_wait(c, WS, list(steps))
 
 
 @pytest.fixture(name="tenant", params=["none", "egress"])
