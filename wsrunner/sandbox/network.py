@@ -130,11 +130,16 @@ class Egress:
         pid = None
         stop_r, stop_w = os.pipe()  # slirp4netns exits when this closes (--exit-fd)
         ready_r, ready_w = os.pipe()
-        userns = -1
+        userns = pidfd = -1
+        released = False
         slirp: trio.Process | None = None
         try:
             with trio.fail_after(SETUP_TIMEOUT_S):
                 pid = await _read_child_pid(info_fd)
+                try:  # it waits on its block fd, so this is the sandbox, not a reused pid
+                    pidfd = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    raise EgressError("the sandbox ended before its network was set up") from None
                 userns = await _outer_userns(pid)
                 slirp = await trio.lowlevel.open_process(
                     [self.tools.slirp4netns, "--configure", "--mtu=65520",
@@ -157,26 +162,34 @@ class Egress:
                 if done.returncode != 0:
                     raise EgressError("routes: " + done.stderr.decode(errors="replace").strip())
             os.write(block_fd, b"1")
+            released = True
             await trio.sleep_forever()
         except BaseException as exc:
-            if pid is not None:
-                _kill(pid)  # blocked before exec: nothing ran without its routes
+            if pidfd >= 0 and not released:
+                _kill(pidfd)  # blocked before exec: nothing ran without its routes
             if isinstance(exc, trio.TooSlowError):
                 raise EgressError(f"not attached within {SETUP_TIMEOUT_S:g}s") from None
             raise
         finally:
-            for fd in (ready_r, ready_w, stop_r, stop_w, userns):
+            for fd in (ready_r, ready_w, stop_r, stop_w, userns, pidfd):
                 if fd >= 0:
                     os.close(fd)
             if slirp is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await slirp.wait()
+                # The sandbox is gone or going: the stack has nothing left to deliver. Its exit
+                # (the kernel tearing down what it held of the namespace) takes about 20 ms,
+                # which the command's caller need not wait for: it is reaped in the background.
                 if slirp.returncode is None:
                     slirp.kill()
-                    with trio.CancelScope(shield=True):
-                        await slirp.wait()
-                if slirp.stderr is not None:
-                    await slirp.stderr.aclose()
+                trio.lowlevel.spawn_system_task(_reap, slirp, name="wsrunner.egress.reap")
+
+
+async def _reap(proc: trio.Process) -> None:
+    """Wait for a killed stack to exit and close its pipe."""
+    try:
+        await proc.wait()
+    finally:
+        if proc.stderr is not None:
+            await proc.stderr.aclose()
 
 
 async def _read_some(fd: int) -> bytes:
@@ -238,8 +251,9 @@ async def _stderr(proc: trio.Process) -> str:
     return "no message"
 
 
-def _kill(pid: int) -> None:
+def _kill(pidfd: int) -> None:
+    """SIGKILL the process of `pidfd` (by descriptor: never another process that got its pid)."""
     try:
-        os.kill(pid, signal.SIGKILL)
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:
         pass
