@@ -80,15 +80,20 @@ _SETUP: Final = (
     # daemon's own directory must not show through as OLDPWD.
     'cd -P -- "$4" || exit 125; unset OLDPWD; shift 4; '
 )
-#: Without bubblewrap: runs after setpriv, as the workspace's uid, and executes the command
-#: with exactly the environment in the file at descriptor argv[1] (NUL-separated NAME=value).
+#: Without bubblewrap: runs after setpriv, as the workspace's uid, changes to the directory
+#: argv[2] (unprivileged: the workspace's paths are never resolved as root) and executes the
+#: command with exactly the environment in the file at descriptor argv[1] (NAME=value, NUL
+#: separated).
 _ENV_EXEC: Final = (
     "import os,sys\n"
     "fd=int(sys.argv[1]);data=b''\n"
     "while (c:=os.read(fd,65536)):data+=c\n"
     "os.close(fd)\n"
+    "try:os.chdir(sys.argv[2])\n"
+    "except OSError as e:sys.stderr.write(f'cd: {e.strerror}: {sys.argv[2]}\\n');sys.exit(125)\n"
     "env=dict(i.split(b'=',1) for i in data.split(b'\\0') if i)\n"
-    "os.execvpe(sys.argv[2],sys.argv[2:],env)\n"
+    "env[b'PWD']=os.fsencode(sys.argv[2])\n"
+    "os.execvpe(sys.argv[3],sys.argv[3:],env)\n"
 )
 _LAUNCH: Final = _SETUP + 'exec "$@"'
 _SHELL: Final = "/bin/sh"
@@ -245,7 +250,9 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
                               str(limits.open_files))  # fmt: skip
     bwrap = isolation.bwrap if isolation.level == "full" else None
     sandboxed = bwrap is not None
-    setup = [*procs, "--", cpu, fsize, nofile, "/" if sandboxed else cwd]  # bwrap does --chdir
+    # bwrap (--chdir) or the unprivileged step after setpriv changes to `cwd`: the root shell
+    # goes there itself only when nothing runs with more privilege than the command.
+    setup = [*procs, "--", cpu, fsize, nofile, "/" if sandboxed or uid is not None else cwd]
     if uid is None and not sandboxed and len(argv) == 3 and list(argv[:2]) == [_SHELL, "-c"]:
         # No isolation at all (`require: none`): nothing in the chain is more privileged than
         # the command, so the set-up's own shell runs it (one exec of sh fewer), with the
@@ -262,7 +269,7 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
         # step sets exactly the task's variables, read from a file, and executes the command.
         fds.append(envfile := _data_fd(_nul_joined(variables)))
         python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-        return [*out, python, "-I", "-S", "-c", _ENV_EXEC, str(envfile), *argv]
+        return [*out, python, "-I", "-S", "-c", _ENV_EXEC, str(envfile), cwd, *argv]
     shown = uid if uid is not None else os.geteuid()
     passwd = _data_fd(f"wsrunner:x:{shown}:{shown}:wsrunner:{home}:/bin/sh\n")
     fds.append(passwd)
