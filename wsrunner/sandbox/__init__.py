@@ -412,7 +412,9 @@ class Sandbox:
             spec = _command_argv(iso, argv, uid=uid, binds=binds, cwd=cwd, network=network,
                                  limits=limits, procs=group.procs_files, fds=fds, env=env,
                                  home=home, egress_fds=egress_fds)  # fmt: skip
-            bare = iso.level == "none" and uid is None and spec[0] == _SHELL and len(argv) == 3
+            # Without isolation a shell command is run by the set-up shell itself (see
+            # _command_argv), which then needs the task's environment.
+            bare = spec[2] != _LAUNCH
             launch = Launch(spec, tuple(fds), dict(env) if bare else dict(LAUNCH_ENV))
             if network != "egress":
                 yield launch
