@@ -54,6 +54,15 @@ def test_unit_exposure_is_under_the_threshold(tmp_path: Path) -> None:
     assert exposure <= EXPOSURE_MAX and done.returncode == 0, done.stdout[-2000:]
 
 
+def test_unit_does_not_restart_on_a_configuration_error() -> None:
+    """A configuration error exits 2 (tests/test_cli.py checks that): restarting cannot fix it."""
+    service = UNIT.read_text().split("[Service]", 1)[1].split("\n[", 1)[0]
+    keys = [line.partition("=")[::2] for line in service.splitlines() if "=" in line
+            and not line.startswith("#")]  # fmt: skip
+    assert ("Restart", "on-failure") in keys
+    assert ("RestartPreventExitStatus", "2") in keys
+
+
 def test_credentials_directory_supplies_secrets(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
