@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import Api
+from tests.conftest import Api, free_port
 
 
 async def wsrunner(api: Api, *args: str, token: str | None = None) -> trio.CompletedProcess[bytes]:
@@ -176,3 +176,79 @@ async def test_watch_on_a_terminal_shows_live_progress(api: Api, tmp_path: Path)
     assert code == 0, text
     assert "step 2/2" in text and "1/2" in text  # the bar: step k of n
     assert "one" in text and "two" in text and "completed in" in text
+
+
+async def client(*args: str, env: dict[str, str]) -> trio.CompletedProcess[bytes]:
+    """The CLI with only `env` for its settings: no WSRUNNER_* from the caller's environment."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("WSRUNNER_", "XDG_"))}
+    return await trio.run_process([sys.executable, "-m", "wsrunner", *args], env={**clean, **env},
+                                  capture_stdout=True, capture_stderr=True, check=False)  # fmt: skip
+
+
+async def test_an_unreachable_daemon_is_one_line_and_exit_69() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    env = {"WSRUNNER_URL": url, "WSRUNNER_TOKEN": "wsr_x"}
+    for argv in (["tasks", "list"], ["tasks", "show", "ID"], ["tasks", "cancel", "ID"],
+                 ["tasks", "watch", "ID"], ["submit", "--workspace", "ws-1", "--wait", "--", "true"],
+                 ["submit", "--workspace", "ws-1", "--json", "--", "true"]):  # fmt: skip
+        res = await client(*argv, env=env)
+        err = res.stderr.decode()
+        assert res.returncode == 69, (argv, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, (argv, err)
+        assert err.startswith(f"wsrunner: cannot reach {url}: ") and "refused" in err, err
+
+
+async def test_tls_and_server_errors_are_exit_69() -> None:
+    """A plain-HTTP listener that answers 500: over https a TLS error, over http a 5xx answer."""
+
+    async def answer_500(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await stream.receive_some(65536)
+                await stream.send_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4"
+                                      b"\r\nConnection: close\r\n\r\nboom")  # fmt: skip
+            except trio.BrokenResourceError:
+                pass  # the TLS client hung up first
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, answer_500, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        tls = await client("tasks", "list", env={"WSRUNNER_URL": f"https://127.0.0.1:{port}",
+                                                 "WSRUNNER_TOKEN": "wsr_x"})  # fmt: skip
+        http = await client("tasks", "show", "ID", env={"WSRUNNER_URL": f"http://127.0.0.1:{port}",
+                                                         "WSRUNNER_TOKEN": "wsr_x"})  # fmt: skip
+        nursery.cancel_scope.cancel()
+    err = tls.stderr.decode()
+    assert tls.returncode == 69 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"wsrunner: cannot reach https://127.0.0.1:{port}: ") and "SSL" in err
+    err = http.stderr.decode()
+    assert http.returncode == 69 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"wsrunner: http://127.0.0.1:{port}: 500 "), err
+
+
+async def test_help_shows_examples_and_exit_codes_and_status_lists_its_choices() -> None:
+    for argv in (["--help"], ["submit", "--help"], ["tasks", "--help"], ["tasks", "watch", "-h"]):
+        shown = (await client(*argv, env={})).stdout.decode()
+        example = "wsrunner tasks watch ID" if argv[0] == "tasks" else "wsrunner submit --workspace"
+        assert "examples:" in shown and example in shown, (argv, shown)
+        assert "69  the daemon is unavailable" in shown and "4   the task was cancelled" in shown
+    bad = await client("tasks", "list", "--status", "bogus",
+                       env={"WSRUNNER_URL": f"http://127.0.0.1:{free_port()}", "WSRUNNER_TOKEN": "x"})  # fmt: skip
+    err = bad.stderr.decode()
+    assert bad.returncode == 2 and "invalid choice: 'bogus'" in err, err
+    assert "queued" in err and "timed_out" in err
+
+
+async def test_the_client_config_honours_xdg_config_home(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    (tmp_path / "xdg" / "wsrunner").mkdir(parents=True)
+    (tmp_path / "xdg" / "wsrunner" / "client.yaml").write_text(f"url: {url}\ntoken: wsr_x\n")
+    (tmp_path / "home").mkdir()
+    env = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    res = await client("tasks", "list", env=env)
+    # The token and address were read from there: the request went out, to nobody.
+    assert res.returncode == 69 and f"cannot reach {url}" in res.stderr.decode(), res.stderr
+    env["XDG_CONFIG_HOME"] = "relative/dir"  # invalid by the spec: ~/.config is used instead
+    (tmp_path / "home" / ".config").symlink_to(tmp_path / "xdg")
+    res = await client("tasks", "list", env=env)
+    assert res.returncode == 69 and f"cannot reach {url}" in res.stderr.decode(), res.stderr

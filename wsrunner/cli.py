@@ -28,7 +28,17 @@ logger = logging.getLogger("wsrunner")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsrunner", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="wsrunner",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  wsrunner serve --config /etc/wsrunner/wsrunner.conf\n"
+        "  wsrunner tokens create --name ci-bot --workspace ws-1\n"
+        "  wsrunner submit --workspace ws-1 --wait -- make test\n\n"
+        "exit codes of serve and tokens: 2 a configuration error, 1 a store is unreachable;\n"
+        "exit codes of submit and tasks:\n" + console.EXIT_CODES_HELP,
+    )
     parser.add_argument("--version", action="version", version=f"wsrunner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(

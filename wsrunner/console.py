@@ -1,11 +1,15 @@
 """The commands that talk to a daemon over HTTP: `wsrunner submit` and `wsrunner tasks ...`.
 
 The server and token come from `--url`/`--token`, else `WSRUNNER_URL`/`WSRUNNER_TOKEN`, else
-the YAML file `WSRUNNER_CLIENT_CONFIG` (default `~/.config/wsrunner/client.yaml`, keys `url` and
-`token`). Output
-is lines for people, or one JSON document per command with `--json`. `submit --wait` and
-`tasks watch` follow the task's events (resuming after a dropped connection) and exit with its
-outcome: 0 completed, 1 failed, 3 timed out, 4 cancelled; 2 is a usage or request error.
+the YAML file `WSRUNNER_CLIENT_CONFIG` (default `$XDG_CONFIG_HOME/wsrunner/client.yaml`, else
+`~/.config/wsrunner/client.yaml`; keys `url` and `token`). Output is lines for people, or one JSON
+document per command with `--json`. `submit --wait` and `tasks watch` follow the task's events
+(resuming after a dropped connection) and exit with its outcome.
+
+Errors: never a traceback, but one line on stderr and an exit code (`EXIT_CODES_HELP`; 0, 1, 3
+and 4 are the task's outcome): 2 for a usage or request error (a 4xx answer), 69 (EX_UNAVAILABLE)
+when the daemon cannot be reached (refused, timed out, TLS, a broken connection) or answers with a
+server error (5xx).
 """
 
 from __future__ import annotations
@@ -17,15 +21,26 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
+import httpx
 import trio
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from wsrunner.client import TERMINAL, ApiError, Client, Event, Task
+from wsrunner.models import TaskState
 
 EXIT_CODES: Final = {"completed": 0, "failed": 1, "timed_out": 3, "cancelled": 4}
+USAGE_ERROR: Final = 2  # argparse's code for a bad command line, also used for request errors
+EX_UNAVAILABLE: Final = 69  # sysexits.h: the service is unavailable
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
+EXIT_CODES_HELP: Final = """\
+  0   done (--wait, watch: the task completed)
+  1   the task failed
+  2   usage or request error (bad arguments, config file or token; a 4xx answer)
+  3   the task timed out
+  4   the task was cancelled
+  69  the daemon is unavailable: cannot connect, timeout, TLS error, or a 5xx answer"""
 
 
 def add_parsers(sub: Any) -> None:
@@ -41,6 +56,12 @@ def add_parsers(sub: Any) -> None:
         "submit", parents=[common], help="submit a task and print its id",
         description="Submit a task: one shell command (after --) or the steps of a YAML/JSON "
         "file. Prints the task id; with --wait, follows the task and exits with its outcome.",
+        epilog="examples:\n"
+        "  wsrunner submit --workspace ws-1 -- make test\n"
+        "  wsrunner submit --workspace ws-1 --steps steps.yaml --wait\n"
+        "  wsrunner submit --workspace ws-1 --priority high --json -- 'echo hi'\n\n"
+        "exit codes:\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     submit.add_argument("--workspace", required=True, metavar="ID", help="workspace id")
     submit.add_argument("--priority", default="normal",
@@ -53,22 +74,41 @@ def add_parsers(sub: Any) -> None:
     submit.add_argument("--wait", action="store_true", help="follow the task to its end")
     submit.add_argument("shell", nargs="*", metavar="COMMAND", help="the shell command, after --")
 
+    examples = ("examples:\n"
+                "  wsrunner tasks list --workspace ws-1 --status running\n"
+                "  wsrunner tasks show ID --json\n"
+                "  wsrunner tasks watch ID\n\nexit codes:\n" + EXIT_CODES_HELP)  # fmt: skip
+    raw = argparse.RawDescriptionHelpFormatter
     tasks = sub.add_parser("tasks", help="list, show, cancel or watch tasks",
-                           description="Look at and act on tasks of the public API.")  # fmt: skip
+                           description="Look at and act on tasks of the public API.",
+                           epilog=examples, formatter_class=raw)  # fmt: skip
     actions = tasks.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", parents=[common], help="newest tasks first")
+    listing = actions.add_parser("list", parents=[common], help="newest tasks first",
+                                 epilog=examples, formatter_class=raw)  # fmt: skip
     listing.add_argument("--workspace", metavar="ID", help="only this workspace")
-    listing.add_argument("--status", help="only tasks in this state")
+    listing.add_argument(
+        "--status", choices=[s.value for s in TaskState], help="only tasks in this state"
+    )
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     for name, text in (("show", "a task's record"), ("cancel", "cancel a queued or running task"),
                        ("watch", "follow a task's events to its end")):  # fmt: skip
-        action = actions.add_parser(name, parents=[common], help=text)
+        action = actions.add_parser(name, parents=[common], help=text, epilog=examples,
+                                    formatter_class=raw)  # fmt: skip
         action.add_argument("task_id", metavar="ID")
 
 
+def _client_config_path() -> Path:
+    """`$WSRUNNER_CLIENT_CONFIG`, else `client.yaml` in the XDG config directory."""
+    if explicit := os.environ.get("WSRUNNER_CLIENT_CONFIG"):
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    # The XDG spec: a relative (or empty) XDG_CONFIG_HOME is invalid and to be ignored.
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "wsrunner" / "client.yaml"
+
+
 def _client_config() -> dict[str, Any]:
-    path = Path(os.environ.get("WSRUNNER_CLIENT_CONFIG")
-                or Path.home() / ".config" / "wsrunner" / "client.yaml")  # fmt: skip
+    path = _client_config_path()
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -93,12 +133,41 @@ def run(args: argparse.Namespace) -> int:
     try:
         code: int = trio.run(_run, args)
     except ApiError as exc:
-        print(f"wsrunner: {exc}", file=sys.stderr)
-        return 2
+        if exc.status >= 500:  # the daemon is there but cannot serve: not the caller's fault
+            print(f"wsrunner: {args.url}: {_one_line(exc)}", file=sys.stderr)
+            return EX_UNAVAILABLE
+        print(f"wsrunner: {_one_line(exc)}", file=sys.stderr)
+        return USAGE_ERROR
+    except httpx.InvalidURL as exc:
+        print(f"wsrunner: invalid --url {args.url!r}: {_one_line(exc)}", file=sys.stderr)
+        return USAGE_ERROR
+    except httpx.HTTPError as exc:  # refused, timed out, TLS, a broken or garbled connection
+        print(f"wsrunner: cannot reach {args.url}: {_reason(exc)}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except (OSError, ValueError) as exc:
-        print(f"wsrunner: {exc}", file=sys.stderr)
-        return 2
+        print(f"wsrunner: {_one_line(exc)}", file=sys.stderr)
+        return USAGE_ERROR
     return code
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause's message, on one line: httpx wraps the socket's or ssl's error, and
+    trio gathers one per address tried into a group."""
+    reason = _one_line(exc)
+    seen = {id(exc)}
+    while True:
+        inner = (exc.exceptions[0] if isinstance(exc, BaseExceptionGroup)
+                 else exc.__cause__ or exc.__context__)  # fmt: skip
+        if inner is None or id(inner) in seen:
+            return reason
+        seen.add(id(inner))
+        exc = inner
+        if str(exc).strip():
+            reason = _one_line(exc)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -122,6 +191,7 @@ async def _run(args: argparse.Namespace) -> int:
             print(json.dumps({"id": args.task_id, "status": "cancelled"}) if args.json
                   else f"task {args.task_id} cancelled")  # fmt: skip
             return 0
+        await wsr.get(args.task_id)  # an unknown task or a daemon that is down: say so at once
         return await _watch(wsr, args.task_id, args.json)
 
 
