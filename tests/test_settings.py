@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
+from tests.conftest import free_port
 from wsrunner.errors import ConfigError
-from wsrunner.settings import GIB, load_settings
+from wsrunner.settings import _SOURCES, GIB, SettingsError, load_settings
 
 BASE = {"DATABASE_URL": "postgresql://x@127.0.0.1/db"}
 
@@ -49,7 +54,7 @@ def test_yaml_file_and_environment_precedence(tmp_path) -> None:
     ("text", "message"),
     [
         ("concurency: 5\n", "unknown key 'concurency'"),
-        ("concurrency: [1]\n", "key 'concurrency'"),
+        ("concurrency: [1]\n", ":1:14: concurrency: must be an integer, not a list"),
         ("workspace_quotas: {'../x': 5}\n", "not a valid workspace id"),
         ("- a\n", "expected a mapping"),
         ("a: [\n", "invalid YAML"),
@@ -69,3 +74,105 @@ def test_the_backend_follows_what_is_configured(tmp_path) -> None:
     assert load_settings(environ={"DATABASE_URL": "postgresql://x/y"}).backend == "redis"
     forced = {"DATABASE_URL": "postgresql://x/y", "WSRUNNER_BACKEND": "embedded"}
     assert load_settings(environ=forced).backend == "embedded"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("concurrency: yes\n", "1:14: concurrency: must be an integer, not a string ('yes')"),
+        ("health_port: 8081.9\n", "1:14: health_port: must be an integer, not a float (8081.9)"),
+        ("default_quota_gb: true\n", "1:19: default_quota_gb: must be a number, not a boolean (true)"),
+        ("internal_no_auth: yes\n", "1:19: internal_no_auth: must be true or false, not a string ('yes')"),
+        ("log_level: 3\n", "1:12: log_level: must be a string, not an integer (3)"),
+        ("concurrency: 2\nconcurrency: 3\n", "2:1: invalid YAML: while constructing a mapping"),
+    ],
+)  # fmt: skip
+def test_yaml_types_are_strict_and_errors_have_positions(tmp_path, text, problem) -> None:
+    f = tmp_path / "w.yaml"
+    f.write_text(text)
+    with pytest.raises(SettingsError) as info:
+        load_settings(f, environ=BASE)
+    assert info.value.problems[0].startswith(f"{f}:{problem}")
+
+
+def test_every_problem_of_the_file_is_listed_in_order(tmp_path) -> None:
+    f = tmp_path / "w.yaml"
+    f.write_text("concurrency: yes\nhealth_port: 8081.9\nbogus: 1\ndefault_quota_gb: 2.5\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(f, environ=BASE)
+    assert [p.split(": ")[:2] for p in info.value.problems] == [
+        [f"{f}:1:14", "concurrency"], [f"{f}:2:14", "health_port"], [f"{f}:3:1", "bogus"]]  # fmt: skip
+
+
+def test_numbers_may_be_integers_and_quotas_fractions(tmp_path) -> None:
+    f = tmp_path / "w.yaml"
+    f.write_text("default_quota_gb: 1.5\nlease_ttl_s: 90\ninternal_no_auth: true\n")
+    s = load_settings(f, environ=BASE)
+    assert s.default_quota_bytes == int(1.5 * GIB) and s.lease_ttl_s == 90.0 and s.internal_no_auth
+
+
+@pytest.mark.parametrize(("var", "value"), [("WORKER_CONCURRENCY", "yes"),
+                                            ("WORKER_HEALTH_PORT", "8081.9"),
+                                            ("WORKSPACE_DEFAULT_QUOTA_GB", "true")])  # fmt: skip
+def test_environment_strings_are_parsed_strictly(var, value) -> None:
+    with pytest.raises(ConfigError, match=f"environment variable {var} "):
+        load_settings(environ={**BASE, var: value})
+
+
+def test_a_value_in_both_file_and_environment_is_reported_with_both_sources(tmp_path) -> None:
+    f = tmp_path / "w.yaml"
+    f.write_text("concurrency: 5\ninternal_token: from-file\n")
+    overrides: list[str] = []
+    env = {**BASE, "WORKER_CONCURRENCY": "4", "WORKER_INTERNAL_TOKEN": "from-env"}
+    s = load_settings(f, environ=env, overrides=overrides)
+    assert s.concurrency == 4 and s.internal_token == "from-env"
+    assert overrides == [
+        f"concurrency: 4 from environment variable WORKER_CONCURRENCY overrides 5 from {f}:1:14",
+        "internal_token: a value from environment variable WORKER_INTERNAL_TOKEN overrides the "
+        f"value from {f}:2:17",
+    ]
+
+
+def _wsrunner(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command as users run it, with no settings from this test process's environment."""
+    names = {var for var, _ in _SOURCES.values()} | {"WSRUNNER_CONFIG", "CREDENTIALS_DIRECTORY"}
+    base = {k: v for k, v in os.environ.items() if k not in names}
+    return subprocess.run([sys.executable, "-m", "wsrunner", *args], env={**base, **env},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_serve_logs_a_value_given_twice_with_both_sources(tmp_path) -> None:
+    f = tmp_path / "w.yaml"
+    f.write_text("concurrency: 5\n")
+    res = _wsrunner("serve", "--config", str(f), WORKER_CONCURRENCY="4", LOG_FORMAT="text",
+                    REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", DATABASE_URL=BASE["DATABASE_URL"],
+                    WORKSPACE_VOLUME_PATH=str(tmp_path / "v"))  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert (f"setting concurrency: 4 from environment variable WORKER_CONCURRENCY overrides 5 "
+            f"from {f}:1:14") in res.stderr  # fmt: skip
+
+
+def test_config_check_exits_1_with_located_errors(tmp_path) -> None:
+    f = tmp_path / "w.yaml"
+    f.write_text("concurrency: yes\nhealth_port: 8081.9\ndefault_quota_gb: true\n")
+    res = _wsrunner("config", "check", str(f))
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.splitlines() == [
+        f"{f}:1:14: concurrency: must be an integer, not a string ('yes')",
+        f"{f}:2:14: health_port: must be an integer, not a float (8081.9)",
+        f"{f}:3:19: default_quota_gb: must be a number, not a boolean (true)",
+    ]
+
+
+def test_config_check_says_ok_with_the_file_read(tmp_path) -> None:
+    f = tmp_path / "w.yaml"
+    f.write_text("concurrency: 5\n")
+    res = _wsrunner("config", "check", WSRUNNER_CONFIG=str(f), WORKER_CONCURRENCY="4")
+    assert res.returncode == 0 and res.stdout == f"ok: {f}\n"
+    assert "note: concurrency: 4 from environment variable WORKER_CONCURRENCY" in res.stderr
+    bare = _wsrunner("config", "check")
+    assert bare.returncode == 0 and bare.stdout == "ok: no settings file (environment only)\n"
+    env_error = _wsrunner("config", "check", WORKER_HEALTH_PORT="8081.9")
+    assert (
+        env_error.returncode == 1 and "environment variable WORKER_HEALTH_PORT" in env_error.stderr
+    )

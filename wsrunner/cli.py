@@ -21,7 +21,7 @@ from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, Valida
 from wsrunner.logs import setup_logging
 from wsrunner.models import ApiToken
 from wsrunner.policy import console as policy_console
-from wsrunner.settings import Settings, load_settings, policy_paths
+from wsrunner.settings import Settings, SettingsError, load_settings, policy_paths, settings_file
 from wsrunner.tokens import TokenRegistry
 
 logger = logging.getLogger("wsrunner")
@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("tools", help="print the agent tool definitions (JSON)",
                    description="Print the workspace tools an agent can call, as served at "
                    "GET /api/tools: name, description, category, permission, JSON Schema.")  # fmt: skip
+    config = sub.add_parser(
+        "config",
+        help="check the daemon's settings",
+        description="Validate the settings as `serve` reads them: the YAML file, then the "
+        "environment. Exit 0 and print `ok` with the file read; exit 1 with one "
+        "`file:line:col: key: message` line per problem.",
+    )
+    config_actions = config.add_subparsers(dest="action", required=True)
+    check = config_actions.add_parser("check", help="validate; exit 1 with located errors")
+    check.add_argument("file", nargs="?", metavar="FILE", help=config_help)
     console.add_parsers(sub)
     policy_console.add_parser(sub)
     provision.add_parser(sub)
@@ -145,6 +155,25 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
     return None
 
 
+def _config_check(args: argparse.Namespace) -> int:
+    """`config check [FILE]`: the settings `serve` would use, or every problem found."""
+    overrides: list[str] = []
+    try:
+        load_settings(args.file, overrides=overrides)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
+        return 1
+    for line in overrides:
+        print(f"note: {line}", file=sys.stderr)
+    path = settings_file(args.file)
+    print(f"ok: {path}" if path else "ok: no settings file (environment only)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
@@ -164,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
             return 2
         return policy_console.run(args, command, configured)
+    if args.command == "config":
+        return _config_check(args)
     if args.command == "provision":  # the default key prefix is the configured one
         try:
             prefix = load_settings(None, require_database=False).redis_prefix
@@ -171,12 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
             return 2
         return provision.run(args, prefix)
+    overrides: list[str] = []
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
+    for line in overrides:  # a value set twice: say which one is used, and where it came from
+        logger.warning("setting %s", line)
     if args.command == "tokens":
         try:
             return trio.run(_tokens, settings, args)

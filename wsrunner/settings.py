@@ -2,8 +2,10 @@
 
 This module is the only reader of `os.environ` and of config files. Each setting has a YAML key
 (its field name) and an environment variable; the environment wins. The reference system's
-variable names are kept (`WORKER_CONCURRENCY`, `REDIS_URL`, ...). Unknown YAML keys, wrong types
-and out-of-range values are errors that name the key and where it came from.
+variable names are kept (`WORKER_CONCURRENCY`, `REDIS_URL`, ...). The file is YAML 1.2 read with
+positions and strict types (an integer key takes an integer, not `yes` or `8081.9`); environment
+values are strings parsed as strictly. Unknown YAML keys, wrong types and out-of-range values are
+errors that name the key and where it came from (`file:line:col: key: message` for the file).
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.scalarbool import ScalarBoolean
 
 from wsrunner.errors import ConfigError
 from wsrunner.payload import WORKSPACE_ID_RE
@@ -256,6 +262,16 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
 
 #: YAML spelling of the quota in GB, as the environment variable has it.
 _YAML_ALIASES: Final[dict[str, str]] = {"default_quota_gb": "default_quota_bytes"}
+#: Settings whose values are never shown (in errors they are, as the operator typed them).
+_SECRETS: Final = frozenset(f.name for f in fields(Settings) if not f.repr)
+
+
+class SettingsError(ConfigError):
+    """A settings file is invalid; `problems` are `file:line:col: key: message` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 def load_settings(
@@ -263,21 +279,38 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     *,
     require_database: bool = True,
+    overrides: list[str] | None = None,
 ) -> Settings:
     """Build the settings from `config_file` (YAML, optional) and then `environ`.
 
-    `config_file` defaults to `$WSRUNNER_CONFIG`. Raises ConfigError naming the key and source.
-    `require_database` False: for commands that never reach PostgreSQL (`policy`).
+    `config_file` defaults to `$WSRUNNER_CONFIG`. Raises ConfigError naming the key and source
+    (SettingsError, listing every problem, for the file). `require_database` False: for commands
+    that never reach PostgreSQL (`policy`). `overrides`, if given, receives one line per setting
+    given in more than one place, naming both (the caller logs them once logging is set up).
     """
     env = os.environ if environ is None else environ
-    path = config_file or env.get("WSRUNNER_CONFIG") or None
+    path = settings_file(config_file, env)
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    notes = [] if overrides is None else overrides
+
+    def give(name: str, value: Any, origin: str) -> None:
+        if name in origins:
+            secret = name in _SECRETS
+            old = "the value" if secret else repr(_shown(values[name]))
+            new = "a value" if secret else repr(_shown(value))
+            notes.append(f"{name}: {new} from {origin} overrides {old} from {origins[name]}")
+        values[name], origins[name] = value, origin
+
     if path is not None:
-        values.update(_read_yaml(Path(path)))
-    values.update(_read_credentials(env.get("CREDENTIALS_DIRECTORY")))
+        for name, (value, origin) in _read_yaml(path).items():
+            give(name, value, origin)
+    for name, (value, origin) in _read_credentials(env.get("CREDENTIALS_DIRECTORY")).items():
+        give(name, value, origin)
     for name, (var, convert) in _SOURCES.items():
         if var and env.get(var, "") != "":
-            values[name] = _convert(name, env[var], convert, f"environment variable {var}")
+            where = f"environment variable {var}"
+            give(name, _convert(name, env[var], convert, where), where)
     values.setdefault("worker_id", default_worker_id())
     values.setdefault("state_dir", _default_state_dir())
     backend = values.get("backend", "auto")
@@ -299,15 +332,33 @@ def load_settings(
     return settings
 
 
+def settings_file(
+    config_file: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Path | None:
+    """The YAML file `load_settings` reads: `config_file`, else `$WSRUNNER_CONFIG`, else none."""
+    env = os.environ if environ is None else environ
+    path = config_file or env.get("WSRUNNER_CONFIG") or None
+    return None if path is None else Path(path)
+
+
+def _shown(value: Any) -> Any:
+    """A value as the operator would write it (paths and tuples as text)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return value
+
+
 #: systemd credential name (LoadCredential=) -> setting; they beat the YAML file, not the env.
 _CREDENTIALS: Final = {"internal-token": "internal_token", "database-url": "database_url",
                        "redis-url": "redis_url"}  # fmt: skip
 
 
-def _read_credentials(directory: str | None) -> dict[str, Any]:
+def _read_credentials(directory: str | None) -> dict[str, tuple[Any, str]]:
     """Secrets systemd passed as credentials: files in $CREDENTIALS_DIRECTORY, not variables,
     so the commands the daemon runs never inherit them."""
-    out: dict[str, Any] = {}
+    out: dict[str, tuple[Any, str]] = {}
     if not directory:
         return out
     for cred, name in _CREDENTIALS.items():
@@ -318,7 +369,8 @@ def _read_credentials(directory: str | None) -> dict[str, Any]:
         except OSError as exc:
             raise ConfigError(f"credential {cred} in {directory}: {exc.strerror}") from None
         if text:
-            out[name] = _convert(name, text, _SOURCES[name][1], f"credential {cred}")
+            where = f"credential {cred}"
+            out[name] = (_convert(name, text, _SOURCES[name][1], where), where)
     return out
 
 
@@ -329,27 +381,107 @@ def _convert(name: str, raw: Any, convert: Callable[[Any], Any], where: str) -> 
         raise ConfigError(f"{where} ({name}): {exc or 'invalid value'}; got {raw!r}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+_HINTS: Final = typing.get_type_hints(Settings)
+_TEXT: Final = (str, Path, Path | None, UidRange)
+
+
+def _wrong_type(name: str, value: Any) -> str | None:
+    """Why a YAML `value` cannot be setting `name` (None: its type is right).
+
+    YAML has types, so they are checked: an integer setting takes an integer, not a float, a
+    boolean or a string; a number setting takes an integer or a float. Lists and mappings are
+    left to their converters, which check their items.
+    """
+    hint = float if name == "default_quota_bytes" else _HINTS[name]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is bool:
+        ok, want = isinstance(value, bool), "true or false"
+    elif hint is int:
+        ok, want = number and isinstance(value, int), "an integer"
+    elif hint is float:
+        ok, want = number, "a number"
+    elif hint in _TEXT:
+        ok, want = isinstance(value, str), "a string"
+    else:
+        return None
+    return None if ok else f"must be {want}, not {_yaml_type(value)}"
+
+
+def _yaml_type(value: Any) -> str:
+    """`value`'s YAML type and the value, for messages: "a float (8081.9)"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    for kind, name in ((int, "an integer"), (float, "a float"),
+                       (str, "a string"), (dict, "a mapping"), (list, "a list")):  # fmt: skip
+        if isinstance(value, kind):
+            return f"{name} ({value!r})" if kind in (int, float, str) else name
+    return type(value).__name__
+
+
+def _plain(node: Any) -> Any:
+    """ruamel's node types as plain Python values (its scalars subclass int, float and str)."""
+    if isinstance(node, dict):
+        return {_plain(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    if isinstance(node, ScalarBoolean):  # an anchored boolean: an int subclass in ruamel
+        return bool(node)
+    for kind in (bool, int, float, str):
+        if isinstance(node, kind):
+            return kind(node)
+    return node
+
+
+def _read_yaml(path: Path) -> dict[str, tuple[Any, str]]:
+    """Setting -> (value, `file:line:col`) of a YAML 1.2 file; SettingsError lists every problem.
+
+    ruamel.yaml, as for the policy: YAML 1.2 (`yes` is a string, not true), no duplicate keys,
+    and a position for every value.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError([f"{path}: invalid YAML: not UTF-8 ({exc.reason})"]) from None
+    yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = False
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        data = yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p).split("\n")[0]
+        raise SettingsError([f"{where}: invalid YAML: {problem.strip()}"]) from None
+    except Exception as exc:  # ruamel raises a few unmarked errors (bad characters, ...)
+        raise SettingsError([f"{path}: invalid YAML: {exc}"]) from None
     if data is None:
         return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    if not isinstance(data, CommentedMap):
+        raise SettingsError([f"{path}:1:1: expected a mapping of settings at the top level"])
     # The quota is spelled in GB in YAML, as in the environment.
-    known = ({f.name for f in fields(Settings)} - set(_YAML_ALIASES.values())) | set(_YAML_ALIASES)
-    out: dict[str, Any] = {}
-    for key, raw in data.items():
+    known = (set(_SOURCES) - set(_YAML_ALIASES.values())) | set(_YAML_ALIASES)
+    out: dict[str, tuple[Any, str]] = {}
+    problems: list[str] = []
+    for key, node in data.items():
         if key not in known:
-            raise ConfigError(
-                f"{path}: unknown key {key!r}; expected one of {', '.join(sorted(known))}"
-            )
-        name: str = _YAML_ALIASES.get(str(key), str(key))
-        out[name] = _convert(name, raw, _SOURCES[name][1], f"{path}: key {key!r}")
+            line, col = data.lc.key(key)
+            problems.append(f"{path}:{line + 1}:{col + 1}: {key}: unknown key {str(key)!r}; "
+                            f"expected one of {', '.join(sorted(known))}")  # fmt: skip
+            continue
+        line, col = data.lc.value(key)
+        where = f"{path}:{line + 1}:{col + 1}"
+        name: str = _YAML_ALIASES.get(key, key)
+        raw = _plain(node)
+        if (wrong := _wrong_type(name, raw)) is not None:
+            problems.append(f"{where}: {key}: {wrong}")
+            continue
+        try:
+            out[name] = (_SOURCES[name][1](raw), where)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{where}: {key}: {exc or 'invalid value'}; got {raw!r}")
+    if problems:
+        raise SettingsError(problems)
     return out
