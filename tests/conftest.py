@@ -30,6 +30,10 @@ from wsrunner.daemon import Daemon, run_daemon
 from wsrunner.errors import NotFoundError
 from wsrunner.settings import Settings
 
+# A host with wsrunner installed must not lend its /etc/wsrunner to the tests (nor the tests'
+# subprocesses): the installed layout is looked for below this root instead.
+os.environ["WSRUNNER_SYSTEM_ROOT"] = "/nonexistent/wsrunner-tests"
+
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

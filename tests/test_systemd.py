@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, free_port, traversable
-from wsrunner.settings import load_settings
+from wsrunner.settings import _SOURCES, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "systemd" / "wsrunner.service"
@@ -61,6 +61,54 @@ def test_unit_does_not_restart_on_a_configuration_error() -> None:
             and not line.startswith("#")]  # fmt: skip
     assert ("Restart", "on-failure") in keys
     assert ("RestartPreventExitStatus", "2") in keys
+
+
+def _service_keys() -> list[tuple[str, str]]:
+    service = UNIT.read_text().split("[Service]", 1)[1].split("\n[", 1)[0]
+    return [line.partition("=")[::2] for line in service.splitlines()
+            if "=" in line and not line.startswith("#")]  # fmt: skip
+
+
+def test_unit_sets_no_setting_over_the_settings_file() -> None:
+    """A variable wins over wsrunner.conf: the unit must not set one an operator cannot see."""
+    settings_variables = {var for var, _ in _SOURCES.values() if var}
+    assigned = [value.partition("=")[0] for key, value in _service_keys() if key == "Environment"]
+    assert assigned and not set(assigned) & settings_variables, assigned
+
+
+def test_unit_checks_settings_and_policy_before_a_reload() -> None:
+    keys = _service_keys()
+    assert [v for k, v in keys if k == "ExecReload"] == [
+        "/usr/bin/wsrunner config check",
+        "/usr/bin/wsrunner policy check",
+        "/bin/kill -HUP $MAINPID",
+    ]
+    # Not ExecStartPre=: its failure is restarted despite RestartPreventExitStatus=; `serve`
+    # checks both itself and exits 2 (below).
+    assert not [v for k, v in keys if k == "ExecStartPre"]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [("wsrunner.conf", "concurrency: yes\nhealth_port: 1.5\n",
+      ["{f}:1:14: concurrency: must be an integer, not a string ('yes')",
+       "{f}:2:14: health_port: must be an integer, not a float (1.5)"]),
+     ("policy.yaml", "version: 1\n", ["{f}:1:1: version: unknown key (not in the wsrunner/v1 schema)"])],
+)  # fmt: skip
+def test_serve_checks_what_the_unit_does_not_and_exits_2(
+    tmp_path: Path, name: str, text: str, expected: list[str]
+) -> None:
+    """The start-time check the unit leaves to `serve`: every located problem, then exit 2."""
+    bad = tmp_path / name
+    bad.write_text(text)
+    env = {"PATH": os.environ["PATH"], "STATE_DIRECTORY": str(tmp_path / "state"),
+           "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WSRUNNER_SYSTEM_ROOT": str(tmp_path)}  # fmt: skip
+    env["WSRUNNER_CONFIG" if name == "wsrunner.conf" else "POLICY_FILE"] = str(bad)
+    done = subprocess.run([sys.executable, "-m", "wsrunner", "serve"], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert all(line.format(f=bad) in lines for line in expected), done.stderr
 
 
 def test_credentials_directory_supplies_secrets(tmp_path: Path) -> None:

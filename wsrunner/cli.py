@@ -8,15 +8,17 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # trio_asyncio patches asyncio at import; it must come before psycopg (stack.md §4.2).
 import trio_asyncio  # noqa: F401  # isort: skip
+import psycopg
 import trio
+from psycopg.conninfo import conninfo_to_dict
 
 from wsrunner import __version__, console, provision, tools
-from wsrunner.daemon import Daemon, open_store, run_daemon
+from wsrunner.daemon import EMBEDDED_STORE, Daemon, open_store, run_daemon
 from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging
 from wsrunner.models import ApiToken
@@ -53,8 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     tokens = sub.add_parser(
         "tokens",
         help="manage the public API's bearer tokens",
-        description="Create, list and revoke bearer tokens of the public API. They are stored "
-        "in PostgreSQL (DATABASE_URL) as SHA-256 digests; a token is shown once, at creation.",
+        description="Create, list and revoke bearer tokens of the public API, stored as SHA-256 "
+        "digests in the daemon's store (PostgreSQL, or the embedded store); a token is shown "
+        "once, at creation. On an installed host, root's commands read what the service reads: "
+        "/etc/wsrunner/wsrunner.conf, /etc/wsrunner/credentials/ and /etc/default/wsrunner. "
+        "create and revoke print the store they used on stderr.",
     )
     tokens.add_argument("--config", metavar="FILE", help=config_help)
     actions = tokens.add_subparsers(dest="action", required=True)
@@ -98,9 +103,30 @@ def _token_json(t: ApiToken) -> dict[str, Any]:
             "revoked_at": t.revoked_at and t.revoked_at.isoformat()}  # fmt: skip
 
 
-async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
+def store_description(settings: Settings, origins: Mapping[str, str]) -> str:
+    """The store a command uses and where that choice came from, never a password:
+    "PostgreSQL postgres@127.0.0.1:5432/test, schema public (database_url from credential ...)".
+    """
+    if settings.backend == "embedded":
+        why = origins.get("backend") or "no database_url or redis_url is set"
+        return f"the embedded store {settings.state_dir / EMBEDDED_STORE} ({why})"
+    try:
+        info = conninfo_to_dict(settings.database_url)
+    except psycopg.ProgrammingError:
+        info = {}
+    user = f"{info['user']}@" if info.get("user") else ""
+    where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+    source = origins.get("database_url", "?")
+    return (
+        f"PostgreSQL {user}{where}, schema {settings.database_schema} (database_url from {source})"
+    )
+
+
+async def _tokens(settings: Settings, args: argparse.Namespace, store_name: str) -> int:
     async with open_store(settings) as store:
         registry = TokenRegistry(store)
+        if args.action != "list":  # a command that writes says where
+            print(f"store: {store_name}", file=sys.stderr)
         if args.action == "create":
             scope = None if args.all_workspaces else args.workspaces
             record, token = await registry.create(args.name, scope)
@@ -155,17 +181,22 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
     return None
 
 
+def _config_problems(exc: ConfigError) -> None:
+    """Print a configuration error: each located problem of a file on a line of its own."""
+    if isinstance(exc, SettingsError):
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+    else:
+        print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
+
+
 def _config_check(args: argparse.Namespace) -> int:
     """`config check [FILE]`: the settings `serve` would use, or every problem found."""
     overrides: list[str] = []
     try:
         load_settings(args.file, overrides=overrides)
-    except SettingsError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
     except ConfigError as exc:
-        print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
+        _config_problems(exc)
         return 1
     for line in overrides:
         print(f"note: {line}", file=sys.stderr)
@@ -203,17 +234,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return provision.run(args, prefix)
     overrides: list[str] = []
+    origins: dict[str, str] = {}
     try:
-        settings = load_settings(args.config, overrides=overrides)
+        settings = load_settings(args.config, overrides=overrides, origins=origins)
     except ConfigError as exc:
-        print(f"wsrunner: invalid configuration: {exc}", file=sys.stderr)
+        _config_problems(exc)
         return 2
     setup_logging(settings.log_level, settings.log_format)
     for line in overrides:  # a value set twice: say which one is used, and where it came from
         logger.warning("setting %s", line)
     if args.command == "tokens":
         try:
-            return trio.run(_tokens, settings, args)
+            return trio.run(_tokens, settings, args, store_description(settings, origins))
         except (ValidationError, NotFoundError) as exc:
             print(f"wsrunner: {exc}", file=sys.stderr)
             return 2

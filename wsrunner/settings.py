@@ -88,12 +88,22 @@ class Settings:
     log_format: str = "auto"  #: "json", "text", or "auto" (text on a terminal, else JSON)
 
 
-SYSTEM_POLICY: Final = Path("/etc/wsrunner/policy.yaml")
+#: The installed layout, below `$WSRUNNER_SYSTEM_ROOT` (default `/`; tests point it elsewhere).
+SYSTEM_CONFIG: Final = Path("etc/wsrunner")  #: wsrunner.conf, policy.yaml, credentials/
+SYSTEM_ENV_FILE: Final = Path("etc/default/wsrunner")  #: the unit's EnvironmentFile=
+SYSTEM_STATE: Final = Path("var/lib/wsrunner")  #: the unit's StateDirectory=
+
+
+def system_root(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the installed layout (`etc/wsrunner`, `var/lib/wsrunner`) lives: `/` on a host."""
+    env = os.environ if environ is None else environ
+    return Path(env.get("WSRUNNER_SYSTEM_ROOT") or "/")
 
 
 def policy_paths(settings: Settings) -> tuple[Path, Path]:
     """The base policy file and the drop-in directory the settings designate."""
-    base = settings.policy_file or (SYSTEM_POLICY if SYSTEM_POLICY.exists() else bundled_policy())
+    system = system_root() / SYSTEM_CONFIG / "policy.yaml"
+    base = settings.policy_file or (system if system.exists() else bundled_policy())
     # policy.d next to the base file, even before it exists: a reload picks up a new one.
     return base, settings.policy_dir or base.parent / "policy.d"
 
@@ -280,22 +290,32 @@ def load_settings(
     *,
     require_database: bool = True,
     overrides: list[str] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> Settings:
     """Build the settings from `config_file` (YAML, optional) and then `environ`.
 
-    `config_file` defaults to `$WSRUNNER_CONFIG`. Raises ConfigError naming the key and source
-    (SettingsError, listing every problem, for the file). `require_database` False: for commands
-    that never reach PostgreSQL (`policy`). `overrides`, if given, receives one line per setting
-    given in more than one place, naming both (the caller logs them once logging is set up).
+    `config_file` defaults to `$WSRUNNER_CONFIG`, else the installed `/etc/wsrunner/wsrunner.conf`
+    when there is one. With the installed file, the command also reads what the unit hands the
+    service: the credentials beside it (`/etc/wsrunner/credentials/`, unless systemd passes
+    `$CREDENTIALS_DIRECTORY`) and `/etc/default/wsrunner`; so `wsrunner tokens create` run by
+    root writes to the store the service reads, and a user who cannot read them gets an error,
+    never a quiet fallback to a store of their own.
+
+    Raises ConfigError naming the key and source (SettingsError, listing every problem, for the
+    file). `require_database` False: for commands that never reach PostgreSQL (`policy`).
+    `overrides`, if given, receives one line per setting given differently in more than one
+    place, naming both (the caller logs them once logging is set up); `origins` receives each
+    setting's source (`file:line:col`, `credential NAME`, `environment variable NAME`).
     """
     env = os.environ if environ is None else environ
     path = settings_file(config_file, env)
+    system = _system_config(path, env)
     values: dict[str, Any] = {}
-    origins: dict[str, str] = {}
+    origins = {} if origins is None else origins
     notes = [] if overrides is None else overrides
 
     def give(name: str, value: Any, origin: str) -> None:
-        if name in origins:
+        if name in origins and values[name] != value:
             secret = name in _SECRETS
             old = "the value" if secret else repr(_shown(values[name]))
             new = "a value" if secret else repr(_shown(value))
@@ -305,13 +325,25 @@ def load_settings(
     if path is not None:
         for name, (value, origin) in _read_yaml(path).items():
             give(name, value, origin)
-    for name, (value, origin) in _read_credentials(env.get("CREDENTIALS_DIRECTORY")).items():
+    credentials = env.get("CREDENTIALS_DIRECTORY") or None
+    if credentials is None and system is not None and _present(system / "credentials"):
+        credentials = str(system / "credentials")
+    for name, (value, origin) in _read_credentials(credentials).items():
         give(name, value, origin)
-    for name, (var, convert) in _SOURCES.items():
-        if var and env.get(var, "") != "":
-            where = f"environment variable {var}"
-            give(name, _convert(name, env[var], convert, where), where)
+    layers = [(env, "environment variable {}")]
+    if system is not None:  # the unit's EnvironmentFile=, below the environment as under systemd
+        env_file = system_root(env) / SYSTEM_ENV_FILE
+        layers.insert(0, (_read_env_file(env_file), f"{env_file}: {{}}"))
+    for variables, place in layers:
+        for name, (var, convert) in _SOURCES.items():
+            if var and variables.get(var, "") != "":
+                where = place.format(var)
+                give(name, _convert(name, variables[var], convert, where), where)
     values.setdefault("worker_id", default_worker_id())
+    if system is not None:
+        values.setdefault("state_dir", system_root(env) / SYSTEM_STATE)  # the unit's
+        if _present(system / "policy.yaml"):
+            values.setdefault("policy_file", system / "policy.yaml")
     values.setdefault("state_dir", _default_state_dir())
     backend = values.get("backend", "auto")
     if backend == "auto":  # neither REDIS_URL nor DATABASE_URL given: run on our own
@@ -335,10 +367,65 @@ def load_settings(
 def settings_file(
     config_file: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Path | None:
-    """The YAML file `load_settings` reads: `config_file`, else `$WSRUNNER_CONFIG`, else none."""
+    """The YAML file `load_settings` reads: `config_file`, else `$WSRUNNER_CONFIG`, else the
+    installed `/etc/wsrunner/wsrunner.conf` if there is one, else none."""
     env = os.environ if environ is None else environ
     path = config_file or env.get("WSRUNNER_CONFIG") or None
-    return None if path is None else Path(path)
+    if path is not None:
+        return Path(path)
+    installed = system_root(env) / SYSTEM_CONFIG / "wsrunner.conf"
+    return installed if _present(installed) else None
+
+
+def _system_config(path: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The installed configuration directory if `path` is its settings file, else None."""
+    system = system_root(environ) / SYSTEM_CONFIG
+    if path is None or os.path.abspath(path.parent) != os.path.abspath(system):
+        return None
+    return system
+
+
+def _present(path: Path) -> bool:
+    """Whether `path` exists; one we may not look at counts (reading it then says why not)."""
+    try:
+        path.stat()
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _unreadable(what: str, exc: OSError) -> ConfigError:
+    """The error for a file or directory of the configuration we may not read, with the fix."""
+    hint = ""
+    if isinstance(exc, PermissionError):
+        hint = ("; the installed configuration is the service's: run this as root, or name "
+                "settings of your own with --config or WSRUNNER_CONFIG")  # fmt: skip
+    return ConfigError(f"cannot read {what}: {exc.strerror}{hint}")
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """`KEY=value` lines of a systemd EnvironmentFile= (comments, blank lines, quotes)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise _unreadable(str(path), exc) from None
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, eq, value = line.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise ConfigError(f"{path}:{n}: expected KEY=value, got {line!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
 
 
 def _shown(value: Any) -> Any:
@@ -367,9 +454,9 @@ def _read_credentials(directory: str | None) -> dict[str, tuple[Any, str]]:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise ConfigError(f"credential {cred} in {directory}: {exc.strerror}") from None
+            raise _unreadable(f"credential {cred} in {directory}", exc) from None
         if text:
-            where = f"credential {cred}"
+            where = f"credential {cred} in {directory}"
             out[name] = (_convert(name, text, _SOURCES[name][1], where), where)
     return out
 
@@ -443,7 +530,7 @@ def _read_yaml(path: Path) -> dict[str, tuple[Any, str]]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise _unreadable(f"config file {path}", exc) from None
     except UnicodeDecodeError as exc:
         raise SettingsError([f"{path}: invalid YAML: not UTF-8 ({exc.reason})"]) from None
     yaml = YAML(typ="rt")
