@@ -8,17 +8,15 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 # trio_asyncio patches asyncio at import; it must come before psycopg (stack.md §4.2).
 import trio_asyncio  # noqa: F401  # isort: skip
-import psycopg
 import trio
-from psycopg.conninfo import conninfo_to_dict
 
 from wsrunner import __version__, console, provision, tools
-from wsrunner.daemon import EMBEDDED_STORE, Daemon, open_store, run_daemon
+from wsrunner.daemon import Daemon, describe_store, open_store, run_daemon
 from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging
 from wsrunner.models import ApiToken
@@ -101,25 +99,6 @@ def _token_json(t: ApiToken) -> dict[str, Any]:
             "created_at": t.created_at.isoformat(),
             "last_used_at": t.last_used_at and t.last_used_at.isoformat(),
             "revoked_at": t.revoked_at and t.revoked_at.isoformat()}  # fmt: skip
-
-
-def store_description(settings: Settings, origins: Mapping[str, str]) -> str:
-    """The store a command uses and where that choice came from, never a password:
-    "PostgreSQL postgres@127.0.0.1:5432/test, schema public (database_url from credential ...)".
-    """
-    if settings.backend == "embedded":
-        why = origins.get("backend") or "no database_url or redis_url is set"
-        return f"the embedded store {settings.state_dir / EMBEDDED_STORE} ({why})"
-    try:
-        info = conninfo_to_dict(settings.database_url)
-    except psycopg.ProgrammingError:
-        info = {}
-    user = f"{info['user']}@" if info.get("user") else ""
-    where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
-    source = origins.get("database_url", "?")
-    return (
-        f"PostgreSQL {user}{where}, schema {settings.database_schema} (database_url from {source})"
-    )
 
 
 async def _tokens(settings: Settings, args: argparse.Namespace, store_name: str) -> int:
@@ -245,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("setting %s", line)
     if args.command == "tokens":
         try:
-            return trio.run(_tokens, settings, args, store_description(settings, origins))
+            return trio.run(_tokens, settings, args, describe_store(settings, origins))
         except (ValidationError, NotFoundError) as exc:
             print(f"wsrunner: {exc}", file=sys.stderr)
             return 2

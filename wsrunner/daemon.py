@@ -18,7 +18,7 @@ import importlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +46,7 @@ from wsrunner.service import Service
 from wsrunner.settings import Settings, policy_paths
 from wsrunner.slots import Slots
 from wsrunner.sqlite import open_sqlite_store
-from wsrunner.store import open_postgres_store
+from wsrunner.store import database_location, open_postgres_store
 from wsrunner.workspace import Workspaces
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,16 @@ async def open_store(settings: Settings, max_size: int = 2) -> AsyncIterator[Sto
     async with open_postgres_store(settings.database_url, schema=settings.database_schema,
                                    max_size=max_size, lease_s=settings.lease_ttl_s) as store:  # fmt: skip
         yield store
+
+
+def describe_store(settings: Settings, origins: Mapping[str, str]) -> str:
+    """The store `open_store` opens and why, for an operator; never a password: "PostgreSQL
+    wsrunner@db:5432/wsrunner, schema public (database_url from credential database-url in ...)"."""
+    if settings.backend == "embedded":
+        why = origins.get("backend") or "no database_url or redis_url is set"
+        return f"the embedded store {settings.state_dir / EMBEDDED_STORE} ({why})"
+    return (f"PostgreSQL {database_location(settings.database_url)}, schema "
+            f"{settings.database_schema} (database_url from {origins.get('database_url', '?')})")  # fmt: skip
 
 
 @asynccontextmanager

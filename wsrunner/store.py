@@ -20,6 +20,7 @@ from importlib import resources
 from typing import Any, Final, LiteralString, TypeVar, cast
 
 import psycopg
+import psycopg.conninfo
 import trio
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -501,6 +502,18 @@ def _migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
             conn.execute("INSERT INTO wsrunner_migrations (version) VALUES (%s)", (f.name,))
             applied.append(f.name)
     return applied
+
+
+def database_location(url: str) -> str:
+    """Where a PostgreSQL URL points, for people: `user@host:port/dbname`, never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(an unparsable URL)"
+    user = f"{info['user']}@" if info.get("user") else ""
+    return (
+        f"{user}{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+    )
 
 
 @asynccontextmanager
