@@ -1,18 +1,21 @@
-"""What wsrunner's two apps share: the Quart-Trio app class (with the keep-alive fix) and
-request helpers that turn malformed input into the core's errors."""
+"""What wsrunner's two apps share: the Quart-Trio app class (with the keep-alive fix and the
+request timing) and request helpers that turn malformed input into the core's errors."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Final
 
 import trio
-from quart import request
+from quart import Request, Response, request
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import BadRequest
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from frontend import bodies
 from wsrunner.errors import ValidationError
+from wsrunner.metrics import Metrics
 
 
 async def json_body() -> Any:
@@ -101,16 +104,36 @@ class _ShieldFinalSend(TrioASGIHTTPConnection):
         await super()._send_response(send_shielding_last, response)  # type: ignore[arg-type]
 
 
+#: Methods that get their own label; any other a client sends is counted as OTHER.
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED: Final = "unmatched"  #: the route label of a request no route matched
+
+
 class App(QuartTrio):
-    """QuartTrio (a plain Quart app answers 500 under hypercorn.trio) with the fix above.
+    """QuartTrio (a plain Quart app answers 500 under hypercorn.trio) with the fix above, and
+    each request timed into `metrics` as `api`, by its route template.
 
     No static folder: nothing is served that is not an API route.
     """
 
     asgi_http_class = _ShieldFinalSend
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, api: str, metrics: Metrics | None = None) -> None:
         super().__init__(name, static_folder=None)
+        self.api, self.metrics = api, metrics
+
+    async def handle_request(self, request: Request) -> Response | WerkzeugResponse:
+        """Answer the request, and time it until its response starts (not to the end of its
+        body: an event stream lasts as long as its reader stays). Labels come from the route
+        template, never the path, so ids never reach a label."""
+        began = time.perf_counter()
+        response = await super().handle_request(request)
+        if self.metrics is not None:
+            rule = request.url_rule
+            method = request.method if request.method in _METHODS else "OTHER"
+            self.metrics.http_time(self.api, method, UNMATCHED if rule is None else rule.rule,
+                                   str(response.status_code)).observe(time.perf_counter() - began)  # fmt: skip
+        return response
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":

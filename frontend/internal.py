@@ -1,9 +1,9 @@
-"""The internal API (WORKER_HEALTH_PORT): health, and file/exec/grep/git for orchestrators.
+"""The internal API (WORKER_HEALTH_PORT): health, metrics, and file/exec/grep/git for orchestrators.
 
 The reference system's paths, so its orchestrator client works unchanged. Every route but
-`/health` and `/openapi.json` needs `X-Internal-Token`, compared in constant time. Paths are
-contained in the workspace by the core (`wsrunner.paths`); errors are problem+json, with the
-message repeated under `error` where the reference's clients read it.
+`/health`, the probes, `/metrics` and `/openapi.json` needs `X-Internal-Token`, compared in
+constant time. Paths are contained in the workspace by the core (`wsrunner.paths`); errors are
+problem+json, with the message repeated under `error` where the reference's clients read it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from typing import Any, Final
 
 import trio
 from quart import Response, jsonify, request
-from quart_schema import QuartSchema, document_querystring, document_request, document_response
+from quart_schema import (
+    QuartSchema,
+    document_querystring,
+    document_request,
+    document_response,
+    hide,
+)
 
 from frontend import probes, problems, schemas
 from frontend.app import App, json_object, query_int
@@ -23,12 +29,13 @@ from frontend.openapi import Provider, install_openapi
 from frontend.sse import KEEPALIVE, Hub, frame, stream_response
 from wsrunner import __version__
 from wsrunner.errors import AuthenticationError, ValidationError, WsrunnerError
+from wsrunner.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from wsrunner.models import JSON
 from wsrunner.service import Service
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS: Final = frozenset({"/health", "/openapi.json"}) | probes.PATHS
+OPEN_PATHS: Final = frozenset({"/health", "/metrics", "/openapi.json"}) | probes.PATHS
 STREAM_BUFFER: Final = 256  #: output chunks a slow reader of /exec/stream may fall behind
 
 
@@ -40,7 +47,7 @@ def _required_arg(name: str) -> str:
 
 
 def create_internal_app(service: Service, hub: Hub) -> App:
-    app = App("wsrunner.internal")
+    app = App("wsrunner.internal", api="internal", metrics=service.metrics)
     app.config["MAX_CONTENT_LENGTH"] = service.settings.max_request_bytes
     problems.install(app, error_member=True)
     QuartSchema(
@@ -77,6 +84,14 @@ def create_internal_app(service: Service, hub: Hub) -> App:
         """Whether Redis and PostgreSQL answer; 503 when one does not."""
         body = await service.health()
         return jsonify(body), 200 if body["status"] == "healthy" else 503
+
+    @app.get("/metrics")
+    @hide  # Prometheus text, not JSON: kept out of the OpenAPI document
+    async def metrics() -> Response:
+        """Prometheus metrics of this daemon. No token, like the probes: Prometheus scrapes it,
+        and its labels carry no ids or secrets."""
+        body = await service.metrics_text(sse_subscribers=hub.open_streams)
+        return Response(body, content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/workspaces/<workspace_id>/files")
     @document_querystring(schemas.PathQuery)

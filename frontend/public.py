@@ -22,7 +22,6 @@ from quart_schema import (
     document_querystring,
     document_request,
     document_response,
-    hide,
 )
 
 from frontend import probes, problems, schemas
@@ -31,11 +30,10 @@ from frontend.openapi import install_openapi
 from frontend.sse import EVENT_ID, KEEPALIVE, RETRY_MS, Hub, frame, stream_response
 from wsrunner import __version__
 from wsrunner.errors import AuthenticationError, ValidationError
-from wsrunner.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from wsrunner.models import TERMINAL_STATES, ApiToken, TaskRecord
 from wsrunner.service import Service, Submitted
 
-OPEN_PATHS: Final = frozenset({"/openapi.json", "/metrics"}) | probes.PATHS
+OPEN_PATHS: Final = frozenset({"/openapi.json"}) | probes.PATHS
 _TERMINAL: Final = frozenset(s.value for s in TERMINAL_STATES)
 
 
@@ -124,7 +122,7 @@ def _with_idempotency(body: Any) -> Any:
 
 
 def create_public_app(service: Service, hub: Hub) -> App:
-    app = App("wsrunner.public")
+    app = App("wsrunner.public", api="public", metrics=service.metrics)
     app.config["MAX_CONTENT_LENGTH"] = service.settings.max_request_bytes
     problems.install(app)
     QuartSchema(
@@ -142,7 +140,9 @@ def create_public_app(service: Service, hub: Hub) -> App:
 
     @app.before_request
     async def authenticate() -> None:
-        if request.path in OPEN_PATHS:
+        # No route (404) or not this method (405): the answer says nothing the open
+        # /openapi.json does not, and a scraper of the old /metrics gets a plain 404.
+        if request.path in OPEN_PATHS or request.routing_exception is not None:
             return
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -171,13 +171,6 @@ def create_public_app(service: Service, hub: Hub) -> App:
         """Queue a clone into repos/ of the workspace; its git token is added when it runs."""
         body = _with_idempotency(await json_body())
         return _accepted(await service.submit_clone(workspace_id, body, scope=scope()))
-
-    @app.get("/metrics")
-    @hide  # Prometheus text, not JSON: kept out of the OpenAPI document
-    async def metrics() -> Response:
-        """Prometheus metrics of this daemon (no token; labels carry no ids)."""
-        body = await service.metrics_text(sse_subscribers=hub.open_streams)
-        return Response(body, content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/api/tools")
     @document_response(schemas.ToolList)

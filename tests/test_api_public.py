@@ -309,18 +309,20 @@ async def test_sse_disconnect_is_cleaned_up_at_once(api: Api) -> None:
         async with c.stream("GET", f"/api/tasks/{tid}/events") as r:
             async for _ in r.aiter_bytes():
                 break
-            assert await _open_streams(c) == 1
+            assert await _open_streams(api) == 1
 
         async def closed() -> bool:
-            return await _open_streams(c) == 0
+            return await _open_streams(api) == 0
 
         await wait_for(closed, timeout=5)
         await c.post(f"/api/tasks/{tid}/cancel")
 
 
-async def _open_streams(c: httpx.AsyncClient) -> int:
-    """Event streams the daemon has open, as its /metrics says."""
-    for line in (await c.get("/metrics")).text.splitlines():
+async def _open_streams(api: Api) -> int:
+    """Event streams the daemon has open, as its /metrics (on the internal API) says."""
+    async with httpx.AsyncClient(base_url=api.internal) as anon:
+        text = (await anon.get("/metrics")).text
+    for line in text.splitlines():
         if line.startswith("wsrunner_sse_subscribers "):
             return int(float(line.split()[1]))
     raise AssertionError("wsrunner_sse_subscribers is missing from /metrics")

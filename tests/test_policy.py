@@ -455,7 +455,7 @@ async def test_sighup_reloads_a_running_daemon(tmp_path: Path, prefix: str, sche
     proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{public}") as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
 
             async def gauge(name: str) -> str | None:
                 try:

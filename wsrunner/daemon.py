@@ -41,7 +41,7 @@ from wsrunner.ports import Queue, Store
 from wsrunner.process import inherit_none
 from wsrunner.queue import open_redis_queue
 from wsrunner.runner import StopReason, TaskRunner
-from wsrunner.sandbox import LEVELS, Sandbox, probe, turned_off
+from wsrunner.sandbox import Sandbox, probe, turned_off
 from wsrunner.service import Service
 from wsrunner.settings import Settings, policy_paths
 from wsrunner.slots import Slots
@@ -187,6 +187,9 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         service = Service(settings, queue, store, ops=ops, stats=slots.statistics, metrics=metrics)
         daemon = Daemon(settings, service, runner, slots, policy, metrics, notifier)
         reaper = Reaper(settings, queue, store)
+        reaper.on_reap = lambda outcome: metrics.reap(outcome).inc()
+        reaper.on_requeue = lambda reason: metrics.requeue(reason).inc()
+        reaper.on_dead_letter = lambda reason: metrics.dead_letter(reason).inc()
         # The durable store is the source of truth: repair the queue first. An embedded queue
         # starts empty, so everything queued is pushed again, however recent.
         await reaper.reconcile(min_age_s=0 if settings.backend == "embedded" else None)
@@ -207,9 +210,8 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
                 services.start_soon(_drain_timer, daemon)
                 async with trio.open_nursery() as work:
                     await work.start(slots.serve)
-                    await work.start(
-                        serve_poller, queue, slots, settings.worker_id, daemon.stopping
-                    )
+                    await work.start(serve_poller, queue, slots, settings.worker_id,
+                                     daemon.stopping, metrics.requeue("shutdown").inc)  # fmt: skip
                     logger.info("wsrunner %s ready: %d slots, volume %s%s", settings.worker_id,
                                 settings.concurrency, settings.volume_path,
                                 f", serving {' '.join(daemon.urls)}" if daemon.urls else "")  # fmt: skip
@@ -255,7 +257,7 @@ async def open_sandbox(settings: Settings, policy: LivePolicy, metrics: Metrics)
         isolation = await trio.to_thread.run_sync(probe, str(settings.volume_path),
                                                   settings.sandbox_uids)  # fmt: skip
 
-    metrics.isolation.set(LEVELS[isolation.level])
+    metrics.isolation.state(isolation.level)
     for layer, state in isolation.layers.items():
         logger.info("sandbox %s: %s", layer, state)
     required = policy.base().sandbox.require

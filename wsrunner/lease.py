@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -112,11 +113,28 @@ def payload_from_record(rec: TaskRecord) -> JSON:
     }
 
 
+Hook = Callable[[str], None]
+
+
 class Reaper:
-    """Frees the work of dead daemons. Safe to run on every daemon at once."""
+    """Frees the work of dead daemons. Safe to run on every daemon at once.
+
+    The hooks (metrics) hear what it did, each with a fixed label: `on_reap` a dead daemon's
+    task recovered ("requeued", or "failed" at max_attempts), `on_requeue` a task put back on
+    the queue ("dead_daemon", "missing_from_queue"), `on_dead_letter` a payload it could not
+    read ("invalid_json", "invalid_payload").
+    """
 
     def __init__(self, settings: Settings, queue: Queue, store: Store) -> None:
         self.settings, self.queue, self.store = settings, queue, store
+        self.on_reap: Hook | None = None
+        self.on_requeue: Hook | None = None
+        self.on_dead_letter: Hook | None = None
+
+    @staticmethod
+    def _tell(hook: Hook | None, label: str) -> None:
+        if hook is not None:
+            hook(label)
 
     async def _give_up_or_requeue(self, rec: TaskRecord, dead_worker: str) -> TaskState | None:
         """CAS a dead daemon's running task to queued, or failed after max_attempts."""
@@ -137,6 +155,7 @@ class Reaper:
                                     fields={"error": error} if error else None, event=event)  # fmt: skip
         logger.warning("task of dead daemon %s is now %s", dead_worker, target.value,
                        extra={"task_id": rec.id, "workspace_id": rec.workspace_id})  # fmt: skip
+        self._tell(self.on_reap, "requeued" if target is TaskState.QUEUED else "failed")
         return target
 
     async def reap_dead_workers(self) -> int:
@@ -153,29 +172,39 @@ class Reaper:
 
     async def _reap_claim(self, worker: str, claim_id: str, payload: str) -> None:
         prio = claim_id.split(":", 1)[0]
+        kind = "invalid_json"
         try:
             obj = json.loads(payload)
+            kind = "invalid_payload"
             task_id = validate_task_id(obj.get("task_id") if isinstance(obj, dict) else None)
         except Exception:
             await self.queue.dead_letter(
                 worker, claim_id, "unreadable payload left by a dead daemon"
             )
+            self._tell(self.on_dead_letter, kind)
             return
         try:
             rec = await self.store.get(task_id)
         except NotFoundError:  # claimed but never started: just hand it on
-            await self.queue.requeue_claim(worker, claim_id, prio)
+            await self._hand_on(worker, claim_id, prio)
             return
         if rec.status is TaskState.RUNNING and rec.worker_id == worker:
             target = await self._give_up_or_requeue(rec, worker)
             if target is TaskState.QUEUED:
                 await self.queue.requeue_claim(worker, claim_id, prio)
+                self._tell(self.on_requeue, "dead_daemon")
             else:
                 await self.queue.ack(worker, claim_id)
         elif rec.status is TaskState.QUEUED:
-            await self.queue.requeue_claim(worker, claim_id, prio)
+            await self._hand_on(worker, claim_id, prio)
         else:  # ended (its ack was lost), or running elsewhere: this copy is spent
             await self.queue.ack(worker, claim_id)
+
+    async def _hand_on(self, worker: str, claim_id: str, prio: str) -> None:
+        """Put back a claim the dead daemon had not started."""
+        if await self.queue.requeue_claim(worker, claim_id, prio):
+            self._tell(self.on_reap, "requeued")
+            self._tell(self.on_requeue, "dead_daemon")
 
     async def reconcile(self, min_age_s: float | None = None) -> int:
         """Repair the queue from the durable store; returns how many tasks were re-queued or
@@ -188,6 +217,7 @@ class Reaper:
             target = await self._give_up_or_requeue(rec, rec.worker_id or "unknown")
             if target is TaskState.QUEUED:
                 await self.queue.requeue_payload(payload_from_record(rec))
+                self._tell(self.on_requeue, "dead_daemon")
             n += target is not None
         age = max(5.0, self.settings.heartbeat_interval_s) if min_age_s is None else min_age_s
         stale = await self.store.stale_queued(age_s=age)
@@ -197,6 +227,7 @@ class Reaper:
                 logger.warning("queued task missing from Redis; pushing it again",
                                extra={"task_id": rec.id, "workspace_id": rec.workspace_id})  # fmt: skip
                 await self.queue.requeue_payload(payload_from_record(rec))
+                self._tell(self.on_requeue, "missing_from_queue")
                 n += 1
         return n
 

@@ -1,5 +1,5 @@
 """Prometheus metrics of one daemon: counters and histograms the runner feeds, gauges read at
-scrape time. Labels are low-cardinality (status, priority, action, backend), never ids.
+scrape time. Labels are low-cardinality (status, priority, reason, route template), never ids.
 """
 
 from __future__ import annotations
@@ -7,12 +7,31 @@ from __future__ import annotations
 from functools import cache
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from wsrunner import __version__
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 _SECONDS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+_HTTP_SECONDS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+REQUEUE_REASONS: Final = ("shutdown", "dead_daemon", "start_failed", "missing_from_queue")
+REAP_OUTCOMES: Final = ("requeued", "failed")
+DEAD_LETTER_REASONS: Final = ("invalid_json", "invalid_payload")
+
+# A `_created` series per counter and histogram child only adds samples: Prometheus reads resets
+# from the counters themselves. The switch is process-wide; this module is the only exporter.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
 
 
 class Metrics:
@@ -34,7 +53,8 @@ class Metrics:
         self.queue_depth = Gauge("wsrunner_queue_depth", "Tasks waiting, by priority queue",
                                  ["priority"], registry=r)  # fmt: skip
         self.slots_busy = Gauge("wsrunner_slots_busy", "Task slots running a task", registry=r)
-        self.slots_total = Gauge("wsrunner_slots_total", "Task slots of this daemon", registry=r)
+        self.slots_capacity = Gauge("wsrunner_slots_capacity", "Task slots of this daemon",
+                                    registry=r)  # fmt: skip
         self.backend_errors = Counter("wsrunner_backend_errors_total",
                                       "Failed calls to Redis or PostgreSQL", ["backend"],
                                       registry=r)  # fmt: skip
@@ -57,18 +77,58 @@ class Metrics:
                                               "Policy reloads refused as invalid", registry=r)  # fmt: skip
         self.policy_info = Gauge("wsrunner_policy_info", "The active policy version",
                                  ["digest"], registry=r)  # fmt: skip
-        self.isolation = Gauge("wsrunner_isolation_level",
-                               "Isolation this host gives commands: 2 full, 1 partial, 0 none",
-                               registry=r)  # fmt: skip
+        self.isolation = Enum("wsrunner_isolation", "Isolation this host gives commands",
+                              states=["none", "partial", "full"], registry=r)  # fmt: skip
+        self.queue_wait = Histogram("wsrunner_task_queue_wait_seconds",
+                                    "Time from a task's queueing (the payload's created_at) to "
+                                    "its first start in a slot, by priority", ["priority"],
+                                    buckets=_SECONDS, registry=r)  # fmt: skip
+        self.requeues = Counter("wsrunner_task_requeues_total",
+                                "Tasks handed back to the queue, by reason: shutdown (a stopping "
+                                "daemon gave back a task it ran or had just claimed), dead_daemon "
+                                "(the reaper took it from a daemon whose lease ran out), "
+                                "start_failed (the start could not be recorded), "
+                                "missing_from_queue (the store had it queued, the queue did not)",
+                                ["reason"], registry=r)  # fmt: skip
+        self.reaps = Counter("wsrunner_task_reaps_total",
+                             "Tasks of dead daemons the lease reaper recovered, by outcome: "
+                             "requeued, or failed (max_attempts starts reached)", ["outcome"],
+                             registry=r)  # fmt: skip
+        self.dead_letters = Counter("wsrunner_task_dead_letters_total",
+                                    "Payloads moved to the dead-letter list, by reason: "
+                                    "invalid_json or invalid_payload", ["reason"], registry=r)  # fmt: skip
+        self.http_seconds = Histogram("wsrunner_http_request_duration_seconds",
+                                      "Time from an HTTP request to the start of its response "
+                                      "(an event stream is timed to its start, not its end), by "
+                                      "api, method, route template (unmatched: no route) and "
+                                      "status", ["api", "method", "route", "status"],
+                                      buckets=_HTTP_SECONDS, registry=r)  # fmt: skip
+        # What the default registry has: the process (CPU, memory, descriptors), the
+        # interpreter's version (python_info) and its garbage collector.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         build = Gauge("wsrunner_build_info", "Version of this daemon", ["version"], registry=r)
         build.labels(version=__version__).set(1)
         # The children every task feeds, by their label values in order, remembered: `labels()`
-        # takes a lock and builds its key on each call (2.5 µs; six calls per task).
+        # takes a lock and builds its key on each call (2.5 µs; seven calls per task).
         self.started = cache(self.tasks_started.labels)  #: (priority)
         self.finished = cache(self.tasks_finished.labels)  #: (status, priority)
         self.task_time = cache(self.task_seconds.labels)  #: (status)
         self.step_time = cache(self.step_seconds.labels)  #: (action)
         self.dir_operation = cache(self.dir_operations.labels)  #: (by)
+        self.waited = cache(self.queue_wait.labels)  #: (priority)
+        self.requeue = cache(self.requeues.labels)  #: (reason)
+        self.reap = cache(self.reaps.labels)  #: (outcome)
+        self.dead_letter = cache(self.dead_letters.labels)  #: (reason)
+        self.http_time = cache(self.http_seconds.labels)  #: (api, method, route, status)
+        # Every known reason is exported from the start, at 0, so rate() sees the first one.
+        for reason in REQUEUE_REASONS:
+            self.requeue(reason)
+        for outcome in REAP_OUTCOMES:
+            self.reap(outcome)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letter(reason)
 
     def policy_loaded(self, digest: str, at: float) -> None:
         self.policy_reload_ok.set(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Final
 
 import trio
@@ -18,12 +19,14 @@ MAX_BACKOFF_S: Final = 5.0
 
 async def serve_poller(
     queue: Queue, slots: Slots, worker_id: str, stopping: trio.Event,
+    on_hand_back: Callable[[], None] | None = None,
     *, task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:  # fmt: skip
     """Feed `slots` until `stopping` is set; then close them.
 
     There is no polling sleep: with nothing queued, the poller blocks in Redis until a payload
     arrives. A Redis failure is retried with exponential backoff; the daemon stays up.
+    `on_hand_back` is called when a claim made as the stop began is given back (metrics).
     """
     task_status.started()
     backoff = 0.1
@@ -48,6 +51,8 @@ async def serve_poller(
                 break
             if stopping.is_set():  # claimed while stopping: give it straight back
                 await queue.requeue_claim(worker_id, claim.claim_id, claim.priority)
+                if on_hand_back is not None:
+                    on_hand_back()
                 slots.release_unused()
                 break
             await slots.hand_off(claim)

@@ -44,6 +44,19 @@ OUTPUT_EVENTS_CAP_BYTES: Final = 1_048_576  # streamed per task; the result keep
 FINISH_RETRY_S: Final = 120.0  # how long a terminal write is retried while a store is down
 
 
+def _queued_at(payload: object) -> float | None:
+    """The payload's `created_at` in epoch seconds (naive means UTC); None when it has none, or
+    not a timestamp: the field is informational, and a producer may leave it out."""
+    raw = payload.get("created_at") if isinstance(payload, dict) else None
+    if not isinstance(raw, str):
+        return None
+    try:
+        at = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
+
+
 class StopReason(enum.Enum):
     """Why a running task's cancel scope was cancelled."""
 
@@ -57,6 +70,7 @@ class RunningTask:
     spec: TaskSpec
     claim: Claim
     attempt: int  #: its start's number (1 for the first)
+    queued_at: float | None = None  #: when it was queued (epoch s, the payload's created_at)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reason: StopReason | None = None
     recording: bool = False  #: its steps are over; only its end is being written
@@ -182,9 +196,10 @@ class TaskRunner:
         `steps_done` is awaited once the steps have ended, before the directory is removed and
         the end is recorded: the slot that ran them can take the next claim meanwhile.
         """
-        spec = await self._parse(claim)
-        if spec is None:
+        parsed = await self._parse(claim)
+        if parsed is None:
             return
+        spec, queued_at = parsed
         log = {"task_id": spec.task_id, "workspace_id": spec.workspace_id}
         # The task directory is made while the start is being recorded (it needs nothing from
         # it); a task that may not start has it removed again.
@@ -204,11 +219,12 @@ class TaskRunner:
             with trio.CancelScope(shield=True):
                 await self._unprepare(spec, prepared)
                 await self.queue.requeue_claim(self.worker_id, claim.claim_id, claim.priority)
+                self.metrics.requeue("start_failed").inc()
             return
         if attempt is None:
             await self._unprepare(spec, prepared)
             return
-        rt = RunningTask(spec, claim, attempt=attempt)
+        rt = RunningTask(spec, claim, attempt=attempt, queued_at=queued_at)
         self.running[spec.task_id] = rt
         try:
             await self._execute(rt, prepared[0], steps_done)
@@ -234,16 +250,19 @@ class TaskRunner:
         if prepared and isinstance(prepared[0], TaskEnvironment):
             await self.workspaces.close_task(spec.workspace_id, spec.task_id, count=False)
 
-    async def _parse(self, claim: Claim) -> TaskSpec | None:
-        """The claim's TaskSpec, or None after dead-lettering (and failing) a bad payload."""
+    async def _parse(self, claim: Claim) -> tuple[TaskSpec, float | None] | None:
+        """The claim's TaskSpec and when it was queued (`_queued_at`), or None after
+        dead-lettering (and failing) a bad payload."""
         obj: object = None
         try:
             obj = json.loads(claim.payload)
-            return parse_task(obj)
+            spec = parse_task(obj)
         except ValueError as exc:  # not JSON at all
-            reason = f"invalid JSON: {exc}"
+            reason, kind = f"invalid JSON: {exc}", "invalid_json"
         except ValidationError as exc:
-            reason = str(exc)
+            reason, kind = str(exc), "invalid_payload"
+        else:
+            return spec, _queued_at(obj)
         task_id = None
         if isinstance(obj, dict):
             try:
@@ -253,6 +272,7 @@ class TaskRunner:
         logger.error("malformed payload moved to the dead-letter list: %s", reason,
                      extra={"task_id": task_id, "claim_id": claim.claim_id})  # fmt: skip
         await self.queue.dead_letter(self.worker_id, claim.claim_id, reason)
+        self.metrics.dead_letter(kind).inc()
         if task_id is not None:  # whoever watches this id gets an answer, not silence
             error = f"invalid payload: {reason}"
             try:
@@ -324,6 +344,8 @@ class TaskRunner:
         policy = self.executor.policy.for_workspace(ws)  # the task keeps it, whatever reloads
         logger.info("task started", extra={**log, "policy": policy.digest})
         self.metrics.started(spec.priority.value).inc()
+        if rt.attempt == 1 and rt.queued_at is not None:  # a retry's payload has no later time
+            self.metrics.waited(spec.priority.value).observe(max(0.0, time.time() - rt.queued_at))
         try:
             with rt.scope:
                 async with trio.open_nursery() as nursery:
@@ -467,4 +489,5 @@ class TaskRunner:
         await self.queue.transition(spec.task_id, spec.workspace_id, TaskState.QUEUED,
                                     event={"status": "queued", "reason": "daemon shutting down"})  # fmt: skip
         await self.queue.requeue_claim(self.worker_id, rt.claim.claim_id, rt.claim.priority)
+        self.metrics.requeue("shutdown").inc()
         logger.info("task re-queued for another daemon", extra=log)

@@ -248,7 +248,7 @@ class Service:
         except UnavailableError:
             pass  # counted in wsrunner_backend_errors_total; the rest still renders
         stats = self._stats() if self._stats is not None else None
-        m.slots_total.set(self.settings.concurrency)
+        m.slots_capacity.set(self.settings.concurrency)
         m.slots_busy.set(stats.running if stats is not None else 0)
         m.sse_subscribers.set(sse_subscribers)
         return m.render()
