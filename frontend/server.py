@@ -2,7 +2,7 @@
 
     serve
     ├── public API   (public_host:public_port)   REST + SSE, bearer tokens
-    └── internal API (health_host:health_port)   /health, files, exec, grep, git
+    └── internal API (health_host:health_port)   /health, /metrics, files, exec, grep, git
 
 Both stop through one shutdown trigger; open SSE streams are ended first (the hub), so
 Hypercorn does not wait out its graceful timeout for them.
