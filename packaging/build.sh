@@ -18,6 +18,9 @@ pyz="$out/wsrunner-$version.pyz"
 .venv/bin/shiv --quiet --reproducible --compressed -p '/usr/bin/env python3' -c wsrunner \
     -o "$pyz" . 2>&1 | grep -v '^WARNING: Location' || true
 test -s "$pyz"
+# shiv extracts the zipapp into $SHIV_ROOT/wsrunner_<build id>; postinst keeps only this build's.
+build_id="$($py -c 'import json, sys, zipfile
+print(json.loads(zipfile.ZipFile(sys.argv[1]).read("environment.json"))["build_id"])' "$pyz")"
 
 stage="$(mktemp -d)"
 chmod 0755 "$stage"
@@ -42,7 +45,9 @@ mkdir -p "$stage/DEBIAN"
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" \
     -e "s/@SIZE@/$(du -sk --exclude=DEBIAN "$stage" | cut -f1)/" $deb/control > "$stage/DEBIAN/control"
 install -m 0644 $deb/conffiles "$stage/DEBIAN/conffiles"
-install -m 0755 $deb/postinst $deb/prerm $deb/postrm -t "$stage/DEBIAN"
+sed -e "s/@VERSION@/$version/" -e "s/@BUILD_ID@/$build_id/" $deb/postinst > "$stage/DEBIAN/postinst"
+chmod 0755 "$stage/DEBIAN/postinst"
+install -m 0755 $deb/prerm $deb/postrm -t "$stage/DEBIAN"
 dpkg-deb --root-owner-group -Zxz --build "$stage" "$out/wsrunner_${version}_${arch}.deb" >/dev/null
 echo "$pyz"
 echo "$out/wsrunner_${version}_${arch}.deb"

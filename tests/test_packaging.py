@@ -1,4 +1,5 @@
-"""The zipapp and the .deb, built for real, installed into a scratch root, run and purged."""
+"""The zipapp and the .deb, built for real, installed into a scratch root, run, upgraded and
+purged."""
 
 from __future__ import annotations
 
@@ -157,3 +158,130 @@ def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
     dpkg(scratch, "--purge", "wsrunner")
     assert not (scratch / "usr/bin/wsrunner").exists() and not (scratch / "etc/wsrunner").exists()
     assert (scratch / "var/lib/wsrunner/workspaces/ws-keep").is_dir()
+
+
+def test_upgrade_removes_the_caches_of_other_builds(
+    scratch: Path, artifacts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """shiv extracts each build into $SHIV_ROOT/wsrunner_<build id> and never removes one: an
+    upgrade does, except the installed build's and one a running process still maps."""
+    binary = scratch / "usr/bin/wsrunner"
+    cache = scratch / "var/cache/wsrunner"
+    env = {"PATH": os.environ["PATH"], "SHIV_ROOT": str(cache), "HOME": str(tmp_path)}
+    assert run(binary, "--version", env=env).returncode == 0
+    (current,) = (p for p in cache.iterdir() if p.is_dir())
+    kept = current.stat().st_ino
+    old, busy = (cache / f"wsrunner_{c * 64}" for c in "01")
+    for build in (old, busy):
+        (build / "site-packages").mkdir(parents=True)
+        (build / "site-packages/_ext.so").write_bytes(b"\0" * 4096)
+        (cache / f".{build.name}_lock").touch()
+    (cache / f"{old.name}.tmp").mkdir()  # an extraction cut short
+    # A process that maps a file of `busy`, as a daemon still running that build does.
+    holder = subprocess.Popen([SYSTEM_PYTHON, "-c", "import mmap, sys\n"
+                               "f = open(sys.argv[1], 'rb')\n"
+                               "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+                               "print('mapped', flush=True)\nsys.stdin.read()",
+                               str(busy / "site-packages/_ext.so")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "mapped\n"
+        said = dpkg(scratch, "-i", str(artifacts[1])).stdout
+    finally:
+        holder.communicate("")
+    assert f"wsrunner: removed the extracted copy of 1 other build from {cache}" in said, said
+    assert f"wsrunner: kept {busy}: a running process still uses it" in said, said
+    assert "wsrunner: not restarting wsrunner.service: installed into DPKG_ROOT=" in said, said
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [current.name, f".{current.name}_lock", busy.name, f".{busy.name}_lock"]
+    )
+    assert current.stat().st_ino == kept  # not extracted again
+    assert run(binary, "--version", env=env).stdout.strip() == f"wsrunner {__version__}"
+    dpkg(scratch, "--verify", "wsrunner")  # the md5sums match what was installed
+
+
+# systemctl's stand-in for the maintainer scripts' test below: it logs every call, and the
+# unit is running when $FAKE/state says "active"; a restart gives it a new invocation id.
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$*" >> "$FAKE/log"
+state="$(cat "$FAKE/state")"
+case "$1" in
+    is-active) echo "$state"; [ "$state" = active ] ;;
+    show) cat "$FAKE/invocation" ;;
+    try-restart) if [ "$state" = active ]; then echo "$$" > "$FAKE/invocation"; fi ;;
+esac
+"""
+
+# Installs the package for real (DPKG_ROOT empty), with systemd "running", in a mount namespace
+# of its own where /etc, /usr and /var are overlays on a tmpfs: nothing reaches the host.
+# Prints "=== STEP", what dpkg said, "--- systemctl" and the calls systemctl received.
+IN_A_THROWAWAY_SYSTEM = r"""set -euo pipefail
+deb="$1"
+mount -t tmpfs tmpfs /run
+for d in etc usr var; do
+    mkdir -p "/run/layers/$d/upper" "/run/layers/$d/work"
+    mount -t overlay overlay \
+        -o "lowerdir=/$d,upperdir=/run/layers/$d/upper,workdir=/run/layers/$d/work" "/$d"
+    [ "$(findmnt -n -o FSTYPE --mountpoint "/$d")" = overlay ]
+done
+mkdir -p /run/systemd/system /run/fake/bin
+printf '%s' "$2" > /run/fake/bin/systemctl
+chmod 0755 /run/fake/bin/systemctl
+export FAKE=/run/fake PATH="/run/fake/bin:$PATH"
+echo first > $FAKE/invocation
+# Docker's images have one that forbids every start: the refused step below puts it back.
+rm -f /usr/sbin/policy-rc.d
+step() {
+    echo "$2" > $FAKE/state
+    echo "=== $1"
+    shift 2
+    dpkg --force-depends --no-triggers --log=/dev/null "$@" 2>&1 || echo "dpkg failed: $?"
+    echo "--- systemctl"
+    cat $FAKE/log 2>/dev/null || true
+    : > $FAKE/log
+}
+step install inactive -i "$deb"
+step upgrade-running active -i "$deb"
+step upgrade-stopped failed -i "$deb"
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+chmod 0755 /usr/sbin/policy-rc.d
+step upgrade-refused active -i "$deb"
+rm /usr/sbin/policy-rc.d
+step remove active --remove wsrunner
+"""
+
+
+def test_maintainer_scripts_under_systemd(artifacts: tuple[Path, Path]) -> None:
+    """A first install starts nothing; an upgrade restarts a running service (through
+    deb-systemd-invoke), leaves a stopped one alone, obeys policy-rc.d, and says which in one
+    line; only a removal stops it."""
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
+    if probe.returncode != 0 or shutil.which("deb-systemd-invoke") is None:
+        pytest.skip("needs root's mount namespaces and deb-systemd-invoke")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
+                           IN_A_THROWAWAY_SYSTEM, "-", str(artifacts[1]), FAKE_SYSTEMCTL],
+                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps: dict[str, tuple[str, list[str]]] = {}
+    for chunk in done.stdout.split("=== ")[1:]:
+        name, rest = chunk.split("\n", 1)
+        said, log = rest.split("--- systemctl\n")
+        assert "dpkg failed" not in said, said
+        steps[name] = (said, log.splitlines())
+    unit = "wsrunner.service"
+    said, calls = steps["install"]
+    assert calls == ["daemon-reload"], calls  # enables and starts nothing
+    assert "wsrunner: " not in said, said
+    said, calls = steps["upgrade-running"]
+    assert f"wsrunner: restarted {unit}: upgraded from {__version__} to {__version__}" in said
+    assert calls == ["daemon-reload", f"is-active {unit}",
+                     f"show --property=InvocationID --value {unit}", f"try-restart {unit}",
+                     f"show --property=InvocationID --value {unit}"], calls  # fmt: skip
+    said, calls = steps["upgrade-stopped"]
+    assert f"wsrunner: not restarting {unit}: it is not running (failed)" in said, said
+    assert calls == ["daemon-reload", f"is-active {unit}"], calls
+    said, calls = steps["upgrade-refused"]
+    assert f"wsrunner: not restarted {unit} (refused, see above): still running" in said, said
+    assert f"try-restart {unit}" not in calls, calls
+    said, calls = steps["remove"]
+    assert f"stop {unit}" in calls and "daemon-reload" in calls, calls
