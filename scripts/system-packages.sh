@@ -6,11 +6,12 @@
 set -euo pipefail
 
 # command:package. bubblewrap, setpriv and libseccomp2: the sandbox; slirp4netns, ip and
-# nsenter: its `egress` network; git and ripgrep: git steps and grep; the rest: the tests.
+# nsenter: its `egress` network; git and ripgrep: git steps and grep; the rest: the tests
+# (lintian: tests/test_packaging.py checks the .deb with it, as Debian's archive would).
 need=()
 for pair in git:git bwrap:bubblewrap setpriv:util-linux nsenter:util-linux \
             slirp4netns:slirp4netns ip:iproute2 rg:ripgrep node:nodejs \
-            redis-cli:redis-tools pg_isready:postgresql-client; do
+            redis-cli:redis-tools pg_isready:postgresql-client lintian:lintian; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 compgen -G '/usr/lib/*/libseccomp.so.2' >/dev/null || compgen -G '/lib/*/libseccomp.so.2' >/dev/null \

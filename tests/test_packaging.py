@@ -1,5 +1,5 @@
-"""The zipapp and the .deb, built for real, installed into a scratch root, run, upgraded and
-purged."""
+"""The zipapp and the .deb, built for real, checked by lintian, installed into a scratch root,
+run, upgraded and purged."""
 
 from __future__ import annotations
 
@@ -74,7 +74,9 @@ def test_the_deb_holds_what_it_should(artifacts: tuple[Path, Path]) -> None:
     for want in ("/usr/bin/wsrunner", "/usr/lib/systemd/system/wsrunner.service",
                  "/usr/lib/sysusers.d/wsrunner.conf", "/usr/lib/tmpfiles.d/wsrunner.conf",
                  "/etc/wsrunner/wsrunner.conf", "/etc/wsrunner/policy.yaml",
-                 "/etc/wsrunner/policy.d/README", "/etc/default/wsrunner"):  # fmt: skip
+                 "/etc/wsrunner/policy.d/README", "/etc/default/wsrunner",
+                 "/usr/share/man/man1/wsrunner.1.gz", "/usr/share/doc/wsrunner/changelog.gz",
+                 "/usr/share/lintian/overrides/wsrunner"):  # fmt: skip
         assert want in paths, want
     control = subprocess.run(["dpkg-deb", "--info", str(deb), "conffiles"], capture_output=True,
                              text=True, check=True).stdout.split()  # fmt: skip
@@ -158,6 +160,19 @@ def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
     dpkg(scratch, "--purge", "wsrunner")
     assert not (scratch / "usr/bin/wsrunner").exists() and not (scratch / "etc/wsrunner").exists()
     assert (scratch / "var/lib/wsrunner/workspaces/ws-keep").is_dir()
+
+
+def test_lintian_passes(artifacts: tuple[Path, Path]) -> None:
+    """Debian's package checker finds no error or warning; each override says why it is right."""
+    lintian = shutil.which("lintian")
+    assert lintian, "lintian is not installed (bash scripts/system-packages.sh installs it)"
+    done = subprocess.run([lintian, "--fail-on", "error,warning", str(artifacts[1])],
+                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, f"lintian:\n{done.stdout}{done.stderr}"
+    lines = (REPO / "packaging/debian/lintian-overrides").read_text().splitlines()
+    for before, line in zip(["", *lines], lines, strict=False):
+        if line.startswith("wsrunner:"):
+            assert before.startswith("#"), f"no comment says why: {line}"
 
 
 def test_upgrade_removes_the_caches_of_other_builds(
