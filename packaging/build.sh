@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the single-file zipapp and the Debian package:
 #   packaging/build.sh [OUTDIR]      (default: dist/)
-# -> OUTDIR/wsrunner-<version>.pyz          runs with any python3 >= 3.11, no virtualenv
+# -> OUTDIR/wsrunner-<version>.pyz          runs with the building python3's minor version (3.11 here), no virtualenv
 # -> OUTDIR/wsrunner_<version>_<arch>.deb   /usr/bin/wsrunner, the systemd unit, sysusers,
 #                                           tmpfiles, /etc/wsrunner (conffiles), wsrunner(1)
 # The version is the package's own (wsrunner/__init__.py). Needs ./dev's .venv (shiv) and dpkg-deb.
@@ -13,6 +13,10 @@ mkdir -p "$out"
 py=.venv/bin/python
 version="$($py -c 'import wsrunner; print(wsrunner.__version__)')"
 arch="$(dpkg --print-architecture)"
+# The zipapp holds compiled extensions (pydantic-core, psycopg-binary, ...) for the building
+# interpreter's minor version only: the package depends on exactly that series.
+pymin="$($py -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+pynext="$($py -c 'import sys; print("%d.%d" % (sys.version_info[0], sys.version_info[1] + 1))')"
 epoch="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}"
 maintainer="$(sed -n 's/^Maintainer: //p' packaging/debian/control)"
 
@@ -55,6 +59,7 @@ install -D -m 0644 $deb/lintian-overrides "$stage/usr/share/lintian/overrides/ws
 
 mkdir -p "$stage/DEBIAN"
 sed -e '/^#/d' -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" \
+    -e "s/@PYMIN@/$pymin/" -e "s/@PYNEXT@/$pynext/" \
     -e "s/@SIZE@/$(du -sk --exclude=DEBIAN "$stage" | cut -f1)/" $deb/control > "$stage/DEBIAN/control"
 install -m 0644 $deb/conffiles "$stage/DEBIAN/conffiles"
 sed -e "s/@VERSION@/$version/" -e "s/@BUILD_ID@/$build_id/" $deb/postinst > "$stage/DEBIAN/postinst"

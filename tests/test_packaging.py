@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def test_the_deb_holds_what_it_should(artifacts: tuple[Path, Path]) -> None:
     info = subprocess.run(["dpkg-deb", "--field", str(deb), "Package", "Version", "Depends"],
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert f"Version: {__version__}" in info and "bubblewrap" in info
+    minor = sys.version_info[1]  # the zipapp's compiled extensions are for this series only
+    assert f"python3 (>= 3.{minor}), python3 (<< 3.{minor + 1})" in info, info
     listing = subprocess.run(["dpkg-deb", "--contents", str(deb)], capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
