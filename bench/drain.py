@@ -61,7 +61,7 @@ def _helpers(pid: int) -> list[int]:
             for child in map(int, f.read().split()):
                 try:
                     with open(f"/proc/{child}/cmdline", "rb") as c:
-                        if b"wsrunner.fshelper" in c.read():
+                        if b"wsrunner.workspace.fshelper" in c.read():
                             found.append(child)
                 except OSError:
                     continue

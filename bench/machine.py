@@ -9,7 +9,9 @@ def machine_busy_s() -> float:
     """CPU seconds the whole machine has been busy, all cores (idle and iowait left out): a
     worker, its children, Redis and, for wsrunner, PostgreSQL all count."""
     with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9]
+        )
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 

@@ -85,8 +85,10 @@ def peer_round(system: str, workload: str, n: int, db: int) -> dict[str, Any]:
     if system.endswith("+pg"):
         table = f"bench_peer_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(DATABASE_URL, autocommit=True) as c:
-            c.execute(f"CREATE TABLE {table} (id TEXT PRIMARY KEY, status TEXT NOT NULL, "  # type: ignore[arg-type]
-                      "started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ, result JSONB)")
+            c.execute(
+                f"CREATE TABLE {table} (id TEXT PRIMARY KEY, status TEXT NOT NULL, "  # type: ignore[arg-type]
+                "started_at TIMESTAMPTZ, completed_at TIMESTAMPTZ, result JSONB)"
+            )
             c.execute(f"CREATE INDEX ON {table} (status)")  # type: ignore[arg-type]
         env |= {"BENCH_PEER_DATABASE_URL": DATABASE_URL, "BENCH_PEER_TABLE": table}
     try:

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pg_statements.py [--tasks 3000] [--async-commit] [--drop-index NAME]
 
-Runs the daemon's own `start_task` and `finish_task` statements (prepared, as `wsrunner.libpq`
+Runs the daemon's own `start_task` and `finish_task` statements (prepared, as `wsrunner.backends.postgres.libpq`
 runs them) for --tasks new task ids, one connection, in a schema of its own made by the
 migrations (removed afterwards), and prints the server process's CPU time and the wall time per
 task. `--async-commit` sets synchronous_commit=off for the session (the commits then skip the
@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 from machine import cpu_s  # bench/, the script's directory
 
-from wsrunner.store import Q
+from wsrunner.backends.postgres.store import Q
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")

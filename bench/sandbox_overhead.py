@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
 
+from wsrunner.execution.process import Capture, run_process
+from wsrunner.execution.sandbox import Sandbox, probe
+from wsrunner.execution.sandbox.identity import UidRange, assign
 from wsrunner.policy import bundled_policy, load_policy
-from wsrunner.process import Capture, run_process
-from wsrunner.sandbox import Sandbox, probe
-from wsrunner.sandbox.identity import UidRange, assign
 
 
 def _stats(samples: list[float]) -> str:

@@ -2,7 +2,7 @@
 
 The reference system's paths, so its orchestrator client works unchanged. Every route but
 `/health`, the probes, `/metrics` and `/openapi.json` needs `X-Internal-Token`, compared in
-constant time. Paths are contained in the workspace by the core (`wsrunner.paths`); errors are
+constant time. Paths are contained in the workspace by the core (`wsrunner.workspace.paths`); errors are
 problem+json, with the message repeated under `error` where the reference's clients read it.
 """
 

@@ -1,6 +1,6 @@
 """The shapes of the HTTP APIs, for the OpenAPI documents only.
 
-Requests are validated by the core (`wsrunner.payload`, `wsrunner.operations`), which names the
+Requests are validated by the core (`wsrunner.payload`, `wsrunner.workspace.operations`), which names the
 offending field; these models describe the same rules for clients and generated tooling. A test
 checks the documents, and the schemathesis run checks real responses against them.
 """

@@ -12,8 +12,8 @@ from httpx_sse import aconnect_sse
 
 from tests.conftest import INTERNAL_TOKEN, Api, git_repo, host_pids, unique_seconds, wait_for
 from tests.test_api_public import problem
-from wsrunner import search
-from wsrunner.operations import git_arguments
+from wsrunner.workspace import search
+from wsrunner.workspace.operations import git_arguments
 
 WS = "/workspaces/ws-int"
 
@@ -308,7 +308,7 @@ async def test_stop_ends_open_streams_at_once(start_daemon, tmp_path: Path) -> N
 
 
 async def test_exec_waits_for_a_command_slot_then_503(start_daemon, monkeypatch) -> None:
-    monkeypatch.setattr("wsrunner.operations.SLOT_WAIT_S", 0.5)
+    monkeypatch.setattr("wsrunner.workspace.operations.SLOT_WAIT_S", 0.5)
     daemon = await start_daemon(frontend="frontend", public_host="127.0.0.1", public_port=0,
                                 health_port=0, internal_token=INTERNAL_TOKEN, concurrency=1)  # fmt: skip
     headers = {"X-Internal-Token": INTERNAL_TOKEN}

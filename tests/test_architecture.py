@@ -1,4 +1,15 @@
-"""Dependency direction: the core never imports the frontend; one module per driver."""
+"""The import rules of the layout (README, "Layout"), checked on the source.
+
+wsrunner/backends/{redis,postgres,embedded}/   adapters behind the ports; they know only
+                                               the shared types, never the core or each other
+wsrunner/engine/      poller, slots, runner, leases: through wsrunner.ports only
+wsrunner/execution/   steps, processes, sandbox, git
+wsrunner/workspace/   directories, contained paths, search, operations
+wsrunner/policy/      the command policy: a leaf
+wsrunner/client/      the HTTP client and its commands: usable without the daemon
+wsrunner/daemon.py    the composition root: the one module that picks the adapters
+frontend/             HTTP; the core never imports it
+"""
 
 from __future__ import annotations
 
@@ -6,65 +17,95 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The modules every layer may use: values, errors, the wire format, settings, the ports.
+SHARED = {"wsrunner", "wsrunner.errors", "wsrunner.models", "wsrunner.payload", "wsrunner.ports"}
+DRIVERS = {"redis", "hiredis", "psycopg", "psycopg_pool", "sqlite3"}
 
 
-def imports(package: str) -> dict[str, set[str]]:
+def modules(package: str) -> dict[str, set[str]]:
+    """Module (dotted) -> the modules it imports (dotted, absolute; `from a import b` gives
+    `a.b` when that is a module, else `a`)."""
     found: dict[str, set[str]] = {}
     for path in (ROOT / package).rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         names: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
+                names |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        found[path.relative_to(ROOT).as_posix()] = names
+                submodules = {f"{node.module}.{a.name}" for a in node.names}
+                submodules = {m for m in submodules if _is_module(m)}
+                # `from pkg import module`: the module; `from module import name`: the module.
+                names |= submodules or {node.module}
+        found[name] = names
     return found
 
 
+def _is_module(dotted: str) -> bool:
+    path = ROOT / Path(*dotted.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _top(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+CORE = modules("wsrunner")
+
+
 def test_core_never_imports_the_frontend_or_quart() -> None:
-    for module, names in imports("wsrunner").items():
-        assert not names & {"frontend", "quart", "quart_trio", "hypercorn"}, module
+    for module, names in CORE.items():
+        assert not _top(names) & {"frontend", "quart", "quart_trio", "hypercorn"}, module
 
 
-def test_only_the_adapters_import_the_drivers() -> None:
-    core = imports("wsrunner")
-    # resp.py is the native trio client of the per-task calls; only queue.py uses it.
-    # provision.py is the operator's tool that makes wsrunner's ACL user (no event loop).
-    assert {m for m, n in core.items() if "redis" in n or "hiredis" in n} == {
-        "wsrunner/queue.py",
-        "wsrunner/resp.py",
-        "wsrunner/provision.py",
-    }
-    # libpq.py drives libpq from the trio thread for the per-task statements; only store.py uses it.
-    assert {m for m, n in core.items() if "psycopg" in n or "psycopg_pool" in n} == {
-        "wsrunner/libpq.py",
-        "wsrunner/store.py",
-    }
-    assert {m for m, n in core.items() if "sqlite3" in n} == {"wsrunner/sqlite.py"}
-    for module, names in imports("frontend").items():
-        assert not names & {"redis", "psycopg", "sqlite3"}, module
+def test_each_driver_is_imported_by_its_backend_alone() -> None:
+    # provision.py is the operator's tool that makes wsrunner's accounts (no event loop).
+    allowed = {"redis": ("wsrunner.backends.redis", "wsrunner.backends.provision"),
+               "hiredis": ("wsrunner.backends.redis",),
+               "psycopg": ("wsrunner.backends.postgres", "wsrunner.backends.provision"),
+               "psycopg_pool": ("wsrunner.backends.postgres",),
+               "sqlite3": ("wsrunner.backends.embedded",)}  # fmt: skip
+    for module, names in CORE.items():
+        for driver in _top(names) & DRIVERS:
+            assert module.startswith(allowed[driver]), f"{module} imports {driver}"
+    for module, names in modules("frontend").items():
+        assert not _top(names) & DRIVERS, module
 
 
-def test_only_the_composition_root_imports_the_adapters() -> None:
-    """Everything else depends on the Protocols in wsrunner.ports."""
-    for path in (ROOT / "wsrunner").rglob("*.py"):
-        if path.name in (
-            "daemon.py",
-            "queue.py",
-            "store.py",
-            "sqlite.py",
-            "local.py",
-            "resp.py",
-            "libpq.py",
-        ):
+def test_a_backend_knows_the_shared_types_only() -> None:
+    """No adapter imports the core, another backend, or another backend's concrete class."""
+    for module, names in CORE.items():
+        if not module.startswith("wsrunner.backends.") or module == "wsrunner.backends.provision":
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module in (
-                "wsrunner.queue",
-                "wsrunner.resp",
-                "wsrunner.libpq",
-                "wsrunner.store",
-                "wsrunner.sqlite",
-                "wsrunner.local",
-            ):
-                raise AssertionError(f"{path.name} imports {node.module}; depend on wsrunner.ports")
+        own = ".".join(module.split(".")[:3])
+        for name in names:
+            if name.startswith("wsrunner"):
+                assert name in SHARED or name.startswith(own), f"{module} imports {name}"
+
+
+def test_only_the_composition_root_picks_the_adapters() -> None:
+    """Everything else depends on the Protocols in wsrunner.ports."""
+    for module, names in CORE.items():
+        if module.startswith("wsrunner.backends") or module == "wsrunner.daemon":
+            continue
+        for name in names:
+            if name.startswith("wsrunner.backends") and name != "wsrunner.backends.provision":
+                raise AssertionError(f"{module} imports {name}; depend on wsrunner.ports")
+
+
+def test_the_leaves_stay_leaves() -> None:
+    """The policy and the HTTP client are used on their own (`policy check`, a client library)."""
+    for module, names in CORE.items():
+        inner = {n for n in names if n.startswith("wsrunner") and n not in SHARED}
+        if module.startswith("wsrunner.policy"):
+            assert all(n.startswith("wsrunner.policy") for n in inner), (module, inner)
+        if module.startswith("wsrunner.client"):
+            assert all(n.startswith("wsrunner.client") for n in inner), (module, inner)
+
+
+def test_the_engine_and_the_workspace_never_reach_up() -> None:
+    """engine/, execution/ and workspace/ never import the facade, the CLI or the root."""
+    upper = ("wsrunner.service", "wsrunner.cli", "wsrunner.daemon", "wsrunner.client")
+    for module, names in CORE.items():
+        if module.startswith(("wsrunner.engine", "wsrunner.execution", "wsrunner.workspace")):
+            assert not {n for n in names if n.startswith(upper)}, module

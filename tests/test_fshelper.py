@@ -21,9 +21,9 @@ import pytest
 import trio
 import trio.testing
 
-from wsrunner import fshelper, paths
 from wsrunner.errors import PathEscapeError
-from wsrunner.fshelper import MESSAGE_BYTES, Helper, serve_requests
+from wsrunner.workspace import fshelper, paths
+from wsrunner.workspace.fshelper import MESSAGE_BYTES, Helper, serve_requests
 
 
 async def test_no_helper_running_means_do_it_yourself() -> None:

@@ -30,7 +30,7 @@ from tests.conftest import INTERNAL_TOKEN, free_port, git_http_server, git_repo,
 from wsrunner.daemon import Daemon
 
 WS = "ws-git"
-MIRRORS = ".wsrunner-git"  #: in the volume (wsrunner.gitremote.MIRRORS_DIR)
+MIRRORS = ".wsrunner-git"  #: in the volume (wsrunner.execution.git.remote.MIRRORS_DIR)
 SECRET = "ghp_I3SECRET_" + "7" * 24
 #: Everything allowed, protect off, and the daemon's git on the host's network: the most a
 #: tenant can hope for (what the old default was), so that nothing but the mirror stands
@@ -490,7 +490,7 @@ def test_a_mirror_is_repaired_without_following_a_symlink(tmp_path: Path) -> Non
     """What a process of the workspace's uid could have left in a mirror (below full
     isolation) is removed or replaced by the daemon, which follows none of its symlinks."""
     # Imported here: the attack tests above also run against code without this module.
-    from wsrunner.gitmirror import make_operation, open_mirror, remove_operation
+    from wsrunner.execution.git.mirror import make_operation, open_mirror, remove_operation
 
     root = tmp_path / "volume" / "ws"
     root.mkdir(parents=True)

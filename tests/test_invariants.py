@@ -138,7 +138,7 @@ def main():
 main()
 """
 
-#: The task environment a command gets (wsrunner/workspace.py `open_task`), by name; the
+#: The task environment a command gets (wsrunner/workspace/directories.py `open_task`), by name; the
 #: values that matter are checked in `check_report`.
 TASK_ENV = frozenset({
     "PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "WORKSPACE_ID", "TASK_ID",

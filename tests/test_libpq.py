@@ -1,4 +1,4 @@
-"""libpq from the trio thread (`wsrunner.libpq`), against the real PostgreSQL."""
+"""libpq from the trio thread (`wsrunner.backends.postgres.libpq`), against the real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import trio
 
 from tests.conftest import DATABASE_URL
+from wsrunner.backends.postgres.libpq import LibpqPool, QueryError
 from wsrunner.errors import UnavailableError
-from wsrunner.libpq import LibpqPool, QueryError
 
 
 async def test_a_statement_runs_prepared_and_a_rejected_one_keeps_its_connection() -> None:
@@ -25,7 +25,7 @@ async def test_a_statement_runs_prepared_and_a_rejected_one_keeps_its_connection
 async def test_a_statement_over_the_call_timeout_fails_and_its_connection_goes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("wsrunner.libpq.CALL_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("wsrunner.backends.postgres.libpq.CALL_TIMEOUT_S", 0.3)
     pool = LibpqPool(DATABASE_URL, options="", size=1)
     try:
         first = await pool.call("pid", "SELECT pg_backend_pid()", [])

@@ -11,12 +11,12 @@ import trio
 import trio_asyncio
 
 from tests.conftest import cmd, host_pids, task_body, unique_seconds, wait_for, wait_terminal
+from wsrunner.backends.postgres.store import open_postgres_store
+from wsrunner.backends.redis.queue import open_redis_queue
 from wsrunner.daemon import Daemon
 from wsrunner.errors import InvalidTransitionError, NotFoundError
 from wsrunner.models import TaskState
-from wsrunner.queue import open_redis_queue
 from wsrunner.service import Service
-from wsrunner.store import open_postgres_store
 
 # A process tree: two background grandchildren, one of them under a shell of its own.
 TREE = "sleep {t} & sh -c 'sleep {t}' & echo started; wait"
@@ -150,7 +150,7 @@ async def test_output_is_capped_and_flagged(daemon: Daemon) -> None:
 async def test_output_past_the_caps_is_counted_and_streamed_while_wanted(tmp_path) -> None:
     """Past a full buffer, output goes on to a listener that wants it; once nobody does, the
     rest is only counted (spliced away unread). Every byte is counted either way."""
-    from wsrunner.process import Capture, run_process
+    from wsrunner.execution.process import Capture, run_process
 
     five_mb = ["sh", "-c", "head -c 5000000 /dev/zero | tr '\\0' x"]
     env = {"PATH": "/usr/bin:/bin"}
@@ -177,7 +177,7 @@ async def test_output_is_counted_where_the_kernel_refuses_splice(
     import errno
     import os
 
-    from wsrunner import process
+    from wsrunner.execution import process
 
     def refused(*args: Any, **kwargs: Any) -> int:
         raise OSError(errno.EINVAL, "splice refused")
@@ -195,7 +195,7 @@ async def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(tmp_pat
     import os
     import signal as signals
 
-    from wsrunner import process
+    from wsrunner.execution import process
 
     t = unique_seconds()
     capture = process.Capture.capped(1000, 1000)
@@ -218,7 +218,7 @@ async def test_a_watch_is_called_as_it_asks_and_can_stop_the_command(tmp_path) -
     import os
     import signal as signals
 
-    from wsrunner import process
+    from wsrunner.execution import process
 
     t = unique_seconds()
     calls: list[float] = []
@@ -249,7 +249,7 @@ async def test_a_command_gets_only_what_it_is_given(tmp_path) -> None:
     import os
     import signal as signals
 
-    from wsrunner import process
+    from wsrunner.execution import process
 
     inherited = os.open(tmp_path, os.O_RDONLY)
     os.set_inheritable(inherited, True)
@@ -278,7 +278,7 @@ async def test_a_command_is_served_by_its_callers_task_alone() -> None:
     scheduler a few steps of the calling task, and nothing else runs meanwhile."""
     import os
 
-    from wsrunner import process
+    from wsrunner.execution import process
 
     class Steps(trio.abc.Instrument):
         def __init__(self) -> None:
@@ -307,7 +307,7 @@ async def test_a_command_that_cannot_be_owned_is_killed_at_once(
     import errno
     import os
 
-    from wsrunner import process
+    from wsrunner.execution import process
 
     def no_more(pid: int) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
@@ -324,7 +324,7 @@ async def test_a_command_that_cannot_be_owned_is_killed_at_once(
 async def test_a_cancelled_command_leaves_no_process_and_no_descriptor(tmp_path) -> None:
     import os
 
-    from wsrunner import process
+    from wsrunner.execution import process
 
     t = unique_seconds()
     fds = set(os.listdir("/proc/self/fd"))
@@ -338,8 +338,8 @@ async def test_a_cancelled_command_leaves_no_process_and_no_descriptor(tmp_path)
 
 
 def test_signal_names_are_reported() -> None:
-    from wsrunner.executor import Executor
-    from wsrunner.process import Capture
+    from wsrunner.execution.process import Capture
+    from wsrunner.execution.steps import Executor
 
     res = Executor.describe(Capture.capped(10, 10), exit_code=-signal.SIGKILL, duration_ms=1)
     assert res["signal"] == "SIGKILL" and res["error"] == "killed by SIGKILL"

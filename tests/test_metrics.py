@@ -19,13 +19,13 @@ from tests.conftest import (
     wait_for,
     wait_terminal,
 )
+from wsrunner.backends.postgres.store import open_postgres_store
+from wsrunner.backends.redis.keys import Keys
+from wsrunner.backends.redis.queue import open_redis_queue
 from wsrunner.errors import WsrunnerError
-from wsrunner.keys import Keys
 from wsrunner.models import TaskState
-from wsrunner.queue import open_redis_queue
 from wsrunner.service import Service
 from wsrunner.settings import Settings
-from wsrunner.store import open_postgres_store
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

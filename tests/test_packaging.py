@@ -153,7 +153,7 @@ def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
         children = [c for t in Path(f"/proc/{proc.pid}/task").iterdir()
                     for c in (t / "children").read_text().split()]  # fmt: skip
         cmdlines = [Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0") for c in children]
-        assert any(b"wsrunner.fshelper" in argv for argv in cmdlines), cmdlines
+        assert any(b"wsrunner.workspace.fshelper" in argv for argv in cmdlines), cmdlines
     finally:
         proc.terminate()
         proc.wait(timeout=60)

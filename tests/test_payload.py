@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from tests.conftest import cmd
+from wsrunner.backends.postgres.store import _json_text
 from wsrunner.errors import ValidationError
 from wsrunner.models import (
     TRANSITIONS,
@@ -20,7 +21,6 @@ from wsrunner.models import (
     sources_of,
 )
 from wsrunner.payload import parse_task, to_configuration, to_payload
-from wsrunner.store import _json_text
 
 TID = str(uuid.uuid4())
 

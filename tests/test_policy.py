@@ -398,7 +398,7 @@ async def test_audit_mode_runs_the_command_and_logs_the_denial(
 ) -> None:
     d = _policy_dir(tmp_path, "audit")
     daemon = await start_daemon(policy_file=d / "policy.yaml")
-    with caplog.at_level(logging.WARNING, logger="wsrunner.executor"):
+    with caplog.at_level(logging.WARNING, logger="wsrunner.execution.steps"):
         sub = await daemon.service.submit(task_body(cmd("seq 2")))
         rec = await wait_terminal(daemon, sub.record.id)
     assert rec.status is TaskState.COMPLETED

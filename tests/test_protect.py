@@ -255,7 +255,7 @@ async def test_a_task_making_more_files_than_the_inode_quota_is_stopped(
 
 
 def test_find_protected_pins_the_holding_directory_and_follows_no_symlink(tmp_path: Path) -> None:
-    from wsrunner.protect import find_protected, rule_for
+    from wsrunner.workspace.protect import find_protected, rule_for
 
     for repo in ("a", "b"):
         (tmp_path / "repos" / repo / ".git" / "hooks").mkdir(parents=True)
@@ -280,7 +280,7 @@ def test_find_protected_pins_the_holding_directory_and_follows_no_symlink(tmp_pa
 def test_disk_usage_counts_inodes_at_any_depth_and_follows_no_symlink(tmp_path: Path) -> None:
     import os
 
-    from wsrunner.usage import disk_usage
+    from wsrunner.workspace.usage import disk_usage
 
     outside = tmp_path / "outside"
     outside.mkdir()

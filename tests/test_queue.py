@@ -27,17 +27,17 @@ from tests.conftest import (
     wait_for,
     wait_terminal,
 )
+from wsrunner.backends.postgres.store import open_postgres_store
+from wsrunner.backends.redis.queue import open_redis_queue
 from wsrunner.daemon import Daemon
 from wsrunner.errors import NotFoundError
 from wsrunner.models import TaskState
-from wsrunner.queue import open_redis_queue
 from wsrunner.service import Service
-from wsrunner.store import open_postgres_store
 
 
 async def test_strict_priority_then_fifo(start_daemon, redis_client: redis.Redis, settings) -> None:
     # Queue everything before any daemon exists, then let one slot drain it.
-    from wsrunner.keys import Keys
+    from wsrunner.backends.redis.keys import Keys
 
     keys = Keys(settings.redis_prefix)
     order = []
@@ -199,7 +199,7 @@ async def test_daemon_killed_with_sigkill_loses_nothing(start_daemon, settings) 
 async def test_task_whose_daemons_keep_dying_is_failed_after_max_attempts(
     start_daemon, settings, redis_client
 ) -> None:
-    from wsrunner.keys import Keys
+    from wsrunner.backends.redis.keys import Keys
 
     keys = Keys(settings.redis_prefix)
     async with (
@@ -423,8 +423,8 @@ async def test_a_task_being_recorded_when_the_grace_period_ends_is_recorded_not_
 
 def test_the_legacy_envelope_is_the_text_json_dumps_would_give() -> None:
     """Built around the event's data already in JSON (not encoded twice), byte for byte."""
+    from wsrunner.backends.redis.queue import _envelope
     from wsrunner.models import Event
-    from wsrunner.queue import _envelope
 
     data = {"stream": "stdout", "data": 'é "quoted" \\ \n\u2028 \ud800', "step": 2}
     event = Event(

@@ -10,7 +10,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.conftest import REDIS_URL
-from wsrunner.resp import Address, RespClient, encode
+from wsrunner.backends.redis.resp import Address, RespClient, encode
 
 
 def test_urls_name_host_port_db_auth_tls_and_unix_sockets() -> None:
@@ -85,7 +85,7 @@ async def test_a_cancelled_call_never_leaves_its_connection_out_of_step(prefix: 
 async def test_a_call_redis_does_not_answer_in_time_fails_and_its_connection_goes(
     prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("wsrunner.resp.CALL_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("wsrunner.backends.redis.resp.CALL_TIMEOUT_S", 0.3)
     client = RespClient.from_url(REDIS_URL)
     key = f"{prefix}:held"
     try:
@@ -140,7 +140,7 @@ async def test_a_round_trip_on_a_plain_socket_is_one_wait_and_other_streams_stil
     """On a plain socket a round trip costs the calling task one pass through the scheduler
     (its wait for the reply), not one after every send and read; a stream that is not a
     plain socket (TLS) goes through the stream, with the same replies."""
-    from wsrunner.resp import _Connection
+    from wsrunner.backends.redis.resp import _Connection
 
     address = Address.from_url(REDIS_URL)
     plain = _Connection(await trio.open_tcp_stream(address.host, address.port))

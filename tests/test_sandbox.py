@@ -23,7 +23,6 @@ import trio
 
 from tests.conftest import cmd, git_repo, host_pids, task_body, unique_seconds, wait_for
 from tests.conftest import wait_terminal as wait_done
-from wsrunner import paths
 from wsrunner.daemon import Daemon
 from wsrunner.errors import (
     PathEscapeError,
@@ -31,11 +30,12 @@ from wsrunner.errors import (
     QuotaExceededError,
     WorkspaceError,
 )
+from wsrunner.execution.process import Capture, run_process
+from wsrunner.execution.sandbox import Isolation, Sandbox, _command_argv, probe
+from wsrunner.execution.sandbox.identity import UidRange, assign
 from wsrunner.policy import bundled_policy, load_policy
 from wsrunner.policy.engine import Limits
-from wsrunner.process import Capture, run_process
-from wsrunner.sandbox import Isolation, Sandbox, _command_argv, probe
-from wsrunner.sandbox.identity import UidRange, assign
+from wsrunner.workspace import paths
 
 PERMISSIVE = """\
 apiVersion: wsrunner/v1

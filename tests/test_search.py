@@ -11,8 +11,8 @@ import pytest
 from tests.conftest import Api
 from tests.test_api_public import problem
 from tests.test_fairness import python_slow, re2_slow
-from wsrunner import search
 from wsrunner.errors import ValidationError
+from wsrunner.workspace import search
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from psycopg import sql
 from redis.exceptions import AuthenticationError, NoPermissionError
 
 from tests.conftest import DATABASE_URL, REDIS_URL, free_port, traversable
-from wsrunner import provision
+from wsrunner.backends import provision
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_PG = DATABASE_URL.rsplit("/", 1)[0] + "/postgres"

@@ -20,7 +20,7 @@ from tests.conftest import (
 )
 from wsrunner.daemon import Daemon
 from wsrunner.models import TaskState
-from wsrunner.workspace import META_FLUSH_S, SPARES, Workspaces
+from wsrunner.workspace.directories import META_FLUSH_S, SPARES, Workspaces
 
 
 async def run(daemon: Daemon, *steps, **extra):

@@ -14,14 +14,14 @@ import pytest
 import trio
 
 from tests.conftest import DATABASE_URL, cmd
+from wsrunner.backends.embedded.store import SqliteStore
+from wsrunner.backends.postgres.store import PostgresStore, _json_text
 from wsrunner.daemon import open_store
 from wsrunner.errors import InvalidTransitionError, NotFoundError, UnavailableError
 from wsrunner.models import TaskSpec, TaskState
 from wsrunner.payload import parse_task
 from wsrunner.ports import Store
 from wsrunner.settings import Settings
-from wsrunner.sqlite import SqliteStore
-from wsrunner.store import PostgresStore, _json_text
 
 
 async def test_cancelled_while_waiting_for_a_thread_returns_at_once(schema: str) -> None:

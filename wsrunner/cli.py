@@ -1,5 +1,5 @@
 """The `wsrunner` command: `serve` runs the daemon, `tokens` manages the public API's tokens,
-`submit` and `tasks` talk to a daemon (`wsrunner.console`)."""
+`submit` and `tasks` talk to a daemon (`wsrunner.client.console`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from typing import Any
 import trio_asyncio  # noqa: F401  # isort: skip
 import trio
 
-from wsrunner import __version__, console, provision, tools
+from wsrunner import __version__, tools
+from wsrunner.backends import provision
+from wsrunner.client import console
 from wsrunner.daemon import Daemon, describe_store, open_store, run_daemon
 from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging

@@ -27,27 +27,27 @@ from typing import Any, Final
 import trio
 import trio_asyncio
 
-from wsrunner.credentials import credential_provider
+from wsrunner.backends.embedded.queue import LocalQueue
+from wsrunner.backends.embedded.store import open_sqlite_store
+from wsrunner.backends.postgres.store import database_location, open_postgres_store
+from wsrunner.backends.redis.queue import open_redis_queue
+from wsrunner.engine.leases import Reaper, serve_cancel_watch, serve_heartbeat
+from wsrunner.engine.poller import serve_poller
+from wsrunner.engine.runner import StopReason, TaskRunner
+from wsrunner.engine.slots import Slots
 from wsrunner.errors import ConfigError, UnavailableError
-from wsrunner.executor import Executor
-from wsrunner.lease import Reaper, serve_cancel_watch, serve_heartbeat
-from wsrunner.local import LocalQueue
+from wsrunner.execution.git.credentials import credential_provider
+from wsrunner.execution.process import inherit_none
+from wsrunner.execution.sandbox import Sandbox, probe, turned_off
+from wsrunner.execution.steps import Executor
 from wsrunner.metrics import Metrics
 from wsrunner.notify import Notifier
-from wsrunner.operations import WorkspaceOps
 from wsrunner.policy import LivePolicy, PolicyError
-from wsrunner.poller import serve_poller
 from wsrunner.ports import Queue, Store
-from wsrunner.process import inherit_none
-from wsrunner.queue import open_redis_queue
-from wsrunner.runner import StopReason, TaskRunner
-from wsrunner.sandbox import Sandbox, probe, turned_off
 from wsrunner.service import Service
 from wsrunner.settings import Settings, policy_paths
-from wsrunner.slots import Slots
-from wsrunner.sqlite import open_sqlite_store
-from wsrunner.store import database_location, open_postgres_store
-from wsrunner.workspace import Workspaces
+from wsrunner.workspace.directories import Workspaces
+from wsrunner.workspace.operations import WorkspaceOps
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ from wsrunner import tools
 from wsrunner.errors import NotFoundError, UnavailableError, ValidationError
 from wsrunner.metrics import Metrics
 from wsrunner.models import JSON, ApiToken, Event, TaskRecord, TaskState
-from wsrunner.operations import WorkspaceOps
 from wsrunner.payload import (
     parse_task,
     to_payload,
@@ -38,6 +37,7 @@ from wsrunner.payload import (
 from wsrunner.ports import Queue, Store
 from wsrunner.settings import Settings
 from wsrunner.tokens import TokenRegistry
+from wsrunner.workspace.operations import WorkspaceOps
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from ruamel.yaml.error import MarkedYAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from wsrunner.errors import ConfigError
+from wsrunner.execution.sandbox.identity import UidRange
 from wsrunner.payload import WORKSPACE_ID_RE
 from wsrunner.policy import bundled_policy
-from wsrunner.sandbox.identity import UidRange
 
 GIB: Final = 1024**3
 DEFAULT_UIDS: Final = UidRange(200000, 265535)

@@ -1,7 +1,7 @@
 """Agent tool definitions: the six workspace actions as JSON Schema tools, and their dispatch.
 
 The names, categories and permissions are the reference platform's (`workspace_actions.py`);
-each tool calls the same operation as the internal API (`wsrunner.operations`), so policy,
+each tool calls the same operation as the internal API (`wsrunner.workspace.operations`), so policy,
 containment, limits and quotas are the same whichever way an agent comes in.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from wsrunner.errors import ValidationError
 from wsrunner.models import JSON
-from wsrunner.operations import GIT_OPERATIONS, WorkspaceOps
+from wsrunner.workspace.operations import GIT_OPERATIONS, WorkspaceOps
 
 _PATH: Final = {"type": "string", "maxLength": 4096,
                 "description": "path relative to the workspace root"}  # fmt: skip

@@ -58,8 +58,10 @@ _idle: list[Any] = []  # async connections not in use (the event loop's thread o
 async def _statement(sql: str, params: list[str]) -> None:
     import psycopg
 
-    conn = _idle.pop() if _idle else await psycopg.AsyncConnection.connect(
-        DATABASE_URL, autocommit=True
+    conn = (
+        _idle.pop()
+        if _idle
+        else await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True)
     )
     try:
         await conn.execute(sql, params)

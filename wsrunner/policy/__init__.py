@@ -1,6 +1,6 @@
 """Command policies: versioned YAML files that decide, early and with reasons, what may run.
 
-The policy is the gate (fast, explainable errors); the OS sandbox (`wsrunner.sandbox`) is the
+The policy is the gate (fast, explainable errors); the OS sandbox (`wsrunner.execution.sandbox`) is the
 boundary. `LivePolicy` is what the daemon holds: the current `PolicySet`, swapped atomically on
 reload only after the new files validated, so a bad edit never leaves the daemon without one.
 """

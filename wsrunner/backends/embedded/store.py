@@ -3,7 +3,7 @@
 The single-host default (no Redis, no PostgreSQL). It implements the same `Store` protocol as
 the PostgreSQL adapter, with the same compare-and-set transitions against
 `models.TRANSITIONS`, and also keeps each task's events, so the in-process queue
-(`wsrunner.local`) can replay them after a restart. sqlite3 blocks: every call runs in one
+(`wsrunner.backends.embedded.queue`) can replay them after a restart. sqlite3 blocks: every call runs in one
 worker thread at a time (a CapacityLimiter of 1), in WAL mode, never on the trio thread.
 """
 

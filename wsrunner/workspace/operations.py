@@ -22,7 +22,6 @@ from typing import Any, Final
 
 import trio
 
-from wsrunner import paths, search
 from wsrunner.errors import (
     NotFoundError,
     PathEscapeError,
@@ -32,13 +31,14 @@ from wsrunner.errors import (
     UnavailableError,
     ValidationError,
 )
-from wsrunner.executor import Executor, StepContext
-from wsrunner.gitremote import GIT_SAFE_CONFIG
+from wsrunner.execution.git.remote import GIT_SAFE_CONFIG
+from wsrunner.execution.process import Capture, run_process
+from wsrunner.execution.steps import Executor, StepContext
 from wsrunner.models import JSON, GitClone
 from wsrunner.payload import validate_branch, validate_workspace_id
-from wsrunner.process import Capture, run_process
 from wsrunner.settings import Settings
-from wsrunner.workspace import RESERVED, Workspaces
+from wsrunner.workspace import paths, search
+from wsrunner.workspace.directories import RESERVED, Workspaces
 
 GIT_TIMEOUT_S: Final = 120.0
 CLONE_TIMEOUT_S: Final = 300.0
@@ -290,7 +290,7 @@ class WorkspaceOps:
 
     async def grep(self, workspace_id: str, pattern: object, path: object = ".",
                    include: object = None, max_results: object = 50) -> JSON:  # fmt: skip
-        """Regex search under `path` (see `wsrunner.search`): matches sorted by file and line.
+        """Regex search under `path` (see `wsrunner.workspace.search`): matches sorted by file and line.
 
         At most `max_results` are returned; `total` counts what was found (up to SCAN_CAP).
         wsrunner's reserved entries are never among the matches.

@@ -35,13 +35,13 @@ from typing import Any, Final
 
 import trio
 
-from wsrunner import paths
 from wsrunner.errors import PathNotFoundError, QuotaExceededError, WorkspaceError
-from wsrunner.fshelper import Helper
+from wsrunner.execution.sandbox.identity import UidRange, assign
 from wsrunner.models import Credentials
 from wsrunner.payload import validate_workspace_id
-from wsrunner.sandbox.identity import UidRange, assign
-from wsrunner.usage import Usage, disk_usage
+from wsrunner.workspace import paths
+from wsrunner.workspace.fshelper import Helper
+from wsrunner.workspace.usage import Usage, disk_usage
 
 logger = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ from typing import Any, Final
 import re2  # type: ignore[import-untyped]
 import trio
 
-from wsrunner import paths
 from wsrunner.errors import ValidationError, WorkspaceError
+from wsrunner.execution.process import CappedBuffer, Capture
 from wsrunner.models import JSON
-from wsrunner.process import CappedBuffer, Capture
+from wsrunner.workspace import paths
 
 #: Runs argv with the workspace root as cwd, filling the capture; its exit status.
 Spawn = Callable[[list[str], Capture], Awaitable[int]]

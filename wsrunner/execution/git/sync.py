@@ -1,6 +1,6 @@
 """A workspace's git operations that reach a remote: clone, pull, fetch and push, in two halves.
 
-The network half runs on the daemon's mirror of the remote (`wsrunner.gitremote`); the half
+The network half runs on the daemon's mirror of the remote (`wsrunner.execution.git.remote`); the half
 that reads the workspace's repository, and so the tenant's git configuration (checkout, merge,
 resolving names), runs in the workspace's sandbox with no network and may reach nothing but
 the mirror, read-only, through the `file` protocol:
@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from wsrunner import paths
 from wsrunner.errors import ValidationError, WorkspaceError
-from wsrunner.gitremote import GIT_SAFE_CONFIG, GitRemote, Remote, combine
+from wsrunner.execution.git.remote import GIT_SAFE_CONFIG, GitRemote, Remote, combine
 from wsrunner.models import JSON
 from wsrunner.payload import validate_branch
+from wsrunner.workspace import paths
 
 if TYPE_CHECKING:
-    from wsrunner.executor import StepContext
+    from wsrunner.execution.steps import StepContext
 
 Spawn = Callable[..., Awaitable[JSON]]  #: `Executor.spawn`
 #: The workspace side reaches local paths only: a rewritten URL can lead nowhere else.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from wsrunner.errors import PathEscapeError, PathNotFoundError, WorkspaceError
-from wsrunner.protect import rule_for
+from wsrunner.workspace.protect import rule_for
 
 _SYS_OPENAT2: Final = 437  # x86_64 and aarch64 share the number
 _RESOLVE_NO_MAGICLINKS: Final = 0x02

@@ -3,8 +3,8 @@
 A tenant controls everything git reads in its workspace: the task's global config, `~/.ssh`,
 each repository's `.git/config` (`core.sshCommand`, `credential.helper`, `url.*.insteadOf`...).
 So no git that reads them ever gets a network or a token (I3). The network side is here, on
-mirrors outside the workspace (`wsrunner.gitmirror`); the workspace side of each operation
-(`wsrunner.gitsync`) runs with no network.
+mirrors outside the workspace (`wsrunner.execution.git.mirror`); the workspace side of each operation
+(`wsrunner.execution.git.sync`) runs with no network.
 
 A mirror sandbox runs as the workspace's uid with the workspace's mirrors bound read-write and
 the operation's files read-only, never the workspace; its argv, environment and configuration
@@ -30,9 +30,9 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from wsrunner.credentials import GitCredentialProvider
 from wsrunner.errors import ConfigError, IsolationUnavailableError, WorkspaceError
-from wsrunner.gitmirror import (
+from wsrunner.execution.git.credentials import GitCredentialProvider
+from wsrunner.execution.git.mirror import (
     MIRRORS_DIR,
     Mirror,
     gitconfig,
@@ -40,16 +40,16 @@ from wsrunner.gitmirror import (
     open_mirror,
     remove_operation,
 )
+from wsrunner.execution.process import Capture, run_process
+from wsrunner.execution.sandbox import Sandbox
 from wsrunner.models import JSON
 from wsrunner.payload import redact_url
-from wsrunner.process import Capture, run_process
-from wsrunner.sandbox import Sandbox
 from wsrunner.settings import Settings
-from wsrunner.usage import disk_usage
-from wsrunner.workspace import SAFE_PATH, Workspaces
+from wsrunner.workspace.directories import SAFE_PATH, Workspaces
+from wsrunner.workspace.usage import disk_usage
 
 if TYPE_CHECKING:
-    from wsrunner.executor import StepContext
+    from wsrunner.execution.steps import StepContext
 
 #: Keeps a repository's own .git/config and hooks from running programs in daemon git calls.
 GIT_SAFE_CONFIG: Final = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",

@@ -3,7 +3,7 @@
 The single-host counterpart of `queue.RedisQueue`, behind the same `Queue` protocol, for a
 daemon that runs with nothing else installed. Queues, claims, heartbeats and cancel requests
 live in memory, since one process owns them; events go to the SQLite store
-(`wsrunner.sqlite`), so a stream can be resumed with `Last-Event-ID` after a restart. What the
+(`wsrunner.backends.embedded.store`), so a stream can be resumed with `Last-Event-ID` after a restart. What the
 queue held when the process stopped is rebuilt from the store at start-up by the reconciler,
 as with Redis: queued rows are pushed again and running ones re-queued once their lease ends.
 All methods run on the trio thread; nothing here blocks.
@@ -21,9 +21,9 @@ from typing import Any, Final
 
 import trio
 
+from wsrunner.backends.embedded.store import SqliteStore
 from wsrunner.errors import NotFoundError
 from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, sources_of
-from wsrunner.sqlite import SqliteStore
 
 WAKE_BLOCK_S: Final = 5.0
 ENDED_KEPT: Final = 10_000  #: ended tasks whose final state still refuses a late transition

@@ -6,7 +6,7 @@ system's result shape. Only cancellation (the task's timeout, a cancel request, 
 propagates, after the step's processes are dead; what the step printed until then stays
 readable in `StepContext.capture`.
 
-Every process, a command or git, runs in the sandbox (`wsrunner.sandbox`) with the limits of the
+Every process, a command or git, runs in the sandbox (`wsrunner.execution.sandbox`) with the limits of the
 policy the task started with (`StepContext.policy`); commands are first judged by that policy.
 """
 
@@ -23,11 +23,12 @@ from typing import Any, Final
 
 import trio
 
-from wsrunner import paths
-from wsrunner.credentials import GitCredentialProvider, NoCredentials
 from wsrunner.errors import IsolationUnavailableError, WorkspaceError
-from wsrunner.gitremote import GitRemote
-from wsrunner.gitsync import GitSync
+from wsrunner.execution.git.credentials import GitCredentialProvider, NoCredentials
+from wsrunner.execution.git.remote import GitRemote
+from wsrunner.execution.git.sync import GitSync
+from wsrunner.execution.process import Capture, Watch, run_process
+from wsrunner.execution.sandbox import EXIT_LAUNCH_FAILED, NetworkMode, Sandbox
 from wsrunner.metrics import Metrics
 from wsrunner.models import (
     JSON,
@@ -42,11 +43,10 @@ from wsrunner.models import (
 )
 from wsrunner.payload import redact_url
 from wsrunner.policy import EffectivePolicy, LivePolicy
-from wsrunner.process import Capture, Watch, run_process
-from wsrunner.protect import Protected, find_protected
-from wsrunner.sandbox import EXIT_LAUNCH_FAILED, NetworkMode, Sandbox
 from wsrunner.settings import Settings
-from wsrunner.workspace import TaskEnvironment, Workspaces
+from wsrunner.workspace import paths
+from wsrunner.workspace.directories import TaskEnvironment, Workspaces
+from wsrunner.workspace.protect import Protected, find_protected
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Executor:
         """Run `argv` in the workspace's sandbox; its result dict (`error` set if it failed).
 
         A command (`git` False) sees the policy's protected paths read-only and pinned
-        (`wsrunner.protect`; `protect`, if the caller found them already) and its network
+        (`wsrunner.workspace.protect`; `protect`, if the caller found them already) and its network
         setting; the daemon's own git operations (`git` True) get `gitNetwork` when `network`.
         """
         policy = ctx.policy

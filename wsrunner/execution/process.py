@@ -312,7 +312,7 @@ async def run_process(
 ) -> int:
     """Run `argv` to completion and return its exit status (negative: killed by that signal).
 
-    It starts in the daemon's working directory (a launch, `wsrunner.sandbox`, changes to its
+    It starts in the daemon's working directory (a launch, `wsrunner.execution.sandbox`, changes to its
     own first), with only stdin (/dev/null), the pipes and `pass_fds` open. The caller owns the
     timeout: wrap the call in `trio.move_on_after`.
 

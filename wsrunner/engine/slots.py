@@ -15,8 +15,8 @@ from typing import Any
 
 import trio
 
+from wsrunner.engine.runner import TaskRunner
 from wsrunner.models import Claim
-from wsrunner.runner import TaskRunner
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 psycopg 3 has no trio support, so most calls run the sync driver and a `ConnectionPool` in worker
 threads (stack.md §4.3), never on the trio thread; a trio cancellation becomes a server-side
 cancel of the running statement, and the transaction rolls back. The two statements every task
-runs (`start`, `finish`) go through `wsrunner.libpq` instead: libpq itself, non-blocking, on the
+runs (`start`, `finish`) go through `wsrunner.backends.postgres.libpq` instead: libpq itself, non-blocking, on the
 trio thread, without the thread hops.
 """
 
@@ -27,12 +27,12 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from wsrunner.backends.postgres.libpq import LibpqPool, Row
 from wsrunner.errors import (
     InvalidTransitionError,
     NotFoundError,
     UnavailableError,
 )
-from wsrunner.libpq import LibpqPool, Row
 from wsrunner.models import (
     JSON,
     ApiToken,
@@ -52,7 +52,11 @@ _MIGRATION_LOCK: Final = 0x77737275  # pg_advisory_xact_lock key: "wsru"
 
 
 def _load_queries() -> dict[str, LiteralString]:
-    text = resources.files("wsrunner").joinpath("sql/queries.sql").read_text(encoding="utf-8")
+    text = (
+        resources.files("wsrunner.backends.postgres")
+        .joinpath("sql/queries.sql")
+        .read_text(encoding="utf-8")
+    )
     blocks = re.split(r"^-- name: (\w+)\s*$", text, flags=re.MULTILINE)
     return {name: cast("LiteralString", body.strip()) for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}  # fmt: skip
 
@@ -317,7 +321,7 @@ class PostgresStore:
         """Move a claimed task to `running`, first writing its record if its producer did not;
         returns the attempt number.
 
-        One statement, on the trio thread (`wsrunner.libpq`): the start of every task.
+        One statement, on the trio thread (`wsrunner.backends.postgres.libpq`): the start of every task.
 
         Raises:
             InvalidTransitionError: the task may not start (ended, started elsewhere, or a
@@ -344,7 +348,7 @@ class PostgresStore:
     async def finish(self, task_id: str, target: TaskState, *, worker_id: str, result: JSON,
                      error: str | None, execution_time_ms: int) -> None:  # fmt: skip
         """Write the end of a run by the daemon that holds the task: one statement, on the trio
-        thread (`wsrunner.libpq`).
+        thread (`wsrunner.backends.postgres.libpq`).
 
         Raises:
             InvalidTransitionError: the task is no longer running here (cancelled, taken over).
@@ -479,7 +483,7 @@ def _migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
     """Apply the numbered migrations not applied yet, each in its own transaction."""
     applied: list[str] = []
     migrations = sorted(
-        (f for f in resources.files("wsrunner").joinpath("sql/migrations").iterdir()
+        (f for f in resources.files("wsrunner.backends.postgres").joinpath("sql/migrations").iterdir()
          if f.name.endswith(".sql")),
         key=lambda f: f.name,
     )  # fmt: skip

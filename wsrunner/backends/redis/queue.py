@@ -34,10 +34,10 @@ import trio_asyncio
 from redis.exceptions import RedisError
 from trio_asyncio import aio_as_trio, trio_as_aio
 
+from wsrunner.backends.redis.keys import Keys
+from wsrunner.backends.redis.resp import Arg, RespClient
 from wsrunner.errors import UnavailableError
-from wsrunner.keys import Keys
 from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, json_text, sources_of
-from wsrunner.resp import Arg, RespClient
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import trio
 
+from wsrunner.engine.runner import StopReason, TaskRunner
 from wsrunner.errors import InvalidTransitionError, NotFoundError, UnavailableError
 from wsrunner.models import JSON, TaskRecord, TaskState
 from wsrunner.payload import validate_task_id
 from wsrunner.ports import Queue, Store
-from wsrunner.runner import StopReason, TaskRunner
 from wsrunner.settings import Settings
 
 logger = logging.getLogger(__name__)

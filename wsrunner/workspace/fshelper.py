@@ -14,7 +14,7 @@ So the helper changes where the work runs, never what happens.
 The helper runs as the daemon's user, ignores SIGINT and SIGTERM (a stopping daemon still
 records its last tasks) and exits when the daemon's end of the socket closes.
 
-    python -m wsrunner.fshelper FD
+    python -m wsrunner.workspace.fshelper FD
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Final
 import outcome
 import trio
 
-from wsrunner import paths
+from wsrunner.workspace import paths
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Helper:
             with theirs:
                 # Its environment is only where to import from: none of the daemon's secrets.
                 proc = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "wsrunner.fshelper", str(theirs.fileno())],
+                    [sys.executable, "-m", "wsrunner.workspace.fshelper", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                     env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
                 )  # fmt: skip

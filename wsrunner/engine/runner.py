@@ -26,13 +26,13 @@ from wsrunner.errors import (
     UnavailableError,
     ValidationError,
 )
-from wsrunner.executor import Executor, StepContext
+from wsrunner.execution.steps import Executor, StepContext
 from wsrunner.metrics import Metrics
 from wsrunner.models import JSON, Claim, EncodedJSON, TaskSpec, TaskState
 from wsrunner.payload import parse_task, validate_task_id
 from wsrunner.ports import Queue, Store
 from wsrunner.settings import Settings
-from wsrunner.workspace import TaskEnvironment, Workspaces
+from wsrunner.workspace.directories import TaskEnvironment, Workspaces
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -8,9 +8,9 @@ from typing import Any, Final
 
 import trio
 
+from wsrunner.engine.slots import Slots
 from wsrunner.errors import UnavailableError
 from wsrunner.ports import Queue
-from wsrunner.slots import Slots
 
 logger = logging.getLogger(__name__)
 

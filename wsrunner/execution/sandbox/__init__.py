@@ -44,12 +44,12 @@ from typing import Final, Literal
 
 import trio
 
-from wsrunner import paths
 from wsrunner.errors import IsolationUnavailableError, WorkspaceError
+from wsrunner.execution.sandbox import cgroups, seccomp
+from wsrunner.execution.sandbox.identity import UidRange, volume_reachable
+from wsrunner.execution.sandbox.network import RESOLV_CONF, Egress, Tools, find_tools
 from wsrunner.policy import Limits, SandboxPolicy
-from wsrunner.sandbox import cgroups, seccomp
-from wsrunner.sandbox.identity import UidRange, volume_reachable
-from wsrunner.sandbox.network import RESOLV_CONF, Egress, Tools, find_tools
+from wsrunner.workspace import paths
 
 logger = logging.getLogger(__name__)
 Level = Literal["full", "partial", "none"]
@@ -358,7 +358,7 @@ class Sandbox:
         `root` is bound read-write and decides the uid (its owner, a workspace uid); `protect`
         are absolute paths inside it bound read-only, `pinned` directories inside it bound
         read-write onto themselves first (mount points: a command cannot rename or remove them;
-        `wsrunner.protect`); `read_only` are host paths made visible
+        `wsrunner.workspace.protect`); `read_only` are host paths made visible
         read-only (besides `policy.read_only_paths`). `network` is the sandbox's network.
 
         Errors: IsolationUnavailableError when the host is below `policy.require`, or cannot

@@ -1,0 +1,1 @@
+"""The adapters behind the core's ports, one folder per backend."""

@@ -1,0 +1,1 @@
+"""PostgreSQL: the durable task records and API tokens, and migrations."""

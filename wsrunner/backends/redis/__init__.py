@@ -1,0 +1,1 @@
+"""Redis: work queue and claims, status mirror, events, membership, cancel bus."""

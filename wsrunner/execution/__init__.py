@@ -1,0 +1,1 @@
+"""Running steps: processes, the OS sandbox, and git through daemon-owned mirrors."""

@@ -1,0 +1,1 @@
+"""git that reaches a remote: daemon-owned mirrors, and the workspace side."""

@@ -1,0 +1,1 @@
+"""Workspaces on disk: directories and quotas, contained paths, search, operations."""
