@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -273,6 +274,68 @@ class Service:
         if self.ops is None:
             raise UnavailableError("this process does not run workspace operations")
         return self.ops
+
+    # The frontend's handlers call these, never `workspace` or `tokens` themselves: the facade
+    # is the one surface the HTTP layer depends on. Each raises what the operation raises
+    # (`wsrunner.errors`), and UnavailableError in a process without workspace operations.
+    # A `timeout` here is request data, checked and applied by the one scope that runs the
+    # command (ASYNC109 expects a caller's deadline instead).
+
+    async def authenticate(self, secret: str) -> ApiToken:
+        """The record of the API token `secret`; AuthenticationError, saying why, if invalid."""
+        return await self.tokens.authenticate(secret)
+
+    async def list_files(self, workspace_id: str, path: str = ".") -> JSON:
+        return await self.workspace.list_files(workspace_id, path)
+
+    async def read_file(self, workspace_id: str, path: str) -> JSON:
+        return await self.workspace.read_file(workspace_id, path)
+
+    async def write_file(self, workspace_id: str, path: str, content: object) -> JSON:
+        return await self.workspace.write_file(workspace_id, path, content)
+
+    async def check_exec(
+        self,
+        workspace_id: str,
+        command: object,
+        cwd: object,
+        timeout: object,  # noqa: ASYNC109
+    ) -> None:
+        """Raise what `exec` would refuse before it starts (the request's fields, the policy,
+        the isolation), so a streamed exec can answer with a problem instead of a stream."""
+        text, _, _ = self.workspace.check_exec(command, cwd, timeout)
+        await self.workspace.check_policy(workspace_id, text)
+
+    async def exec(
+        self,
+        workspace_id: str,
+        command: object,
+        cwd: object = ".",
+        timeout: object = None,  # noqa: ASYNC109
+        *,
+        on_output: Callable[[str, bytes], None] | None = None,
+    ) -> JSON:
+        return await self.workspace.exec(workspace_id, command, cwd, timeout, on_output=on_output)
+
+    async def grep(
+        self,
+        workspace_id: str,
+        pattern: object,
+        path: object = ".",
+        include: object = None,
+        max_results: object = 50,
+    ) -> JSON:
+        return await self.workspace.grep(workspace_id, pattern, path, include, max_results)
+
+    async def git(
+        self,
+        workspace_id: str,
+        operation: object,
+        cwd: object = ".",
+        args: object = None,
+        branch: object = None,
+    ) -> JSON:
+        return await self.workspace.git(workspace_id, operation, cwd, args, branch)
 
 
 def _clone_url(url: object, settings: Settings) -> str:
