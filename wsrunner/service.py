@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import trio
 
 from wsrunner import tools
+from wsrunner.engine.lifecycle import Lifecycle
 from wsrunner.errors import NotFoundError, UnavailableError, ValidationError
 from wsrunner.metrics import Metrics
 from wsrunner.models import JSON, ApiToken, Event, TaskRecord, TaskState
@@ -182,12 +183,7 @@ class Service:
             InvalidTransitionError: it already ended (the message names its state).
         """
         tid = (await self.get(task_id, scope=scope)).id
-        record = await self.store.transition(tid, TaskState.CANCELLED, error="cancelled on request")
-        await self.queue.transition(tid, record.workspace_id, TaskState.CANCELLED,
-                                    fields={"error": "cancelled on request"},
-                                    event={"status": "cancelled"},
-                                    result={"status": "cancelled", "error": "cancelled on request"})  # fmt: skip
-        await self.queue.publish_cancel(tid)
+        record = await Lifecycle(self.queue, self.store).cancelled(tid)
         logger.info("task cancelled", extra={"task_id": tid, "workspace_id": record.workspace_id})
         return record
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import trio
 
+from wsrunner.engine.lifecycle import ClaimRef, Lifecycle
 from wsrunner.engine.runner import StopReason, TaskRunner
-from wsrunner.errors import InvalidTransitionError, NotFoundError, UnavailableError
+from wsrunner.errors import NotFoundError, UnavailableError
 from wsrunner.models import JSON, TaskRecord, TaskState
 from wsrunner.payload import validate_task_id
 from wsrunner.ports import Queue, Store
@@ -127,6 +128,7 @@ class Reaper:
 
     def __init__(self, settings: Settings, queue: Queue, store: Store) -> None:
         self.settings, self.queue, self.store = settings, queue, store
+        self.lifecycle = Lifecycle(queue, store)
         self.on_reap: Hook | None = None
         self.on_requeue: Hook | None = None
         self.on_dead_letter: Hook | None = None
@@ -136,27 +138,11 @@ class Reaper:
         if hook is not None:
             hook(label)
 
-    async def _give_up_or_requeue(self, rec: TaskRecord, dead_worker: str) -> TaskState | None:
-        """CAS a dead daemon's running task to queued, or failed after max_attempts."""
-        if rec.attempts >= self.settings.max_attempts:
-            target, error = TaskState.FAILED, (
-                f"gave up after {rec.attempts} attempts: daemon {dead_worker} stopped "
-                "renewing its lease while running the task")  # fmt: skip
-        else:
-            target, error = TaskState.QUEUED, None
-        try:
-            await self.store.transition(rec.id, target, expect_worker=dead_worker, error=error)
-        except (InvalidTransitionError, NotFoundError):
-            return None
-        event: JSON = {"status": target.value, "reason": f"daemon {dead_worker} died"}
-        if error:
-            event["error"] = error
-        await self.queue.transition(rec.id, rec.workspace_id, target,
-                                    fields={"error": error} if error else None, event=event)  # fmt: skip
-        logger.warning("task of dead daemon %s is now %s", dead_worker, target.value,
-                       extra={"task_id": rec.id, "workspace_id": rec.workspace_id})  # fmt: skip
-        self._tell(self.on_reap, "requeued" if target is TaskState.QUEUED else "failed")
-        return target
+    def _recovered(self, target: TaskState | None, via: str) -> None:
+        if target is not None:
+            self._tell(self.on_reap, "requeued" if target is TaskState.QUEUED else "failed")
+        if target is TaskState.QUEUED:
+            self._tell(self.on_requeue, via)
 
     async def reap_dead_workers(self) -> int:
         """Redis path; returns how many claims were handled."""
@@ -189,12 +175,11 @@ class Reaper:
             await self._hand_on(worker, claim_id, prio)
             return
         if rec.status is TaskState.RUNNING and rec.worker_id == worker:
-            target = await self._give_up_or_requeue(rec, worker)
-            if target is TaskState.QUEUED:
-                await self.queue.requeue_claim(worker, claim_id, prio)
-                self._tell(self.on_requeue, "dead_daemon")
-            else:
-                await self.queue.ack(worker, claim_id)
+            claim = ClaimRef(worker, claim_id, prio)
+            target = await self.lifecycle.recovered(
+                rec, worker, self.settings.max_attempts, claim=claim
+            )
+            self._recovered(target, "dead_daemon")
         elif rec.status is TaskState.QUEUED:
             await self._hand_on(worker, claim_id, prio)
         else:  # ended (its ack was lost), or running elsewhere: this copy is spent
@@ -214,10 +199,10 @@ class Reaper:
         for rec in await self.store.expired_running():
             if rec.worker_id and await self.queue.is_alive(rec.worker_id):
                 continue  # alive, its PostgreSQL renewals failed for a while: let it finish
-            target = await self._give_up_or_requeue(rec, rec.worker_id or "unknown")
-            if target is TaskState.QUEUED:
-                await self.queue.requeue_payload(payload_from_record(rec))
-                self._tell(self.on_requeue, "dead_daemon")
+            target = await self.lifecycle.recovered(rec, rec.worker_id or "unknown",
+                                                    self.settings.max_attempts,
+                                                    payload=payload_from_record(rec))  # fmt: skip
+            self._recovered(target, "dead_daemon")
             n += target is not None
         age = max(5.0, self.settings.heartbeat_interval_s) if min_age_s is None else min_age_s
         stale = await self.store.stale_queued(age_s=age)

@@ -19,9 +19,8 @@ from typing import Final, TypeVar
 
 import trio
 
+from wsrunner.engine.lifecycle import ClaimRef, Lifecycle
 from wsrunner.errors import (
-    InvalidTransitionError,
-    NotFoundError,
     QuotaExceededError,
     UnavailableError,
     ValidationError,
@@ -176,6 +175,10 @@ class TaskRunner:
         self.executor = executor
         self.running: dict[str, RunningTask] = {}
         self.worker_id = settings.worker_id
+        self.lifecycle = Lifecycle(queue, store, retry=retrying)
+
+    def _claim(self, claim: Claim) -> ClaimRef:
+        return ClaimRef(self.worker_id, claim.claim_id, claim.priority)
 
     def stop_task(self, task_id: str, reason: StopReason) -> bool:
         """Cancel a task running here; False if it is not running on this daemon, or its steps
@@ -274,48 +277,22 @@ class TaskRunner:
         await self.queue.dead_letter(self.worker_id, claim.claim_id, reason)
         self.metrics.dead_letter(kind).inc()
         if task_id is not None:  # whoever watches this id gets an answer, not silence
-            error = f"invalid payload: {reason}"
-            try:
-                await self.store.transition(task_id, TaskState.FAILED, error=error)
-            except NotFoundError:
-                pass  # its producer writes no record: the status hash is where it looks
-            except InvalidTransitionError:
-                return None  # already ended: that state stands
             ws = obj.get("workspace_id") if isinstance(obj, dict) else None
-            await self.queue.transition(task_id, ws if isinstance(ws, str) else "-", TaskState.FAILED,
-                                        fields={"error": error}, event={"status": "failed", "error": error})  # fmt: skip
+            await self.lifecycle.unreadable(task_id, ws if isinstance(ws, str) else "-",
+                                            f"invalid payload: {reason}")  # fmt: skip
         return None
 
     async def _start(self, spec: TaskSpec, claim: Claim) -> int | None:
-        """Record the start in PostgreSQL: the attempt number, or None (claim acknowledged) if
-        the task must not run. Redis mirrors it while the first step starts (`_mirror_start`)."""
-        try:
-            return await self.store.start(spec, worker_id=self.worker_id,
-                                          workspace_path=self.workspaces.root(spec.workspace_id))  # fmt: skip
-        except InvalidTransitionError as exc:
-            logger.info("not starting task: it is %s", exc.current,
-                        extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
-            await self.queue.ack(self.worker_id, claim.claim_id)
-            return None
+        """Record the start: the attempt number, or None (claim acknowledged) if the task must
+        not run. Redis mirrors it while the first step starts (`_mirror_start`)."""
+        workspace_path = self.workspaces.root(spec.workspace_id)
+        return await self.lifecycle.started(spec, self._claim(claim), workspace_path)
 
     async def _mirror_start(self, rt: RunningTask) -> None:
-        """Move the Redis status to `running` with its event; then let the task's events out.
-
-        Shielded: it completes, so the task's end is never mirrored before its start.
-        """
-        spec = rt.spec
+        """Mirror the start with the first progress event; then let the task's events out."""
         try:
-            with trio.CancelScope(shield=True):
-                await self.queue.transition(
-                    spec.task_id, spec.workspace_id, TaskState.RUNNING,
-                    fields={"worker_id": self.worker_id, "started_at": datetime.now(UTC).isoformat(),
-                            "attempts": str(rt.attempt)},
-                    event={"status": "running", "worker_id": self.worker_id, "attempt": rt.attempt},
-                    then=("progress_update", _progress(spec, 1)),
-                )  # fmt: skip
-        except UnavailableError as exc:  # PostgreSQL has it; the mirror catches up at the end
-            logger.warning("Redis did not take the start of the task: %s", exc,
-                           extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
+            await self.lifecycle.mirror_start(rt.spec, self.worker_id, rt.attempt,
+                                              then=("progress_update", _progress(rt.spec, 1)))  # fmt: skip
         finally:
             rt.mirrored.set()
 
@@ -438,36 +415,9 @@ class TaskRunner:
         if error is not None:
             body["error"] = error
         result = EncodedJSON(body)  # PostgreSQL and Redis both write it
-        try:
-            await retrying("recording the end of a task", lambda: self.store.finish(
-                tid, state, worker_id=self.worker_id, result=result, error=error,
-                execution_time_ms=elapsed_ms))  # fmt: skip
-            applied = True
-        except InvalidTransitionError as exc:
-            # A cancel request (or a reaper that thought us dead) ended it first: its state
-            # stands; we only attach what the steps did.
-            applied = False
-            logger.info("task already %s; attaching the result only", exc.current, extra=log)
-            await retrying(
-                "attaching a result", lambda: self.store.attach_result(tid, result, elapsed_ms)
-            )
-        except (NotFoundError, UnavailableError) as exc:
-            logger.error("could not record the end of the task: %s", exc, extra=log)
-            return
-        event: JSON = {"status": state.value, "execution_time_ms": elapsed_ms}
-        if error is not None:
-            event["error"] = error
-        try:
-            if applied:
-                await retrying("mirroring the end of a task", lambda: self.queue.transition(
-                    tid, ws, state, fields={"completed_at": result["completed_at"], **({"error": error} if error else {})},
-                    event=event, result=result, ack=(self.worker_id, claim.claim_id)))  # fmt: skip
-            else:
-                await retrying(
-                    "acknowledging a claim", lambda: self.queue.ack(self.worker_id, claim.claim_id)
-                )
-        except UnavailableError as exc:
-            logger.error("Redis did not take the end of the task: %s", exc, extra=log)
+        applied = await self.lifecycle.ended(
+            spec, self._claim(claim), state, result, error, elapsed_ms
+        )
         logger.info("task %s in %d ms", state.value if applied else "ended", elapsed_ms, extra=log)
         if applied:
             self.metrics.finished(state.value, spec.priority.value).inc()
@@ -475,19 +425,7 @@ class TaskRunner:
 
     async def _requeue(self, rt: RunningTask) -> None:
         """Give the task back: `queued` again, its payload at the head of its queue."""
-        spec = rt.spec
-        log = {"task_id": spec.task_id, "workspace_id": spec.workspace_id}
-        try:
-            await self.store.transition(
-                spec.task_id, TaskState.QUEUED, expect_worker=self.worker_id
-            )
-        except InvalidTransitionError as exc:  # ended meanwhile (a cancel)
-            logger.info("not re-queueing: task is %s", exc.current, extra=log)
-            await self.queue.ack(self.worker_id, rt.claim.claim_id)
-            return
-        # Status first, payload second: once the payload is visible another daemon may start it.
-        await self.queue.transition(spec.task_id, spec.workspace_id, TaskState.QUEUED,
-                                    event={"status": "queued", "reason": "daemon shutting down"})  # fmt: skip
-        await self.queue.requeue_claim(self.worker_id, rt.claim.claim_id, rt.claim.priority)
-        self.metrics.requeue("shutdown").inc()
-        logger.info("task re-queued for another daemon", extra=log)
+        if await self.lifecycle.handed_back(rt.spec, self._claim(rt.claim)):
+            self.metrics.requeue("shutdown").inc()
+            logger.info("task re-queued for another daemon",
+                        extra={"task_id": rt.spec.task_id, "workspace_id": rt.spec.workspace_id})  # fmt: skip
