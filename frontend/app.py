@@ -40,6 +40,14 @@ async def json_object() -> dict[str, Any]:
     return body
 
 
+def required_arg(name: str) -> str:
+    """A query parameter that must be given and not empty; a 422 naming it otherwise."""
+    value = request.args.get(name)
+    if value is None or value == "":
+        raise ValidationError(name, "is required")
+    return value
+
+
 def query_int(name: str, default: int) -> int:
     """An integer query parameter; a 422 naming it when it is not one."""
     raw = request.args.get(name)

@@ -8,29 +8,30 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from quart import jsonify
+from quart import Blueprint, jsonify
 from quart_schema import document_response
 
 from frontend import schemas
-from frontend.app import App
-from wsrunner.service import Service
+from frontend.context import current_service
 
 PATHS: Final = frozenset({"/livez", "/readyz"})
 
+blueprint = Blueprint("probes", __name__)  #: registered on both apps
 
-def install_probes(app: App, service: Service) -> None:
-    @app.get("/livez")
-    @document_response(schemas.Live)
-    async def livez() -> Any:
-        """The process is alive and serving."""
-        return jsonify({"status": "alive", "worker_id": service.settings.worker_id})
 
-    @app.get("/readyz")
-    @document_response(schemas.Ready)
-    @document_response(schemas.Ready, 503)
-    async def readyz() -> Any:
-        """Redis, PostgreSQL and the volume are usable; 503 says which is not."""
-        checks = await service.checks()
-        ready = all(v == "ok" for v in checks.values())
-        body = {"status": "ready" if ready else "not ready", "checks": checks}
-        return jsonify(body), 200 if ready else 503
+@blueprint.get("/livez")
+@document_response(schemas.Live)
+async def livez() -> Any:
+    """The process is alive and serving."""
+    return jsonify({"status": "alive", "worker_id": current_service().settings.worker_id})
+
+
+@blueprint.get("/readyz")
+@document_response(schemas.Ready)
+@document_response(schemas.Ready, 503)
+async def readyz() -> Any:
+    """Redis, PostgreSQL and the volume are usable; 503 says which is not."""
+    checks = await current_service().checks()
+    ready = all(v == "ok" for v in checks.values())
+    body = {"status": "ready" if ready else "not ready", "checks": checks}
+    return jsonify(body), 200 if ready else 503

@@ -21,8 +21,8 @@ import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
-from frontend.internal import create_internal_app
-from frontend.public import create_public_app
+from frontend.internal.api import create_app as create_internal_app
+from frontend.public.api import create_app as create_public_app
 from frontend.sse import Hub
 from wsrunner.errors import ConfigError
 from wsrunner.service import Service

@@ -284,7 +284,7 @@ async def test_sse_raw_frames_have_retry_and_keepalives(api: Api) -> None:
 async def test_sse_events_read_together_go_out_as_one_chunk(api: Api) -> None:
     """The frames of the events one read returned are sent in one piece (one send through the
     HTTP stack), the stream's end included."""
-    from frontend.public import _task_frames
+    from frontend.public.events import _task_frames
     from frontend.sse import Hub, frame
 
     async with api.client() as c:
