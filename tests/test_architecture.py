@@ -109,3 +109,28 @@ def test_the_engine_and_the_workspace_never_reach_up() -> None:
     for module, names in CORE.items():
         if module.startswith(("wsrunner.engine", "wsrunner.execution", "wsrunner.workspace")):
             assert not {n for n in names if n.startswith(upper)}, module
+
+
+def test_the_frontend_reaches_the_core_through_the_facade() -> None:
+    """frontend/ imports from wsrunner only what an HTTP layer over the facade needs, and never
+    reaches into the facade's parts (`service.queue`, `.store`, `.ops`, `.workspace`, `.tokens`).
+
+    Allowed, and why:
+        wsrunner           `__version__`, for the OpenAPI documents' info
+        wsrunner.service   the facade: Service, and Submitted (what submit returns)
+        wsrunner.errors    the errors problems.py maps to statuses; handlers raise a few
+        wsrunner.models    the values handlers turn into JSON (TaskRecord, ApiToken, states)
+        wsrunner.payload   the task's wire format: not imported today; the documents' models
+                           may describe the task shape from it (issue 20)
+        wsrunner.metrics   Metrics, which the apps time requests into; /metrics' CONTENT_TYPE
+        wsrunner.settings  Settings, in the signature of `serve`, the entry point the daemon calls
+    """
+    allowed = {"wsrunner", "wsrunner.service", "wsrunner.errors", "wsrunner.models"}
+    allowed |= {"wsrunner.payload", "wsrunner.metrics", "wsrunner.settings"}
+    internals = {"queue", "store", "ops", "workspace", "tokens"}
+    for module, names in modules("frontend").items():
+        assert {n for n in names if n.startswith("wsrunner")} <= allowed, module
+    for path in (ROOT / "frontend").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in internals:
+                raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} uses .{node.attr}")
