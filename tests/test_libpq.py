@@ -6,16 +6,18 @@ import pytest
 import trio
 
 from tests.conftest import DATABASE_URL
-from wsrunner.backends.postgres.libpq import LibpqPool, QueryError
-from wsrunner.errors import UnavailableError
+from wsrunner.backends.postgres.libpq import LibpqPool
+from wsrunner.errors import BackendError, UnavailableError
 
 
 async def test_a_statement_runs_prepared_and_a_rejected_one_keeps_its_connection() -> None:
     pool = LibpqPool(DATABASE_URL, options="", size=1)
     try:
         assert await pool.call("add", "SELECT $1::int + 1, NULL", ["41"]) == [("42", None)]
-        with pytest.raises(QueryError, match="22P02"):  # invalid text for an integer
+        # A statement the server refuses is the project's BackendError, with its SQLSTATE.
+        with pytest.raises(BackendError, match="22P02") as refused:  # invalid text for an integer
             await pool.call("add", "SELECT $1::int + 1, NULL", ["x"])
+        assert refused.value.code == "22P02"
         pid = await pool.call("pid", "SELECT pg_backend_pid()", [])
         assert await pool.call("pid", "SELECT pg_backend_pid()", []) == pid  # the same one
     finally:

@@ -17,7 +17,12 @@ from tests.conftest import DATABASE_URL, cmd
 from wsrunner.backends.embedded.store import SqliteStore
 from wsrunner.backends.postgres.store import PostgresStore, _json_text
 from wsrunner.daemon import open_store
-from wsrunner.errors import InvalidTransitionError, NotFoundError, UnavailableError
+from wsrunner.errors import (
+    DuplicateTaskError,
+    InvalidTransitionError,
+    NotFoundError,
+    UnavailableError,
+)
 from wsrunner.models import TaskSpec, TaskState
 from wsrunner.payload import parse_task
 from wsrunner.ports import Store
@@ -87,8 +92,9 @@ async def test_start_and_finish_are_compare_and_sets(any_store: Store) -> None:
         await store.start(pushed, worker_id="w2", workspace_path="/v/ws-1")
 
     twin = spec(idempotency_key="k1")  # same key, another id
-    with pytest.raises(InvalidTransitionError, match=f"duplicate of task {pushed.task_id}"):
+    with pytest.raises(DuplicateTaskError, match=f"duplicate of task {pushed.task_id}") as dup:
         await store.start(twin, worker_id="w1", workspace_path="/v/ws-1")
+    assert dup.value.original_id == pushed.task_id  # typed, on both backends: no string to parse
     with pytest.raises(NotFoundError):
         await store.get(twin.task_id)
 

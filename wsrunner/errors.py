@@ -7,6 +7,7 @@
     ├── NotFoundError               a task or workspace that does not exist (or is not visible)
     ├── ConflictError               the request contradicts the current state
     │   ├── InvalidTransitionError  a lifecycle move the transition table does not allow
+    │   │   └── DuplicateTaskError  a task to start has another task's idempotency key
     │   └── IdempotencyConflictError  an idempotency key reused with a different body
     ├── WorkspaceError              a workspace operation was refused
     │   ├── PathEscapeError         a path would leave the workspace
@@ -15,10 +16,13 @@
     │   ├── QuotaExceededError      the workspace is over its storage quota
     │   ├── PolicyDeniedError       the command policy denies the command (names the rule)
     │   └── IsolationUnavailableError  the host cannot give the sandbox the policy requires
-    └── UnavailableError            Redis or PostgreSQL could not be reached
+    ├── UnavailableError            Redis or PostgreSQL could not be reached
+    └── BackendError                a backend answered but refused an operation (a bug, or a
+                                    constraint a concurrent write broke); names its error code
 
-Messages say what was expected and what was found. Driver exceptions (redis-py, psycopg) are
-translated into `UnavailableError` by the adapters, never leaked past them.
+Messages say what was expected and what was found. Driver exceptions (redis-py, psycopg,
+sqlite3) are translated by the adapters into `UnavailableError` or `BackendError`, never
+leaked past them.
 """
 
 from __future__ import annotations
@@ -61,6 +65,16 @@ class InvalidTransitionError(ConflictError):
         self.task_id = task_id
         self.current = current
         self.target = target
+
+
+class DuplicateTaskError(InvalidTransitionError):
+    """The task cannot start: task `original_id` has its workspace and idempotency key."""
+
+    def __init__(self, task_id: str, original_id: str, target: str) -> None:
+        super().__init__(
+            task_id, f"a duplicate of task {original_id} (same idempotency key)", target
+        )
+        self.original_id = original_id
 
 
 class IdempotencyConflictError(ConflictError):
@@ -109,3 +123,11 @@ class IsolationUnavailableError(WorkspaceError):
 
 class UnavailableError(WsrunnerError):
     """A backing service (Redis or PostgreSQL) could not be reached or failed."""
+
+
+class BackendError(WsrunnerError):
+    """A backend answered but refused an operation; `code` is its error code (a SQLSTATE)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -22,6 +22,7 @@ from typing import Final, TypeVar
 import trio
 
 from wsrunner.errors import (
+    DuplicateTaskError,
     InvalidTransitionError,
     NotFoundError,
     UnavailableError,
@@ -215,9 +216,7 @@ class SqliteStore:
             pass
         first, created = await self.create(spec, workspace_path=workspace_path)
         if not created and first.id != spec.task_id:
-            raise InvalidTransitionError(spec.task_id,
-                                         f"a duplicate of task {first.id} (same idempotency key)",
-                                         TaskState.RUNNING.value)  # fmt: skip
+            raise DuplicateTaskError(spec.task_id, first.id, TaskState.RUNNING.value)
         record = await self.transition(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
         return record.attempts
 

@@ -27,7 +27,7 @@ import trio
 from psycopg import pq
 from psycopg.conninfo import make_conninfo
 
-from wsrunner.errors import UnavailableError
+from wsrunner.errors import BackendError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,11 @@ _UNAVAILABLE_CLASSES: Final = ("08", "53", "57")
 Row = tuple[str | None, ...]
 
 
-class QueryError(Exception):
-    """The server rejected a statement."""
+class QueryError(BackendError):
+    """The server rejected a statement; `code` is its SQLSTATE."""
 
     def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(f"PostgreSQL error {sqlstate}: {message}")
-        self.sqlstate = sqlstate
+        super().__init__(sqlstate, f"PostgreSQL error {sqlstate}: {message}")
 
 
 class _Connection:
@@ -102,7 +101,7 @@ class _Connection:
                     for r in range(res.ntuples)
                 ]
         if error is not None:
-            if error.sqlstate[:2] in _UNAVAILABLE_CLASSES:
+            if error.code[:2] in _UNAVAILABLE_CLASSES:
                 raise UnavailableError(str(error))
             raise error
         return rows

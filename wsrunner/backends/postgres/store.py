@@ -29,6 +29,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from wsrunner.backends.postgres.libpq import LibpqPool, Row
 from wsrunner.errors import (
+    BackendError,
+    DuplicateTaskError,
     InvalidTransitionError,
     NotFoundError,
     UnavailableError,
@@ -339,10 +341,11 @@ class PostgresStore:
             current = "started by another daemon at the same moment"
         elif rows[0][0] is not None:
             return int(rows[0][0])
-        else:
+        else:  # the statement's refusal: the state, or `duplicate:<id>` (queries.sql, start_task)
             current = str(rows[0][1])
-            if current.startswith("duplicate:"):
-                current = f"a duplicate of task {current[10:]} (same idempotency key)"
+            kind, _, original = current.partition(":")
+            if kind == "duplicate":
+                raise DuplicateTaskError(spec.task_id, original, TaskState.RUNNING.value)
         raise InvalidTransitionError(spec.task_id, current, TaskState.RUNNING.value)
 
     async def finish(self, task_id: str, target: TaskState, *, worker_id: str, result: JSON,
@@ -366,7 +369,7 @@ class PostgresStore:
     async def _fast_call(self, name: str, params: list[str | None]) -> list[Row]:
         try:
             return await self._fast.call(name, Q[name], params)
-        except UnavailableError:
+        except (UnavailableError, BackendError):
             if self.on_error is not None:
                 self.on_error()
             raise
