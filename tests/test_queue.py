@@ -18,6 +18,7 @@ import trio
 import trio_asyncio
 
 from tests.conftest import (
+    PrivateRedis,
     cmd,
     exit_code,
     host_pids,
@@ -80,11 +81,13 @@ async def test_idle_daemon_wakes_on_a_plain_lpush_without_polling(
 
 
 async def test_idle_waits_keep_their_connections_and_a_backlog_does_not_spin(
-    start_daemon, redis_client: redis.Redis
+    start_daemon, private_redis: PrivateRedis
 ) -> None:
     """Each wake-up of the idle poller reuses the watchers' connections (one per queue, opened
-    once); while the only slot is busy, a queued task makes no watcher call Redis again."""
-    daemon = await start_daemon(concurrency=1)
+    once); while the only slot is busy, a queued task makes no watcher call Redis again.
+    A Redis server of its own: its counters are the daemon's alone."""
+    redis_client = redis.Redis.from_url(private_redis.url, decode_responses=True)
+    daemon = await start_daemon(concurrency=1, redis_url=private_redis.url)
     keys = daemon.service.queue.keys  # type: ignore[attr-defined]
     await trio.sleep(0.3)  # the watchers are connected and blocked
 
@@ -255,8 +258,11 @@ async def test_sigterm_requeues_running_tasks_and_exits_zero(
 
 
 async def test_event_waiters_share_one_redis_read(
-    daemon: Daemon, redis_client: redis.Redis
+    start_daemon, private_redis: PrivateRedis
 ) -> None:
+    # A Redis server of its own: the connections listed are the daemon's and this test's alone.
+    redis_client = redis.Redis.from_url(private_redis.url, decode_responses=True)
+    daemon = await start_daemon(redis_url=private_redis.url)
     queue = daemon.service.queue
     tasks = [f"tail-{uuid.uuid4()}" for _ in range(3)]
     firsts = [await queue.emit(t, "progress_update", {"step": 0}) for t in tasks]

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import trio
 
-from tests.conftest import cmd, task_body, wait_for
-from tests.reliability.conftest import Deployment, PrivatePostgres, PrivateRedis, assert_complete
+from tests.conftest import PrivateRedis, cmd, task_body, wait_for
+from tests.reliability.conftest import Deployment, PrivatePostgres, assert_complete
 
 LEASE_S = 2.0  # WSRUNNER_LEASE_TTL of every daemon here
 
