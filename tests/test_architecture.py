@@ -134,3 +134,18 @@ def test_the_frontend_reaches_the_core_through_the_facade() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in internals:
                 raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} uses .{node.attr}")
+
+
+def test_ports_are_narrow_roles() -> None:
+    """Each role in wsrunner.ports declares at most eight methods; `Queue` and `Store` only
+    gather roles (they declare nothing of their own)."""
+    tree = ast.parse((ROOT / "wsrunner" / "ports.py").read_text())
+    roles = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    for name, node in roles.items():
+        methods = [
+            n.name for n in node.body if isinstance(n, ast.AsyncFunctionDef | ast.FunctionDef)
+        ]
+        if name in ("Queue", "Store"):
+            assert not methods, f"{name} declares {methods}: put them in a role"
+        else:
+            assert 1 <= len(methods) <= 8, f"{name} has {len(methods)} methods: {methods}"

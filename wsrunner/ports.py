@@ -1,7 +1,10 @@
-"""The small interfaces the core depends on; Redis and PostgreSQL are one implementation each.
+"""The interfaces the core depends on, one per role; each backend implements all of them.
 
-`poller`, `slots`, `runner`, `lease` and `service` see only these Protocols, so a second,
-embedded backend can implement them without touching the core.
+A part of the core that needs one role takes that role (the poller a `WorkQueue`, the token
+registry a `TokenStore`); `Queue` and `Store` gather the roles one adapter provides, for the
+composition root and the parts that coordinate several (the lifecycle, the reaper, the facade).
+Redis + PostgreSQL, the embedded queue + SQLite, and the in-memory fakes of `wsrunner.testing`
+implement them.
 """
 
 from __future__ import annotations
@@ -17,12 +20,20 @@ if TYPE_CHECKING:
     from wsrunner.models import JSON, ApiToken, Claim, Event, TaskRecord, TaskSpec, TaskState
 
 
-class Queue(Protocol):
-    """Fast shared state: priority queues with leased claims, status mirror, events, heartbeats."""
+class Backend(Protocol):
+    """What every adapter answers: whether it is reachable, and a hook for its failures."""
 
     on_error: Callable[[], None] | None
 
     async def ping(self) -> None: ...
+
+
+# --- the fast shared state (Redis; the embedded queue) ------------------------------------------
+
+
+class WorkQueue(Protocol):
+    """Priority queues of payloads, and the claims a daemon holds on them until it settles them."""
+
     async def enqueue(self, payload: JSON, *, event_data: JSON) -> str: ...
     async def requeue_payload(self, payload: JSON) -> None: ...
     async def claim(self, worker_id: str) -> Claim | None: ...
@@ -31,6 +42,11 @@ class Queue(Protocol):
     async def requeue_claim(self, worker_id: str, claim_id: str, priority: str) -> bool: ...
     async def dead_letter(self, worker_id: str, claim_id: str, reason: str) -> None: ...
     async def inflight(self, worker_id: str) -> dict[str, str]: ...
+
+
+class StatusMirror(Protocol):
+    """What readers see fast: each task's status (written with its event) and queue depths."""
+
     async def transition(
         self,
         task_id: str,
@@ -43,31 +59,49 @@ class Queue(Protocol):
         ack: tuple[str, str] | None = None,
         then: tuple[str, JSON] | None = None,
     ) -> tuple[bool, str]: ...
+    async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]: ...
+    async def depths(self) -> dict[str, int]: ...
+
+
+class EventLog(Protocol):
+    """Each task's ordered events, read from any point and waited on."""
+
     async def emit(self, task_id: str, kind: str, data: JSON) -> str: ...
     async def read_events(
         self, task_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 500
     ) -> list[Event]: ...
-    async def depths(self) -> dict[str, int]: ...
-    async def status(self, task_id: str) -> dict[str, str]: ...
-    async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]: ...
-    async def result(self, task_id: str) -> JSON | None: ...
+
+
+class Membership(Protocol):
+    """Which daemons are alive (heartbeats with a time to live), and what the dead ones ran."""
+
     async def heartbeat(self, worker_id: str, running: Iterable[str], ttl_s: float) -> None: ...
     async def retire(self, worker_id: str) -> None: ...
     async def dead_workers(self) -> list[str]: ...
     async def forget_worker(self, worker_id: str) -> None: ...
     async def is_alive(self, worker_id: str) -> bool: ...
+
+
+class CancelBus(Protocol):
+    """Cancel requests, broadcast to the daemon that runs the task."""
+
     async def publish_cancel(self, task_id: str) -> None: ...
     async def serve_cancel_listener(
         self, send: trio.MemorySendChannel[str], *, task_status: Any = ...
     ) -> None: ...
 
 
-class Store(Protocol):
-    """The durable record: the arbiter of every state change."""
+class Queue(Backend, WorkQueue, StatusMirror, EventLog, Membership, CancelBus, Protocol):
+    """Every role of the fast shared state, as one adapter provides them (the composition
+    root's view; the parts of the core that need one role take that role)."""
 
-    on_error: Callable[[], None] | None
 
-    async def ping(self) -> None: ...
+# --- the durable record (PostgreSQL; the embedded SQLite store) ---------------------------------
+
+
+class TaskRecords(Protocol):
+    """The durable record of each task: the arbiter of every state change (compare-and-set)."""
+
     async def create(
         self, spec: TaskSpec, *, workspace_path: str | None = None
     ) -> tuple[TaskRecord, bool]: ...
@@ -94,10 +128,7 @@ class Store(Protocol):
         execution_time_ms: int,
     ) -> None: ...
     async def attach_result(self, task_id: str, result: JSON, execution_time_ms: int) -> None: ...
-    async def renew_leases(self, worker_id: str, task_ids: Sequence[str]) -> None: ...
     async def get(self, task_id: str) -> TaskRecord: ...
-    async def expired_running(self, limit: int = 500) -> list[TaskRecord]: ...
-    async def stale_queued(self, age_s: float, limit: int = 1000) -> list[TaskRecord]: ...
     async def list(
         self,
         *,
@@ -106,10 +137,28 @@ class Store(Protocol):
         status: TaskState | None = None,
         limit: int = 50,
         before: tuple[datetime, str] | None = None,
-    ) -> list[TaskRecord]: ...
+    ) -> builtins.list[TaskRecord]: ...
+
+
+class RecordLeases(Protocol):
+    """The leases of running tasks in the record, and the rows a repair pass looks at."""
+
+    async def renew_leases(self, worker_id: str, task_ids: Sequence[str]) -> None: ...
+    async def expired_running(self, limit: int = 500) -> builtins.list[TaskRecord]: ...
+    async def stale_queued(self, age_s: float, limit: int = 1000) -> builtins.list[TaskRecord]: ...
+
+
+class TokenStore(Protocol):
+    """The public API's bearer tokens, by id, with the SHA-256 digest of their secret."""
+
     async def create_token(
         self, token_id: str, name: str, secret_sha256: str, workspaces: Sequence[str] | None
     ) -> ApiToken: ...
     async def token_digest(self, token_id: str) -> tuple[ApiToken, str] | None: ...
     async def list_tokens(self) -> builtins.list[ApiToken]: ...
     async def revoke_token(self, token_id: str) -> ApiToken: ...
+
+
+class Store(Backend, TaskRecords, RecordLeases, TokenStore, Protocol):
+    """Every role of the durable record, as one adapter provides them (the composition root's
+    view)."""

@@ -20,7 +20,7 @@ from wsrunner.models import ApiToken
 from wsrunner.payload import validate_workspace_id
 
 if TYPE_CHECKING:
-    from wsrunner.ports import Store
+    from wsrunner.ports import TokenStore
 
 PREFIX: Final = "wsr"
 CACHE_S: Final = 5.0  #: a revoked token stops working on every daemon within this time
@@ -52,7 +52,7 @@ def matches(token: str, stored_digest: str) -> bool:
 class TokenRegistry:
     """Create, list, revoke and check tokens; checks are cached for CACHE_S per daemon."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: TokenStore) -> None:
         self.store = store
         self._cache: dict[str, tuple[float, ApiToken]] = {}
 

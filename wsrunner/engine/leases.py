@@ -25,14 +25,14 @@ from wsrunner.engine.runner import StopReason, TaskRunner
 from wsrunner.errors import NotFoundError, UnavailableError
 from wsrunner.models import JSON, TaskRecord, TaskState
 from wsrunner.payload import validate_task_id
-from wsrunner.ports import Queue, Store
+from wsrunner.ports import CancelBus, Membership, Queue, RecordLeases, Store
 from wsrunner.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 async def serve_heartbeat(
-    settings: Settings, queue: Queue, store: Store, runner: TaskRunner,
+    settings: Settings, queue: Membership, store: RecordLeases, runner: TaskRunner,
     *, task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:  # fmt: skip
     """Renew this daemon's leases every `heartbeat_interval_s`, forever."""
@@ -88,7 +88,7 @@ async def serve_cancel_watch(
                 logger.info("cancel request received", extra={"task_id": task_id})
 
 
-async def _listen(queue: Queue, send: trio.MemorySendChannel[str]) -> None:
+async def _listen(queue: CancelBus, send: trio.MemorySendChannel[str]) -> None:
     while True:
         try:
             await queue.serve_cancel_listener(send)

@@ -10,7 +10,7 @@ import trio
 
 from wsrunner.engine.slots import Slots
 from wsrunner.errors import UnavailableError
-from wsrunner.ports import Queue
+from wsrunner.ports import WorkQueue
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ MAX_BACKOFF_S: Final = 5.0
 
 
 async def serve_poller(
-    queue: Queue, slots: Slots, worker_id: str, stopping: trio.Event,
+    queue: WorkQueue, slots: Slots, worker_id: str, stopping: trio.Event,
     on_hand_back: Callable[[], None] | None = None,
     *, task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:  # fmt: skip
@@ -60,7 +60,7 @@ async def serve_poller(
         slots.close()
 
 
-async def _wait_for_work(queue: Queue, stopping: trio.Event) -> None:
+async def _wait_for_work(queue: WorkQueue, stopping: trio.Event) -> None:
     """Block until work may be queued, or `stopping` is set (no waiting out the idle block).
 
     Raises UnavailableError itself, not wrapped in the nursery's exception group.

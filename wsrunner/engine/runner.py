@@ -29,7 +29,7 @@ from wsrunner.execution.steps import Executor, StepContext
 from wsrunner.metrics import Metrics
 from wsrunner.models import JSON, Claim, EncodedJSON, TaskSpec, TaskState
 from wsrunner.payload import parse_task, validate_task_id
-from wsrunner.ports import Queue, Store
+from wsrunner.ports import EventLog, Queue, Store
 from wsrunner.settings import Settings
 from wsrunner.workspace.directories import TaskEnvironment, Workspaces
 
@@ -103,7 +103,7 @@ def _progress(spec: TaskSpec, step: int) -> JSON:
 class _OutputForwarder:
     """Turns a command's output chunks into batched `output` events, within a byte budget."""
 
-    def __init__(self, queue: Queue, task_id: str, ready: trio.Event,
+    def __init__(self, queue: EventLog, task_id: str, ready: trio.Event,
                  nursery: trio.Nursery) -> None:  # fmt: skip
         self._queue, self._task_id, self._ready = queue, task_id, ready
         self._pending: list[tuple[str, bytes]] = []

@@ -22,7 +22,6 @@ from typing import Any, Final
 import trio
 
 from wsrunner.backends.embedded.store import SqliteStore
-from wsrunner.errors import NotFoundError
 from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, sources_of
 
 WAKE_BLOCK_S: Final = 5.0
@@ -184,20 +183,11 @@ class LocalQueue:
     async def depths(self) -> dict[str, int]:
         return {p: len(q) for p, q in self._queues.items()}
 
-    async def status(self, task_id: str) -> dict[str, str]:
-        return dict(self._status.get(task_id, {}))
-
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
         return {
             t: self._status[t]["status"] if t in self._status else self._ended.get(t)
             for t in task_ids
         }
-
-    async def result(self, task_id: str) -> JSON | None:
-        try:
-            return (await self._store.get(task_id)).result
-        except NotFoundError:
-            return None
 
     # --- daemons ------------------------------------------------------------------------------
 

@@ -559,9 +559,6 @@ class RedisQueue:
         counts = await self._pipe([["LLEN", self.keys.queue(p)] for p in PRIORITY_ORDER])
         return {p.value: int(n) for p, n in zip(PRIORITY_ORDER, counts, strict=True)}
 
-    async def status(self, task_id: str) -> dict[str, str]:
-        return _pairs(await self._cmd("HGETALL", self.keys.status(task_id)))
-
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
         """The `status` field of each task (None where the hash is missing), in one round trip."""
         ids = list(task_ids)
@@ -569,10 +566,6 @@ class RedisQueue:
             return {}
         replies = await self._pipe([["HGET", self.keys.status(tid), "status"] for tid in ids])
         return dict(zip(ids, replies, strict=True))
-
-    async def result(self, task_id: str) -> JSON | None:
-        raw = await self._cmd("GET", self.keys.result(task_id))
-        return None if raw is None else dict(json.loads(raw))
 
     # --- daemons ------------------------------------------------------------------------------
 
