@@ -98,7 +98,7 @@ class _ShieldFinalSend(TrioASGIHTTPConnection):
 
     Hypercorn starts its keep-alive idle timer from inside that send, which quart-trio runs in
     a nursery it cancels when the request ends; unshielded, the timer never starts, idle
-    connections are never closed, and every shutdown waits out `graceful_timeout` (stack.md §5.4).
+    connections are never closed, and every shutdown waits out `graceful_timeout`.
     """
 
     async def _send_response(self, send: Any, response: Any) -> None:

@@ -2,7 +2,7 @@
 
 A stream is an async generator. It never yields inside a cancel scope (trio's rule); it waits
 inside a scope the hub tracks, so `Hub.close()` ends every open stream at once when the daemon
-stops, instead of Hypercorn waiting out its graceful timeout (stack.md §5.3).
+stops, instead of Hypercorn waiting out its graceful timeout for them.
 """
 
 from __future__ import annotations

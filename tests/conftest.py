@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# trio_asyncio must be imported before psycopg (stack.md §4.2).
+# trio_asyncio patches asyncio at import; psycopg must be imported after it.
 import trio_asyncio  # noqa: F401  # isort: skip
 import json
 import os

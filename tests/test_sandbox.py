@@ -180,7 +180,7 @@ async def test_escape_attempt_is_contained(sandboxed: Any, kind: str, attempt: s
 
 def test_the_gate_alone_would_let_escapes_through() -> None:
     """The default policy allows these attempts: the gate gives early errors, the sandbox is
-    what contains them (sandbox-design.md §3)."""
+    what contains them (docs/security.md)."""
     allowed = {a for _, a in _cases() if DEFAULT.evaluate(a.replace("{b64}", "eA==")).allowed}
     for attempt in (ESCAPES["interpreters and shells"][0], ESCAPES["data tools that execute"][1],
                     ESCAPES["git config injection"][1], ESCAPES["path tricks"][0],

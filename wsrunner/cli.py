@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-# trio_asyncio patches asyncio at import; it must come before psycopg (stack.md §4.2).
+# trio_asyncio patches asyncio at import; psycopg must be imported after it.
 import trio_asyncio  # noqa: F401  # isort: skip
 import trio
 

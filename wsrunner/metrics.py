@@ -111,7 +111,7 @@ class Metrics:
         build = Gauge("wsrunner_build_info", "Version of this daemon", ["version"], registry=r)
         build.labels(version=__version__).set(1)
         # The children every task feeds, by their label values in order, remembered: `labels()`
-        # takes a lock and builds its key on each call (2.5 µs; seven calls per task).
+        # takes a lock and builds its key on each call, several times per task.
         self.started = cache(self.tasks_started.labels)  #: (priority)
         self.finished = cache(self.tasks_finished.labels)  #: (status, priority)
         self.task_time = cache(self.task_seconds.labels)  #: (status)

@@ -1,10 +1,10 @@
 """PostgreSQL adapter: the durable task record, its compare-and-set transitions, and migrations.
 
 psycopg 3 has no trio support, so most calls run the sync driver and a `ConnectionPool` in worker
-threads (stack.md §4.3), never on the trio thread; a trio cancellation becomes a server-side
+threads, never on the trio thread; a trio cancellation becomes a server-side
 cancel of the running statement, and the transaction rolls back. The two statements every task
-runs (`start`, `finish`) go through `wsrunner.backends.postgres.libpq` instead: libpq itself, non-blocking, on the
-trio thread, without the thread hops.
+runs (`start`, `finish`) go through `wsrunner.backends.postgres.libpq` instead: libpq itself,
+non-blocking, on the trio thread, without the thread hops.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Commands, pipelines and scripts go over wsrunner's native trio client (`resp.py`
 trio-asyncio bridge each call cost the daemon six times the CPU. Event streams are waited on by
 one shared XREAD BLOCK on that client (`_StreamTail`), the idle wait for work by one BLMOVE per
 queue on connections of its own (`_WorkWatch`). Only the cancel channel's subscription runs
-redis-py's asyncio client through trio-asyncio (stack.md §2), with `socket_timeout=None`, so trio
+redis-py's asyncio client through trio-asyncio, with `socket_timeout=None`, so trio
 cancel scopes stay the only timeout mechanism.
 Multi-step writes are Lua scripts, so each is atomic and costs one round trip:
 
@@ -660,7 +660,7 @@ async def open_redis_queue(url: str, prefix: str) -> AsyncIterator[RedisQueue]:
         UnavailableError: Redis cannot be reached.
     """
     # socket_timeout=None: on Python 3.11 a set socket timeout makes redis-py wrap calls in
-    # asyncio.wait_for, which can swallow a cancellation (stack.md §2.3).
+    # asyncio.wait_for, which can swallow a cancellation.
     opts: dict[str, Any] = {"decode_responses": True, "socket_timeout": None,
                             "socket_connect_timeout": 5, "health_check_interval": 30}  # fmt: skip
     client = RespClient.from_url(url)
