@@ -39,3 +39,10 @@ def test_the_postgresql_statements_script_runs() -> None:
                           check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "5 tasks: PostgreSQL CPU" in done.stdout and "async commit" in done.stdout, done.stdout
+
+
+def test_the_two_clients_script_runs() -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "clients.py"), "--calls", "5", "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads(done.stdout)) == 4, done.stdout
