@@ -48,7 +48,9 @@ async def measure(call: Callable[[], Awaitable[object]], calls: int) -> tuple[fl
 async def main(calls: int) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
     native = RespClient.from_url(REDIS_URL)
-    out["redis: native trio client (resp.py)"] = await measure(lambda: native.execute("PING"), calls)
+    out["redis: native trio client (resp.py)"] = await measure(
+        lambda: native.execute("PING"), calls
+    )
     await native.aclose()
 
     async with trio_asyncio.open_loop():
