@@ -30,7 +30,12 @@ from typing import Any, Final
 
 import trio
 
-from wsrunner.errors import InvalidTransitionError, NotFoundError, QuotaExceededError
+from wsrunner.errors import (
+    DuplicateTaskError,
+    InvalidTransitionError,
+    NotFoundError,
+    QuotaExceededError,
+)
 from wsrunner.models import (
     JSON,
     PRIORITY_ORDER,
@@ -47,6 +52,7 @@ from wsrunner.models import (
     sources_of,
 )
 from wsrunner.payload import check_idempotent_replay, request_hash, to_configuration
+from wsrunner.ports import Queue, Store
 from wsrunner.workspace.directories import TaskEnvironment
 
 WAKE_BLOCK_S: Final = 5.0  #: longest `wait_for_work()`, as the Redis queue's BLMOVE block
@@ -211,9 +217,7 @@ class MemoryStore:
         if spec.task_id not in self._rows:
             first = self._by_key(spec.workspace_id, spec.idempotency_key)
             if first is not None:
-                raise InvalidTransitionError(
-                    spec.task_id, f"a duplicate of task {first.record.id} (same idempotency key)",
-                    TaskState.RUNNING.value)  # fmt: skip
+                raise DuplicateTaskError(spec.task_id, first.record.id, TaskState.RUNNING.value)
             self._insert(spec, workspace_path)
         row = self._movable(spec.task_id, TaskState.RUNNING, None)
         self._move(row, TaskState.RUNNING, worker_id=worker_id)
@@ -516,16 +520,18 @@ class MemoryQueue:
         await _round_trip(self.latency)
         return {p: len(q) for p, q in self._queues.items()}
 
-    async def status(self, task_id: str) -> dict[str, str]:
-        await _round_trip(self.latency)
-        return dict(self._status.get(task_id, {}))
-
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
         await _round_trip(self.latency)
         return {t: self._status.get(t, {}).get("status") for t in task_ids}
 
-    async def result(self, task_id: str) -> JSON | None:
-        await _round_trip(self.latency)
+    # --- for tests: what the mirror holds, beyond what the port reads -------------------------
+
+    def mirrored(self, task_id: str) -> dict[str, str]:
+        """The task's status hash: its status and the fields written with it."""
+        return dict(self._status.get(task_id, {}))
+
+    def mirrored_result(self, task_id: str) -> JSON | None:
+        """The result the mirror keeps for the reference system's readers."""
         found = self._results.get(task_id)
         return None if found is None else _copy(found)
 
@@ -749,3 +755,8 @@ class FakeExecutor:
         if exit_code:
             result["error"] = f"exit code {exit_code}"
         return result
+
+
+def _implements(store: MemoryStore, queue: MemoryQueue) -> tuple[Store, Queue]:
+    """Never called: mypy checks here that the fakes implement the ports."""
+    return store, queue

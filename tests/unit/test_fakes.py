@@ -15,7 +15,12 @@ import pytest
 import trio
 
 from tests.conftest import cmd
-from wsrunner.errors import IdempotencyConflictError, InvalidTransitionError, NotFoundError
+from wsrunner.errors import (
+    DuplicateTaskError,
+    IdempotencyConflictError,
+    InvalidTransitionError,
+    NotFoundError,
+)
 from wsrunner.models import TRANSITIONS, TaskSpec, TaskState
 from wsrunner.payload import parse_task, to_payload
 from wsrunner.testing import MemoryQueue, MemoryStore
@@ -70,7 +75,7 @@ async def test_the_mirror_moves_as_the_table_says_or_stays_where_it_is(
     await queue.transition("t", "ws-1", source)  # an unknown task takes any state
     applied, said = await queue.transition("t", "ws-1", target, event={"status": target.value})
     assert applied == (target in TRANSITIONS[source] or target is source)
-    assert (await queue.status("t"))["status"] == (target if applied else source).value
+    assert await queue.statuses(["t"]) == {"t": (target if applied else source).value}
     assert said == (source.value if not applied else (await queue.read_events("t"))[-1].id)
 
 
@@ -108,8 +113,9 @@ async def test_an_idempotency_key_returns_the_first_task_or_refuses_another_body
     assert created and not created_again and again.id == first.id
     with pytest.raises(IdempotencyConflictError):
         await store.create(spec(idempotency_key="k", priority="high"))
-    with pytest.raises(InvalidTransitionError, match=f"duplicate of task {first.id}"):
+    with pytest.raises(DuplicateTaskError) as duplicate:
         await store.start(spec(idempotency_key="k"), worker_id=WORKER, workspace_path="/w")
+    assert duplicate.value.original_id == first.id
 
 
 async def test_leases_expire_on_the_mock_clock_unless_renewed() -> None:
