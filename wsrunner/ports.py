@@ -17,7 +17,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import trio
 
-    from wsrunner.models import JSON, ApiToken, Claim, Event, TaskRecord, TaskSpec, TaskState
+    from wsrunner.execution.process import Capture
+    from wsrunner.execution.steps import StepContext
+    from wsrunner.models import (
+        JSON,
+        ApiToken,
+        Claim,
+        Credentials,
+        Event,
+        Step,
+        TaskRecord,
+        TaskSpec,
+        TaskState,
+    )
+    from wsrunner.policy import EffectivePolicy
+    from wsrunner.workspace.directories import TaskEnvironment
+    from wsrunner.workspace.usage import Usage
 
 
 class Backend(Protocol):
@@ -162,3 +177,44 @@ class TokenStore(Protocol):
 class Store(Backend, TaskRecords, RecordLeases, TokenStore, Protocol):
     """Every role of the durable record, as one adapter provides them (the composition root's
     view)."""
+
+
+# --- the runner's own collaborators (the workspace and the step executor) ------------------------
+
+
+class TaskDirectories(Protocol):
+    """A task's directory in its workspace: made at its start, removed at its end."""
+
+    def root(self, workspace_id: str) -> str: ...
+    async def check_quota(self, workspace_id: str) -> Usage: ...
+    async def open_task(
+        self,
+        workspace_id: str,
+        task_id: str,
+        credentials: Credentials | None,
+        *,
+        clear_leftovers: bool = True,
+    ) -> TaskEnvironment: ...
+    async def close_task(self, workspace_id: str, task_id: str, *, count: bool) -> list[str]: ...
+
+
+class PolicySource(Protocol):
+    """The command policy in force for a workspace (a task keeps the one it started with)."""
+
+    def for_workspace(self, workspace: str) -> EffectivePolicy: ...
+
+
+class StepRunner(Protocol):
+    """Runs the steps of a task in its directory and describes what a command did."""
+
+    @property
+    def policy(self) -> PolicySource: ...
+    def context(
+        self,
+        env: TaskEnvironment,
+        workspace_id: str,
+        on_output: Any = None,
+        policy: EffectivePolicy | None = None,
+    ) -> StepContext: ...
+    async def run_step(self, step: Step, ctx: StepContext, *, budget_s: float) -> JSON: ...
+    def describe(self, capture: Capture, *, exit_code: int | None, duration_ms: int) -> JSON: ...

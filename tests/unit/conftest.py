@@ -85,8 +85,7 @@ def _runner(
     workspaces: FakeWorkspaces,
     executor: FakeExecutor,
 ) -> TaskRunner:
-    # The fakes stand in for the concrete Workspaces and Executor the runner is typed with.
-    return TaskRunner(settings, queue, store, workspaces, executor)  # type: ignore[arg-type]
+    return TaskRunner(settings, queue, store, workspaces, executor)
 
 
 @pytest.fixture(name="service")

@@ -163,9 +163,6 @@ async def test_a_payload_that_is_not_a_task_is_dead_lettered_and_its_task_failed
     assert await queue.statuses([tid]) == {tid: "failed"}
 
 
-@pytest.mark.xfail(reason="the runner drops a step that ended when a cancel stops the task while "
-                   "the step's last output is being sent (runner._execute: between run_step and "
-                   "steps.append)")  # fmt: skip
 async def test_a_step_that_ended_is_kept_when_a_cancel_stops_the_task_just_after(
     service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
     executor: FakeExecutor,

@@ -25,13 +25,13 @@ from wsrunner.errors import (
     UnavailableError,
     ValidationError,
 )
-from wsrunner.execution.steps import Executor, StepContext
+from wsrunner.execution.steps import StepContext
 from wsrunner.metrics import Metrics
 from wsrunner.models import JSON, Claim, EncodedJSON, TaskSpec, TaskState
 from wsrunner.payload import parse_task, validate_task_id
-from wsrunner.ports import EventLog, Queue, Store
+from wsrunner.ports import EventLog, Queue, StepRunner, Store, TaskDirectories
 from wsrunner.settings import Settings
-from wsrunner.workspace.directories import TaskEnvironment, Workspaces
+from wsrunner.workspace.directories import TaskEnvironment
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -165,8 +165,8 @@ class _OutputForwarder:
 class TaskRunner:
     """Runs claimed tasks; `running` maps task id to what is running on this daemon."""
 
-    def __init__(self, settings: Settings, queue: Queue, store: Store, workspaces: Workspaces,
-                 executor: Executor, metrics: Metrics | None = None) -> None:  # fmt: skip
+    def __init__(self, settings: Settings, queue: Queue, store: Store, workspaces: TaskDirectories,
+                 executor: StepRunner, metrics: Metrics | None = None) -> None:  # fmt: skip
         self.metrics = metrics or Metrics()
         self.settings = settings
         self.queue = queue
@@ -312,7 +312,7 @@ class TaskRunner:
         spec = rt.spec
         tid, ws = spec.task_id, spec.workspace_id
         log = {"task_id": tid, "workspace_id": ws}
-        t0 = time.monotonic()
+        t0 = trio.current_time()  # trio's clock: a MockClock drives it in unit tests
         rt.scope.deadline = trio.current_time() + spec.timeout_seconds
         steps: list[JSON] = []
         failed_steps: list[int] = []
@@ -341,11 +341,13 @@ class TaskRunner:
                                 await self._event(rt, "progress_update", _progress(spec, i))
                             budget = rt.scope.deadline - trio.current_time()
                             res = await self.executor.run_step(step, ctx, budget_s=budget)
+                            # Kept before the next checkpoint: a cancel landing while the
+                            # step's last output is sent must not lose a step that ended.
+                            steps.append({"step": i, "action": step.action, "result": res})
                             self.metrics.step_time(step.action).observe(
                                 res.get("duration_ms", 0) / 1000
                             )
                             await forwarder.flush()
-                            steps.append({"step": i, "action": step.action, "result": res})
                             if "error" in res:
                                 failed_steps.append(i)
                                 await self._event(rt, "error", {"step": i, "error": res["error"]})
@@ -359,7 +361,7 @@ class TaskRunner:
                         error = f"internal error: {exc}"
                     nursery.cancel_scope.cancel()
         finally:
-            elapsed_ms = int((time.monotonic() - t0) * 1000)
+            elapsed_ms = int((trio.current_time() - t0) * 1000)
             if rt.scope.cancelled_caught and ctx is not None and ctx.capture is not None:
                 # The step that was running when the task stopped: keep what it printed.
                 part = self.executor.describe(ctx.capture, exit_code=None, duration_ms=0)

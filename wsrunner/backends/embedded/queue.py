@@ -79,6 +79,8 @@ class LocalQueue:
         self._status[payload["task_id"]] = {"status": "queued",
                                             "workspace_id": payload["workspace_id"],
                                             "priority": payload["priority"]}  # fmt: skip
+        # Behind the rest (Redis puts it next in line): at start every queued task comes back
+        # through here, oldest first, and keeps its order.
         self._push(payload, head=False)
 
     async def claim(self, worker_id: str) -> Claim | None:
