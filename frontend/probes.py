@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from quart import Blueprint, jsonify
-from quart_schema import document_response
+from quart_schema import document_response, operation_id, tag_blueprint
 
 from frontend import schemas
 from frontend.context import current_service
@@ -17,9 +17,11 @@ from frontend.context import current_service
 PATHS: Final = frozenset({"/livez", "/readyz"})
 
 blueprint = Blueprint("probes", __name__)  #: registered on both apps
+tag_blueprint(blueprint, ["probes"])
 
 
 @blueprint.get("/livez")
+@operation_id("checkLiveness")
 @document_response(schemas.Live)
 async def livez() -> Any:
     """The process is alive and serving."""
@@ -27,6 +29,7 @@ async def livez() -> Any:
 
 
 @blueprint.get("/readyz")
+@operation_id("checkReadiness")
 @document_response(schemas.Ready)
 @document_response(schemas.Ready, 503)
 async def readyz() -> Any:

@@ -18,7 +18,7 @@ from quart import Response, make_response
 
 RETRY_MS: Final = 2000  #: how long a disconnected EventSource waits before reconnecting
 KEEPALIVE: Final = b": keepalive\n\n"
-EVENT_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")  #: a Redis stream id
+EVENT_ID: Final = re.compile(r"\d{1,19}-\d{1,19}")  #: a Redis stream id (each part < 2**64)
 
 
 def frame(event_id: str | None, event: str, data: Any) -> bytes:

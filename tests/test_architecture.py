@@ -120,13 +120,13 @@ def test_the_frontend_reaches_the_core_through_the_facade() -> None:
         wsrunner.service   the facade: Service, and Submitted (what submit returns)
         wsrunner.errors    the errors problems.py maps to statuses; handlers raise a few
         wsrunner.models    the values handlers turn into JSON (TaskRecord, ApiToken, states)
-        wsrunner.payload   the task's wire format: not imported today; the documents' models
-                           may describe the task shape from it (issue 20)
+        wsrunner.taskshape the task's shape: the models that validate a task, which the
+                           documents show for the submit body and the configuration
         wsrunner.metrics   Metrics, which the apps time requests into; /metrics' CONTENT_TYPE
         wsrunner.settings  Settings, in the signature of `serve`, the entry point the daemon calls
     """
     allowed = {"wsrunner", "wsrunner.service", "wsrunner.errors", "wsrunner.models"}
-    allowed |= {"wsrunner.payload", "wsrunner.metrics", "wsrunner.settings"}
+    allowed |= {"wsrunner.taskshape", "wsrunner.metrics", "wsrunner.settings"}
     internals = {"queue", "store", "ops", "workspace", "tokens"}
     for module, names in modules("frontend").items():
         assert {n for n in names if n.startswith("wsrunner")} <= allowed, module

@@ -7,7 +7,7 @@ import hmac
 from typing import Any, Final
 
 from quart import Response, jsonify, request
-from quart_schema import QuartSchema, document_response, hide
+from quart_schema import QuartSchema, document_response, hide, operation_id, tag
 
 from frontend import context, probes, problems, schemas
 from frontend.app import App
@@ -40,12 +40,18 @@ def create_app(service: Service, hub: Hub) -> App:
             "internal_token": {"type": "apiKey", "in_": "header", "name": "X-Internal-Token"}
         },
         security=[{"internal_token": []}],
+        tags=[
+            {"name": "health", "description": "The reference worker's health check"},
+            {"name": "probes", "description": "Liveness and readiness, without a token"},
+            {"name": "files", "description": "List, read and write a workspace's files"},
+            {"name": "search", "description": "Regex search in a workspace"},
+            {"name": "exec", "description": "Run a command in a workspace's sandbox"},
+            {"name": "git", "description": "One git operation in a workspace"},
+        ],
         openapi_provider_class=Provider,
     )
     app.register_blueprint(probes.blueprint)
-    install_openapi(
-        app, sse_paths={"/workspaces/{workspace_id}/exec/stream"}, open_paths=OPEN_PATHS
-    )
+    install_openapi(app, open_paths=OPEN_PATHS)
     app.before_request(check_token)
     app.get("/health")(health)
     app.get("/metrics")(metrics)
@@ -64,6 +70,8 @@ async def check_token() -> None:
         raise AuthenticationError("send the daemon's internal token in X-Internal-Token")
 
 
+@operation_id("getHealth")
+@tag(["health"])
 @document_response(schemas.Health)
 @document_response(schemas.Health, 503)
 async def health() -> Any:

@@ -8,11 +8,12 @@ from typing import Any, Final
 
 import trio
 from quart import Blueprint, Response, jsonify
-from quart_schema import document_request, document_response
+from quart_schema import document_request, document_response, operation_id, tag_blueprint
 
 from frontend import schemas
 from frontend.app import json_object
 from frontend.context import current_hub, current_service
+from frontend.openapi import document_events
 from frontend.sse import KEEPALIVE, Hub, frame, stream_response
 from wsrunner.errors import WsrunnerError
 from wsrunner.models import JSON
@@ -23,9 +24,11 @@ logger = logging.getLogger(__name__)
 STREAM_BUFFER: Final = 256  #: output chunks a slow reader of /exec/stream may fall behind
 
 blueprint = Blueprint("exec", __name__)
+tag_blueprint(blueprint, ["exec"])
 
 
 @blueprint.post("/workspaces/<workspace_id>/exec")
+@operation_id("execCommand")
 @document_request(schemas.ExecRequest)
 @document_response(schemas.CommandResult)
 async def exec_command(workspace_id: str) -> Response:
@@ -39,7 +42,11 @@ async def exec_command(workspace_id: str) -> Response:
 
 
 @blueprint.post("/workspaces/<workspace_id>/exec/stream")
+@operation_id("execCommandStream")
 @document_request(schemas.ExecRequest)
+@document_events(
+    {"output": schemas.ExecOutput, "exit": schemas.ExecExit, "error": schemas.ExecError}
+)
 async def exec_stream(workspace_id: str) -> Response:
     """Run a command and stream it as SSE: `output` events, then one `exit` with the result."""
     body = await json_object()

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from quart import Blueprint, Response, jsonify, request
-from quart_schema import document_querystring, document_request, document_response
+from quart_schema import (
+    document_querystring,
+    document_request,
+    document_response,
+    operation_id,
+    tag_blueprint,
+)
 
 from frontend import schemas
 from frontend.app import json_object, required_arg
@@ -11,9 +17,11 @@ from frontend.context import current_service
 from wsrunner.errors import ValidationError
 
 blueprint = Blueprint("files", __name__)
+tag_blueprint(blueprint, ["files"])
 
 
 @blueprint.get("/workspaces/<workspace_id>/files")
+@operation_id("listFiles")
 @document_querystring(schemas.PathQuery)
 @document_response(schemas.Listing)
 async def list_files(workspace_id: str) -> Response:
@@ -24,6 +32,7 @@ async def list_files(workspace_id: str) -> Response:
 
 
 @blueprint.get("/workspaces/<workspace_id>/files/content")
+@operation_id("readFile")
 @document_querystring(schemas.RequiredPathQuery)
 @document_response(schemas.FileContent)
 async def read_file(workspace_id: str) -> Response:
@@ -32,6 +41,7 @@ async def read_file(workspace_id: str) -> Response:
 
 
 @blueprint.post("/workspaces/<workspace_id>/files/write")
+@operation_id("writeFile")
 @document_request(schemas.WriteRequest)
 @document_response(schemas.WriteResult)
 async def write_file(workspace_id: str) -> Response:

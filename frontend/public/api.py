@@ -10,7 +10,7 @@ from quart_schema import QuartSchema
 
 from frontend import context, probes, problems
 from frontend.app import App
-from frontend.openapi import install_openapi
+from frontend.openapi import Provider, install_openapi
 from frontend.public import events, tasks, tools, workspaces
 from frontend.sse import Hub
 from wsrunner import __version__
@@ -35,9 +35,17 @@ def create_app(service: Service, hub: Hub) -> App:
         info={"title": "wsrunner public API", "version": __version__},
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
         security=[{"bearer": []}],
+        tags=[
+            {"name": "tasks", "description": "Submit, list, get and cancel tasks"},
+            {"name": "events", "description": "A task's events as Server-Sent Events"},
+            {"name": "workspaces", "description": "Clone a repository into a workspace"},
+            {"name": "tools", "description": "The agent tools, and a call of one"},
+            {"name": "probes", "description": "Liveness and readiness, without a token"},
+        ],
+        openapi_provider_class=Provider,
     )
     app.register_blueprint(probes.blueprint)
-    install_openapi(app, sse_paths={"/api/tasks/{task_id}/events"}, open_paths=OPEN_PATHS)
+    install_openapi(app, open_paths=OPEN_PATHS)
     app.before_request(authenticate)
     for resource in (tasks, workspaces, tools, events):
         app.register_blueprint(resource.blueprint)

@@ -6,8 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from quart import Blueprint, Response, request
+from quart_schema import document_headers, document_querystring, operation_id, tag_blueprint
 
+from frontend import schemas
 from frontend.context import current_hub, current_scope, current_service
+from frontend.openapi import document_events
 from frontend.sse import EVENT_ID, KEEPALIVE, RETRY_MS, Hub, frame, stream_response
 from wsrunner.errors import ValidationError
 from wsrunner.models import TERMINAL_STATES
@@ -16,9 +19,23 @@ from wsrunner.service import Service
 _TERMINAL: Final = frozenset(s.value for s in TERMINAL_STATES)
 
 blueprint = Blueprint("events", __name__)
+tag_blueprint(blueprint, ["events"])
 
 
 @blueprint.get("/api/tasks/<task_id>/events")
+@operation_id("streamTaskEvents")
+@document_headers(schemas.EventsHeaders)
+@document_querystring(schemas.EventsQuery)
+@document_events(
+    {
+        "status_changed": schemas.StatusChanged,
+        "progress_update": schemas.ProgressUpdate,
+        "output": schemas.TaskOutput,
+        "error": schemas.TaskError,
+    },
+    ids=True,
+    ended="The task has ended and nothing is left to send",
+)
 async def events(task_id: str) -> Response:
     """The task's events as SSE: history first, then live, until its final status.
 

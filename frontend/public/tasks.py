@@ -16,6 +16,8 @@ from quart_schema import (
     document_querystring,
     document_request,
     document_response,
+    operation_id,
+    tag_blueprint,
 )
 
 from frontend import schemas
@@ -26,6 +28,7 @@ from wsrunner.models import TaskRecord
 from wsrunner.service import Submitted
 
 blueprint = Blueprint("tasks", __name__)
+tag_blueprint(blueprint, ["tasks"])
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -115,9 +118,10 @@ def accepted(submitted: Submitted) -> Response:
 
 
 @blueprint.post("/api/tasks/submit")
+@operation_id("submitTask")
 @document_request(schemas.SubmitRequest)
 @document_headers(schemas.IdempotencyHeaders)
-@document_response(schemas.Accepted, 202)
+@document_response(schemas.Accepted, 202, schemas.AcceptedHeaders)
 async def submit() -> Response:
     """Queue a task. The durable record is written before the task is queued."""
     body = with_idempotency(await json_body())
@@ -125,8 +129,9 @@ async def submit() -> Response:
 
 
 @blueprint.get("/api/tasks")
+@operation_id("listTasks")
 @document_querystring(schemas.ListQuery)
-@document_response(schemas.TaskPage)
+@document_response(schemas.TaskPage, 200, schemas.PageHeaders)
 async def list_tasks() -> Response:
     """Tasks newest first, one page at a time."""
     cursor = request.args.get("cursor") or None
@@ -150,6 +155,7 @@ async def list_tasks() -> Response:
 
 
 @blueprint.get("/api/tasks/<task_id>")
+@operation_id("getTask")
 @document_response(schemas.Task)
 async def get_task(task_id: str) -> Response:
     """The task's record, result included."""
@@ -157,6 +163,7 @@ async def get_task(task_id: str) -> Response:
 
 
 @blueprint.post("/api/tasks/<task_id>/cancel")
+@operation_id("cancelTask")
 @document_response(schemas.Cancelled)
 async def cancel(task_id: str) -> Response:
     """Cancel a queued or running task; a running command is killed with its group."""

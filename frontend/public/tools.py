@@ -4,16 +4,18 @@ scope."""
 from __future__ import annotations
 
 from quart import Blueprint, Response, jsonify
-from quart_schema import document_request, document_response
+from quart_schema import document_request, document_response, operation_id, tag_blueprint
 
 from frontend import schemas
 from frontend.app import json_object
 from frontend.context import current_scope, current_service
 
 blueprint = Blueprint("tools", __name__)
+tag_blueprint(blueprint, ["tools"])
 
 
 @blueprint.get("/api/tools")
+@operation_id("listTools")
 @document_response(schemas.ToolList)
 async def tool_definitions() -> Response:
     """The workspace tools an agent can call, as JSON Schema tool definitions."""
@@ -21,6 +23,7 @@ async def tool_definitions() -> Response:
 
 
 @blueprint.post("/api/tools/call")
+@operation_id("callTool")
 @document_request(schemas.ToolCall)
 @document_response(schemas.ToolResult)
 async def call_tool() -> Response:
