@@ -24,6 +24,7 @@ from machine import cpu_s  # bench/, the script's directory
 from wsrunner.backends.postgres.store import Q
 
 ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS = ROOT / "wsrunner" / "backends" / "postgres" / "sql" / "migrations"
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CONFIGURATION = json.dumps({"steps": [{"action": "execute_command", "command": "true"}]})
 RESULT = json.dumps({"status": "completed", "execution_time_ms": 2, "result": {
@@ -44,7 +45,10 @@ def main() -> None:
         try:
             with psycopg.connect(DATABASE_URL, autocommit=True,
                                  options=f"-c search_path={schema}") as conn:  # fmt: skip
-                for migration in sorted((ROOT / "wsrunner" / "sql" / "migrations").glob("*.sql")):
+                migrations = sorted(MIGRATIONS.glob("*.sql"))
+                if not migrations:
+                    raise SystemExit(f"no migrations in {MIGRATIONS}")
+                for migration in migrations:
                     conn.execute(migration.read_text())  # type: ignore[arg-type]
                 for index in args.drop_index:
                     conn.execute(f'DROP INDEX "{index}"')  # type: ignore[arg-type]
@@ -59,8 +63,10 @@ def main() -> None:
 
 def _run(conn: psycopg.Connection, tasks: int) -> str:  # type: ignore[type-arg]
     pg = conn.pgconn
-    pg.prepare(b"start_task", Q["start_task"].encode())
-    pg.prepare(b"finish_task", Q["finish_task"].encode())
+    for name in (b"start_task", b"finish_task"):
+        prepared = pg.prepare(name, Q[name.decode()].encode())
+        if prepared.status != psycopg.pq.ExecStatus.COMMAND_OK:
+            raise SystemExit((prepared.error_message or b"").decode())
     server = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
     cpu0, wall0 = cpu_s(f"/proc/{server}/stat"), time.perf_counter()
     for _ in range(tasks):

@@ -7,7 +7,7 @@ set -euo pipefail
 
 # command:package. bubblewrap, setpriv and libseccomp2: the sandbox; slirp4netns, ip and
 # nsenter: its `egress` network; git and ripgrep: git steps and grep; the rest: the tests
-# (lintian: tests/test_packaging.py checks the .deb with it, as Debian's archive would).
+# (lintian: tests/system/test_packaging.py checks the .deb with it, as Debian's archive would).
 need=()
 for pair in git:git bwrap:bubblewrap setpriv:util-linux nsenter:util-linux \
             slirp4netns:slirp4netns ip:iproute2 rg:ripgrep node:nodejs \

@@ -1,6 +1,6 @@
 """The fakes keep the rules of the real adapters where the engine depends on them.
 
-tests/test_contract.py runs the real backends through a served daemon; the fakes cannot join it
+tests/integration/test_contract.py runs the real backends through a served daemon; the fakes cannot join it
 there, so their rules are checked here: the lifecycle table of `models.TRANSITIONS` for every
 pair of states, ownership, attempts, idempotency, leases and heartbeats on the mock clock.
 """

@@ -44,7 +44,7 @@ CREDENTIALS_DIR: Final = Path("/etc/wsrunner/credentials")
 
 #: Every Redis command the daemon sends: directly, in MULTI/EXEC pipelines, and inside its Lua
 #: scripts (Redis checks those against the user's ACL too). A new command in `queue.py` or
-#: `resp.py` must be added here; tests/test_secured_backends.py reads those files to check.
+#: `resp.py` must be added here; tests/system/test_secured_backends.py reads those files to check.
 REDIS_COMMANDS: Final = (
     "ping", "multi", "exec", "eval", "evalsha",            # health, transactions, scripts
     "get", "set", "del", "exists", "expire", "incr",       # results, heartbeats, claim ids

@@ -25,7 +25,7 @@ from tests.conftest import (
     wait_for,
     wait_terminal,
 )
-from tests.test_cli import run_cli
+from tests.system.test_cli import run_cli
 from wsrunner.daemon import Daemon, reload_policy
 from wsrunner.errors import PolicyDeniedError
 from wsrunner.models import TaskState
@@ -33,7 +33,7 @@ from wsrunner.policy import PolicyError, bundled_policy, load_policy
 from wsrunner.policy.schema import json_schema
 from wsrunner.policy.shell import simple_commands
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HEADER = "apiVersion: wsrunner/v1\nkind: Policy\nmetadata:\n  name: t\n"
 
 

@@ -11,7 +11,7 @@ import trio
 from httpx_sse import aconnect_sse
 
 from tests.conftest import INTERNAL_TOKEN, Api, git_repo, host_pids, unique_seconds, wait_for
-from tests.test_api_public import problem
+from tests.integration.test_api_public import problem
 from wsrunner.workspace import search
 from wsrunner.workspace.operations import git_arguments
 

@@ -257,7 +257,7 @@ async def test_a_helper_that_never_answers_is_tried_less_and_less_often(monkeypa
 async def test_a_call_to_a_running_helper_is_one_wait_for_its_caller() -> None:
     """The request goes out at once (no pass through the scheduler before it); the caller is
     woken once, by the answer. Concurrent callers each get their own answer."""
-    from tests.test_resp import _Steps
+    from tests.integration.test_resp import _Steps
 
     helper = Helper()
     async with trio.open_nursery() as nursery:

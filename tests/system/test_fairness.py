@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from tests.conftest import Api, cmd, task_body, wait_for, wait_terminal
-from tests.test_api_public import problem
+from tests.integration.test_api_public import problem
 
 FLOOD = 24
 BOUND_S = 1.0  #: the issue's bound on B's latency

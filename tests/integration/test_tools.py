@@ -10,7 +10,7 @@ import trio
 from jsonschema import Draft202012Validator
 
 from tests.conftest import Api
-from tests.test_api_public import problem
+from tests.integration.test_api_public import problem
 
 SEED = {"workspace_read_file": "read", "workspace_write_file": "write",
         "workspace_list_dir": "read", "workspace_grep": "read", "workspace_exec": "write",

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import free_port, traversable
 from wsrunner import __version__
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, not the project's virtualenv
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None or not Path(SYSTEM_PYTHON).exists(),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: The modules every layer may use: values, errors, the wire format, settings, the ports.
 SHARED = {"wsrunner", "wsrunner.errors", "wsrunner.models", "wsrunner.payload", "wsrunner.ports"}
 DRIVERS = {"redis", "hiredis", "psycopg", "psycopg_pool", "sqlite3"}

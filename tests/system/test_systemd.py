@@ -17,7 +17,7 @@ import trio
 from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, free_port, traversable
 from wsrunner.settings import _SOURCES, load_settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "wsrunner.service"
 #: `systemd-analyze security --offline` exposure the unit must stay at or under (0 best, 10 worst).
 #: It runs as root (per-workspace uids) and needs user and mount namespaces for bubblewrap;
@@ -55,7 +55,7 @@ def test_unit_exposure_is_under_the_threshold(tmp_path: Path) -> None:
 
 
 def test_unit_does_not_restart_on_a_configuration_error() -> None:
-    """A configuration error exits 2 (tests/test_cli.py checks that): restarting cannot fix it."""
+    """A configuration error exits 2 (tests/system/test_cli.py checks that): restarting cannot fix it."""
     service = UNIT.read_text().split("[Service]", 1)[1].split("\n[", 1)[0]
     keys = [line.partition("=")[::2] for line in service.splitlines() if "=" in line
             and not line.startswith("#")]  # fmt: skip

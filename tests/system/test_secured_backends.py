@@ -35,7 +35,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError
 from tests.conftest import DATABASE_URL, REDIS_URL, free_port, traversable
 from wsrunner.backends import provision
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ADMIN_PG = DATABASE_URL.rsplit("/", 1)[0] + "/postgres"
 HBA_MARK = "# wsrunner-test-secured-backends"
 

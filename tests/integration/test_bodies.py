@@ -11,7 +11,7 @@ import pytest
 from frontend import bodies
 from frontend.bodies import INLINE_BYTES, MAX_DEPTH, MAX_VALUES, BodyLimitError
 from tests.conftest import Api
-from tests.test_api_public import problem
+from tests.integration.test_api_public import problem
 
 VALID = [
     "0", "-0", "-12.5e-3", "1E400", "123456789012345678901234567890", "true", "false", "null",

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Api
-from tests.test_api_public import problem
-from tests.test_fairness import python_slow, re2_slow
+from tests.integration.test_api_public import problem
+from tests.system.test_fairness import python_slow, re2_slow
 from wsrunner.errors import ValidationError
 from wsrunner.workspace import search
 
