@@ -90,8 +90,10 @@ def _counts(profile: str, tasks: int) -> str:
     total = sum(v[1] for v in stats.values())
     reschedules = calls("trio/_core/_run.py", "reschedule")
     scopes = calls("trio/_core/_run.py", "_close")  # CancelScope._close: one per scope
-    return (f"per task: {total / tasks:.0f} Python calls, {reschedules / tasks:.1f} reschedules, "
-            f"{scopes / tasks:.1f} cancel scopes (cProfile, whole run)")  # fmt: skip
+    return (
+        f"per task: {total / tasks:.0f} Python calls, {reschedules / tasks:.1f} reschedules, "
+        f"{scopes / tasks:.1f} cancel scopes (cProfile, whole run)"
+    )
 
 
 def main() -> None:
@@ -111,9 +113,22 @@ def main() -> None:
             spy = None
             if args.py_spy:
                 exe = shutil.which("py-spy") or str(HERE.parent / ".venv" / "bin" / "py-spy")
-                spy = subprocess.Popen([exe, "record", "--format", "raw", "--rate", "250",
-                                        "--output", args.py_spy, "--pid", str(daemon.proc.pid)],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                spy = subprocess.Popen(
+                    [
+                        exe,
+                        "record",
+                        "--format",
+                        "raw",
+                        "--rate",
+                        "250",
+                        "--output",
+                        args.py_spy,
+                        "--pid",
+                        str(daemon.proc.pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             pid = daemon.proc.pid
             loop_stat = f"/proc/{pid}/task/{pid}/stat"  # the main thread, where trio runs
             loop0, done0, helpers = cpu_s(loop_stat), daemon.completed(), _helpers(pid)
@@ -133,10 +148,12 @@ def main() -> None:
             # A short drain can be over before the first measurement: then nothing is measured
             # (n = 0), which must not end the script.
             n = max(1, args.tasks - done0)
-            print(f"{len(done) / span:.1f} tasks/s, {cpu / n * 1000:.2f} ms "
-                  f"daemon CPU per task (loop {loop / max(cpu, 1e-9):.0%}), "
-                  f"{args.tasks - len(done)} lost, "
-                  f"{sum(1 for r in rows if r[4] > 1)} run twice")  # fmt: skip
+            print(
+                f"{len(done) / span:.1f} tasks/s, {cpu / n * 1000:.2f} ms "
+                f"daemon CPU per task (loop {loop / max(cpu, 1e-9):.0%}), "
+                f"{args.tasks - len(done)} lost, "
+                f"{sum(1 for r in rows if r[4] > 1)} run twice"
+            )
             print(
                 "CPU ms per task: " + ", ".join(f"{k} {v / n * 1000:.2f}" for k, v in split.items())
             )

@@ -38,19 +38,28 @@ TOKEN = "bench-internal-token"
 def _report(name: str, samples: list[float]) -> None:
     ms = sorted(s * 1000 for s in samples)
     p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
-    print(f"{name:<14} n={len(ms):<5} p50={statistics.median(ms):7.2f} ms  "
-          f"p99={p99:7.2f} ms  max={ms[-1]:7.2f} ms")  # fmt: skip
+    print(
+        f"{name:<14} n={len(ms):<5} p50={statistics.median(ms):7.2f} ms  "
+        f"p99={p99:7.2f} ms  max={ms[-1]:7.2f} ms"
+    )
 
 
 async def main(n: int) -> None:
     tag = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory() as volume:
         settings = Settings(
-            worker_id=f"bench-{tag}", redis_url=REDIS_URL, redis_prefix=f"wsrbench-{tag}",
-            database_url=DATABASE_URL, database_schema=f"wsrbench_{tag}",
-            volume_path=Path(volume), public_host="127.0.0.1", public_port=0, health_port=0,
-            internal_token=TOKEN, log_level="WARNING",
-        )  # fmt: skip
+            worker_id=f"bench-{tag}",
+            redis_url=REDIS_URL,
+            redis_prefix=f"wsrbench-{tag}",
+            database_url=DATABASE_URL,
+            database_schema=f"wsrbench_{tag}",
+            volume_path=Path(volume),
+            public_host="127.0.0.1",
+            public_port=0,
+            health_port=0,
+            internal_token=TOKEN,
+            log_level="WARNING",
+        )
         async with trio.open_nursery() as nursery:
             daemon = await nursery.start(run_daemon, settings)
             _, token = await daemon.service.tokens.create("bench", None)

@@ -28,14 +28,36 @@ BIN = Path(sys.executable).parent
 WORKERS = {
     "arq": [PY, "-m", "arq", "bench.peers.arq_app.WorkerSettings"],
     "saq": [PY, "-m", "saq", "bench.peers.saq_app.settings"],
-    "dramatiq": [PY, "-m", "dramatiq", "bench.peers.dramatiq_app", "--processes", "1",
-                 "--threads", "3"],
-    "celery": [PY, "-m", "celery", "-A", "bench.peers.celery_app", "worker", "--concurrency", "3",
-               "--pool", "threads", "--without-gossip", "--without-mingle", "--without-heartbeat",
-               "--loglevel", "WARNING"],
+    "dramatiq": [
+        PY,
+        "-m",
+        "dramatiq",
+        "bench.peers.dramatiq_app",
+        "--processes",
+        "1",
+        "--threads",
+        "3",
+    ],
+    "celery": [
+        PY,
+        "-m",
+        "celery",
+        "-A",
+        "bench.peers.celery_app",
+        "worker",
+        "--concurrency",
+        "3",
+        "--pool",
+        "threads",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--loglevel",
+        "WARNING",
+    ],
     # RQ runs one job per process; its pool of 3 is how it reaches a concurrency of 3.
     "rq": [str(BIN / "rq"), "worker-pool", "--num-workers", "3", "--url", URL, "--quiet"],
-}  # fmt: skip
+}
 
 
 class Producer:
@@ -92,9 +114,14 @@ PRIORITY = {"rq": ["high", "low"]}  # the worker serves its queues in the order 
 
 
 def start_worker(peer: str, queues: list[str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([*WORKERS[peer], *(queues or [])], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [*WORKERS[peer], *(queues or [])],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -128,9 +155,15 @@ def throughput(peer: str, n: int) -> dict[str, Any]:
     starts = [float(v) for v in r.hvals(f"bench:{run}:start")]
     done = [float(v) for v in r.hvals(f"bench:{run}:done")]
     span = max(done) - min(starts)
-    return {"peer": peer, "workload": "throughput", "n": n, "tasks_per_s": len(done) / span,
-            "lost": n - len(done), "machine_cpu_ms_per_task": busy / max(1, n - done0) * 1000,
-            "run_twice": sum(1 for v in r.hvals(f"bench:{run}:runs") if int(v) > 1)}  # fmt: skip
+    return {
+        "peer": peer,
+        "workload": "throughput",
+        "n": n,
+        "tasks_per_s": len(done) / span,
+        "lost": n - len(done),
+        "machine_cpu_ms_per_task": busy / max(1, n - done0) * 1000,
+        "run_twice": sum(1 for v in r.hvals(f"bench:{run}:runs") if int(v) > 1),
+    }
 
 
 def latency(peer: str, n: int) -> dict[str, Any]:
@@ -156,8 +189,13 @@ def latency(peer: str, n: int) -> dict[str, Any]:
                 done_ms.append((float(end) - t0) * 1000)
     finally:
         stop_worker(worker)
-    return {"peer": peer, "workload": "latency", "n": n, **quantiles("start", start_ms),
-            **quantiles("done", done_ms)}  # fmt: skip
+    return {
+        "peer": peer,
+        "workload": "latency",
+        "n": n,
+        **quantiles("start", start_ms),
+        **quantiles("done", done_ms),
+    }
 
 
 def priority(peer: str, n_low: int) -> dict[str, Any]:
@@ -189,21 +227,31 @@ def priority(peer: str, n_low: int) -> dict[str, Any]:
     last_start = max(v for k, v in start.items() if k.startswith("high"))
     last_done = max(v for k, v in done.items() if k.startswith("high"))
     lows = [v for k, v in start.items() if k.startswith("low") and v > t_high]
-    return {"peer": peer, "workload": "priority", "n": n_low,
-            "low_before_last_high_start": sum(v < last_start for v in lows),
-            "low_before_last_high_done": sum(v < last_done for v in lows)}  # fmt: skip
+    return {
+        "peer": peer,
+        "workload": "priority",
+        "n": n_low,
+        "low_before_last_high_start": sum(v < last_start for v in lows),
+        "low_before_last_high_done": sum(v < last_done for v in lows),
+    }
 
 
 def quantiles(name: str, values: list[float]) -> dict[str, float]:
     values = sorted(values)
-    return {f"{name}_p50_ms": statistics.median(values),
-            f"{name}_p99_ms": values[min(len(values) - 1, int(len(values) * 0.99))]}  # fmt: skip
+    return {
+        f"{name}_p50_ms": statistics.median(values),
+        f"{name}_p99_ms": values[min(len(values) - 1, int(len(values) * 0.99))],
+    }
 
 
 if __name__ == "__main__":
     peer, workload, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    run_workload = {"throughput": throughput, "drain": throughput, "latency": latency,
-                    "priority": priority}[workload]  # fmt: skip
+    run_workload = {
+        "throughput": throughput,
+        "drain": throughput,
+        "latency": latency,
+        "priority": priority,
+    }[workload]
     result = run_workload(peer, count)
     result["workload"] = workload
     print(json.dumps(result))

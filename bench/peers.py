@@ -58,9 +58,17 @@ PEERS = {
     "celery": ".venv-celery",
 }
 # saq 0.26.4 imports typing_extensions without declaring it.
-PINS = {".venv": ["dramatiq[redis]==2.2.1", "saq==0.26.4", "typing-extensions==4.16.0", "rq==3.0.0",
-                  "arq==0.28.0", "psycopg[binary]==3.3.9"],
-        ".venv-celery": ["celery[redis]==5.7.0"]}  # fmt: skip
+PINS = {
+    ".venv": [
+        "dramatiq[redis]==2.2.1",
+        "saq==0.26.4",
+        "typing-extensions==4.16.0",
+        "rq==3.0.0",
+        "arq==0.28.0",
+        "psycopg[binary]==3.3.9",
+    ],
+    ".venv-celery": ["celery[redis]==5.7.0"],
+}
 
 
 def peer_python(venv: str) -> Path:
@@ -92,9 +100,13 @@ def peer_round(system: str, workload: str, n: int, db: int) -> dict[str, Any]:
             c.execute(f"CREATE INDEX ON {table} (status)")  # type: ignore[arg-type]
         env |= {"BENCH_PEER_DATABASE_URL": DATABASE_URL, "BENCH_PEER_TABLE": table}
     try:
-        out = subprocess.run([str(peer_python(PEERS[peer])), "-m", "bench.peer_round", peer,
-                              workload, str(n)], cwd=ROOT, capture_output=True, text=True,
-                             env=env)  # fmt: skip
+        out = subprocess.run(
+            [str(peer_python(PEERS[peer])), "-m", "bench.peer_round", peer, workload, str(n)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
     finally:
         if table is not None:
             with psycopg.connect(DATABASE_URL, autocommit=True) as c:
@@ -119,22 +131,41 @@ class Wsrunner:
         if not sandbox:
             policy = policy.replace("require: full", "require: none")
         (tmp / "policy.yaml").write_text(policy)
-        self.env = {**os.environ, "REDIS_URL": f"{REDIS_URL}/0", "DATABASE_URL": DATABASE_URL,
-                    "WSRUNNER_REDIS_PREFIX": self.prefix, "WSRUNNER_DATABASE_SCHEMA": self.schema,
-                    "WORKSPACE_VOLUME_PATH": str(tmp / "volume"), "WORKER_CONCURRENCY": "3",
-                    "WSRUNNER_FRONTEND": "none", "POLICY_FILE": str(tmp / "policy.yaml"),
-                    "WSRUNNER_SANDBOX": "auto" if sandbox else "off", "LOG_LEVEL": "WARNING"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            "REDIS_URL": f"{REDIS_URL}/0",
+            "DATABASE_URL": DATABASE_URL,
+            "WSRUNNER_REDIS_PREFIX": self.prefix,
+            "WSRUNNER_DATABASE_SCHEMA": self.schema,
+            "WORKSPACE_VOLUME_PATH": str(tmp / "volume"),
+            "WORKER_CONCURRENCY": "3",
+            "WSRUNNER_FRONTEND": "none",
+            "POLICY_FILE": str(tmp / "policy.yaml"),
+            "WSRUNNER_SANDBOX": "auto" if sandbox else "off",
+            "LOG_LEVEL": "WARNING",
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def push(self, n: int, priority: str = "normal", command: str = "true",
-             pipe: Any = None) -> list[str]:  # fmt: skip
+    def push(
+        self, n: int, priority: str = "normal", command: str = "true", pipe: Any = None
+    ) -> list[str]:
         """Queue `n` tasks as the reference producers do (LPUSH), or add the LPUSH to `pipe`."""
         ids = [str(uuid.uuid4()) for _ in range(n)]
         now = datetime.now(UTC).isoformat()
-        payloads = [json.dumps({"task_id": t, "task_type": "background_job", "workspace_id": "bench",
-                                "priority": priority, "timeout_seconds": 60, "created_at": now,
-                                "steps": [{"action": "execute_command", "command": command}]})
-                    for t in ids]  # fmt: skip
+        payloads = [
+            json.dumps(
+                {
+                    "task_id": t,
+                    "task_type": "background_job",
+                    "workspace_id": "bench",
+                    "priority": priority,
+                    "timeout_seconds": 60,
+                    "created_at": now,
+                    "steps": [{"action": "execute_command", "command": command}],
+                }
+            )
+            for t in ids
+        ]
         for i in range(0, n, 1000):
             (pipe or self.r).lpush(f"{self.prefix}:tasks:{priority}", *payloads[i : i + 1000])
         return ids
@@ -145,9 +176,12 @@ class Wsrunner:
         python = [str(ROOT / ".venv" / "bin" / "python")]
         if profile is not None:
             python += ["-m", "cProfile", "-o", profile]
-        self.proc = subprocess.Popen([*python, "-m", "wsrunner", "serve"],
-                                     env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [*python, "-m", "wsrunner", "serve"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -171,8 +205,10 @@ class Wsrunner:
     def completed(self) -> int:
         with psycopg.connect(DATABASE_URL, autocommit=True) as c:
             try:
-                row = c.execute(f'SELECT count(*) FROM "{self.schema}".task_executions '
-                                "WHERE status = 'completed'").fetchone()  # fmt: skip
+                row = c.execute(
+                    f'SELECT count(*) FROM "{self.schema}".task_executions '
+                    "WHERE status = 'completed'"
+                ).fetchone()
             except psycopg.errors.UndefinedTable:
                 return 0
         return int(row[0]) if row else 0
@@ -191,9 +227,12 @@ class Wsrunner:
         rows = self.rows()
         done = [r for r in rows if r[1] == "completed"]
         span = (max(r[3] for r in done) - min(r[2] for r in done)).total_seconds()
-        return {"tasks_per_s": len(done) / span, "lost": n - len(done),
-                "machine_cpu_ms_per_task": busy / max(1, n - done0) * 1000,
-                "run_twice": sum(1 for r in rows if r[4] > 1)}  # fmt: skip
+        return {
+            "tasks_per_s": len(done) / span,
+            "lost": n - len(done),
+            "machine_cpu_ms_per_task": busy / max(1, n - done0) * 1000,
+            "run_twice": sum(1 for r in rows if r[4] > 1),
+        }
 
     def latency(self, n: int) -> dict[str, Any]:
         self.start()
@@ -237,19 +276,37 @@ class Wsrunner:
         lows = [rows[t][2].timestamp() for t in low if t in rows and rows[t][2] is not None]
         lows = [v for v in lows if v > t_high]
         after = [rows[t][2].timestamp() for t in claimed_after if t in rows and rows[t][2]]
-        return {"low_before_last_high_start": sum(v < last_start for v in lows),
-                "low_before_last_high_done": sum(v < last_done for v in lows),
-                "low_claimed_after_high_pushed_started_first": sum(v < last_start for v in after)}  # fmt: skip
+        return {
+            "low_before_last_high_start": sum(v < last_start for v in lows),
+            "low_before_last_high_done": sum(v < last_done for v in lows),
+            "low_claimed_after_high_pushed_started_first": sum(v < last_start for v in after),
+        }
 
     def fanout(self, subscribers: int, clients: int = 4) -> dict[str, Any]:
         """SSE subscribers on 10 running tasks that print a line every 50 ms for 6 s."""
         port = _free_port()
-        self.start(WSRUNNER_FRONTEND="frontend", PUBLIC_API_PORT=str(port),
-                   PUBLIC_API_HOST="127.0.0.1", WORKER_HEALTH_PORT=str(_free_port()),
-                   WORKER_INTERNAL_TOKEN="bench", WORKER_CONCURRENCY="10")  # fmt: skip
-        token = subprocess.run([str(ROOT / ".venv" / "bin" / "wsrunner"), "tokens", "create", "--name",
-                                "bench", "--all-workspaces"], env=self.env, capture_output=True,
-                               text=True, check=True).stdout.strip()  # fmt: skip
+        self.start(
+            WSRUNNER_FRONTEND="frontend",
+            PUBLIC_API_PORT=str(port),
+            PUBLIC_API_HOST="127.0.0.1",
+            WORKER_HEALTH_PORT=str(_free_port()),
+            WORKER_INTERNAL_TOKEN="bench",
+            WORKER_CONCURRENCY="10",
+        )
+        token = subprocess.run(
+            [
+                str(ROOT / ".venv" / "bin" / "wsrunner"),
+                "tokens",
+                "create",
+                "--name",
+                "bench",
+                "--all-workspaces",
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert self.proc is not None
         time.sleep(1.0)
         idle_rss = _rss(self.proc.pid)
@@ -263,9 +320,21 @@ class Wsrunner:
             time.sleep(0.02)
         per = subscribers // clients
         outs = [self.tmp / f"sse-{k}.json" for k in range(clients)]
-        procs = [subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "bench" / "sse_clients.py"),
-                                   str(out), "127.0.0.1", str(port), token, str(per), *ids])
-                 for out in outs]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                [
+                    str(ROOT / ".venv" / "bin" / "python"),
+                    str(ROOT / "bench" / "sse_clients.py"),
+                    str(out),
+                    "127.0.0.1",
+                    str(port),
+                    token,
+                    str(per),
+                    *ids,
+                ]
+            )
+            for out in outs
+        ]
         peak = idle_rss
         while any(p.poll() is None for p in procs):
             peak = max(peak, _rss(self.proc.pid))
@@ -273,11 +342,16 @@ class Wsrunner:
         results = [json.loads(out.read_text()) for out in outs]
         daemon_cpu = (cpu_s(f"/proc/{self.proc.pid}/stat") - cpu0) / (time.monotonic() - wall0)
         latencies = sorted(x for r in results for x in r["latencies_ms"])
-        return {"connected": sum(r["connected"] for r in results), "ended": sum(r["ended"] for r in results),
-                "errors": sum(len(r["errors"]) for r in results), "events": len(latencies),
-                **quantiles("delivery", latencies), "daemon_cpu_share": daemon_cpu,
-                "idle_rss_mib": idle_rss / 2**20,
-                "peak_rss_mib": peak / 2**20}  # fmt: skip
+        return {
+            "connected": sum(r["connected"] for r in results),
+            "ended": sum(r["ended"] for r in results),
+            "errors": sum(len(r["errors"]) for r in results),
+            "events": len(latencies),
+            **quantiles("delivery", latencies),
+            "daemon_cpu_share": daemon_cpu,
+            "idle_rss_mib": idle_rss / 2**20,
+            "peak_rss_mib": peak / 2**20,
+        }
 
 
 def _free_port() -> int:
@@ -295,8 +369,10 @@ def _rss(pid: int) -> int:
 
 def quantiles(name: str, values: list[float]) -> dict[str, float]:
     values = sorted(values)
-    return {f"{name}_p50_ms": statistics.median(values),
-            f"{name}_p99_ms": values[min(len(values) - 1, int(len(values) * 0.99))]}  # fmt: skip
+    return {
+        f"{name}_p50_ms": statistics.median(values),
+        f"{name}_p99_ms": values[min(len(values) - 1, int(len(values) * 0.99))],
+    }
 
 
 def wsrunner_round(sandbox: bool, workload: str, n: int) -> dict[str, Any]:
@@ -304,8 +380,13 @@ def wsrunner_round(sandbox: bool, workload: str, n: int) -> dict[str, Any]:
         os.chmod(tmp, 0o711)
         w = Wsrunner(sandbox, Path(tmp))
         try:
-            run = {"throughput": w.throughput, "drain": w.throughput, "latency": w.latency,
-                   "priority": w.priority, "fanout": w.fanout}[workload]  # fmt: skip
+            run = {
+                "throughput": w.throughput,
+                "drain": w.throughput,
+                "latency": w.latency,
+                "priority": w.priority,
+                "fanout": w.fanout,
+            }[workload]
             return run(n)
         finally:
             w.stop()
@@ -323,8 +404,18 @@ def limits(runs: int = 300) -> dict[str, float]:
         pid = os.posix_spawn("/bin/true", ["/bin/true"], {})
         os.waitpid(pid, 0)
     out["posix_spawns_per_s"] = runs / (time.perf_counter() - t)
-    chain = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "bench" / "sandbox_overhead.py"),
-                            "--runs", "100", "--json"], capture_output=True, text=True, check=True)  # fmt: skip
+    chain = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "python"),
+            str(ROOT / "bench" / "sandbox_overhead.py"),
+            "--runs",
+            "100",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     out["sandbox_spawns_per_s"] = 1000 / json.loads(chain.stdout)["sandbox_median_ms"]
     r = redis.Redis.from_url(f"{REDIS_URL}/0")
     samples = []
@@ -349,25 +440,39 @@ def limits(runs: int = 300) -> dict[str, float]:
 WORKLOADS = ["throughput", "latency", "drain", "priority", "fanout", "limits"]
 #: What each workload reports, in the table: (key, label, lower is better, format)
 METRICS: dict[str, list[tuple[str, str, bool, str]]] = {
-    "throughput": [("tasks_per_s", "tasks/s, concurrency 3", False, ".1f"),
-                   ("machine_cpu_ms_per_task", "machine CPU ms per task", True, ".2f")],
-    "latency": [("start_p50_ms", "submit -> start p50 ms", True, ".2f"),
-                ("start_p99_ms", "submit -> start p99 ms", True, ".2f"),
-                ("done_p50_ms", "submit -> done p50 ms", True, ".2f"),
-                ("done_p99_ms", "submit -> done p99 ms", True, ".2f")],
-    "drain": [("tasks_per_s", "drain tasks/s", False, ".1f"),
-              ("machine_cpu_ms_per_task", "drain: machine CPU ms per task", True, ".2f"),
-              ("lost", "drain: lost", True, "d"),
-              ("run_twice", "drain: run twice", True, "d")],
-    "priority": [("low_claimed_after_high_pushed_started_first",
-                  "low claimed after the highs, started first", True, "d"),
-                 ("low_before_last_high_start", "low started before last high started", True, "d"),
-                 ("low_before_last_high_done", "low started before last high finished", True, "d")],
-    "fanout": [("delivery_p50_ms", "SSE delivery p50 ms", True, ".1f"),
-               ("delivery_p99_ms", "SSE delivery p99 ms", True, ".1f"),
-               ("connected", "SSE subscribers connected", False, "d"),
-               ("peak_rss_mib", "daemon peak RSS MiB", True, ".0f")],
-}  # fmt: skip
+    "throughput": [
+        ("tasks_per_s", "tasks/s, concurrency 3", False, ".1f"),
+        ("machine_cpu_ms_per_task", "machine CPU ms per task", True, ".2f"),
+    ],
+    "latency": [
+        ("start_p50_ms", "submit -> start p50 ms", True, ".2f"),
+        ("start_p99_ms", "submit -> start p99 ms", True, ".2f"),
+        ("done_p50_ms", "submit -> done p50 ms", True, ".2f"),
+        ("done_p99_ms", "submit -> done p99 ms", True, ".2f"),
+    ],
+    "drain": [
+        ("tasks_per_s", "drain tasks/s", False, ".1f"),
+        ("machine_cpu_ms_per_task", "drain: machine CPU ms per task", True, ".2f"),
+        ("lost", "drain: lost", True, "d"),
+        ("run_twice", "drain: run twice", True, "d"),
+    ],
+    "priority": [
+        (
+            "low_claimed_after_high_pushed_started_first",
+            "low claimed after the highs, started first",
+            True,
+            "d",
+        ),
+        ("low_before_last_high_start", "low started before last high started", True, "d"),
+        ("low_before_last_high_done", "low started before last high finished", True, "d"),
+    ],
+    "fanout": [
+        ("delivery_p50_ms", "SSE delivery p50 ms", True, ".1f"),
+        ("delivery_p99_ms", "SSE delivery p99 ms", True, ".1f"),
+        ("connected", "SSE subscribers connected", False, "d"),
+        ("peak_rss_mib", "daemon peak RSS MiB", True, ".0f"),
+    ],
+}
 
 
 def main() -> None:
@@ -386,8 +491,13 @@ def main() -> None:
     if args.only:
         known = dict.fromkeys([*systems, *(f"{p}+pg" for p in PEERS)])
         systems = [s for s in known if s in args.only]
-    sizes = {"throughput": args.tasks, "latency": args.latency_tasks, "drain": args.drain_tasks,
-             "priority": 2000, "fanout": args.subscribers}  # fmt: skip
+    sizes = {
+        "throughput": args.tasks,
+        "latency": args.latency_tasks,
+        "drain": args.drain_tasks,
+        "priority": 2000,
+        "fanout": args.subscribers,
+    }
     rounds = {"drain": 1, "priority": 1, "fanout": 1}  # long ones: once
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     machine: dict[str, float] = {}
@@ -408,20 +518,32 @@ def main() -> None:
                 else:
                     res = peer_round(system, workload, sizes[workload], db=5 + i)
                 results.setdefault((system, workload), []).append(res)
-                print(f"round {rnd + 1} {workload:10} {system:17} "
-                      + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in res.items() if k not in ("peer", "workload", "n")),
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"round {rnd + 1} {workload:10} {system:17} "
+                    + " ".join(
+                        f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in res.items()
+                        if k not in ("peer", "workload", "n")
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
         if rnd == 0 and "limits" in args.workloads:
             machine = limits()
             print(f"limits {machine}", file=sys.stderr, flush=True)
     print_table(systems, results, machine, args)
 
 
-def print_table(systems: list[str], results: dict[tuple[str, str], list[dict[str, Any]]],
-                machine: dict[str, float], args: argparse.Namespace) -> None:  # fmt: skip
-    print(f"\n{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
-          f"median of {args.rounds} rounds [range] where a workload ran more than once")  # fmt: skip
+def print_table(
+    systems: list[str],
+    results: dict[tuple[str, str], list[dict[str, Any]]],
+    machine: dict[str, float],
+    args: argparse.Namespace,
+) -> None:
+    print(
+        f"\n{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
+        f"median of {args.rounds} rounds [range] where a workload ran more than once"
+    )
     peers = [s for s in systems if not s.startswith("wsrunner") and not s.endswith("+pg")]
     durable = [s for s in systems if s.endswith("+pg")]  # the peers given the same record
     head = f"{'metric':40}" + "".join(f"{s:>20}" for s in systems) + f"{'wsrunner/best peer':>20}"
@@ -444,8 +566,12 @@ def print_table(systems: list[str], results: dict[tuple[str, str], list[dict[str
             if not any(c not in ("-", "n/a") for c in cells):
                 continue
             ratios = [_ratio(medians, group, lower=lower, fmt=fmt) for group in (peers, durable)]
-            print(f"{label:40}" + "".join(f"{c:>20}" for c in cells) + f"{ratios[0]:>20}"
-                  + (f"{ratios[1]:>20}" if durable else ""))  # fmt: skip
+            print(
+                f"{label:40}"
+                + "".join(f"{c:>20}" for c in cells)
+                + f"{ratios[0]:>20}"
+                + (f"{ratios[1]:>20}" if durable else "")
+            )
     for key, value in machine.items():
         print(f"{'machine: ' + key:40}{value:>20.1f}")
     if "drain" in args.workloads:

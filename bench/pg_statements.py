@@ -27,10 +27,29 @@ ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "wsrunner" / "backends" / "postgres" / "sql" / "migrations"
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CONFIGURATION = json.dumps({"steps": [{"action": "execute_command", "command": "true"}]})
-RESULT = json.dumps({"status": "completed", "execution_time_ms": 2, "result": {
-    "steps": [{"step": 1, "action": "execute_command", "result": {
-        "exit_code": 0, "stdout": "", "stderr": "", "duration_ms": 1, "truncated": False}}],
-    "workspace_id": "bench", "repos_cached": []}})  # fmt: skip
+RESULT = json.dumps(
+    {
+        "status": "completed",
+        "execution_time_ms": 2,
+        "result": {
+            "steps": [
+                {
+                    "step": 1,
+                    "action": "execute_command",
+                    "result": {
+                        "exit_code": 0,
+                        "stdout": "",
+                        "stderr": "",
+                        "duration_ms": 1,
+                        "truncated": False,
+                    },
+                }
+            ],
+            "workspace_id": "bench",
+            "repos_cached": [],
+        },
+    }
+)
 
 
 def main() -> None:
@@ -43,8 +62,9 @@ def main() -> None:
     with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
         admin.execute(f'CREATE SCHEMA "{schema}"')
         try:
-            with psycopg.connect(DATABASE_URL, autocommit=True,
-                                 options=f"-c search_path={schema}") as conn:  # fmt: skip
+            with psycopg.connect(
+                DATABASE_URL, autocommit=True, options=f"-c search_path={schema}"
+            ) as conn:
                 migrations = sorted(MIGRATIONS.glob("*.sql"))
                 if not migrations:
                     raise SystemExit(f"no migrations in {MIGRATIONS}")
@@ -54,9 +74,12 @@ def main() -> None:
                     conn.execute(f'DROP INDEX "{index}"')  # type: ignore[arg-type]
                 if args.async_commit:
                     conn.execute("SET synchronous_commit = off")
-                print(_run(conn, args.tasks), "|", "async commit" if args.async_commit
-                      else "synchronous commit", "| without: " + (", ".join(args.drop_index)
-                                                                 or "-"))  # fmt: skip
+                print(
+                    _run(conn, args.tasks),
+                    "|",
+                    "async commit" if args.async_commit else "synchronous commit",
+                    "| without: " + (", ".join(args.drop_index) or "-"),
+                )
         finally:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
@@ -72,18 +95,34 @@ def _run(conn: psycopg.Connection, tasks: int) -> str:  # type: ignore[type-arg]
     for _ in range(tasks):
         tid = str(uuid.uuid4()).encode()
         for name, params in (
-            (b"start_task", [tid, b"w1", b"30", b"{queued}", b"bench", b"background_job",
-                             CONFIGURATION.encode(), b"normal", b"60", None, None, None,
-                             b"/v/bench"]),
-            (b"finish_task", [tid, b"completed", b"{running}", b"w1", RESULT.encode(), None,
-                              b"2"]),
-        ):  # fmt: skip
+            (
+                b"start_task",
+                [
+                    tid,
+                    b"w1",
+                    b"30",
+                    b"{queued}",
+                    b"bench",
+                    b"background_job",
+                    CONFIGURATION.encode(),
+                    b"normal",
+                    b"60",
+                    None,
+                    None,
+                    None,
+                    b"/v/bench",
+                ],
+            ),
+            (b"finish_task", [tid, b"completed", b"{running}", b"w1", RESULT.encode(), None, b"2"]),
+        ):
             res = pg.exec_prepared(name, params)
             if res.status != psycopg.pq.ExecStatus.TUPLES_OK:
                 raise SystemExit((res.error_message or b"").decode())
     cpu, wall = cpu_s(f"/proc/{server}/stat") - cpu0, time.perf_counter() - wall0
-    return (f"{tasks} tasks: PostgreSQL CPU {cpu / tasks * 1000:.3f} ms per task, "
-            f"wall {wall / tasks * 1000:.3f} ms per task (two statements, two commits)")  # fmt: skip
+    return (
+        f"{tasks} tasks: PostgreSQL CPU {cpu / tasks * 1000:.3f} ms per task, "
+        f"wall {wall / tasks * 1000:.3f} ms per task (two statements, two commits)"
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,11 @@ async def main(out: str, host: str, port: int, token: str, n: int, task_ids: lis
     counts = {"connected": 0, "ended": 0}
 
     async def subscriber(k: int) -> None:
-        request = (f"GET /api/tasks/{task_ids[k % len(task_ids)]}/events HTTP/1.1\r\n"
-                   f"Host: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
-                   "Accept: text/event-stream\r\n\r\n").encode()  # fmt: skip
+        request = (
+            f"GET /api/tasks/{task_ids[k % len(task_ids)]}/events HTTP/1.1\r\n"
+            f"Host: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+            "Accept: text/event-stream\r\n\r\n"
+        ).encode()
         since_ms = None
         try:
             stream = await trio.open_tcp_stream(host, port)

@@ -139,8 +139,12 @@ class App(QuartTrio):
         if self.metrics is not None:
             rule = request.url_rule
             method = request.method if request.method in _METHODS else "OTHER"
-            self.metrics.http_time(self.api, method, UNMATCHED if rule is None else rule.rule,
-                                   str(response.status_code)).observe(time.perf_counter() - began)  # fmt: skip
+            self.metrics.http_time(
+                self.api,
+                method,
+                UNMATCHED if rule is None else rule.rule,
+                str(response.status_code),
+            ).observe(time.perf_counter() - began)
         return response
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

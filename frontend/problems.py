@@ -62,8 +62,14 @@ _STATUS: Final[tuple[tuple[type[WsrunnerError], int, str, str], ...]] = (
 )
 
 
-def problem(status: int, slug: str, title: str, detail: str | None = None,
-            headers: dict[str, str] | None = None, **extra: Any) -> Response:  # fmt: skip
+def problem(
+    status: int,
+    slug: str,
+    title: str,
+    detail: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response:
     body: dict[str, Any] = {"type": TYPE_BASE + slug, "title": title, "status": status}
     if detail:
         body["detail"] = detail
@@ -89,11 +95,17 @@ def from_error(exc: WsrunnerError) -> Response:
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = 'Bearer realm="wsrunner"'
     if isinstance(exc, PolicyDeniedError):
-        extra.update(rule=exc.details["rule"], rule_source=exc.details["source"],
-                     policy=exc.details["policy"])  # fmt: skip
+        extra.update(
+            rule=exc.details["rule"],
+            rule_source=exc.details["source"],
+            policy=exc.details["policy"],
+        )
     if isinstance(exc, IsolationUnavailableError):
-        extra.update(required=exc.details["required"], available=exc.details["available"],
-                     missing=exc.details["missing"])  # fmt: skip
+        extra.update(
+            required=exc.details["required"],
+            available=exc.details["available"],
+            missing=exc.details["missing"],
+        )
     if isinstance(exc, UnavailableError):
         headers["Retry-After"] = str(RETRY_AFTER_S)
     return problem(status, slug, title, str(exc), headers, **extra)

@@ -476,8 +476,23 @@ class GrepResult(BaseModel):
 
 
 class GitRequest(BaseModel):
-    operation: Literal["status", "diff", "log", "add", "commit", "checkout", "branch", "fetch",
-                       "pull", "push", "clone", "reset", "stash", "show", "blame"]  # fmt: skip
+    operation: Literal[
+        "status",
+        "diff",
+        "log",
+        "add",
+        "commit",
+        "checkout",
+        "branch",
+        "fetch",
+        "pull",
+        "push",
+        "clone",
+        "reset",
+        "stash",
+        "show",
+        "blame",
+    ]
     cwd: str = Field(".", max_length=4096)
     args: str | list[str] | None = Field(
         None, description="a string split like a shell would (no expansion), or a list"

@@ -92,8 +92,9 @@ async def _bind(host: str, port: int) -> socket.socket:
             left = deadline - trio.current_time()
             if exc.errno != errno.EADDRINUSE or left <= 0:
                 raise
-            logger.warning("cannot listen on %s:%d: address in use; retrying for %.1f s more",
-                           host, port, left)  # fmt: skip
+            logger.warning(
+                "cannot listen on %s:%d: address in use; retrying for %.1f s more", host, port, left
+            )
             await trio.sleep(min(BIND_RETRY_INTERVAL_S, left))
 
 

@@ -192,8 +192,13 @@ async def wait_terminal(daemon: Daemon, task_id: str, timeout: float = 30.0) -> 
 
 def git_repo(path: Path, files: dict[str, str], message: str = "first") -> str:
     """A git repository at `path` with `files` committed on `main`; returns its file:// URL."""
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
     for name, text in files.items():
         (path / name).write_text(text)
@@ -283,16 +288,21 @@ class Api:
 @pytest.fixture(name="api")
 async def _api(start_daemon: Callable[..., Any]) -> Api:
     daemon: Daemon = await start_daemon(
-        frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
-        internal_token=INTERNAL_TOKEN, sse_keepalive_s=0.5,
-    )  # fmt: skip
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+        sse_keepalive_s=0.5,
+    )
     _, token = await daemon.service.tokens.create("tests", None)
     public, internal = daemon.urls
     return Api(daemon, public, internal, token)
 
 
-async def submit_and_wait(client: httpx.AsyncClient, workspace_id: str,
-                          steps: list[dict[str, Any]], timeout: float = 120) -> dict[str, Any]:  # fmt: skip
+async def submit_and_wait(
+    client: httpx.AsyncClient, workspace_id: str, steps: list[dict[str, Any]], timeout: float = 120
+) -> dict[str, Any]:
     """Submit a task through the public API (`client` holds the token) and wait for its end;
     its record."""
     r = await client.post("/api/tasks/submit", json={"workspace_id": workspace_id, "steps": steps})
@@ -352,12 +362,28 @@ class PrivateRedis:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
-                             text=True).stdout.strip() != "PONG":  # fmt: skip
+        while (
+            subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True
+            ).stdout.strip()
+            != "PONG"
+        ):
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
 

@@ -66,19 +66,28 @@ def _parser() -> argparse.ArgumentParser:
     create = actions.add_parser("create", help="create a token and print it once")
     create.add_argument("--name", required=True, help="who or what uses it, e.g. 'ci-bot'")
     scope = create.add_mutually_exclusive_group(required=True)
-    scope.add_argument("--workspace", action="append", metavar="ID", dest="workspaces",
-                       help="a workspace the token may use (repeat for several)")  # fmt: skip
-    scope.add_argument("--all-workspaces", action="store_true",
-                       help="the token may use every workspace")  # fmt: skip
+    scope.add_argument(
+        "--workspace",
+        action="append",
+        metavar="ID",
+        dest="workspaces",
+        help="a workspace the token may use (repeat for several)",
+    )
+    scope.add_argument(
+        "--all-workspaces", action="store_true", help="the token may use every workspace"
+    )
     create.add_argument("--json", action="store_true", help="print JSON")
     listing = actions.add_parser("list", help="list tokens (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = actions.add_parser("revoke", help="revoke a token by id (effective within 5 s)")
     revoke.add_argument("token_id", metavar="ID", help="the id shown by `tokens list`")
     revoke.add_argument("--json", action="store_true", help="print JSON")
-    sub.add_parser("tools", help="print the agent tool definitions (JSON)",
-                   description="Print the workspace tools an agent can call, as served at "
-                   "GET /api/tools: name, description, category, permission, JSON Schema.")  # fmt: skip
+    sub.add_parser(
+        "tools",
+        help="print the agent tool definitions (JSON)",
+        description="Print the workspace tools an agent can call, as served at "
+        "GET /api/tools: name, description, category, permission, JSON Schema.",
+    )
     config = sub.add_parser(
         "config",
         help="check the daemon's settings",
@@ -96,11 +105,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _token_json(t: ApiToken) -> dict[str, Any]:
-    return {"id": t.id, "name": t.name,
-            "workspaces": None if t.workspaces is None else list(t.workspaces),
-            "created_at": t.created_at.isoformat(),
-            "last_used_at": t.last_used_at and t.last_used_at.isoformat(),
-            "revoked_at": t.revoked_at and t.revoked_at.isoformat()}  # fmt: skip
+    return {
+        "id": t.id,
+        "name": t.name,
+        "workspaces": None if t.workspaces is None else list(t.workspaces),
+        "created_at": t.created_at.isoformat(),
+        "last_used_at": t.last_used_at and t.last_used_at.isoformat(),
+        "revoked_at": t.revoked_at and t.revoked_at.isoformat(),
+    }
 
 
 async def _tokens(settings: Settings, args: argparse.Namespace, store_name: str) -> int:
@@ -115,8 +127,10 @@ async def _tokens(settings: Settings, args: argparse.Namespace, store_name: str)
                 print(json.dumps({**_token_json(record), "token": token}))
             else:
                 print(token)
-                print(f"token {record.id} ({record.name}) created; it is shown only now",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"token {record.id} ({record.name}) created; it is shown only now",
+                    file=sys.stderr,
+                )
         elif args.action == "list":
             found = await registry.list()
             if args.json:
@@ -143,8 +157,10 @@ async def _serve(settings: Settings) -> None:
             daemon = await nursery.start(run)
             async for signum in signals:
                 if not daemon.stopping.is_set():
-                    logger.info("%s: stopping gracefully (send it again to stop now)",
-                                signal.Signals(signum).name)  # fmt: skip
+                    logger.info(
+                        "%s: stopping gracefully (send it again to stop now)",
+                        signal.Signals(signum).name,
+                    )
                     daemon.stop()
                 else:
                     logger.warning("second signal: stopping now")

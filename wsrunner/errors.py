@@ -114,11 +114,17 @@ class IsolationUnavailableError(WorkspaceError):
 
     def __init__(self, required: str, available: str, missing: tuple[str, ...]) -> None:
         what = "; ".join(missing) or "unknown"
-        super().__init__(f"the policy requires {required} isolation but this host offers only "
-                         f"{available}: {what}")  # fmt: skip
-        self.details: dict[str, object] = {"error": "isolation_unavailable", "required": required,
-                                           "available": available, "missing": list(missing),
-                                           "message": str(self)}  # fmt: skip
+        super().__init__(
+            f"the policy requires {required} isolation but this host offers only "
+            f"{available}: {what}"
+        )
+        self.details: dict[str, object] = {
+            "error": "isolation_unavailable",
+            "required": required,
+            "available": available,
+            "missing": list(missing),
+            "message": str(self),
+        }
 
 
 class UnavailableError(WsrunnerError):

@@ -39,70 +39,128 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.tasks_started = Counter("wsrunner_tasks_started_total",
-                                     "Task starts (attempts), by priority", ["priority"], registry=r)  # fmt: skip
-        self.tasks_finished = Counter("wsrunner_tasks_finished_total",
-                                      "Tasks ended here, by final status and priority",
-                                      ["status", "priority"], registry=r)  # fmt: skip
-        self.task_seconds = Histogram("wsrunner_task_duration_seconds",
-                                      "Run time of ended tasks, by final status", ["status"],
-                                      buckets=_SECONDS, registry=r)  # fmt: skip
-        self.step_seconds = Histogram("wsrunner_step_duration_seconds",
-                                      "Run time of steps, by action", ["action"],
-                                      buckets=_SECONDS, registry=r)  # fmt: skip
-        self.queue_depth = Gauge("wsrunner_queue_depth", "Tasks waiting, by priority queue",
-                                 ["priority"], registry=r)  # fmt: skip
+        self.tasks_started = Counter(
+            "wsrunner_tasks_started_total",
+            "Task starts (attempts), by priority",
+            ["priority"],
+            registry=r,
+        )
+        self.tasks_finished = Counter(
+            "wsrunner_tasks_finished_total",
+            "Tasks ended here, by final status and priority",
+            ["status", "priority"],
+            registry=r,
+        )
+        self.task_seconds = Histogram(
+            "wsrunner_task_duration_seconds",
+            "Run time of ended tasks, by final status",
+            ["status"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "wsrunner_step_duration_seconds",
+            "Run time of steps, by action",
+            ["action"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "wsrunner_queue_depth", "Tasks waiting, by priority queue", ["priority"], registry=r
+        )
         self.slots_busy = Gauge("wsrunner_slots_busy", "Task slots running a task", registry=r)
-        self.slots_capacity = Gauge("wsrunner_slots_capacity", "Task slots of this daemon",
-                                    registry=r)  # fmt: skip
-        self.backend_errors = Counter("wsrunner_backend_errors_total",
-                                      "Failed calls to Redis or PostgreSQL", ["backend"],
-                                      registry=r)  # fmt: skip
-        self.dir_operations = Counter("wsrunner_task_dir_operations_total",
-                                      "Task directories made or removed, by who did it: helper "
-                                      "(the helper process) or thread (a worker thread: the case "
-                                      "was unusual, or the helper was down)", ["by"], registry=r)  # fmt: skip
+        self.slots_capacity = Gauge(
+            "wsrunner_slots_capacity", "Task slots of this daemon", registry=r
+        )
+        self.backend_errors = Counter(
+            "wsrunner_backend_errors_total",
+            "Failed calls to Redis or PostgreSQL",
+            ["backend"],
+            registry=r,
+        )
+        self.dir_operations = Counter(
+            "wsrunner_task_dir_operations_total",
+            "Task directories made or removed, by who did it: helper "
+            "(the helper process) or thread (a worker thread: the case "
+            "was unusual, or the helper was down)",
+            ["by"],
+            registry=r,
+        )
         self.sse_subscribers = Gauge("wsrunner_sse_subscribers", "Open event streams", registry=r)
-        self.policy_denials = Counter("wsrunner_policy_denials_total",
-                                      "Commands the policy denied (mode=audit: ran anyway), by rule",
-                                      ["mode", "rule"], registry=r)  # fmt: skip
-        self.sandbox_refusals = Counter("wsrunner_sandbox_refusals_total",
-                                        "Commands refused because the host is below the "
-                                        "isolation the policy requires", registry=r)  # fmt: skip
-        self.policy_reload_ok = Gauge("wsrunner_policy_last_reload_successful",
-                                      "1 if the last policy (re)load succeeded", registry=r)  # fmt: skip
-        self.policy_reload_time = Gauge("wsrunner_policy_last_reload_success_timestamp_seconds",
-                                        "When the policy was last loaded successfully", registry=r)  # fmt: skip
-        self.policy_reload_failures = Counter("wsrunner_policy_reload_failures_total",
-                                              "Policy reloads refused as invalid", registry=r)  # fmt: skip
-        self.policy_info = Gauge("wsrunner_policy_info", "The active policy version",
-                                 ["digest"], registry=r)  # fmt: skip
-        self.isolation = Enum("wsrunner_isolation", "Isolation this host gives commands",
-                              states=["none", "partial", "full"], registry=r)  # fmt: skip
-        self.queue_wait = Histogram("wsrunner_task_queue_wait_seconds",
-                                    "Time from a task's queueing (the payload's created_at) to "
-                                    "its first start in a slot, by priority", ["priority"],
-                                    buckets=_SECONDS, registry=r)  # fmt: skip
-        self.requeues = Counter("wsrunner_task_requeues_total",
-                                "Tasks handed back to the queue, by reason: shutdown (a stopping "
-                                "daemon gave back a task it ran or had just claimed), dead_daemon "
-                                "(the reaper took it from a daemon whose lease ran out), "
-                                "start_failed (the start could not be recorded), "
-                                "missing_from_queue (the store had it queued, the queue did not)",
-                                ["reason"], registry=r)  # fmt: skip
-        self.reaps = Counter("wsrunner_task_reaps_total",
-                             "Tasks of dead daemons the lease reaper recovered, by outcome: "
-                             "requeued, or failed (max_attempts starts reached)", ["outcome"],
-                             registry=r)  # fmt: skip
-        self.dead_letters = Counter("wsrunner_task_dead_letters_total",
-                                    "Payloads moved to the dead-letter list, by reason: "
-                                    "invalid_json or invalid_payload", ["reason"], registry=r)  # fmt: skip
-        self.http_seconds = Histogram("wsrunner_http_request_duration_seconds",
-                                      "Time from an HTTP request to the start of its response "
-                                      "(an event stream is timed to its start, not its end), by "
-                                      "api, method, route template (unmatched: no route) and "
-                                      "status", ["api", "method", "route", "status"],
-                                      buckets=_HTTP_SECONDS, registry=r)  # fmt: skip
+        self.policy_denials = Counter(
+            "wsrunner_policy_denials_total",
+            "Commands the policy denied (mode=audit: ran anyway), by rule",
+            ["mode", "rule"],
+            registry=r,
+        )
+        self.sandbox_refusals = Counter(
+            "wsrunner_sandbox_refusals_total",
+            "Commands refused because the host is below the isolation the policy requires",
+            registry=r,
+        )
+        self.policy_reload_ok = Gauge(
+            "wsrunner_policy_last_reload_successful",
+            "1 if the last policy (re)load succeeded",
+            registry=r,
+        )
+        self.policy_reload_time = Gauge(
+            "wsrunner_policy_last_reload_success_timestamp_seconds",
+            "When the policy was last loaded successfully",
+            registry=r,
+        )
+        self.policy_reload_failures = Counter(
+            "wsrunner_policy_reload_failures_total", "Policy reloads refused as invalid", registry=r
+        )
+        self.policy_info = Gauge(
+            "wsrunner_policy_info", "The active policy version", ["digest"], registry=r
+        )
+        self.isolation = Enum(
+            "wsrunner_isolation",
+            "Isolation this host gives commands",
+            states=["none", "partial", "full"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "wsrunner_task_queue_wait_seconds",
+            "Time from a task's queueing (the payload's created_at) to "
+            "its first start in a slot, by priority",
+            ["priority"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.requeues = Counter(
+            "wsrunner_task_requeues_total",
+            "Tasks handed back to the queue, by reason: shutdown (a stopping "
+            "daemon gave back a task it ran or had just claimed), dead_daemon "
+            "(the reaper took it from a daemon whose lease ran out), "
+            "start_failed (the start could not be recorded), "
+            "missing_from_queue (the store had it queued, the queue did not)",
+            ["reason"],
+            registry=r,
+        )
+        self.reaps = Counter(
+            "wsrunner_task_reaps_total",
+            "Tasks of dead daemons the lease reaper recovered, by outcome: "
+            "requeued, or failed (max_attempts starts reached)",
+            ["outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "wsrunner_task_dead_letters_total",
+            "Payloads moved to the dead-letter list, by reason: invalid_json or invalid_payload",
+            ["reason"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "wsrunner_http_request_duration_seconds",
+            "Time from an HTTP request to the start of its response "
+            "(an event stream is timed to its start, not its end), by "
+            "api, method, route template (unmatched: no route) and "
+            "status",
+            ["api", "method", "route", "status"],
+            buckets=_HTTP_SECONDS,
+            registry=r,
+        )
         # What the default registry has: the process (CPU, memory, descriptors), the
         # interpreter's version (python_info) and its garbage collector.
         ProcessCollector(registry=r)

@@ -125,8 +125,9 @@ def request_hash(spec: TaskSpec, configuration: JSON) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def check_idempotent_replay(spec: TaskSpec, digest: str | None,
-                            existing: Mapping[str, Any]) -> None:  # fmt: skip
+def check_idempotent_replay(
+    spec: TaskSpec, digest: str | None, existing: Mapping[str, Any]
+) -> None:
     """Raise if `existing` (a stored row that took `spec`'s place) holds `spec`'s idempotency
     key for a different request; a same-key, same-body retry is fine."""
     key = spec.idempotency_key

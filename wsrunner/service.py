@@ -44,8 +44,17 @@ from wsrunner.workspace.operations import WorkspaceOps
 logger = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S: Final = 2.0  #: per readiness check
-_CLONE_KEYS: Final = frozenset({"repo_url", "branch", "shallow", "priority", "timeout_seconds",
-                                "idempotency_key", "description"})  # fmt: skip
+_CLONE_KEYS: Final = frozenset(
+    {
+        "repo_url",
+        "branch",
+        "shallow",
+        "priority",
+        "timeout_seconds",
+        "idempotency_key",
+        "description",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +66,15 @@ class Submitted:
 class Service:
     """What a client of wsrunner can ask of it."""
 
-    def __init__(self, settings: Settings, queue: Queue, store: Store,
-                 ops: WorkspaceOps | None = None, stats: Any = None,
-                 metrics: Metrics | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        queue: Queue,
+        store: Store,
+        ops: WorkspaceOps | None = None,
+        stats: Any = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.queue = queue
         self.store = store
@@ -83,30 +98,43 @@ class Service:
             IdempotencyConflictError: the key was used with a different body.
         """
         if isinstance(body, dict):
-            for key, why in (("task_id", "is assigned by wsrunner; remove it from the request"),
-                             ("credentials", "are not accepted over the API; git tokens come "
-                                             "from the daemon's git_credentials_file")):  # fmt: skip
+            for key, why in (
+                ("task_id", "is assigned by wsrunner; remove it from the request"),
+                (
+                    "credentials",
+                    "are not accepted over the API; git tokens come "
+                    "from the daemon's git_credentials_file",
+                ),
+            ):
                 if key in body:
                     raise ValidationError(key, why)
         spec = parse_task(body, task_id=str(uuid.uuid4()))
         for i, step in enumerate(spec.steps):
             repo = getattr(step, "repo", None)
             if repo is not None and "@" in urlsplit(repo).netloc:
-                raise ValidationError(f"steps[{i}].repo", "expected a URL without credentials; "
-                                      "git tokens come from the daemon's git_credentials_file")  # fmt: skip
+                raise ValidationError(
+                    f"steps[{i}].repo",
+                    "expected a URL without credentials; "
+                    "git tokens come from the daemon's git_credentials_file",
+                )
         _check_scope(scope, spec.workspace_id)
-        record, created = await self.store.create(spec, workspace_path=str(
-            self.settings.volume_path / spec.workspace_id))  # fmt: skip
+        record, created = await self.store.create(
+            spec, workspace_path=str(self.settings.volume_path / spec.workspace_id)
+        )
         if created:
             try:
                 await self.queue.enqueue(to_payload(spec), event_data={"status": "queued"})
             except UnavailableError as exc:
-                logger.error("task recorded but not queued yet (the reconciler will): %s", exc,
-                             extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
+                logger.error(
+                    "task recorded but not queued yet (the reconciler will): %s",
+                    exc,
+                    extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id},
+                )
         return Submitted(record, created)
 
-    async def submit_clone(self, workspace_id: str, body: object, *,
-                           scope: ApiToken | None = None) -> Submitted:  # fmt: skip
+    async def submit_clone(
+        self, workspace_id: str, body: object, *, scope: ApiToken | None = None
+    ) -> Submitted:
         """Queue a clone of `repo_url` into the workspace (the reference's GitHub clone flow).
 
         The URL must use an allowed scheme (https) and host, and carry no credentials: the
@@ -125,8 +153,11 @@ class Service:
         branch = body.get("branch")
         if branch is not None:
             validate_branch(branch)
-        step: JSON = {"action": "git_clone", "repo": url,
-                      "description": body.get("description") or f"Clone {url}"}  # fmt: skip
+        step: JSON = {
+            "action": "git_clone",
+            "repo": url,
+            "description": body.get("description") or f"Clone {url}",
+        }
         if branch is not None:
             step["branch"] = branch
         if "shallow" in body:
@@ -187,8 +218,9 @@ class Service:
         logger.info("task cancelled", extra={"task_id": tid, "workspace_id": record.workspace_id})
         return record
 
-    async def events(self, task_id: str, after: str = "0-0", *,
-                     block_ms: int | None = None) -> builtins.list[Event]:  # fmt: skip
+    async def events(
+        self, task_id: str, after: str = "0-0", *, block_ms: int | None = None
+    ) -> builtins.list[Event]:
         """Events after `after` (a stream id), oldest first; `block_ms` waits for new ones."""
         return await self.queue.read_events(_task_id(task_id), after, block_ms=block_ms)
 
@@ -198,8 +230,11 @@ class Service:
         Each check gets CHECK_TIMEOUT_S, so a probe answers even when a backend hangs.
         """
         results = {}
-        backends = ((("embedded-store", self.store.ping),) if self.settings.backend == "embedded"
-                    else (("redis", self.queue.ping), ("postgres", self.store.ping)))  # fmt: skip
+        backends = (
+            (("embedded-store", self.store.ping),)
+            if self.settings.backend == "embedded"
+            else (("redis", self.queue.ping), ("postgres", self.store.ping))
+        )
         for name, check in (*backends, ("volume", self._check_volume)):
             with trio.move_on_after(CHECK_TIMEOUT_S) as waited:
                 try:
@@ -255,8 +290,14 @@ class Service:
     def tool_definitions(self) -> builtins.list[JSON]:
         return tools.definitions()
 
-    async def call_tool(self, workspace_id: object, name: object, arguments: object, *,
-                        scope: ApiToken | None = None) -> JSON:  # fmt: skip
+    async def call_tool(
+        self,
+        workspace_id: object,
+        name: object,
+        arguments: object,
+        *,
+        scope: ApiToken | None = None,
+    ) -> JSON:
         """Run an agent tool in a workspace of the caller's scope (see `wsrunner.tools`)."""
         ws = validate_workspace_id(workspace_id)
         _check_scope(scope, ws)
@@ -343,15 +384,20 @@ def _clone_url(url: object, settings: Settings) -> str:
     parts = urlsplit(url)
     schemes, hosts = settings.clone_schemes, settings.clone_hosts
     if parts.scheme not in schemes:
-        raise ValidationError("repo_url", f"expected a URL with scheme {' or '.join(schemes)}, "
-                                          f"got {parts.scheme or 'none'!r}")  # fmt: skip
+        raise ValidationError(
+            "repo_url",
+            f"expected a URL with scheme {' or '.join(schemes)}, got {parts.scheme or 'none'!r}",
+        )
     if "@" in parts.netloc:
-        raise ValidationError("repo_url", "expected a URL without credentials; the "
-                                          "workspace's git token is added by wsrunner")  # fmt: skip
+        raise ValidationError(
+            "repo_url",
+            "expected a URL without credentials; the workspace's git token is added by wsrunner",
+        )
     host = parts.netloc.lower()
     if host not in hosts and (parts.hostname or "") not in hosts:
-        raise ValidationError("repo_url", f"host {host!r} is not allowed; expected one of "
-                                          f"{', '.join(hosts)}")  # fmt: skip
+        raise ValidationError(
+            "repo_url", f"host {host!r} is not allowed; expected one of {', '.join(hosts)}"
+        )
     if parts.query or parts.fragment or not parts.path.strip("/"):
         raise ValidationError("repo_url", "expected a repository path and no query or fragment")
     return url

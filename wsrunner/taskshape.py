@@ -58,12 +58,37 @@ NO_NUL_PATTERN: Final = r"^[^\x00]*$"
 #: and those that make the loader, libc, a shell at start-up or git run code or read files
 #: the task chose. They only ever reach the sandbox, but a program there that trusts its
 #: environment (git, a shell) must not be steered by the payload either.
-RESERVED_ENV: Final = frozenset({
-    "PATH", "HOME", "PWD", "OLDPWD", "TMPDIR", "WORKSPACE_ID", "TASK_ID", "LANG", "LC_ALL",
-    "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH",
-    "NIS_PATH", "NLSPATH", "RES_OPTIONS", "TZDIR", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS",
-    "IFS", "CDPATH", "PS4", "PROMPT_COMMAND",
-})  # fmt: skip
+RESERVED_ENV: Final = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "PWD",
+        "OLDPWD",
+        "TMPDIR",
+        "WORKSPACE_ID",
+        "TASK_ID",
+        "LANG",
+        "LC_ALL",
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "GLIBC_TUNABLES",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RES_OPTIONS",
+        "TZDIR",
+        "BASH_ENV",
+        "ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "IFS",
+        "CDPATH",
+        "PS4",
+        "PROMPT_COMMAND",
+    }
+)
 #: Prefixes of variable names a task may not set (the loader, malloc, git, ssh, wsrunner).
 RESERVED_ENV_PREFIXES: Final = ("LD_", "MALLOC_", "GIT_", "SSH_", "WSRUNNER_", "BASH_FUNC_")
 _ENV_NAME: Final = re.compile(ENV_NAME_PATTERN)

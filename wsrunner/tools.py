@@ -15,8 +15,11 @@ from wsrunner.errors import ValidationError
 from wsrunner.models import JSON
 from wsrunner.workspace.operations import GIT_OPERATIONS, WorkspaceOps
 
-_PATH: Final = {"type": "string", "maxLength": 4096,
-                "description": "path relative to the workspace root"}  # fmt: skip
+_PATH: Final = {
+    "type": "string",
+    "maxLength": 4096,
+    "description": "path relative to the workspace root",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,55 +32,107 @@ class Tool:
     category: str = "workspace"
 
     def definition(self) -> JSON:
-        return {"name": self.name, "description": self.description, "category": self.category,
-                "permission": self.permission, "parameters": self.parameters}  # fmt: skip
+        return {
+            "name": self.name,
+            "description": self.description,
+            "category": self.category,
+            "permission": self.permission,
+            "parameters": self.parameters,
+        }
 
 
 def _schema(properties: dict[str, Any], required: list[str]) -> JSON:
-    return {"type": "object", "properties": properties, "required": required,
-            "additionalProperties": False}  # fmt: skip
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
 
 
 TOOLS: Final[dict[str, Tool]] = {
     t.name: t
     for t in (
-        Tool("workspace_read_file", "Read a text file of the workspace (binary files come "
-             "back base64-encoded).", "read", _schema({"path": _PATH}, ["path"]),
-             lambda ops, ws, a: ops.read_file(ws, a["path"])),
-        Tool("workspace_write_file", "Write a text file, creating its directories; replaces "
-             "the file atomically.", "write",
-             _schema({"path": _PATH, "content": {"type": "string"}}, ["path", "content"]),
-             lambda ops, ws, a: ops.write_file(ws, a["path"], a["content"])),
-        Tool("workspace_list_dir", "List a directory: directories first, then files.", "read",
-             _schema({"path": {**_PATH, "default": "."}}, []),
-             lambda ops, ws, a: ops.list_files(ws, a.get("path", "."))),
-        Tool("workspace_grep", "Search files with a regular expression; matches sorted by "
-             "file and line.", "read",
-             _schema({"pattern": {"type": "string", "minLength": 1, "maxLength": 1000},
-                      "path": {**_PATH, "default": "."},
-                      "include": {"type": "string", "description": "a glob such as *.py"},
-                      "max_results": {"type": "integer", "minimum": 1, "maximum": 200,
-                                      "default": 50}}, ["pattern"]),
-             lambda ops, ws, a: ops.grep(ws, a["pattern"], a.get("path", "."), a.get("include"),
-                                         a.get("max_results", 50))),
-        Tool("workspace_exec", "Run a shell command in the workspace; returns exit_code, "
-             "stdout and stderr.", "write",
-             _schema({"command": {"type": "string", "minLength": 1, "maxLength": 65536},
-                      "cwd": {**_PATH, "default": "."},
-                      "timeout": {"type": "integer", "minimum": 1, "maximum": 600,
-                                  "default": 120, "description": "seconds"}}, ["command"]),
-             lambda ops, ws, a: ops.exec(ws, a["command"], a.get("cwd", "."), a.get("timeout"))),
-        Tool("workspace_git", "Run one git operation in a repository of the workspace.",
-             "write",
-             _schema({"operation": {"enum": sorted(GIT_OPERATIONS)},
-                      "cwd": {**_PATH, "default": "."},
-                      "args": {"oneOf": [{"type": "string"},
-                                         {"type": "array", "items": {"type": "string"}}],
-                               "description": "arguments; for clone, the repository URL"}},
-                     ["operation"]),
-             lambda ops, ws, a: ops.git(ws, a["operation"], a.get("cwd", "."), a.get("args"))),
+        Tool(
+            "workspace_read_file",
+            "Read a text file of the workspace (binary files come back base64-encoded).",
+            "read",
+            _schema({"path": _PATH}, ["path"]),
+            lambda ops, ws, a: ops.read_file(ws, a["path"]),
+        ),
+        Tool(
+            "workspace_write_file",
+            "Write a text file, creating its directories; replaces the file atomically.",
+            "write",
+            _schema({"path": _PATH, "content": {"type": "string"}}, ["path", "content"]),
+            lambda ops, ws, a: ops.write_file(ws, a["path"], a["content"]),
+        ),
+        Tool(
+            "workspace_list_dir",
+            "List a directory: directories first, then files.",
+            "read",
+            _schema({"path": {**_PATH, "default": "."}}, []),
+            lambda ops, ws, a: ops.list_files(ws, a.get("path", ".")),
+        ),
+        Tool(
+            "workspace_grep",
+            "Search files with a regular expression; matches sorted by file and line.",
+            "read",
+            _schema(
+                {
+                    "pattern": {"type": "string", "minLength": 1, "maxLength": 1000},
+                    "path": {**_PATH, "default": "."},
+                    "include": {"type": "string", "description": "a glob such as *.py"},
+                    "max_results": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                },
+                ["pattern"],
+            ),
+            lambda ops, ws, a: ops.grep(
+                ws, a["pattern"], a.get("path", "."), a.get("include"), a.get("max_results", 50)
+            ),
+        ),
+        Tool(
+            "workspace_exec",
+            "Run a shell command in the workspace; returns exit_code, stdout and stderr.",
+            "write",
+            _schema(
+                {
+                    "command": {"type": "string", "minLength": 1, "maxLength": 65536},
+                    "cwd": {**_PATH, "default": "."},
+                    "timeout": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": 600,
+                        "default": 120,
+                        "description": "seconds",
+                    },
+                },
+                ["command"],
+            ),
+            lambda ops, ws, a: ops.exec(ws, a["command"], a.get("cwd", "."), a.get("timeout")),
+        ),
+        Tool(
+            "workspace_git",
+            "Run one git operation in a repository of the workspace.",
+            "write",
+            _schema(
+                {
+                    "operation": {"enum": sorted(GIT_OPERATIONS)},
+                    "cwd": {**_PATH, "default": "."},
+                    "args": {
+                        "oneOf": [
+                            {"type": "string"},
+                            {"type": "array", "items": {"type": "string"}},
+                        ],
+                        "description": "arguments; for clone, the repository URL",
+                    },
+                },
+                ["operation"],
+            ),
+            lambda ops, ws, a: ops.git(ws, a["operation"], a.get("cwd", "."), a.get("args")),
+        ),
     )
-}  # fmt: skip
+}
 
 
 def definitions() -> list[JSON]:
@@ -94,8 +149,10 @@ async def call(ops: WorkspaceOps, workspace_id: str, name: object, arguments: ob
     schema = tool.parameters
     unknown = sorted(set(arguments) - set(schema["properties"]))
     if unknown:
-        raise ValidationError(f"arguments.{unknown[0]}", f"unknown; {tool.name} takes "
-                              f"{', '.join(schema['properties'])}")  # fmt: skip
+        raise ValidationError(
+            f"arguments.{unknown[0]}",
+            f"unknown; {tool.name} takes {', '.join(schema['properties'])}",
+        )
     for key in schema["required"]:
         if key not in arguments:
             raise ValidationError(f"arguments.{key}", "is required")

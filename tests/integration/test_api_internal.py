@@ -78,9 +78,18 @@ async def test_file_errors(api: Api) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["../outside", "/etc/passwd", "a/../../x", "%2e%2e/x", "link-out/passwd", "link-out",
-     "tasks/x", ".workspace_meta.json", "~root"],
-)  # fmt: skip
+    [
+        "../outside",
+        "/etc/passwd",
+        "a/../../x",
+        "%2e%2e/x",
+        "link-out/passwd",
+        "link-out",
+        "tasks/x",
+        ".workspace_meta.json",
+        "~root",
+    ],
+)
 async def test_containment_on_every_file_endpoint(api: Api, path: str) -> None:
     async with api.internal_client() as c:
         await c.post(f"{WS}/files/write", json={"path": "ok.txt", "content": "x"})
@@ -144,8 +153,13 @@ async def test_exec_results_and_timeouts(api: Api, tmp_path: Path) -> None:
         body = replies[0].json()
         assert body["timed_out"] and body["exit_code"] == -1
         await wait_for(lambda: not host_pids(t), timeout=5)
-        for bad in ({"command": ""}, {"command": "true", "timeout": 0}, {"command": "true", "timeout": 601},
-                    {"command": ["ls"]}, {"command": "true", "timeout": "5"}):  # fmt: skip
+        for bad in (
+            {"command": ""},
+            {"command": "true", "timeout": 0},
+            {"command": "true", "timeout": 601},
+            {"command": ["ls"]},
+            {"command": "true", "timeout": "5"},
+        ):
             problem(await c.post(f"{WS}/exec", json=bad), 422)
 
 
@@ -177,8 +191,11 @@ async def test_exec_stream_disconnect_kills_the_command(api: Api) -> None:
 
 async def test_grep(api: Api) -> None:
     async with api.internal_client() as c:
-        for path, text in (("src/a.py", "import os\nx = 1\nimport re\n"), ("src/b.txt", "import nothing\n"),
-                           ("README", "no match\n")):  # fmt: skip
+        for path, text in (
+            ("src/a.py", "import os\nx = 1\nimport re\n"),
+            ("src/b.txt", "import nothing\n"),
+            ("README", "no match\n"),
+        ):
             await c.post(f"{WS}/files/write", json={"path": path, "content": text})
         (root(api) / "tasks" / "secret").write_text("import secret\n")
         r = await c.get(f"{WS}/files/grep", params={"pattern": r"^import \w+"})
@@ -197,9 +214,12 @@ async def test_grep(api: Api) -> None:
             await c.get(f"{WS}/files/grep", params={"pattern": "import", "max_results": "1"})
         ).json()
         assert len(body["matches"]) == 1 and body["truncated"] and body["total"] == 3
-        for params, field in (({"pattern": "("}, "pattern"), ({}, "pattern"),
-                              ({"pattern": "x", "max_results": "500"}, "max_results"),
-                              ({"pattern": "x", "max_results": "many"}, "max_results")):  # fmt: skip
+        for params, field in (
+            ({"pattern": "("}, "pattern"),
+            ({}, "pattern"),
+            ({"pattern": "x", "max_results": "500"}, "max_results"),
+            ({"pattern": "x", "max_results": "many"}, "max_results"),
+        ):
             assert (
                 problem(await c.get(f"{WS}/files/grep", params=params), 422)["errors"][0]["field"]
                 == field
@@ -208,8 +228,14 @@ async def test_grep(api: Api) -> None:
 
 async def test_grep_fallback_gives_the_same_results_as_ripgrep(api: Api) -> None:
     ops = api.daemon.service.workspace
-    files = {"a/x.py": "alpha\nbeta alpha\n", "a/.hidden": "alpha\n", "b/y.md": "ALPHA alpha\r\n",
-             ".git/config": "alpha\n", "bin.dat": "alpha\x00\n", "z": "gamma\n"}  # fmt: skip
+    files = {
+        "a/x.py": "alpha\nbeta alpha\n",
+        "a/.hidden": "alpha\n",
+        "b/y.md": "ALPHA alpha\r\n",
+        ".git/config": "alpha\n",
+        "bin.dat": "alpha\x00\n",
+        "z": "gamma\n",
+    }
     base = root(api)
     for rel, text in files.items():
         (base / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -247,8 +273,12 @@ async def test_git_operations(api: Api, tmp_path: Path) -> None:
         ).json()
         assert status["stdout"] == " M f\n" and status["operation"] == "status"
         await c.post(f"{WS}/git", json={"operation": "add", "cwd": "repos/origin", "args": ["f"]})
-        commit = (await c.post(f"{WS}/git", json={"operation": "commit", "cwd": "repos/origin",
-                                                  "args": ["-m", "two words"]})).json()  # fmt: skip
+        commit = (
+            await c.post(
+                f"{WS}/git",
+                json={"operation": "commit", "cwd": "repos/origin", "args": ["-m", "two words"]},
+            )
+        ).json()
         assert commit["exit_code"] == 0, commit
         log = (
             await c.post(
@@ -279,9 +309,14 @@ def test_git_arguments_allow_ordinary_options() -> None:
 
 
 async def test_write_respects_the_quota(start_daemon) -> None:
-    daemon = await start_daemon(frontend="frontend", public_host="127.0.0.1", public_port=0,
-                                health_port=0, internal_token=INTERNAL_TOKEN,
-                                workspace_quotas={"ws-int": 64 * 1024})  # fmt: skip
+    daemon = await start_daemon(
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+        workspace_quotas={"ws-int": 64 * 1024},
+    )
     async with httpx.AsyncClient(
         base_url=daemon.urls[1], headers={"X-Internal-Token": INTERNAL_TOKEN}
     ) as c:
@@ -293,10 +328,16 @@ async def test_write_respects_the_quota(start_daemon) -> None:
 
 
 async def test_stop_ends_open_streams_at_once(start_daemon, tmp_path: Path) -> None:
-    daemon = await start_daemon(frontend="frontend", public_host="127.0.0.1", public_port=0,
-                                health_port=0, internal_token=INTERNAL_TOKEN)  # fmt: skip
-    async with httpx.AsyncClient(base_url=daemon.urls[1], headers={"X-Internal-Token": INTERNAL_TOKEN},
-                                 timeout=30) as c:  # fmt: skip
+    daemon = await start_daemon(
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+    )
+    async with httpx.AsyncClient(
+        base_url=daemon.urls[1], headers={"X-Internal-Token": INTERNAL_TOKEN}, timeout=30
+    ) as c:
         body = {"command": "echo started; exec sleep 100"}
         # The hub ends the stream: a clean end of the chunked body. Left to Hypercorn's graceful
         # timeout it would be cut instead, and httpx would raise RemoteProtocolError.
@@ -309,8 +350,14 @@ async def test_stop_ends_open_streams_at_once(start_daemon, tmp_path: Path) -> N
 
 async def test_exec_waits_for_a_command_slot_then_503(start_daemon, monkeypatch) -> None:
     monkeypatch.setattr("wsrunner.workspace.operations.SLOT_WAIT_S", 0.5)
-    daemon = await start_daemon(frontend="frontend", public_host="127.0.0.1", public_port=0,
-                                health_port=0, internal_token=INTERNAL_TOKEN, concurrency=1)  # fmt: skip
+    daemon = await start_daemon(
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+        concurrency=1,
+    )
     headers = {"X-Internal-Token": INTERNAL_TOKEN}
     async with httpx.AsyncClient(base_url=daemon.urls[1], headers=headers, timeout=30) as c:
         first: list[httpx.Response] = []

@@ -114,15 +114,19 @@ async def test_malformed_json_is_400_and_unknown_routes_are_problems(api: Api) -
 async def test_a_body_over_the_limit_is_read_before_its_413(api: Api) -> None:
     """The whole body is read (and dropped) before the 413, so a client still sending is not
     cut off by a reset that can swallow its answer, and the connection stays usable."""
-    for base, headers in ((api.public, f"Authorization: Bearer {api.token}"),
-                          (api.internal, f"X-Internal-Token: {INTERNAL_TOKEN}")):  # fmt: skip
+    for base, headers in (
+        (api.public, f"Authorization: Bearer {api.token}"),
+        (api.internal, f"X-Internal-Token: {INTERNAL_TOKEN}"),
+    ):
         host, port = base.removeprefix("http://").split(":")
         path = "/api/tasks/submit" if base == api.public else "/workspaces/ws-1/files/write"
         body = b'{"pad": "' + b"x" * (11 << 20) + b'"}'
         stream = await trio.open_tcp_stream(host, int(port))
         async with stream:
-            head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
             await stream.send_all(head.encode() + body)
             first = await read_response(stream)
             assert first.startswith(b"HTTP/1.1 413 "), first[:100]
@@ -140,8 +144,11 @@ async def read_response(stream: trio.SocketStream) -> bytes:
             assert chunk, f"connection closed after {data[:200]!r}"
             data += chunk
         head, _, rest = data.partition(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))  # fmt: skip
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
         while len(rest) < length:
             rest += await stream.receive_some(65536)
     return head + b"\r\n\r\n" + rest
@@ -172,8 +179,11 @@ async def test_idempotency_key_returns_the_first_task_or_409(api: Api) -> None:
 async def test_unknown_or_malformed_task_ids_are_404(api: Api) -> None:
     async with api.client() as c:
         for tid in ("8f8b2c2e-5b3c-4c3e-9d7e-000000000000", "not-a-uuid", "%2e%2e", "1' OR '1'='1"):
-            for r in (await c.get(f"/api/tasks/{tid}"), await c.post(f"/api/tasks/{tid}/cancel"),
-                      await c.get(f"/api/tasks/{tid}/events")):  # fmt: skip
+            for r in (
+                await c.get(f"/api/tasks/{tid}"),
+                await c.post(f"/api/tasks/{tid}/cancel"),
+                await c.get(f"/api/tasks/{tid}/events"),
+            ):
                 problem(r, 404)
 
 
@@ -204,9 +214,13 @@ async def test_list_is_newest_first_with_cursor_pages(api: Api) -> None:
             await c.get("/api/tasks", params={"status": "completed", "workspace_id": "ws-list"})
         ).json()
         assert {t["id"] for t in done["tasks"]} == set(ids)
-        for params, field in (({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"),
-                              ({"cursor": "garbage"}, "cursor"), ({"status": "done"}, "status"),
-                              ({"workspace_id": "a/b"}, "workspace_id")):  # fmt: skip
+        for params, field in (
+            ({"limit": "0"}, "limit"),
+            ({"limit": "x"}, "limit"),
+            ({"cursor": "garbage"}, "cursor"),
+            ({"status": "done"}, "status"),
+            ({"workspace_id": "a/b"}, "workspace_id"),
+        ):
             r = await c.get("/api/tasks", params=params)
             assert problem(r, 422)["errors"][0]["field"] == field
 
@@ -333,8 +347,13 @@ async def test_authentication(api: Api) -> None:
         r = await anon.get("/api/tasks")
         assert problem(r, 401)["detail"] == "send Authorization: Bearer <token>"
         assert r.headers["www-authenticate"].startswith("Bearer")
-        for header in ("Bearer", "Basic abc", "Bearer wsr_nope",
-                       "Bearer wsr_0123456789ab_" + "A" * 43, api.token):  # fmt: skip
+        for header in (
+            "Bearer",
+            "Basic abc",
+            "Bearer wsr_nope",
+            "Bearer wsr_0123456789ab_" + "A" * 43,
+            api.token,
+        ):
             problem(await anon.get("/api/tasks", headers={"Authorization": header}), 401)
         assert (await anon.get("/openapi.json")).status_code == 200
     record, token = await api.daemon.service.tokens.create("soon revoked", None)
@@ -350,12 +369,16 @@ async def test_a_scoped_token_never_sees_other_workspaces(api: Api) -> None:
     async with api.client() as admin, api.client(scoped) as a:
         theirs = await submitted(api, admin, cmd("true"), workspace_id="ws-b")
         mine = await submitted(api, a, cmd("true"), workspace_id="ws-a")
-        for r in (await a.get(f"/api/tasks/{theirs}"), await a.post(f"/api/tasks/{theirs}/cancel"),
-                  await a.get(f"/api/tasks/{theirs}/events"),
-                  await a.get("/api/tasks", params={"workspace_id": "ws-b"}),
-                  await a.post("/api/tasks/submit", json=task_body(cmd("true"), workspace_id="ws-b")),
-                  await a.post("/api/workspaces/ws-b/github/clone",
-                               json={"repo_url": "https://github.com/a/b.git"})):  # fmt: skip
+        for r in (
+            await a.get(f"/api/tasks/{theirs}"),
+            await a.post(f"/api/tasks/{theirs}/cancel"),
+            await a.get(f"/api/tasks/{theirs}/events"),
+            await a.get("/api/tasks", params={"workspace_id": "ws-b"}),
+            await a.post("/api/tasks/submit", json=task_body(cmd("true"), workspace_id="ws-b")),
+            await a.post(
+                "/api/workspaces/ws-b/github/clone", json={"repo_url": "https://github.com/a/b.git"}
+            ),
+        ):
             problem(r, 404)
         listed = (await a.get("/api/tasks")).json()["tasks"]
         assert [t["id"] for t in listed] == [mine]
@@ -410,10 +433,17 @@ async def test_clone_uses_the_workspace_token_and_never_stores_it(
         bundled_policy().read_text().replace("gitNetwork: egress", "gitNetwork: host")
     )
     daemon = await start_daemon(
-        frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
-        internal_token="t", clone_schemes=("http",), clone_hosts=(git_http,),
-        git_schemes=("http",), git_credentials_file=creds, policy_file=policy,
-    )  # fmt: skip
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token="t",
+        clone_schemes=("http",),
+        clone_hosts=(git_http,),
+        git_schemes=("http",),
+        git_credentials_file=creds,
+        policy_file=policy,
+    )
     _, token = await daemon.service.tokens.create("t", None)
     api = Api(daemon, daemon.urls[0], daemon.urls[1], token)
     url = f"http://{git_http}/proj.git"
@@ -431,8 +461,11 @@ async def test_clone_uses_the_workspace_token_and_never_stores_it(
     assert (repo / "README").read_text() == "from http\n"
     assert rec["configuration"]["steps"][0]["repo"] == url
     stored = [json.dumps(rec), events, (repo / ".git" / "config").read_text()]
-    stored += [str(redis_client.hgetall(k)) for k in redis_client.scan_iter(f"{daemon.settings.redis_prefix}:*")
-               if redis_client.type(k) == "hash"]  # fmt: skip
+    stored += [
+        str(redis_client.hgetall(k))
+        for k in redis_client.scan_iter(f"{daemon.settings.redis_prefix}:*")
+        if redis_client.type(k) == "hash"
+    ]
     assert all(SECRET not in s for s in stored)
     # A later git_pull step authenticates the same way (the server asks on every request).
     async with api.client() as c:

@@ -14,20 +14,74 @@ from tests.conftest import Api
 from tests.integration.test_api_public import problem
 
 VALID = [
-    "0", "-0", "-12.5e-3", "1E400", "123456789012345678901234567890", "true", "false", "null",
-    "NaN", "-Infinity", "Infinity", '""', '"a\\"b\\\\c\\/\\b\\f\\n\\r\\t\\u00e9\\ud83d\\ude00"',
-    '"\\ud800"', '"é€😀"', "[]", "{}", " [ ] ", "\t{\n}\r", "[[[]]]", "[{}, [], {}]",
-    '{"a": 1, "b": [1, 2.0, "x", null, true, {"c": {}}], "a": 2}', '{"": {"": [""]}}',
-    '[1,2,3,{"k":[4,5,{"m":[6]}]},7]', '  {"a" : [ 1 , { "b" : [ ] } ] , "c" : "d" }  ',
-    '{"x": [1, 2], "x": {"y": 3}, "z": [[], [[]], [{}]]}', '[1e5, 0.5, -0.0, 10E-2]',
-]  # fmt: skip
+    "0",
+    "-0",
+    "-12.5e-3",
+    "1E400",
+    "123456789012345678901234567890",
+    "true",
+    "false",
+    "null",
+    "NaN",
+    "-Infinity",
+    "Infinity",
+    '""',
+    '"a\\"b\\\\c\\/\\b\\f\\n\\r\\t\\u00e9\\ud83d\\ude00"',
+    '"\\ud800"',
+    '"é€😀"',
+    "[]",
+    "{}",
+    " [ ] ",
+    "\t{\n}\r",
+    "[[[]]]",
+    "[{}, [], {}]",
+    '{"a": 1, "b": [1, 2.0, "x", null, true, {"c": {}}], "a": 2}',
+    '{"": {"": [""]}}',
+    '[1,2,3,{"k":[4,5,{"m":[6]}]},7]',
+    '  {"a" : [ 1 , { "b" : [ ] } ] , "c" : "d" }  ',
+    '{"x": [1, 2], "x": {"y": 3}, "z": [[], [[]], [{}]]}',
+    "[1e5, 0.5, -0.0, 10E-2]",
+]
 
 INVALID = [
-    "", " ", "[", "]", "{", "[1,]", "[,1]", "[1 2]", "[1,,2]", '{"a"}', '{"a":}', '{"a" 1}',
-    '{"a":1,}', "{1:2}", "{'a':1}", '{"a":1 "b":2}', "[1]]", "[1] x", "[1]\n[2]", "tru",
-    "[nul]", "01", "1.", "-", "+1", ".5", '"abc', '"\\x"', '"a\nb"', '"\\ud83d', "[\"\\u12\"]",
-    '{"a":[1,2}', '[{"a":1]', "\ufeff[]", "[1" + "0" * 5000 + "]", '["a"\t"b"]', "[-]",
-]  # fmt: skip
+    "",
+    " ",
+    "[",
+    "]",
+    "{",
+    "[1,]",
+    "[,1]",
+    "[1 2]",
+    "[1,,2]",
+    '{"a"}',
+    '{"a":}',
+    '{"a" 1}',
+    '{"a":1,}',
+    "{1:2}",
+    "{'a':1}",
+    '{"a":1 "b":2}',
+    "[1]]",
+    "[1] x",
+    "[1]\n[2]",
+    "tru",
+    "[nul]",
+    "01",
+    "1.",
+    "-",
+    "+1",
+    ".5",
+    '"abc',
+    '"\\x"',
+    '"a\nb"',
+    '"\\ud83d',
+    '["\\u12"]',
+    '{"a":[1,2}',
+    '[{"a":1]',
+    "\ufeff[]",
+    "[1" + "0" * 5000 + "]",
+    '["a"\t"b"]',
+    "[-]",
+]
 
 
 def outcome(decode: object, raw: bytes) -> str:
@@ -96,12 +150,18 @@ async def test_loads_decodes_small_bodies_inline_and_large_ones_alike() -> None:
 async def test_a_large_body_works_through_both_apis(api: Api) -> None:
     content = 'line, with {json} [brackets] and "quotes"\n' * 40_000  # 1.7 MB
     async with api.client() as public, api.internal_client() as internal:
-        r = await public.post("/api/tools/call", json={
-            "workspace_id": "ws-big", "tool": "workspace_write_file",
-            "arguments": {"path": "big.txt", "content": content}})  # fmt: skip
+        r = await public.post(
+            "/api/tools/call",
+            json={
+                "workspace_id": "ws-big",
+                "tool": "workspace_write_file",
+                "arguments": {"path": "big.txt", "content": content},
+            },
+        )
         assert r.status_code == 200, r.text
-        r = await internal.post("/workspaces/ws-big/files/write",
-                                json={"path": "again.txt", "content": content})  # fmt: skip
+        r = await internal.post(
+            "/workspaces/ws-big/files/write", json={"path": "again.txt", "content": content}
+        )
         assert r.status_code == 200, r.text
         for name in ("big.txt", "again.txt"):
             r = await internal.get("/workspaces/ws-big/files/content", params={"path": name})

@@ -117,7 +117,8 @@ async def test_the_client_works_under_asyncio(api: Api) -> None:
 
         asyncio.run(main())
     """)
-    result = await trio.run_process([sys.executable, "-c", program], capture_stdout=True,
-                                    capture_stderr=True, check=False)  # fmt: skip
+    result = await trio.run_process(
+        [sys.executable, "-c", program], capture_stdout=True, capture_stderr=True, check=False
+    )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert result.stdout.decode().strip() == "completed asyncio"

@@ -53,9 +53,15 @@ async def test_a_task_runs_and_its_events_replay_from_any_point(start_daemon, ba
     assert kinds[0] == "status_changed" and kinds[-1] == "status_changed"
     # The first step's progress rides with the start (one Redis round trip), right after it.
     assert (events[1].data["status"], events[2].type, events[2].data["step"]) == (
-        "running", "progress_update", 1)  # fmt: skip
+        "running",
+        "progress_update",
+        1,
+    )
     assert [e.data["status"] for e in events if e.type == "status_changed"] == [
-        "queued", "running", "failed"]  # fmt: skip
+        "queued",
+        "running",
+        "failed",
+    ]
     middle = events[len(events) // 2]
     assert await daemon.service.events(rec.id, middle.id) == events[len(events) // 2 + 1 :]
     assert await daemon.service.events(rec.id, events[-1].id) == []
@@ -105,8 +111,11 @@ async def test_cancel_and_timeout(start_daemon, backend) -> None:
     for rid in (running.record.id, slow.record.id):
 
         async def ends(rid: str = rid) -> list[Any]:
-            return [e for e in await daemon.service.events(rid) if e.type == "status_changed"
-                    and e.data["status"] not in ("queued", "running")]  # fmt: skip
+            return [
+                e
+                for e in await daemon.service.events(rid)
+                if e.type == "status_changed" and e.data["status"] not in ("queued", "running")
+            ]
 
         await wait_for(ends, timeout=5)  # the terminal event follows the record
         assert len(await ends()) == 1
@@ -133,8 +142,10 @@ async def test_tokens_and_listing(start_daemon, backend) -> None:
     daemon = await start_daemon(**backend)
     record, secret = await daemon.service.tokens.create("ci", ["ws-a"])
     assert (await daemon.service.tokens.authenticate(secret)).workspaces == ("ws-a",)
-    ids = [(await daemon.service.submit(task_body(cmd("true"), workspace_id=ws))).record.id
-           for ws in ("ws-a", "ws-b", "ws-a")]  # fmt: skip
+    ids = [
+        (await daemon.service.submit(task_body(cmd("true"), workspace_id=ws))).record.id
+        for ws in ("ws-a", "ws-b", "ws-a")
+    ]
     for tid in ids:
         await wait_terminal(daemon, tid)
     mine = await daemon.service.list(scope=record)
@@ -150,8 +161,11 @@ async def test_tokens_and_listing(start_daemon, backend) -> None:
 
 async def test_queued_and_running_tasks_survive_a_restart(start_daemon, backend) -> None:
     first = await start_daemon(concurrency=1, shutdown_grace_s=0.5, **backend)
-    running = await first.service.submit(task_body(
-        cmd("if [ -e resumed ]; then echo second; else touch resumed; echo first; sleep 30; fi")))  # fmt: skip
+    running = await first.service.submit(
+        task_body(
+            cmd("if [ -e resumed ]; then echo second; else touch resumed; echo first; sleep 30; fi")
+        )
+    )
     await wait_for(lambda: started(first, running.record.id))
     queued = await first.service.submit(task_body(cmd("echo waited"), workspace_id="ws-2"))
     first.stop()

@@ -65,16 +65,21 @@ def test_the_helper_answers_none_for_what_it_cannot_do(tmp_path: Any) -> None:
     server.start()
     (tmp_path / "tasks").mkdir()
     root, spares = str(tmp_path), ".spare"
-    requests = [[1, "boom", []], [2, "big", []], [3, "ping", []],
-                [4, "make", [root, "tasks/t", ["home"], {"f": ["hi", 0o600]},
-                             [["tasks", "repos"], []], spares]],  # no repos/: not as prepared
-                [5, "make", [root, "tasks/t", ["home"], {"f": ["hi", 0o600]}, [["tasks"], []],
-                             spares]],
-                [6, "remove", [root, "tasks/t", ["home"], ["f"], "tasks", spares, 0]],
-                [7, "make", [root, "tasks/u", ["home"], {}, [["tasks"], []], spares]],
-                [8, "remove", [root, "tasks/u", ["home"], [], None, spares, 1]],  # parked
-                [9, "make", [root, "tasks/v", ["home"], {"f": ["ho", 0o640]}, [["tasks"], []],
-                             spares]]]  # fmt: skip
+    requests = [
+        [1, "boom", []],
+        [2, "big", []],
+        [3, "ping", []],
+        [
+            4,
+            "make",
+            [root, "tasks/t", ["home"], {"f": ["hi", 0o600]}, [["tasks", "repos"], []], spares],
+        ],  # no repos/: not as prepared
+        [5, "make", [root, "tasks/t", ["home"], {"f": ["hi", 0o600]}, [["tasks"], []], spares]],
+        [6, "remove", [root, "tasks/t", ["home"], ["f"], "tasks", spares, 0]],
+        [7, "make", [root, "tasks/u", ["home"], {}, [["tasks"], []], spares]],
+        [8, "remove", [root, "tasks/u", ["home"], [], None, spares, 1]],  # parked
+        [9, "make", [root, "tasks/v", ["home"], {"f": ["ho", 0o640]}, [["tasks"], []], spares]],
+    ]
     replies, parked = [], 0
     for request in requests:
         ours.send(json.dumps(request).encode())
@@ -87,8 +92,17 @@ def test_the_helper_answers_none_for_what_it_cannot_do(tmp_path: Any) -> None:
             parked = (tmp_path / "tasks" / ".spare" / "u").stat().st_ino
     ours.close()
     server.join(timeout=5)
-    assert replies == [[1, None], [2, None], [3, True], [4, None], [5, True], [6, [".spare"]],
-                       [7, True], [8, []], [9, True]]  # fmt: skip
+    assert replies == [
+        [1, None],
+        [2, None],
+        [3, True],
+        [4, None],
+        [5, True],
+        [6, [".spare"]],
+        [7, True],
+        [8, []],
+        [9, True],
+    ]
     made = tmp_path / "tasks" / "v"  # the parked directory, with its new file
     assert made.stat().st_ino == parked and (made / "f").read_text() == "ho"
     assert sorted(os.listdir(made)) == ["f", "home"] and not os.listdir(tmp_path / "tasks/.spare")
@@ -101,19 +115,34 @@ SUBDIRS, SPARES = ("home", "tmp"), ".spare"
 
 def _made(root: Path, name: str) -> Path:
     (root / "tasks").mkdir(exist_ok=True)
-    paths.make_fresh_dir(str(root), f"tasks/{name}", subdirs=SUBDIRS,
-                         files={"gitconfig": ("[user]\n", 0o644), "ssh_key": ("k\n", 0o600)})  # fmt: skip
+    paths.make_fresh_dir(
+        str(root),
+        f"tasks/{name}",
+        subdirs=SUBDIRS,
+        files={"gitconfig": ("[user]\n", 0o644), "ssh_key": ("k\n", 0o600)},
+    )
     return root / "tasks" / name
 
 
 def _park(root: Path, name: str, keep: int = 8) -> bool:
-    return paths.park_dir(str(root), f"tasks/{name}", SPARES, subdirs=SUBDIRS,
-                          files=("gitconfig", "ssh_key"), keep=keep)  # fmt: skip
+    return paths.park_dir(
+        str(root),
+        f"tasks/{name}",
+        SPARES,
+        subdirs=SUBDIRS,
+        files=("gitconfig", "ssh_key"),
+        keep=keep,
+    )
 
 
 def _take(root: Path, name: str) -> bool:
-    return paths.take_spare(str(root), f"tasks/{name}", SPARES, subdirs=SUBDIRS,
-                            files={"gitconfig": ("[user]\n", 0o644)})  # fmt: skip
+    return paths.take_spare(
+        str(root),
+        f"tasks/{name}",
+        SPARES,
+        subdirs=SUBDIRS,
+        files={"gitconfig": ("[user]\n", 0o644)},
+    )
 
 
 def test_a_task_directory_as_made_is_parked_without_its_files_and_taken_again(
@@ -158,10 +187,18 @@ def test_a_spare_is_taken_only_into_a_new_name(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "tasks" / ".spare") == ["a"]
 
 
-@pytest.mark.parametrize("change", [
-    "a file in home", "a directory in tmp", "an extra entry", "home missing",
-    "home a symlink", "tmp writable by others", "setgid on the task directory",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change",
+    [
+        "a file in home",
+        "a directory in tmp",
+        "an extra entry",
+        "home missing",
+        "home a symlink",
+        "tmp writable by others",
+        "setgid on the task directory",
+    ],
+)
 def test_a_task_directory_a_command_changed_is_not_parked(tmp_path: Path, change: str) -> None:
     made = _made(tmp_path, "a")
     _change(made, change)
@@ -169,8 +206,9 @@ def test_a_task_directory_a_command_changed_is_not_parked(tmp_path: Path, change
     assert os.listdir(tmp_path / "tasks") == ["a"]  # where it was, for the caller to remove
 
 
-@pytest.mark.parametrize("change", ["a file in home", "an extra entry", "home a symlink",
-                                    "tmp writable by others"])  # fmt: skip
+@pytest.mark.parametrize(
+    "change", ["a file in home", "an extra entry", "home a symlink", "tmp writable by others"]
+)
 def test_a_spare_changed_while_parked_is_not_taken(tmp_path: Path, change: str) -> None:
     _made(tmp_path, "a")
     assert _park(tmp_path, "a")

@@ -56,8 +56,13 @@ s = socket.create_connection(("127.0.0.1", {port}), 2)
 s.sendall(("pwned-" + sys.argv[1]).encode())' "$1" 2>/dev/null
 exit 1
 """
-GIT_ENV = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
+GIT_ENV = dict(
+    os.environ,
+    GIT_AUTHOR_NAME="t",
+    GIT_AUTHOR_EMAIL="t@t",
+    GIT_COMMITTER_NAME="t",
+    GIT_COMMITTER_EMAIL="t@t",
+)
 
 
 class Listener:
@@ -101,12 +106,16 @@ class Tenant:
         return self.daemon.settings.volume_path / WS
 
     def public(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.daemon.urls[0], timeout=60,
-                                 headers={"Authorization": f"Bearer {self.token}"})  # fmt: skip
+        return httpx.AsyncClient(
+            base_url=self.daemon.urls[0],
+            timeout=60,
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
 
     def internal(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.daemon.urls[1], timeout=60,
-                                 headers={"X-Internal-Token": INTERNAL_TOKEN})  # fmt: skip
+        return httpx.AsyncClient(
+            base_url=self.daemon.urls[1], timeout=60, headers={"X-Internal-Token": INTERNAL_TOKEN}
+        )
 
     async def submit(self, *steps: dict[str, Any]) -> list[dict[str, Any]]:
         """Run a task through the public API; the results of its steps."""
@@ -127,8 +136,9 @@ class Tenant:
     async def git(self, operation: str, cwd: str, args: Any = None) -> dict[str, Any]:
         """The internal API's /git, as an orchestrator calls it on the tenant's workspace."""
         async with self.internal() as c:
-            r = await c.post(f"/workspaces/{WS}/git",
-                             json={"operation": operation, "cwd": cwd, "args": args})  # fmt: skip
+            r = await c.post(
+                f"/workspaces/{WS}/git", json={"operation": operation, "cwd": cwd, "args": args}
+            )
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
         self.tasks.append(body)
@@ -138,8 +148,10 @@ class Tenant:
         """The tools API's workspace_git, as an agent holding the scoped token calls it."""
         arguments = {"operation": operation, "cwd": cwd} | ({"args": args} if args else {})
         async with self.public() as c:
-            r = await c.post("/api/tools/call", json={"workspace_id": WS, "tool": "workspace_git",
-                                                      "arguments": arguments})  # fmt: skip
+            r = await c.post(
+                "/api/tools/call",
+                json={"workspace_id": WS, "tool": "workspace_git", "arguments": arguments},
+            )
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()["result"]
         self.tasks.append(body)
@@ -147,8 +159,11 @@ class Tenant:
 
     def evil(self) -> dict[str, Any]:
         """The write_file step that puts the tenant's program at bin/evil.sh."""
-        return {"action": "write_file", "path": "bin/evil.sh",
-                "content": EVIL.replace("{port}", str(self.listener.port))}  # fmt: skip
+        return {
+            "action": "write_file",
+            "path": "bin/evil.sh",
+            "content": EVIL.replace("{port}", str(self.listener.port)),
+        }
 
     def traces(self) -> list[str]:
         """Every sign that a program of the tenant's ran: markers and environment dumps
@@ -169,10 +184,15 @@ async def _tenant(start_daemon: Callable[..., Any], tmp_path: Path) -> AsyncIter
     creds.write_text("{}\n")
     creds.chmod(0o600)
     daemon: Daemon = await start_daemon(
-        frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
-        internal_token=INTERNAL_TOKEN, policy_file=etc / "policy.yaml",
-        git_schemes=("https", "http", "ssh", "git", "file"), git_credentials_file=creds,
-    )  # fmt: skip
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+        policy_file=etc / "policy.yaml",
+        git_schemes=("https", "http", "ssh", "git", "file"),
+        git_credentials_file=creds,
+    )
     _, token = await daemon.service.tokens.create("tenant", [WS])
     listener = Listener()
     try:
@@ -189,13 +209,18 @@ def origin_repo(tmp: Path, name: str) -> tuple[Path, str]:
 
 def advance(origin: Path, text: str) -> None:
     (origin / "README").write_text(text)
-    subprocess.run(["git", "-C", str(origin), "commit", "-qam", text.strip()], check=True,
-                   env=GIT_ENV)  # fmt: skip
+    subprocess.run(
+        ["git", "-C", str(origin), "commit", "-qam", text.strip()], check=True, env=GIT_ENV
+    )
 
 
 def rev(repo: Path, name: str) -> str:
-    done = subprocess.run(["git", "-c", "safe.directory=*", "-C", str(repo), "rev-parse", "--verify", "-q", name],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["git", "-c", "safe.directory=*", "-C", str(repo), "rev-parse", "--verify", "-q", name],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return done.stdout.strip()
 
 
@@ -211,18 +236,24 @@ def plant(repo: str, entries: dict[str, str]) -> str:
 
 def tenant_repo(name: str, url: str) -> str:
     """A command making repos/<name>: one commit on main, tracking origin's main at `url`."""
-    return (f"git init -q -b main repos/{name} && git -C repos/{name} commit -q --allow-empty "
-            f"-m mine && git -C repos/{name} remote add origin {url} && "
-            f"git -C repos/{name} config branch.main.remote origin && "
-            f"git -C repos/{name} config branch.main.merge refs/heads/main")  # fmt: skip
+    return (
+        f"git init -q -b main repos/{name} && git -C repos/{name} commit -q --allow-empty "
+        f"-m mine && git -C repos/{name} remote add origin {url} && "
+        f"git -C repos/{name} config branch.main.remote origin && "
+        f"git -C repos/{name} config branch.main.merge refs/heads/main"
+    )
 
 
 NOWHERE = "ssh://git@127.0.0.1:1/x.git"  #: nothing listens: only a tenant's ssh "works"
 SETUP = 'chmod +x bin/evil.sh && E="$PWD/bin/evil.sh"'
 #: A file:// origin turned into ssh (insteadOf) with the tenant's ssh, and more programs.
-INSTEADOF = {"url.ssh://git@127.0.0.1:1/.insteadOf": "file://", "core.sshCommand": "$E ssh-insteadof",
-             "core.fsmonitor": "$E fsmonitor", "credential.helper": "!$E credential-helper",
-             "core.askPass": "$E askpass"}  # fmt: skip
+INSTEADOF = {
+    "url.ssh://git@127.0.0.1:1/.insteadOf": "file://",
+    "core.sshCommand": "$E ssh-insteadof",
+    "core.fsmonitor": "$E fsmonitor",
+    "credential.helper": "!$E credential-helper",
+    "core.askPass": "$E askpass",
+}
 
 
 # --- (a) planted configuration, then a git_pull step --------------------------------------------
@@ -230,20 +261,25 @@ INSTEADOF = {"url.ssh://git@127.0.0.1:1/.insteadOf": "file://", "core.sshCommand
 
 async def test_planted_git_config_never_runs_for_git_pull(tenant: Tenant) -> None:
     origin, url = origin_repo(tenant.tmp, "proj")
-    assert "error" not in (await tenant.submit({"action": "git_clone", "repo": url,
-                                                "shallow": False}))[0]  # fmt: skip
+    assert (
+        "error"
+        not in (await tenant.submit({"action": "git_clone", "repo": url, "shallow": False}))[0]
+    )
     advance(origin, "v2\n")
     # One task: the global config only lives as long as the task.
     results = await tenant.submit(
         tenant.evil(),
-        sh(f"{SETUP} && git config --global core.sshCommand \"$E ssh-global\" && "
-           f"{tenant_repo('y1', NOWHERE)} && {tenant_repo('y2', NOWHERE)} && "
-           + plant("y2", {"core.sshCommand": "$E ssh-repo"}) + " && "
-           + plant("proj", INSTEADOF)),
+        sh(
+            f'{SETUP} && git config --global core.sshCommand "$E ssh-global" && '
+            f"{tenant_repo('y1', NOWHERE)} && {tenant_repo('y2', NOWHERE)} && "
+            + plant("y2", {"core.sshCommand": "$E ssh-repo"})
+            + " && "
+            + plant("proj", INSTEADOF)
+        ),
         {"action": "git_pull", "repo_name": "y1"},
         {"action": "git_pull", "repo_name": "y2"},
         {"action": "git_pull", "repo_name": "proj"},
-    )  # fmt: skip
+    )
     assert "error" not in results[1], results[1]
     assert not tenant.traces(), (tenant.traces(), results)
     # The pull through the mirror still works, with all of that in the repository's config.
@@ -252,10 +288,12 @@ async def test_planted_git_config_never_runs_for_git_pull(tenant: Tenant) -> Non
     # ~/.ssh/config (ProxyCommand) of another task, then a pull of an ssh origin.
     results = await tenant.submit(
         tenant.evil(),
-        sh(f"{SETUP} && mkdir -p ~/.ssh && printf 'Host *\\n  ProxyCommand %s proxy\\n' "
-           "\"$E\" > ~/.ssh/config"),
+        sh(
+            f"{SETUP} && mkdir -p ~/.ssh && printf 'Host *\\n  ProxyCommand %s proxy\\n' "
+            '"$E" > ~/.ssh/config'
+        ),
         {"action": "git_pull", "repo_name": "y1"},
-    )  # fmt: skip
+    )
     assert "error" not in results[1], results[1]
     assert not tenant.traces(), (tenant.traces(), results)
     # The daemon's git did go to the network for these: its own ssh, refused at port 1.
@@ -288,8 +326,11 @@ def publish(work: Path, text: str) -> None:
 
 
 def files_holding(root: Path, secret: str) -> list[str]:
-    return [str(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
-            and secret.encode() in p.read_bytes()]  # fmt: skip
+    return [
+        str(p)
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink() and secret.encode() in p.read_bytes()
+    ]
 
 
 def leaks(tenant: Tenant) -> list[str]:
@@ -312,23 +353,30 @@ async def test_the_git_token_never_reaches_the_tenant(
     clone = await tenant.submit({"action": "git_clone", "repo": url, "shallow": False})
     assert "error" not in clone[0], clone[0]  # the token reached the server
     publish(work, "v2\n")
-    helpers = {"credential.helper": "!$E credential-repo", "core.askPass": "$E askpass-repo",
-               f"credential.http://{host}.helper": "!$E credential-url"}  # fmt: skip
+    helpers = {
+        "credential.helper": "!$E credential-repo",
+        "core.askPass": "$E askpass-repo",
+        f"credential.http://{host}.helper": "!$E credential-url",
+    }
     results = await tenant.submit(
         tenant.evil(),
-        sh(f"{SETUP} && git config --global credential.helper \"!$E credential-global\" && "
-           f"git config --global core.askPass \"$E askpass-global\" && " + plant("proj", helpers)),
+        sh(
+            f'{SETUP} && git config --global credential.helper "!$E credential-global" && '
+            f'git config --global core.askPass "$E askpass-global" && ' + plant("proj", helpers)
+        ),
         {"action": "git_pull", "repo_name": "proj"},
         sh("cat env-* 2>/dev/null; env; cat tasks/*/askpass 2>/dev/null; true"),
-    )  # fmt: skip
+    )
     assert not leaks(tenant), leaks(tenant)
     assert not tenant.traces(), tenant.traces()
     assert "error" not in results[2], results[2]
     assert (tenant.root / "repos" / "proj" / "README").read_text() == "v2\n"
     # The same through /git, the tools API, and a clone of the same URL (the cached path).
     publish(work, "v3\n")
-    done = [await tenant.git("fetch", "repos/proj"),
-            await tenant.git("pull", "repos/proj", ["--no-rebase"])]  # fmt: skip
+    done = [
+        await tenant.git("fetch", "repos/proj"),
+        await tenant.git("pull", "repos/proj", ["--no-rebase"]),
+    ]
     publish(work, "v4\n")
     done += [await tenant.tool("pull", "repos/proj"), await tenant.git("clone", ".", [url])]
     done.append((await tenant.submit(sh("cat env-* 2>/dev/null; true")))[0])
@@ -344,11 +392,15 @@ async def test_the_git_token_never_reaches_the_tenant(
 async def test_planted_git_config_never_runs_for_git_operations(tenant: Tenant) -> None:
     origin, url = origin_repo(tenant.tmp, "proj")
     results = await tenant.submit(
-        {"action": "git_clone", "repo": url, "shallow": False}, tenant.evil(),
-        sh(f"{SETUP} && {tenant_repo('y', NOWHERE)} && "
-           + plant("y", {"core.sshCommand": "$E ssh-repo", "credential.helper": "!$E helper"})
-           + " && " + plant("proj", INSTEADOF)),
-    )  # fmt: skip
+        {"action": "git_clone", "repo": url, "shallow": False},
+        tenant.evil(),
+        sh(
+            f"{SETUP} && {tenant_repo('y', NOWHERE)} && "
+            + plant("y", {"core.sshCommand": "$E ssh-repo", "credential.helper": "!$E helper"})
+            + " && "
+            + plant("proj", INSTEADOF)
+        ),
+    )
     assert all("error" not in r for r in results), results
     advance(origin, "v2\n")
     fetched = await tenant.git("fetch", "repos/proj")
@@ -381,10 +433,20 @@ def _git_daemon(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
     port = free_port()
     proc = subprocess.Popen(
-        ["git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack",
-         f"--base-path={srv}", "--listen=127.0.0.1", f"--port={port}", str(srv)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            "git",
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--enable=receive-pack",
+            f"--base-path={srv}",
+            "--listen=127.0.0.1",
+            f"--port={port}",
+            str(srv),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(200):
             try:
@@ -410,8 +472,9 @@ async def test_push_goes_through_the_mirror(tenant: Tenant, git_daemon: tuple[st
     assert "error" not in clone[0], clone[0]
     repo = tenant.root / "repos" / "proj"
     async with tenant.internal() as c:
-        r = await c.post(f"/workspaces/{WS}/files/write",
-                         json={"path": "repos/proj/README", "content": "v2\n"})  # fmt: skip
+        r = await c.post(
+            f"/workspaces/{WS}/files/write", json={"path": "repos/proj/README", "content": "v2\n"}
+        )
         assert r.status_code == 200, r.text
     for op, args in (("add", ["README"]), ("commit", ["-m", "v2"])):
         assert "error" not in (done := await tenant.git(op, "repos/proj", args)), done
@@ -452,17 +515,21 @@ async def test_push_goes_through_the_mirror(tenant: Tenant, git_daemon: tuple[st
     assert rev(bare, "refs/tags/v2") == rev(repo, "HEAD")
     # What the mirror's push does not offer is refused, naming the argument.
     async with tenant.internal() as c:
-        r = await c.post(f"/workspaces/{WS}/git", json={"operation": "push", "cwd": "repos/proj",
-                                                        "args": ["--mirror", "origin"]})  # fmt: skip
+        r = await c.post(
+            f"/workspaces/{WS}/git",
+            json={"operation": "push", "cwd": "repos/proj", "args": ["--mirror", "origin"]},
+        )
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "args[0]", r.text
 
 
 async def test_the_mirror_is_the_daemons(tenant: Tenant) -> None:
     """Where the mirror lives, whose it is, and what is left after an operation."""
     origin, url = origin_repo(tenant.tmp, "proj")
-    results = await tenant.submit({"action": "git_clone", "repo": url, "shallow": True},
-                                  sh("git -C repos/proj remote get-url origin"),
-                                  sh("git -C repos/proj rev-parse --is-shallow-repository"))  # fmt: skip
+    results = await tenant.submit(
+        {"action": "git_clone", "repo": url, "shallow": True},
+        sh("git -C repos/proj remote get-url origin"),
+        sh("git -C repos/proj rev-parse --is-shallow-repository"),
+    )
     assert "error" not in results[0], results[0]
     assert results[1]["stdout"] == f"{url}\n" and results[2]["stdout"] == "true\n"
     uid = (tenant.root).stat().st_uid
@@ -479,9 +546,11 @@ async def test_the_mirror_is_the_daemons(tenant: Tenant) -> None:
     assert rev(mirror, "refs/heads/main") == rev(origin, "HEAD")
     # A full clone later deepens the mirror; a new commit comes in with a pull.
     advance(origin, "v2\n")
-    results = await tenant.submit(sh("rm -rf repos/proj"),
-                                  {"action": "git_clone", "repo": url, "shallow": False},
-                                  sh("git -C repos/proj rev-list --count HEAD"))  # fmt: skip
+    results = await tenant.submit(
+        sh("rm -rf repos/proj"),
+        {"action": "git_clone", "repo": url, "shallow": False},
+        sh("git -C repos/proj rev-list --count HEAD"),
+    )
     assert all("error" not in r for r in results), results
     assert results[2]["stdout"] == "2\n"
 

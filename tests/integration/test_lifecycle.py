@@ -51,8 +51,11 @@ async def test_cancel_of_a_running_task_kills_it_at_once(daemon: Daemon) -> None
     final = await daemon.service.get(sub.record.id)
     assert final.status is TaskState.CANCELLED
     assert final.result is not None  # what ran before the cancel is kept
-    statuses = [e.data["status"] for e in await daemon.service.events(sub.record.id)
-                if e.type == "status_changed"]  # fmt: skip
+    statuses = [
+        e.data["status"]
+        for e in await daemon.service.events(sub.record.id)
+        if e.type == "status_changed"
+    ]
     assert statuses == ["queued", "running", "cancelled"]
 
 
@@ -67,8 +70,11 @@ async def test_cancel_of_a_queued_task_means_it_never_starts(start_daemon, setti
     rec = await daemon.service.get(queued.record.id)
     assert rec.status is TaskState.CANCELLED and rec.attempts == 0
     assert not marker.exists()
-    statuses = [e.data["status"] for e in await daemon.service.events(queued.record.id)
-                if e.type == "status_changed"]  # fmt: skip
+    statuses = [
+        e.data["status"]
+        for e in await daemon.service.events(queued.record.id)
+        if e.type == "status_changed"
+    ]
     assert statuses == ["queued", "cancelled"]
 
 
@@ -104,8 +110,11 @@ async def test_cancel_racing_completion_ends_in_exactly_one_state(
         await wait_for(lambda: tid not in daemon.runner.running, timeout=5)  # noqa: B023
         outcomes.add(rec.status)
         assert redis_client.hget(keys.status(rec.id), "status") == rec.status.value
-        terminal = [e for e in await daemon.service.events(rec.id)
-                    if e.type == "status_changed" and e.data["status"] not in ("queued", "running")]  # fmt: skip
+        terminal = [
+            e
+            for e in await daemon.service.events(rec.id)
+            if e.type == "status_changed" and e.data["status"] not in ("queued", "running")
+        ]
         assert [e.data["status"] for e in terminal] == [rec.status.value]
     assert outcomes <= {TaskState.COMPLETED, TaskState.CANCELLED}
 
@@ -184,8 +193,12 @@ async def test_output_is_counted_where_the_kernel_refuses_splice(
 
     monkeypatch.setattr(process.os, "splice", refused)
     capture = process.Capture.capped(1000, 1000)
-    rc = await process.run_process(["sh", "-c", "head -c 3000000 /dev/zero"],
-                                   env={"PATH": os.defpath}, capture=capture, kill_grace=1)  # fmt: skip
+    rc = await process.run_process(
+        ["sh", "-c", "head -c 3000000 /dev/zero"],
+        env={"PATH": os.defpath},
+        capture=capture,
+        kill_grace=1,
+    )
     assert rc == 0 and capture.stdout.total == 3_000_000 and len(capture.stdout.data) == 1000
 
 
@@ -200,9 +213,12 @@ async def test_a_process_that_leaves_the_group_cannot_hold_the_step_open(tmp_pat
     t = unique_seconds()
     capture = process.Capture.capped(1000, 1000)
     began = trio.current_time()
-    rc = await process.run_process(["sh", "-c", f"setsid sleep {t} & sleep 0.5; echo started"],
-                                   env={"PATH": os.defpath}, capture=capture,
-                                   kill_grace=1)  # fmt: skip
+    rc = await process.run_process(
+        ["sh", "-c", f"setsid sleep {t} & sleep 0.5; echo started"],
+        env={"PATH": os.defpath},
+        capture=capture,
+        kill_grace=1,
+    )
     took = trio.current_time() - began
     try:
         assert rc == 0 and capture.stdout.text() == "started\n" and capture.pipes_held_open
@@ -229,16 +245,27 @@ async def test_a_watch_is_called_as_it_asks_and_can_stop_the_command(tmp_path) -
         return None if len(calls) == 3 else 0.2
 
     capture = process.Capture.capped(1000, 1000)
-    rc = await process.run_process(["sh", "-c", f"echo started; sleep {t} & sleep {t}"],
-                                   env={"PATH": os.defpath}, capture=capture,
-                                   kill_grace=1, watch=watch, watch_after=0.3)  # fmt: skip
+    rc = await process.run_process(
+        ["sh", "-c", f"echo started; sleep {t} & sleep {t}"],
+        env={"PATH": os.defpath},
+        capture=capture,
+        kill_grace=1,
+        watch=watch,
+        watch_after=0.3,
+    )
     assert rc == -signals.SIGTERM and capture.stdout.text() == "started\n" and not host_pids(t)
     assert len(calls) == 3 and 0.3 <= calls[0] < 2
     assert 0.2 <= calls[1] - calls[0] < 2 and 0.2 <= calls[2] - calls[1] < 2
     # A command that ends first is never watched.
     calls.clear()
-    rc = await process.run_process(["true"], env={"PATH": os.defpath},
-                                   capture=capture, kill_grace=1, watch=watch, watch_after=0.3)  # fmt: skip
+    rc = await process.run_process(
+        ["true"],
+        env={"PATH": os.defpath},
+        capture=capture,
+        kill_grace=1,
+        watch=watch,
+        watch_after=0.3,
+    )
     assert rc == 0 and calls == []
 
 
@@ -259,10 +286,17 @@ async def test_a_command_gets_only_what_it_is_given(tmp_path) -> None:
         process.inherit_none()
         capture = process.Capture.capped(10_000, 10_000)
         # A subshell lists the shell's descriptors (the shell itself neither redirects nor pipes).
-        script = (f"(ls /proc/$$/fd) > {listing}; grep SigIgn /proc/$$/status; "
-                  "cut -d' ' -f6 < /proc/$$/stat; echo $$; readlink /proc/$$/fd/0")  # fmt: skip
-        rc = await process.run_process(["/bin/sh", "-c", script], env={"PATH": os.defpath},
-                                       capture=capture, kill_grace=1, pass_fds=(passed,))  # fmt: skip
+        script = (
+            f"(ls /proc/$$/fd) > {listing}; grep SigIgn /proc/$$/status; "
+            "cut -d' ' -f6 < /proc/$$/stat; echo $$; readlink /proc/$$/fd/0"
+        )
+        rc = await process.run_process(
+            ["/bin/sh", "-c", script],
+            env={"PATH": os.defpath},
+            capture=capture,
+            kill_grace=1,
+            pass_fds=(passed,),
+        )
     finally:
         os.close(inherited)
         os.close(passed)
@@ -291,8 +325,9 @@ async def test_a_command_is_served_by_its_callers_task_alone() -> None:
     trio.lowlevel.add_instrument(steps)
     try:
         capture = process.Capture.capped(100, 100)
-        rc = await process.run_process(["/bin/true"], env={"PATH": os.defpath}, capture=capture,
-                                       kill_grace=1)  # fmt: skip
+        rc = await process.run_process(
+            ["/bin/true"], env={"PATH": os.defpath}, capture=capture, kill_grace=1
+        )
     finally:
         trio.lowlevel.remove_instrument(steps)
     assert rc == 0 and set(steps.tasks) == {trio.lowlevel.current_task()}
@@ -316,8 +351,12 @@ async def test_a_command_that_cannot_be_owned_is_killed_at_once(
     fds = set(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(process.os, "pidfd_open", no_more)
     with pytest.raises(OSError, match="Too many open files"):
-        await process.run_process(["/bin/sh", "-c", f"sleep {t}"], env={"PATH": os.defpath},
-                                  capture=process.Capture.capped(10, 10), kill_grace=1)  # fmt: skip
+        await process.run_process(
+            ["/bin/sh", "-c", f"sleep {t}"],
+            env={"PATH": os.defpath},
+            capture=process.Capture.capped(10, 10),
+            kill_grace=1,
+        )
     assert not host_pids(t) and set(os.listdir("/proc/self/fd")) <= fds
 
 
@@ -330,9 +369,12 @@ async def test_a_cancelled_command_leaves_no_process_and_no_descriptor(tmp_path)
     fds = set(os.listdir("/proc/self/fd"))
     capture = process.Capture.capped(1000, 1000)
     with trio.move_on_after(1):
-        await process.run_process(["sh", "-c", f"echo started; sleep {t} & sleep {t}"],
-                                  env={"PATH": os.defpath}, capture=capture,
-                                  kill_grace=1)  # fmt: skip
+        await process.run_process(
+            ["sh", "-c", f"echo started; sleep {t} & sleep {t}"],
+            env={"PATH": os.defpath},
+            capture=capture,
+            kill_grace=1,
+        )
     assert capture.stdout.text() == "started\n" and not host_pids(t)
     assert set(os.listdir("/proc/self/fd")) <= fds
 
@@ -364,7 +406,8 @@ async def test_a_bug_in_a_step_fails_that_task_only(
     assert rec.status is TaskState.FAILED and rec.error_message == "internal error: injected fault"
     assert rec.completed_at is not None and rec.execution_time_ms is not None
     assert [s["result"]["stdout"] for s in rec.result["result"]["steps"]] == ["before\n"]
-    assert any("task aborted by an internal error" in r.message and r.exc_info
-               for r in caplog.records)  # fmt: skip
+    assert any(
+        "task aborted by an internal error" in r.message and r.exc_info for r in caplog.records
+    )
     after = await daemon.service.submit(task_body(cmd("echo after")))
     assert (await wait_terminal(daemon, after.record.id)).status is TaskState.COMPLETED

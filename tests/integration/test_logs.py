@@ -13,8 +13,13 @@ import pytest
 
 from wsrunner.logs import setup_logging
 
-LEVELS = [(logging.DEBUG, "<7>"), (logging.INFO, "<6>"), (logging.WARNING, "<4>"),
-          (logging.ERROR, "<3>"), (logging.CRITICAL, "<2>")]  # fmt: skip
+LEVELS = [
+    (logging.DEBUG, "<7>"),
+    (logging.INFO, "<6>"),
+    (logging.WARNING, "<4>"),
+    (logging.ERROR, "<3>"),
+    (logging.CRITICAL, "<2>"),
+]
 
 
 @pytest.fixture(name="stderr_file")

@@ -31,8 +31,11 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def samples(text: str) -> Samples:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def scrape(base_url: str) -> str:
@@ -81,8 +84,14 @@ async def test_metrics_count_what_the_daemon_did(api: Api) -> None:
 
 
 async def test_gauges_are_read_at_scrape_time(start_daemon) -> None:
-    daemon = await start_daemon(frontend="frontend", public_host="127.0.0.1", public_port=0,
-                                health_port=0, internal_token="t", concurrency=1)  # fmt: skip
+    daemon = await start_daemon(
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token="t",
+        concurrency=1,
+    )
     _, token = await daemon.service.tokens.create("m", None)
     busy = await daemon.service.submit(task_body(cmd("sleep 3")))
     await wait_for(lambda: busy.record.id in daemon.runner.running)
@@ -109,8 +118,12 @@ async def test_the_exposition_follows_prometheus_conventions(api: Api) -> None:
     assert not [n for n in names if n.endswith("_created")]
     gauges = [f.name for f in families.values() if f.type == "gauge"]
     assert gauges and not [name for name in gauges if name.endswith("_total")]
-    assert {"process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds",
-            "python_info"} <= set(families)  # fmt: skip
+    assert {
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "python_info",
+    } <= set(families)
     isolation = families["wsrunner_isolation"]
     states = {s.labels["wsrunner_isolation"]: s.value for s in isolation.samples}
     level = api.daemon.runner.executor.sandbox.isolation.level
@@ -137,8 +150,11 @@ async def test_http_requests_are_timed_by_route_template(api: Api) -> None:
     async with api.internal_client() as c:
         assert (await c.get("/workspaces/ws-1/files")).status_code == 200
     m = samples(await scrape(api.internal))
-    timed = {labels: v for (name, labels), v in m.items()
-             if name == "wsrunner_http_request_duration_seconds_count"}  # fmt: skip
+    timed = {
+        labels: v
+        for (name, labels), v in m.items()
+        if name == "wsrunner_http_request_duration_seconds_count"
+    }
 
     def count(api_: str, method: str, route: str, status: str) -> float:
         key = (("api", api_), ("method", method), ("route", route), ("status", status))
@@ -162,9 +178,10 @@ async def test_requeues_reaps_and_dead_letters_are_counted(
     async with (
         trio_asyncio.open_loop(),
         open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
-        open_postgres_store(settings.database_url, schema=settings.database_schema,
-                            lease_s=settings.lease_ttl_s) as store,
-    ):  # fmt: skip
+        open_postgres_store(
+            settings.database_url, schema=settings.database_schema, lease_s=settings.lease_ttl_s
+        ) as store,
+    ):
         orphan = await Service(settings, queue, store).submit(task_body(cmd("true")))
         claim = await queue.claim("ghost")  # a daemon that claimed and started it, then died
         assert claim is not None
@@ -173,8 +190,13 @@ async def test_requeues_reaps_and_dead_letters_are_counted(
     redis_client.sadd(keys.workers, "ghost")
     for bad in ("{not json", raw_payload(workspace_id="../etc")):
         redis_client.lpush(keys.queue("normal"), bad)
-    daemon = await start_daemon(frontend="frontend", public_host="127.0.0.1", public_port=0,
-                                health_port=0, internal_token=INTERNAL_TOKEN)  # fmt: skip
+    daemon = await start_daemon(
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+    )
     rec = await wait_terminal(daemon, orphan.record.id)
     assert rec.status is TaskState.COMPLETED and rec.attempts == 2
     await wait_for(lambda: redis_client.llen(keys.dead) == 3)
@@ -183,8 +205,10 @@ async def test_requeues_reaps_and_dead_letters_are_counted(
         return daemon.metrics.registry.get_sample_value(name, labels)
 
     def all_counted() -> bool:  # counted just after the queue call each follows
-        dead = [counted("wsrunner_task_dead_letters_total", reason=r)
-                for r in ("invalid_json", "invalid_payload")]  # fmt: skip
+        dead = [
+            counted("wsrunner_task_dead_letters_total", reason=r)
+            for r in ("invalid_json", "invalid_payload")
+        ]
         return counted("wsrunner_task_requeues_total", reason="dead_daemon") == 1 and (
             sum(n or 0 for n in dead) == 3
         )

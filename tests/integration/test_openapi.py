@@ -37,16 +37,29 @@ async def test_documents_are_valid_and_cover_every_route(api: Api) -> None:
         validate(doc)
         assert doc["openapi"].startswith("3.1")
     assert set(public["paths"]) == {
-        "/api/tasks/submit", "/api/tasks", "/api/tasks/{task_id}", "/api/tasks/{task_id}/cancel",
-        "/api/tasks/{task_id}/events", "/api/workspaces/{workspace_id}/github/clone",
-        "/livez", "/readyz", "/api/tools", "/api/tools/call",
-    }  # fmt: skip
+        "/api/tasks/submit",
+        "/api/tasks",
+        "/api/tasks/{task_id}",
+        "/api/tasks/{task_id}/cancel",
+        "/api/tasks/{task_id}/events",
+        "/api/workspaces/{workspace_id}/github/clone",
+        "/livez",
+        "/readyz",
+        "/api/tools",
+        "/api/tools/call",
+    }
     assert set(internal["paths"]) == {
-        "/health", "/workspaces/{workspace_id}/files", "/workspaces/{workspace_id}/files/content",
-        "/workspaces/{workspace_id}/files/write", "/workspaces/{workspace_id}/exec",
-        "/workspaces/{workspace_id}/exec/stream", "/workspaces/{workspace_id}/files/grep",
-        "/workspaces/{workspace_id}/git", "/livez", "/readyz",
-    }  # fmt: skip
+        "/health",
+        "/workspaces/{workspace_id}/files",
+        "/workspaces/{workspace_id}/files/content",
+        "/workspaces/{workspace_id}/files/write",
+        "/workspaces/{workspace_id}/exec",
+        "/workspaces/{workspace_id}/exec/stream",
+        "/workspaces/{workspace_id}/files/grep",
+        "/workspaces/{workspace_id}/git",
+        "/livez",
+        "/readyz",
+    }
     submit = public["paths"]["/api/tasks/submit"]["post"]
     assert set(submit["responses"]) >= {"202", "401", "409", "422"}
     assert "application/problem+json" in submit["responses"]["422"]["content"]
@@ -241,15 +254,34 @@ def test_a_route_without_an_explicit_operation_id_is_refused() -> None:
 
 async def _schemathesis(base: str, headers: dict[str, str], tmp_path: Path, *extra: str) -> None:
     st = Path(sys.executable).with_name("st")
-    argv = [str(st), "run", f"{base}/openapi.json", "--checks",
-            "not_a_server_error,status_code_conformance,content_type_conformance,"
-            "response_schema_conformance", "--max-examples", os.environ.get("WSRUNNER_FUZZ_EXAMPLES", "25"), "--request-timeout", "20",
-            "--seed", "1", "--no-color", "--report-dir", str(tmp_path), *extra]  # fmt: skip
+    argv = [
+        str(st),
+        "run",
+        f"{base}/openapi.json",
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,"
+        "response_schema_conformance",
+        "--max-examples",
+        os.environ.get("WSRUNNER_FUZZ_EXAMPLES", "25"),
+        "--request-timeout",
+        "20",
+        "--seed",
+        "1",
+        "--no-color",
+        "--report-dir",
+        str(tmp_path),
+        *extra,
+    ]
     for name, value in headers.items():
         argv += ["--header", f"{name}: {value}"]
     with trio.fail_after(600):
-        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
-                                        env={**os.environ, "SCHEMATHESIS_HOOKS": ""})  # fmt: skip
+        result = await trio.run_process(
+            argv,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+        )
     out = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, out[-6000:]
     print(out[out.rfind("Test cases:") :].strip())  # shown with -rP: how much was generated

@@ -57,7 +57,9 @@ def base(tmp_path: Path, rules: str, extra: str = "", name: str = "base.yaml") -
 
 
 def test_schema_errors_name_file_line_column_and_path(tmp_path: Path) -> None:
-    p = write(tmp_path / "p.yaml", """\
+    p = write(
+        tmp_path / "p.yaml",
+        """\
         apiVersion: wsrunner/v1
         kind: Policy
         metadata:
@@ -79,7 +81,8 @@ def test_schema_errors_name_file_line_column_and_path(tmp_path: Path) -> None:
               action: deny
               commands: [rm]
               args: '(unclosed'
-        """)  # fmt: skip
+        """,
+    )
     found = problems(p)
     expect = [
         f"{p}:6:9: spec.mode: Input should be 'enforce' or 'audit'",  # NO stays a string
@@ -102,8 +105,10 @@ def test_duplicate_keys_and_yaml_errors_are_located(tmp_path: Path) -> None:
     bad = write(tmp_path / "bad.yaml", HEADER + "spec: [unclosed\n")
     [msg] = problems(bad)
     assert msg.startswith(f"{bad}:") and msg.count(":") >= 3
-    version = write(tmp_path / "v.yaml", "apiVersion: wsrunner/v2\nkind: Policy\n"
-                                         "metadata: {name: v}\nspec: {}\n")  # fmt: skip
+    version = write(
+        tmp_path / "v.yaml",
+        "apiVersion: wsrunner/v2\nkind: Policy\nmetadata: {name: v}\nspec: {}\n",
+    )
     assert problems(version) == [f"{version}:1:13: apiVersion: Input should be 'wsrunner/v1'"]
 
 
@@ -177,11 +182,17 @@ def test_words_are_read_as_the_shell_reads_them(line: str, argv: tuple[str, ...]
 
 
 def test_rule_kinds_and_precedence(tmp_path: Path) -> None:
-    p = base(tmp_path, """\
+    p = (
+        base(
+            tmp_path,
+            """\
         - {id: tools, action: allow, commands: [ls, git, "python3.*", sh]}
         - {id: no-push, action: deny, commands: [git], args: '(^| )push( |$)'}
         - {id: no-secrets, action: deny, pattern: '\\.env\\b'}
-        """).parent / "base.yaml"  # fmt: skip
+        """,
+        ).parent
+        / "base.yaml"
+    )
     policy = load_policy(p).for_workspace("w")
 
     def verdict(line: str) -> tuple[bool, str]:
@@ -211,11 +222,16 @@ def test_rule_kinds_and_precedence(tmp_path: Path) -> None:
 
 
 def test_overlays_apply_in_order_to_matching_workspaces(tmp_path: Path) -> None:
-    b = base(tmp_path, "- {id: git, action: allow, commands: [git]}",
-             extra="sandbox: {network: none}\nlimits: {memory: 1GiB}\n")  # fmt: skip
+    b = base(
+        tmp_path,
+        "- {id: git, action: allow, commands: [git]}",
+        extra="sandbox: {network: none}\nlimits: {memory: 1GiB}\n",
+    )
     d = tmp_path / "policy.d"
     d.mkdir()
-    write(d / "10-all.yaml", """\
+    write(
+        d / "10-all.yaml",
+        """\
         apiVersion: wsrunner/v1
         kind: PolicyOverlay
         metadata: {name: all}
@@ -223,8 +239,11 @@ def test_overlays_apply_in_order_to_matching_workspaces(tmp_path: Path) -> None:
           limits: {memory: 2GiB, pids: 64}
           rules:
             - {id: make, action: allow, commands: [make]}
-        """)  # fmt: skip
-    write(d / "20-acme.yaml", """\
+        """,
+    )
+    write(
+        d / "20-acme.yaml",
+        """\
         apiVersion: wsrunner/v1
         kind: PolicyOverlay
         metadata: {name: acme, workspaces: ["acme-*"]}
@@ -234,7 +253,8 @@ def test_overlays_apply_in_order_to_matching_workspaces(tmp_path: Path) -> None:
           limits: {memory: 3GiB}
           rules:
             - {id: acme-no-make, action: deny, commands: [make]}
-        """)  # fmt: skip
+        """,
+    )
     write(d / "README.txt", "not a policy")
     policies = load_policy(b, d)
     other, acme = policies.for_workspace("team-b"), policies.for_workspace("acme-web")
@@ -245,20 +265,26 @@ def test_overlays_apply_in_order_to_matching_workspaces(tmp_path: Path) -> None:
     audit = acme.evaluate("make")
     assert audit.mode == "audit" and audit.runs and audit.denial.rule_id == "acme-no-make"
     assert other.sources == (str(b), str(d / "10-all.yaml"))
-    write(d / "30-dup.yaml", """\
+    write(
+        d / "30-dup.yaml",
+        """\
         apiVersion: wsrunner/v1
         kind: Policy
         metadata: {name: dup}
         spec:
           rules:
             - {id: make, action: allow, commands: [make]}
-        """)  # fmt: skip
+        """,
+    )
     with pytest.raises(PolicyError) as caught:
         load_policy(b, d)
     found = caught.value.problems
     assert any("30-dup.yaml:2:1: kind: a drop-in must be a PolicyOverlay" in p for p in found)
-    assert any("30-dup.yaml:6:1: spec.rules.0.id: rule id 'make' is already defined at "
-               f"{d / '10-all.yaml'}:7" in p for p in found)  # fmt: skip
+    assert any(
+        "30-dup.yaml:6:1: spec.rules.0.id: rule id 'make' is already defined at "
+        f"{d / '10-all.yaml'}:7" in p
+        for p in found
+    )
 
 
 # --- what the reader refuses ------------------------------------------------------------------
@@ -315,16 +341,40 @@ def test_every_program_bash_and_dash_run_is_named(tmp_path: Path) -> None:
         (stubs / name).write_text(f'#!/bin/sh\necho {name} >> "$LOG"\n')
         (stubs / name).chmod(0o755)
     lines = [
-        "echo $((1+$(nc)))", "echo ${x:-$(nc)}", 'echo "${x:-"$(nc)"}"', "echo ${a[$(nc)]}",
-        "cat <<EOF\n  $(nc)\nEOF", "cat <<EOF\n\t`nc`\nEOF", "cat <<EOF\n$$(nc)\nEOF",
-        "cat <<EOF\n\\\\$(nc)\nEOF", "cat <<-EOF\n\t$(nc)\n\tEOF", "cat <<EOF\n$(echo ')'; nc)\nEOF",
-        "cat <<'EOF'\n$(nc)\nEOF\nid", "cat <<E\\OF\nEOF\nnc\nE\\OF\n", "echo `echo \\`nc\\``",
-        "echo $(echo ')'; nc)", "x=(1 $(nc)); case $(id) in *) date;; esac", "f() { nc; }",
-        "[[ -n $(nc) ]]", "echo >$(nc)", ": <<< $(nc)", "echo a#$(nc)", "!(nc)", "coproc { nc; }",
-        "sh <<'EOF'\nnc\nEOF", "bash -c 'nc'", "env -S 'nc x'", "trap nc EXIT", "eval nc",
-        "echo &>/dev/null nc", "echo $((1) ; nc ; (2))", "echo \"$(echo \")\"; nc)\"",
-        "time nc", "xargs -i nc id </dev/null", "find /dev/null -exec nc {} \\;",
-    ]  # fmt: skip
+        "echo $((1+$(nc)))",
+        "echo ${x:-$(nc)}",
+        'echo "${x:-"$(nc)"}"',
+        "echo ${a[$(nc)]}",
+        "cat <<EOF\n  $(nc)\nEOF",
+        "cat <<EOF\n\t`nc`\nEOF",
+        "cat <<EOF\n$$(nc)\nEOF",
+        "cat <<EOF\n\\\\$(nc)\nEOF",
+        "cat <<-EOF\n\t$(nc)\n\tEOF",
+        "cat <<EOF\n$(echo ')'; nc)\nEOF",
+        "cat <<'EOF'\n$(nc)\nEOF\nid",
+        "cat <<E\\OF\nEOF\nnc\nE\\OF\n",
+        "echo `echo \\`nc\\``",
+        "echo $(echo ')'; nc)",
+        "x=(1 $(nc)); case $(id) in *) date;; esac",
+        "f() { nc; }",
+        "[[ -n $(nc) ]]",
+        "echo >$(nc)",
+        ": <<< $(nc)",
+        "echo a#$(nc)",
+        "!(nc)",
+        "coproc { nc; }",
+        "sh <<'EOF'\nnc\nEOF",
+        "bash -c 'nc'",
+        "env -S 'nc x'",
+        "trap nc EXIT",
+        "eval nc",
+        "echo &>/dev/null nc",
+        "echo $((1) ; nc ; (2))",
+        'echo "$(echo ")"; nc)"',
+        "time nc",
+        "xargs -i nc id </dev/null",
+        "find /dev/null -exec nc {} \\;",
+    ]
     shells = [s for s in ("/bin/bash", "/bin/dash") if Path(s).exists()]
     assert shells
     for line in lines:
@@ -334,8 +384,14 @@ def test_every_program_bash_and_dash_run_is_named(tmp_path: Path) -> None:
             continue
         for shell in shells:
             log.write_text("")
-            subprocess.run([shell, "-c", line], cwd=tmp_path, env={"PATH": str(stubs), "LOG": str(log)},
-                           stdin=subprocess.DEVNULL, capture_output=True, timeout=10)  # fmt: skip
+            subprocess.run(
+                [shell, "-c", line],
+                cwd=tmp_path,
+                env={"PATH": str(stubs), "LOG": str(log)},
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=10,
+            )
             ran = set(log.read_text().split())
             assert ran <= named, (shell, line, ran, named)
 
@@ -346,14 +402,19 @@ def test_every_program_bash_and_dash_run_is_named(tmp_path: Path) -> None:
 def _policy_dir(tmp_path: Path, mode: str) -> Path:
     d = tmp_path / "etc"
     d.mkdir(exist_ok=True)
-    write(d / "policy.yaml", (REPO / "policies" / "default.yaml").read_text()
-          .replace("  mode: enforce", f"  mode: {mode}"))  # fmt: skip
+    write(
+        d / "policy.yaml",
+        (REPO / "policies" / "default.yaml")
+        .read_text()
+        .replace("  mode: enforce", f"  mode: {mode}"),
+    )
     return d
 
 
 async def test_a_denied_command_fails_its_step_with_the_rule(daemon: Daemon) -> None:
-    sub = await daemon.service.submit(task_body(cmd("echo before"), cmd("nc -l 9"),
-                                                cmd("echo after")))  # fmt: skip
+    sub = await daemon.service.submit(
+        task_body(cmd("echo before"), cmd("nc -l 9"), cmd("echo after"))
+    )
     rec = await wait_terminal(daemon, sub.record.id)
     steps = [s["result"] for s in rec.result["result"]["steps"]]
     assert rec.status is TaskState.FAILED and steps[0]["stdout"] == "before\n"
@@ -418,14 +479,17 @@ async def test_reload_keeps_the_old_policy_when_the_new_one_is_invalid(
     slow = await daemon.service.submit(task_body(cmd("sleep 1.5"), cmd("printf kept")))
     await wait_for(lambda: slow.record.id in daemon.runner.running)
     (d / "policy.d").mkdir()
-    write(d / "policy.d" / "50-printf.yaml", """\
+    write(
+        d / "policy.d" / "50-printf.yaml",
+        """\
         apiVersion: wsrunner/v1
         kind: PolicyOverlay
         metadata: {name: printf}
         spec:
           rules:
             - {id: no-printf, action: deny, commands: [printf]}
-        """)  # fmt: skip
+        """,
+    )
     assert await reload_policy(daemon.policy, daemon.metrics)
     assert daemon.policy.current.digest != first
     rec = await wait_terminal(daemon, slow.record.id)
@@ -435,8 +499,11 @@ async def test_reload_keeps_the_old_policy_when_the_new_one_is_invalid(
     assert rec.result["result"]["steps"][0]["result"]["policy_denied"]["rule"] == "no-printf"
     # An invalid edit: refused, the policy in force stays, the failure is visible.
     good = daemon.policy.current.digest
-    write(d / "policy.d" / "60-broken.yaml", "apiVersion: wsrunner/v1\nkind: PolicyOverlay\n"
-                                             "metadata: {name: b}\nspec: {rules: [{id: X}]}\n")  # fmt: skip
+    write(
+        d / "policy.d" / "60-broken.yaml",
+        "apiVersion: wsrunner/v1\nkind: PolicyOverlay\n"
+        "metadata: {name: b}\nspec: {rules: [{id: X}]}\n",
+    )
     assert not await reload_policy(daemon.policy, daemon.metrics)
     assert daemon.policy.current.digest == good
     scrape = daemon.metrics.render().decode()
@@ -447,13 +514,25 @@ async def test_reload_keeps_the_old_policy_when_the_new_one_is_invalid(
 async def test_sighup_reloads_a_running_daemon(tmp_path: Path, prefix: str, schema: str) -> None:
     d = _policy_dir(tmp_path, "enforce")
     port, public = free_port(), free_port()
-    env = {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
-           "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
-           "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WORKER_HEALTH_PORT": str(port),
-           "WORKER_INTERNAL_TOKEN": "t", "PUBLIC_API_HOST": "127.0.0.1",
-           "PUBLIC_API_PORT": str(public), "POLICY_FILE": str(d / "policy.yaml")}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    env = {
+        **os.environ,
+        "REDIS_URL": REDIS_URL,
+        "DATABASE_URL": DATABASE_URL,
+        "WSRUNNER_REDIS_PREFIX": prefix,
+        "WSRUNNER_DATABASE_SCHEMA": schema,
+        "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"),
+        "WORKER_HEALTH_PORT": str(port),
+        "WORKER_INTERNAL_TOKEN": "t",
+        "PUBLIC_API_HOST": "127.0.0.1",
+        "PUBLIC_API_PORT": str(public),
+        "POLICY_FILE": str(d / "policy.yaml"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsrunner", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
 
@@ -462,8 +541,9 @@ async def test_sighup_reloads_a_running_daemon(tmp_path: Path, prefix: str, sche
                     text = (await client.get("/metrics")).text
                 except httpx.TransportError:
                     return None
-                return next((ln.split()[-1] for ln in text.splitlines()
-                             if ln.startswith(name)), None)  # fmt: skip
+                return next(
+                    (ln.split()[-1] for ln in text.splitlines() if ln.startswith(name)), None
+                )
 
             async def reloaded(expected: str) -> bool:
                 return await gauge("wsrunner_policy_last_reload_successful") == expected
@@ -490,19 +570,31 @@ async def test_sighup_reloads_a_running_daemon(tmp_path: Path, prefix: str, sche
 
 
 def test_cli_check(tmp_path: Path) -> None:
-    ok = run_cli("policy", "check", str(REPO / "policies" / "default.yaml"),
-                 str(REPO / "policies" / "examples" / "50-acme-node.yaml"), env={})  # fmt: skip
+    ok = run_cli(
+        "policy",
+        "check",
+        str(REPO / "policies" / "default.yaml"),
+        str(REPO / "policies" / "examples" / "50-acme-node.yaml"),
+        env={},
+    )
     assert ok.returncode == 0 and ok.stdout.startswith("policy ") and "OK (30 rules" in ok.stdout
     bad = write(tmp_path / "bad.yaml", HEADER + "spec:\n  rules:\n    - {id: a, action: allow}\n")
     text = run_cli("policy", "check", str(bad), env={})
     assert text.returncode == 1
     assert text.stderr.strip() == f"{bad}:7:7: spec.rules.0: a rule needs `commands` or `pattern`"
     gh = run_cli("policy", "check", "--format", "github", str(bad), env={})
-    assert gh.stdout.strip() == (f"::error file={bad},line=7,col=7::spec.rules.0: a rule needs "
-                                 "`commands` or `pattern`")  # fmt: skip
+    assert gh.stdout.strip() == (
+        f"::error file={bad},line=7,col=7::spec.rules.0: a rule needs `commands` or `pattern`"
+    )
     js = json.loads(run_cli("policy", "check", "--format", "json", str(bad), env={}).stdout)
-    assert js == [{"file": str(bad), "line": 7, "column": 7,
-                   "message": "spec.rules.0: a rule needs `commands` or `pattern`"}]  # fmt: skip
+    assert js == [
+        {
+            "file": str(bad),
+            "line": 7,
+            "column": 7,
+            "message": "spec.rules.0: a rule needs `commands` or `pattern`",
+        }
+    ]
 
 
 def test_cli_test_and_explain() -> None:
@@ -519,25 +611,34 @@ def test_cli_test_and_explain() -> None:
     assert explained.returncode == 1 and lines[-1] == "decision:  deny"
     assert any(ln.strip() == "DENY   nc -l 1  [run by sh -c]" for ln in lines), lines
     assert any("decided by files-and-text" in ln for ln in lines)
-    js = json.loads(run_cli("policy", "explain", "--json", strict, "--", "git status",
-                            env={}).stdout)  # fmt: skip
+    js = json.loads(
+        run_cli("policy", "explain", "--json", strict, "--", "git status", env={}).stdout
+    )
     assert js["decision"] == "allow" and js["commands"][0]["matched"] == ["git"]
 
 
 def test_cli_test_cases(tmp_path: Path) -> None:
-    args = ("policy", "test", str(REPO / "policies" / "default.yaml"),
-            str(REPO / "policies" / "examples" / "50-acme-node.yaml"), "--cases")  # fmt: skip
+    args = (
+        "policy",
+        "test",
+        str(REPO / "policies" / "default.yaml"),
+        str(REPO / "policies" / "examples" / "50-acme-node.yaml"),
+        "--cases",
+    )
     ok = run_cli(*args, str(REPO / "policies" / "examples" / "default-cases.yaml"), env={})
     assert ok.returncode == 0, ok.stdout
     assert ok.stdout.splitlines()[-1] == "31 passed, 0 failed"
-    wrong = write(tmp_path / "cases.yaml", """\
+    wrong = write(
+        tmp_path / "cases.yaml",
+        """\
         apiVersion: wsrunner/v1
         kind: PolicyTest
         cases:
           - {name: right, command: ls, expect: allow}
           - {name: wrong rule, command: sudo ls, expect: deny, rule: default-deny}
           - {name: wrong outcome, command: nc, expect: allow}
-        """)  # fmt: skip
+        """,
+    )
     out = run_cli(*args, str(wrong), env={})
     assert out.returncode == 1
     assert out.stdout.splitlines() == [

@@ -14,14 +14,20 @@ async def test_probes_answer_on_both_ports_without_a_token(api: Api) -> None:
             assert live.status_code == 200 and live.json()["status"] == "alive"
             ready = await anon.get("/readyz")
             assert ready.status_code == 200
-            assert ready.json() == {"status": "ready",
-                                    "checks": {"redis": "ok", "postgres": "ok", "volume": "ok",
-                                               "sandbox": "ok"}}  # fmt: skip
+            assert ready.json() == {
+                "status": "ready",
+                "checks": {"redis": "ok", "postgres": "ok", "volume": "ok", "sandbox": "ok"},
+            }
 
 
 async def test_readyz_is_503_naming_what_is_not_ready(start_daemon, tmp_path) -> None:
-    daemon = await start_daemon(frontend="frontend", public_host="127.0.0.1", public_port=0,
-                                health_port=0, internal_token=INTERNAL_TOKEN)  # fmt: skip
+    daemon = await start_daemon(
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+    )
     volume = daemon.settings.volume_path
     volume.rename(tmp_path / "moved-away")  # the volume disappears under the running daemon
     try:

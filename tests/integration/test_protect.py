@@ -41,8 +41,9 @@ class Tenant:
 
     async def task(self, *steps: dict[str, Any], workspace_id: str = WS) -> dict[str, Any]:
         """Submit a task and wait for its end; its record."""
-        r = await self.client.post("/api/tasks/submit",
-                                   json={"workspace_id": workspace_id, "steps": list(steps)})  # fmt: skip
+        r = await self.client.post(
+            "/api/tasks/submit", json={"workspace_id": workspace_id, "steps": list(steps)}
+        )
         assert r.status_code == 202, r.text
         task_id = r.json()["task_id"]
 
@@ -60,19 +61,25 @@ class Tenant:
         return [s["result"] for s in record["result"]["result"]["steps"]]
 
     async def tool(self, name: str, **arguments: Any) -> httpx.Response:
-        return await self.client.post("/api/tools/call", json={"workspace_id": WS, "tool": name,
-                                                               "arguments": arguments})  # fmt: skip
+        return await self.client.post(
+            "/api/tools/call", json={"workspace_id": WS, "tool": name, "arguments": arguments}
+        )
 
 
 @pytest.fixture(name="tenant")
 async def _tenant(start_daemon, tmp_path: Path) -> Any:
     daemon = await start_daemon(
-        frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
-        internal_token=INTERNAL_TOKEN, policy_file=_default_policy(tmp_path),
-    )  # fmt: skip
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+        policy_file=_default_policy(tmp_path),
+    )
     _, token = await daemon.service.tokens.create("tenant", [WS])
-    async with httpx.AsyncClient(base_url=daemon.urls[0], timeout=60,
-                                 headers={"Authorization": f"Bearer {token}"}) as client:  # fmt: skip
+    async with httpx.AsyncClient(
+        base_url=daemon.urls[0], timeout=60, headers={"Authorization": f"Bearer {token}"}
+    ) as client:
         yield Tenant(daemon, client)
 
 
@@ -92,17 +99,17 @@ async def _cloned(tenant: Tenant, tmp_path: Path) -> Path:
 #: Ways a command tries to put its own config where the repository's is, then to plant a hook.
 REPLACE_CONFIG = {
     "mv .git away": "mv repos/origin/.git repos/origin/moved; mkdir -p repos/origin/.git; "
-                    "printf '{h}' > repos/origin/.git/config",
+    "printf '{h}' > repos/origin/.git/config",
     "rm config": "rm -f repos/origin/.git/config; printf '{h}' > repos/origin/.git/config",
     "ln -s over it": "printf '{h}' > c; ln -sf $PWD/c repos/origin/.git/config",
     "cp --remove-destination": "printf '{h}' > c; cp --remove-destination c "
-                               "repos/origin/.git/config",
+    "repos/origin/.git/config",
     "mv a file over it": "printf '{h}' > c; mv -f c repos/origin/.git/config",
     "mv hooks away": "mv repos/origin/.git/hooks repos/origin/h; mkdir repos/origin/.git/hooks; "
-                     "printf '#!/bin/sh\\ntouch x\\n' > repos/origin/.git/hooks/pre-commit",
+    "printf '#!/bin/sh\\ntouch x\\n' > repos/origin/.git/hooks/pre-commit",
     "rm -rf .git": "rm -rf repos/origin/.git; mkdir -p repos/origin/.git; "
-                   "printf '{h}' > repos/origin/.git/config",  # last: it empties the rest of .git
-}  # fmt: skip
+    "printf '{h}' > repos/origin/.git/config",  # last: it empties the rest of .git
+}
 
 
 async def test_a_command_cannot_move_or_replace_a_repositorys_config_or_hooks(
@@ -112,8 +119,9 @@ async def test_a_command_cannot_move_or_replace_a_repositorys_config_or_hooks(
     config = (git / "config").read_text()
     same = git.stat().st_ino
     # Work inside the repository goes on as before.
-    [commit] = await tenant.steps(cmd("cd repos/origin && git commit -q --allow-empty -m agent "
-                                      "&& git log --oneline | wc -l"))  # fmt: skip
+    [commit] = await tenant.steps(
+        cmd("cd repos/origin && git commit -q --allow-empty -m agent && git log --oneline | wc -l")
+    )
     assert commit.get("stdout", "").strip() == "2", commit
     for name, attack in REPLACE_CONFIG.items():
         [result] = await tenant.steps(cmd(attack.format(h=HOSTILE.replace("\n", "\\n"))))
@@ -138,12 +146,16 @@ async def test_the_daemons_writes_refuse_protected_paths(tenant: Tenant, tmp_pat
         {"action": "create_directory", "path": "repos/origin/.git/hooks/sub"},
         {"action": "write_file", "path": ".git/config", "content": HOSTILE},  # not there yet
     )
-    for result, (path, rule) in zip(results, [
-        ("repos/origin/.git/config", "repos/*/.git/config"),
-        ("repos/origin/.git/hooks/pre-commit", "repos/*/.git/hooks"),
-        ("repos/origin/.git/hooks/sub", "repos/*/.git/hooks"),
-        (".git/config", ".git/config"),
-    ], strict=True):  # fmt: skip
+    for result, (path, rule) in zip(
+        results,
+        [
+            ("repos/origin/.git/config", "repos/*/.git/config"),
+            ("repos/origin/.git/hooks/pre-commit", "repos/*/.git/hooks"),
+            ("repos/origin/.git/hooks/sub", "repos/*/.git/hooks"),
+            (".git/config", ".git/config"),
+        ],
+        strict=True,
+    ):
         assert f"path {path!r} is protected by the policy's sandbox.protect rule {rule!r}" in (
             result.get("error", "")
         ), result
@@ -151,11 +163,13 @@ async def test_the_daemons_writes_refuse_protected_paths(tenant: Tenant, tmp_pat
     r = await tenant.tool("workspace_write_file", path="repos/origin/.git/config", content=HOSTILE)
     assert r.status_code == 403, r.text
     assert "'repos/*/.git/config'" in r.json()["detail"]
-    async with httpx.AsyncClient(base_url=tenant.daemon.urls[1],
-                                 headers={"X-Internal-Token": INTERNAL_TOKEN}) as internal:  # fmt: skip
-        r = await internal.post(f"/workspaces/{WS}/files/write",
-                                json={"path": "repos/origin/.git/hooks/post-checkout",
-                                      "content": "#!/bin/sh\n"})  # fmt: skip
+    async with httpx.AsyncClient(
+        base_url=tenant.daemon.urls[1], headers={"X-Internal-Token": INTERNAL_TOKEN}
+    ) as internal:
+        r = await internal.post(
+            f"/workspaces/{WS}/files/write",
+            json={"path": "repos/origin/.git/hooks/post-checkout", "content": "#!/bin/sh\n"},
+        )
     assert r.status_code == 403, r.text
     assert "'repos/*/.git/hooks'" in r.json()["detail"]
     assert (git / "config").read_text() == config
@@ -163,8 +177,9 @@ async def test_the_daemons_writes_refuse_protected_paths(tenant: Tenant, tmp_pat
     assert not (git / "hooks" / "post-checkout").exists() and not (git / "hooks" / "sub").exists()
     assert not (tenant.root / ".git").exists()
     # Beside them, files are written as ever.
-    [ok] = await tenant.steps({"action": "write_file", "path": "repos/origin/notes.md",
-                               "content": "fine"})  # fmt: skip
+    [ok] = await tenant.steps(
+        {"action": "write_file", "path": "repos/origin/notes.md", "content": "fine"}
+    )
     assert ok.get("written") is True, ok
 
 
@@ -180,8 +195,15 @@ async def test_a_symlink_to_a_protected_path_is_no_way_around_it(
         {"action": "create_directory", "path": "alias/hooks/new"},
         {"action": "write_file", "path": "hk/pre-commit", "content": "#!/bin/sh\n"},
     )
-    for result, shown in zip(results, ["repos/origin/.git/config", "repos/origin/.git/hooks/new",
-                                       "repos/origin/.git/hooks/pre-commit"], strict=True):  # fmt: skip
+    for result, shown in zip(
+        results,
+        [
+            "repos/origin/.git/config",
+            "repos/origin/.git/hooks/new",
+            "repos/origin/.git/hooks/pre-commit",
+        ],
+        strict=True,
+    ):
         assert f"resolves to {shown!r}" in result.get("error", ""), result
         assert "sandbox.protect rule" in result["error"]
     r = await tenant.tool("workspace_write_file", path="alias/hooks/post-merge", content="x")
@@ -210,11 +232,13 @@ async def test_git_pull_of_a_symlink_to_a_host_path_answers_as_for_a_missing_rep
 ) -> None:
     there = tmp_path / "host-repo"
     (there / ".git").mkdir(parents=True)  # what a repository looks like to a check of .git
-    [made] = await tenant.steps(cmd(f"ln -s {there} repos/there && "
-                                    f"ln -s {tmp_path}/nothing repos/gone"))  # fmt: skip
+    [made] = await tenant.steps(
+        cmd(f"ln -s {there} repos/there && ln -s {tmp_path}/nothing repos/gone")
+    )
     assert "error" not in made, made
-    results = await tenant.steps(*({"action": "git_pull", "repo_name": n}
-                                   for n in ("there", "gone", "never")))  # fmt: skip
+    results = await tenant.steps(
+        *({"action": "git_pull", "repo_name": n} for n in ("there", "gone", "never"))
+    )
     errors = [r.get("error") for r in results]
     assert errors == [f"Repo not cached: {n}. Clone it first." for n in ("there", "gone", "never")]
     assert [set(r) - {"duration_ms"} for r in results] == [{"error"}] * 3
@@ -227,13 +251,18 @@ async def test_a_task_making_more_files_than_the_inode_quota_is_stopped(
     start_daemon, tmp_path: Path
 ) -> None:
     daemon = await start_daemon(
-        frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
-        internal_token=INTERNAL_TOKEN, policy_file=_default_policy(tmp_path),
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+        policy_file=_default_policy(tmp_path),
         workspace_inode_quotas={WS: 3000},
-    )  # fmt: skip
+    )
     _, token = await daemon.service.tokens.create("tenant", [WS])
-    async with httpx.AsyncClient(base_url=daemon.urls[0], timeout=60,
-                                 headers={"Authorization": f"Bearer {token}"}) as client:  # fmt: skip
+    async with httpx.AsyncClient(
+        base_url=daemon.urls[0], timeout=60, headers={"Authorization": f"Bearer {token}"}
+    ) as client:
         tenant = Tenant(daemon, client)
         # Empty files without end: a handful of bytes each, so only the inode quota stops this.
         fill = "python3 -c \"import itertools\nfor i in itertools.count(): open(f'f{i}', 'w')\""
@@ -267,9 +296,13 @@ def test_find_protected_pins_the_holding_directory_and_follows_no_symlink(tmp_pa
     (tmp_path / "repos" / "a" / ".git" / "hooks" / "x").mkdir()
     found = find_protected(str(tmp_path), globs)
     rel = lambda ps: [p.removeprefix(f"{tmp_path}/") for p in ps]  # noqa: E731
-    assert rel(found.read_only) == ["repos/a/.git/config", "repos/a/.git/hooks",
-                                    "repos/a/.git/hooks/x", "repos/b/.git/config",
-                                    "repos/b/.git/hooks"]  # fmt: skip
+    assert rel(found.read_only) == [
+        "repos/a/.git/config",
+        "repos/a/.git/hooks",
+        "repos/a/.git/hooks/x",
+        "repos/b/.git/config",
+        "repos/b/.git/hooks",
+    ]
     # The .git holding them, pinned; never a directory inside a read-only one (hooks/).
     assert rel(found.pinned) == ["repos/a/.git", "repos/b/.git"]
     assert rule_for("repos/a/.git/hooks/pre-commit", globs) == "repos/*/.git/hooks"

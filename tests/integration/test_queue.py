@@ -155,14 +155,28 @@ async def test_redis_wiped_while_tasks_are_queued(
 
 
 def _spawn_daemon(settings, worker_id: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, REDIS_URL=settings.redis_url, WSRUNNER_REDIS_PREFIX=settings.redis_prefix,
-               DATABASE_URL=settings.database_url, WSRUNNER_DATABASE_SCHEMA=settings.database_schema,
-               WORKSPACE_VOLUME_PATH=str(settings.volume_path), WSRUNNER_FRONTEND="none",
-               WORKER_ID=worker_id, WSRUNNER_HEARTBEAT_INTERVAL="0.5", WSRUNNER_LEASE_TTL="2",
-               WSRUNNER_GIT_SCHEMES="https,file", WSRUNNER_SHUTDOWN_GRACE="1",
-               WSRUNNER_KILL_GRACE="0.5")  # fmt: skip
-    return subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    env = dict(
+        os.environ,
+        REDIS_URL=settings.redis_url,
+        WSRUNNER_REDIS_PREFIX=settings.redis_prefix,
+        DATABASE_URL=settings.database_url,
+        WSRUNNER_DATABASE_SCHEMA=settings.database_schema,
+        WORKSPACE_VOLUME_PATH=str(settings.volume_path),
+        WSRUNNER_FRONTEND="none",
+        WORKER_ID=worker_id,
+        WSRUNNER_HEARTBEAT_INTERVAL="0.5",
+        WSRUNNER_LEASE_TTL="2",
+        WSRUNNER_GIT_SCHEMES="https,file",
+        WSRUNNER_SHUTDOWN_GRACE="1",
+        WSRUNNER_KILL_GRACE="0.5",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "wsrunner", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 async def test_daemon_killed_with_sigkill_loses_nothing(start_daemon, settings) -> None:
@@ -208,9 +222,10 @@ async def test_task_whose_daemons_keep_dying_is_failed_after_max_attempts(
     async with (
         trio_asyncio.open_loop(),
         open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
-        open_postgres_store(settings.database_url, schema=settings.database_schema,
-                            lease_s=settings.lease_ttl_s) as store,
-    ):  # fmt: skip
+        open_postgres_store(
+            settings.database_url, schema=settings.database_schema, lease_s=settings.lease_ttl_s
+        ) as store,
+    ):
         sub = await Service(settings, queue, store).submit(task_body(cmd("true")))
         # Simulate max_attempts daemons that each claimed and started it, then died.
         for n in range(settings.max_attempts):
@@ -300,8 +315,11 @@ async def row_locked(settings: Any, task_id: str) -> AsyncIterator[None]:
 
     def hold() -> None:
         with psycopg.connect(settings.database_url) as conn:  # one transaction, until released
-            conn.execute(f'SELECT 1 FROM "{settings.database_schema}".task_executions '
-                         "WHERE id = %s FOR UPDATE", (task_id,))  # fmt: skip
+            conn.execute(
+                f'SELECT 1 FROM "{settings.database_schema}".task_executions '
+                "WHERE id = %s FOR UPDATE",
+                (task_id,),
+            )
             token.run_sync_soon(locked.set)
             trio.from_thread.run(release.wait, trio_token=token)
 
@@ -354,8 +372,9 @@ async def test_a_duplicate_claim_leaves_the_running_task_alone(
     task_id = str(uuid.uuid4())
     (root / "tasks" / task_id / "home").mkdir(parents=True)  # a crashed attempt's leftovers
     (root / "tasks" / task_id / "home" / "stale").write_text("from before")
-    payload = raw_payload(task_id=task_id, steps=[cmd(
-        "ls $HOME; echo mine > $HOME/mark; sleep 1; cat $HOME/mark")])  # fmt: skip
+    payload = raw_payload(
+        task_id=task_id, steps=[cmd("ls $HOME; echo mine > $HOME/mark; sleep 1; cat $HOME/mark")]
+    )
     redis_client.lpush(keys.queue("normal"), payload)
     await wait_for(lambda: task_id in daemon.runner.running)
     await wait_for(lambda: (root / "tasks" / task_id / "home" / "mark").exists())
@@ -376,15 +395,25 @@ async def test_an_event_rides_with_a_transition_applied_or_not(
     step = {"step": 1, "total_steps": 1, "description": "x"}
     channel = redis_client.pubsub(ignore_subscribe_messages=True)
     channel.subscribe(queue.keys.events(task_id))  # type: ignore[attr-defined]
-    assert (await queue.transition(task_id, "ws", TaskState.RUNNING, event={"status": "running"},
-                                   then=("progress_update", step)))[0]  # fmt: skip
+    assert (
+        await queue.transition(
+            task_id,
+            "ws",
+            TaskState.RUNNING,
+            event={"status": "running"},
+            then=("progress_update", step),
+        )
+    )[0]
     assert (await queue.transition(task_id, "ws", TaskState.COMPLETED)) == (True, "")
-    assert await queue.transition(task_id, "ws", TaskState.RUNNING,
-                                  then=("output", {"data": "late"})) == (False, "completed")  # fmt: skip
+    assert await queue.transition(
+        task_id, "ws", TaskState.RUNNING, then=("output", {"data": "late"})
+    ) == (False, "completed")
     events = await queue.read_events(task_id)
     assert [(e.type, e.data) for e in events] == [
-        ("status_changed", {"status": "running"}), ("progress_update", step),
-        ("output", {"data": "late"})]  # fmt: skip
+        ("status_changed", {"status": "running"}),
+        ("progress_update", step),
+        ("output", {"data": "late"}),
+    ]
     assert redis_client.ttl(queue.keys.events(task_id)) > 0  # type: ignore[attr-defined]
     # The reference system's subscribers get the same events, in its envelope.
     published: list[dict[str, Any]] = []
@@ -395,8 +424,10 @@ async def test_an_event_rides_with_a_transition_applied_or_not(
             published.append(json.loads(message["data"]))
     channel.close()
     assert [(m["event_type"], m["task_id"], m["data"]) for m in published] == [
-        ("status_changed", task_id, {"status": "running"}), ("progress_update", task_id, step),
-        ("output", task_id, {"data": "late"})]  # fmt: skip
+        ("status_changed", task_id, {"status": "running"}),
+        ("progress_update", task_id, step),
+        ("output", task_id, {"data": "late"}),
+    ]
     assert all(m["timestamp"] for m in published)
 
 
@@ -411,20 +442,26 @@ async def test_a_task_being_recorded_when_the_grace_period_ends_is_recorded_not_
     await wait_for(lambda: first.record.id in daemon.runner.running)
     async with row_locked(settings, first.record.id):
         second = await daemon.service.submit(task_body(cmd("echo second")))
-        await wait_for(lambda: (rt := daemon.runner.running.get(second.record.id)) is not None
-                       and rt.recording)  # fmt: skip
+        await wait_for(
+            lambda: (rt := daemon.runner.running.get(second.record.id)) is not None and rt.recording
+        )
         daemon.stop()
         await trio.sleep(0.6)  # past the grace period, both ends still waiting
     with trio.fail_after(30):
         while daemon.runner.running:
             await trio.sleep(0.05)
     with psycopg.connect(settings.database_url) as conn:  # the daemon has stopped
-        rows = conn.execute(f'SELECT id::text, status, attempts, result FROM '
-                            f'"{settings.database_schema}".task_executions').fetchall()  # fmt: skip
-    got = {r[0]: (r[1], r[2], r[3] and r[3]["result"]["steps"][0]["result"]["stdout"])
-           for r in rows}  # fmt: skip
-    assert got == {first.record.id: ("completed", 1, "first\n"),
-                   second.record.id: ("completed", 1, "second\n")}  # fmt: skip
+        rows = conn.execute(
+            f"SELECT id::text, status, attempts, result FROM "
+            f'"{settings.database_schema}".task_executions'
+        ).fetchall()
+    got = {
+        r[0]: (r[1], r[2], r[3] and r[3]["result"]["steps"][0]["result"]["stdout"]) for r in rows
+    }
+    assert got == {
+        first.record.id: ("completed", 1, "first\n"),
+        second.record.id: ("completed", 1, "second\n"),
+    }
 
 
 def test_the_legacy_envelope_is_the_text_json_dumps_would_give() -> None:

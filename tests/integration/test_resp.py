@@ -17,7 +17,12 @@ def test_urls_name_host_port_db_auth_tls_and_unix_sockets() -> None:
     assert Address.from_url("redis://127.0.0.1:6380/3") == Address("127.0.0.1", 6380, db=3)
     secure = Address.from_url("rediss://bob:p%40ss@cache.internal/2")
     assert (secure.tls, secure.username, secure.password, secure.db, secure.port) == (
-        True, "bob", "p@ss", 2, 6379)  # fmt: skip
+        True,
+        "bob",
+        "p@ss",
+        2,
+        6379,
+    )
     assert Address.from_url("redis://:secret@h").password == "secret"
     unix = Address.from_url("unix:///run/redis/redis.sock?db=4")
     assert (unix.path, unix.db) == ("/run/redis/redis.sock", 4)
@@ -38,8 +43,9 @@ async def test_commands_pipelines_transactions_and_errors(prefix: str) -> None:
         assert await client.execute("SET", key, "v") == "OK"
         assert await client.execute("GET", key) == "v"
         assert await client.execute("GET", f"{key}:missing") is None
-        assert await client.pipeline([["HSET", f"{key}:h", "a", 1, "b", "x"],
-                                      ["HGETALL", f"{key}:h"]]) == [2, ["a", "1", "b", "x"]]  # fmt: skip
+        assert await client.pipeline(
+            [["HSET", f"{key}:h", "a", 1, "b", "x"], ["HGETALL", f"{key}:h"]]
+        ) == [2, ["a", "1", "b", "x"]]
         assert await client.pipeline(
             [["INCR", f"{key}:n"], ["INCR", f"{key}:n"]], transaction=True
         ) == [1, 2]
@@ -151,8 +157,9 @@ async def test_a_round_trip_on_a_plain_socket_is_one_wait_and_other_streams_stil
         trio.lowlevel.add_instrument(steps)
         try:
             for conn in (plain, wrapped):
-                assert await conn.roundtrip(encode(["PING"]) + encode(["ECHO", "é" * 70_000]),
-                                            2) == ["PONG", "é" * 70_000]  # fmt: skip
+                assert await conn.roundtrip(
+                    encode(["PING"]) + encode(["ECHO", "é" * 70_000]), 2
+                ) == ["PONG", "é" * 70_000]
             before = steps.steps
             assert await plain.roundtrip(encode(["PING"]), 1) == ["PONG"]
             one = steps.steps - before

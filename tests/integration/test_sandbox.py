@@ -78,14 +78,23 @@ class Host:
         self.abstract_name = self.abstract.getsockname()[1:].decode()
 
     def fmt(self, template: str) -> str:
-        return template.format(canary=self.canary, secret=self.secret, other=self.other,
-                               volume=self.other.parent.parent, port=self.port,
-                               abstract=self.abstract_name, pid=os.getpid())  # fmt: skip
+        return template.format(
+            canary=self.canary,
+            secret=self.secret,
+            other=self.other,
+            volume=self.other.parent.parent,
+            port=self.port,
+            abstract=self.abstract_name,
+            pid=os.getpid(),
+        )
 
     def escaped(self, output: str) -> list[str]:
         found = [f"canary: {p.name}" for p in self.canary.iterdir()]
-        for what, text in (("host secret", self.secret_text), ("other workspace", self.other_text),
-                           ("daemon environment", self.env_text)):  # fmt: skip
+        for what, text in (
+            ("host secret", self.secret_text),
+            ("other workspace", self.other_text),
+            ("daemon environment", self.env_text),
+        ):
             if text in output:
                 found.append(what)
         return found
@@ -103,8 +112,9 @@ async def _sandboxed(start_daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # A repository in ws-1, for the git cases.
     origin = tmp_path / "origin"
     origin.mkdir()
-    sub = await daemon.service.submit(task_body(
-        {"action": "git_clone", "repo": git_repo(origin, {"f": "1\n"}), "shallow": False}))  # fmt: skip
+    sub = await daemon.service.submit(
+        task_body({"action": "git_clone", "repo": git_repo(origin, {"f": "1\n"}), "shallow": False})
+    )
     assert (await wait_done(daemon, sub.record.id)).status.value == "completed"
     return daemon, host
 
@@ -182,9 +192,14 @@ def test_the_gate_alone_would_let_escapes_through() -> None:
     """The default policy allows these attempts: the gate gives early errors, the sandbox is
     what contains them (docs/security.md)."""
     allowed = {a for _, a in _cases() if DEFAULT.evaluate(a.replace("{b64}", "eA==")).allowed}
-    for attempt in (ESCAPES["interpreters and shells"][0], ESCAPES["data tools that execute"][1],
-                    ESCAPES["git config injection"][1], ESCAPES["path tricks"][0],
-                    ESCAPES["other workspaces and host files"][0], ESCAPES["network"][0]):  # fmt: skip
+    for attempt in (
+        ESCAPES["interpreters and shells"][0],
+        ESCAPES["data tools that execute"][1],
+        ESCAPES["git config injection"][1],
+        ESCAPES["path tricks"][0],
+        ESCAPES["other workspaces and host files"][0],
+        ESCAPES["network"][0],
+    ):
         assert attempt in allowed, attempt
     assert len(allowed) >= len(_cases()) // 2
 
@@ -193,27 +208,42 @@ async def test_protected_git_files_stay_as_they_were(sandboxed: Any) -> None:
     daemon, host = sandboxed
     root = daemon.settings.volume_path / "ws-1" / "repos" / "origin" / ".git"
     before = (root / "config").read_text()
-    result = await daemon.service.workspace.exec("ws-1", "echo '[core]' >> repos/origin/.git/config",
-                                                 ".", 10)  # fmt: skip
+    result = await daemon.service.workspace.exec(
+        "ws-1", "echo '[core]' >> repos/origin/.git/config", ".", 10
+    )
     assert "Read-only file system" in result["stderr"] and (root / "config").read_text() == before
     assert not (root / "hooks" / "post-commit").exists()
-    commit = await daemon.service.workspace.git("ws-1", "commit", "repos/origin",
-                                                ["--allow-empty", "-m", "x"])  # fmt: skip
+    commit = await daemon.service.workspace.git(
+        "ws-1", "commit", "repos/origin", ["--allow-empty", "-m", "x"]
+    )
     assert commit["exit_code"] == 0 and host.escaped("") == []
 
 
 async def test_what_a_command_sees_of_the_machine(sandboxed: Any) -> None:
     daemon, _ = sandboxed
-    probe_cmd = ("hostname; ulimit -n; ulimit -c; grep -E '^(NoNewPrivs|CapBnd)' /proc/self/status;"
-                 " ps -eo comm= | sort -u | tr '\\n' ' '; echo; unshare -U true || echo no-userns;"
-                 " ls /; echo \"$HOME $TMPDIR\"")  # fmt: skip
+    probe_cmd = (
+        "hostname; ulimit -n; ulimit -c; grep -E '^(NoNewPrivs|CapBnd)' /proc/self/status;"
+        " ps -eo comm= | sort -u | tr '\\n' ' '; echo; unshare -U true || echo no-userns;"
+        ' ls /; echo "$HOME $TMPDIR"'
+    )
     out = (await daemon.service.workspace.exec("ws-1", probe_cmd, ".", 10))["stdout"].splitlines()
     assert out[:3] == ["wsrunner", "4096", "0"], out
     assert out[3] == "CapBnd:\t0000000000000000" and out[4] == "NoNewPrivs:\t1"
     assert set(out[5].split()) <= {"bwrap", "sh", "ps", "sort", "tr"}, out[5]  # own pid namespace
     assert out[6] == "no-userns"
-    assert set(out[7:-1]) <= {"bin", "dev", "etc", "lib", "lib64", "proc", "run", "sbin", "tmp",
-                              "usr", str(daemon.settings.volume_path).split("/")[1]}  # fmt: skip
+    assert set(out[7:-1]) <= {
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib64",
+        "proc",
+        "run",
+        "sbin",
+        "tmp",
+        "usr",
+        str(daemon.settings.volume_path).split("/")[1],
+    }
     task_dirs = str(daemon.settings.volume_path / "ws-1" / "tasks")
     assert all(p.startswith(task_dirs) for p in out[-1].split())  # HOME and TMPDIR
 
@@ -226,7 +256,8 @@ async def test_git_hooks_run_inside_the_sandbox_as_the_workspace_uid(sandboxed: 
     hook.write_text(host.fmt("#!/bin/sh\nid -u > ../hook-ran-as; touch {canary}/hook\n"))
     hook.chmod(0o755)
     result = await daemon.service.workspace.exec(
-        "ws-1", "cd repos/origin && git commit -q --allow-empty -m by-agent", ".", 10)  # fmt: skip
+        "ws-1", "cd repos/origin && git commit -q --allow-empty -m by-agent", ".", 10
+    )
     assert result["exit_code"] == 0, result
     ran_as = (repo.parent / "hook-ran-as").read_text().strip()
     assert ran_as == str((daemon.settings.volume_path / "ws-1").stat().st_uid)
@@ -267,8 +298,13 @@ async def test_limits_are_reported_by_name(sandboxed: Any) -> None:
         "ws-1", "python3 -c \"b = b'x' * (400 * 2**20); print(len(b))\"", ".", 30
     )
     assert memory["limits_hit"] == ["memory"] and "memory limit of 128 MiB" in memory["error"]
-    forks = await ws.exec("ws-1", "python3 -c \"import os, time\nfor _ in range(200):\n"
-                                  "    if os.fork() == 0: time.sleep(5); os._exit(0)\"", ".", 30)  # fmt: skip
+    forks = await ws.exec(
+        "ws-1",
+        'python3 -c "import os, time\nfor _ in range(200):\n'
+        '    if os.fork() == 0: time.sleep(5); os._exit(0)"',
+        ".",
+        30,
+    )
     assert "pids" in forks["limits_hit"] and "limit of 64 processes" in forks["error"]
     cpu = await ws.exec("ws-1", "python3 -c 'while True: pass'", ".", 30)
     assert "limits_hit" in cpu, cpu
@@ -291,12 +327,18 @@ async def test_each_command_gets_its_own_cgroup_with_the_policy_limits(sandboxed
             _, ctrl, path = line.split(":", 2)
             if ctrl in ("memory", "pids", "cpu,cpuacct", "cpu"):
                 base = Path("/sys/fs/cgroup") / ctrl.split(",")[0] / path.lstrip("/")
-                name = {"memory": "memory.limit_in_bytes", "pids": "pids.max",
-                        "cpu": "cpu.cfs_quota_us"}[ctrl.split(",")[0]]  # fmt: skip
+                name = {
+                    "memory": "memory.limit_in_bytes",
+                    "pids": "pids.max",
+                    "cpu": "cpu.cfs_quota_us",
+                }[ctrl.split(",")[0]]
                 seen[name] = (base / name).read_text().strip()
                 assert base.name.startswith("cmd-")
-    assert seen == {"memory.limit_in_bytes": str(128 * 2**20), "pids.max": "64",
-                    "cpu.cfs_quota_us": "50000"}  # fmt: skip
+    assert seen == {
+        "memory.limit_in_bytes": str(128 * 2**20),
+        "pids.max": "64",
+        "cpu.cfs_quota_us": "50000",
+    }
     await wait_for(lambda: not host_pids(t))
 
 
@@ -317,9 +359,11 @@ async def test_filling_the_disk_is_stopped_at_the_quota(start_daemon, tmp_path: 
 
 async def test_orphans_do_not_outlive_their_command(sandboxed: Any) -> None:
     daemon, _ = sandboxed
-    for template in ("setsid sleep {t} > /dev/null 2>&1 & echo started",
-                     "nohup sleep {t} > /dev/null 2>&1 & echo started",
-                     "sh -c 'sleep {t} &' & echo started"):  # fmt: skip
+    for template in (
+        "setsid sleep {t} > /dev/null 2>&1 & echo started",
+        "nohup sleep {t} > /dev/null 2>&1 & echo started",
+        "sh -c 'sleep {t} &' & echo started",
+    ):
         t = unique_seconds()
         result = await daemon.service.workspace.exec("ws-1", template.format(t=t), ".", 10)
         assert result["stdout"] == "started\n" and result["duration_ms"] < 5000, result
@@ -341,12 +385,21 @@ async def test_commands_run_as_the_workspace_uid(sandboxed: Any) -> None:
 # --- the isolation probe -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [
-    'echo "$0 $# [$*]"', "foo", "if", "# a comment\necho after", "cat <<EOF\nhi $0\nEOF",
-    "exit 7", "echo $$ > pid; exec sleep 0",
-])  # fmt: skip
-def test_without_a_sandbox_a_shell_command_runs_in_the_launch_shell(tmp_path: Path,
-                                                                    command: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        'echo "$0 $# [$*]"',
+        "foo",
+        "if",
+        "# a comment\necho after",
+        "cat <<EOF\nhi $0\nEOF",
+        "exit 7",
+        "echo $$ > pid; exec sleep 0",
+    ],
+)
+def test_without_a_sandbox_a_shell_command_runs_in_the_launch_shell(
+    tmp_path: Path, command: str
+) -> None:
     """With nothing to exec between them, the launch's shell runs the command itself (one exec
     of sh fewer per command): after joining the cgroups and setting the rlimits, as before, and
     seen by the command exactly as `sh -c` would be."""
@@ -359,15 +412,20 @@ def test_without_a_sandbox_a_shell_command_runs_in_the_launch_shell(tmp_path: Pa
     assert len(joined) == 1 or "Syntax error" in launched.stderr
     if (tmp_path / "pid").exists():  # the command's shell is the one that joined: no exec
         assert (tmp_path / "pid").read_text().split() == joined
-    plain = subprocess.run(["/bin/sh", "-c", command], cwd=tmp_path, capture_output=True,
-                           text=True, check=False)  # fmt: skip
+    plain = subprocess.run(
+        ["/bin/sh", "-c", command], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
     assert (launched.returncode, launched.stdout, launched.stderr) == (
-        plain.returncode, plain.stdout, plain.stderr)  # fmt: skip
+        plain.returncode,
+        plain.stdout,
+        plain.stderr,
+    )
 
 
 def test_without_a_sandbox_the_command_runs_where_the_limits_were_set(tmp_path: Path) -> None:
-    argv = _unsandboxed_argv("ulimit -t; ulimit -f; ulimit -n; ulimit -c; "
-                             "tr '\\0' ' ' < /proc/$$/cmdline")  # fmt: skip
+    argv = _unsandboxed_argv(
+        "ulimit -t; ulimit -f; ulimit -n; ulimit -c; tr '\\0' ' ' < /proc/$$/cmdline"
+    )
     out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     *limits, cmdline = out.splitlines()
     assert limits == ["7", "2048", "64", "0"]  # CPU s, 512-byte blocks, files, core
@@ -376,11 +434,28 @@ def test_without_a_sandbox_the_command_runs_where_the_limits_were_set(tmp_path: 
 
 def _unsandboxed_argv(command: str, procs: list[str] | None = None, cwd: str = "/") -> list[str]:
     """The launch of a shell command on a host without isolation (a cgroup.procs to join)."""
-    limits = Limits(timeout_s=60, memory_bytes=2**30, pids=64, cpu_s=7, open_files=64,
-                    file_size_bytes=2**20, stdout_bytes=2**20, stderr_bytes=2**20)  # fmt: skip
-    return _command_argv(Isolation("none", {}, ()), ["/bin/sh", "-c", command], uid=None,
-                         binds=[], cwd=cwd, network="none", limits=limits, procs=procs or [],
-                         fds=[], env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    limits = Limits(
+        timeout_s=60,
+        memory_bytes=2**30,
+        pids=64,
+        cpu_s=7,
+        open_files=64,
+        file_size_bytes=2**20,
+        stdout_bytes=2**20,
+        stderr_bytes=2**20,
+    )
+    return _command_argv(
+        Isolation("none", {}, ()),
+        ["/bin/sh", "-c", command],
+        uid=None,
+        binds=[],
+        cwd=cwd,
+        network="none",
+        limits=limits,
+        procs=procs or [],
+        fds=[],
+        env={"PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_probe_finds_full_isolation_here(tmp_path: Path) -> None:
@@ -504,9 +579,11 @@ async def test_a_symlink_swapped_in_during_file_operations_never_escapes(
 
         def hammer() -> None:
             for _ in range(2000):
-                for fn in (lambda: paths.read_text(str(root), "dir/data.txt", 1000).content,
-                           lambda: paths.write_text(str(root), "dir/direct.txt", "x"),
-                           lambda: [e.name for e in paths.list_dir(str(root), "dir", 100)[0]]):  # fmt: skip
+                for fn in (
+                    lambda: paths.read_text(str(root), "dir/data.txt", 1000).content,
+                    lambda: paths.write_text(str(root), "dir/direct.txt", "x"),
+                    lambda: [e.name for e in paths.list_dir(str(root), "dir", 100)[0]],
+                ):
                     direct[0] += 1
                     try:
                         got = fn()
@@ -575,12 +652,18 @@ async def test_a_protected_path_swapped_for_a_symlink_binds_nothing_of_the_host(
     capture = Capture.capped(4096, 4096)
     async with Sandbox(iso).launch(
         ["/bin/sh", "-c", f"cat repos/x/.git{canary} 2>&1; cat repos/x/.git/config{canary} 2>&1"],
-        root=str(root), cwd=str(root), policy=policy.sandbox, limits=policy.limits,
-        network="none", env={"PATH": "/usr/bin:/bin"}, pinned=[git],
+        root=str(root),
+        cwd=str(root),
+        policy=policy.sandbox,
+        limits=policy.limits,
+        network="none",
+        env={"PATH": "/usr/bin:/bin"},
+        pinned=[git],
         protect=[f"{git}/config"],
-    ) as launch:  # fmt: skip
-        await run_process(launch.argv, env=launch.env, capture=capture, kill_grace=1,
-                          pass_fds=launch.pass_fds)  # fmt: skip
+    ) as launch:
+        await run_process(
+            launch.argv, env=launch.env, capture=capture, kill_grace=1, pass_fds=launch.pass_fds
+        )
     out = capture.stdout.text()
     assert secret not in out, out
     # The command ran (the symlink was left out, not handed to bubblewrap to resolve).

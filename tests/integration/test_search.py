@@ -50,9 +50,15 @@ def test_what_re2_cannot_do_is_refused_naming_the_pattern_and_what(pattern: str,
 
 @pytest.mark.parametrize(
     ("pattern", "line"),
-    [(r"caf\u00e9", "café"), (r"caf\u{e9}", "café"), (r"caf\U000000e9", "café"),
-     (r"\U{1F600}", "😀"), (r"\\u00e9", "\\u00e9"), (r"\x{e9}", "é")],
-)  # fmt: skip
+    [
+        (r"caf\u00e9", "café"),
+        (r"caf\u{e9}", "café"),
+        (r"caf\U000000e9", "café"),
+        (r"\U{1F600}", "😀"),
+        (r"\\u00e9", "\\u00e9"),
+        (r"\x{e9}", "é"),
+    ],
+)
 def test_ripgreps_unicode_escapes_mean_the_same_to_re2(pattern: str, line: str) -> None:
     regex = search.check(pattern, None, 50).regex
     assert regex.search(line.encode()) is not None
@@ -94,10 +100,29 @@ FILES = {
     ".hidden": "secret café\n".encode(),
 }
 PATTERNS = [
-    "café", "(?i)café", "(?i)CAFÉ", r"\x{e9}", r"\u00e9", r"caf.$", r"^\s+", r"\d+", r"TODO$",
-    r"^-\s\[[ x]\]", r"\pL+ \pL+", r"(?i)[a-zé]+ole", r"e\b", r"x\s*#", "lait|todo",
-    r"[[:upper:]]{4}", r"(?i)\x{212A}", r"(?i)S", "(?i)ñ|é", r"(x+x+)+y", python_slow(0), "caf",
-]  # fmt: skip
+    "café",
+    "(?i)café",
+    "(?i)CAFÉ",
+    r"\x{e9}",
+    r"\u00e9",
+    r"caf.$",
+    r"^\s+",
+    r"\d+",
+    r"TODO$",
+    r"^-\s\[[ x]\]",
+    r"\pL+ \pL+",
+    r"(?i)[a-zé]+ole",
+    r"e\b",
+    r"x\s*#",
+    "lait|todo",
+    r"[[:upper:]]{4}",
+    r"(?i)\x{212A}",
+    r"(?i)S",
+    "(?i)ñ|é",
+    r"(x+x+)+y",
+    python_slow(0),
+    "caf",
+]
 
 
 async def test_ripgrep_and_the_walk_give_the_same_matches(api: Api) -> None:
@@ -124,8 +149,7 @@ async def test_ripgrep_and_the_walk_give_the_same_matches(api: Api) -> None:
     found = (await ops.grep("ws-same", "(?i)CAFÉ"))["matches"]
     assert [(m["file"], m["line"]) for m in found] == [(".hidden", 1), ("a.txt", 1), ("a.txt", 2)]
     found = (await ops.grep("ws-same", "caf", ".", "*.txt"))["matches"]
-    assert [(m["file"], m["line"]) for m in found] == [
-        ("a.txt", 3), ("latin1.txt", 2)]  # fmt: skip
+    assert [(m["file"], m["line"]) for m in found] == [("a.txt", 3), ("latin1.txt", 2)]
 
 
 async def test_a_line_whose_ripgrep_record_is_huge_matches_as_in_the_walk(api: Api) -> None:
@@ -158,9 +182,14 @@ async def test_refusals_through_both_apis_name_the_pattern(api: Api) -> None:
         body = problem(r, 422)
         assert body["errors"][0]["field"] == "pattern"
         assert "backreferences" in body["detail"], body
-        r = await public.post("/api/tools/call", json={
-            "workspace_id": "ws-re", "tool": "workspace_grep",
-            "arguments": {"pattern": "(?<=a)b"}})  # fmt: skip
+        r = await public.post(
+            "/api/tools/call",
+            json={
+                "workspace_id": "ws-re",
+                "tool": "workspace_grep",
+                "arguments": {"pattern": "(?<=a)b"},
+            },
+        )
         body = problem(r, 422)
         assert body["errors"][0]["field"] == "arguments.pattern"
         assert "look-behind" in body["detail"], body

@@ -26,8 +26,13 @@ def _held_port() -> Iterator[socket.socket]:
 
 
 def _start(start_daemon: Callable[..., Any], port: int) -> Any:
-    return start_daemon(frontend="frontend", public_host="127.0.0.1", public_port=port,
-                        health_port=0, internal_token=INTERNAL_TOKEN)  # fmt: skip
+    return start_daemon(
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=port,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+    )
 
 
 async def test_a_port_in_use_is_retried_until_it_is_free(

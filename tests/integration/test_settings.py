@@ -16,8 +16,15 @@ BASE = {"DATABASE_URL": "postgresql://x@127.0.0.1/db"}
 
 
 def test_reference_variables_and_defaults() -> None:
-    s = load_settings(environ={**BASE, "WORKER_CONCURRENCY": "7", "WORKSPACE_VOLUME_PATH": "/v",
-                               "WORKER_HEALTH_PORT": "9000", "WORKSPACE_DEFAULT_QUOTA_GB": "2"})  # fmt: skip
+    s = load_settings(
+        environ={
+            **BASE,
+            "WORKER_CONCURRENCY": "7",
+            "WORKSPACE_VOLUME_PATH": "/v",
+            "WORKER_HEALTH_PORT": "9000",
+            "WORKSPACE_DEFAULT_QUOTA_GB": "2",
+        }
+    )
     assert s.concurrency == 7 and str(s.volume_path) == "/v" and s.health_port == 9000
     assert s.default_quota_bytes == 2 * GIB
     d = load_settings(environ=BASE)
@@ -81,12 +88,18 @@ def test_the_backend_follows_what_is_configured(tmp_path) -> None:
     [
         ("concurrency: yes\n", "1:14: concurrency: must be an integer, not a string ('yes')"),
         ("health_port: 8081.9\n", "1:14: health_port: must be an integer, not a float (8081.9)"),
-        ("default_quota_gb: true\n", "1:19: default_quota_gb: must be a number, not a boolean (true)"),
-        ("internal_no_auth: yes\n", "1:19: internal_no_auth: must be true or false, not a string ('yes')"),
+        (
+            "default_quota_gb: true\n",
+            "1:19: default_quota_gb: must be a number, not a boolean (true)",
+        ),
+        (
+            "internal_no_auth: yes\n",
+            "1:19: internal_no_auth: must be true or false, not a string ('yes')",
+        ),
         ("log_level: 3\n", "1:12: log_level: must be a string, not an integer (3)"),
         ("concurrency: 2\nconcurrency: 3\n", "2:1: invalid YAML: while constructing a mapping"),
     ],
-)  # fmt: skip
+)
 def test_yaml_types_are_strict_and_errors_have_positions(tmp_path, text, problem) -> None:
     f = tmp_path / "w.yaml"
     f.write_text(text)
@@ -101,7 +114,10 @@ def test_every_problem_of_the_file_is_listed_in_order(tmp_path) -> None:
     with pytest.raises(SettingsError) as info:
         load_settings(f, environ=BASE)
     assert [p.split(": ")[:2] for p in info.value.problems] == [
-        [f"{f}:1:14", "concurrency"], [f"{f}:2:14", "health_port"], [f"{f}:3:1", "bogus"]]  # fmt: skip
+        [f"{f}:1:14", "concurrency"],
+        [f"{f}:2:14", "health_port"],
+        [f"{f}:3:1", "bogus"],
+    ]
 
 
 def test_numbers_may_be_integers_and_quotas_fractions(tmp_path) -> None:
@@ -111,9 +127,14 @@ def test_numbers_may_be_integers_and_quotas_fractions(tmp_path) -> None:
     assert s.default_quota_bytes == int(1.5 * GIB) and s.lease_ttl_s == 90.0 and s.internal_no_auth
 
 
-@pytest.mark.parametrize(("var", "value"), [("WORKER_CONCURRENCY", "yes"),
-                                            ("WORKER_HEALTH_PORT", "8081.9"),
-                                            ("WORKSPACE_DEFAULT_QUOTA_GB", "true")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("WORKER_CONCURRENCY", "yes"),
+        ("WORKER_HEALTH_PORT", "8081.9"),
+        ("WORKSPACE_DEFAULT_QUOTA_GB", "true"),
+    ],
+)
 def test_environment_strings_are_parsed_strictly(var, value) -> None:
     with pytest.raises(ConfigError, match=f"environment variable {var} "):
         load_settings(environ={**BASE, var: value})
@@ -137,19 +158,33 @@ def _wsrunner(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The command as users run it, with no settings from this test process's environment."""
     names = {var for var, _ in _SOURCES.values()} | {"WSRUNNER_CONFIG", "CREDENTIALS_DIRECTORY"}
     base = {k: v for k, v in os.environ.items() if k not in names}
-    return subprocess.run([sys.executable, "-m", "wsrunner", *args], env={**base, **env},
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "wsrunner", *args],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_serve_logs_a_value_given_twice_with_both_sources(tmp_path) -> None:
     f = tmp_path / "w.yaml"
     f.write_text("concurrency: 5\n")
-    res = _wsrunner("serve", "--config", str(f), WORKER_CONCURRENCY="4", LOG_FORMAT="text",
-                    REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", DATABASE_URL=BASE["DATABASE_URL"],
-                    WORKSPACE_VOLUME_PATH=str(tmp_path / "v"))  # fmt: skip
+    res = _wsrunner(
+        "serve",
+        "--config",
+        str(f),
+        WORKER_CONCURRENCY="4",
+        LOG_FORMAT="text",
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        DATABASE_URL=BASE["DATABASE_URL"],
+        WORKSPACE_VOLUME_PATH=str(tmp_path / "v"),
+    )
     assert res.returncode == 1, res.stderr
-    assert (f"setting concurrency: 4 from environment variable WORKER_CONCURRENCY overrides 5 "
-            f"from {f}:1:14") in res.stderr  # fmt: skip
+    assert (
+        f"setting concurrency: 4 from environment variable WORKER_CONCURRENCY overrides 5 "
+        f"from {f}:1:14"
+    ) in res.stderr
 
 
 def test_config_check_exits_1_with_located_errors(tmp_path) -> None:

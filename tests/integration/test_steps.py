@@ -95,8 +95,10 @@ async def test_task_directories_are_made_and_removed_by_the_helper(daemon: Daemo
     environ = Path(f"/proc/{helper.pid}/environ").read_bytes().split(b"\0")
     assert [e.split(b"=")[0] for e in environ if e] == [b"PYTHONPATH"]
 
-    probe = ('stat -c "%a %F" "$HOME" "$TMPDIR" "$GIT_CONFIG_GLOBAL"; cat "$GIT_CONFIG_GLOBAL"; '
-             'ls -A "$HOME/.."; find "$HOME" "$TMPDIR" -mindepth 1 | wc -l; stat -c %i "$HOME"')  # fmt: skip
+    probe = (
+        'stat -c "%a %F" "$HOME" "$TMPDIR" "$GIT_CONFIG_GLOBAL"; cat "$GIT_CONFIG_GLOBAL"; '
+        'ls -A "$HOME/.."; find "$HOME" "$TMPDIR" -mindepth 1 | wc -l; stat -c %i "$HOME"'
+    )
     rec = await run(daemon, cmd("true"), workspace_id="ws-helper")  # the first one prepares
     before = dir_operations(daemon)
     homes = []
@@ -115,8 +117,9 @@ async def test_task_directories_are_made_and_removed_by_the_helper(daemon: Daemo
 
     # Leftovers: the helper declines the removal; the daemon walks them.
     before = dir_operations(daemon)
-    rec = await run(daemon, cmd('mkdir -p "$TMPDIR/a/b" && touch "$HOME/.x"'),
-                    workspace_id="ws-helper")  # fmt: skip
+    rec = await run(
+        daemon, cmd('mkdir -p "$TMPDIR/a/b" && touch "$HOME/.x"'), workspace_id="ws-helper"
+    )
     assert rec.status is TaskState.COMPLETED, results(rec)
     assert dir_operations(daemon, since=before) == (1, 1)
     assert task_dirs(daemon.settings.volume_path / "ws-helper") == []
@@ -125,8 +128,10 @@ async def test_task_directories_are_made_and_removed_by_the_helper(daemon: Daemo
 def dir_operations(daemon: Daemon, since: tuple[int, int] = (0, 0)) -> tuple[int, int]:
     """Task directory operations (by the helper, by a thread) the daemon's metrics counted."""
     get = daemon.metrics.registry.get_sample_value
-    done = [int(get("wsrunner_task_dir_operations_total", {"by": by}) or 0)
-            for by in ("helper", "thread")]  # fmt: skip
+    done = [
+        int(get("wsrunner_task_dir_operations_total", {"by": by}) or 0)
+        for by in ("helper", "thread")
+    ]
     return done[0] - since[0], done[1] - since[1]
 
 
@@ -185,11 +190,17 @@ async def test_quota_exceeded_fails_with_a_clear_message(start_daemon) -> None:
 async def test_credentials_are_for_the_task_only(daemon: Daemon, redis_client) -> None:
     # Credentials come with a producer's queue payload (the reference system's way); the API
     # refuses them (test_api_public).
-    creds = {"env_vars": {"API_TOKEN": "tok-123"}, "git_name": "Ada", "git_email": "ada@example.org",
-             "ssh_private_key": "-----BEGIN KEY-----\nabc\n-----END KEY-----"}  # fmt: skip
+    creds = {
+        "env_vars": {"API_TOKEN": "tok-123"},
+        "git_name": "Ada",
+        "git_email": "ada@example.org",
+        "ssh_private_key": "-----BEGIN KEY-----\nabc\n-----END KEY-----",
+    }
     # The ssh key goes to the daemon's git mirror only (gitremote): no file, no variable here.
-    step = cmd('echo "$API_TOKEN"; git config --global user.name; '
-               'ls "$(dirname "$HOME")"; echo "${GIT_SSH_COMMAND-unset}"')  # fmt: skip
+    step = cmd(
+        'echo "$API_TOKEN"; git config --global user.name; '
+        'ls "$(dirname "$HOME")"; echo "${GIT_SSH_COMMAND-unset}"'
+    )
     payload = raw_payload(workspace_id="ws-1", steps=[step], credentials=creds)
     keys = daemon.service.queue.keys  # type: ignore[attr-defined]
     redis_client.lpush(keys.queue("normal"), payload)
@@ -213,17 +224,21 @@ async def test_a_reshaped_task_directory_is_removed_without_following_links(
     outside.mkdir()
     (outside / "keep").write_text("keep")
     traversable(outside)
-    reshape = ("import os; h = os.environ['HOME']; d = os.path.dirname(h); "
-               "os.makedirs(os.environ['TMPDIR'] + '/a/b'); open(os.environ['TMPDIR'] + '/a/b/f', 'w'); "
-               f"os.rmdir(h); os.symlink('{outside}', h); os.unlink(d + '/gitconfig'); "
-               "os.mkdir(d + '/gitconfig'); os.mkfifo(d + '/fifo')")  # fmt: skip
+    reshape = (
+        "import os; h = os.environ['HOME']; d = os.path.dirname(h); "
+        "os.makedirs(os.environ['TMPDIR'] + '/a/b'); open(os.environ['TMPDIR'] + '/a/b/f', 'w'); "
+        f"os.rmdir(h); os.symlink('{outside}', h); os.unlink(d + '/gitconfig'); "
+        "os.mkdir(d + '/gitconfig'); os.mkfifo(d + '/fifo')"
+    )
     rec = await run(daemon, cmd(f'python3 -c "{reshape}"'), workspace_id="ws-reshape")
     assert rec.status is TaskState.COMPLETED, results(rec)
     tasks = daemon.settings.volume_path / "ws-reshape" / "tasks"
     assert task_dirs(tasks.parent) == [] and (outside / "keep").read_text() == "keep"
     # A task directory replaced by a symlink: the link goes, its target stays.
-    replace = ("import os, shutil; d = os.path.dirname(os.environ['HOME']); os.chdir('/'); "
-               f"shutil.rmtree(d); os.symlink('{outside}', d)")  # fmt: skip
+    replace = (
+        "import os, shutil; d = os.path.dirname(os.environ['HOME']); os.chdir('/'); "
+        f"shutil.rmtree(d); os.symlink('{outside}', d)"
+    )
     rec = await run(daemon, cmd(f'python3 -c "{replace}"'), workspace_id="ws-reshape")
     assert rec.status is TaskState.COMPLETED, results(rec)
     assert task_dirs(tasks.parent) == [] and (outside / "keep").read_text() == "keep"
@@ -233,8 +248,12 @@ async def test_git_clone_then_pull(daemon: Daemon, tmp_path) -> None:
     origin = tmp_path / "origin" / "proj"
     origin.mkdir(parents=True)
     url = git_repo(origin, {"README": "v1\n"}, "v1")
-    rec = await run(daemon, {"action": "git_clone", "repo": url, "branch": "main", "shallow": False},
-                    cmd("cat repos/proj/README"), {"action": "git_pull", "repo_name": "proj"})  # fmt: skip
+    rec = await run(
+        daemon,
+        {"action": "git_clone", "repo": url, "branch": "main", "shallow": False},
+        cmd("cat repos/proj/README"),
+        {"action": "git_pull", "repo_name": "proj"},
+    )
     assert rec.status is TaskState.COMPLETED, rec.error_message
     clone, cat, pull = results(rec)
     assert clone["repo_path"] == "repos/proj" and clone["cached"] is False
@@ -251,9 +270,12 @@ async def test_git_clone_then_pull(daemon: Daemon, tmp_path) -> None:
 
 async def test_git_clone_refuses_schemes_not_allowed(start_daemon) -> None:
     daemon = await start_daemon(git_schemes=("https",))
-    rec = await run(daemon, {"action": "git_clone", "repo": "file:///etc"},
-                    {"action": "git_clone", "repo": "ext::sh -c id"},
-                    {"action": "git_pull", "repo_name": "nothing"})  # fmt: skip
+    rec = await run(
+        daemon,
+        {"action": "git_clone", "repo": "file:///etc"},
+        {"action": "git_clone", "repo": "ext::sh -c id"},
+        {"action": "git_pull", "repo_name": "nothing"},
+    )
     res = results(rec)
     assert "not allowed" in res[0]["error"] and "expected a URL" in res[1]["error"]
     assert "Repo not cached" in res[2]["error"]

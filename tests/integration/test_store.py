@@ -104,24 +104,51 @@ async def test_start_and_finish_are_compare_and_sets(any_store: Store) -> None:
     unkeyed = spec()  # pushed without a key: no request hash (nothing compares with it)
     await store.start(unkeyed, worker_id="w1", workspace_path="/v/ws-1")
     assert [await _has_request_hash(store, t.task_id) for t in (pushed, submitted, unkeyed)] == [
-        True, False, False]  # fmt: skip
+        True,
+        False,
+        False,
+    ]
 
     result = {"status": "completed", "result": {"steps": [], "out": "a\u0000b"}}
     with pytest.raises(InvalidTransitionError):  # not the holder
-        await store.finish(pushed.task_id, TaskState.COMPLETED, worker_id="w2", result=result,
-                           error=None, execution_time_ms=5)  # fmt: skip
-    await store.finish(pushed.task_id, TaskState.COMPLETED, worker_id="w1", result=result,
-                       error=None, execution_time_ms=5)  # fmt: skip
+        await store.finish(
+            pushed.task_id,
+            TaskState.COMPLETED,
+            worker_id="w2",
+            result=result,
+            error=None,
+            execution_time_ms=5,
+        )
+    await store.finish(
+        pushed.task_id,
+        TaskState.COMPLETED,
+        worker_id="w1",
+        result=result,
+        error=None,
+        execution_time_ms=5,
+    )
     rec = await store.get(pushed.task_id)
     assert rec.status is TaskState.COMPLETED and rec.execution_time_ms == 5
     assert rec.result is not None and rec.result["result"]["out"] in ("a\u0000b", "a\ufffdb")
     assert rec.completed_at is not None
     with pytest.raises(InvalidTransitionError, match="completed"):  # ended once
-        await store.finish(pushed.task_id, TaskState.FAILED, worker_id="w1", result=result,
-                           error="late", execution_time_ms=6)  # fmt: skip
+        await store.finish(
+            pushed.task_id,
+            TaskState.FAILED,
+            worker_id="w1",
+            result=result,
+            error="late",
+            execution_time_ms=6,
+        )
     with pytest.raises(NotFoundError):
-        await store.finish(str(uuid.uuid4()), TaskState.FAILED, worker_id="w1", result=result,
-                           error="x", execution_time_ms=1)  # fmt: skip
+        await store.finish(
+            str(uuid.uuid4()),
+            TaskState.FAILED,
+            worker_id="w1",
+            result=result,
+            error="x",
+            execution_time_ms=1,
+        )
 
 
 async def test_the_per_task_connections_are_open_before_the_first_task(schema: str) -> None:
@@ -141,10 +168,13 @@ async def test_the_per_task_statements_survive_a_dropped_connection(schema: str)
         first = spec()
         assert await store.start(first, worker_id="w1", workspace_path="/v") == 1
         # Kill every connection of this schema's daemon-side pools from another session.
-        await store._run(lambda conn: conn.execute(  # type: ignore[attr-defined]
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE pid <> pg_backend_pid() AND datname = current_database() "
-            "AND application_name = '' AND query LIKE '%task_executions%'"))  # fmt: skip
+        await store._run(
+            lambda conn: conn.execute(  # type: ignore[attr-defined]
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND datname = current_database() "
+                "AND application_name = '' AND query LIKE '%task_executions%'"
+            )
+        )
         second = spec()
         with pytest.raises(UnavailableError):
             await store.start(second, worker_id="w1", workspace_path="/v")
@@ -162,8 +192,9 @@ async def test_a_cancelled_per_task_statement_is_cancelled_on_the_server(schema:
         token = trio.lowlevel.current_trio_token()
 
         def hold_the_row(conn: Any) -> None:
-            conn.execute("SELECT 1 FROM task_executions WHERE id = %s FOR UPDATE",
-                         (queued.task_id,))  # fmt: skip
+            conn.execute(
+                "SELECT 1 FROM task_executions WHERE id = %s FOR UPDATE", (queued.task_id,)
+            )
             token.run_sync_soon(locked.set)
             conn.execute("SELECT pg_sleep(1)")
 

@@ -60,8 +60,9 @@ class Daemon:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"],
-                                         env=self.env, stdout=log, stderr=log)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "wsrunner", "serve"], env=self.env, stdout=log, stderr=log
+            )
 
     async def ready(self, timeout: float = 30) -> None:
         async with httpx.AsyncClient() as client:
@@ -119,17 +120,27 @@ class Deployment:
     def env(self, name: str, **extra: str) -> dict[str, str]:
         return {
             **os.environ,
-            "REDIS_URL": self.redis_url, "DATABASE_URL": self.database_url,
-            "WSRUNNER_REDIS_PREFIX": self.prefix, "WSRUNNER_DATABASE_SCHEMA": self.schema,
-            "WORKSPACE_VOLUME_PATH": str(self.volume), "WORKER_ID": name,
-            "POLICY_FILE": str(self.tmp / "policy.yaml"), "POLICY_DIR": str(self.tmp / "policy.d"),
-            "WORKER_INTERNAL_TOKEN": "reliability-internal", "PUBLIC_API_HOST": "127.0.0.1",
-            "PUBLIC_API_PORT": str(free_port()), "WORKER_HEALTH_PORT": str(free_port()),
-            "WSRUNNER_HEARTBEAT_INTERVAL": "0.5", "WSRUNNER_LEASE_TTL": "2",
-            "WSRUNNER_RECONCILE_INTERVAL": "1", "WSRUNNER_SHUTDOWN_GRACE": "5",
-            "WSRUNNER_KILL_GRACE": "0.5", "WORKER_CONCURRENCY": "3", "LOG_LEVEL": "INFO",
+            "REDIS_URL": self.redis_url,
+            "DATABASE_URL": self.database_url,
+            "WSRUNNER_REDIS_PREFIX": self.prefix,
+            "WSRUNNER_DATABASE_SCHEMA": self.schema,
+            "WORKSPACE_VOLUME_PATH": str(self.volume),
+            "WORKER_ID": name,
+            "POLICY_FILE": str(self.tmp / "policy.yaml"),
+            "POLICY_DIR": str(self.tmp / "policy.d"),
+            "WORKER_INTERNAL_TOKEN": "reliability-internal",
+            "PUBLIC_API_HOST": "127.0.0.1",
+            "PUBLIC_API_PORT": str(free_port()),
+            "WORKER_HEALTH_PORT": str(free_port()),
+            "WSRUNNER_HEARTBEAT_INTERVAL": "0.5",
+            "WSRUNNER_LEASE_TTL": "2",
+            "WSRUNNER_RECONCILE_INTERVAL": "1",
+            "WSRUNNER_SHUTDOWN_GRACE": "5",
+            "WSRUNNER_KILL_GRACE": "0.5",
+            "WORKER_CONCURRENCY": "3",
+            "LOG_LEVEL": "INFO",
             **extra,
-        }  # fmt: skip
+        }
 
     async def start(self, name: str, **extra: str) -> Daemon:
         daemon = Daemon(name, self.env(name, **extra))
@@ -138,14 +149,29 @@ class Deployment:
         await daemon.ready()
         if not self.token:
             made = await trio.run_process(
-                [sys.executable, "-m", "wsrunner", "tokens", "create", "--name", "reliability",
-                 "--all-workspaces"], env=daemon.env, capture_stdout=True)  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "wsrunner",
+                    "tokens",
+                    "create",
+                    "--name",
+                    "reliability",
+                    "--all-workspaces",
+                ],
+                env=daemon.env,
+                capture_stdout=True,
+            )
             self.token = made.stdout.decode().strip()
         return daemon
 
     def client(self, daemon: Daemon, **kwargs: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=daemon.public, timeout=30,
-                                 headers={"Authorization": f"Bearer {self.token}"}, **kwargs)  # fmt: skip
+        return httpx.AsyncClient(
+            base_url=daemon.public,
+            timeout=30,
+            headers={"Authorization": f"Bearer {self.token}"},
+            **kwargs,
+        )
 
     def rows(self) -> dict[str, dict[str, Any]]:
         """Every task record, by id, read straight from PostgreSQL."""
@@ -163,8 +189,11 @@ class Deployment:
             return await wait_for(lambda: trio.to_thread.run_sync(done), timeout=timeout, poll=0.25)
         except BaseException:
             rows = self.rows()
-            stuck = {i: rows.get(i, {}).get("status") for i in ids
-                     if rows.get(i, {}).get("status") not in TERMINAL}  # fmt: skip
+            stuck = {
+                i: rows.get(i, {}).get("status")
+                for i in ids
+                if rows.get(i, {}).get("status") not in TERMINAL
+            }
             logs = "\n".join(f"--- {d.name}\n{d.logs()}" for d in self.daemons)
             raise AssertionError(
                 f"not terminal: {dict(list(stuck.items())[:10])}\n{logs}"
@@ -209,21 +238,37 @@ class PrivatePostgres:
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         assert bins, "PostgreSQL server binaries not found under /usr/lib/postgresql"
         self.bin = Path(bins[-1])
-        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-A", "trust",
-                          "-U", "postgres", "--no-sync")  # fmt: skip
+        self._as_postgres(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.dir / "data"),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        )
 
     def _as_postgres(self, *argv: str) -> None:
         subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True)
 
     def start(self) -> None:
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-w", "-l",
-                          str(self.dir / "log"), "-o",
-                          f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
-                          "start")  # fmt: skip
+        self._as_postgres(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-w",
+            "-l",
+            str(self.dir / "log"),
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
 
     def stop(self) -> None:
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m",
-                          "immediate", "-w", "stop")  # fmt: skip
+        self._as_postgres(
+            str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop"
+        )
 
     def remove(self) -> None:
         try:

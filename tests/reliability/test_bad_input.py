@@ -66,8 +66,12 @@ BODIES: dict[str, tuple[bytes, str]] = {
 
 def operations(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(method, path, whether it takes a request body) of every operation in an OpenAPI doc."""
-    return [(method.upper(), path, "requestBody" in op) for path, item in doc["paths"].items()
-            for method, op in item.items() if method in ("get", "post", "put", "delete", "patch")]  # fmt: skip
+    return [
+        (method.upper(), path, "requestBody" in op)
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+        if method in ("get", "post", "put", "delete", "patch")
+    ]
 
 
 def fill(path: str, value: str) -> str:
@@ -87,11 +91,15 @@ async def test_every_endpoint_answers_bad_input_with_a_clear_client_error(
 ) -> None:
     d = await deployment.start("daemon")
     internal_headers = {"X-Internal-Token": "reliability-internal"}
-    async with deployment.client(d) as pub, httpx.AsyncClient(base_url=d.internal, timeout=30,
-                                                             headers=internal_headers) as internal:  # fmt: skip
+    async with (
+        deployment.client(d) as pub,
+        httpx.AsyncClient(base_url=d.internal, timeout=30, headers=internal_headers) as internal,
+    ):
         before = await submit(pub, cmd("echo before"))
-        apis = [(pub, (await pub.get("/openapi.json")).json()),
-                (internal, (await internal.get("/openapi.json")).json())]  # fmt: skip
+        apis = [
+            (pub, (await pub.get("/openapi.json")).json()),
+            (internal, (await internal.get("/openapi.json")).json()),
+        ]
         sent = 0
         for client, doc in apis:
             ops = operations(doc)
@@ -99,15 +107,19 @@ async def test_every_endpoint_answers_bad_input_with_a_clear_client_error(
             for method, path, has_body in ops:
                 for value in ["ws-1", *TRAVERSALS]:
                     target = fill(path, quote(value, safe=""))
-                    r = await client.request(method, target, params={"path": value, "pattern": "(",
-                                                                     "limit": "-1", "after": value})  # fmt: skip
+                    r = await client.request(
+                        method,
+                        target,
+                        params={"path": value, "pattern": "(", "limit": "-1", "after": value},
+                    )
                     check(r, f"{method} {target}")
                     sent += 1
                 if method == "GET":
                     continue
                 for name, (body, ctype) in BODIES.items():
-                    r = await client.request(method, fill(path, "ws-1"), content=body,
-                                             headers={"Content-Type": ctype})  # fmt: skip
+                    r = await client.request(
+                        method, fill(path, "ws-1"), content=body, headers={"Content-Type": ctype}
+                    )
                     check(r, f"{method} {path} with {name}")
                     if name == "huge" and has_body:
                         assert r.status_code == 413, (path, r.status_code)
@@ -128,12 +140,26 @@ async def test_malformed_payloads_in_the_queues_are_dead_lettered_and_nothing_el
     good_id = "7f1c5c1e-7a5e-4a8e-9a3e-000000000001"
     marked_id = "7f1c5c1e-7a5e-4a8e-9a3e-000000000002"
     bad = [
-        b"not json", b"[]", b"{}", b"\xff\xfe\x00", b'{"task_id": 5}', b"x" * 2_000_000,
-        json.dumps({"task_id": marked_id, "workspace_id": "ws-1", "steps": [{"action": "rm -rf"}]}).encode(),
+        b"not json",
+        b"[]",
+        b"{}",
+        b"\xff\xfe\x00",
+        b'{"task_id": 5}',
+        b"x" * 2_000_000,
+        json.dumps(
+            {"task_id": marked_id, "workspace_id": "ws-1", "steps": [{"action": "rm -rf"}]}
+        ).encode(),
         json.dumps({"task_id": "x", "workspace_id": "../etc", "steps": [cmd("true")]}).encode(),
-    ]  # fmt: skip
-    good = json.dumps({"task_id": good_id, "workspace_id": "ws-1", "priority": "normal",
-                       "timeout_seconds": 60, "steps": [cmd("echo good")]}).encode()  # fmt: skip
+    ]
+    good = json.dumps(
+        {
+            "task_id": good_id,
+            "workspace_id": "ws-1",
+            "priority": "normal",
+            "timeout_seconds": 60,
+            "steps": [cmd("echo good")],
+        }
+    ).encode()
     r.lpush(queue, *bad[:4], good, *bad[4:])
     d = await deployment.start("daemon")
     rows = await deployment.wait_terminal([good_id], timeout=60)

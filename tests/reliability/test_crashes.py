@@ -32,19 +32,28 @@ async def test_sigkill_one_of_two_daemons_loses_nothing(deployment: Deployment) 
     a = await deployment.start("daemon-a")
     b = await deployment.start("daemon-b")
     # Each step says which attempt it is: a file per task in the shared workspace.
-    step = cmd('n=$(cat "run-$TASK_ID" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "run-$TASK_ID"; '
-               'sleep 1; echo "attempt $n"')  # fmt: skip
+    step = cmd(
+        'n=$(cat "run-$TASK_ID" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "run-$TASK_ID"; '
+        'sleep 1; echo "attempt $n"'
+    )
     async with deployment.client(a) as c:
         ids = [await submit(c, step, timeout_seconds=60) for _ in range(12)]
 
     # Kill A while it holds running tasks: frozen first, so that what it holds can be read
     # (statements it had sent land, commands it had started write their file), then killed.
     def running_on_a() -> list[str]:
-        return [i for i, r in deployment.rows().items()
-                if r["worker_id"] == "daemon-a" and r["status"] == "running"]  # fmt: skip
+        return [
+            i
+            for i, r in deployment.rows().items()
+            if r["worker_id"] == "daemon-a" and r["status"] == "running"
+        ]
 
-    await wait_for(lambda: len(ids_ := running_on_a()) >= 2
-                   and any(runs_recorded(deployment, i) for i in ids_), timeout=30)  # fmt: skip
+    await wait_for(
+        lambda: (
+            len(ids_ := running_on_a()) >= 2 and any(runs_recorded(deployment, i) for i in ids_)
+        ),
+        timeout=30,
+    )
     a.kill(signal.SIGSTOP)
     await trio.sleep(0.3)
     held = set(running_on_a())
@@ -128,8 +137,11 @@ async def test_sigterm_drains_requeues_the_rest_and_ends_streams(deployment: Dep
     ends: dict[str, list[str]] = {}
     async with deployment.client(d) as c:
         short = [await submit(c, cmd(f"sleep 1; echo short{n}")) for n in range(2)]
-        long = await submit(c, cmd("if [ -e resumed ]; then echo resumed; else touch resumed; sleep 300; fi"),
-                            timeout_seconds=600)  # fmt: skip
+        long = await submit(
+            c,
+            cmd("if [ -e resumed ]; then echo resumed; else touch resumed; sleep 300; fi"),
+            timeout_seconds=600,
+        )
         await wait_for(
             lambda: sum(r["status"] == "running" for r in deployment.rows().values()) == 3
         )

@@ -106,8 +106,9 @@ async def test_500_concurrent_submissions_from_50_clients(deployment: Deployment
     d = await deployment.start("daemon")
     async with watched(d) as watch:
         # The clients run in a process of their own, so the watcher measures only the daemon.
-        done = await trio.run_process([sys.executable, "-c", CLIENTS, d.public, deployment.token],
-                                      capture_stdout=True)  # fmt: skip
+        done = await trio.run_process(
+            [sys.executable, "-c", CLIENTS, d.public, deployment.token], capture_stdout=True
+        )
         ids = json.loads(done.stdout)
         assert len(set(ids)) == 500
         rows = await deployment.wait_terminal(ids, timeout=180)
@@ -129,9 +130,20 @@ async def test_10000_queued_tasks_run_once_each(deployment: Deployment) -> None:
     r = redis.Redis.from_url(deployment.redis_url)
     now = datetime.now(UTC).isoformat()
     ids = [str(uuid.uuid4()) for _ in range(10_000)]
-    payloads = [json.dumps({"task_id": t, "task_type": "background_job", "workspace_id": "ws-deep",
-                            "priority": "normal", "timeout_seconds": 60, "created_at": now,
-                            "steps": [cmd("true")]}) for t in ids]  # fmt: skip
+    payloads = [
+        json.dumps(
+            {
+                "task_id": t,
+                "task_type": "background_job",
+                "workspace_id": "ws-deep",
+                "priority": "normal",
+                "timeout_seconds": 60,
+                "created_at": now,
+                "steps": [cmd("true")],
+            }
+        )
+        for t in ids
+    ]
     for i in range(0, len(payloads), 1000):  # as the reference system's producers push
         r.lpush(f"{deployment.prefix}:tasks:normal", *payloads[i : i + 1000])
     d = await deployment.start("daemon", WSRUNNER_SANDBOX="off")
@@ -143,8 +155,10 @@ async def test_10000_queued_tasks_run_once_each(deployment: Deployment) -> None:
     assert all(row["status"] == "completed" and row["attempts"] == 1 for row in rows.values())
     assert r.llen(f"{deployment.prefix}:tasks:normal") == 0
     assert r.hlen(f"{deployment.prefix}:worker:daemon:inflight") == 0
-    print(f"10,000 queued: drained in {took:.1f}s ({10_000 / took:.0f} tasks/s); /health slowest "
-          f"{watch.slowest_s * 1000:.0f} ms; peak RSS {watch.peak_rss / MiB:.0f} MiB")  # fmt: skip
+    print(
+        f"10,000 queued: drained in {took:.1f}s ({10_000 / took:.0f} tasks/s); /health slowest "
+        f"{watch.slowest_s * 1000:.0f} ms; peak RSS {watch.peak_rss / MiB:.0f} MiB"
+    )
     assert watch.peak_rss < 400 * MiB
     assert await d.stop() == 0
 
@@ -155,10 +169,12 @@ async def test_gigabyte_output_full_disk_and_fork_bomb_leave_the_daemon_responsi
     d = await deployment.start("daemon", WORKSPACE_DEFAULT_QUOTA_GB="0.05")  # 51.2 MiB each
     async with watched(d) as watch, deployment.client(d) as c:
         flood = await submit(c, cmd("head -c 1073741824 /dev/zero"), workspace_id="ws-flood")
-        disk = await submit(c, cmd("head -c 200000000 /dev/zero > big && echo never"),
-                            workspace_id="ws-disk")  # fmt: skip
-        bomb = await submit(c, cmd("bomb() { bomb | bomb & }; bomb", timeout=5),
-                            workspace_id="ws-bomb")  # fmt: skip
+        disk = await submit(
+            c, cmd("head -c 200000000 /dev/zero > big && echo never"), workspace_id="ws-disk"
+        )
+        bomb = await submit(
+            c, cmd("bomb() { bomb | bomb & }; bomb", timeout=5), workspace_id="ws-bomb"
+        )
         fine = await submit(c, cmd("echo still fine"), workspace_id="ws-ok")
         rows = await deployment.wait_terminal([flood, disk, bomb, fine], timeout=120)
         after = await submit(c, cmd("echo after"), workspace_id="ws-ok")
@@ -179,7 +195,9 @@ async def test_gigabyte_output_full_disk_and_fork_bomb_leave_the_daemon_responsi
     await wait_for(lambda: not uid_pids(uid), timeout=5)  # killed with the step's cgroup
     assert_complete(rows[fine], stdout="still fine\n")
     assert_complete(rows[after], stdout="after\n")
-    print(f"1 GB output, quota, fork bomb: /health slowest {watch.slowest_s * 1000:.0f} ms; "
-          f"peak RSS {watch.peak_rss / MiB:.0f} MiB")  # fmt: skip
+    print(
+        f"1 GB output, quota, fork bomb: /health slowest {watch.slowest_s * 1000:.0f} ms; "
+        f"peak RSS {watch.peak_rss / MiB:.0f} MiB"
+    )
     assert watch.peak_rss < 400 * MiB
     assert await d.stop() == 0

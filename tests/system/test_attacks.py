@@ -46,8 +46,11 @@ class Attacker:
         return self.daemon.settings.volume_path / WS
 
     def client(self, token: str | None = None) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.public, timeout=90,
-                                 headers={"Authorization": f"Bearer {token or self.token}"})  # fmt: skip
+        return httpx.AsyncClient(
+            base_url=self.public,
+            timeout=90,
+            headers={"Authorization": f"Bearer {token or self.token}"},
+        )
 
     async def run(self, *steps: dict[str, Any]) -> dict[str, Any]:
         """Submit a task in WS through the public API, wait for its end; its record."""
@@ -58,10 +61,14 @@ class Attacker:
 @pytest.fixture(name="attacker")
 async def _attacker(start_daemon: Callable[..., Any], tmp_path: Path) -> Attacker:
     daemon: Daemon = await start_daemon(
-        frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
-        internal_token=INTERNAL_TOKEN, policy_file=bundled_policy(),
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+        policy_file=bundled_policy(),
         policy_dir=tmp_path / "no-policy.d",
-    )  # fmt: skip
+    )
     _, token = await daemon.service.tokens.create("attacker", [WS])
     return Attacker(daemon, daemon.urls[0], token)
 
@@ -101,13 +108,14 @@ async def test_ld_audit_from_a_payload_never_runs_as_root(
         {"action": "write_file", "path": "audit.c", "content": source},
         {"action": "create_directory", "path": "markers"},
         {"action": "execute_command", "command": "gcc -shared -fPIC -o audit.so audit.c"},
-    )  # fmt: skip
+    )
     assert built["status"] == "completed", steps_of(built)
     keys = attacker.daemon.service.queue.keys  # type: ignore[attr-defined]
     payload = raw_payload(
-        workspace_id=WS, steps=[{"action": "execute_command", "command": "true"}],
+        workspace_id=WS,
+        steps=[{"action": "execute_command", "command": "true"}],
         credentials={"env_vars": {"LD_AUDIT": str(attacker.root / "audit.so")}},
-    )  # fmt: skip
+    )
     task_id = json.loads(payload)["task_id"]
     redis_client.lpush(keys.queue("normal"), payload)
 
@@ -125,9 +133,24 @@ async def test_ld_audit_from_a_payload_never_runs_as_root(
 
 
 #: Variables the loader, libc, a shell or git act on: none may come from a payload.
-REFUSED = ["LD_AUDIT", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_DEBUG", "LD_BIND_NOW", "GCONV_PATH",
-           "LOCPATH", "MALLOC_CHECK_", "MALLOC_ARENA_MAX", "BASH_ENV", "ENV", "GIT_SSH_COMMAND",
-           "GIT_CONFIG_GLOBAL", "GIT_EXEC_PATH", "SSH_AUTH_SOCK", "SSH_ASKPASS"]  # fmt: skip
+REFUSED = [
+    "LD_AUDIT",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LD_DEBUG",
+    "LD_BIND_NOW",
+    "GCONV_PATH",
+    "LOCPATH",
+    "MALLOC_CHECK_",
+    "MALLOC_ARENA_MAX",
+    "BASH_ENV",
+    "ENV",
+    "GIT_SSH_COMMAND",
+    "GIT_CONFIG_GLOBAL",
+    "GIT_EXEC_PATH",
+    "SSH_AUTH_SOCK",
+    "SSH_ASKPASS",
+]
 
 
 @pytest.mark.parametrize("name", REFUSED)
@@ -145,8 +168,11 @@ def test_ordinary_variables_still_pass() -> None:
 
 
 async def test_credentials_are_refused_over_the_public_api(attacker: Attacker) -> None:
-    body = {"workspace_id": WS, "steps": [{"action": "execute_command", "command": "true"}],
-            "credentials": {"env_vars": {"LD_AUDIT": "/tmp/x.so"}}}  # fmt: skip
+    body = {
+        "workspace_id": WS,
+        "steps": [{"action": "execute_command", "command": "true"}],
+        "credentials": {"env_vars": {"LD_AUDIT": "/tmp/x.so"}},
+    }
     async with attacker.client() as c:
         r = await c.post("/api/tasks/submit", json=body)
     assert r.status_code == 422, r.text
@@ -198,10 +224,12 @@ async def test_a_command_finds_no_daemon_socket_to_accept_on(attacker: Attacker)
     result: list[dict[str, Any]] = []
 
     async def attack() -> None:
-        result.append(await attacker.run(
-            {"action": "write_file", "path": "steal.py", "content": STEAL},
-            {"action": "execute_command", "command": "python3 steal.py 6"},
-        ))  # fmt: skip
+        result.append(
+            await attacker.run(
+                {"action": "write_file", "path": "steal.py", "content": STEAL},
+                {"action": "execute_command", "command": "python3 steal.py 6"},
+            )
+        )
 
     internal = attacker.daemon.urls[1]
     async with trio.open_nursery() as nursery:
@@ -209,8 +237,10 @@ async def test_a_command_finds_no_daemon_socket_to_accept_on(attacker: Attacker)
         await wait_for(lambda: (attacker.root / "steal.py").exists(), timeout=30)
         async with httpx.AsyncClient(timeout=3) as other:
             for _ in range(30):  # another tenant's and an orchestrator's requests
-                for url, headers in ((f"{attacker.public}/api/tasks", {"Authorization": f"Bearer {victim}"}),
-                                     (f"{internal}/health", {"X-Internal-Token": victim})):  # fmt: skip
+                for url, headers in (
+                    (f"{attacker.public}/api/tasks", {"Authorization": f"Bearer {victim}"}),
+                    (f"{internal}/health", {"X-Internal-Token": victim}),
+                ):
                     try:
                         await other.get(url, headers={**headers, "Connection": "close"})
                     except httpx.TransportError:

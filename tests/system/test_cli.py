@@ -17,35 +17,63 @@ from tests.conftest import DATABASE_URL, REDIS_URL, exit_code, free_port, wait_f
 def run_cli(
     *args: str, env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "wsrunner", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "wsrunner", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_unreachable_redis_exits_nonzero_with_one_line(tmp_path) -> None:
-    res = run_cli("serve", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-                                "DATABASE_URL": DATABASE_URL, "WORKSPACE_VOLUME_PATH": str(tmp_path)})  # fmt: skip
+    res = run_cli(
+        "serve",
+        env={
+            "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "DATABASE_URL": DATABASE_URL,
+            "WORKSPACE_VOLUME_PATH": str(tmp_path),
+        },
+    )
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("wsrunner: cannot start: Redis failed")
 
 
 def test_unreachable_postgres_exits_nonzero(tmp_path) -> None:
-    res = run_cli("serve", env={"REDIS_URL": REDIS_URL, "WORKSPACE_VOLUME_PATH": str(tmp_path),
-                                "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x"})  # fmt: skip
+    res = run_cli(
+        "serve",
+        env={
+            "REDIS_URL": REDIS_URL,
+            "WORKSPACE_VOLUME_PATH": str(tmp_path),
+            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+        },
+    )
     assert res.returncode == 1 and "cannot start: PostgreSQL" in res.stderr
 
 
 def test_invalid_config_exits_2_naming_the_key() -> None:
     res = run_cli("serve", env={"DATABASE_URL": DATABASE_URL, "WORKER_CONCURRENCY": "-1"})
     assert res.returncode == 2
-    assert res.stderr.strip() == ("wsrunner: invalid configuration: environment variable "
-                                  "WORKER_CONCURRENCY (concurrency): must be at least 1; got '-1'")  # fmt: skip
+    assert res.stderr.strip() == (
+        "wsrunner: invalid configuration: environment variable "
+        "WORKER_CONCURRENCY (concurrency): must be at least 1; got '-1'"
+    )
 
 
 def test_empty_internal_token_refuses_to_start(tmp_path, prefix, schema) -> None:
-    res = run_cli("serve", env={"REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
-                                "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
-                                "WORKSPACE_VOLUME_PATH": str(tmp_path), "WORKER_INTERNAL_TOKEN": "",
-                                "PUBLIC_API_PORT": "0", "WORKER_HEALTH_PORT": "0"})  # fmt: skip
+    res = run_cli(
+        "serve",
+        env={
+            "REDIS_URL": REDIS_URL,
+            "DATABASE_URL": DATABASE_URL,
+            "WSRUNNER_REDIS_PREFIX": prefix,
+            "WSRUNNER_DATABASE_SCHEMA": schema,
+            "WORKSPACE_VOLUME_PATH": str(tmp_path),
+            "WORKER_INTERNAL_TOKEN": "",
+            "PUBLIC_API_PORT": "0",
+            "WORKER_HEALTH_PORT": "0",
+        },
+    )
     assert res.returncode == 2
     assert "WORKER_INTERNAL_TOKEN is empty" in res.stderr
     assert "WSRUNNER_INTERNAL_NO_AUTH=true" in res.stderr
@@ -53,13 +81,25 @@ def test_empty_internal_token_refuses_to_start(tmp_path, prefix, schema) -> None
 
 async def test_serve_answers_health_and_stops_on_sigterm(tmp_path, prefix, schema) -> None:
     port = free_port()
-    env = {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
-           "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
-           "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WORKER_HEALTH_PORT": str(port),
-           "WORKER_ID": "cli-test", "WORKER_INTERNAL_TOKEN": "cli-token",
-           "PUBLIC_API_HOST": "127.0.0.1", "PUBLIC_API_PORT": str(free_port())}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    env = {
+        **os.environ,
+        "REDIS_URL": REDIS_URL,
+        "DATABASE_URL": DATABASE_URL,
+        "WSRUNNER_REDIS_PREFIX": prefix,
+        "WSRUNNER_DATABASE_SCHEMA": schema,
+        "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"),
+        "WORKER_HEALTH_PORT": str(port),
+        "WORKER_ID": "cli-test",
+        "WORKER_INTERNAL_TOKEN": "cli-token",
+        "PUBLIC_API_HOST": "127.0.0.1",
+        "PUBLIC_API_PORT": str(free_port()),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsrunner", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         async with httpx.AsyncClient() as client:
 
@@ -84,8 +124,18 @@ async def test_serve_answers_health_and_stops_on_sigterm(tmp_path, prefix, schem
 
 def test_tokens_create_list_revoke(schema) -> None:
     env = {"DATABASE_URL": DATABASE_URL, "WSRUNNER_DATABASE_SCHEMA": schema}
-    made = run_cli("tokens", "create", "--name", "ci bot", "--workspace", "ws-a",
-                   "--workspace", "ws-b", "--json", env=env)  # fmt: skip
+    made = run_cli(
+        "tokens",
+        "create",
+        "--name",
+        "ci bot",
+        "--workspace",
+        "ws-a",
+        "--workspace",
+        "ws-b",
+        "--json",
+        env=env,
+    )
     assert made.returncode == 0, made.stderr
     token = json.loads(made.stdout)
     assert token["workspaces"] == ["ws-a", "ws-b"] and token["token"].startswith("wsr_")
@@ -107,25 +157,40 @@ def test_tokens_create_list_revoke(schema) -> None:
 
 async def test_serve_logs_json_lines_with_task_ids_and_no_secrets(tmp_path, prefix, schema) -> None:
     public, internal = free_port(), free_port()
-    env = {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
-           "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
-           "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WORKER_HEALTH_PORT": str(internal),
-           "WORKER_INTERNAL_TOKEN": "internal-secret-token", "PUBLIC_API_HOST": "127.0.0.1",
-           "PUBLIC_API_PORT": str(public)}  # fmt: skip
+    env = {
+        **os.environ,
+        "REDIS_URL": REDIS_URL,
+        "DATABASE_URL": DATABASE_URL,
+        "WSRUNNER_REDIS_PREFIX": prefix,
+        "WSRUNNER_DATABASE_SCHEMA": schema,
+        "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"),
+        "WORKER_HEALTH_PORT": str(internal),
+        "WORKER_INTERNAL_TOKEN": "internal-secret-token",
+        "PUBLIC_API_HOST": "127.0.0.1",
+        "PUBLIC_API_PORT": str(public),
+    }
     token = run_cli(
         "tokens", "create", "--name", "logs", "--all-workspaces", env=env
     ).stdout.strip()
-    proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsrunner", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         headers = {"Authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{public}", headers=headers) as c:
 
             async def submitted() -> str | None:
                 try:
-                    r = await c.post("/api/tasks/submit", json={
-                        "workspace_id": "ws-log", "steps": [{"action": "execute_command",
-                                                              "command": "echo hi"}]})  # fmt: skip
+                    r = await c.post(
+                        "/api/tasks/submit",
+                        json={
+                            "workspace_id": "ws-log",
+                            "steps": [{"action": "execute_command", "command": "echo hi"}],
+                        },
+                    )
                 except httpx.TransportError:
                     return None
                 return str(r.json()["task_id"])

@@ -17,13 +17,19 @@ from tests.conftest import Api, free_port
 
 async def wsrunner(api: Api, *args: str, token: str | None = None) -> trio.CompletedProcess[bytes]:
     env = {**os.environ, "WSRUNNER_URL": api.public, "WSRUNNER_TOKEN": token or api.token}
-    return await trio.run_process([sys.executable, "-m", "wsrunner", *args], env=env,
-                                  capture_stdout=True, capture_stderr=True, check=False)  # fmt: skip
+    return await trio.run_process(
+        [sys.executable, "-m", "wsrunner", *args],
+        env=env,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
 
 
 async def test_submit_and_wait_exits_with_the_outcome(api: Api) -> None:
-    ok = await wsrunner(api, "submit", "--workspace", "ws-cli", "--wait", "--",
-                        "echo", "out;", "echo", "err", ">&2")  # fmt: skip
+    ok = await wsrunner(
+        api, "submit", "--workspace", "ws-cli", "--wait", "--", "echo", "out;", "echo", "err", ">&2"
+    )
     assert ok.returncode == 0, ok.stderr.decode()
     assert ok.stdout.decode() == "out\n"
     err = ok.stderr.decode()
@@ -34,10 +40,12 @@ async def test_submit_and_wait_exits_with_the_outcome(api: Api) -> None:
 
 async def test_submit_prints_the_id_and_tasks_show_and_list(api: Api, tmp_path: Path) -> None:
     steps = tmp_path / "steps.yaml"
-    steps.write_text("- action: write_file\n  path: a.txt\n  content: hi\n"
-                     "- action: read_file\n  path: a.txt\n")  # fmt: skip
-    sub = await wsrunner(api, "submit", "--workspace", "ws-cli2", "--steps", str(steps),
-                         "--priority", "high")  # fmt: skip
+    steps.write_text(
+        "- action: write_file\n  path: a.txt\n  content: hi\n- action: read_file\n  path: a.txt\n"
+    )
+    sub = await wsrunner(
+        api, "submit", "--workspace", "ws-cli2", "--steps", str(steps), "--priority", "high"
+    )
     task_id = sub.stdout.decode().strip()
     assert sub.returncode == 0 and len(task_id) == 36
     watched = await wsrunner(api, "tasks", "watch", task_id, "--json")
@@ -79,12 +87,22 @@ async def test_url_and_token_from_the_client_config_file(api: Api, tmp_path: Pat
     config.write_text(f"url: {api.public}\ntoken: {api.token}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSRUNNER_")}
     env["WSRUNNER_CLIENT_CONFIG"] = str(config)
-    listed = await trio.run_process([sys.executable, "-m", "wsrunner", "tasks", "list"], env=env,
-                                    capture_stdout=True, capture_stderr=True, check=False)  # fmt: skip
+    listed = await trio.run_process(
+        [sys.executable, "-m", "wsrunner", "tasks", "list"],
+        env=env,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     assert listed.returncode == 0, listed.stderr.decode()
     config.write_text("url: x\npassword: y\n")
-    bad = await trio.run_process([sys.executable, "-m", "wsrunner", "tasks", "list"], env=env,
-                                 capture_stdout=True, capture_stderr=True, check=False)  # fmt: skip
+    bad = await trio.run_process(
+        [sys.executable, "-m", "wsrunner", "tasks", "list"],
+        env=env,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     assert bad.returncode == 2 and "keys url and token" in bad.stderr.decode()
 
 
@@ -132,9 +150,22 @@ async def test_watch_resumes_after_a_dropped_connection(api: Api) -> None:
         proxy = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         env = {**os.environ, "WSRUNNER_URL": proxy, "WSRUNNER_TOKEN": api.token}
         watched = await trio.run_process(
-            [sys.executable, "-m", "wsrunner", "submit", "--workspace", "ws-cut", "--wait", "--",
-             "echo one; sleep 1; echo two"], env=env, capture_stdout=True, capture_stderr=True,
-            check=False)  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "wsrunner",
+                "submit",
+                "--workspace",
+                "ws-cut",
+                "--wait",
+                "--",
+                "echo one; sleep 1; echo two",
+            ],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
         nursery.cancel_scope.cancel()
     assert watched.returncode == 0, watched.stderr.decode()
     assert cuts == 1
@@ -146,14 +177,27 @@ async def test_watch_resumes_after_a_dropped_connection(api: Api) -> None:
 async def test_watch_on_a_terminal_shows_live_progress(api: Api, tmp_path: Path) -> None:
     """Under a pseudo-terminal: a progress bar with the step, the output, the final state."""
     master, slave = os.openpty()
-    env = {**os.environ, "WSRUNNER_URL": api.public, "WSRUNNER_TOKEN": api.token,
-           "TERM": "xterm-256color", "COLUMNS": "100"}  # fmt: skip
+    env = {
+        **os.environ,
+        "WSRUNNER_URL": api.public,
+        "WSRUNNER_TOKEN": api.token,
+        "TERM": "xterm-256color",
+        "COLUMNS": "100",
+    }
     argv = [sys.executable, "-m", "wsrunner", "submit", "--workspace", "ws-tty", "--steps"]
     steps = tmp_path / "steps.yaml"
-    steps.write_text("- action: execute_command\n  command: echo one; sleep 0.5\n"
-                     "- action: execute_command\n  command: echo two\n")  # fmt: skip
-    proc = subprocess.Popen([*argv, str(steps), "--wait"], stdin=slave, stdout=slave,
-                            stderr=slave, env=env, close_fds=True)  # fmt: skip
+    steps.write_text(
+        "- action: execute_command\n  command: echo one; sleep 0.5\n"
+        "- action: execute_command\n  command: echo two\n"
+    )
+    proc = subprocess.Popen(
+        [*argv, str(steps), "--wait"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        close_fds=True,
+    )
     os.close(slave)
 
     def read_all() -> bytes:
@@ -181,16 +225,26 @@ async def test_watch_on_a_terminal_shows_live_progress(api: Api, tmp_path: Path)
 async def client(*args: str, env: dict[str, str]) -> trio.CompletedProcess[bytes]:
     """The CLI with only `env` for its settings: no WSRUNNER_* from the caller's environment."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("WSRUNNER_", "XDG_"))}
-    return await trio.run_process([sys.executable, "-m", "wsrunner", *args], env={**clean, **env},
-                                  capture_stdout=True, capture_stderr=True, check=False)  # fmt: skip
+    return await trio.run_process(
+        [sys.executable, "-m", "wsrunner", *args],
+        env={**clean, **env},
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
 
 
 async def test_an_unreachable_daemon_is_one_line_and_exit_69() -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
     env = {"WSRUNNER_URL": url, "WSRUNNER_TOKEN": "wsr_x"}
-    for argv in (["tasks", "list"], ["tasks", "show", "ID"], ["tasks", "cancel", "ID"],
-                 ["tasks", "watch", "ID"], ["submit", "--workspace", "ws-1", "--wait", "--", "true"],
-                 ["submit", "--workspace", "ws-1", "--json", "--", "true"]):  # fmt: skip
+    for argv in (
+        ["tasks", "list"],
+        ["tasks", "show", "ID"],
+        ["tasks", "cancel", "ID"],
+        ["tasks", "watch", "ID"],
+        ["submit", "--workspace", "ws-1", "--wait", "--", "true"],
+        ["submit", "--workspace", "ws-1", "--json", "--", "true"],
+    ):
         res = await client(*argv, env=env)
         err = res.stderr.decode()
         assert res.returncode == 69, (argv, err)
@@ -205,18 +259,27 @@ async def test_tls_and_server_errors_are_exit_69() -> None:
         async with stream:
             try:
                 await stream.receive_some(65536)
-                await stream.send_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4"
-                                      b"\r\nConnection: close\r\n\r\nboom")  # fmt: skip
+                await stream.send_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4"
+                    b"\r\nConnection: close\r\n\r\nboom"
+                )
             except trio.BrokenResourceError:
                 pass  # the TLS client hung up first
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, answer_500, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
-        tls = await client("tasks", "list", env={"WSRUNNER_URL": f"https://127.0.0.1:{port}",
-                                                 "WSRUNNER_TOKEN": "wsr_x"})  # fmt: skip
-        http = await client("tasks", "show", "ID", env={"WSRUNNER_URL": f"http://127.0.0.1:{port}",
-                                                         "WSRUNNER_TOKEN": "wsr_x"})  # fmt: skip
+        tls = await client(
+            "tasks",
+            "list",
+            env={"WSRUNNER_URL": f"https://127.0.0.1:{port}", "WSRUNNER_TOKEN": "wsr_x"},
+        )
+        http = await client(
+            "tasks",
+            "show",
+            "ID",
+            env={"WSRUNNER_URL": f"http://127.0.0.1:{port}", "WSRUNNER_TOKEN": "wsr_x"},
+        )
         nursery.cancel_scope.cancel()
     err = tls.stderr.decode()
     assert tls.returncode == 69 and len(err.splitlines()) == 1, err
@@ -232,8 +295,13 @@ async def test_help_shows_examples_and_exit_codes_and_status_lists_its_choices()
         example = "wsrunner tasks watch ID" if argv[0] == "tasks" else "wsrunner submit --workspace"
         assert "examples:" in shown and example in shown, (argv, shown)
         assert "69  the daemon is unavailable" in shown and "4   the task was cancelled" in shown
-    bad = await client("tasks", "list", "--status", "bogus",
-                       env={"WSRUNNER_URL": f"http://127.0.0.1:{free_port()}", "WSRUNNER_TOKEN": "x"})  # fmt: skip
+    bad = await client(
+        "tasks",
+        "list",
+        "--status",
+        "bogus",
+        env={"WSRUNNER_URL": f"http://127.0.0.1:{free_port()}", "WSRUNNER_TOKEN": "x"},
+    )
     err = bad.stderr.decode()
     assert bad.returncode == 2 and "invalid choice: 'bogus'" in err, err
     assert "queued" in err and "timed_out" in err

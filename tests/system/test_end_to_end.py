@@ -80,9 +80,15 @@ async def test_the_start_is_mirrored_while_the_command_runs_and_its_event_comes_
     assert began < mirrored[0] - 0.2  # the command did not wait for Redis
     events = await daemon.service.events(sub.record.id)
     kinds = [(e.type, e.data.get("status") or e.data.get("step")) for e in events]
-    assert kinds == [("status_changed", "queued"), ("status_changed", "running"),
-                     ("progress_update", 1), ("output", 1), ("progress_update", 2),
-                     ("error", 2), ("status_changed", "failed")]  # fmt: skip
+    assert kinds == [
+        ("status_changed", "queued"),
+        ("status_changed", "running"),
+        ("progress_update", 1),
+        ("output", 1),
+        ("progress_update", 2),
+        ("error", 2),
+        ("status_changed", "failed"),
+    ]
 
 
 async def test_a_task_whose_start_redis_has_not_taken_yet_is_not_taken_for_lost(

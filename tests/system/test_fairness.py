@@ -55,8 +55,9 @@ def patient(client: httpx.AsyncClient) -> httpx.AsyncClient:
 
 async def write(api: Api, workspace_id: str, path: str, content: str) -> None:
     async with api.internal_client() as c:
-        r = await c.post(f"/workspaces/{workspace_id}/files/write",
-                         json={"path": path, "content": content})  # fmt: skip
+        r = await c.post(
+            f"/workspaces/{workspace_id}/files/write", json={"path": path, "content": content}
+        )
         assert r.status_code == 200, r.text
 
 
@@ -119,9 +120,14 @@ async def test_a_grep_flood_leaves_another_tenant_answered_within_a_second(
         if i % 2:
             r = await internal.get("/workspaces/ws-a/files/grep", params={"pattern": worst(i)})
         else:
-            r = await public.post("/api/tools/call", json={
-                "workspace_id": "ws-a", "tool": "workspace_grep",
-                "arguments": {"pattern": worst(i)}})  # fmt: skip
+            r = await public.post(
+                "/api/tools/call",
+                json={
+                    "workspace_id": "ws-a",
+                    "tool": "workspace_grep",
+                    "arguments": {"pattern": worst(i)},
+                },
+            )
         flooded.append((i, r.status_code, r.text))
 
     async def flood() -> None:
@@ -154,8 +160,16 @@ async def test_greps_of_one_long_line_leave_another_tenant_answered(api: Api) ->
                 nursery.start_soon(grep_as_a, public)
 
     async def grep_as_a(public: httpx.AsyncClient) -> None:
-        answers.append(await public.post("/api/tools/call", json={
-            "workspace_id": "ws-a", "tool": "workspace_grep", "arguments": {"pattern": "a"}}))  # fmt: skip
+        answers.append(
+            await public.post(
+                "/api/tools/call",
+                json={
+                    "workspace_id": "ws-a",
+                    "tool": "workspace_grep",
+                    "arguments": {"pattern": "a"},
+                },
+            )
+        )
 
     latencies = await b_waits_while(api, greps_as_a)
     assert_b_answered_in_time(latencies, "grepped one long line")
@@ -171,9 +185,16 @@ async def test_a_long_quoted_git_argument_leaves_another_tenant_answered(api: Ap
 
     async def git_as_a() -> None:
         async with patient(api.client(token_a)) as public:
-            answers.append(await public.post("/api/tools/call", json={
-                "workspace_id": "ws-a", "tool": "workspace_git",
-                "arguments": {"operation": "log", "args": "'" + "a" * 1_000_000 + "'"}}))  # fmt: skip
+            answers.append(
+                await public.post(
+                    "/api/tools/call",
+                    json={
+                        "workspace_id": "ws-a",
+                        "tool": "workspace_git",
+                        "arguments": {"operation": "log", "args": "'" + "a" * 1_000_000 + "'"},
+                    },
+                )
+            )
 
     latencies = await b_waits_while(api, git_as_a)
     assert_b_answered_in_time(latencies, "sent a long quoted git argument")
@@ -197,12 +218,12 @@ async def test_deeply_nested_json_is_a_clear_refusal_not_an_internal_error(api: 
 async def test_a_deeply_nested_metadata_file_does_not_stop_the_daemon(api: Api) -> None:
     """The workspace's metadata file lies in the tenant's tree: its commands can replace it."""
     meta = api.daemon.settings.volume_path / "ws-meta" / ".workspace_meta.json"
-    plant = ("head -c 1000000 /dev/zero | tr '\\0' '[' > m.new "
-             "&& mv -f m.new .workspace_meta.json")  # fmt: skip
+    plant = "head -c 1000000 /dev/zero | tr '\\0' '[' > m.new && mv -f m.new .workspace_meta.json"
     async with api.client() as public:
         for command in (plant, "true"):
-            r = await public.post("/api/tasks/submit",
-                                  json=task_body(cmd(command), workspace_id="ws-meta"))  # fmt: skip
+            r = await public.post(
+                "/api/tasks/submit", json=task_body(cmd(command), workspace_id="ws-meta")
+            )
             assert r.status_code == 202, r.text
             record = await wait_terminal(api.daemon, r.json()["task_id"])
             assert record.status.value == "completed", record
@@ -229,8 +250,11 @@ async def test_large_json_bodies_leave_another_tenant_answered_within_a_second(a
     answers: list[tuple[int, httpx.Response]] = []
 
     async def submit_as_a(i: int, public: httpx.AsyncClient) -> None:
-        r = await public.post("/api/tasks/submit", content=many_small_values(i),
-                              headers={"Content-Type": "application/json"})  # fmt: skip
+        r = await public.post(
+            "/api/tasks/submit",
+            content=many_small_values(i),
+            headers={"Content-Type": "application/json"},
+        )
         answers.append((i, r))
 
     async def flood() -> None:

@@ -43,8 +43,13 @@ def _wsrunner(
         "HOME": str(root / "home"),
         "WSRUNNER_SYSTEM_ROOT": str(root),
     }
-    return subprocess.run([*(user or []), sys.executable, "-m", "wsrunner", *args], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [*(user or []), sys.executable, "-m", "wsrunner", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def test_tokens_create_uses_the_services_store_and_the_service_accepts_the_token(
@@ -52,24 +57,37 @@ async def test_tokens_create_uses_the_services_store_and_the_service_accepts_the
 ) -> None:
     public = free_port()
     health = next(port for port in iter(free_port, None) if port != public)
-    etc = _layout(tmp_path, f"database_schema: {schema}\nredis_prefix: {prefix}\n"
-                  f"volume_path: {tmp_path / 'workspaces'}\npublic_host: 127.0.0.1\n"
-                  f"public_port: {public}\nhealth_port: {health}\n",
-                  **{"database-url": DATABASE_URL, "internal-token": "t" * 32})  # fmt: skip
+    etc = _layout(
+        tmp_path,
+        f"database_schema: {schema}\nredis_prefix: {prefix}\n"
+        f"volume_path: {tmp_path / 'workspaces'}\npublic_host: 127.0.0.1\n"
+        f"public_port: {public}\nhealth_port: {health}\n",
+        **{"database-url": DATABASE_URL, "internal-token": "t" * 32},
+    )
     made = _wsrunner("tokens", "create", "--name", "ops", "--all-workspaces", root=tmp_path)
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
-    assert (f"store: PostgreSQL postgres@127.0.0.1:5432/test, schema {schema} (database_url from "
-            f"credential database-url in {etc / 'credentials'})") in made.stderr  # fmt: skip
+    assert (
+        f"store: PostgreSQL postgres@127.0.0.1:5432/test, schema {schema} (database_url from "
+        f"credential database-url in {etc / 'credentials'})"
+    ) in made.stderr
     assert not (tmp_path / "home").exists()  # no store of the user's own was made
 
     # The service, as the unit starts it; systemd copies the credentials to a directory of its own.
     run_credentials = shutil.copytree(etc / "credentials", tmp_path / "run-credentials")
-    env = {"PATH": os.environ["PATH"], "WSRUNNER_SYSTEM_ROOT": str(tmp_path),
-           "WSRUNNER_CONFIG": str(etc / "wsrunner.conf"), "CREDENTIALS_DIRECTORY": str(run_credentials),
-           "STATE_DIRECTORY": str(tmp_path / "var/lib/wsrunner")}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    env = {
+        "PATH": os.environ["PATH"],
+        "WSRUNNER_SYSTEM_ROOT": str(tmp_path),
+        "WSRUNNER_CONFIG": str(etc / "wsrunner.conf"),
+        "CREDENTIALS_DIRECTORY": str(run_credentials),
+        "STATE_DIRECTORY": str(tmp_path / "var/lib/wsrunner"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsrunner", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{public}") as client:
 

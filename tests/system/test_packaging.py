@@ -21,15 +21,22 @@ from wsrunner import __version__
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, not the project's virtualenv
 
-pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None or not Path(SYSTEM_PYTHON).exists(),
-                                reason="needs dpkg-deb and a system python3")  # fmt: skip
+pytestmark = pytest.mark.skipif(
+    shutil.which("dpkg-deb") is None or not Path(SYSTEM_PYTHON).exists(),
+    reason="needs dpkg-deb and a system python3",
+)
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("dist")
-    done = subprocess.run(["bash", str(REPO / "packaging" / "build.sh"), str(out)],
-                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(REPO / "packaging" / "build.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     pyz, deb = (Path(line) for line in done.stdout.split())
     return pyz, deb
@@ -47,8 +54,19 @@ def _scratch(tmp_path: Path, artifacts: tuple[Path, Path]) -> Path:
 
 
 def dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(["dpkg", f"--root={root}", "--force-script-chrootless", "--force-depends",
-                           "--log=/dev/null", *args], capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [
+            "dpkg",
+            f"--root={root}",
+            "--force-script-chrootless",
+            "--force-depends",
+            "--log=/dev/null",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -56,8 +74,14 @@ def dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def run(
     binary: Path, *args: str, env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([SYSTEM_PYTHON, str(binary), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)  # fmt: skip
+    return subprocess.run(
+        [SYSTEM_PYTHON, str(binary), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_the_deb_holds_what_it_should(artifacts: tuple[Path, Path]) -> None:
@@ -66,25 +90,44 @@ def test_the_deb_holds_what_it_should(artifacts: tuple[Path, Path]) -> None:
         deb.name
         == f"wsrunner_{__version__}_{subprocess.check_output(['dpkg', '--print-architecture'], text=True).strip()}.deb"
     )
-    info = subprocess.run(["dpkg-deb", "--field", str(deb), "Package", "Version", "Depends"],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    info = subprocess.run(
+        ["dpkg-deb", "--field", str(deb), "Package", "Version", "Depends"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"Version: {__version__}" in info and "bubblewrap" in info
     minor = sys.version_info[1]  # the zipapp's compiled extensions are for this series only
     assert f"python3 (>= 3.{minor}), python3 (<< 3.{minor + 1})" in info, info
-    listing = subprocess.run(["dpkg-deb", "--contents", str(deb)], capture_output=True, text=True,
-                             check=True).stdout  # fmt: skip
+    listing = subprocess.run(
+        ["dpkg-deb", "--contents", str(deb)], capture_output=True, text=True, check=True
+    ).stdout
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
-    for want in ("/usr/bin/wsrunner", "/usr/lib/systemd/system/wsrunner.service",
-                 "/usr/lib/sysusers.d/wsrunner.conf", "/usr/lib/tmpfiles.d/wsrunner.conf",
-                 "/etc/wsrunner/wsrunner.conf", "/etc/wsrunner/policy.yaml",
-                 "/etc/wsrunner/policy.d/README", "/etc/default/wsrunner",
-                 "/usr/share/man/man1/wsrunner.1.gz", "/usr/share/doc/wsrunner/changelog.gz",
-                 "/usr/share/lintian/overrides/wsrunner"):  # fmt: skip
+    for want in (
+        "/usr/bin/wsrunner",
+        "/usr/lib/systemd/system/wsrunner.service",
+        "/usr/lib/sysusers.d/wsrunner.conf",
+        "/usr/lib/tmpfiles.d/wsrunner.conf",
+        "/etc/wsrunner/wsrunner.conf",
+        "/etc/wsrunner/policy.yaml",
+        "/etc/wsrunner/policy.d/README",
+        "/etc/default/wsrunner",
+        "/usr/share/man/man1/wsrunner.1.gz",
+        "/usr/share/doc/wsrunner/changelog.gz",
+        "/usr/share/lintian/overrides/wsrunner",
+    ):
         assert want in paths, want
-    control = subprocess.run(["dpkg-deb", "--info", str(deb), "conffiles"], capture_output=True,
-                             text=True, check=True).stdout.split()  # fmt: skip
-    assert sorted(control) == sorted(["/etc/wsrunner/wsrunner.conf", "/etc/wsrunner/policy.yaml",
-                                      "/etc/wsrunner/policy.d/README", "/etc/default/wsrunner"])  # fmt: skip
+    control = subprocess.run(
+        ["dpkg-deb", "--info", str(deb), "conffiles"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert sorted(control) == sorted(
+        [
+            "/etc/wsrunner/wsrunner.conf",
+            "/etc/wsrunner/policy.yaml",
+            "/etc/wsrunner/policy.d/README",
+            "/etc/default/wsrunner",
+        ]
+    )
     assert not any("/etc/systemd/system" in p or ".wants" in p for p in paths)  # enables nothing
 
 
@@ -114,11 +157,16 @@ def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
     traversable(tmp_path)
     public = free_port()
     health = next(port for port in iter(free_port, None) if port != public)
-    env = {**base, "STATE_DIRECTORY": str(tmp_path / "state"),
-           "WORKSPACE_VOLUME_PATH": str(tmp_path / "workspaces"), "CREDENTIALS_DIRECTORY":
-           str(token.parent), "POLICY_FILE": str(scratch / "etc/wsrunner/policy.yaml"),
-           "PUBLIC_API_HOST": "127.0.0.1", "PUBLIC_API_PORT": str(public),
-           "WORKER_HEALTH_PORT": str(health)}  # fmt: skip
+    env = {
+        **base,
+        "STATE_DIRECTORY": str(tmp_path / "state"),
+        "WORKSPACE_VOLUME_PATH": str(tmp_path / "workspaces"),
+        "CREDENTIALS_DIRECTORY": str(token.parent),
+        "POLICY_FILE": str(scratch / "etc/wsrunner/policy.yaml"),
+        "PUBLIC_API_HOST": "127.0.0.1",
+        "PUBLIC_API_PORT": str(public),
+        "WORKER_HEALTH_PORT": str(health),
+    }
     made = run(
         binary, "tokens", "create", "--name", "deb-test", "--all-workspaces", "--json", env=env
     )
@@ -126,16 +174,25 @@ def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
     bearer = json.loads(made.stdout)["token"]
     log = tmp_path / "daemon.log"  # (a file, not a pipe nobody reads until the end)
     with log.open("wb") as sink:
-        proc = subprocess.Popen([SYSTEM_PYTHON, str(binary), "serve"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=sink)  # fmt: skip
+        proc = subprocess.Popen(
+            [SYSTEM_PYTHON, str(binary), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=sink
+        )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{public}",
-                          headers={"Authorization": f"Bearer {bearer}"}) as c:  # fmt: skip
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{public}", headers={"Authorization": f"Bearer {bearer}"}
+        ) as c:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    r = c.post("/api/tasks/submit", json={"workspace_id": "deb", "steps": [
-                        {"action": "execute_command", "command": "echo from-the-deb"}]})  # fmt: skip
+                    r = c.post(
+                        "/api/tasks/submit",
+                        json={
+                            "workspace_id": "deb",
+                            "steps": [
+                                {"action": "execute_command", "command": "echo from-the-deb"}
+                            ],
+                        },
+                    )
                     break
                 except httpx.TransportError:
                     said = log.read_text(errors="replace")[-3000:]
@@ -150,8 +207,11 @@ def test_install_run_and_purge(scratch: Path, tmp_path: Path) -> None:
         assert rec["status"] == "completed", rec
         assert rec["result"]["result"]["steps"][0]["result"]["stdout"] == "from-the-deb\n"
         # Its directory helper started from the zipapp too (else: worker threads, and a warning).
-        children = [c for t in Path(f"/proc/{proc.pid}/task").iterdir()
-                    for c in (t / "children").read_text().split()]  # fmt: skip
+        children = [
+            c
+            for t in Path(f"/proc/{proc.pid}/task").iterdir()
+            for c in (t / "children").read_text().split()
+        ]
         cmdlines = [Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0") for c in children]
         assert any(b"wsrunner.workspace.fshelper" in argv for argv in cmdlines), cmdlines
     finally:
@@ -169,8 +229,13 @@ def test_lintian_passes(artifacts: tuple[Path, Path]) -> None:
     """Debian's package checker finds no error or warning; each override says why it is right."""
     lintian = shutil.which("lintian")
     assert lintian, "lintian is not installed (bash scripts/system-packages.sh installs it)"
-    done = subprocess.run([lintian, "--fail-on", "error,warning", str(artifacts[1])],
-                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    done = subprocess.run(
+        [lintian, "--fail-on", "error,warning", str(artifacts[1])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, f"lintian:\n{done.stdout}{done.stderr}"
     lines = (REPO / "packaging/debian/lintian-overrides").read_text().splitlines()
     for before, line in zip(["", *lines], lines, strict=False):
@@ -196,12 +261,20 @@ def test_upgrade_removes_the_caches_of_other_builds(
         (cache / f".{build.name}_lock").touch()
     (cache / f"{old.name}.tmp").mkdir()  # an extraction cut short
     # A process that maps a file of `busy`, as a daemon still running that build does.
-    holder = subprocess.Popen([SYSTEM_PYTHON, "-c", "import mmap, sys\n"
-                               "f = open(sys.argv[1], 'rb')\n"
-                               "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
-                               "print('mapped', flush=True)\nsys.stdin.read()",
-                               str(busy / "site-packages/_ext.so")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [
+            SYSTEM_PYTHON,
+            "-c",
+            "import mmap, sys\n"
+            "f = open(sys.argv[1], 'rb')\n"
+            "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+            "print('mapped', flush=True)\nsys.stdin.read()",
+            str(busy / "site-packages/_ext.so"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "mapped\n"
         said = dpkg(scratch, "-i", str(artifacts[1])).stdout
@@ -276,9 +349,24 @@ def test_maintainer_scripts_under_systemd(artifacts: tuple[Path, Path]) -> None:
     probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
     if probe.returncode != 0 or shutil.which("deb-systemd-invoke") is None:
         pytest.skip("needs root's mount namespaces and deb-systemd-invoke")
-    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
-                           IN_A_THROWAWAY_SYSTEM, "-", str(artifacts[1]), FAKE_SYSTEMCTL],
-                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    done = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            IN_A_THROWAWAY_SYSTEM,
+            "-",
+            str(artifacts[1]),
+            FAKE_SYSTEMCTL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     steps: dict[str, tuple[str, list[str]]] = {}
     for chunk in done.stdout.split("=== ")[1:]:
@@ -292,9 +380,13 @@ def test_maintainer_scripts_under_systemd(artifacts: tuple[Path, Path]) -> None:
     assert "wsrunner: " not in said, said
     said, calls = steps["upgrade-running"]
     assert f"wsrunner: restarted {unit}: upgraded from {__version__} to {__version__}" in said
-    assert calls == ["daemon-reload", f"is-active {unit}",
-                     f"show --property=InvocationID --value {unit}", f"try-restart {unit}",
-                     f"show --property=InvocationID --value {unit}"], calls  # fmt: skip
+    assert calls == [
+        "daemon-reload",
+        f"is-active {unit}",
+        f"show --property=InvocationID --value {unit}",
+        f"try-restart {unit}",
+        f"show --property=InvocationID --value {unit}",
+    ], calls
     said, calls = steps["upgrade-stopped"]
     assert f"wsrunner: not restarting {unit}: it is not running (failed)" in said, said
     assert calls == ["daemon-reload", f"is-active {unit}"], calls

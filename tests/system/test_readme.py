@@ -55,18 +55,30 @@ def test_the_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
         kill -TERM "$serve"
         wait "$serve"
     """
-    env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state"),
-           "WORKSPACE_VOLUME_PATH": str(tmp_path / "workspaces"),
-           "WORKER_INTERNAL_TOKEN": "readme-test-internal-token"}  # fmt: skip
+    env = {
+        **os.environ,
+        "STATE_DIRECTORY": str(tmp_path / "state"),
+        "WORKSPACE_VOLUME_PATH": str(tmp_path / "workspaces"),
+        "WORKER_INTERNAL_TOKEN": "readme-test-internal-token",
+    }
     for name in ("REDIS_URL", "DATABASE_URL", "WSRUNNER_CONFIG", "PUBLIC_API_PORT"):
         env.pop(name, None)  # the README's ./dev serve: the embedded backend on 8080
     unshare = shutil.which("unshare")
     assert unshare, "unshare (util-linux) is missing"
-    done = subprocess.run([unshare, "--net", "bash", "-c", driver], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    done = subprocess.run(
+        [unshare, "--net", "bash", "-c", driver],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     served = log.read_text() if log.exists() else ""
     assert done.returncode == 0, f"{done.stderr}\n--- ./dev serve:\n{served[-3000:]}"
-    data = [json.loads(line[len("data: "):]) for line in done.stdout.splitlines()
-            if line.startswith("data: ")]  # fmt: skip
+    data = [
+        json.loads(line[len("data: ") :])
+        for line in done.stdout.splitlines()
+        if line.startswith("data: ")
+    ]
     assert {"step": 1, "stream": "stdout", "data": "hi\n"} in data, done.stdout
     assert data[-1]["status"] == "completed", done.stdout

@@ -40,11 +40,21 @@ ADMIN_PG = DATABASE_URL.rsplit("/", 1)[0] + "/postgres"
 HBA_MARK = "# wsrunner-test-secured-backends"
 
 
-def wsrunner(*args: str, env: dict[str, str] | None = None, stdin: str | None = None,
-             ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def wsrunner(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """The `wsrunner` command, as an operator runs it."""
-    return subprocess.run([sys.executable, "-m", "wsrunner", *args], input=stdin, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "wsrunner", *args],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def admin_pg() -> psycopg.Connection[tuple[object, ...]]:
@@ -71,8 +81,19 @@ def _redis_account(creds: Path, redis_client: redis.Redis) -> Iterator[RedisAcco
     tag = uuid.uuid4().hex[:10]
     user, prefix = f"wsrtest_{tag}", f"wsrtest-{tag}"
     try:
-        done = wsrunner("provision", "redis", "--admin-url", REDIS_URL, "--user", user,
-                        "--prefix", prefix, "--no-save", "--credentials-dir", str(creds))  # fmt: skip
+        done = wsrunner(
+            "provision",
+            "redis",
+            "--admin-url",
+            REDIS_URL,
+            "--user",
+            user,
+            "--prefix",
+            prefix,
+            "--no-save",
+            "--credentials-dir",
+            str(creds),
+        )
         assert done.returncode == 0, done.stderr
         url = (creds / "redis-url").read_text().strip()
         yield RedisAccount(user, prefix, url)
@@ -109,8 +130,10 @@ def _scram_role() -> Iterator[str]:
         pytest.skip(f"{hba} is not writable: the role's SCRAM login cannot be enforced here")
     mark = f"{HBA_MARK} {role}"
     original = hba.read_text()
-    lines = (f"host all {role} 127.0.0.1/32 scram-sha-256 {mark}\n"
-             f"host all {role} ::1/128 scram-sha-256 {mark}\n")  # fmt: skip
+    lines = (
+        f"host all {role} 127.0.0.1/32 scram-sha-256 {mark}\n"
+        f"host all {role} ::1/128 scram-sha-256 {mark}\n"
+    )
     hba.write_text(lines + original)
     try:
         _reload_pg()
@@ -119,8 +142,9 @@ def _scram_role() -> Iterator[str]:
         _drop_hba_lines(hba, mark)
         _reload_pg()
         with admin_pg() as conn:
-            for db in conn.execute("SELECT datname FROM pg_database WHERE pg_get_userbyid(datdba)"
-                                   " = %s", (role,)).fetchall():  # fmt: skip
+            for db in conn.execute(
+                "SELECT datname FROM pg_database WHERE pg_get_userbyid(datdba) = %s", (role,)
+            ).fetchall():
                 conn.execute(
                     sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(str(db[0])))
                 )
@@ -142,8 +166,18 @@ def _wait_password_required(url: str) -> None:
 
 @pytest.fixture(name="pg_url")
 def _pg_url(creds: Path, scram_role: str) -> str:
-    done = wsrunner("provision", "postgres", "--admin-url", ADMIN_PG, "--role", scram_role,
-                    "--database", scram_role, "--credentials-dir", str(creds))  # fmt: skip
+    done = wsrunner(
+        "provision",
+        "postgres",
+        "--admin-url",
+        ADMIN_PG,
+        "--role",
+        scram_role,
+        "--database",
+        scram_role,
+        "--credentials-dir",
+        str(creds),
+    )
     assert done.returncode == 0, done.stderr
     url = (creds / "database-url").read_text().strip()
     _wait_password_required(url)
@@ -158,7 +192,7 @@ def test_every_redis_command_the_daemon_sends_is_in_the_acl_list() -> None:
     a provisioned Redis fail where the tests' default user has every command."""
     sent: set[str] = set()
     for module in ("queue.py", "resp.py"):
-        text = (REPO / "wsrunner" / module).read_text()
+        text = (REPO / "wsrunner" / "backends" / "redis" / module).read_text()
         sent |= set(re.findall(r"redis\.call\('([A-Z]+)'", text))  # inside the Lua scripts
         sent |= set(re.findall(r"(?:execute|_cmd)\(\s*\"([A-Z]+)\"", text))
         sent |= set(re.findall(r"\[\s*\"([A-Z]{3,})\"", text))  # pipelines, MULTI/EXEC, AUTH
@@ -197,10 +231,20 @@ def test_the_acl_user_reaches_only_its_prefix_and_its_commands(
             r.set(f"{prefix}:k", "v")
             assert r.get(f"{prefix}:k") == "v"
             assert r.publish(f"{prefix}:cancel", "x") == 0
-            for command in (["FLUSHALL"], ["FLUSHDB"], ["CONFIG", "GET", "*"], ["KEYS", "*"],
-                            ["SCAN", "0"], ["ACL", "LIST"], ["SCRIPT", "FLUSH"],
-                            ["CLIENT", "LIST"], ["MODULE", "LIST"], ["SWAPDB", "0", "1"],
-                            ["MIGRATE", "h", "1", "k", "0", "1"], ["MONITOR"]):  # fmt: skip
+            for command in (
+                ["FLUSHALL"],
+                ["FLUSHDB"],
+                ["CONFIG", "GET", "*"],
+                ["KEYS", "*"],
+                ["SCAN", "0"],
+                ["ACL", "LIST"],
+                ["SCRIPT", "FLUSH"],
+                ["CLIENT", "LIST"],
+                ["MODULE", "LIST"],
+                ["SWAPDB", "0", "1"],
+                ["MIGRATE", "h", "1", "k", "0", "1"],
+                ["MONITOR"],
+            ):
                 with pytest.raises(NoPermissionError):
                     r.execute_command(*command)
             for key in (f"{outside}:marker", "workspace:tasks:normal", f"{prefix}x:k"):
@@ -234,32 +278,78 @@ def test_provision_redis_refuses_what_it_must_not_touch(
     redis_account: RedisAccount, redis_client: redis.Redis, tmp_path: Path, creds: Path
 ) -> None:
     before = (creds / "redis-url").read_text()
-    again = wsrunner("provision", "redis", "--admin-url", REDIS_URL, "--user", redis_account.user,
-                     "--credentials-dir", str(creds))  # fmt: skip
+    again = wsrunner(
+        "provision",
+        "redis",
+        "--admin-url",
+        REDIS_URL,
+        "--user",
+        redis_account.user,
+        "--credentials-dir",
+        str(creds),
+    )
     assert again.returncode == 2 and "exists: --force" in again.stderr
     assert (creds / "redis-url").read_text() == before  # nothing changed
-    elsewhere = wsrunner("provision", "redis", "--admin-url", REDIS_URL, "--user", redis_account.user,
-                         "--credentials-dir", str(tmp_path / "other"))  # fmt: skip
+    elsewhere = wsrunner(
+        "provision",
+        "redis",
+        "--admin-url",
+        REDIS_URL,
+        "--user",
+        redis_account.user,
+        "--credentials-dir",
+        str(tmp_path / "other"),
+    )
     assert elsewhere.returncode == 1 and "already has a user" in elsewhere.stderr
-    default = wsrunner("provision", "redis", "--admin-url", REDIS_URL, "--user", "default",
-                       "--force", "--credentials-dir", str(tmp_path / "d"))  # fmt: skip
+    default = wsrunner(
+        "provision",
+        "redis",
+        "--admin-url",
+        REDIS_URL,
+        "--user",
+        "default",
+        "--force",
+        "--credentials-dir",
+        str(tmp_path / "d"),
+    )
     assert default.returncode == 2 and "'default'" in default.stderr
     assert "nopass" in redis_client.acl_getuser("default")["flags"]  # the default user untouched
     # A credential file that cannot be written stops the run before the account is made.
     (tmp_path / "not-a-dir").write_text("")
     newcomer = f"{redis_account.user}_new"
-    blocked = wsrunner("provision", "redis", "--admin-url", REDIS_URL, "--user", newcomer,
-                       "--credentials-dir", str(tmp_path / "not-a-dir"))  # fmt: skip
+    blocked = wsrunner(
+        "provision",
+        "redis",
+        "--admin-url",
+        REDIS_URL,
+        "--user",
+        newcomer,
+        "--credentials-dir",
+        str(tmp_path / "not-a-dir"),
+    )
     assert blocked.returncode == 2 and "cannot write" in blocked.stderr
     assert redis_client.acl_getuser(newcomer) is None
     assert sorted(p.name for p in creds.iterdir()) == ["redis-url"]  # no staged file left
     with redis.Redis.from_url(before.strip()) as r:
         assert r.ping()  # the account still has its password
     # The shared Redis here lets anyone in as `default`: the tool says so.
-    assert "warning: Redis's 'default' user needs no password" in wsrunner(
-        "provision", "redis", "--admin-url", REDIS_URL, "--user", redis_account.user, "--force",
-        "--no-save", "--prefix", redis_account.prefix, "--credentials-dir", str(tmp_path / "f"),
-    ).stderr  # fmt: skip
+    assert (
+        "warning: Redis's 'default' user needs no password"
+        in wsrunner(
+            "provision",
+            "redis",
+            "--admin-url",
+            REDIS_URL,
+            "--user",
+            redis_account.user,
+            "--force",
+            "--no-save",
+            "--prefix",
+            redis_account.prefix,
+            "--credentials-dir",
+            str(tmp_path / "f"),
+        ).stderr
+    )
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -278,14 +368,18 @@ def test_the_role_logs_in_with_its_scram_password_only(
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(wrong, connect_timeout=5)
     with admin_pg() as conn:
-        row = conn.execute("SELECT rolpassword, rolsuper, rolcreatedb, rolcreaterole FROM pg_authid"
-                           " WHERE rolname = %s", (scram_role,)).fetchone()  # fmt: skip
+        row = conn.execute(
+            "SELECT rolpassword, rolsuper, rolcreatedb, rolcreaterole FROM pg_authid"
+            " WHERE rolname = %s",
+            (scram_role,),
+        ).fetchone()
         assert row is not None
         verifier, *powers = row
         assert str(verifier).startswith("SCRAM-SHA-256$4096:") and password not in str(verifier)
         assert powers == [False, False, False]
-        acl = conn.execute("SELECT datacl::text FROM pg_database WHERE datname = %s",
-                           (scram_role,)).fetchone()  # fmt: skip
+        acl = conn.execute(
+            "SELECT datacl::text FROM pg_database WHERE datname = %s", (scram_role,)
+        ).fetchone()
         assert acl is not None and "=c" not in str(acl[0]).replace(
             f"{scram_role}=", ""
         )  # no PUBLIC connect
@@ -294,14 +388,28 @@ def test_the_role_logs_in_with_its_scram_password_only(
 def test_provision_postgres_prints_sql_and_refuses_other_owners(
     scram_role: str, tmp_path: Path
 ) -> None:
-    printed = wsrunner("provision", "postgres", "--print-sql", "--role", scram_role, "--database",
-                       scram_role, "--credentials-dir", str(tmp_path / "c"))  # fmt: skip
+    printed = wsrunner(
+        "provision",
+        "postgres",
+        "--print-sql",
+        "--role",
+        scram_role,
+        "--database",
+        scram_role,
+        "--credentials-dir",
+        str(tmp_path / "c"),
+    )
     assert printed.returncode == 0, printed.stderr
     url = (tmp_path / "c" / "database-url").read_text().strip()
     password = url.split(":")[2].split("@")[0]
     assert password not in printed.stdout and "SCRAM-SHA-256$" in printed.stdout
-    ran = subprocess.run(["psql", "-d", ADMIN_PG, "-X", "-q", "-f", "-"], input=printed.stdout,
-                         capture_output=True, text=True, check=False)  # fmt: skip
+    ran = subprocess.run(
+        ["psql", "-d", ADMIN_PG, "-X", "-q", "-f", "-"],
+        input=printed.stdout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ran.returncode == 0, ran.stderr
     _wait_password_required(url)
     with psycopg.connect(url) as conn:
@@ -309,8 +417,9 @@ def test_provision_postgres_prints_sql_and_refuses_other_owners(
 
     def verifier() -> object:
         with admin_pg() as conn:
-            row = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s",
-                               (scram_role,)).fetchone()  # fmt: skip
+            row = conn.execute(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (scram_role,)
+            ).fetchone()
         return row and row[0]
 
     before = verifier()
@@ -319,8 +428,15 @@ def test_provision_postgres_prints_sql_and_refuses_other_owners(
         (["--role", scram_role, "--database", "postgres", "--force"], "belongs to another role"),
         (["--role", "postgres", "--database", scram_role, "--force"], "administrative attributes"),
     ):
-        done = wsrunner("provision", "postgres", "--admin-url", ADMIN_PG, *argv,
-                        "--credentials-dir", str(tmp_path / uuid.uuid4().hex))  # fmt: skip
+        done = wsrunner(
+            "provision",
+            "postgres",
+            "--admin-url",
+            ADMIN_PG,
+            *argv,
+            "--credentials-dir",
+            str(tmp_path / uuid.uuid4().hex),
+        )
         assert done.returncode == 1 and said in done.stderr, done.stderr
     assert verifier() == before  # a refusal changes nothing
     with admin_pg() as conn:
@@ -333,36 +449,61 @@ def test_provision_postgres_prints_sql_and_refuses_other_owners(
 
 
 async def test_the_daemon_runs_a_task_on_the_secured_accounts(
-    tmp_path: Path, creds: Path, redis_account: RedisAccount, pg_url: str,
+    tmp_path: Path,
+    creds: Path,
+    redis_account: RedisAccount,
+    pg_url: str,
     redis_client: redis.Redis,
-) -> None:  # fmt: skip
+) -> None:
     """The daemon as the package runs it: secrets only as credential files, no URL in its
     environment; a task goes from submit to completed through the ACL user and the role."""
     traversable(tmp_path)
     (creds / "internal-token").write_text("secured-internal-token")
     public = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("REDIS_URL", "DATABASE_URL", "WORKER_INTERNAL_TOKEN")}  # fmt: skip
-    env.update({"CREDENTIALS_DIRECTORY": str(creds), "WSRUNNER_REDIS_PREFIX": redis_account.prefix,
-                "WORKSPACE_VOLUME_PATH": str(tmp_path / "volume"), "PUBLIC_API_HOST": "127.0.0.1",
-                "PUBLIC_API_PORT": str(public), "WORKER_HEALTH_PORT": str(free_port()),
-                "LOG_FORMAT": "text"})  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "WORKER_INTERNAL_TOKEN")
+    }
+    env.update(
+        {
+            "CREDENTIALS_DIRECTORY": str(creds),
+            "WSRUNNER_REDIS_PREFIX": redis_account.prefix,
+            "WORKSPACE_VOLUME_PATH": str(tmp_path / "volume"),
+            "PUBLIC_API_HOST": "127.0.0.1",
+            "PUBLIC_API_PORT": str(public),
+            "WORKER_HEALTH_PORT": str(free_port()),
+            "LOG_FORMAT": "text",
+        }
+    )
     made = wsrunner("tokens", "create", "--name", "secured", "--all-workspaces", "--json", env=env)
     assert made.returncode == 0, made.stderr
     bearer = json.loads(made.stdout)["token"]
     redis_client.execute_command("ACL", "LOG", "RESET")
     log = tmp_path / "daemon.log"
     with log.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=sink)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wsrunner", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{public}",
-                                     headers={"Authorization": f"Bearer {bearer}"}) as c:  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{public}", headers={"Authorization": f"Bearer {bearer}"}
+        ) as c:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    r = await c.post("/api/tasks/submit", json={"workspace_id": "secured", "steps": [
-                        {"action": "execute_command", "command": "echo through-the-acl"}]})  # fmt: skip
+                    r = await c.post(
+                        "/api/tasks/submit",
+                        json={
+                            "workspace_id": "secured",
+                            "steps": [
+                                {"action": "execute_command", "command": "echo through-the-acl"}
+                            ],
+                        },
+                    )
                     break
                 except httpx.TransportError:
                     assert proc.poll() is None, log.read_text(errors="replace")[-3000:]

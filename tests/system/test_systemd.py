@@ -38,17 +38,30 @@ def _runnable_copy(tmp_path: Path) -> Path:
 
 @needs_systemd_analyze
 def test_unit_verifies_without_a_warning(tmp_path: Path) -> None:
-    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(_runnable_copy(tmp_path))],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(_runnable_copy(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     # verify exits 0 even for unknown keys; they only show on stderr.
     assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
 @needs_systemd_analyze
 def test_unit_exposure_is_under_the_threshold(tmp_path: Path) -> None:
-    done = subprocess.run(["systemd-analyze", "security", "--offline=true",
-                           f"--threshold={int(EXPOSURE_MAX * 10)}", str(_runnable_copy(tmp_path))],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=true",
+            f"--threshold={int(EXPOSURE_MAX * 10)}",
+            str(_runnable_copy(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     last = done.stdout.strip().splitlines()[-1]
     exposure = float(last.split("level for wsrunner.service:")[1].split()[0])
     assert exposure <= EXPOSURE_MAX and done.returncode == 0, done.stdout[-2000:]
@@ -57,16 +70,22 @@ def test_unit_exposure_is_under_the_threshold(tmp_path: Path) -> None:
 def test_unit_does_not_restart_on_a_configuration_error() -> None:
     """A configuration error exits 2 (tests/system/test_cli.py checks that): restarting cannot fix it."""
     service = UNIT.read_text().split("[Service]", 1)[1].split("\n[", 1)[0]
-    keys = [line.partition("=")[::2] for line in service.splitlines() if "=" in line
-            and not line.startswith("#")]  # fmt: skip
+    keys = [
+        line.partition("=")[::2]
+        for line in service.splitlines()
+        if "=" in line and not line.startswith("#")
+    ]
     assert ("Restart", "on-failure") in keys
     assert ("RestartPreventExitStatus", "2") in keys
 
 
 def _service_keys() -> list[tuple[str, str]]:
     service = UNIT.read_text().split("[Service]", 1)[1].split("\n[", 1)[0]
-    return [line.partition("=")[::2] for line in service.splitlines()
-            if "=" in line and not line.startswith("#")]  # fmt: skip
+    return [
+        line.partition("=")[::2]
+        for line in service.splitlines()
+        if "=" in line and not line.startswith("#")
+    ]
 
 
 def test_unit_sets_no_setting_over_the_settings_file() -> None:
@@ -90,22 +109,42 @@ def test_unit_checks_settings_and_policy_before_a_reload() -> None:
 
 @pytest.mark.parametrize(
     ("name", "text", "expected"),
-    [("wsrunner.conf", "concurrency: yes\nhealth_port: 1.5\n",
-      ["{f}:1:14: concurrency: must be an integer, not a string ('yes')",
-       "{f}:2:14: health_port: must be an integer, not a float (1.5)"]),
-     ("policy.yaml", "version: 1\n", ["{f}:1:1: version: unknown key (not in the wsrunner/v1 schema)"])],
-)  # fmt: skip
+    [
+        (
+            "wsrunner.conf",
+            "concurrency: yes\nhealth_port: 1.5\n",
+            [
+                "{f}:1:14: concurrency: must be an integer, not a string ('yes')",
+                "{f}:2:14: health_port: must be an integer, not a float (1.5)",
+            ],
+        ),
+        (
+            "policy.yaml",
+            "version: 1\n",
+            ["{f}:1:1: version: unknown key (not in the wsrunner/v1 schema)"],
+        ),
+    ],
+)
 def test_serve_checks_what_the_unit_does_not_and_exits_2(
     tmp_path: Path, name: str, text: str, expected: list[str]
 ) -> None:
     """The start-time check the unit leaves to `serve`: every located problem, then exit 2."""
     bad = tmp_path / name
     bad.write_text(text)
-    env = {"PATH": os.environ["PATH"], "STATE_DIRECTORY": str(tmp_path / "state"),
-           "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WSRUNNER_SYSTEM_ROOT": str(tmp_path)}  # fmt: skip
+    env = {
+        "PATH": os.environ["PATH"],
+        "STATE_DIRECTORY": str(tmp_path / "state"),
+        "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"),
+        "WSRUNNER_SYSTEM_ROOT": str(tmp_path),
+    }
     env["WSRUNNER_CONFIG" if name == "wsrunner.conf" else "POLICY_FILE"] = str(bad)
-    done = subprocess.run([sys.executable, "-m", "wsrunner", "serve"], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "wsrunner", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
     assert all(line.format(f=bad) in lines for line in expected), done.stderr
@@ -135,14 +174,27 @@ async def test_notify_protocol_ready_watchdog_reload_stopping(
     (creds / "internal-token").write_text("cred-token")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "WORKER_INTERNAL_TOKEN"}
-    env.update({"REDIS_URL": REDIS_URL, "DATABASE_URL": DATABASE_URL,
-                "WSRUNNER_REDIS_PREFIX": prefix, "WSRUNNER_DATABASE_SCHEMA": schema,
-                "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"), "WORKER_HEALTH_PORT": str(port),
-                "PUBLIC_API_HOST": "127.0.0.1", "PUBLIC_API_PORT": str(free_port()),
-                "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000",
-                "CREDENTIALS_DIRECTORY": str(creds)})  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "wsrunner", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    env.update(
+        {
+            "REDIS_URL": REDIS_URL,
+            "DATABASE_URL": DATABASE_URL,
+            "WSRUNNER_REDIS_PREFIX": prefix,
+            "WSRUNNER_DATABASE_SCHEMA": schema,
+            "WORKSPACE_VOLUME_PATH": str(tmp_path / "v"),
+            "WORKER_HEALTH_PORT": str(port),
+            "PUBLIC_API_HOST": "127.0.0.1",
+            "PUBLIC_API_PORT": str(free_port()),
+            "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+            "WATCHDOG_USEC": "400000",
+            "CREDENTIALS_DIRECTORY": str(creds),
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsrunner", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     messages: list[dict[str, str]] = []
 
     async def receive() -> dict[str, str]:
@@ -185,6 +237,7 @@ async def test_notify_protocol_ready_watchdog_reload_stopping(
             proc.kill()
         proc.wait()
         listener.close()
-    order = [next(k for k in ("READY", "RELOADING", "STOPPING", "WATCHDOG") if k in m)
-             for m in messages]  # fmt: skip
+    order = [
+        next(k for k in ("READY", "RELOADING", "STOPPING", "WATCHDOG") if k in m) for m in messages
+    ]
     assert order.index("READY") < order.index("RELOADING") < order.index("STOPPING")

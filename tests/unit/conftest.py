@@ -108,8 +108,9 @@ async def run_next(runner: TaskRunner, queue: MemoryQueue) -> None:
 
 async def status_changes(queue: MemoryQueue, task_id: str) -> list[str]:
     """The statuses of the task's `status_changed` events, in order."""
-    return [e.data["status"] for e in await queue.read_events(task_id)
-            if e.type == "status_changed"]  # fmt: skip
+    return [
+        e.data["status"] for e in await queue.read_events(task_id) if e.type == "status_changed"
+    ]
 
 
 async def until(predicate: Callable[[], Any], *, timeout: float = 600.0) -> Any:

@@ -60,11 +60,13 @@ def test_core_never_imports_the_frontend_or_quart() -> None:
 
 def test_each_driver_is_imported_by_its_backend_alone() -> None:
     # provision.py is the operator's tool that makes wsrunner's accounts (no event loop).
-    allowed = {"redis": ("wsrunner.backends.redis", "wsrunner.backends.provision"),
-               "hiredis": ("wsrunner.backends.redis",),
-               "psycopg": ("wsrunner.backends.postgres", "wsrunner.backends.provision"),
-               "psycopg_pool": ("wsrunner.backends.postgres",),
-               "sqlite3": ("wsrunner.backends.embedded",)}  # fmt: skip
+    allowed = {
+        "redis": ("wsrunner.backends.redis", "wsrunner.backends.provision"),
+        "hiredis": ("wsrunner.backends.redis",),
+        "psycopg": ("wsrunner.backends.postgres", "wsrunner.backends.provision"),
+        "psycopg_pool": ("wsrunner.backends.postgres",),
+        "sqlite3": ("wsrunner.backends.embedded",),
+    }
     for module, names in CORE.items():
         for driver in _top(names) & DRIVERS:
             assert module.startswith(allowed[driver]), f"{module} imports {driver}"

@@ -45,8 +45,9 @@ async def task_in(store: MemoryStore, state: TaskState) -> str:
         return s.task_id
     await store.start(s, worker_id=WORKER, workspace_path="/w")
     if state is not TaskState.RUNNING:
-        await store.finish(s.task_id, state, worker_id=WORKER, result={}, error=None,
-                           execution_time_ms=1)  # fmt: skip
+        await store.finish(
+            s.task_id, state, worker_id=WORKER, result={}, error=None, execution_time_ms=1
+        )
     return s.task_id
 
 
@@ -85,8 +86,9 @@ async def test_unknown_tasks_and_other_daemons_are_refused() -> None:
         await store.transition(str(uuid.uuid4()), TaskState.CANCELLED)
     tid = await task_in(store, TaskState.RUNNING)
     with pytest.raises(InvalidTransitionError):
-        await store.finish(tid, TaskState.COMPLETED, worker_id="unit-b", result={}, error=None,
-                           execution_time_ms=1)  # fmt: skip
+        await store.finish(
+            tid, TaskState.COMPLETED, worker_id="unit-b", result={}, error=None, execution_time_ms=1
+        )
     with pytest.raises(InvalidTransitionError):
         await store.transition(tid, TaskState.QUEUED, expect_worker="unit-b")
     await store.transition(tid, TaskState.QUEUED, expect_worker=WORKER)

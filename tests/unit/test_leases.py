@@ -32,9 +32,12 @@ async def started_by(worker: str, queue: MemoryQueue, store: MemoryStore) -> str
 
 
 async def test_a_dead_daemons_task_is_requeued_once_its_heartbeat_expires(
-    service: Service, settings: Settings, runner: TaskRunner, store: MemoryStore,
+    service: Service,
+    settings: Settings,
+    runner: TaskRunner,
+    store: MemoryStore,
     queue: MemoryQueue,
-) -> None:  # fmt: skip
+) -> None:
     tid = await submit(service, "echo again")
     await started_by(OTHER, queue, store)
     reaper = Reaper(settings, queue, store)
@@ -54,8 +57,11 @@ async def test_a_dead_daemons_task_is_requeued_once_its_heartbeat_expires(
 
 
 async def test_a_claim_the_dead_daemon_never_started_is_handed_on(
-    service: Service, settings: Settings, store: MemoryStore, queue: MemoryQueue,
-) -> None:  # fmt: skip
+    service: Service,
+    settings: Settings,
+    store: MemoryStore,
+    queue: MemoryQueue,
+) -> None:
     tid = await submit(service, "echo hi")
     assert await queue.claim(OTHER) is not None
     await queue.heartbeat(OTHER, [], ttl_s=3)
@@ -67,8 +73,11 @@ async def test_a_claim_the_dead_daemon_never_started_is_handed_on(
 
 
 async def test_after_max_attempts_the_task_is_failed(
-    service: Service, settings: Settings, store: MemoryStore, queue: MemoryQueue,
-) -> None:  # fmt: skip
+    service: Service,
+    settings: Settings,
+    store: MemoryStore,
+    queue: MemoryQueue,
+) -> None:
     tid = await submit(service, "echo never")
     reaper = Reaper(settings, queue, store)
     for attempt in range(1, settings.max_attempts + 1):
@@ -86,9 +95,13 @@ async def test_after_max_attempts_the_task_is_failed(
 
 
 async def test_a_live_daemons_tasks_are_left_alone(
-    service: Service, settings: Settings, store: MemoryStore, queue: MemoryQueue,
-    executor: FakeExecutor, workspaces: FakeWorkspaces,
-) -> None:  # fmt: skip
+    service: Service,
+    settings: Settings,
+    store: MemoryStore,
+    queue: MemoryQueue,
+    executor: FakeExecutor,
+    workspaces: FakeWorkspaces,
+) -> None:
     """Daemon b runs a task for ten leases, heartbeating; the reaper on a passes all along."""
     tid = await submit(service, "sleep 30")
     other = replace(settings, worker_id=OTHER)
@@ -105,8 +118,11 @@ async def test_a_live_daemons_tasks_are_left_alone(
 
 
 async def test_the_reaper_loop_frees_a_dead_daemons_task_within_half_a_lease(
-    service: Service, settings: Settings, store: MemoryStore, queue: MemoryQueue,
-) -> None:  # fmt: skip
+    service: Service,
+    settings: Settings,
+    store: MemoryStore,
+    queue: MemoryQueue,
+) -> None:
     tid = await submit(service, "echo hi")
 
     async def requeued() -> bool:
@@ -123,8 +139,11 @@ async def test_the_reaper_loop_frees_a_dead_daemons_task_within_half_a_lease(
 
 
 async def test_reconcile_requeues_a_running_task_once_its_lease_expires(
-    service: Service, settings: Settings, store: MemoryStore, queue: MemoryQueue,
-) -> None:  # fmt: skip
+    service: Service,
+    settings: Settings,
+    store: MemoryStore,
+    queue: MemoryQueue,
+) -> None:
     """The PostgreSQL path, for when Redis lost everything: an empty queue and the store."""
     tid = await submit(service, "echo hi")
     await started_by(OTHER, queue, store)  # its lease: 3 s
@@ -143,10 +162,14 @@ async def test_reconcile_requeues_a_running_task_once_its_lease_expires(
 
 
 async def test_reconcile_pushes_a_queued_task_the_queue_lost_once_it_is_old_enough(
-    settings: Settings, store: MemoryStore, queue: MemoryQueue,
-) -> None:  # fmt: skip
-    spec = parse_task({"workspace_id": "ws-1", "steps": [{"action": "execute_command",
-                       "command": "echo hi"}]}, task_id="0b6a6d52-3a43-4c8e-9a3c-0d1b7f7e3a11")  # fmt: skip
+    settings: Settings,
+    store: MemoryStore,
+    queue: MemoryQueue,
+) -> None:
+    spec = parse_task(
+        {"workspace_id": "ws-1", "steps": [{"action": "execute_command", "command": "echo hi"}]},
+        task_id="0b6a6d52-3a43-4c8e-9a3c-0d1b7f7e3a11",
+    )
     await store.create(spec)  # written, never queued (Redis failed after the insert)
     reaper = Reaper(settings, queue, store)
     await trio.sleep(4.9)

@@ -104,7 +104,7 @@ async def test_a_cancel_racing_the_start(settings: Settings) -> None:
 
 async def test_a_daemon_taken_for_dead_leaves_the_task_to_the_one_that_took_it_over(
     settings: Settings,
-) -> None:  # fmt: skip
+) -> None:
     """Daemon b runs the task but its heartbeat lapses; the reaper hands the task on and
     daemon a runs it too. Only one of them records an end, and only once."""
     store, queue = MemoryStore(latency=LATENCY), MemoryQueue(latency=LATENCY)

@@ -112,10 +112,19 @@ def test_bad_input_names_the_field(override, field, expected) -> None:
 
 
 def test_reference_payload_parses_and_round_trips() -> None:
-    spec = parse_task(body(priority="high", timeout_seconds=60, prompt="ignored", agent_id=3,
-                           steps=[cmd("ls", cwd="repos", timeout=30),
-                                  {"action": "shell", "command": "echo"},
-                                  {"action": "git_clone", "repo": "https://tok@github.com/a/b.git"}]))  # fmt: skip
+    spec = parse_task(
+        body(
+            priority="high",
+            timeout_seconds=60,
+            prompt="ignored",
+            agent_id=3,
+            steps=[
+                cmd("ls", cwd="repos", timeout=30),
+                {"action": "shell", "command": "echo"},
+                {"action": "git_clone", "repo": "https://tok@github.com/a/b.git"},
+            ],
+        )
+    )
     assert spec.priority is Priority.HIGH and spec.timeout_seconds == 60
     assert spec.steps[0] == ExecuteCommand(command="ls", cwd="repos", timeout=30.0)
     assert isinstance(spec.steps[1], ExecuteCommand)

@@ -17,8 +17,11 @@ from wsrunner.testing import FakeExecutor, MemoryQueue, MemoryStore
 
 
 async def test_it_claims_only_when_a_slot_is_idle(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
-) -> None:  # fmt: skip
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
+) -> None:
     first = await submit(service, "sleep 10")
     second = await submit(service, "sleep 10")
     slots, stopping = Slots(1, runner), trio.Event()
@@ -50,17 +53,21 @@ async def test_it_stops_on_its_event_without_waiting_out_the_idle_block(
 
 
 async def test_a_claim_taken_while_stopping_is_handed_back(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
     executor: FakeExecutor,
-) -> None:  # fmt: skip
+) -> None:
     tid = await submit(service, "echo never")
     queue.latency = 1.0  # the claim is on its way while the stop begins
     handed_back: list[None] = []
     slots, stopping = Slots(1, runner), trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(slots.serve)
-        await nursery.start(serve_poller, queue, slots, runner.worker_id, stopping,
-                            lambda: handed_back.append(None))  # fmt: skip
+        await nursery.start(
+            serve_poller, queue, slots, runner.worker_id, stopping, lambda: handed_back.append(None)
+        )
         await trio.sleep(0.5)
         stopping.set()
     assert handed_back == [None] and executor.runs == []

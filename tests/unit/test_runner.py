@@ -18,9 +18,13 @@ from wsrunner.testing import FakeExecutor, FakeWorkspaces, MemoryQueue, MemorySt
 
 
 async def test_the_steps_run_in_order_and_the_task_completes(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
-    executor: FakeExecutor, workspaces: FakeWorkspaces,
-) -> None:  # fmt: skip
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
+    executor: FakeExecutor,
+    workspaces: FakeWorkspaces,
+) -> None:
     tid = await submit(service, "echo one", "sleep 2; echo two")
     await run_next(runner, queue)
     rec = await store.get(tid)
@@ -36,9 +40,14 @@ async def test_the_steps_run_in_order_and_the_task_completes(
 
 @pytest.mark.parametrize(("stop_on_error", "ran"), [(True, 2), (False, 3)])
 async def test_stop_on_error_stops_after_the_first_failed_step(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
-    executor: FakeExecutor, stop_on_error: bool, ran: int,
-) -> None:  # fmt: skip
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
+    executor: FakeExecutor,
+    stop_on_error: bool,
+    ran: int,
+) -> None:
     tid = await submit(service, "true", "exit 3", "echo after", stop_on_error=stop_on_error)
     await run_next(runner, queue)
     rec = await store.get(tid)
@@ -48,9 +57,12 @@ async def test_stop_on_error_stops_after_the_first_failed_step(
 
 
 async def test_a_step_timeout_fails_that_step_and_the_next_one_runs(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
     executor: FakeExecutor,
-) -> None:  # fmt: skip
+) -> None:
     body = {"workspace_id": "ws-1", "steps": [cmd("sleep 30", timeout=1), cmd("echo after")]}
     tid = (await service.submit(body)).record.id
     await run_next(runner, queue)
@@ -64,9 +76,13 @@ async def test_a_step_timeout_fails_that_step_and_the_next_one_runs(
 
 
 async def test_the_task_timeout_ends_it_timed_out_and_keeps_the_interrupted_step(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
-    executor: FakeExecutor, workspaces: FakeWorkspaces,
-) -> None:  # fmt: skip
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
+    executor: FakeExecutor,
+    workspaces: FakeWorkspaces,
+) -> None:
     tid = await submit(service, "echo started; sleep 100", "echo never", timeout_seconds=10)
     await run_next(runner, queue)
     assert trio.current_time() == pytest.approx(10)
@@ -82,9 +98,13 @@ async def test_the_task_timeout_ends_it_timed_out_and_keeps_the_interrupted_step
 
 
 async def test_a_cancel_mid_step_ends_it_cancelled_at_once(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
-    executor: FakeExecutor, settings: Settings,
-) -> None:  # fmt: skip
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
+    executor: FakeExecutor,
+    settings: Settings,
+) -> None:
     tid = await submit(service, "echo started; sleep 100", timeout_seconds=600)
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_cancel_watch, settings, queue, runner)
@@ -102,8 +122,11 @@ async def test_a_cancel_mid_step_ends_it_cancelled_at_once(
 
 
 async def test_a_task_ended_elsewhere_keeps_that_state_and_gets_the_result(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
-) -> None:  # fmt: skip
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
+) -> None:
     """The cancel request's message never reaches this daemon (no cancel watch runs): the
     steps run to their end, and the runner's `completed` loses to the recorded `cancelled`."""
     tid = await submit(service, "sleep 5; echo done")
@@ -122,9 +145,13 @@ async def test_a_task_ended_elsewhere_keeps_that_state_and_gets_the_result(
 
 
 async def test_a_task_cancelled_while_queued_never_runs(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
-    executor: FakeExecutor, workspaces: FakeWorkspaces,
-) -> None:  # fmt: skip
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
+    executor: FakeExecutor,
+    workspaces: FakeWorkspaces,
+) -> None:
     tid = await submit(service, "echo never")
     await service.cancel(tid)
     await run_next(runner, queue)
@@ -136,8 +163,11 @@ async def test_a_task_cancelled_while_queued_never_runs(
 
 
 async def test_a_shutdown_puts_the_task_back_at_the_head_of_its_queue(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
-) -> None:  # fmt: skip
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
+) -> None:
     tid = await submit(service, "sleep 100")
     later = await submit(service, "echo later")
     async with trio.open_nursery() as nursery:
@@ -153,8 +183,10 @@ async def test_a_shutdown_puts_the_task_back_at_the_head_of_its_queue(
 
 
 async def test_a_payload_that_is_not_a_task_is_dead_lettered_and_its_task_failed(
-    runner: TaskRunner, queue: MemoryQueue, executor: FakeExecutor,
-) -> None:  # fmt: skip
+    runner: TaskRunner,
+    queue: MemoryQueue,
+    executor: FakeExecutor,
+) -> None:
     tid = "0b6a6d52-3a43-4c8e-9a3c-0d1b7f7e3a11"
     await queue.requeue_payload({"task_id": tid, "workspace_id": "ws-1", "priority": "normal"})
     await run_next(runner, queue)
@@ -164,9 +196,12 @@ async def test_a_payload_that_is_not_a_task_is_dead_lettered_and_its_task_failed
 
 
 async def test_a_step_that_ended_is_kept_when_a_cancel_stops_the_task_just_after(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
     executor: FakeExecutor,
-) -> None:  # fmt: skip
+) -> None:
     tid = await submit(service, "sleep 5; echo done", "sleep 100")
     queue.latency = 0.01  # the output event of the first step takes this long to send
     async with trio.open_nursery() as nursery:

@@ -15,9 +15,12 @@ from wsrunner.testing import FakeExecutor, MemoryQueue, MemoryStore
 
 
 async def test_at_most_n_run_at_once_and_a_free_slot_takes_the_next(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
     executor: FakeExecutor,
-) -> None:  # fmt: skip
+) -> None:
     ids = [await submit(service, "sleep 10") for _ in range(5)]
     slots, stopping = Slots(2, runner), trio.Event()
     async with trio.open_nursery() as nursery:
@@ -37,9 +40,12 @@ async def test_at_most_n_run_at_once_and_a_free_slot_takes_the_next(
 
 
 async def test_a_slot_is_freed_by_a_task_that_never_starts(
-    service: Service, runner: TaskRunner, store: MemoryStore, queue: MemoryQueue,
+    service: Service,
+    runner: TaskRunner,
+    store: MemoryStore,
+    queue: MemoryQueue,
     executor: FakeExecutor,
-) -> None:  # fmt: skip
+) -> None:
     """A claim whose task was cancelled meanwhile gives its slot straight back."""
     cancelled = [await submit(service, "echo never") for _ in range(3)]
     for tid in cancelled:

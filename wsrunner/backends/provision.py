@@ -46,14 +46,36 @@ CREDENTIALS_DIR: Final = Path("/etc/wsrunner/credentials")
 #: scripts (Redis checks those against the user's ACL too). A new command in `queue.py` or
 #: `resp.py` must be added here; tests/system/test_secured_backends.py reads those files to check.
 REDIS_COMMANDS: Final = (
-    "ping", "multi", "exec", "eval", "evalsha",            # health, transactions, scripts
-    "get", "set", "del", "exists", "expire", "incr",       # results, heartbeats, claim ids
-    "hset", "hget", "hgetall", "hdel",                     # status hashes, in-flight claims
-    "sadd", "srem", "smembers",                            # active tasks, daemons
-    "lpush", "rpush", "rpop", "llen", "blmove",            # queues, the idle wait
-    "xadd", "xrange", "xread",                             # event streams
-    "publish", "subscribe", "unsubscribe",                 # events and the cancel channel
-)  # fmt: skip
+    "ping",
+    "multi",
+    "exec",
+    "eval",
+    "evalsha",  # health, transactions, scripts
+    "get",
+    "set",
+    "del",
+    "exists",
+    "expire",
+    "incr",  # results, heartbeats, claim ids
+    "hset",
+    "hget",
+    "hgetall",
+    "hdel",  # status hashes, in-flight claims
+    "sadd",
+    "srem",
+    "smembers",  # active tasks, daemons
+    "lpush",
+    "rpush",
+    "rpop",
+    "llen",
+    "blmove",  # queues, the idle wait
+    "xadd",
+    "xrange",
+    "xread",  # event streams
+    "publish",
+    "subscribe",
+    "unsubscribe",  # events and the cancel channel
+)
 #: Sent by redis-py on connect to Redis 7.2 and later; its failure is ignored, but a refusal
 #: would fill `ACL LOG`, so it is allowed where it exists.
 _OPTIONAL_COMMANDS: Final = ("client|setinfo",)
@@ -91,8 +113,15 @@ def redis_acl_rules(
         raise UsageError(f"--prefix: expected letters, digits, '_', '.', ':', '-'; got {prefix!r}")
     commands = [*REDIS_COMMANDS, *extra, *(("select",) if db else ())]
     digest = hashlib.sha256(password.encode()).hexdigest()
-    return ["reset", "on", f"#{digest}", f"~{prefix}:*", f"&{prefix}:*", "-@all",
-            *(f"+{c}" for c in commands)]  # fmt: skip
+    return [
+        "reset",
+        "on",
+        f"#{digest}",
+        f"~{prefix}:*",
+        f"&{prefix}:*",
+        "-@all",
+        *(f"+{c}" for c in commands),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +136,10 @@ def provision_redis(
 ) -> Outcome:
     """Create (or with `force`, reset) the ACL user `user` and return the daemon's URL."""
     if not _NAME.fullmatch(user) or user == "default":
-        raise UsageError(f"--user: expected a name of letters, digits and '_' other than "
-                         f"'default' (every client's user); got {user!r}")  # fmt: skip
+        raise UsageError(
+            f"--user: expected a name of letters, digits and '_' other than "
+            f"'default' (every client's user); got {user!r}"
+        )
     parts = urlsplit(admin_url)
     if parts.scheme not in ("redis", "rediss"):
         raise UsageError(f"--admin-url: expected redis:// or rediss://, got {parts.scheme!r}")
@@ -120,14 +151,17 @@ def provision_redis(
     try:
         with redis.Redis.from_url(admin_url, decode_responses=True, socket_connect_timeout=5) as r:
             if not force and _call(r, "ACL", "GETUSER", user) is not None:
-                raise ProvisionError(f"Redis already has a user {user!r}: --force resets its rules "
-                                     "and password (restart wsrunner everywhere afterwards)")  # fmt: skip
+                raise ProvisionError(
+                    f"Redis already has a user {user!r}: --force resets its rules "
+                    "and password (restart wsrunner everywhere afterwards)"
+                )
             version = tuple(int(n) for n in r.info("server")["redis_version"].split(".")[:2])
             extra = _OPTIONAL_COMMANDS if version >= (7, 2) else ()
             rules = redis_acl_rules(prefix, password, db=db, extra=extra)
             _call(r, "ACL", "SETUSER", user, *rules)
-            notes.append(f"Redis user {user!r}: keys and channels {prefix}:*, "
-                         f"{len(rules) - 6} commands")  # fmt: skip
+            notes.append(
+                f"Redis user {user!r}: keys and channels {prefix}:*, {len(rules) - 6} commands"
+            )
             warnings += _redis_default_user(r)
             if save:
                 saved, message = _redis_save(r, user)
@@ -135,8 +169,10 @@ def provision_redis(
             else:
                 notes.append("not saved (--no-save): Redis forgets the user when it restarts")
     except ResponseError as exc:
-        raise ProvisionError(f"Redis refused: {exc} (ACL needs Redis 6 or later and an admin "
-                             "account: --admin-url, or REDIS_ADMIN_URL)") from exc  # fmt: skip
+        raise ProvisionError(
+            f"Redis refused: {exc} (ACL needs Redis 6 or later and an admin "
+            "account: --admin-url, or REDIS_ADMIN_URL)"
+        ) from exc
     except RedisError as exc:
         raise ProvisionError(
             f"cannot use Redis at {parts.hostname}:{parts.port or 6379}: {exc}"
@@ -154,9 +190,11 @@ def _redis_default_user(r: redis.Redis) -> list[str]:
     info = _call(r, "ACL", "GETUSER", "default")  # redis-py makes it a dict (None: no user)
     flags = info.get("flags", []) if info else []
     if "on" in flags and "nopass" in flags:
-        return ["Redis's 'default' user needs no password and reaches every key: give it one "
-                "(ACL SETUSER default on >PASSWORD, or requirepass) or turn it off (ACL SETUSER "
-                "default off) once nothing else depends on it; see docs/operations.md"]  # fmt: skip
+        return [
+            "Redis's 'default' user needs no password and reaches every key: give it one "
+            "(ACL SETUSER default on >PASSWORD, or requirepass) or turn it off (ACL SETUSER "
+            "default off) once nothing else depends on it; see docs/operations.md"
+        ]
     return []
 
 
@@ -175,8 +213,10 @@ def _redis_save(r: redis.Redis, user: str) -> tuple[bool, str]:
         why = "Redis runs without a config file"
     except ResponseError as exc:
         why = f"saving failed ({exc})"
-    return False, (f"{why}: the user is lost when Redis restarts; add this line to its ACL file or "
-            f"redis.conf (the password appears only as its SHA-256): {line}")  # fmt: skip
+    return False, (
+        f"{why}: the user is lost when Redis restarts; add this line to its ACL file or "
+        f"redis.conf (the password appears only as its SHA-256): {line}"
+    )
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -206,10 +246,13 @@ def postgres_script(role: str, database: str, verifier: str, *, force: bool) -> 
             raise UsageError(f"{flag}: expected letters, digits and '_'; got {name!r}")
     if not _VERIFIER.fullmatch(verifier):
         raise ProvisionError("internal: not a SCRAM-SHA-256 verifier")
-    exists = ("" if force else
-              f"  IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN\n"
-              f"    RAISE EXCEPTION 'role \"{role}\" exists: --force gives it a new password';\n"
-              "  END IF;\n")  # fmt: skip
+    exists = (
+        ""
+        if force
+        else f"  IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN\n"
+        f"    RAISE EXCEPTION 'role \"{role}\" exists: --force gives it a new password';\n"
+        "  END IF;\n"
+    )
     return f"""\\set ON_ERROR_STOP on
 -- Made by `wsrunner provision postgres`: role "{role}", database "{database}".
 -- Every check comes first: when one fails, nothing has changed.
@@ -251,14 +294,18 @@ def psql_command(admin_url: str | None) -> list[str]:
     ~/.pgpass, never the command line), or as the local `postgres` user when run as root."""
     flags = ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"]
     if shutil.which("psql") is None:
-        raise ProvisionError("psql is not installed (apt-get install postgresql-client), or use "
-                             "--print-sql and run the SQL where it is")  # fmt: skip
+        raise ProvisionError(
+            "psql is not installed (apt-get install postgresql-client), or use "
+            "--print-sql and run the SQL where it is"
+        )
     if admin_url:
         return ["psql", "-d", admin_url, *flags]
     if os.geteuid() == 0 and shutil.which("runuser"):
         return ["runuser", "-u", "postgres", "--", "psql", "-d", "postgres", *flags]
-    raise ProvisionError("give --admin-url (a PostgreSQL superuser's URL), run as root on the "
-                         "database host, or use --print-sql")  # fmt: skip
+    raise ProvisionError(
+        "give --admin-url (a PostgreSQL superuser's URL), run as root on the "
+        "database host, or use --print-sql"
+    )
 
 
 # --- credential files --------------------------------------------------------------------------
@@ -304,39 +351,65 @@ class CredentialFile:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "provision", help="give wsrunner a password-protected Redis user or PostgreSQL role",
+        "provision",
+        help="give wsrunner a password-protected Redis user or PostgreSQL role",
         description="Create wsrunner's own account on Redis (an ACL user limited to its keys "
         "and commands) or PostgreSQL (a role with a SCRAM-SHA-256 password and its own "
         "database), with a random password, and write the credential file the systemd unit "
         "loads (mode 0600). Restart wsrunner afterwards.",
-    )  # fmt: skip
+    )
     kinds = p.add_subparsers(dest="backend", required=True)
     r = kinds.add_parser("redis", help="an ACL user for wsrunner's keys and commands")
-    r.add_argument("--admin-url", default=os.environ.get("REDIS_ADMIN_URL", "redis://127.0.0.1:6379/0"),
-                   help="an account that may run ACL SETUSER (default: $REDIS_ADMIN_URL, else "
-                   "redis://127.0.0.1:6379/0); its database is wsrunner's")  # fmt: skip
+    r.add_argument(
+        "--admin-url",
+        default=os.environ.get("REDIS_ADMIN_URL", "redis://127.0.0.1:6379/0"),
+        help="an account that may run ACL SETUSER (default: $REDIS_ADMIN_URL, else "
+        "redis://127.0.0.1:6379/0); its database is wsrunner's",
+    )
     r.add_argument("--user", default="wsrunner", help="ACL user name (default: wsrunner)")
     r.add_argument(
         "--prefix", default=None, help="key prefix (default: the configured redis_prefix)"
     )
-    r.add_argument("--no-save", dest="save", action="store_false",
-                   help="do not persist the ACL (ACL SAVE / CONFIG REWRITE)")  # fmt: skip
+    r.add_argument(
+        "--no-save",
+        dest="save",
+        action="store_false",
+        help="do not persist the ACL (ACL SAVE / CONFIG REWRITE)",
+    )
     pg = kinds.add_parser("postgres", help="a role with a SCRAM password and its own database")
-    pg.add_argument("--admin-url", default=None, help="a superuser's URL for psql, password in "
-                    "PGPASSWORD or ~/.pgpass (default: runuser -u postgres, as root)")  # fmt: skip
+    pg.add_argument(
+        "--admin-url",
+        default=None,
+        help="a superuser's URL for psql, password in "
+        "PGPASSWORD or ~/.pgpass (default: runuser -u postgres, as root)",
+    )
     pg.add_argument("--role", default="wsrunner", help="role name (default: wsrunner)")
     pg.add_argument("--database", default="wsrunner", help="database name (default: wsrunner)")
     pg.add_argument("--sslmode", default=None, help="sslmode in the written URL (e.g. verify-full)")
-    pg.add_argument("--print-sql", action="store_true",
-                    help="print the SQL instead of running it (the credential is written still)")  # fmt: skip
+    pg.add_argument(
+        "--print-sql",
+        action="store_true",
+        help="print the SQL instead of running it (the credential is written still)",
+    )
     for kind, port in ((r, 6379), (pg, 5432)):
-        kind.add_argument("--host", default=None, metavar="HOST[:PORT]",
-                          help=f"the address wsrunner connects to (default: the admin URL's, else "
-                          f"127.0.0.1:{port})")  # fmt: skip
-        kind.add_argument("--credentials-dir", type=Path, default=CREDENTIALS_DIR,
-                          help=f"where the credential file goes (default: {CREDENTIALS_DIR})")  # fmt: skip
-        kind.add_argument("--force", action="store_true",
-                          help="replace an existing account's password and credential file")  # fmt: skip
+        kind.add_argument(
+            "--host",
+            default=None,
+            metavar="HOST[:PORT]",
+            help=f"the address wsrunner connects to (default: the admin URL's, else "
+            f"127.0.0.1:{port})",
+        )
+        kind.add_argument(
+            "--credentials-dir",
+            type=Path,
+            default=CREDENTIALS_DIR,
+            help=f"where the credential file goes (default: {CREDENTIALS_DIR})",
+        )
+        kind.add_argument(
+            "--force",
+            action="store_true",
+            help="replace an existing account's password and credential file",
+        )
 
 
 def run(args: argparse.Namespace, redis_prefix: str) -> int:
@@ -344,8 +417,11 @@ def run(args: argparse.Namespace, redis_prefix: str) -> int:
     name = "redis-url" if args.backend == "redis" else "database-url"
     target = args.credentials_dir / name
     if target.exists() and not args.force:
-        print(f"wsrunner: {target} exists: --force makes a new password and replaces it "
-              "(restart wsrunner on every host that uses it)", file=sys.stderr)  # fmt: skip
+        print(
+            f"wsrunner: {target} exists: --force makes a new password and replaces it "
+            "(restart wsrunner on every host that uses it)",
+            file=sys.stderr,
+        )
         return 2
     credential = CredentialFile(args.credentials_dir, name)
     try:
@@ -355,8 +431,14 @@ def run(args: argparse.Namespace, redis_prefix: str) -> int:
         return 2
     try:
         if args.backend == "redis":
-            outcome = provision_redis(args.admin_url, user=args.user, prefix=args.prefix or redis_prefix,
-                                      host=args.host, save=args.save, force=args.force)  # fmt: skip
+            outcome = provision_redis(
+                args.admin_url,
+                user=args.user,
+                prefix=args.prefix or redis_prefix,
+                host=args.host,
+                save=args.save,
+                force=args.force,
+            )
         else:
             outcome = _provision_postgres(args)
     except ProvisionError as exc:
@@ -379,19 +461,30 @@ def _provision_postgres(args: argparse.Namespace) -> Outcome:
     password = new_password()
     script = postgres_script(args.role, args.database, scram_verifier(password), force=args.force)
     admin = urlsplit(args.admin_url) if args.admin_url else None
-    where = args.host or (f"{admin.hostname}:{admin.port or 5432}" if admin and admin.hostname
-                          else "127.0.0.1:5432")  # fmt: skip
+    where = args.host or (
+        f"{admin.hostname}:{admin.port or 5432}" if admin and admin.hostname else "127.0.0.1:5432"
+    )
     url = f"postgresql://{args.role}:{password}@{where}/{args.database}"
     if args.sslmode:
         url += f"?sslmode={args.sslmode}"
     if args.print_sql:
         print(script, end="")
         return Outcome(url, ["SQL printed: run it with psql as a superuser"], [])
-    done = subprocess.run(psql_command(args.admin_url), input=script, text=True,
-                          capture_output=True, check=False)  # fmt: skip
-    said = [line.split("WARNING:", 1)[1].strip() for line in done.stderr.splitlines()
-            if "WARNING:" in line]  # fmt: skip
+    done = subprocess.run(
+        psql_command(args.admin_url), input=script, text=True, capture_output=True, check=False
+    )
+    said = [
+        line.split("WARNING:", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if "WARNING:" in line
+    ]
     if done.returncode != 0:
         raise ProvisionError(f"psql failed: {done.stderr.strip() or done.returncode}")
-    return Outcome(url, [f"PostgreSQL role {args.role!r} (SCRAM-SHA-256) owns database "
-                         f"{args.database!r}; other roles may not connect to it"], said)  # fmt: skip
+    return Outcome(
+        url,
+        [
+            f"PostgreSQL role {args.role!r} (SCRAM-SHA-256) owns database "
+            f"{args.database!r}; other roles may not connect to it"
+        ],
+        said,
+    )

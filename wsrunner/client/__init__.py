@@ -65,9 +65,14 @@ class Unavailable(ApiError): ...
 
 
 _BY_STATUS: Final[dict[int, type[ApiError]]] = {
-    401: Unauthorized, 404: NotFound, 409: Conflict, 400: Invalid, 422: Invalid,
-    413: TooLarge, 503: Unavailable,
-}  # fmt: skip
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    400: Invalid,
+    422: Invalid,
+    413: TooLarge,
+    503: Unavailable,
+}
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -105,11 +110,20 @@ class Task:
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Task:
-        return cls(id=body["id"], workspace_id=body["workspace_id"], status=body["status"],
-                   priority=body["priority"], submitted_at=body["submitted_at"],
-                   started_at=body.get("started_at"), completed_at=body.get("completed_at"),
-                   error_message=body.get("error_message"), attempts=body.get("attempts", 0),
-                   result=body.get("result"), configuration=body.get("configuration"), raw=body)  # fmt: skip
+        return cls(
+            id=body["id"],
+            workspace_id=body["workspace_id"],
+            status=body["status"],
+            priority=body["priority"],
+            submitted_at=body["submitted_at"],
+            started_at=body.get("started_at"),
+            completed_at=body.get("completed_at"),
+            error_message=body.get("error_message"),
+            attempts=body.get("attempts", 0),
+            result=body.get("result"),
+            configuration=body.get("configuration"),
+            raw=body,
+        )
 
     @property
     def ended(self) -> bool:
@@ -124,16 +138,26 @@ class Event:
 
 
 class _Base:
-    def __init__(self, base_url: str, headers: dict[str, str], timeout: float,
-                 transport: httpx.AsyncBaseTransport | None) -> None:  # fmt: skip
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, transport=transport,
-                                       timeout=httpx.Timeout(timeout, read=None))  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str],
+        timeout: float,
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            transport=transport,
+            timeout=httpx.Timeout(timeout, read=None),
+        )
 
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:  # fmt: skip
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -148,22 +172,40 @@ class _Base:
 class Client(_Base):
     """The public API: tasks and their events. `token` is a bearer token (`wsrunner tokens`)."""
 
-    def __init__(self, base_url: str, token: str, *, timeout: float = 30.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         super().__init__(base_url, {"Authorization": f"Bearer {token}"}, timeout, transport)
 
-    async def submit(self, workspace_id: str, steps: Sequence[dict[str, Any]], *,
-                     priority: str = "normal", timeout_seconds: int = 300,
-                     stop_on_error: bool = False, idempotency_key: str | None = None) -> Accepted:  # fmt: skip
-        body: dict[str, Any] = {"workspace_id": workspace_id, "steps": list(steps),
-                                "priority": priority, "timeout_seconds": timeout_seconds,
-                                "stop_on_error": stop_on_error}  # fmt: skip
+    async def submit(
+        self,
+        workspace_id: str,
+        steps: Sequence[dict[str, Any]],
+        *,
+        priority: str = "normal",
+        timeout_seconds: int = 300,
+        stop_on_error: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Accepted:
+        body: dict[str, Any] = {
+            "workspace_id": workspace_id,
+            "steps": list(steps),
+            "priority": priority,
+            "timeout_seconds": timeout_seconds,
+            "stop_on_error": stop_on_error,
+        }
         if idempotency_key is not None:
             body["idempotency_key"] = idempotency_key
         return await self._accepted("/api/tasks/submit", body)
 
-    async def clone(self, workspace_id: str, repo_url: str, *, branch: str | None = None,
-                    shallow: bool = True) -> Accepted:  # fmt: skip
+    async def clone(
+        self, workspace_id: str, repo_url: str, *, branch: str | None = None, shallow: bool = True
+    ) -> Accepted:
         body: dict[str, Any] = {"repo_url": repo_url, "shallow": shallow}
         if branch is not None:
             body["branch"] = branch
@@ -173,14 +215,19 @@ class Client(_Base):
         response = await self._http.post(url, json=body)
         _raise_for(response)
         data = response.json()
-        return Accepted(data["task_id"], data["status"], data["events_url"],
-                        replayed=response.headers.get("Idempotent-Replayed") == "true")  # fmt: skip
+        return Accepted(
+            data["task_id"],
+            data["status"],
+            data["events_url"],
+            replayed=response.headers.get("Idempotent-Replayed") == "true",
+        )
 
     async def get(self, task_id: str) -> Task:
         return Task.from_json(await self._json("GET", f"/api/tasks/{task_id}"))
 
-    async def list(self, *, workspace_id: str | None = None, status: str | None = None,
-                   page_size: int = 50) -> AsyncIterator[Task]:  # fmt: skip
+    async def list(
+        self, *, workspace_id: str | None = None, status: str | None = None, page_size: int = 50
+    ) -> AsyncIterator[Task]:
         """Every matching task, newest first, fetching pages of `page_size` as it goes."""
         params: dict[str, str] = {"limit": str(page_size)}
         if workspace_id is not None:
@@ -198,8 +245,9 @@ class Client(_Base):
     async def cancel(self, task_id: str) -> None:
         await self._json("POST", f"/api/tasks/{task_id}/cancel")
 
-    async def events(self, task_id: str, *, last_event_id: str | None = None,
-                     max_reconnects: int = 10) -> AsyncIterator[Event]:  # fmt: skip
+    async def events(
+        self, task_id: str, *, last_event_id: str | None = None, max_reconnects: int = 10
+    ) -> AsyncIterator[Event]:
         """The task's events until its final status; resumes after a dropped connection.
 
         Each reconnect sends `Last-Event-ID`, so nothing is repeated or missed.
@@ -208,8 +256,9 @@ class Client(_Base):
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
             try:
-                async with aconnect_sse(self._http, "GET", f"/api/tasks/{task_id}/events",
-                                        headers=headers) as source:  # fmt: skip
+                async with aconnect_sse(
+                    self._http, "GET", f"/api/tasks/{task_id}/events", headers=headers
+                ) as source:
                     if source.response.status_code == 204:
                         return  # ended, and nothing after last_event_id
                     if not source.response.is_success:
@@ -241,37 +290,72 @@ class Client(_Base):
 class WorkspaceClient(_Base):
     """The internal API: the reference `WorkspaceClient` operations on one daemon."""
 
-    def __init__(self, base_url: str, internal_token: str, *, timeout: float = 600.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        internal_token: str,
+        *,
+        timeout: float = 600.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         super().__init__(base_url, {"X-Internal-Token": internal_token}, timeout, transport)
 
     async def read_file(self, workspace_id: str, path: str) -> dict[str, Any]:
-        return dict(await self._json("GET", f"/workspaces/{workspace_id}/files/content",
-                                     params={"path": path}))  # fmt: skip
+        return dict(
+            await self._json(
+                "GET", f"/workspaces/{workspace_id}/files/content", params={"path": path}
+            )
+        )
 
     async def write_file(self, workspace_id: str, path: str, content: str) -> dict[str, Any]:
-        return dict(await self._json("POST", f"/workspaces/{workspace_id}/files/write",
-                                     json={"path": path, "content": content}))  # fmt: skip
+        return dict(
+            await self._json(
+                "POST",
+                f"/workspaces/{workspace_id}/files/write",
+                json={"path": path, "content": content},
+            )
+        )
 
     async def list_dir(self, workspace_id: str, path: str = ".") -> dict[str, Any]:
-        return dict(await self._json("GET", f"/workspaces/{workspace_id}/files",
-                                     params={"path": path}))  # fmt: skip
+        return dict(
+            await self._json("GET", f"/workspaces/{workspace_id}/files", params={"path": path})
+        )
 
-    async def grep(self, workspace_id: str, pattern: str, *, path: str = ".",
-                   include: str | None = None, max_results: int = 50) -> dict[str, Any]:  # fmt: skip
+    async def grep(
+        self,
+        workspace_id: str,
+        pattern: str,
+        *,
+        path: str = ".",
+        include: str | None = None,
+        max_results: int = 50,
+    ) -> dict[str, Any]:
         params = {"pattern": pattern, "path": path, "max_results": str(max_results)}
         if include is not None:
             params["include"] = include
-        return dict(await self._json("GET", f"/workspaces/{workspace_id}/files/grep",
-                                     params=params))  # fmt: skip
+        return dict(
+            await self._json("GET", f"/workspaces/{workspace_id}/files/grep", params=params)
+        )
 
-    async def exec(self, workspace_id: str, command: str, *, cwd: str = ".",
-                   timeout: int = 120) -> dict[str, Any]:  # fmt: skip
-        return dict(await self._json("POST", f"/workspaces/{workspace_id}/exec",
-                                     json={"command": command, "cwd": cwd, "timeout": timeout}))  # fmt: skip
+    async def exec(
+        self, workspace_id: str, command: str, *, cwd: str = ".", timeout: int = 120
+    ) -> dict[str, Any]:
+        return dict(
+            await self._json(
+                "POST",
+                f"/workspaces/{workspace_id}/exec",
+                json={"command": command, "cwd": cwd, "timeout": timeout},
+            )
+        )
 
-    async def git(self, workspace_id: str, operation: str, *, cwd: str = ".",
-                  args: str | builtins.list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    async def git(
+        self,
+        workspace_id: str,
+        operation: str,
+        *,
+        cwd: str = ".",
+        args: str | builtins.list[str] | None = None,
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"operation": operation, "cwd": cwd}
         if args is not None:
             body["args"] = args

@@ -46,14 +46,20 @@ EXIT_CODES_HELP: Final = """\
 def add_parsers(sub: Any) -> None:
     """Add `submit` and `tasks` to the CLI's subcommands."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help="public API address (default: $WSRUNNER_URL, the client "
-                        f"config file, or {DEFAULT_URL})")  # fmt: skip
-    common.add_argument("--token", help="bearer token (default: $WSRUNNER_TOKEN or the client "
-                        "config file)")  # fmt: skip
+    common.add_argument(
+        "--url",
+        help="public API address (default: $WSRUNNER_URL, the client "
+        f"config file, or {DEFAULT_URL})",
+    )
+    common.add_argument(
+        "--token", help="bearer token (default: $WSRUNNER_TOKEN or the client config file)"
+    )
     common.add_argument("--json", action="store_true", help="print JSON")
 
     submit = sub.add_parser(
-        "submit", parents=[common], help="submit a task and print its id",
+        "submit",
+        parents=[common],
+        help="submit a task and print its id",
         description="Submit a task: one shell command (after --) or the steps of a YAML/JSON "
         "file. Prints the task id; with --wait, follows the task and exits with its outcome.",
         epilog="examples:\n"
@@ -62,38 +68,62 @@ def add_parsers(sub: Any) -> None:
         "  wsrunner submit --workspace ws-1 --priority high --json -- 'echo hi'\n\n"
         "exit codes:\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     submit.add_argument("--workspace", required=True, metavar="ID", help="workspace id")
-    submit.add_argument("--priority", default="normal",
-                        choices=["critical", "high", "normal", "low"], help="queue priority")  # fmt: skip
-    submit.add_argument("--timeout", type=int, default=300, metavar="SECONDS",
-                        help="task timeout, 10-3600 (default 300)")  # fmt: skip
-    submit.add_argument("--steps", type=Path, metavar="FILE",
-                        help="a YAML or JSON list of steps instead of a command")  # fmt: skip
+    submit.add_argument(
+        "--priority",
+        default="normal",
+        choices=["critical", "high", "normal", "low"],
+        help="queue priority",
+    )
+    submit.add_argument(
+        "--timeout",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="task timeout, 10-3600 (default 300)",
+    )
+    submit.add_argument(
+        "--steps",
+        type=Path,
+        metavar="FILE",
+        help="a YAML or JSON list of steps instead of a command",
+    )
     submit.add_argument("--idempotency-key", metavar="KEY", help="retry-safe submission key")
     submit.add_argument("--wait", action="store_true", help="follow the task to its end")
     submit.add_argument("shell", nargs="*", metavar="COMMAND", help="the shell command, after --")
 
-    examples = ("examples:\n"
-                "  wsrunner tasks list --workspace ws-1 --status running\n"
-                "  wsrunner tasks show ID --json\n"
-                "  wsrunner tasks watch ID\n\nexit codes:\n" + EXIT_CODES_HELP)  # fmt: skip
+    examples = (
+        "examples:\n"
+        "  wsrunner tasks list --workspace ws-1 --status running\n"
+        "  wsrunner tasks show ID --json\n"
+        "  wsrunner tasks watch ID\n\nexit codes:\n" + EXIT_CODES_HELP
+    )
     raw = argparse.RawDescriptionHelpFormatter
-    tasks = sub.add_parser("tasks", help="list, show, cancel or watch tasks",
-                           description="Look at and act on tasks of the public API.",
-                           epilog=examples, formatter_class=raw)  # fmt: skip
+    tasks = sub.add_parser(
+        "tasks",
+        help="list, show, cancel or watch tasks",
+        description="Look at and act on tasks of the public API.",
+        epilog=examples,
+        formatter_class=raw,
+    )
     actions = tasks.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", parents=[common], help="newest tasks first",
-                                 epilog=examples, formatter_class=raw)  # fmt: skip
+    listing = actions.add_parser(
+        "list", parents=[common], help="newest tasks first", epilog=examples, formatter_class=raw
+    )
     listing.add_argument("--workspace", metavar="ID", help="only this workspace")
     listing.add_argument(
         "--status", choices=[s.value for s in TaskState], help="only tasks in this state"
     )
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
-    for name, text in (("show", "a task's record"), ("cancel", "cancel a queued or running task"),
-                       ("watch", "follow a task's events to its end")):  # fmt: skip
-        action = actions.add_parser(name, parents=[common], help=text, epilog=examples,
-                                    formatter_class=raw)  # fmt: skip
+    for name, text in (
+        ("show", "a task's record"),
+        ("cancel", "cancel a queued or running task"),
+        ("watch", "follow a task's events to its end"),
+    ):
+        action = actions.add_parser(
+            name, parents=[common], help=text, epilog=examples, formatter_class=raw
+        )
         action.add_argument("task_id", metavar="ID")
 
 
@@ -127,8 +157,11 @@ def run(args: argparse.Namespace) -> int:
     args.url = args.url or os.environ.get("WSRUNNER_URL") or config.get("url") or DEFAULT_URL
     args.token = args.token or os.environ.get("WSRUNNER_TOKEN") or config.get("token")
     if not args.token:
-        print("wsrunner: no token; pass --token, set WSRUNNER_TOKEN, or put it in the client "
-              "config file", file=sys.stderr)  # fmt: skip
+        print(
+            "wsrunner: no token; pass --token, set WSRUNNER_TOKEN, or put it in the client "
+            "config file",
+            file=sys.stderr,
+        )
         return 2
     try:
         code: int = trio.run(_run, args)
@@ -160,8 +193,11 @@ def _reason(exc: BaseException) -> str:
     reason = _one_line(exc)
     seen = {id(exc)}
     while True:
-        inner = (exc.exceptions[0] if isinstance(exc, BaseExceptionGroup)
-                 else exc.__cause__ or exc.__context__)  # fmt: skip
+        inner = (
+            exc.exceptions[0]
+            if isinstance(exc, BaseExceptionGroup)
+            else exc.__cause__ or exc.__context__
+        )
         if inner is None or id(inner) in seen:
             return reason
         seen.add(id(inner))
@@ -188,8 +224,11 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         if args.action == "cancel":
             await wsr.cancel(args.task_id)
-            print(json.dumps({"id": args.task_id, "status": "cancelled"}) if args.json
-                  else f"task {args.task_id} cancelled")  # fmt: skip
+            print(
+                json.dumps({"id": args.task_id, "status": "cancelled"})
+                if args.json
+                else f"task {args.task_id} cancelled"
+            )
             return 0
         await wsr.get(args.task_id)  # an unknown task or a daemon that is down: say so at once
         return await _watch(wsr, args.task_id, args.json)
@@ -204,12 +243,19 @@ async def _submit(wsr: Client, args: argparse.Namespace) -> int:
         steps = [{"action": "execute_command", "command": " ".join(args.shell)}]
     else:
         raise ValueError("give a command after -- or a --steps file")
-    accepted = await wsr.submit(args.workspace, steps, priority=args.priority,
-                                timeout_seconds=args.timeout,
-                                idempotency_key=args.idempotency_key)  # fmt: skip
+    accepted = await wsr.submit(
+        args.workspace,
+        steps,
+        priority=args.priority,
+        timeout_seconds=args.timeout,
+        idempotency_key=args.idempotency_key,
+    )
     if not args.wait:
-        print(json.dumps({"task_id": accepted.task_id, "status": accepted.status})
-              if args.json else accepted.task_id)  # fmt: skip
+        print(
+            json.dumps({"task_id": accepted.task_id, "status": accepted.status})
+            if args.json
+            else accepted.task_id
+        )
         return 0
     if not args.json:
         print(accepted.task_id, file=sys.stderr)
@@ -233,30 +279,47 @@ async def _watch(wsr: Client, task_id: str, as_json: bool) -> int:
     task = await wsr.get(task_id)
     if not as_json:
         ms = task.raw.get("execution_time_ms")
-        print(f"task {task.id} {task.status}" + (f" in {ms / 1000:.1f}s" if ms is not None else "")
-              + (f": {task.error_message}" if task.error_message else ""), file=sys.stderr)  # fmt: skip
+        print(
+            f"task {task.id} {task.status}"
+            + (f" in {ms / 1000:.1f}s" if ms is not None else "")
+            + (f": {task.error_message}" if task.error_message else ""),
+            file=sys.stderr,
+        )
     return EXIT_CODES.get(task.status, 1)
 
 
 async def _watch_live(wsr: Client, task_id: str) -> None:
     console = Console()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task("queued", total=None)
         async for event in wsr.events(task_id):
             data = event.data
             if event.type == "progress_update":
-                progress.update(bar, total=data.get("total_steps"),
-                                completed=int(data.get("step", 1)) - 1,
-                                description=f"step {data.get('step')}/{data.get('total_steps')} "
-                                f"{data.get('description', '')}")  # fmt: skip
+                progress.update(
+                    bar,
+                    total=data.get("total_steps"),
+                    completed=int(data.get("step", 1)) - 1,
+                    description=f"step {data.get('step')}/{data.get('total_steps')} "
+                    f"{data.get('description', '')}",
+                )
             elif event.type == "output":
-                console.print(str(data.get("data", "")), end="", markup=False, highlight=False,
-                              style="red" if data.get("stream") == "stderr" else None)  # fmt: skip
+                console.print(
+                    str(data.get("data", "")),
+                    end="",
+                    markup=False,
+                    highlight=False,
+                    style="red" if data.get("stream") == "stderr" else None,
+                )
             elif event.type == "error":
-                console.print(f"step {data.get('step')}: {data.get('error')}", style="bold red",
-                              markup=False)  # fmt: skip
+                console.print(
+                    f"step {data.get('step')}: {data.get('error')}", style="bold red", markup=False
+                )
             elif event.type == "status_changed":
                 if data.get("status") == "running":
                     progress.update(bar, description="running")
@@ -271,16 +334,24 @@ def _print_event(event: Event) -> None:
         stream.write(str(data.get("data", "")))
         stream.flush()
     elif event.type == "progress_update":
-        print(f"[{data.get('step')}/{data.get('total_steps')}] {data.get('description', '')}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[{data.get('step')}/{data.get('total_steps')}] {data.get('description', '')}",
+            file=sys.stderr,
+            flush=True,
+        )
     elif event.type == "error":
         print(f"step {data.get('step')}: {data.get('error')}", file=sys.stderr, flush=True)
 
 
 def _describe(task: Task) -> str:
-    lines = [f"task       {task.id}", f"workspace  {task.workspace_id}",
-             f"status     {task.status}", f"priority   {task.priority}",
-             f"submitted  {task.submitted_at}", f"attempts   {task.attempts}"]  # fmt: skip
+    lines = [
+        f"task       {task.id}",
+        f"workspace  {task.workspace_id}",
+        f"status     {task.status}",
+        f"priority   {task.priority}",
+        f"submitted  {task.submitted_at}",
+        f"attempts   {task.attempts}",
+    ]
     if task.error_message:
         lines.append(f"error      {task.error_message}")
     return "\n".join(lines)

@@ -32,9 +32,13 @@ logger = logging.getLogger(__name__)
 
 
 async def serve_heartbeat(
-    settings: Settings, queue: Membership, store: RecordLeases, runner: TaskRunner,
-    *, task_status: Any = trio.TASK_STATUS_IGNORED,
-) -> None:  # fmt: skip
+    settings: Settings,
+    queue: Membership,
+    store: RecordLeases,
+    runner: TaskRunner,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Renew this daemon's leases every `heartbeat_interval_s`, forever."""
     first = True
     while True:
@@ -51,9 +55,12 @@ async def serve_heartbeat(
 
 
 async def serve_cancel_watch(
-    settings: Settings, queue: Queue, runner: TaskRunner,
-    *, task_status: Any = trio.TASK_STATUS_IGNORED,
-) -> None:  # fmt: skip
+    settings: Settings,
+    queue: Queue,
+    runner: TaskRunner,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Stop local tasks that were cancelled elsewhere: pub/sub for speed, a 1 s sweep as backstop.
 
     The sweep also catches tasks a reaper handed to another daemon while we looked dead.
@@ -199,9 +206,12 @@ class Reaper:
         for rec in await self.store.expired_running():
             if rec.worker_id and await self.queue.is_alive(rec.worker_id):
                 continue  # alive, its PostgreSQL renewals failed for a while: let it finish
-            target = await self.lifecycle.recovered(rec, rec.worker_id or "unknown",
-                                                    self.settings.max_attempts,
-                                                    payload=payload_from_record(rec))  # fmt: skip
+            target = await self.lifecycle.recovered(
+                rec,
+                rec.worker_id or "unknown",
+                self.settings.max_attempts,
+                payload=payload_from_record(rec),
+            )
             self._recovered(target, "dead_daemon")
             n += target is not None
         age = max(5.0, self.settings.heartbeat_interval_s) if min_age_s is None else min_age_s
@@ -209,8 +219,10 @@ class Reaper:
         known = await self.queue.statuses(r.id for r in stale)
         for rec in stale:
             if known.get(rec.id) is None:
-                logger.warning("queued task missing from Redis; pushing it again",
-                               extra={"task_id": rec.id, "workspace_id": rec.workspace_id})  # fmt: skip
+                logger.warning(
+                    "queued task missing from Redis; pushing it again",
+                    extra={"task_id": rec.id, "workspace_id": rec.workspace_id},
+                )
                 await self.queue.requeue_payload(payload_from_record(rec))
                 self._tell(self.on_requeue, "missing_from_queue")
                 n += 1

@@ -71,10 +71,14 @@ class Lifecycle:
         record = await self.store.transition(
             task_id, TaskState.CANCELLED, error=CANCELLED_ON_REQUEST
         )
-        await self.queue.transition(task_id, record.workspace_id, TaskState.CANCELLED,
-                                    fields={"error": CANCELLED_ON_REQUEST},
-                                    event=status_event(TaskState.CANCELLED),
-                                    result={"status": "cancelled", "error": CANCELLED_ON_REQUEST})  # fmt: skip
+        await self.queue.transition(
+            task_id,
+            record.workspace_id,
+            TaskState.CANCELLED,
+            fields={"error": CANCELLED_ON_REQUEST},
+            event=status_event(TaskState.CANCELLED),
+            result={"status": "cancelled", "error": CANCELLED_ON_REQUEST},
+        )
         await self.queue.publish_cancel(task_id)
         return record
 
@@ -87,8 +91,13 @@ class Lifecycle:
             pass
         except InvalidTransitionError:
             return  # already ended: that state stands
-        await self.queue.transition(task_id, workspace_id, TaskState.FAILED, fields={"error": error},
-                                    event=status_event(TaskState.FAILED, error=error))  # fmt: skip
+        await self.queue.transition(
+            task_id,
+            workspace_id,
+            TaskState.FAILED,
+            fields={"error": error},
+            event=status_event(TaskState.FAILED, error=error),
+        )
 
     async def started(self, spec: TaskSpec, claim: ClaimRef, workspace_path: str) -> int | None:
         """A daemon starts the task: its attempt number, or None (the claim acknowledged) when
@@ -98,8 +107,11 @@ class Lifecycle:
                 spec, worker_id=claim.worker_id, workspace_path=workspace_path
             )
         except InvalidTransitionError as exc:
-            logger.info("not starting task: it is %s", exc.current,
-                        extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
+            logger.info(
+                "not starting task: it is %s",
+                exc.current,
+                extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id},
+            )
             await self.queue.ack(claim.worker_id, claim.claim_id)
             return None
 
@@ -112,32 +124,56 @@ class Lifecycle:
         try:
             with trio.CancelScope(shield=True):
                 await self.queue.transition(
-                    spec.task_id, spec.workspace_id, TaskState.RUNNING,
-                    fields={"worker_id": worker_id, "started_at": datetime.now(UTC).isoformat(),
-                            "attempts": str(attempt)},
+                    spec.task_id,
+                    spec.workspace_id,
+                    TaskState.RUNNING,
+                    fields={
+                        "worker_id": worker_id,
+                        "started_at": datetime.now(UTC).isoformat(),
+                        "attempts": str(attempt),
+                    },
                     event=status_event(TaskState.RUNNING, worker_id=worker_id, attempt=attempt),
                     then=then,
-                )  # fmt: skip
+                )
         except UnavailableError as exc:
-            logger.warning("Redis did not take the start of the task: %s", exc,
-                           extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id})  # fmt: skip
+            logger.warning(
+                "Redis did not take the start of the task: %s",
+                exc,
+                extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id},
+            )
 
-    async def ended(self, spec: TaskSpec, claim: ClaimRef, target: TaskState, result: JSON,
-                    error: str | None, elapsed_ms: int) -> bool:  # fmt: skip
+    async def ended(
+        self,
+        spec: TaskSpec,
+        claim: ClaimRef,
+        target: TaskState,
+        result: JSON,
+        error: str | None,
+        elapsed_ms: int,
+    ) -> bool:
         """The task's steps are over and it ends `target`. False if something else ended it
         first (a cancel, a reaper): that state stands and `result` is attached to it."""
         tid, ws = spec.task_id, spec.workspace_id
         log = {"task_id": tid, "workspace_id": ws}
         try:
-            await self.retry("recording the end of a task", lambda: self.store.finish(
-                tid, target, worker_id=claim.worker_id, result=result, error=error,
-                execution_time_ms=elapsed_ms))  # fmt: skip
+            await self.retry(
+                "recording the end of a task",
+                lambda: self.store.finish(
+                    tid,
+                    target,
+                    worker_id=claim.worker_id,
+                    result=result,
+                    error=error,
+                    execution_time_ms=elapsed_ms,
+                ),
+            )
             applied = True
         except InvalidTransitionError as exc:
             applied = False
             logger.info("task already %s; attaching the result only", exc.current, extra=log)
-            await self.retry("attaching a result",
-                             lambda: self.store.attach_result(tid, result, elapsed_ms))  # fmt: skip
+            await self.retry(
+                "attaching a result", lambda: self.store.attach_result(tid, result, elapsed_ms)
+            )
         except (NotFoundError, UnavailableError) as exc:
             logger.error("could not record the end of the task: %s", exc, extra=log)
             return False
@@ -148,12 +184,22 @@ class Lifecycle:
                     **({"error": error} if error else {}),
                 }
                 event = status_event(target, execution_time_ms=elapsed_ms, error=error)
-                await self.retry("mirroring the end of a task", lambda: self.queue.transition(
-                    tid, ws, target, fields=fields, event=event, result=result,
-                    ack=(claim.worker_id, claim.claim_id)))  # fmt: skip
+                await self.retry(
+                    "mirroring the end of a task",
+                    lambda: self.queue.transition(
+                        tid,
+                        ws,
+                        target,
+                        fields=fields,
+                        event=event,
+                        result=result,
+                        ack=(claim.worker_id, claim.claim_id),
+                    ),
+                )
             else:
-                await self.retry("acknowledging a claim",
-                                 lambda: self.queue.ack(claim.worker_id, claim.claim_id))  # fmt: skip
+                await self.retry(
+                    "acknowledging a claim", lambda: self.queue.ack(claim.worker_id, claim.claim_id)
+                )
         except UnavailableError as exc:
             logger.error("Redis did not take the end of the task: %s", exc, extra=log)
         return applied
@@ -171,13 +217,24 @@ class Lifecycle:
             await self.queue.ack(claim.worker_id, claim.claim_id)
             return False
         # Status first, payload second: once the payload is visible another daemon may start it.
-        await self.queue.transition(spec.task_id, spec.workspace_id, TaskState.QUEUED,
-                                    event=status_event(TaskState.QUEUED, reason="daemon shutting down"))  # fmt: skip
+        await self.queue.transition(
+            spec.task_id,
+            spec.workspace_id,
+            TaskState.QUEUED,
+            event=status_event(TaskState.QUEUED, reason="daemon shutting down"),
+        )
         await self.queue.requeue_claim(claim.worker_id, claim.claim_id, claim.priority)
         return True
 
-    async def recovered(self, record: TaskRecord, dead_worker: str, max_attempts: int, *,
-                        claim: ClaimRef | None = None, payload: JSON | None = None) -> TaskState | None:  # fmt: skip
+    async def recovered(
+        self,
+        record: TaskRecord,
+        dead_worker: str,
+        max_attempts: int,
+        *,
+        claim: ClaimRef | None = None,
+        payload: JSON | None = None,
+    ) -> TaskState | None:
         """A dead daemon's running task: `queued` again, or `failed` after `max_attempts`
         starts; None if the store refused (it ended, or another daemon has it).
 
@@ -185,9 +242,13 @@ class Lifecycle:
         one, `payload` is pushed to the queue again (the reconciler's case).
         """
         if record.attempts >= max_attempts:
-            target, error = TaskState.FAILED, (
-                f"gave up after {record.attempts} attempts: daemon {dead_worker} stopped "
-                "renewing its lease while running the task")  # fmt: skip
+            target, error = (
+                TaskState.FAILED,
+                (
+                    f"gave up after {record.attempts} attempts: daemon {dead_worker} stopped "
+                    "renewing its lease while running the task"
+                ),
+            )
         else:
             target, error = TaskState.QUEUED, None
         try:
@@ -196,11 +257,19 @@ class Lifecycle:
             if claim is not None:
                 await self.queue.ack(claim.worker_id, claim.claim_id)
             return None
-        await self.queue.transition(record.id, record.workspace_id, target,
-                                    fields={"error": error} if error else None,
-                                    event=status_event(target, reason=f"daemon {dead_worker} died", error=error))  # fmt: skip
-        logger.warning("task of dead daemon %s is now %s", dead_worker, target.value,
-                       extra={"task_id": record.id, "workspace_id": record.workspace_id})  # fmt: skip
+        await self.queue.transition(
+            record.id,
+            record.workspace_id,
+            target,
+            fields={"error": error} if error else None,
+            event=status_event(target, reason=f"daemon {dead_worker} died", error=error),
+        )
+        logger.warning(
+            "task of dead daemon %s is now %s",
+            dead_worker,
+            target.value,
+            extra={"task_id": record.id, "workspace_id": record.workspace_id},
+        )
         if claim is not None and target is TaskState.QUEUED:
             await self.queue.requeue_claim(claim.worker_id, claim.claim_id, claim.priority)
         elif claim is not None:

@@ -18,10 +18,14 @@ MAX_BACKOFF_S: Final = 5.0
 
 
 async def serve_poller(
-    queue: WorkQueue, slots: Slots, worker_id: str, stopping: trio.Event,
+    queue: WorkQueue,
+    slots: Slots,
+    worker_id: str,
+    stopping: trio.Event,
     on_hand_back: Callable[[], None] | None = None,
-    *, task_status: Any = trio.TASK_STATUS_IGNORED,
-) -> None:  # fmt: skip
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Feed `slots` until `stopping` is set; then close them.
 
     There is no polling sleep: with nothing queued, the poller blocks in Redis until a payload

@@ -96,15 +96,19 @@ async def retrying(
 def _progress(spec: TaskSpec, step: int) -> JSON:
     """The `progress_update` event's data for the start of step `step` (1-based)."""
     action = spec.steps[step - 1]
-    return {"step": step, "total_steps": len(spec.steps),
-            "description": action.description or f"Step {step}: {action.action}"}  # fmt: skip
+    return {
+        "step": step,
+        "total_steps": len(spec.steps),
+        "description": action.description or f"Step {step}: {action.action}",
+    }
 
 
 class _OutputForwarder:
     """Turns a command's output chunks into batched `output` events, within a byte budget."""
 
-    def __init__(self, queue: EventLog, task_id: str, ready: trio.Event,
-                 nursery: trio.Nursery) -> None:  # fmt: skip
+    def __init__(
+        self, queue: EventLog, task_id: str, ready: trio.Event, nursery: trio.Nursery
+    ) -> None:
         self._queue, self._task_id, self._ready = queue, task_id, ready
         self._pending: list[tuple[str, bytes]] = []
         self._size = self._sent = 0
@@ -149,8 +153,11 @@ class _OutputForwarder:
                 if data:
                     self._sent += len(data)
                     text = data.decode("utf-8", errors="replace")
-                    await self._queue.emit(self._task_id, "output",
-                                           {"step": self._step, "stream": stream, "data": text})  # fmt: skip
+                    await self._queue.emit(
+                        self._task_id,
+                        "output",
+                        {"step": self._step, "stream": stream, "data": text},
+                    )
 
     async def _serve(self) -> None:
         while True:
@@ -165,8 +172,15 @@ class _OutputForwarder:
 class TaskRunner:
     """Runs claimed tasks; `running` maps task id to what is running on this daemon."""
 
-    def __init__(self, settings: Settings, queue: Queue, store: Store, workspaces: TaskDirectories,
-                 executor: StepRunner, metrics: Metrics | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        queue: Queue,
+        store: Store,
+        workspaces: TaskDirectories,
+        executor: StepRunner,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.metrics = metrics or Metrics()
         self.settings = settings
         self.queue = queue
@@ -243,8 +257,9 @@ class TaskRunner:
         ws = spec.workspace_id
         try:
             await self.workspaces.check_quota(ws)
-            env = await self.workspaces.open_task(ws, spec.task_id, spec.credentials,
-                                                  clear_leftovers=False)  # fmt: skip
+            env = await self.workspaces.open_task(
+                ws, spec.task_id, spec.credentials, clear_leftovers=False
+            )
             out.append(env)
         except Exception as exc:
             out.append(exc)
@@ -272,14 +287,18 @@ class TaskRunner:
                 task_id = validate_task_id(obj.get("task_id"))
             except ValidationError:
                 pass
-        logger.error("malformed payload moved to the dead-letter list: %s", reason,
-                     extra={"task_id": task_id, "claim_id": claim.claim_id})  # fmt: skip
+        logger.error(
+            "malformed payload moved to the dead-letter list: %s",
+            reason,
+            extra={"task_id": task_id, "claim_id": claim.claim_id},
+        )
         await self.queue.dead_letter(self.worker_id, claim.claim_id, reason)
         self.metrics.dead_letter(kind).inc()
         if task_id is not None:  # whoever watches this id gets an answer, not silence
             ws = obj.get("workspace_id") if isinstance(obj, dict) else None
-            await self.lifecycle.unreadable(task_id, ws if isinstance(ws, str) else "-",
-                                            f"invalid payload: {reason}")  # fmt: skip
+            await self.lifecycle.unreadable(
+                task_id, ws if isinstance(ws, str) else "-", f"invalid payload: {reason}"
+            )
         return None
 
     async def _start(self, spec: TaskSpec, claim: Claim) -> int | None:
@@ -291,8 +310,9 @@ class TaskRunner:
     async def _mirror_start(self, rt: RunningTask) -> None:
         """Mirror the start with the first progress event; then let the task's events out."""
         try:
-            await self.lifecycle.mirror_start(rt.spec, self.worker_id, rt.attempt,
-                                              then=("progress_update", _progress(rt.spec, 1)))  # fmt: skip
+            await self.lifecycle.mirror_start(
+                rt.spec, self.worker_id, rt.attempt, then=("progress_update", _progress(rt.spec, 1))
+            )
         finally:
             rt.mirrored.set()
 
@@ -307,8 +327,9 @@ class TaskRunner:
 
     # --- steps --------------------------------------------------------------------------------
 
-    async def _execute(self, rt: RunningTask, prepared: TaskEnvironment | Exception,
-                       steps_done: StepsDone | None) -> None:  # fmt: skip
+    async def _execute(
+        self, rt: RunningTask, prepared: TaskEnvironment | Exception, steps_done: StepsDone | None
+    ) -> None:
         spec = rt.spec
         tid, ws = spec.task_id, spec.workspace_id
         log = {"task_id": tid, "workspace_id": ws}
@@ -366,8 +387,13 @@ class TaskRunner:
                 # The step that was running when the task stopped: keep what it printed.
                 part = self.executor.describe(ctx.capture, exit_code=None, duration_ms=0)
                 part["error"] = "interrupted"
-                steps.append({"step": len(steps) + 1, "action": spec.steps[len(steps)].action,
-                              "result": part})  # fmt: skip
+                steps.append(
+                    {
+                        "step": len(steps) + 1,
+                        "action": spec.steps[len(steps)].action,
+                        "result": part,
+                    }
+                )
             with trio.CancelScope(shield=True):
                 rt.recording = True
                 if steps_done is not None:
@@ -379,8 +405,15 @@ class TaskRunner:
 
     # --- the end ------------------------------------------------------------------------------
 
-    async def _finish(self, rt: RunningTask, steps: list[JSON], failed: list[int],
-                      error: str | None, elapsed_ms: int, repos: list[str]) -> None:  # fmt: skip
+    async def _finish(
+        self,
+        rt: RunningTask,
+        steps: list[JSON],
+        failed: list[int],
+        error: str | None,
+        elapsed_ms: int,
+        repos: list[str],
+    ) -> None:
         spec, claim = rt.spec, rt.claim
         tid, ws = spec.task_id, spec.workspace_id
         log = {"task_id": tid, "workspace_id": ws}
@@ -402,8 +435,10 @@ class TaskRunner:
             state = TaskState.FAILED
             if error is None:
                 first = steps[[s["step"] for s in steps].index(failed[0])]
-                error = (f"step {failed[0]} of {len(spec.steps)} ({first['action']}) failed: "
-                         f"{first['result']['error']}")  # fmt: skip
+                error = (
+                    f"step {failed[0]} of {len(spec.steps)} ({first['action']}) failed: "
+                    f"{first['result']['error']}"
+                )
                 if len(failed) > 1:
                     error += f" (steps failed: {', '.join(map(str, failed))})"
         else:
@@ -429,5 +464,7 @@ class TaskRunner:
         """Give the task back: `queued` again, its payload at the head of its queue."""
         if await self.lifecycle.handed_back(rt.spec, self._claim(rt.claim)):
             self.metrics.requeue("shutdown").inc()
-            logger.info("task re-queued for another daemon",
-                        extra={"task_id": rt.spec.task_id, "workspace_id": rt.spec.workspace_id})  # fmt: skip
+            logger.info(
+                "task re-queued for another daemon",
+                extra={"task_id": rt.spec.task_id, "workspace_id": rt.spec.workspace_id},
+            )

@@ -82,8 +82,12 @@ class Capture:
     pipes_held_open: bool = False  #: a process that left the group kept our pipes open
 
     @classmethod
-    def capped(cls, stdout_cap: int, stderr_cap: int,
-               on_output: Callable[[str, bytes], bool | None] | None = None) -> Capture:  # fmt: skip
+    def capped(
+        cls,
+        stdout_cap: int,
+        stderr_cap: int,
+        on_output: Callable[[str, bytes], bool | None] | None = None,
+    ) -> Capture:
         return cls(CappedBuffer(stdout_cap), CappedBuffer(stderr_cap), on_output)
 
 
@@ -108,8 +112,9 @@ class _Child:
     """A started child: the read ends of its pipes (non-blocking), its pidfd, and one epoll
     set over all three, so a single task can wait for whichever is ready first."""
 
-    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str],
-                 pass_fds: tuple[int, ...]) -> None:  # fmt: skip
+    def __init__(
+        self, argv: Sequence[str], *, env: Mapping[str, str], pass_fds: tuple[int, ...]
+    ) -> None:
         path = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0], path=env.get("PATH"))
         if path is None:
             raise FileNotFoundError(errno.ENOENT, "no such command on the PATH", argv[0])
@@ -122,12 +127,16 @@ class _Child:
             except OSError:  # over fs.pipe-max-size (or the user's pipe pages): the default
                 pass
         # dup2 onto itself clears close-on-exec in the child only (glibc 2.29 and later).
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2),
-                   *((os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds)]  # fmt: skip
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, err_w, 2),
+            *((os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds),
+        ]
         try:
-            self.pid = os.posix_spawn(path, list(argv), env, file_actions=actions, setsid=True,
-                                      setsigdef=_DEFAULT_SIGNALS)  # fmt: skip
+            self.pid = os.posix_spawn(
+                path, list(argv), env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_SIGNALS
+            )
         except BaseException:
             os.close(out_r)
             os.close(err_r)
@@ -233,8 +242,9 @@ async def _ready_by(proc: _Child, deadline: float) -> bool:
     return False
 
 
-async def _pump(proc: _Child, capture: Capture, kill_grace: float, watch: Watch | None,
-                watch_after: float) -> None:  # fmt: skip
+async def _pump(
+    proc: _Child, capture: Capture, kill_grace: float, watch: Watch | None, watch_after: float
+) -> None:
     """Read both pipes into `capture`, await the exit and call `watch` when due, all in this
     one task. Once the command is done, kill what it left in its group, then read on until
     both pipes end (at most DRAIN_S: a process that left the group may hold them open).

@@ -23,8 +23,18 @@ from wsrunner.policy.engine import (
 )
 from wsrunner.policy.loader import PolicyError, bundled_policy, load_policy_files
 
-__all__ = ["Decision", "EffectivePolicy", "Limits", "LivePolicy", "PolicyError", "PolicySet",
-           "SandboxPolicy", "Verdict", "bundled_policy", "load_policy"]  # fmt: skip
+__all__ = [
+    "Decision",
+    "EffectivePolicy",
+    "Limits",
+    "LivePolicy",
+    "PolicyError",
+    "PolicySet",
+    "SandboxPolicy",
+    "Verdict",
+    "bundled_policy",
+    "load_policy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +77,9 @@ class LivePolicy:
         except PolicyError as exc:
             self.last_reload_ok = False
             self.reload_failures += 1
-            logger.error("policy reload failed; policy %s stays active:\n%s",
-                         self.current.digest, exc)  # fmt: skip
+            logger.error(
+                "policy reload failed; policy %s stays active:\n%s", self.current.digest, exc
+            )
             return False
         old, self.current = self.current.digest, fresh
         self.last_reload_ok, self.last_reload_at = True, time.time()

@@ -24,19 +24,25 @@ _LOCATED = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+)(?::(?P<col>\d+))?: (?P<ms
 
 def add_parser(sub: Any) -> None:
     policy = sub.add_parser(
-        "policy", help="check, test and explain command policies",
+        "policy",
+        help="check, test and explain command policies",
         description="Validate policy files, try commands against them and explain decisions. "
         "Without FILE, the daemon's configured policy (POLICY_FILE, POLICY_DIR) is used.",
-    )  # fmt: skip
+    )
     actions = policy.add_subparsers(dest="action", required=True)
-    check = actions.add_parser("check", help="validate files; exit 1 with located errors",
-                               description="Validate a base policy and its drop-ins: schema, "
-                               "duplicate keys, YAML surprises, duplicate rule ids.")  # fmt: skip
+    check = actions.add_parser(
+        "check",
+        help="validate files; exit 1 with located errors",
+        description="Validate a base policy and its drop-ins: schema, "
+        "duplicate keys, YAML surprises, duplicate rule ids.",
+    )
     check.add_argument("files", nargs="*", metavar="FILE", help="base policy, then drop-ins")
     check.add_argument("--dropins", metavar="DIR", help="a policy.d directory to check too")
     check.add_argument("--format", choices=("text", "json", "github"), default="text")
-    for name, text in (("test", "decide commands: one after `--`, or a file of cases"),
-                       ("explain", "show every rule that matched a command, and the decision")):  # fmt: skip
+    for name, text in (
+        ("test", "decide commands: one after `--`, or a file of cases"),
+        ("explain", "show every rule that matched a command, and the decision"),
+    ):
         p = actions.add_parser(name, help=text, description=text)
         p.add_argument("files", nargs="*", metavar="FILE", help="base policy, then drop-ins")
         p.add_argument("--dropins", metavar="DIR", help="a policy.d directory to apply")
@@ -67,8 +73,11 @@ def run(args: argparse.Namespace, command: list[str], configured: tuple[Path, Pa
     if args.action == "test" and args.cases:
         return _run_cases(policies, Path(args.cases), json_out=args.json)
     if not command:
-        print(f"wsrunner policy {args.action}: give a command after `--`, e.g. "
-              f"`wsrunner policy {args.action} policy.yaml -- git status`", file=sys.stderr)  # fmt: skip
+        print(
+            f"wsrunner policy {args.action}: give a command after `--`, e.g. "
+            f"`wsrunner policy {args.action} policy.yaml -- git status`",
+            file=sys.stderr,
+        )
         return 2
     text = command[0] if len(command) == 1 else " ".join(_quote(c) for c in command)
     effective = policies.for_workspace(args.workspace)
@@ -110,8 +119,16 @@ def _print_problems(problems: list[str], fmt: str) -> None:
         out = []
         for p in problems:
             m = _LOCATED.match(p)
-            out.append({"file": m["file"], "line": int(m["line"]), "column": int(m["col"] or 1),
-                        "message": m["msg"]} if m else {"message": p})  # fmt: skip
+            out.append(
+                {
+                    "file": m["file"],
+                    "line": int(m["line"]),
+                    "column": int(m["col"] or 1),
+                    "message": m["msg"],
+                }
+                if m
+                else {"message": p}
+            )
         print(json.dumps(out, indent=2))
         return
     for p in problems:
@@ -171,18 +188,32 @@ def _run_cases(policies: PolicySet, path: Path, *, json_out: bool) -> int:
         got = _outcome(decision)
         rules = {v.rule_id for v in decision.verdicts if v.allowed == decision.allowed}
         ok = got == case.expect and (case.rule is None or case.rule in rules)
-        results.append({"case": case.name or f"case {i}", "command": case.command,
-                        "expected": case.expect, "got": got, "rules": sorted(rules),
-                        "expected_rule": case.rule, "passed": ok})  # fmt: skip
+        results.append(
+            {
+                "case": case.name or f"case {i}",
+                "command": case.command,
+                "expected": case.expect,
+                "got": got,
+                "rules": sorted(rules),
+                "expected_rule": case.rule,
+                "passed": ok,
+            }
+        )
     failed = [r for r in results if not r["passed"]]
     if json_out:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
             mark = "PASS" if r["passed"] else "FAIL"
-            detail = "" if r["passed"] else (f": expected {r['expected']}"
-                      + (f" by {r['expected_rule']}" if r["expected_rule"] else "")
-                      + f", got {r['got']} by {', '.join(r['rules'])}")  # fmt: skip
+            detail = (
+                ""
+                if r["passed"]
+                else (
+                    f": expected {r['expected']}"
+                    + (f" by {r['expected_rule']}" if r["expected_rule"] else "")
+                    + f", got {r['got']} by {', '.join(r['rules'])}"
+                )
+            )
             print(f"{mark}  {r['case']}  ({r['command']}){detail}")
         print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

@@ -57,8 +57,12 @@ class SourcedRule:
 
     @classmethod
     def of(cls, rule: Rule, source: str) -> SourcedRule:
-        return cls(rule, source, re.compile(rule.args) if rule.args is not None else None,
-                   re.compile(rule.pattern) if rule.pattern is not None else None)  # fmt: skip
+        return cls(
+            rule,
+            source,
+            re.compile(rule.args) if rule.args is not None else None,
+            re.compile(rule.pattern) if rule.pattern is not None else None,
+        )
 
     def matches(self, cmd: SimpleCommand) -> bool:
         return self.names(cmd.program) and self.matches_args(cmd)
@@ -128,8 +132,13 @@ class Decision:
         """The structured error of a denied step (also what audit mode logs)."""
         v = self.denial
         assert v is not None
-        return {"error": "policy_denied", "rule": v.rule_id, "source": v.source,
-                "message": v.message, "policy": self.digest}  # fmt: skip
+        return {
+            "error": "policy_denied",
+            "rule": v.rule_id,
+            "source": v.source,
+            "message": v.message,
+            "policy": self.digest,
+        }
 
 
 DECISION_CACHE_SIZE: Final = 4096  #: decisions kept per effective policy (then: computed)
@@ -153,8 +162,9 @@ class EffectivePolicy:
     _decided: dict[str, Decision] = field(default_factory=dict, compare=False, repr=False)
     #: The rules whose `commands` name a program, by program name (a 64 KB line may hold 20,000
     #: commands; matching each against every glob of every rule took most of its second).
-    _named: dict[str, tuple[SourcedRule, ...]] = field(default_factory=dict, compare=False,
-                                                       repr=False)  # fmt: skip
+    _named: dict[str, tuple[SourcedRule, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def decided(self, text: str) -> Decision | None:
         """The decision on `text` if it was made before (no parsing: safe on the event loop)."""
@@ -166,24 +176,32 @@ class EffectivePolicy:
             return hit
         verdicts = self._verdicts(text)
         allowed = all(v.allowed for v in verdicts)
-        decision = Decision(allowed, allowed or self.mode == "audit", self.mode, tuple(verdicts),
-                            self.digest)  # fmt: skip
+        decision = Decision(
+            allowed, allowed or self.mode == "audit", self.mode, tuple(verdicts), self.digest
+        )
         if len(text) <= DECISION_CACHE_TEXT and len(self._decided) < DECISION_CACHE_SIZE:
             self._decided[text] = decision
         return decision
 
     def _verdicts(self, text: str) -> list[Verdict]:
         if len(text) > MAX_TEXT:  # before the deny patterns: they search the whole text
-            exc = CommandTooLongError(f"the command is {len(text)} characters long; at most "
-                                      f"{MAX_TEXT} are read")  # fmt: skip
+            exc = CommandTooLongError(
+                f"the command is {len(text)} characters long; at most {MAX_TEXT} are read"
+            )
             return [Verdict(False, exc.rule, "built-in", str(exc))]
         if not text.strip():
             return [Verdict(False, "builtin:empty", "built-in", "the command is empty")]
         for sr in self.rules:
             if sr.rule.action == "deny" and sr.matches_text(text):
-                return [Verdict(False, sr.rule.id, sr.source,
-                                f"the command matches the deny pattern of rule {sr.rule.id!r}"
-                                + (f": {sr.rule.reason}" if sr.rule.reason else ""))]  # fmt: skip
+                return [
+                    Verdict(
+                        False,
+                        sr.rule.id,
+                        sr.source,
+                        f"the command matches the deny pattern of rule {sr.rule.id!r}"
+                        + (f": {sr.rule.reason}" if sr.rule.reason else ""),
+                    )
+                ]
         try:
             commands = simple_commands(text)
         except ShellSyntaxError as exc:
@@ -201,25 +219,47 @@ class EffectivePolicy:
         name = cmd.program
         where = f" (run by {cmd.via})" if cmd.via else ""
         if "/" in name:
-            return Verdict(False, "builtin:path", "built-in",
-                           f"{name!r}{where}: programs are named bare ('python3', not "
-                           "'/usr/bin/python3' or './x'); the sandbox's PATH finds them", cmd)  # fmt: skip
+            return Verdict(
+                False,
+                "builtin:path",
+                "built-in",
+                f"{name!r}{where}: programs are named bare ('python3', not "
+                "'/usr/bin/python3' or './x'); the sandbox's PATH finds them",
+                cmd,
+            )
         if not name or (_DYNAMIC.search(name) and name not in ("[", "[[")):
-            return Verdict(False, "builtin:dynamic", "built-in",
-                           f"{name!r}{where}: the program is computed when the command runs, "
-                           "so the policy cannot check it", cmd)  # fmt: skip
+            return Verdict(
+                False,
+                "builtin:dynamic",
+                "built-in",
+                f"{name!r}{where}: the program is computed when the command runs, "
+                "so the policy cannot check it",
+                cmd,
+            )
         matched = [sr for sr in self._naming(name) if sr.matches_args(cmd)]
         ids = tuple(sr.rule.id for sr in matched)
         for sr in matched:
             if sr.rule.action == "deny":
                 reason = f": {sr.rule.reason}" if sr.rule.reason else ""
-                return Verdict(False, sr.rule.id, sr.source,
-                               f"{name!r}{where} is denied by rule {sr.rule.id!r}{reason}", cmd, ids)  # fmt: skip
+                return Verdict(
+                    False,
+                    sr.rule.id,
+                    sr.source,
+                    f"{name!r}{where} is denied by rule {sr.rule.id!r}{reason}",
+                    cmd,
+                    ids,
+                )
         for sr in matched:
-            return Verdict(True, sr.rule.id, sr.source, f"{name!r} is allowed by rule {sr.rule.id!r}",
-                           cmd, ids)  # fmt: skip
-        return Verdict(False, "default-deny", "built-in",
-                       f"{name!r}{where} is not allowed by any rule of the policy", cmd)  # fmt: skip
+            return Verdict(
+                True, sr.rule.id, sr.source, f"{name!r} is allowed by rule {sr.rule.id!r}", cmd, ids
+            )
+        return Verdict(
+            False,
+            "default-deny",
+            "built-in",
+            f"{name!r}{where} is not allowed by any rule of the policy",
+            cmd,
+        )
 
     def _naming(self, program: str) -> tuple[SourcedRule, ...]:
         """The rules whose `commands` name `program`, in order (remembered per name)."""
@@ -251,8 +291,14 @@ class PolicySet:
             return hit
         applied = [self.files.base] + [o for o in self.files.overlays if _applies(o, workspace)]
         mode = "enforce"
-        sandbox: dict[str, Any] = {"require": "full", "network": "none", "gitNetwork": "egress",
-                                   "protect": [], "readOnlyPaths": [], "egressAllow": []}  # fmt: skip
+        sandbox: dict[str, Any] = {
+            "require": "full",
+            "network": "none",
+            "gitNetwork": "egress",
+            "protect": [],
+            "readOnlyPaths": [],
+            "egressAllow": [],
+        }
         limits: dict[str, Any] = dict(DEFAULT_LIMITS, cpus=None)
         rules: list[SourcedRule] = []
         for loaded in applied:
@@ -260,8 +306,10 @@ class PolicySet:
             mode = spec.mode or mode
             sandbox.update(spec.sandbox.model_dump(exclude_none=True))
             limits.update(spec.limits.model_dump(exclude_none=True))
-            rules += [SourcedRule.of(r, f"{loaded.path}:{loaded.line_of('spec', 'rules', i)}")
-                      for i, r in enumerate(spec.rules)]  # fmt: skip
+            rules += [
+                SourcedRule.of(r, f"{loaded.path}:{loaded.line_of('spec', 'rules', i)}")
+                for i, r in enumerate(spec.rules)
+            ]
         effective = EffectivePolicy(
             workspace=workspace,
             mode=mode,  # type: ignore[arg-type]

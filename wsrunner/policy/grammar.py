@@ -24,8 +24,9 @@ PARSE_CPU_SECONDS: Final = 1.0  #: CPU time all parses of one command line may t
 MAX_PIPES: Final = 1_000  #: pipe operators in one command line (see Grammar.check_shape)
 MAX_LINE_EXPANSIONS: Final = 1_000  #: `$` and backticks on a line, with a here-document
 #: Where a `|` is text, not a pipe.
-_TEXT: Final = frozenset({"raw_string", "string_content", "ansi_c_string", "comment",
-                          "heredoc_body", "heredoc_content"})  # fmt: skip
+_TEXT: Final = frozenset(
+    {"raw_string", "string_content", "ansi_c_string", "comment", "heredoc_body", "heredoc_content"}
+)
 _LANGUAGE: Final = Language(tree_sitter_bash.language())
 _local = threading.local()
 
@@ -77,8 +78,9 @@ class Grammar:
             root = self.tree(src.data[:stopped_at])
             if not root.has_error:
                 shown = src.data[stopped_at : stopped_at + 20].decode("utf-8", "replace")
-                raise ShellSyntaxError(f"cannot read the command: unexpected {shown!r} at "
-                                       f"{src.where(stopped_at)}")  # fmt: skip
+                raise ShellSyntaxError(
+                    f"cannot read the command: unexpected {shown!r} at {src.where(stopped_at)}"
+                )
         if root.has_error:
             raise ShellSyntaxError(f"cannot read the command: {first_error(root, src)}")
         return root
@@ -102,8 +104,10 @@ class Grammar:
                     node = root.descendant_for_byte_range(found.start(), found.start() + 1)
                     pipes += node is None or node.type not in _TEXT
             if pipes > MAX_PIPES:
-                raise TooComplexError(f"cannot read the command: it has {pipes} pipes (|); at "
-                                      f"most {MAX_PIPES} are read")  # fmt: skip
+                raise TooComplexError(
+                    f"cannot read the command: it has {pipes} pipes (|); at "
+                    f"most {MAX_PIPES} are read"
+                )
         if b"<<" in data:
             for number, line in enumerate(data.split(b"\n"), start=1):
                 if (count := line.count(b"$") + line.count(b"`")) > MAX_LINE_EXPANSIONS:
@@ -135,8 +139,10 @@ class Grammar:
             parser.reset()  # or the next parse would resume this one
             if stopped:
                 return None, min(stopped[0], len(data))
-            raise TooComplexError(f"cannot read the command: reading it took more than "
-                                  f"{PARSE_CPU_SECONDS:g} s of CPU time") from None  # fmt: skip
+            raise TooComplexError(
+                f"cannot read the command: reading it took more than "
+                f"{PARSE_CPU_SECONDS:g} s of CPU time"
+            ) from None
         except BaseException:
             parser.reset()
             raise
@@ -149,8 +155,11 @@ def first_error(root: Node, src: Source) -> str:
     while stack:
         node = stack.pop()
         if node.is_missing:
-            what = ("the line ending the here-document" if node.type == "heredoc_end"
-                    else repr(node.type))  # fmt: skip
+            what = (
+                "the line ending the here-document"
+                if node.type == "heredoc_end"
+                else repr(node.type)
+            )
             return f"missing {what} at {src.where(node.start_byte)}"
         if node.is_error:
             raw = src.data[node.start_byte : node.end_byte]

@@ -62,9 +62,12 @@ class Scanner:
         raw = data[start.start_byte : start.end_byte]
         delimiter = _unquote(raw) if _PLAIN_DELIMITER.fullmatch(raw) else None
         if not delimiter:
-            raise self._unreadable(f"the delimiter {raw.decode('utf-8', 'replace')!r} is not a "
-                                   "plain word (letters, digits, _.-, quoted or not)", src,
-                                   start.start_byte)  # fmt: skip
+            raise self._unreadable(
+                f"the delimiter {raw.decode('utf-8', 'replace')!r} is not a "
+                "plain word (letters, digits, _.-, quoted or not)",
+                src,
+                start.start_byte,
+            )
         strip = node.children[0].type == "<<-"
         newline = data.find(b"\n", start.end_byte)
         if newline < 0 or _continues(data, newline):
@@ -76,15 +79,21 @@ class Scanner:
         first = bodies[0].start_byte if bodies else end.start_byte
         end_line = data.rfind(b"\n", 0, end.start_byte) + 1
         if first < body_start or data[body_start:first].strip():
-            raise self._unreadable("its body does not start on the next line", src,
-                                   start.start_byte)  # fmt: skip
+            raise self._unreadable(
+                "its body does not start on the next line", src, start.start_byte
+            )
         line_end = data.find(b"\n", end.end_byte)
         after = data[end.end_byte : len(data) if line_end < 0 else line_end]
         lead = data[end_line : end.start_byte]
-        if (end_line < body_start or data[end.start_byte : end.end_byte] != delimiter or after
-                or lead.strip(b"\t" if strip else b"")):  # fmt: skip
-            raise self._unreadable("it does not end at a line that is its delimiter", src,
-                                   end.start_byte)  # fmt: skip
+        if (
+            end_line < body_start
+            or data[end.start_byte : end.end_byte] != delimiter
+            or after
+            or lead.strip(b"\t" if strip else b"")
+        ):
+            raise self._unreadable(
+                "it does not end at a line that is its delimiter", src, end.start_byte
+            )
         quoted = raw != delimiter
         logical = b""  # in an unquoted body, a line ending in `\` continues on the next one
         pos = body_start
@@ -100,8 +109,9 @@ class Scanner:
                 logical = b""
             pos = eol + 1
         if logical:
-            raise self._unreadable("its last line continues onto the delimiter line", src,
-                                   end.start_byte)  # fmt: skip
+            raise self._unreadable(
+                "its last line continues onto the delimiter line", src, end.start_byte
+            )
         return Body(body_start, end_line, quoted, strip)
 
     def text(self, node: Node, src: Source) -> str:
@@ -129,8 +139,12 @@ class Scanner:
                 continue
             start = found.start()
             end = min(start + window, body.end)
-            at = Source(_PREFIX + data[start:end] + b'"', src.origin,
-                        src.offset + start - len(_PREFIX), src.what)  # fmt: skip
+            at = Source(
+                _PREFIX + data[start:end] + b'"',
+                src.origin,
+                src.offset + start - len(_PREFIX),
+                src.what,
+            )
             text = _string_at(self._parse(at.data), len(_PREFIX) - 1)
             read, cut = start, text is None  # `read`: where the accepted text of this window ends
             for child in text.named_children if text is not None else ():
@@ -156,8 +170,9 @@ class Scanner:
     def _parse(self, data: bytes) -> Node:
         self.budget -= len(data)
         if self.budget < 0:
-            raise self.error("cannot read the command: its here-documents hold too many "
-                             "substitutions to read")  # fmt: skip
+            raise self.error(
+                "cannot read the command: its here-documents hold too many substitutions to read"
+            )
         return self.parse(data)
 
     def _unreadable(self, why: str, src: Source, byte: int) -> Exception:

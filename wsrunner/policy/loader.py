@@ -168,9 +168,11 @@ def dropins(directory: str | os.PathLike[str] | None) -> list[str]:
     return [os.path.join(directory, n) for n in names if not n.startswith(".")]
 
 
-def load_policy_files(base: str | os.PathLike[str],
-                      dropin_dir: str | os.PathLike[str] | None = None,
-                      overlays: tuple[str | os.PathLike[str], ...] = ()) -> PolicyFiles:  # fmt: skip
+def load_policy_files(
+    base: str | os.PathLike[str],
+    dropin_dir: str | os.PathLike[str] | None = None,
+    overlays: tuple[str | os.PathLike[str], ...] = (),
+) -> PolicyFiles:
     """Load the base policy, the given `overlays`, then every drop-in of `dropin_dir`.
 
     Raises PolicyError listing every problem found, in all the files.
@@ -191,15 +193,19 @@ def load_policy_files(base: str | os.PathLike[str],
         )
     for doc in rest:
         if doc.document.kind != "PolicyOverlay":
-            problems.append(f"{doc.path}:{doc.line_of('kind')}:1: kind: a drop-in must be a "
-                            "PolicyOverlay (only the base file is a Policy)")  # fmt: skip
+            problems.append(
+                f"{doc.path}:{doc.line_of('kind')}:1: kind: a drop-in must be a "
+                "PolicyOverlay (only the base file is a Policy)"
+            )
     seen: dict[str, str] = {}
     for doc in loaded:
         for i, rule in enumerate(doc.document.spec.rules):
             here = f"{doc.path}:{doc.line_of('spec', 'rules', i)}"
             if rule.id in seen:
-                problems.append(f"{here}:1: spec.rules.{i}.id: rule id {rule.id!r} is already "
-                                f"defined at {seen[rule.id]}")  # fmt: skip
+                problems.append(
+                    f"{here}:1: spec.rules.{i}.id: rule id {rule.id!r} is already "
+                    f"defined at {seen[rule.id]}"
+                )
             seen.setdefault(rule.id, here)
     if problems:
         raise PolicyError(problems)

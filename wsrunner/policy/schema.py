@@ -15,9 +15,22 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 RULE_ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|K|KB|KiB|M|MB|MiB|G|GB|GiB|T|TB|TiB)?\s*$")
-_UNITS = {None: 1, "B": 1, "K": 1024, "KB": 1000, "KiB": 1024, "M": 1024**2, "MB": 1000**2,
-          "MiB": 1024**2, "G": 1024**3, "GB": 1000**3, "GiB": 1024**3, "T": 1024**4,
-          "TB": 1000**4, "TiB": 1024**4}  # fmt: skip
+_UNITS = {
+    None: 1,
+    "B": 1,
+    "K": 1024,
+    "KB": 1000,
+    "KiB": 1024,
+    "M": 1024**2,
+    "MB": 1000**2,
+    "MiB": 1024**2,
+    "G": 1024**3,
+    "GB": 1000**3,
+    "GiB": 1024**3,
+    "T": 1024**4,
+    "TB": 1000**4,
+    "TiB": 1024**4,
+}
 
 
 def _bytes(value: Any) -> Any:

@@ -38,8 +38,17 @@ from wsrunner.policy.grammar import (
 )
 from wsrunner.policy.words import PLACEHOLDER, Source, live_substitution, render
 
-__all__ = ["MAX_DEPTH", "MAX_TEXT", "PLACEHOLDER", "CommandTooLongError", "NestingTooDeepError",
-           "ShellSyntaxError", "SimpleCommand", "TooComplexError", "simple_commands"]  # fmt: skip
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_TEXT",
+    "PLACEHOLDER",
+    "CommandTooLongError",
+    "NestingTooDeepError",
+    "ShellSyntaxError",
+    "SimpleCommand",
+    "TooComplexError",
+    "simple_commands",
+]
 
 MAX_TEXT: Final = 65_536  #: characters; a longer command line is refused unread
 #: Levels of `sh -c`, wrappers (`env`, `timeout`, ...) and substitutions inside one another.
@@ -48,9 +57,19 @@ _SUBSTITUTION_VIA: Final = {"$(": "$( )", "`": "` `", "<(": "<( )", ">(": ">( )"
 #: Never visited: no command and no substitution in them.
 _SKIP: Final = frozenset({"comment", "heredoc_start", "heredoc_end", "heredoc_body"})
 #: In `[[ ]]`, separators outside these are where dash, which has no `[[`, ends a command.
-_OPAQUE: Final = frozenset({"string", "raw_string", "ansi_c_string", "translated_string",
-                            "command_substitution", "process_substitution", "expansion",
-                            "simple_expansion", "arithmetic_expansion"})  # fmt: skip
+_OPAQUE: Final = frozenset(
+    {
+        "string",
+        "raw_string",
+        "ansi_c_string",
+        "translated_string",
+        "command_substitution",
+        "process_substitution",
+        "expansion",
+        "simple_expansion",
+        "arithmetic_expansion",
+    }
+)
 _SEPARATORS: Final = re.compile(rb"[&|;\n]")
 _CONTINUATION: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\\n")
 _BLANK: Final = (b"", b" ", b"\t", b"\n")
@@ -80,13 +99,15 @@ def simple_commands(text: str) -> list[SimpleCommand]:
     MAX_TEXT characters or is nested deeper than MAX_DEPTH levels.
     """
     if len(text) > MAX_TEXT:
-        raise CommandTooLongError(f"the command is {len(text)} characters long; at most "
-                                  f"{MAX_TEXT} are read")  # fmt: skip
+        raise CommandTooLongError(
+            f"the command is {len(text)} characters long; at most {MAX_TEXT} are read"
+        )
     try:
         data = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError as exc:
-        raise ShellSyntaxError(f"cannot read the command: {exc.reason} at character "
-                               f"{exc.start + 1}") from None  # fmt: skip
+        raise ShellSyntaxError(
+            f"cannot read the command: {exc.reason} at character {exc.start + 1}"
+        ) from None
     return _Reader(data).run()
 
 
@@ -149,9 +170,17 @@ class _Reader:
         data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
         self.stack.append(_Script(data, via, _deeper(depth), what))
 
-    def _push(self, item: _Visit, *, via: str | None = None, depth: int | None = None,
-              quoted: bool | None = None, body: Node | None = None, extra: tuple[str, ...] = (),
-              stdin: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def _push(
+        self,
+        item: _Visit,
+        *,
+        via: str | None = None,
+        depth: int | None = None,
+        quoted: bool | None = None,
+        body: Node | None = None,
+        extra: tuple[str, ...] = (),
+        stdin: tuple[str, ...] = (),
+    ) -> None:
         """Visit the children of `item` next, in source order (`body` gets extra and stdin)."""
         via = item.via if via is None else via
         depth = item.depth if depth is None else depth
@@ -167,9 +196,11 @@ class _Reader:
     def _visit(self, item: _Visit) -> None:
         node, src, kind = item.node, item.src, item.node.type
         if (why := _bash_only(node, src)) is not None:
-            raise ShellSyntaxError(f"cannot read the command: {why} at {src.where(node.start_byte)}"
-                                   ": commands run with /bin/sh, which may be dash, and dash "
-                                   "would run part of it as commands")  # fmt: skip
+            raise ShellSyntaxError(
+                f"cannot read the command: {why} at {src.where(node.start_byte)}"
+                ": commands run with /bin/sh, which may be dash, and dash "
+                "would run part of it as commands"
+            )
         if kind == "command":
             self._command(item)
         elif kind in ("declaration_command", "unset_command", "test_command"):
@@ -182,8 +213,12 @@ class _Reader:
                 text = _BACKTICK_ESCAPE.sub(
                     rb"\1", src.data[node.start_byte + 1 : node.end_byte - 1]
                 )
-                self._script(text, via, item.depth + 1,
-                             f"the text in backticks at {src.where(node.start_byte)}")  # fmt: skip
+                self._script(
+                    text,
+                    via,
+                    item.depth + 1,
+                    f"the text in backticks at {src.where(node.start_byte)}",
+                )
             else:
                 self._push(item, via=via, depth=_deeper(item.depth + 1), quoted=False)
         elif kind in ("string", "translated_string"):
@@ -202,8 +237,10 @@ class _Reader:
             return  # text; inside double quotes, a `'` is a plain character: checked below
         elif node.child_count == 0 or kind in ("raw_string", "ansi_c_string"):
             if (at := live_substitution(node, src)) is not None:
-                raise ShellSyntaxError(f"cannot read the command: a substitution the grammar "
-                                       f"did not read at {src.where(at)}")  # fmt: skip
+                raise ShellSyntaxError(
+                    f"cannot read the command: a substitution the grammar "
+                    f"did not read at {src.where(at)}"
+                )
         else:
             self._push(item)
 
@@ -244,8 +281,10 @@ class _Reader:
             elif any(c.type in ("&>", "&>>") for c in child.children):
                 after = rendered
         if extra and (body is None or body.type != "command"):
-            raise ShellSyntaxError("cannot read the command: words after a redirection at "
-                                   f"{src.where(node.start_byte)} belong to no command")  # fmt: skip
+            raise ShellSyntaxError(
+                "cannot read the command: words after a redirection at "
+                f"{src.where(node.start_byte)} belong to no command"
+            )
         self._push(item, body=body, extra=tuple(extra), stdin=tuple(stdin))
         if after:
             self.stack.append(_Run(tuple(after), "&> (as dash reads it)", item.depth))
@@ -264,8 +303,12 @@ class _Reader:
             name = argv[0].rsplit("/", 1)[-1]
             runs = wrappers.inner(argv)
             if runs.script is not None:
-                self._script(runs.script, f"{name} -c" if name in wrappers.SHELLS else name,
-                             depth + 1, f"the script run by {name}")  # fmt: skip
+                self._script(
+                    runs.script,
+                    f"{name} -c" if name in wrappers.SHELLS else name,
+                    depth + 1,
+                    f"the script run by {name}",
+                )
             elif runs.reads_script:
                 for text in reversed(item.stdin):
                     self._script(text, f"{name} <<", depth + 1, f"the script {name} reads")
@@ -300,9 +343,11 @@ def _continuations(node: Node, src: Source) -> None:
             continue  # kept as text
         if kind in ("heredoc_body", "heredoc_content") and _in_quoted_heredoc(inner, src):
             continue  # kept as text
-        raise ShellSyntaxError(f"cannot read the command: a line continuation (backslash at "
-                               f"the end of a line) at {src.where(at)} that bash and the policy "
-                               "would read differently; join the lines")  # fmt: skip
+        raise ShellSyntaxError(
+            f"cannot read the command: a line continuation (backslash at "
+            f"the end of a line) at {src.where(at)} that bash and the policy "
+            "would read differently; join the lines"
+        )
 
 
 def _in_quoted_heredoc(node: Node | None, src: Source) -> bool:
@@ -347,8 +392,11 @@ def _builtin_argv(node: Node, src: Source) -> tuple[str, ...]:
             name, value = child.child_by_field_name("name"), child.child_by_field_name("value")
             left = src.text(name) if name is not None else ""
             words.append(f"{left}={render(value, src) if value is not None else ''}")
-        elif child.is_named and child.type not in ("binary_expression", "unary_expression",
-                                                   "parenthesized_expression"):  # fmt: skip
+        elif child.is_named and child.type not in (
+            "binary_expression",
+            "unary_expression",
+            "parenthesized_expression",
+        ):
             words.append(render(child, src))
         elif child.child_count:
             stack.extend(reversed(child.children))

@@ -14,15 +14,25 @@ from typing import Final
 from tree_sitter import Node
 
 PLACEHOLDER: Final = "$__substitution__"
-_COMPUTED: Final = frozenset({"command_substitution", "process_substitution",
-                              "arithmetic_expansion"})  # fmt: skip
+_COMPUTED: Final = frozenset(
+    {"command_substitution", "process_substitution", "arithmetic_expansion"}
+)
 _UNQUOTED_ESCAPE: Final = re.compile(r"\\(.)", re.DOTALL)
 _QUOTED_ESCAPE: Final = re.compile(r'\\([$`"\\\n])')
 _ANSI_C: Final = re.compile(
     r"\\(x[0-9A-Fa-f]{1,2}|u[0-9A-Fa-f]{1,4}|U[0-9A-Fa-f]{1,8}|[0-7]{1,3}|c.|.)", re.DOTALL
 )
-_ANSI_C_SIMPLE: Final = {"a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n": "\n",
-                         "r": "\r", "t": "\t", "v": "\v"}  # fmt: skip
+_ANSI_C_SIMPLE: Final = {
+    "a": "\a",
+    "b": "\b",
+    "e": "\x1b",
+    "E": "\x1b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+}
 #: A substitution that is live (not escaped by a backslash) in text the grammar read as literal.
 _LIVE: Final = re.compile(rb"(?:^|[^\\])(?:\\\\)*(\$[({\[]|`)")
 
@@ -78,8 +88,9 @@ def live_substitution(node: Node, src: Source) -> int | None:
     return None if found is None else node.start_byte + found.start(1)
 
 
-def _join(node: Node, src: Source, start: int, end: int, escape: re.Pattern[str],
-          depth: int) -> str:  # fmt: skip
+def _join(
+    node: Node, src: Source, start: int, end: int, escape: re.Pattern[str], depth: int
+) -> str:
     parts: list[str] = []
     pos = start
     for child in node.named_children:

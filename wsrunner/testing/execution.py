@@ -39,8 +39,14 @@ class FakeWorkspaces:
         if workspace_id in self.full:
             raise QuotaExceededError(f"workspace {workspace_id} is at its storage quota")
 
-    async def open_task(self, workspace_id: str, task_id: str, credentials: Credentials | None,
-                        *, clear_leftovers: bool = True) -> TaskEnvironment:  # fmt: skip
+    async def open_task(
+        self,
+        workspace_id: str,
+        task_id: str,
+        credentials: Credentials | None,
+        *,
+        clear_leftovers: bool = True,
+    ) -> TaskEnvironment:
         """The task's directory; one already there is replaced, or with `clear_leftovers`
         false raises FileExistsError (it may be a running duplicate's)."""
         await trio.lowlevel.checkpoint()
@@ -49,8 +55,11 @@ class FakeWorkspaces:
         self.open.add((workspace_id, task_id))
         self.opened += 1
         root = self.root(workspace_id)
-        return TaskEnvironment(root=root, task_dir=f"{root}/tasks/{task_id}",
-                               env={"WORKSPACE_ID": workspace_id, "TASK_ID": task_id})  # fmt: skip
+        return TaskEnvironment(
+            root=root,
+            task_dir=f"{root}/tasks/{task_id}",
+            env={"WORKSPACE_ID": workspace_id, "TASK_ID": task_id},
+        )
 
     async def close_task(self, workspace_id: str, task_id: str, *, count: bool) -> list[str]:
         """Remove the task's directory; the cached repositories (none here)."""
@@ -114,9 +123,13 @@ class FakeExecutor:
         self.active = 0  #: steps running now
         self.peak = 0
 
-    def context(self, env: TaskEnvironment, workspace_id: str,
-                on_output: Callable[[str, bytes], bool] | None = None,
-                policy: FakePolicy | None = None) -> FakeStepContext:  # fmt: skip
+    def context(
+        self,
+        env: TaskEnvironment,
+        workspace_id: str,
+        on_output: Callable[[str, bytes], bool] | None = None,
+        policy: FakePolicy | None = None,
+    ) -> FakeStepContext:
         return FakeStepContext(env, workspace_id, on_output)
 
     async def run_step(self, step: Step, ctx: FakeStepContext, *, budget_s: float) -> JSON:
@@ -136,8 +149,9 @@ class FakeExecutor:
             if run.ended_at is None:
                 run.ended_at, run.outcome = trio.current_time(), "interrupted"
 
-    async def _command(self, step: ExecuteCommand, ctx: FakeStepContext, limit_s: float,
-                       run: StepRun) -> JSON:  # fmt: skip
+    async def _command(
+        self, step: ExecuteCommand, ctx: FakeStepContext, limit_s: float, run: StepRun
+    ) -> JSON:
         ctx.capture = capture = FakeCapture()
         exit_code = 0
         with trio.move_on_after(limit_s) as limit:
@@ -155,16 +169,18 @@ class FakeExecutor:
                     exit_code = int(arg or 0)
                     break
                 else:
-                    raise ValueError(f"FakeExecutor plays sleep, echo, exit, true and false; "
-                                     f"not {part!r}")  # fmt: skip
+                    raise ValueError(
+                        f"FakeExecutor plays sleep, echo, exit, true and false; not {part!r}"
+                    )
         ctx.capture = None
         run.ended_at = trio.current_time()
         duration_ms = int((run.ended_at - run.started_at) * 1000)
         if limit.cancelled_caught:
             run.outcome = "timed out"
             result = self.describe(capture, exit_code=None, duration_ms=duration_ms)
-            result.update(timed_out=True,
-                          error=f"timed out after {limit_s:g}s; its processes were killed")  # fmt: skip
+            result.update(
+                timed_out=True, error=f"timed out after {limit_s:g}s; its processes were killed"
+            )
             return result
         run.outcome = f"exit {exit_code}"
         return self.describe(capture, exit_code=exit_code, duration_ms=duration_ms)
@@ -178,9 +194,13 @@ class FakeExecutor:
     @staticmethod
     def describe(capture: FakeCapture, *, exit_code: int | None, duration_ms: int) -> JSON:
         """A command's result, in the real executor's shape (also for an interrupted one)."""
-        result: JSON = {"exit_code": -1 if exit_code is None else exit_code,
-                        "stdout": capture.stdout, "stderr": capture.stderr,
-                        "duration_ms": duration_ms, "truncated": False}  # fmt: skip
+        result: JSON = {
+            "exit_code": -1 if exit_code is None else exit_code,
+            "stdout": capture.stdout,
+            "stderr": capture.stderr,
+            "duration_ms": duration_ms,
+            "truncated": False,
+        }
         if exit_code:
             result["error"] = f"exit code {exit_code}"
         return result

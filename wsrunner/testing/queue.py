@@ -74,11 +74,13 @@ class MemoryQueue:
         """Queue a new task with its status and `queued` event; the event's id."""
         await _round_trip(self.latency)
         tid = payload["task_id"]
-        self._status[tid] = {"status": TaskState.QUEUED.value,
-                             "workspace_id": payload["workspace_id"],
-                             "submitted_at": self._clock.now().isoformat(),
-                             "priority": payload["priority"],
-                             "task_type": payload.get("task_type", "background_job")}  # fmt: skip
+        self._status[tid] = {
+            "status": TaskState.QUEUED.value,
+            "workspace_id": payload["workspace_id"],
+            "submitted_at": self._clock.now().isoformat(),
+            "priority": payload["priority"],
+            "task_type": payload.get("task_type", "background_job"),
+        }
         event_id = self._append(tid, "status_changed", event_data)
         self._push(payload, next_up=False)
         return event_id
@@ -86,8 +88,10 @@ class MemoryQueue:
     async def requeue_payload(self, payload: JSON) -> None:
         await _round_trip(self.latency)
         self._status.setdefault(payload["task_id"], {}).update(
-            status=TaskState.QUEUED.value, workspace_id=payload["workspace_id"],
-            priority=payload["priority"])  # fmt: skip
+            status=TaskState.QUEUED.value,
+            workspace_id=payload["workspace_id"],
+            priority=payload["priority"],
+        )
         self._push(payload, next_up=True)
 
     async def claim(self, worker_id: str) -> Claim | None:
@@ -128,8 +132,14 @@ class MemoryQueue:
         await _round_trip(self.latency)
         raw = self._inflight.get(worker_id, {}).pop(claim_id, None)
         if raw is not None:
-            self.dead.append({"payload": raw, "reason": reason, "worker_id": worker_id,
-                              "dead_lettered_at": self._clock.now().isoformat()})  # fmt: skip
+            self.dead.append(
+                {
+                    "payload": raw,
+                    "reason": reason,
+                    "worker_id": worker_id,
+                    "dead_lettered_at": self._clock.now().isoformat(),
+                }
+            )
 
     async def inflight(self, worker_id: str) -> dict[str, str]:
         await _round_trip(self.latency)
@@ -173,8 +183,13 @@ class MemoryQueue:
 
     def _append(self, task_id: str, kind: str, data: JSON) -> str:
         self._event_count += 1
-        event = Event(id=f"{self._event_count}-0", type=kind, task_id=task_id, data=_copy(data),
-                      timestamp=self._clock.now().isoformat())  # fmt: skip
+        event = Event(
+            id=f"{self._event_count}-0",
+            type=kind,
+            task_id=task_id,
+            data=_copy(data),
+            timestamp=self._clock.now().isoformat(),
+        )
         self._events.setdefault(task_id, []).append(event)
         grown = self._grown.pop(task_id, None)
         if grown is not None:

@@ -70,9 +70,16 @@ class MemoryStore:
             raise InvalidTransitionError(task_id, rec.status.value, target.value)
         return row
 
-    def _move(self, row: _Row, target: TaskState, *, worker_id: str | None = None,
-              result: JSON | None = None, error: str | None = None,
-              execution_time_ms: int | None = None) -> None:  # fmt: skip
+    def _move(
+        self,
+        row: _Row,
+        target: TaskState,
+        *,
+        worker_id: str | None = None,
+        result: JSON | None = None,
+        error: str | None = None,
+        execution_time_ms: int | None = None,
+    ) -> None:
         """Write an allowed move as the `transition` statement does."""
         now, rec = self._clock.now(), row.record
         running = target is TaskState.RUNNING
@@ -85,10 +92,11 @@ class MemoryStore:
             attempts=rec.attempts + running,
             result=rec.result if result is None else _copy(result),
             error_message=rec.error_message if error is None else error,
-            execution_time_ms=rec.execution_time_ms if execution_time_ms is None
+            execution_time_ms=rec.execution_time_ms
+            if execution_time_ms is None
             else execution_time_ms,
             cancel_requested=rec.cancel_requested or target is TaskState.CANCELLED,
-        )  # fmt: skip
+        )
         row.updated_at = now
         row.lease_expires_at = now + timedelta(seconds=self.lease_s) if running else None
 
@@ -97,20 +105,34 @@ class MemoryStore:
     def _by_key(self, workspace_id: str, key: str | None) -> _Row | None:
         if key is None:
             return None
-        return next((r for r in self._rows.values() if r.record.workspace_id == workspace_id
-                     and r.record.idempotency_key == key), None)  # fmt: skip
+        return next(
+            (
+                r
+                for r in self._rows.values()
+                if r.record.workspace_id == workspace_id and r.record.idempotency_key == key
+            ),
+            None,
+        )
 
     def _insert(self, spec: TaskSpec, workspace_path: str | None) -> _Row:
         now = self._clock.now()
         configuration = to_configuration(spec)
         row = _Row(
-            TaskRecord(id=spec.task_id, workspace_id=spec.workspace_id, status=TaskState.QUEUED,
-                       priority=spec.priority, task_type=spec.task_type,
-                       configuration=_copy(configuration), submitted_at=now,
-                       idempotency_key=spec.idempotency_key, correlation_id=spec.correlation_id),
-            updated_at=now, request_hash=request_hash(spec, configuration),
+            TaskRecord(
+                id=spec.task_id,
+                workspace_id=spec.workspace_id,
+                status=TaskState.QUEUED,
+                priority=spec.priority,
+                task_type=spec.task_type,
+                configuration=_copy(configuration),
+                submitted_at=now,
+                idempotency_key=spec.idempotency_key,
+                correlation_id=spec.correlation_id,
+            ),
+            updated_at=now,
+            request_hash=request_hash(spec, configuration),
             workspace_path=workspace_path,
-        )  # fmt: skip
+        )
         self._rows[spec.task_id] = row
         return row
 
@@ -126,9 +148,15 @@ class MemoryStore:
         if first is None:
             return self._insert(spec, workspace_path).record, True
         digest = request_hash(spec, to_configuration(spec))
-        check_idempotent_replay(spec, digest, {"id": first.record.id,
-                                               "idempotency_key": first.record.idempotency_key,
-                                               "request_hash": first.request_hash})  # fmt: skip
+        check_idempotent_replay(
+            spec,
+            digest,
+            {
+                "id": first.record.id,
+                "idempotency_key": first.record.idempotency_key,
+                "request_hash": first.request_hash,
+            },
+        )
         return first.record, False
 
     async def transition(
@@ -144,8 +172,14 @@ class MemoryStore:
     ) -> TaskRecord:
         await _round_trip(self.latency)
         row = self._movable(task_id, target, expect_worker)
-        self._move(row, target, worker_id=worker_id, result=result, error=error,
-                   execution_time_ms=execution_time_ms)  # fmt: skip
+        self._move(
+            row,
+            target,
+            worker_id=worker_id,
+            result=result,
+            error=error,
+            execution_time_ms=execution_time_ms,
+        )
         return row.record
 
     async def start(self, spec: TaskSpec, *, worker_id: str, workspace_path: str) -> int:
@@ -161,8 +195,16 @@ class MemoryStore:
         self._move(row, TaskState.RUNNING, worker_id=worker_id)
         return row.record.attempts
 
-    async def finish(self, task_id: str, target: TaskState, *, worker_id: str, result: JSON,
-                     error: str | None, execution_time_ms: int) -> None:  # fmt: skip
+    async def finish(
+        self,
+        task_id: str,
+        target: TaskState,
+        *,
+        worker_id: str,
+        result: JSON,
+        error: str | None,
+        execution_time_ms: int,
+    ) -> None:
         """The end of a run, by the daemon holding the task (InvalidTransitionError if it no
         longer does: cancelled, or taken over)."""
         await _round_trip(self.latency)
@@ -174,8 +216,11 @@ class MemoryStore:
         row = self._rows.get(task_id)
         if row is not None and row.record.result is None:
             ms = row.record.execution_time_ms
-            row.record = replace(row.record, result=_copy(result),
-                                 execution_time_ms=execution_time_ms if ms is None else ms)  # fmt: skip
+            row.record = replace(
+                row.record,
+                result=_copy(result),
+                execution_time_ms=execution_time_ms if ms is None else ms,
+            )
             row.updated_at = self._clock.now()
 
     async def renew_leases(self, worker_id: str, task_ids: Sequence[str]) -> None:
@@ -198,16 +243,24 @@ class MemoryStore:
     async def expired_running(self, limit: int = 500) -> builtins.list[TaskRecord]:
         await _round_trip(self.latency)
         now = self._clock.now()
-        rows = [r for r in self._rows.values() if r.record.status is TaskState.RUNNING
-                and r.lease_expires_at is not None and r.lease_expires_at < now]  # fmt: skip
+        rows = [
+            r
+            for r in self._rows.values()
+            if r.record.status is TaskState.RUNNING
+            and r.lease_expires_at is not None
+            and r.lease_expires_at < now
+        ]
         rows.sort(key=lambda r: r.lease_expires_at or now)
         return [r.record for r in rows[:limit]]
 
     async def stale_queued(self, age_s: float, limit: int = 1000) -> builtins.list[TaskRecord]:
         await _round_trip(self.latency)
         cutoff = self._clock.now() - timedelta(seconds=age_s)
-        rows = [r.record for r in self._rows.values()
-                if r.record.status is TaskState.QUEUED and r.updated_at < cutoff]  # fmt: skip
+        rows = [
+            r.record
+            for r in self._rows.values()
+            if r.record.status is TaskState.QUEUED and r.updated_at < cutoff
+        ]
         return sorted(rows, key=lambda rec: rec.submitted_at)[:limit]
 
     async def list(
@@ -222,12 +275,13 @@ class MemoryStore:
         """Newest first, by (submitted_at, id); `before` is the last of the previous page."""
         await _round_trip(self.latency)
         found = [
-            r.record for r in self._rows.values()
+            r.record
+            for r in self._rows.values()
             if (workspace_id is None or r.record.workspace_id == workspace_id)
             and (workspaces is None or r.record.workspace_id in workspaces)
             and (status is None or r.record.status is status)
             and (before is None or (r.record.submitted_at, r.record.id) < before)
-        ]  # fmt: skip
+        ]
         found.sort(key=lambda rec: (rec.submitted_at, rec.id), reverse=True)
         return found[:limit]
 
@@ -239,8 +293,12 @@ class MemoryStore:
         await _round_trip(self.latency)
         if token_id in self._tokens:
             raise ValueError(f"an API token with id {token_id!r} exists already")
-        token = ApiToken(id=token_id, name=name, created_at=self._clock.now(),
-                         workspaces=None if workspaces is None else tuple(workspaces))  # fmt: skip
+        token = ApiToken(
+            id=token_id,
+            name=name,
+            created_at=self._clock.now(),
+            workspaces=None if workspaces is None else tuple(workspaces),
+        )
         self._tokens[token_id] = (token, secret_sha256)
         return token
 

@@ -121,10 +121,17 @@ class TaskEnvironment:
 class Workspaces:
     """The workspaces under one volume."""
 
-    def __init__(self, volume: Path, *, default_quota: int, quotas: Mapping[str, int],
-                 git_schemes: tuple[str, ...], uids: UidRange | None = None,
-                 default_inode_quota: int = DEFAULT_INODE_QUOTA,
-                 inode_quotas: Mapping[str, int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        volume: Path,
+        *,
+        default_quota: int,
+        quotas: Mapping[str, int],
+        git_schemes: tuple[str, ...],
+        uids: UidRange | None = None,
+        default_inode_quota: int = DEFAULT_INODE_QUOTA,
+        inode_quotas: Mapping[str, int] | None = None,
+    ) -> None:
         self.volume = volume
         self.uids = uids  #: per-workspace uids (the daemon is root and can isolate), or None
         self.default_quota = default_quota
@@ -165,11 +172,15 @@ class Workspaces:
         """What the workspace is at or over, as a sentence naming the limit; None if neither."""
         quota, inodes = self.quota(workspace_id), self.inode_quota(workspace_id)
         if used.bytes >= quota:
-            return (f"workspace {workspace_id} uses {_human(used.bytes)} of its {_human(quota)} "
-                    f"storage quota ({used.bytes} of {quota} bytes)")  # fmt: skip
+            return (
+                f"workspace {workspace_id} uses {_human(used.bytes)} of its {_human(quota)} "
+                f"storage quota ({used.bytes} of {quota} bytes)"
+            )
         if used.inodes >= inodes:
-            return (f"workspace {workspace_id} holds {used.inodes} files and directories, at its "
-                    f"inode quota of {inodes}")  # fmt: skip
+            return (
+                f"workspace {workspace_id} holds {used.inodes} files and directories, at its "
+                f"inode quota of {inodes}"
+            )
         return None
 
     def exceeded(self, workspace_id: str, used: Usage) -> str | None:
@@ -177,22 +188,29 @@ class Workspaces:
         the storage quota (`storage` is in that sentence) or the inode quota."""
         quota, inodes = self.quota(workspace_id), self.inode_quota(workspace_id)
         if used.bytes > quota:
-            return (f"the workspace grew to {used.bytes} bytes, over its storage quota of "
-                    f"{quota} bytes")  # fmt: skip
+            return (
+                f"the workspace grew to {used.bytes} bytes, over its storage quota of {quota} bytes"
+            )
         if used.inodes > inodes:
-            return (f"the workspace grew to {used.inodes} files and directories, over its "
-                    f"inode quota of {inodes}")  # fmt: skip
+            return (
+                f"the workspace grew to {used.inodes} files and directories, over its "
+                f"inode quota of {inodes}"
+            )
         return None
 
     def refuse_write(self, workspace_id: str, used: Usage, size: int) -> str | None:
         """Why writing one file of `size` bytes would pass a quota, or None if it fits."""
         quota, inodes = self.quota(workspace_id), self.inode_quota(workspace_id)
         if used.bytes + size > quota:
-            return (f"writing {size} bytes would exceed the storage quota of workspace "
-                    f"{workspace_id} ({used.bytes} of {quota} bytes used)")  # fmt: skip
+            return (
+                f"writing {size} bytes would exceed the storage quota of workspace "
+                f"{workspace_id} ({used.bytes} of {quota} bytes used)"
+            )
         if used.inodes >= inodes:
-            return (f"writing a file would exceed the inode quota of workspace {workspace_id} "
-                    f"({used.inodes} of {inodes} files and directories)")  # fmt: skip
+            return (
+                f"writing a file would exceed the inode quota of workspace {workspace_id} "
+                f"({used.inodes} of {inodes} files and directories)"
+            )
         return None
 
     async def _thread(self, fn: Any, *args: Any) -> Any:
@@ -241,8 +259,14 @@ class Workspaces:
             )
         return used
 
-    async def open_task(self, workspace_id: str, task_id: str, credentials: Credentials | None,
-                        *, clear_leftovers: bool = True) -> TaskEnvironment:  # fmt: skip
+    async def open_task(
+        self,
+        workspace_id: str,
+        task_id: str,
+        credentials: Credentials | None,
+        *,
+        clear_leftovers: bool = True,
+    ) -> TaskEnvironment:
         """Create tasks/<task_id> with a private HOME and TMPDIR, and the task's credentials.
 
         Prepares the workspace first (in the same worker thread), as `prepare()` does. A task
@@ -359,8 +383,11 @@ class Workspaces:
             try:
                 await self._thread(self._update_meta, root, tally.applied)
             except (OSError, WorkspaceError) as exc:  # the workspace was removed meanwhile
-                logger.warning("workspace metadata not updated: %s", exc,
-                               extra={"workspace_id": os.path.basename(root)})  # fmt: skip
+                logger.warning(
+                    "workspace metadata not updated: %s",
+                    exc,
+                    extra={"workspace_id": os.path.basename(root)},
+                )
 
     async def exists(self, workspace_id: str) -> bool:
         """The workspace's directory exists (a symlink in its place is not one)."""
@@ -374,8 +401,9 @@ class Workspaces:
         are opened beneath the workspace, without following a symlink and without blocking.
         """
         with paths.open_root(root) as rfd:
-            lock_fd = paths.open_beneath(rfd, META_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                                         | os.O_NONBLOCK, 0o600)  # fmt: skip
+            lock_fd = paths.open_beneath(
+                rfd, META_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600
+            )
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:

@@ -103,8 +103,11 @@ class Helper:
                 logger.warning("the directory helper failed: %s", exc)
             # One that never answered is tried less and less often (up to once a minute).
             delay = RESTART_DELAY_S if self._answered else min(60.0, delay * 2)
-            logger.warning("the directory helper is down; task directories are made in worker "
-                           "threads until it is back, in %g s", delay)  # fmt: skip
+            logger.warning(
+                "the directory helper is down; task directories are made in worker "
+                "threads until it is back, in %g s",
+                delay,
+            )
             self._started()
             await trio.sleep(delay)
 
@@ -120,9 +123,10 @@ class Helper:
                 # Its environment is only where to import from: none of the daemon's secrets.
                 proc = await trio.lowlevel.open_process(
                     [sys.executable, "-m", "wsrunner.workspace.fshelper", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
                     env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-                )  # fmt: skip
+                )
         except BaseException:
             ours.close()
             raise
@@ -168,8 +172,14 @@ class Helper:
 # --- the helper process ---------------------------------------------------------------------
 
 
-def _make(root: str, rel: str, subdirs: list[str], files: dict[str, list[Any]],
-          layout: list[list[str]], spares: str) -> bool | None:  # fmt: skip
+def _make(
+    root: str,
+    rel: str,
+    subdirs: list[str],
+    files: dict[str, list[Any]],
+    layout: list[list[str]],
+    spares: str,
+) -> bool | None:
     """A fresh task directory (`paths.make_fresh_dir`, its parent there), from a parked spare
     when there is one, in a workspace whose `layout` (directories, files) is still as prepared;
     None if it is not."""
@@ -181,8 +191,15 @@ def _make(root: str, rel: str, subdirs: list[str], files: dict[str, list[Any]],
     return True
 
 
-def _remove(root: str, rel: str, subdirs: list[str], files: list[str], listing: str | None,
-            spares: str, keep: int) -> list[str]:  # fmt: skip
+def _remove(
+    root: str,
+    rel: str,
+    subdirs: list[str],
+    files: list[str],
+    listing: str | None,
+    spares: str,
+    keep: int,
+) -> list[str]:
     """The directory gone from `rel`: parked in `spares` (`paths.park_dir`), else removed if
     it is as it was made (anything else raises: no walk here); then the directories in
     `listing`, if one is named."""
@@ -191,8 +208,7 @@ def _remove(root: str, rel: str, subdirs: list[str], files: list[str], listing: 
     return paths.subdirectories(root, listing) if listing else []
 
 
-OPS: Final[dict[str, Callable[..., Any]]] = {"make": _make, "remove": _remove,
-                                             "ping": lambda: True}  # fmt: skip
+OPS: Final[dict[str, Callable[..., Any]]] = {"make": _make, "remove": _remove, "ping": lambda: True}
 
 
 def serve_requests(sock: socket.socket, ops: dict[str, Callable[..., Any]]) -> None:

@@ -65,8 +65,9 @@ def _openat2(dir_fd: int, rel: str, flags: int, mode: int = 0, resolve: int = 0)
     mode = mode if flags & os.O_CREAT else 0
     how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS | resolve)
     while True:
-        fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(rel), ctypes.byref(how),
-                           ctypes.sizeof(how))  # fmt: skip
+        fd = _libc.syscall(
+            _SYS_OPENAT2, dir_fd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how)
+        )
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()
@@ -79,8 +80,9 @@ def _walk_nofollow(dir_fd: int, rel: str, flags: int, mode: int = 0) -> int:
     fd = os.dup(dir_fd)
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=fd)  # fmt: skip
+            nxt = os.open(
+                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
             os.close(fd)
             fd = nxt
         last = parts[-1] if parts else "."
@@ -199,8 +201,9 @@ def resolved(root_fd: int, fd: int) -> str:
     return here[len(prefix) :]
 
 
-def refuse_protected(root_fd: int, dir_fd: int, name: str, path: str,
-                     protect: Sequence[str], rest: str = "") -> None:  # fmt: skip
+def refuse_protected(
+    root_fd: int, dir_fd: int, name: str, path: str, protect: Sequence[str], rest: str = ""
+) -> None:
     """Raise PathEscapeError if `name` in the directory `dir_fd`, on the way to `path` (`rest`
     is what follows it there), is or lies under a protected path (`protect.rule_for`), once
     resolved. The error names `path` and, if it differs, where it resolves to."""
@@ -209,8 +212,10 @@ def refuse_protected(root_fd: int, dir_fd: int, name: str, path: str,
     real = os.path.normpath(os.path.join(resolved(root_fd, dir_fd), name, rest))
     if (rule := rule_for(real, protect)) is not None:
         shown = "" if real == clean_relative(path) else f" (it resolves to {real!r})"
-        raise PathEscapeError(f"path {path!r}{shown} is protected by the policy's sandbox.protect "
-                              f"rule {rule!r}; it cannot be written through the daemon")  # fmt: skip
+        raise PathEscapeError(
+            f"path {path!r}{shown} is protected by the policy's sandbox.protect "
+            f"rule {rule!r}; it cannot be written through the daemon"
+        )
 
 
 def not_found(path: str, exc: OSError) -> WorkspaceError:
@@ -256,8 +261,9 @@ def read_text(root: str, path: str, cap: int) -> FileContent:
     )
 
 
-def make_dirs(root: str, path: str, *, protect: Sequence[str] = (),
-              asked: str | None = None) -> None:  # fmt: skip
+def make_dirs(
+    root: str, path: str, *, protect: Sequence[str] = (), asked: str | None = None
+) -> None:
     """`mkdir -p` beneath the workspace: every component is created and checked in place.
 
     Errors: PathEscapeError if a component is, or resolves to, a path under a `protect` glob
@@ -276,8 +282,9 @@ def make_dirs(root: str, path: str, *, protect: Sequence[str] = (),
             done = f"{done}/{part}" if done else part
             rest = "/".join(tail[i + 1 :])
             try:
-                with _fd(open_beneath(rfd, os.path.dirname(done) or ".",
-                                      os.O_RDONLY | os.O_DIRECTORY)) as pfd:  # fmt: skip
+                with _fd(
+                    open_beneath(rfd, os.path.dirname(done) or ".", os.O_RDONLY | os.O_DIRECTORY)
+                ) as pfd:
                     refuse_protected(rfd, pfd, part, asked, protect, rest)
                     os.mkdir(part, 0o755, dir_fd=pfd)
                     if owner is not None:
@@ -294,9 +301,14 @@ def make_dirs(root: str, path: str, *, protect: Sequence[str] = (),
                 refuse_protected(rfd, dfd, ".", asked, protect, rest)
 
 
-def make_fresh_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
-                   files: Mapping[str, tuple[str, int]] | None = None,
-                   parents: bool = True) -> None:  # fmt: skip
+def make_fresh_dir(
+    root: str,
+    path: str,
+    *,
+    subdirs: Sequence[str] = (),
+    files: Mapping[str, tuple[str, int]] | None = None,
+    parents: bool = True,
+) -> None:
     """Create the directory `path` (its parents as `make_dirs` does, unless `parents` is false:
     then a missing parent is a PathNotFoundError) with `subdirs` and `files` (name: (content,
     mode)) inside, all the workspace owner's.
@@ -326,8 +338,9 @@ def make_fresh_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
                 _write_new_files(dfd, files or {}, owner)
 
 
-def _write_new_files(dfd: int, files: Mapping[str, tuple[str, int]],
-                     owner: tuple[int, int] | None) -> None:  # fmt: skip
+def _write_new_files(
+    dfd: int, files: Mapping[str, tuple[str, int]], owner: tuple[int, int] | None
+) -> None:
     """Create `files` (name: (content, mode)) in the directory `dfd`, with O_EXCL."""
     for file, (content, mode) in files.items():
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -389,8 +402,9 @@ def _as_made(dfd: int, subdirs: Sequence[str], owner: tuple[int, int] | None) ->
             return False
     for sub in subdirs:
         try:
-            fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=dfd)  # fmt: skip
+            fd = os.open(
+                sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd
+            )
         except OSError:  # a symlink, or gone
             return False
         with _fd(fd):
@@ -422,8 +436,9 @@ def _open_spares(pfd: int, name: str, *, create: bool) -> int | None:
     return fd
 
 
-def park_dir(root: str, path: str, spares: str, *, subdirs: Sequence[str],
-             files: Sequence[str], keep: int) -> bool:  # fmt: skip
+def park_dir(
+    root: str, path: str, spares: str, *, subdirs: Sequence[str], files: Sequence[str], keep: int
+) -> bool:
     """Remove `files` from the directory `path`, then move it into `spares` (a name beside it,
     made if missing) if it is as `make_fresh_dir` made it with `subdirs` and fewer than `keep`
     are parked there.
@@ -435,8 +450,9 @@ def park_dir(root: str, path: str, spares: str, *, subdirs: Sequence[str],
         owner = _owner(rfd)
         with _fd(open_beneath(rfd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)) as pfd:
             try:
-                dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=pfd)  # fmt: skip
+                dfd = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
+                )
             except OSError:
                 return False
             with _fd(dfd):
@@ -453,8 +469,14 @@ def park_dir(root: str, path: str, spares: str, *, subdirs: Sequence[str],
                 return len(os.listdir(sfd)) < keep and _rename_noreplace(pfd, name, sfd, name)
 
 
-def take_spare(root: str, path: str, spares: str, *, subdirs: Sequence[str],
-               files: Mapping[str, tuple[str, int]]) -> bool:  # fmt: skip
+def take_spare(
+    root: str,
+    path: str,
+    spares: str,
+    *,
+    subdirs: Sequence[str],
+    files: Mapping[str, tuple[str, int]],
+) -> bool:
     """Make the directory `path` from one parked in `spares` (a name beside it) that is still as
     made, and write `files` into it, as `make_fresh_dir` would; False if there is none. `path`
     must not exist."""
@@ -467,8 +489,11 @@ def take_spare(root: str, path: str, spares: str, *, subdirs: Sequence[str],
             with _fd(sfd):
                 for spare in os.listdir(sfd):
                     try:
-                        dfd = os.open(spare, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                      | os.O_CLOEXEC, dir_fd=sfd)  # fmt: skip
+                        dfd = os.open(
+                            spare,
+                            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=sfd,
+                        )
                     except OSError:
                         continue
                     with _fd(dfd):
@@ -481,8 +506,14 @@ def take_spare(root: str, path: str, spares: str, *, subdirs: Sequence[str],
     return False
 
 
-def remove_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
-               files: Sequence[str] = (), walk: bool = True) -> None:  # fmt: skip
+def remove_dir(
+    root: str,
+    path: str,
+    *,
+    subdirs: Sequence[str] = (),
+    files: Sequence[str] = (),
+    walk: bool = True,
+) -> None:
     """Remove the directory `path` and all it holds, never following a symlink; a missing one is
     no error, and a symlink or file in its place is removed itself.
 
@@ -521,8 +552,9 @@ def remove_dir(root: str, path: str, *, subdirs: Sequence[str] = (),
                 shutil.rmtree(name, dir_fd=pfd, ignore_errors=True)
 
 
-def write_text(root: str, path: str, content: str, mode: int = 0o644, *,
-               protect: Sequence[str] = ()) -> int:  # fmt: skip
+def write_text(
+    root: str, path: str, content: str, mode: int = 0o644, *, protect: Sequence[str] = ()
+) -> int:
     """Write `content` atomically (temp file + rename), creating parents; returns bytes written.
 
     The file is created with `mode` and belongs to the workspace's owner.
@@ -550,8 +582,12 @@ def write_text(root: str, path: str, content: str, mode: int = 0o644, *,
             except FileNotFoundError:
                 pass
             tmp = f".{name}.wsrunner-{os.getpid()}-{id(data):x}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         mode, dir_fd=dfd)  # fmt: skip
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode,
+                dir_fd=dfd,
+            )
             try:
                 with _fd(fd):
                     if (owner := _owner(rfd)) is not None:
@@ -600,8 +636,15 @@ def list_dir(root: str, path: str, cap: int) -> tuple[list[Entry], bool]:
                     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # removed while we listed
-                kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
-                        else "symlink" if stat.S_ISLNK(st.st_mode) else "other")  # fmt: skip
+                kind = (
+                    "dir"
+                    if stat.S_ISDIR(st.st_mode)
+                    else "file"
+                    if stat.S_ISREG(st.st_mode)
+                    else "symlink"
+                    if stat.S_ISLNK(st.st_mode)
+                    else "other"
+                )
                 entries.append(
                     Entry(name, kind, st.st_size if kind == "file" else None, st.st_mtime)
                 )

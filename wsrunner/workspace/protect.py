@@ -90,8 +90,10 @@ def find_protected(root: str, patterns: Sequence[str]) -> Protected:
 
     pinned = sorted({os.path.dirname(p) for p in read_only} - {""}, key=lambda p: p.split("/"))
     pinned = [p for p in pinned if not under_read_only(p)]
-    return Protected(read_only=tuple(os.path.join(root, p) for p in read_only),
-                     pinned=tuple(os.path.join(root, p) for p in pinned))  # fmt: skip
+    return Protected(
+        read_only=tuple(os.path.join(root, p) for p in read_only),
+        pinned=tuple(os.path.join(root, p) for p in pinned),
+    )
 
 
 def _match(dfd: int, rel: str, parts: list[str], found: set[str]) -> None:

@@ -77,9 +77,12 @@ _UNSUPPORTED: Final = (
     ("bad repetition operator: ", "possessive repetitions (++, *+, ?+) are not supported"),
     ("invalid escape sequence: \\Z", "\\Z is not supported; \\z is the end of the line"),
     ("invalid repetition size", "a repetition count is over 1000 (nested counts multiply)"),
-    ("pattern too large", f"it compiles to more than RE2's {RE2_MAX_MEM // 1024} KiB; use "
-                          "fewer or smaller counted repetitions and Unicode classes"),
-)  # fmt: skip
+    (
+        "pattern too large",
+        f"it compiles to more than RE2's {RE2_MAX_MEM // 1024} KiB; use "
+        "fewer or smaller counted repetitions and Unicode classes",
+    ),
+)
 _SYNTAX: Final = "RE2 syntax, as ripgrep's: no backreferences or look-around"
 
 Regex = Any  #: a compiled RE2 pattern (google-re2 has no type hints)
@@ -135,8 +138,9 @@ def check(pattern: object, include: object, max_results: object) -> Query:
         or not isinstance(max_results, int)
         or not 1 <= max_results <= MAX_RESULTS
     ):
-        raise ValidationError("max_results", f"expected an integer from 1 to {MAX_RESULTS}, "
-                                             f"got {max_results!r}")  # fmt: skip
+        raise ValidationError(
+            "max_results", f"expected an integer from 1 to {MAX_RESULTS}, got {max_results!r}"
+        )
     return Query(pattern, regex, include, max_results)
 
 
@@ -175,8 +179,9 @@ def _for_re2(pattern: str) -> str:
             classes += 1
         elif c in ("C", "Q"):
             what = "\\C (one byte)" if c == "C" else "\\Q...\\E (a quoted literal)"
-            raise ValidationError("pattern", f"{what} is not supported; ripgrep refuses it "
-                                             f"({_SYNTAX})")  # fmt: skip
+            raise ValidationError(
+                "pattern", f"{what} is not supported; ripgrep refuses it ({_SYNTAX})"
+            )
         elif c in ("u", "U") and (digits := _code_point(pattern, i, 4 if c == "u" else 8)):
             hex_digits, i = digits
             out.append(f"\\x{{{hex_digits}}}")
@@ -184,8 +189,10 @@ def _for_re2(pattern: str) -> str:
         out.append(pattern[j:i])
     out.append(pattern[i:])
     if classes > UNICODE_CLASS_CAP:
-        raise ValidationError("pattern", f"expected at most {UNICODE_CLASS_CAP} Unicode classes "
-                                         f"(\\p, \\P), found {classes}")  # fmt: skip
+        raise ValidationError(
+            "pattern",
+            f"expected at most {UNICODE_CLASS_CAP} Unicode classes (\\p, \\P), found {classes}",
+        )
     return "".join(out)
 
 
@@ -204,8 +211,9 @@ def _code_point(pattern: str, i: int, width: int) -> tuple[str, int] | None:
     return digits, nxt
 
 
-async def run(root: str, rel: str, query: Query, *, rg: str | None,
-              spawn: Spawn | None) -> tuple[list[JSON], bool]:  # fmt: skip
+async def run(
+    root: str, rel: str, query: Query, *, rg: str | None, spawn: Spawn | None
+) -> tuple[list[JSON], bool]:
     """Matches under `root/rel` (unsorted) and whether the search was complete.
 
     ripgrep is used when both `rg` and a sandboxed `spawn` are given.
@@ -222,9 +230,24 @@ def _match(file: str, line: int, text: str) -> JSON:
 
 
 async def _ripgrep(rg: str, rel: str, query: Query, spawn: Spawn) -> tuple[list[JSON], bool]:
-    argv = [rg, "--json", "--no-config", "--hidden", "--no-ignore", "--no-follow",
-            "--regex-size-limit", RG_SIZE_LIMIT, "--dfa-size-limit", RG_SIZE_LIMIT,
-            "--glob", "!.git", "--max-filesize", str(FILE_CAP), "--max-count", str(SCAN_CAP)]  # fmt: skip
+    argv = [
+        rg,
+        "--json",
+        "--no-config",
+        "--hidden",
+        "--no-ignore",
+        "--no-follow",
+        "--regex-size-limit",
+        RG_SIZE_LIMIT,
+        "--dfa-size-limit",
+        RG_SIZE_LIMIT,
+        "--glob",
+        "!.git",
+        "--max-filesize",
+        str(FILE_CAP),
+        "--max-count",
+        str(SCAN_CAP),
+    ]
     if query.include is not None:
         argv += ["--glob", query.include]
     argv += ["--regexp", query.pattern, "--", rel]
@@ -371,8 +394,9 @@ def _walk(root: str, rel: str, query: Query, deadline: float) -> tuple[list[JSON
 def _read_in(dir_fd: int, name: str) -> bytes | None:
     """A regular file's bytes, `name` in the directory `dir_fd`, not followed if a symlink."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dir_fd)  # fmt: skip
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
     except OSError:
         return None
     try:

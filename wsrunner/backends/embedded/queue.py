@@ -67,18 +67,23 @@ class LocalQueue:
 
     async def enqueue(self, payload: JSON, *, event_data: JSON) -> str:
         tid = payload["task_id"]
-        self._status[tid] = {"status": TaskState.QUEUED.value,
-                             "workspace_id": payload["workspace_id"], "submitted_at": _now_iso(),
-                             "priority": payload["priority"],
-                             "task_type": payload.get("task_type", "background_job")}  # fmt: skip
+        self._status[tid] = {
+            "status": TaskState.QUEUED.value,
+            "workspace_id": payload["workspace_id"],
+            "submitted_at": _now_iso(),
+            "priority": payload["priority"],
+            "task_type": payload.get("task_type", "background_job"),
+        }
         event_id = await self.emit(tid, "status_changed", event_data)
         self._push(payload, head=False)
         return event_id
 
     async def requeue_payload(self, payload: JSON) -> None:
-        self._status[payload["task_id"]] = {"status": "queued",
-                                            "workspace_id": payload["workspace_id"],
-                                            "priority": payload["priority"]}  # fmt: skip
+        self._status[payload["task_id"]] = {
+            "status": "queued",
+            "workspace_id": payload["workspace_id"],
+            "priority": payload["priority"],
+        }
         # Behind the rest (Redis puts it next in line): at start every queued task comes back
         # through here, oldest first, and keeps its order.
         self._push(payload, head=False)
@@ -115,8 +120,9 @@ class LocalQueue:
     async def dead_letter(self, worker_id: str, claim_id: str, reason: str) -> None:
         raw = self._inflight.get(worker_id, {}).pop(claim_id, None)
         if raw is not None:
-            self.dead.append({"payload": raw, "reason": reason, "worker_id": worker_id,
-                              "at": _now_iso()})  # fmt: skip
+            self.dead.append(
+                {"payload": raw, "reason": reason, "worker_id": worker_id, "at": _now_iso()}
+            )
 
     async def inflight(self, worker_id: str) -> dict[str, str]:
         return dict(self._inflight.get(worker_id, {}))
@@ -142,9 +148,15 @@ class LocalQueue:
             await self.emit(task_id, *then)
         return applied, out
 
-    async def _transition(self, task_id: str, workspace_id: str, target: TaskState,
-                          fields: dict[str, str] | None, event: JSON | None,
-                          ack: tuple[str, str] | None) -> tuple[bool, str]:  # fmt: skip
+    async def _transition(
+        self,
+        task_id: str,
+        workspace_id: str,
+        target: TaskState,
+        fields: dict[str, str] | None,
+        event: JSON | None,
+        ack: tuple[str, str] | None,
+    ) -> tuple[bool, str]:
         current = self._status.get(task_id)
         ended = self._ended.get(task_id)
         if ended is not None:
@@ -179,8 +191,10 @@ class LocalQueue:
             with trio.move_on_after(block_ms / 1000):
                 await waiter.wait()
             rows = await self._store.events_after(task_id, _seq(after), count)
-        return [Event(id=f"{seq}-0", type=kind, task_id=task_id, data=data, timestamp=ts)
-                for seq, kind, data, ts in rows]  # fmt: skip
+        return [
+            Event(id=f"{seq}-0", type=kind, task_id=task_id, data=data, timestamp=ts)
+            for seq, kind, data, ts in rows
+        ]
 
     async def depths(self) -> dict[str, int]:
         return {p: len(q) for p, q in self._queues.items()}

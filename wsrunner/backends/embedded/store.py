@@ -75,25 +75,36 @@ def _ts(value: str | None) -> datetime | None:
 
 def _record(row: sqlite3.Row) -> TaskRecord:
     return TaskRecord(
-        id=row["id"], workspace_id=row["workspace_id"], status=TaskState(row["status"]),
-        priority=Priority(row["priority"]), task_type=row["task_type"],
+        id=row["id"],
+        workspace_id=row["workspace_id"],
+        status=TaskState(row["status"]),
+        priority=Priority(row["priority"]),
+        task_type=row["task_type"],
         configuration=json.loads(row["configuration"]),
         submitted_at=_ts(row["submitted_at"]),  # type: ignore[arg-type]
-        started_at=_ts(row["started_at"]), completed_at=_ts(row["completed_at"]),
+        started_at=_ts(row["started_at"]),
+        completed_at=_ts(row["completed_at"]),
         result=None if row["result"] is None else json.loads(row["result"]),
-        error_message=row["error_message"], execution_time_ms=row["execution_time_ms"],
-        worker_id=row["worker_id"], attempts=row["attempts"],
-        idempotency_key=row["idempotency_key"], correlation_id=row["correlation_id"],
+        error_message=row["error_message"],
+        execution_time_ms=row["execution_time_ms"],
+        worker_id=row["worker_id"],
+        attempts=row["attempts"],
+        idempotency_key=row["idempotency_key"],
+        correlation_id=row["correlation_id"],
         cancel_requested=row["cancel_requested_at"] is not None,
-    )  # fmt: skip
+    )
 
 
 def _token(row: sqlite3.Row) -> ApiToken:
     ws = row["workspaces"]
-    return ApiToken(id=row["id"], name=row["name"],
-                    workspaces=None if ws is None else tuple(json.loads(ws)),
-                    created_at=_ts(row["created_at"]),  # type: ignore[arg-type]
-                    last_used_at=_ts(row["last_used_at"]), revoked_at=_ts(row["revoked_at"]))  # fmt: skip
+    return ApiToken(
+        id=row["id"],
+        name=row["name"],
+        workspaces=None if ws is None else tuple(json.loads(ws)),
+        created_at=_ts(row["created_at"]),  # type: ignore[arg-type]
+        last_used_at=_ts(row["last_used_at"]),
+        revoked_at=_ts(row["revoked_at"]),
+    )
 
 
 class SqliteStore:
@@ -136,18 +147,31 @@ class SqliteStore:
                 " status, timeout_seconds, submitted_at, updated_at, idempotency_key, request_hash,"
                 " correlation_id, workspace_path) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
-                (spec.task_id, spec.workspace_id, spec.task_type, json.dumps(configuration),
-                 spec.priority.value, spec.timeout_seconds, now, now, spec.idempotency_key, digest,
-                 spec.correlation_id, workspace_path),
-            )  # fmt: skip
+                (
+                    spec.task_id,
+                    spec.workspace_id,
+                    spec.task_type,
+                    json.dumps(configuration),
+                    spec.priority.value,
+                    spec.timeout_seconds,
+                    now,
+                    now,
+                    spec.idempotency_key,
+                    digest,
+                    spec.correlation_id,
+                    workspace_path,
+                ),
+            )
             if cur.rowcount == 1:
                 return c.execute(
                     "SELECT * FROM task_executions WHERE id = ?", (spec.task_id,)
                 ).fetchone(), True
             row = None
             if spec.idempotency_key is not None:
-                row = c.execute("SELECT * FROM task_executions WHERE workspace_id = ? AND "
-                                "idempotency_key = ?", (spec.workspace_id, spec.idempotency_key)).fetchone()  # fmt: skip
+                row = c.execute(
+                    "SELECT * FROM task_executions WHERE workspace_id = ? AND idempotency_key = ?",
+                    (spec.workspace_id, spec.idempotency_key),
+                ).fetchone()
             if row is None:
                 row = c.execute(
                     "SELECT * FROM task_executions WHERE id = ?", (spec.task_id,)
@@ -188,12 +212,27 @@ class SqliteStore:
                 f" execution_time_ms = COALESCE(?, execution_time_ms),"
                 f" cancel_requested_at = CASE WHEN ? THEN ? ELSE cancel_requested_at END"
                 f" WHERE id = ? AND status IN ({marks}) AND (? IS NULL OR worker_id = ?)",
-                (target.value, now.isoformat(), running, now.isoformat(), target.terminal,
-                 now.isoformat(), worker_id, int(running), lease,
-                 None if result is None else json_text(result), error, execution_time_ms,
-                 target is TaskState.CANCELLED, now.isoformat(), task_id, *sources,
-                 expect_worker, expect_worker),
-            )  # fmt: skip
+                (
+                    target.value,
+                    now.isoformat(),
+                    running,
+                    now.isoformat(),
+                    target.terminal,
+                    now.isoformat(),
+                    worker_id,
+                    int(running),
+                    lease,
+                    None if result is None else json_text(result),
+                    error,
+                    execution_time_ms,
+                    target is TaskState.CANCELLED,
+                    now.isoformat(),
+                    task_id,
+                    *sources,
+                    expect_worker,
+                    expect_worker,
+                ),
+            )
             row = c.execute("SELECT * FROM task_executions WHERE id = ?", (task_id,)).fetchone()
             if cur.rowcount == 1:
                 return row, None
@@ -220,46 +259,76 @@ class SqliteStore:
         record = await self.transition(spec.task_id, TaskState.RUNNING, worker_id=worker_id)
         return record.attempts
 
-    async def finish(self, task_id: str, target: TaskState, *, worker_id: str, result: JSON,
-                     error: str | None, execution_time_ms: int) -> None:  # fmt: skip
+    async def finish(
+        self,
+        task_id: str,
+        target: TaskState,
+        *,
+        worker_id: str,
+        result: JSON,
+        error: str | None,
+        execution_time_ms: int,
+    ) -> None:
         """The end of a run by the daemon holding the task (see `Store.finish`)."""
-        await self.transition(task_id, target, expect_worker=worker_id, result=result,
-                              error=error, execution_time_ms=execution_time_ms)  # fmt: skip
+        await self.transition(
+            task_id,
+            target,
+            expect_worker=worker_id,
+            result=result,
+            error=error,
+            execution_time_ms=execution_time_ms,
+        )
 
     async def attach_result(self, task_id: str, result: JSON, execution_time_ms: int) -> None:
-        await self.run(lambda c: c.execute(
-            "UPDATE task_executions SET result = ?, updated_at = ?,"
-            " execution_time_ms = COALESCE(execution_time_ms, ?) WHERE id = ? AND result IS NULL",
-            (json_text(result), _now().isoformat(), execution_time_ms, task_id)))  # fmt: skip
+        await self.run(
+            lambda c: c.execute(
+                "UPDATE task_executions SET result = ?, updated_at = ?,"
+                " execution_time_ms = COALESCE(execution_time_ms, ?) WHERE id = ? AND result IS NULL",
+                (json_text(result), _now().isoformat(), execution_time_ms, task_id),
+            )
+        )
 
     async def renew_leases(self, worker_id: str, task_ids: Sequence[str]) -> None:
         if not task_ids:
             return
         lease = (_now() + timedelta(seconds=self.lease_s)).isoformat()
         marks = ",".join("?" * len(task_ids))
-        await self.run(lambda c: c.execute(
-            f"UPDATE task_executions SET lease_expires_at = ? WHERE worker_id = ? AND "
-            f"status = 'running' AND id IN ({marks})", (lease, worker_id, *task_ids)))  # fmt: skip
+        await self.run(
+            lambda c: c.execute(
+                f"UPDATE task_executions SET lease_expires_at = ? WHERE worker_id = ? AND "
+                f"status = 'running' AND id IN ({marks})",
+                (lease, worker_id, *task_ids),
+            )
+        )
 
     async def get(self, task_id: str) -> TaskRecord:
-        row = await self.run(lambda c: c.execute(
-            "SELECT * FROM task_executions WHERE id = ?", (task_id,)).fetchone())  # fmt: skip
+        row = await self.run(
+            lambda c: c.execute("SELECT * FROM task_executions WHERE id = ?", (task_id,)).fetchone()
+        )
         if row is None:
             raise NotFoundError(f"no task with id {task_id}")
         return _record(row)
 
     async def expired_running(self, limit: int = 500) -> list[TaskRecord]:
         now = _now().isoformat()
-        rows = await self.run(lambda c: c.execute(
-            "SELECT * FROM task_executions WHERE status = 'running' AND lease_expires_at < ?"
-            " ORDER BY lease_expires_at LIMIT ?", (now, limit)).fetchall())  # fmt: skip
+        rows = await self.run(
+            lambda c: c.execute(
+                "SELECT * FROM task_executions WHERE status = 'running' AND lease_expires_at < ?"
+                " ORDER BY lease_expires_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        )
         return [_record(r) for r in rows]
 
     async def stale_queued(self, age_s: float, limit: int = 1000) -> list[TaskRecord]:
         cutoff = (_now() - timedelta(seconds=age_s)).isoformat()
-        rows = await self.run(lambda c: c.execute(
-            "SELECT * FROM task_executions WHERE status = 'queued' AND updated_at < ?"
-            " ORDER BY submitted_at LIMIT ?", (cutoff, limit)).fetchall())  # fmt: skip
+        rows = await self.run(
+            lambda c: c.execute(
+                "SELECT * FROM task_executions WHERE status = 'queued' AND updated_at < ?"
+                " ORDER BY submitted_at LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+        )
         return [_record(r) for r in rows]
 
     async def list(
@@ -284,8 +353,10 @@ class SqliteStore:
         if before is not None:
             where.append("(submitted_at < ? OR (submitted_at = ? AND id < ?))")
             args += [before[0].isoformat(), before[0].isoformat(), before[1]]
-        query = (f"SELECT * FROM task_executions WHERE {' AND '.join(where)}"
-                 " ORDER BY submitted_at DESC, id DESC LIMIT ?")  # fmt: skip
+        query = (
+            f"SELECT * FROM task_executions WHERE {' AND '.join(where)}"
+            " ORDER BY submitted_at DESC, id DESC LIMIT ?"
+        )
         rows = await self.run(lambda c: c.execute(query, (*args, limit)).fetchall())
         return [_record(r) for r in rows]
 
@@ -293,9 +364,14 @@ class SqliteStore:
         """End the leases of running tasks: at start-up, their daemon (this file's previous
         owner) is gone, so the reconciler re-queues them at once instead of after a lease."""
         now = _now().isoformat()
-        return await self.run(lambda c: c.execute(
-            "UPDATE task_executions SET lease_expires_at = ? WHERE status = 'running'",
-            (now,)).rowcount)  # fmt: skip
+        return await self.run(
+            lambda c: (
+                c.execute(
+                    "UPDATE task_executions SET lease_expires_at = ? WHERE status = 'running'",
+                    (now,),
+                ).rowcount
+            )
+        )
 
     # --- events (for the in-process queue) ----------------------------------------------------
 
@@ -303,10 +379,16 @@ class SqliteStore:
         """Append an event; its number in the task's stream (1, 2, ...)."""
 
         def tx(c: sqlite3.Connection) -> int:
-            seq = int(c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM task_events WHERE task_id = ?",
-                                (task_id,)).fetchone()[0])  # fmt: skip
-            c.execute("INSERT INTO task_events VALUES (?, ?, ?, ?, ?)",
-                      (task_id, seq, kind, json.dumps(data), ts))  # fmt: skip
+            seq = int(
+                c.execute(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM task_events WHERE task_id = ?",
+                    (task_id,),
+                ).fetchone()[0]
+            )
+            c.execute(
+                "INSERT INTO task_events VALUES (?, ?, ?, ?, ?)",
+                (task_id, seq, kind, json.dumps(data), ts),
+            )
             return seq
 
         return await self.run(tx)
@@ -314,9 +396,13 @@ class SqliteStore:
     async def events_after(
         self, task_id: str, after: int, count: int
     ) -> builtins.list[tuple[int, str, JSON, str]]:
-        rows = await self.run(lambda c: c.execute(
-            "SELECT seq, type, data, ts FROM task_events WHERE task_id = ? AND seq > ?"
-            " ORDER BY seq LIMIT ?", (task_id, after, count)).fetchall())  # fmt: skip
+        rows = await self.run(
+            lambda c: c.execute(
+                "SELECT seq, type, data, ts FROM task_events WHERE task_id = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (task_id, after, count),
+            ).fetchall()
+        )
         return [(r["seq"], r["type"], json.loads(r["data"]), r["ts"]) for r in rows]
 
     # --- API tokens ---------------------------------------------------------------------------
@@ -328,10 +414,14 @@ class SqliteStore:
         scope = None if workspaces is None else json.dumps(list(workspaces))
 
         def tx(c: sqlite3.Connection) -> sqlite3.Row:
-            c.execute("INSERT INTO api_tokens (id, name, secret_sha256, workspaces, created_at)"
-                      " VALUES (?, ?, ?, ?, ?)", (token_id, name, secret_sha256, scope, now))  # fmt: skip
-            row: sqlite3.Row = c.execute("SELECT * FROM api_tokens WHERE id = ?",
-                                         (token_id,)).fetchone()  # fmt: skip
+            c.execute(
+                "INSERT INTO api_tokens (id, name, secret_sha256, workspaces, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (token_id, name, secret_sha256, scope, now),
+            )
+            row: sqlite3.Row = c.execute(
+                "SELECT * FROM api_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
             return row
 
         return _token(await self.run(tx))
@@ -340,30 +430,37 @@ class SqliteStore:
         now = _now()
 
         def tx(c: sqlite3.Connection) -> sqlite3.Row | None:
-            row: sqlite3.Row | None = c.execute("SELECT * FROM api_tokens WHERE id = ?",
-                                                (token_id,)).fetchone()  # fmt: skip
+            row: sqlite3.Row | None = c.execute(
+                "SELECT * FROM api_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
             if row is not None and row["revoked_at"] is None:
-                c.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ? AND"
-                          " (last_used_at IS NULL OR last_used_at < ?)",
-                          (now.isoformat(), token_id, (now - timedelta(minutes=1)).isoformat()))  # fmt: skip
+                c.execute(
+                    "UPDATE api_tokens SET last_used_at = ? WHERE id = ? AND"
+                    " (last_used_at IS NULL OR last_used_at < ?)",
+                    (now.isoformat(), token_id, (now - timedelta(minutes=1)).isoformat()),
+                )
             return row
 
         row = await self.run(tx)
         return None if row is None else (_token(row), row["secret_sha256"])
 
     async def list_tokens(self) -> builtins.list[ApiToken]:
-        rows = await self.run(lambda c: c.execute(
-            "SELECT * FROM api_tokens ORDER BY created_at, id").fetchall())  # fmt: skip
+        rows = await self.run(
+            lambda c: c.execute("SELECT * FROM api_tokens ORDER BY created_at, id").fetchall()
+        )
         return [_token(r) for r in rows]
 
     async def revoke_token(self, token_id: str) -> ApiToken:
         now = _now().isoformat()
 
         def tx(c: sqlite3.Connection) -> sqlite3.Row | None:
-            c.execute("UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
-                      (now, token_id))  # fmt: skip
-            row: sqlite3.Row | None = c.execute("SELECT * FROM api_tokens WHERE id = ?",
-                                                (token_id,)).fetchone()  # fmt: skip
+            c.execute(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                (now, token_id),
+            )
+            row: sqlite3.Row | None = c.execute(
+                "SELECT * FROM api_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
             return row
 
         row = await self.run(tx)

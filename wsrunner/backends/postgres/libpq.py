@@ -137,8 +137,9 @@ class LibpqPool:
     prepared statement."""
 
     def __init__(self, url: str, *, options: str, size: int) -> None:
-        self._conninfo = make_conninfo(url, options=options, client_encoding="UTF8",
-                                       connect_timeout=CONNECT_TIMEOUT_S)  # fmt: skip
+        self._conninfo = make_conninfo(
+            url, options=options, client_encoding="UTF8", connect_timeout=CONNECT_TIMEOUT_S
+        )
         self._idle: list[_Connection] = []
         self._size = size
         self._slots = trio.Semaphore(size)

@@ -60,7 +60,10 @@ def _load_queries() -> dict[str, LiteralString]:
         .read_text(encoding="utf-8")
     )
     blocks = re.split(r"^-- name: (\w+)\s*$", text, flags=re.MULTILINE)
-    return {name: cast("LiteralString", body.strip()) for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}  # fmt: skip
+    return {
+        name: cast("LiteralString", body.strip())
+        for name, body in zip(blocks[1::2], blocks[2::2], strict=True)
+    }
 
 
 Q: Final = _load_queries()
@@ -177,8 +180,9 @@ class _Dropped(Exception):
 class PostgresStore:
     """The task_executions table. Create with `open_postgres_store()`."""
 
-    def __init__(self, pool: ConnectionPool[Any], fast: LibpqPool, max_size: int,
-                 lease_s: float) -> None:  # fmt: skip
+    def __init__(
+        self, pool: ConnectionPool[Any], fast: LibpqPool, max_size: int, lease_s: float
+    ) -> None:
         self._pool = pool
         self._fast = fast  #: the per-task statements, on the trio thread
         self._limiter = trio.CapacityLimiter(max_size)  # never more threads than connections
@@ -309,9 +313,15 @@ class PostgresStore:
             InvalidTransitionError: the current state (or owner) does not allow the move.
             NotFoundError: no task has this id.
         """
-        params = self._transition_params(task_id, target, worker_id=worker_id,
-                                         expect_worker=expect_worker, result=result, error=error,
-                                         execution_time_ms=execution_time_ms)  # fmt: skip
+        params = self._transition_params(
+            task_id,
+            target,
+            worker_id=worker_id,
+            expect_worker=expect_worker,
+            result=result,
+            error=error,
+            execution_time_ms=execution_time_ms,
+        )
 
         def tx(conn: psycopg.Connection[Any]) -> tuple[dict[str, Any] | None, str | None]:
             with conn.cursor(row_factory=dict_row) as cur:
@@ -331,12 +341,24 @@ class PostgresStore:
         """
         configuration = to_configuration(spec)
         digest = request_hash(spec, configuration)
-        rows = await self._fast_call("start_task", [
-            spec.task_id, worker_id, repr(self.lease_s), _array(sources_of(TaskState.RUNNING)),
-            spec.workspace_id, spec.task_type, _json_text(configuration), spec.priority.value,
-            str(spec.timeout_seconds), spec.idempotency_key, digest, spec.correlation_id,
-            workspace_path,
-        ])  # fmt: skip
+        rows = await self._fast_call(
+            "start_task",
+            [
+                spec.task_id,
+                worker_id,
+                repr(self.lease_s),
+                _array(sources_of(TaskState.RUNNING)),
+                spec.workspace_id,
+                spec.task_type,
+                _json_text(configuration),
+                spec.priority.value,
+                str(spec.timeout_seconds),
+                spec.idempotency_key,
+                digest,
+                spec.correlation_id,
+                workspace_path,
+            ],
+        )
         if not rows:
             current = "started by another daemon at the same moment"
         elif rows[0][0] is not None:
@@ -348,8 +370,16 @@ class PostgresStore:
                 raise DuplicateTaskError(spec.task_id, original, TaskState.RUNNING.value)
         raise InvalidTransitionError(spec.task_id, current, TaskState.RUNNING.value)
 
-    async def finish(self, task_id: str, target: TaskState, *, worker_id: str, result: JSON,
-                     error: str | None, execution_time_ms: int) -> None:  # fmt: skip
+    async def finish(
+        self,
+        task_id: str,
+        target: TaskState,
+        *,
+        worker_id: str,
+        result: JSON,
+        error: str | None,
+        execution_time_ms: int,
+    ) -> None:
         """Write the end of a run by the daemon that holds the task: one statement, on the trio
         thread (`wsrunner.backends.postgres.libpq`).
 
@@ -357,10 +387,18 @@ class PostgresStore:
             InvalidTransitionError: the task is no longer running here (cancelled, taken over).
             NotFoundError: no task has this id.
         """
-        rows = await self._fast_call("finish_task", [
-            task_id, target.value, _array(sources_of(target)), worker_id,
-            _json_text(result), error, str(execution_time_ms),
-        ])  # fmt: skip
+        rows = await self._fast_call(
+            "finish_task",
+            [
+                task_id,
+                target.value,
+                _array(sources_of(target)),
+                worker_id,
+                _json_text(result),
+                error,
+                str(execution_time_ms),
+            ],
+        )
         if not rows:
             raise NotFoundError(f"no task with id {task_id}")
         if rows[0][0] != "moved":
@@ -374,10 +412,17 @@ class PostgresStore:
                 self.on_error()
             raise
 
-    def _transition_params(self, task_id: str, target: TaskState, *,
-                           worker_id: str | None = None, expect_worker: str | None = None,
-                           result: JSON | None = None, error: str | None = None,
-                           execution_time_ms: int | None = None) -> dict[str, Any]:  # fmt: skip
+    def _transition_params(
+        self,
+        task_id: str,
+        target: TaskState,
+        *,
+        worker_id: str | None = None,
+        expect_worker: str | None = None,
+        result: JSON | None = None,
+        error: str | None = None,
+        execution_time_ms: int | None = None,
+    ) -> dict[str, Any]:
         return {
             "id": task_id,
             "target": target.value,
@@ -393,8 +438,10 @@ class PostgresStore:
 
     async def attach_result(self, task_id: str, result: JSON, execution_time_ms: int) -> None:
         """Store the result of a task whose terminal state someone else already wrote."""
-        await self._rows("attach_result", {"id": task_id, "result": _jsonb(result),
-                                           "execution_time_ms": execution_time_ms})  # fmt: skip
+        await self._rows(
+            "attach_result",
+            {"id": task_id, "result": _jsonb(result), "execution_time_ms": execution_time_ms},
+        )
 
     async def renew_leases(self, worker_id: str, task_ids: Sequence[str]) -> None:
         if task_ids:
@@ -452,8 +499,12 @@ class PostgresStore:
     async def create_token(
         self, token_id: str, name: str, secret_sha256: str, workspaces: Sequence[str] | None
     ) -> ApiToken:
-        params = {"id": token_id, "name": name, "secret_sha256": secret_sha256,
-                  "workspaces": None if workspaces is None else list(workspaces)}  # fmt: skip
+        params = {
+            "id": token_id,
+            "name": name,
+            "secret_sha256": secret_sha256,
+            "workspaces": None if workspaces is None else list(workspaces),
+        }
         return _token((await self._rows("insert_token", params))[0])
 
     async def token_digest(self, token_id: str) -> tuple[ApiToken, str] | None:
@@ -477,19 +528,29 @@ class PostgresStore:
 
 def _token(row: dict[str, Any]) -> ApiToken:
     ws = row["workspaces"]
-    return ApiToken(id=row["id"], name=row["name"], workspaces=None if ws is None else tuple(ws),
-                    created_at=row["created_at"], last_used_at=row["last_used_at"],
-                    revoked_at=row["revoked_at"])  # fmt: skip
+    return ApiToken(
+        id=row["id"],
+        name=row["name"],
+        workspaces=None if ws is None else tuple(ws),
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
 
 
 def _migrate(conn: psycopg.Connection[Any], schema: str) -> list[str]:
     """Apply the numbered migrations not applied yet, each in its own transaction."""
     applied: list[str] = []
     migrations = sorted(
-        (f for f in resources.files("wsrunner.backends.postgres").joinpath("sql/migrations").iterdir()
-         if f.name.endswith(".sql")),
+        (
+            f
+            for f in resources.files("wsrunner.backends.postgres")
+            .joinpath("sql/migrations")
+            .iterdir()
+            if f.name.endswith(".sql")
+        ),
         key=lambda f: f.name,
-    )  # fmt: skip
+    )
     with conn.transaction():
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(
@@ -537,9 +598,14 @@ async def open_postgres_store(
     # then, instead of failing the next call (a health check, an API request). The per-task
     # statements, which matter for speed, do not use this pool.
     pool: ConnectionPool[Any] = ConnectionPool(
-        url, min_size=1, max_size=max_size, open=False, kwargs={"options": options},
-        name="wsrunner", check=ConnectionPool.check_connection,
-    )  # fmt: skip
+        url,
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        kwargs={"options": options},
+        name="wsrunner",
+        check=ConnectionPool.check_connection,
+    )
 
     def start() -> list[str]:
         pool.open(wait=True, timeout=10)

@@ -131,8 +131,10 @@ def _envelope(kind: str, task_id: str, data: str, ts: str) -> str:
     around its `data` already in JSON: the same text as `json.dumps` of the whole, without
     encoding the data twice."""
     q = json.dumps
-    return (f'{{"event_type": {q(kind)}, "task_id": {q(task_id)}, "data": {data}, '
-            f'"timestamp": {q(ts)}}}')  # fmt: skip
+    return (
+        f'{{"event_type": {q(kind)}, "task_id": {q(task_id)}, "data": {data}, '
+        f'"timestamp": {q(ts)}}}'
+    )
 
 
 #: The states a task may move to each state from, as the transition script reads them.
@@ -392,25 +394,36 @@ class RedisQueue:
             "task_type": payload.get("task_type", "background_job"),
         }
         k = self.keys
-        results = await self._pipe([
-            ["HSET", k.status(tid), *_flat(status)], ["EXPIRE", k.status(tid), STATUS_TTL_S],
-            ["SADD", k.active(ws), tid],
-            *self._event_commands(tid, "status_changed", event_data, ts),
-            ["LPUSH", k.queue(payload["priority"]), json.dumps(payload)],
-        ], transaction=True)  # fmt: skip
+        results = await self._pipe(
+            [
+                ["HSET", k.status(tid), *_flat(status)],
+                ["EXPIRE", k.status(tid), STATUS_TTL_S],
+                ["SADD", k.active(ws), tid],
+                *self._event_commands(tid, "status_changed", event_data, ts),
+                ["LPUSH", k.queue(payload["priority"]), json.dumps(payload)],
+            ],
+            transaction=True,
+        )
         return str(results[3])
 
     async def requeue_payload(self, payload: JSON) -> None:
         """Put a payload rebuilt from PostgreSQL back on its queue, with a fresh status hash."""
         tid = payload["task_id"]
         k = self.keys
-        status = {"status": "queued", "workspace_id": payload["workspace_id"],
-                  "priority": payload["priority"]}  # fmt: skip
-        await self._pipe([
-            ["HSET", k.status(tid), *_flat(status)], ["EXPIRE", k.status(tid), STATUS_TTL_S],
-            ["SADD", k.active(payload["workspace_id"]), tid],
-            ["RPUSH", k.queue(payload["priority"]), json.dumps(payload)],
-        ], transaction=True)  # fmt: skip
+        status = {
+            "status": "queued",
+            "workspace_id": payload["workspace_id"],
+            "priority": payload["priority"],
+        }
+        await self._pipe(
+            [
+                ["HSET", k.status(tid), *_flat(status)],
+                ["EXPIRE", k.status(tid), STATUS_TTL_S],
+                ["SADD", k.active(payload["workspace_id"]), tid],
+                ["RPUSH", k.queue(payload["priority"]), json.dumps(payload)],
+            ],
+            transaction=True,
+        )
 
     # --- claims -------------------------------------------------------------------------------
 
@@ -421,8 +434,11 @@ class RedisQueue:
         """
         k = self.keys
         with trio.CancelScope(shield=True):
-            res = await self._script(self._claim, [*k.queues(), k.inflight(worker_id), k.claim_seq],
-                                     [p.value for p in PRIORITY_ORDER])  # fmt: skip
+            res = await self._script(
+                self._claim,
+                [*k.queues(), k.inflight(worker_id), k.claim_seq],
+                [p.value for p in PRIORITY_ORDER],
+            )
         return None if res is None else Claim(str(res[0]), str(res[1]))
 
     async def wait_for_work(self) -> bool:
@@ -487,8 +503,13 @@ class RedisQueue:
         said = "" if event is None else json.dumps(event)
         res = await self._script(
             self._transition,
-            [k.status(task_id), k.events(task_id), k.result(task_id), k.active(workspace_id),
-             k.inflight(worker)],
+            [
+                k.status(task_id),
+                k.events(task_id),
+                k.result(task_id),
+                k.active(workspace_id),
+                k.inflight(worker),
+            ],
             [
                 target.value,
                 _SOURCES[target],
@@ -505,17 +526,30 @@ class RedisQueue:
                 STREAM_MAXLEN,
                 *follow,
             ],
-        )  # fmt: skip
+        )
         return bool(int(res[0])), str(res[1])
 
     def _event_commands(self, task_id: str, kind: str, data: JSON, ts: str) -> list[list[Arg]]:
         """XADD to the task's stream, renew its TTL, PUBLISH the legacy envelope."""
         stream, said = self.keys.events(task_id), json.dumps(data)
         return [
-            ["XADD", stream, "MAXLEN", "~", STREAM_MAXLEN, "*", "type", kind, "data", said, "ts", ts],
+            [
+                "XADD",
+                stream,
+                "MAXLEN",
+                "~",
+                STREAM_MAXLEN,
+                "*",
+                "type",
+                kind,
+                "data",
+                said,
+                "ts",
+                ts,
+            ],
             ["EXPIRE", stream, STATUS_TTL_S],
             ["PUBLISH", stream, _envelope(kind, task_id, said, ts)],
-        ]  # fmt: skip
+        ]
 
     async def emit(self, task_id: str, kind: str, data: JSON) -> str:
         """Append one event to the task's stream (and the legacy channel); returns its id."""
@@ -580,15 +614,22 @@ class RedisQueue:
         ]
         ids = list(running)
         if ids:
-            commands += [["SADD", k.worker_tasks(worker_id), *ids],
-                         ["EXPIRE", k.worker_tasks(worker_id), ttl]]  # fmt: skip
+            commands += [
+                ["SADD", k.worker_tasks(worker_id), *ids],
+                ["EXPIRE", k.worker_tasks(worker_id), ttl],
+            ]
         await self._pipe(commands, transaction=True)
 
     async def retire(self, worker_id: str) -> None:
         """Remove a stopped daemon's heartbeat; it must hold no claims any more."""
         k = self.keys
-        await self._pipe([["DEL", k.heartbeat(worker_id), k.worker_tasks(worker_id)],
-                          ["SREM", k.workers, worker_id]], transaction=True)  # fmt: skip
+        await self._pipe(
+            [
+                ["DEL", k.heartbeat(worker_id), k.worker_tasks(worker_id)],
+                ["SREM", k.workers, worker_id],
+            ],
+            transaction=True,
+        )
 
     async def dead_workers(self) -> list[str]:
         """Daemons registered in the worker set whose heartbeat (lease) has expired."""
@@ -661,8 +702,12 @@ async def open_redis_queue(url: str, prefix: str) -> AsyncIterator[RedisQueue]:
     """
     # socket_timeout=None: on Python 3.11 a set socket timeout makes redis-py wrap calls in
     # asyncio.wait_for, which can swallow a cancellation.
-    opts: dict[str, Any] = {"decode_responses": True, "socket_timeout": None,
-                            "socket_connect_timeout": 5, "health_check_interval": 30}  # fmt: skip
+    opts: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": None,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+    }
     client = RespClient.from_url(url)
     blocking = aioredis.Redis.from_url(url, **opts)
     try:

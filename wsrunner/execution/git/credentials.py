@@ -71,8 +71,9 @@ class FileCredentialProvider:
         except OSError as exc:
             raise ConfigError(f"git_credentials_file {self.path}: {exc.strerror}") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            logger.warning("git_credentials_file %s is readable by group or others; "
-                           "chmod 600 it", self.path)  # fmt: skip
+            logger.warning(
+                "git_credentials_file %s is readable by group or others; chmod 600 it", self.path
+            )
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

@@ -44,8 +44,13 @@ esac
 """
 _MIRROR_CONFIG: Final = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
 #: Entries that would make git read configuration or objects elsewhere, or run programs.
-_FOREIGN: Final = (("", "commondir"), ("", "gitdir"), ("", "hooks"), ("info", "attributes"),
-                   ("objects/info", "alternates"))  # fmt: skip
+_FOREIGN: Final = (
+    ("", "commondir"),
+    ("", "gitdir"),
+    ("", "hooks"),
+    ("info", "attributes"),
+    ("objects/info", "alternates"),
+)
 
 Owner = tuple[int, int] | None  #: (uid, gid) to give what is made, or None: the daemon's
 
@@ -79,8 +84,9 @@ def open_mirror(base: str, workspace_id: str, url: str, root: str) -> Mirror:
     return Mirror(os.path.join(data, name), data, shallow, fresh)
 
 
-def make_operation(base: str, workspace_id: str, root: str, *, config: str,
-                   ssh_key: str | None) -> str:  # fmt: skip
+def make_operation(
+    base: str, workspace_id: str, root: str, *, config: str, ssh_key: str | None
+) -> str:
     """A fresh directory of the daemon's files for one git run (`remove_operation` it)."""
     op = os.path.join(base, workspace_id, f"op-{secrets.token_hex(8)}")
     os.mkdir(op, 0o711)
@@ -105,9 +111,18 @@ def gitconfig(trust: tuple[str, ...]) -> str:
     """A mirror's whole git configuration: hooks, fsmonitor and ext off; upload-pack may
     serve any object (the push's local fetch names objects by id); `trust` are the host paths
     of local repositories owned by another uid (a file:// remote)."""
-    lines = ["[core]", "\thooksPath = /dev/null", "\tfsmonitor = false",
-             "[protocol \"ext\"]", "\tallow = never", "[gc]", "\tautoDetach = false",
-             "[uploadpack]", "\tallowAnySHA1InWant = true", "[safe]"]  # fmt: skip
+    lines = [
+        "[core]",
+        "\thooksPath = /dev/null",
+        "\tfsmonitor = false",
+        '[protocol "ext"]',
+        "\tallow = never",
+        "[gc]",
+        "\tautoDetach = false",
+        "[uploadpack]",
+        "\tallowAnySHA1InWant = true",
+        "[safe]",
+    ]
     for path in trust:
         for p in (path, f"{path}/.git"):
             quoted = p.replace("\\", "\\\\").replace('"', '\\"')

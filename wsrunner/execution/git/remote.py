@@ -52,9 +52,18 @@ if TYPE_CHECKING:
     from wsrunner.execution.steps import StepContext
 
 #: Keeps a repository's own .git/config and hooks from running programs in daemon git calls.
-GIT_SAFE_CONFIG: Final = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
-                          "-c", "core.pager=cat", "-c", "diff.external=",
-                          "-c", "protocol.ext.allow=never")  # fmt: skip
+GIT_SAFE_CONFIG: Final = (
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "core.pager=cat",
+    "-c",
+    "diff.external=",
+    "-c",
+    "protocol.ext.allow=never",
+)
 _MIRROR_FLAGS: Final = ("-c", "core.hooksPath=/dev/null", "-c", "protocol.ext.allow=never")
 _PROTOCOLS: Final = ("https", "http", "ssh", "git", "file")
 _SCP_LIKE: Final = re.compile(r"[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/].*")
@@ -93,9 +102,14 @@ def check_url(url: str, schemes: Sequence[str]) -> str:
 class GitRemote:
     """Runs git against remotes, only on the daemon's mirrors, in sandboxes of their own."""
 
-    def __init__(self, settings: Settings, workspaces: Workspaces, sandbox: Sandbox,
-                 credentials: GitCredentialProvider,
-                 describe: Callable[..., JSON]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        workspaces: Workspaces,
+        sandbox: Sandbox,
+        credentials: GitCredentialProvider,
+        describe: Callable[..., JSON],
+    ) -> None:
         self.settings = settings
         self.workspaces = workspaces
         self.sandbox = sandbox
@@ -116,8 +130,9 @@ class GitRemote:
         clean = redact_url(url)
         if scheme == "file":
             if parts.hostname not in (None, "", "localhost") or not parts.path.startswith("/"):
-                raise WorkspaceError(f"repo: a file:// URL must name an absolute local path, "
-                                     f"got {clean!r}")  # fmt: skip
+                raise WorkspaceError(
+                    f"repo: a file:// URL must name an absolute local path, got {clean!r}"
+                )
             return Remote(clean, local=_local_path(parts.path))
         if parts.username or parts.password:
             user, password = parts.username or "x-access-token", parts.password or ""
@@ -148,9 +163,16 @@ class GitRemote:
 
     # --- what the workspace side calls ---------------------------------------------------
 
-    async def fetch(self, ctx: StepContext, remote: Remote, *, branches: Sequence[str] | None,
-                    tags: bool = False, history: History = "keep",
-                    timeout: float) -> tuple[Mirror, JSON]:  # fmt: skip
+    async def fetch(
+        self,
+        ctx: StepContext,
+        remote: Remote,
+        *,
+        branches: Sequence[str] | None,
+        tags: bool = False,
+        history: History = "keep",
+        timeout: float,
+    ) -> tuple[Mirror, JSON]:
         """Bring `branches` (None: all; empty: the remote's default, whose name is returned
         in the result's `branch`) of `remote` into the workspace's mirror of it.
 
@@ -162,9 +184,14 @@ class GitRemote:
         async with self._exclusive(mirror.path):
             found = None
             if branches is not None and not branches:
-                found = await self._run(ctx, mirror, remote, ["-C", mirror.path, "ls-remote",
-                                        "--symref", "--", remote.url, "HEAD"], network=True,
-                                        timeout=max(1.0, deadline - trio.current_time()))  # fmt: skip
+                found = await self._run(
+                    ctx,
+                    mirror,
+                    remote,
+                    ["-C", mirror.path, "ls-remote", "--symref", "--", remote.url, "HEAD"],
+                    network=True,
+                    timeout=max(1.0, deadline - trio.current_time()),
+                )
                 if "error" in found:
                     return mirror, found
                 head = re.search(r"^ref: refs/heads/(\S+)\tHEAD$", found["stdout"], re.M)
@@ -178,28 +205,48 @@ class GitRemote:
                 argv += ["--depth", "1"]  # a new mirror; one with history never becomes shallow
             elif history == "full" and mirror.shallow:
                 argv.append("--unshallow")
-            refspecs = ["+refs/heads/*:refs/heads/*"] if branches is None else [
-                f"+refs/heads/{b}:refs/heads/{b}" for b in branches]  # fmt: skip
+            refspecs = (
+                ["+refs/heads/*:refs/heads/*"]
+                if branches is None
+                else [f"+refs/heads/{b}:refs/heads/{b}" for b in branches]
+            )
             if tags:
                 refspecs.append("+refs/tags/*:refs/tags/*")
-            result = await self._run(ctx, mirror, remote, [*argv, "--", remote.url, *refspecs],
-                                     network=True,
-                                     timeout=max(1.0, deadline - trio.current_time()))  # fmt: skip
+            result = await self._run(
+                ctx,
+                mirror,
+                remote,
+                [*argv, "--", remote.url, *refspecs],
+                network=True,
+                timeout=max(1.0, deadline - trio.current_time()),
+            )
             if branches and len(branches) == 1 and "couldn't find remote ref" in result["stderr"]:
                 # `git clone --branch` takes a tag too
                 tag = f"+refs/tags/{branches[0]}:refs/tags/{branches[0]}"
-                result = await self._run(ctx, mirror, remote, [*argv, "--", remote.url, tag],
-                                         network=True,
-                                         timeout=max(1.0, deadline - trio.current_time()))  # fmt: skip
+                result = await self._run(
+                    ctx,
+                    mirror,
+                    remote,
+                    [*argv, "--", remote.url, tag],
+                    network=True,
+                    timeout=max(1.0, deadline - trio.current_time()),
+                )
         if found is not None:
             result = combine(found, result)
             result["stdout"] = ""  # ls-remote's listing is the daemon's business
             result["branch"] = branches[0] if branches else None
         return mirror, result
 
-    async def push(self, ctx: StepContext, remote: Remote, git_dir: str,
-                   objects: Sequence[str], refspecs: Sequence[str], options: Sequence[str],
-                   timeout: float) -> JSON:  # fmt: skip
+    async def push(
+        self,
+        ctx: StepContext,
+        remote: Remote,
+        git_dir: str,
+        objects: Sequence[str],
+        refspecs: Sequence[str],
+        options: Sequence[str],
+        timeout: float,
+    ) -> JSON:
         """Copy `objects` (ids) from the workspace's repository at `git_dir` into the mirror
         (no network), then push `refspecs` from there to `remote`; in each refspec, `{i}`
         stands for the i-th object."""
@@ -210,17 +257,36 @@ class GitRemote:
             taken: JSON = {}
             if objects:
                 wanted = [f"+{oid}:{name}" for oid, name in zip(objects, names, strict=True)]
-                taken = await self._run(ctx, mirror, remote, ["-C", mirror.path, "fetch",
-                                        "--quiet", "--no-tags", "--no-write-fetch-head", "--",
-                                        git_dir, *wanted], network=False,
-                                        timeout=max(1.0, deadline - trio.current_time()),
-                                        local=(git_dir,))  # fmt: skip
+                taken = await self._run(
+                    ctx,
+                    mirror,
+                    remote,
+                    [
+                        "-C",
+                        mirror.path,
+                        "fetch",
+                        "--quiet",
+                        "--no-tags",
+                        "--no-write-fetch-head",
+                        "--",
+                        git_dir,
+                        *wanted,
+                    ],
+                    network=False,
+                    timeout=max(1.0, deadline - trio.current_time()),
+                    local=(git_dir,),
+                )
                 if "error" in taken:
                     return taken
             specs = [s.format(*names) for s in refspecs]
-            pushed = await self._run(ctx, mirror, remote, ["-C", mirror.path, "push",
-                                     *options, "--", remote.url, *specs], network=True,
-                                     timeout=max(1.0, deadline - trio.current_time()))  # fmt: skip
+            pushed = await self._run(
+                ctx,
+                mirror,
+                remote,
+                ["-C", mirror.path, "push", *options, "--", remote.url, *specs],
+                network=True,
+                timeout=max(1.0, deadline - trio.current_time()),
+            )
         return combine(taken, pushed) if taken else pushed
 
     # --- directories ------------------------------------------------------------------------
@@ -230,17 +296,25 @@ class GitRemote:
 
     async def _open(self, ctx: StepContext, remote: Remote) -> Mirror:
         """The mirror of `remote` for the context's workspace (made, or repaired)."""
-        mirror: Mirror = await self._fs_call(open_mirror, self.base, ctx.workspace_id,
-                                             remote.url, ctx.env.root)  # fmt: skip
+        mirror: Mirror = await self._fs_call(
+            open_mirror, self.base, ctx.workspace_id, remote.url, ctx.env.root
+        )
         return mirror
 
     @asynccontextmanager
-    async def _operation(self, ctx: StepContext, *, network: bool,
-                         trust: tuple[str, ...]) -> AsyncIterator[str]:  # fmt: skip
+    async def _operation(
+        self, ctx: StepContext, *, network: bool, trust: tuple[str, ...]
+    ) -> AsyncIterator[str]:
         """A fresh directory of the daemon's files for one git run; removed after it."""
         key = ctx.env.ssh_key if network else None
-        made = partial(make_operation, self.base, ctx.workspace_id, ctx.env.root,
-                       config=gitconfig(trust), ssh_key=key)  # fmt: skip
+        made = partial(
+            make_operation,
+            self.base,
+            ctx.workspace_id,
+            ctx.env.root,
+            config=gitconfig(trust),
+            ssh_key=key,
+        )
         op: str = await self._fs_call(made)
         try:
             yield op
@@ -250,72 +324,117 @@ class GitRemote:
 
     # --- one git run ------------------------------------------------------------------------
 
-    async def _run(self, ctx: StepContext, mirror: Mirror, remote: Remote, args: list[str], *,
-                   network: bool, timeout: float, local: Sequence[str] = ()) -> JSON:  # fmt: skip
+    async def _run(
+        self,
+        ctx: StepContext,
+        mirror: Mirror,
+        remote: Remote,
+        args: list[str],
+        *,
+        network: bool,
+        timeout: float,
+        local: Sequence[str] = (),
+    ) -> JSON:
         """Run `git <args>` in the mirror sandbox: with the policy's git network and the
         remote's credentials if `network`, else none; `local` are host paths it may read."""
         policy = ctx.policy
         visible = (*local, *([remote.local] if remote.local else []))
         quota = self.workspaces.quota(ctx.workspace_id)
         limits = replace(policy.limits, file_size_bytes=min(policy.limits.file_size_bytes, quota))
-        ctx.capture = capture = Capture.capped(limits.stdout_bytes, limits.stderr_bytes,
-                                               ctx.on_output)  # fmt: skip
+        ctx.capture = capture = Capture.capped(
+            limits.stdout_bytes, limits.stderr_bytes, ctx.on_output
+        )
         start = time.monotonic()
         over: list[int] = []
         try:
             async with self._operation(ctx, network=network, trust=visible) as op:
-                env = self._env(op, mirror, remote, network=network,
-                                key=bool(network and ctx.env.ssh_key))  # fmt: skip
+                env = self._env(
+                    op, mirror, remote, network=network, key=bool(network and ctx.env.ssh_key)
+                )
                 async with self.sandbox.launch(
-                    ["git", *_MIRROR_FLAGS, *args], root=mirror.data, cwd=mirror.data,
-                    policy=policy.sandbox, limits=limits, env=env,
+                    ["git", *_MIRROR_FLAGS, *args],
+                    root=mirror.data,
+                    cwd=mirror.data,
+                    policy=policy.sandbox,
+                    limits=limits,
+                    env=env,
                     network=policy.sandbox.git_network if network else "none",
-                    read_only=(op, *visible), home=os.path.join(op, "home"),
-                ) as launch:  # fmt: skip
+                    read_only=(op, *visible),
+                    home=os.path.join(op, "home"),
+                ) as launch:
                     with trio.move_on_after(timeout) as scope:
-                        rc = await run_process(launch.argv, env=launch.env, capture=capture,
-                                               pass_fds=launch.pass_fds,
-                                               kill_grace=self.settings.kill_grace_s,
-                                               watch=self._quota_watch(mirror.data, quota, over),
-                                               watch_after=_QUOTA_POLL_S)  # fmt: skip
+                        rc = await run_process(
+                            launch.argv,
+                            env=launch.env,
+                            capture=capture,
+                            pass_fds=launch.pass_fds,
+                            kill_grace=self.settings.kill_grace_s,
+                            watch=self._quota_watch(mirror.data, quota, over),
+                            watch_after=_QUOTA_POLL_S,
+                        )
         except IsolationUnavailableError as exc:
             return {"error": str(exc), "isolation_unavailable": exc.details}
         finally:
             ctx.capture = None
         stopped = scope.cancelled_caught or bool(over)
-        result: JSON = self.describe(capture, exit_code=None if stopped else rc,
-                                     duration_ms=int((time.monotonic() - start) * 1000))  # fmt: skip
+        result: JSON = self.describe(
+            capture,
+            exit_code=None if stopped else rc,
+            duration_ms=int((time.monotonic() - start) * 1000),
+        )
         if launch.network_failures:
             result["error"] = (
                 f"the network for git could not be set up: {launch.network_failures[0]}"
             )
         elif over:
             result["limits_hit"] = ["quota"]
-            result["error"] = (f"killed: the workspace's git mirrors grew to {over[0]} bytes, "
-                               f"over its storage quota of {quota} bytes")  # fmt: skip
+            result["error"] = (
+                f"killed: the workspace's git mirrors grew to {over[0]} bytes, "
+                f"over its storage quota of {quota} bytes"
+            )
         elif scope.cancelled_caught:
             result["timed_out"] = True
             result["error"] = f"timed out after {timeout:g}s; its processes were killed"
         return result
 
-    def _env(self, op: str, mirror: Mirror, remote: Remote, *, network: bool,
-             key: bool) -> dict[str, str]:  # fmt: skip
+    def _env(
+        self, op: str, mirror: Mirror, remote: Remote, *, network: bool, key: bool
+    ) -> dict[str, str]:
         """The whole environment of a mirror's git: nothing in it comes from the tenant."""
-        ssh = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes",
-               "-o", "StrictHostKeyChecking=accept-new", "-o", "IdentitiesOnly=yes",
-               "-o", "IdentityAgent=none",
-               "-o", f"UserKnownHostsFile={os.path.join(mirror.data, 'known_hosts')}"]  # fmt: skip
+        ssh = [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            f"UserKnownHostsFile={os.path.join(mirror.data, 'known_hosts')}",
+        ]
         if key:
             ssh += ["-i", os.path.join(op, "ssh_key")]
-        env = {"PATH": SAFE_PATH, "HOME": os.path.join(op, "home"), "LANG": "C.UTF-8",
-               "LC_ALL": "C.UTF-8", "GIT_CONFIG_NOSYSTEM": "1",
-               "GIT_CONFIG_GLOBAL": os.path.join(op, "gitconfig"), "GIT_TERMINAL_PROMPT": "0",
-               "GIT_ALLOW_PROTOCOL": self.protocols if network else "file",
-               "GIT_SSH_COMMAND": shlex.join(ssh)}  # fmt: skip
+        env = {
+            "PATH": SAFE_PATH,
+            "HOME": os.path.join(op, "home"),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.path.join(op, "gitconfig"),
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_ALLOW_PROTOCOL": self.protocols if network else "file",
+            "GIT_SSH_COMMAND": shlex.join(ssh),
+        }
         if network and remote.password is not None:
-            env.update(GIT_ASKPASS=os.path.join(op, "askpass"),
-                       WSRUNNER_GIT_USERNAME=remote.username or "x-access-token",
-                       WSRUNNER_GIT_PASSWORD=remote.password)  # fmt: skip
+            env.update(
+                GIT_ASKPASS=os.path.join(op, "askpass"),
+                WSRUNNER_GIT_USERNAME=remote.username or "x-access-token",
+                WSRUNNER_GIT_PASSWORD=remote.password,
+            )
         return env
 
     def _quota_watch(self, data: str, quota: int, over: list[int]) -> Any:

@@ -89,8 +89,10 @@ def volume_reachable(volume: str) -> str | None:
         except OSError as exc:
             return f"{path}: {exc.strerror}"
         if not mode & stat.S_IXOTH:
-            return (f"{path} (mode {stat.S_IMODE(mode):04o}) cannot be traversed by workspace "
-                    "uids; give it o+x (e.g. chmod 0711)")  # fmt: skip
+            return (
+                f"{path} (mode {stat.S_IMODE(mode):04o}) cannot be traversed by workspace "
+                "uids; give it o+x (e.g. chmod 0711)"
+            )
         if path == "/":
             return None
         path = os.path.dirname(path)

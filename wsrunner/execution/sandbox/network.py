@@ -39,10 +39,22 @@ logger = logging.getLogger(__name__)
 
 #: Destinations an egress sandbox must not reach (RFC 6890 special-purpose IPv4 ranges that
 #: are not global, plus multicast); loopback is the namespace's own.
-UNREACHABLE: Final = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16",
-                      "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24",
-                      "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
-                      "224.0.0.0/4", "240.0.0.0/4")  # fmt: skip
+UNREACHABLE: Final = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
 GATEWAY: Final = "10.0.2.2"  #: slirp4netns' defaults: the gateway and its DNS forwarder
 RESOLV_CONF: Final = "nameserver 10.0.2.3\noptions timeout:2 attempts:2\n"
 SETUP_TIMEOUT_S: Final = 5.0
@@ -72,8 +84,10 @@ def find_tools() -> Tools | str:
     missing = [name for name, path in found.items() if path is None]
     if missing:
         packages = {"slirp4netns": "slirp4netns", "nsenter": "util-linux", "ip": "iproute2"}
-        return (f"{', '.join(missing)} not installed (apt-get install "
-                f"{' '.join(packages[m] for m in missing)})")  # fmt: skip
+        return (
+            f"{', '.join(missing)} not installed (apt-get install "
+            f"{' '.join(packages[m] for m in missing)})"
+        )
     return Tools(**found)  # type: ignore[arg-type]
 
 
@@ -89,8 +103,14 @@ class Egress:
         at, cached = self._addresses
         if time.monotonic() - at < _ADDRESSES_TTL_S:
             return cached
-        done = subprocess.run([self.tools.ip, "-o", "-4", "addr", "show"], capture_output=True,
-                              text=True, timeout=5, env=_ENV, check=False)  # fmt: skip
+        done = subprocess.run(
+            [self.tools.ip, "-o", "-4", "addr", "show"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            env=_ENV,
+            check=False,
+        )
         found = []
         for line in done.stdout.splitlines():
             words = line.split()
@@ -108,9 +128,15 @@ class Egress:
         lines += [f"route add {net} via {GATEWAY}" for net in allowed]
         return "\n".join(lines) + "\n"
 
-    async def attach(self, info_fd: int, block_fd: int, allowed: Sequence[str],
-                     failures: list[str], *,
-                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+    async def attach(
+        self,
+        info_fd: int,
+        block_fd: int,
+        allowed: Sequence[str],
+        failures: list[str],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Serve one sandbox's network: wait for bubblewrap to report its pid on `info_fd`,
         attach slirp4netns, add the routes, then release the command through `block_fd`. Runs
         until cancelled (the command's end); then the stack is stopped.
@@ -142,23 +168,45 @@ class Egress:
                     raise EgressError("the sandbox ended before its network was set up") from None
                 userns = await _outer_userns(pid)
                 slirp = await trio.lowlevel.open_process(
-                    [self.tools.slirp4netns, "--configure", "--mtu=65520",
-                     "--disable-host-loopback", "--enable-sandbox",
-                     f"--userns-path=/proc/self/fd/{userns}", "--ready-fd", str(ready_w),
-                     "--exit-fd", str(stop_r), str(pid), "tap0"],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE, pass_fds=(ready_w, stop_r, userns), env=_ENV,
-                )  # fmt: skip
+                    [
+                        self.tools.slirp4netns,
+                        "--configure",
+                        "--mtu=65520",
+                        "--disable-host-loopback",
+                        "--enable-sandbox",
+                        f"--userns-path=/proc/self/fd/{userns}",
+                        "--ready-fd",
+                        str(ready_w),
+                        "--exit-fd",
+                        str(stop_r),
+                        str(pid),
+                        "tap0",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(ready_w, stop_r, userns),
+                    env=_ENV,
+                )
                 os.close(ready_w)
                 ready_w = -1
                 if not await _read_some(ready_r):
                     raise EgressError(f"slirp4netns stopped: {await _stderr(slirp)}")
                 script = await trio.to_thread.run_sync(self.routes, allowed)
                 done = await trio.run_process(
-                    [self.tools.nsenter, f"--net=/proc/{pid}/ns/net", "--", self.tools.ip,
-                     "-batch", "-"], stdin=script.encode(), capture_stderr=True, check=False,
+                    [
+                        self.tools.nsenter,
+                        f"--net=/proc/{pid}/ns/net",
+                        "--",
+                        self.tools.ip,
+                        "-batch",
+                        "-",
+                    ],
+                    stdin=script.encode(),
+                    capture_stderr=True,
+                    check=False,
                     env=_ENV,
-                )  # fmt: skip
+                )
                 if done.returncode != 0:
                     raise EgressError("routes: " + done.stderr.decode(errors="replace").strip())
             os.write(block_fd, b"1")

@@ -23,18 +23,64 @@ import pyseccomp as seccomp
 
 #: Refused with EPERM.
 DENIED: Final = (
-    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "delete_module",
-    "finit_module", "fsconfig", "fsmount", "fsopen", "fspick", "init_module", "io_uring_enter",
-    "io_uring_register", "io_uring_setup", "ioperm", "iopl", "kcmp", "kexec_file_load",
-    "kexec_load", "keyctl", "lookup_dcookie", "mount", "mount_setattr", "move_mount",
-    "name_to_handle_at", "open_by_handle_at", "open_tree", "perf_event_open", "pivot_root",
-    "process_madvise", "process_vm_readv", "process_vm_writev", "ptrace", "quotactl",
-    "quotactl_fd", "reboot", "request_key", "setns", "settimeofday", "swapoff", "swapon",
-    "syslog", "umount2", "unshare", "uselib", "userfaultfd",
-)  # fmt: skip
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "init_module",
+    "io_uring_enter",
+    "io_uring_register",
+    "io_uring_setup",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_madvise",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+)
 #: clone(2) flags that make new namespaces (all but CLONE_NEWTIME, which needs CAP_SYS_ADMIN).
-NAMESPACE_FLAGS: Final = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
-                          0x20000000, 0x40000000)  # fmt: skip
+NAMESPACE_FLAGS: Final = (
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+)
 #: ioctl requests that inject terminal input.
 TTY_INJECTION: Final = (0x5412, 0x541C)  # TIOCSTI, TIOCLINUX
 
@@ -57,11 +103,15 @@ def build() -> bytes:
                 continue
         rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
         for flag in NAMESPACE_FLAGS:
-            rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone",
-                           seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))  # fmt: skip
+            rules.add_rule(
+                seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag)
+            )
         for request in TTY_INJECTION:
-            rules.add_rule(seccomp.ERRNO(errno.EPERM), "ioctl",
-                           seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))  # fmt: skip
+            rules.add_rule(
+                seccomp.ERRNO(errno.EPERM),
+                "ioctl",
+                seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request),
+            )
         with os.fdopen(os.memfd_create("wsrunner-seccomp"), "w+b") as out:
             rules.export_bpf(out)
             out.seek(0)
