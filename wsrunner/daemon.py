@@ -3,7 +3,7 @@
     run_daemon
     └── trio_asyncio loop, Redis queue, PostgreSQL store (migrated)
         └── http nursery ........ the frontend (health + APIs), stops last
-            └── services ........ heartbeat, cancel watch, reaper, shutdown drain timer
+            └── services ........ heartbeat, cancel watch, reaper, warm sandboxes, drain timer
                 └── work ........ N task slots, poller
 
 Start order is dependency order; each service reports readiness through `nursery.start`. On stop:
@@ -202,6 +202,10 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
                 await services.start(serve_policy_reload, policy, metrics, notifier)
                 await services.start(workspaces.serve_metadata)
                 await services.start(workspaces.helper.serve)
+                if settings.warm_sandboxes:  # stopped, every one, when the services stop
+                    await services.start(
+                        sandbox.serve_warm, settings.warm_idle_s, settings.warm_max
+                    )
                 await services.start(notifier.serve_watchdog)
                 if frontend is not None:
                     daemon.urls = await http.start(

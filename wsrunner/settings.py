@@ -84,6 +84,11 @@ class Settings:
     #: "auto": the best isolation the host offers; "off": none at all, which the policy must
     #: also accept (`require: none`): for trusted single-user setups and benchmarks
     sandbox: str = "auto"
+    #: commands (not git) start in a live sandbox per workspace, built once, where the host
+    #: allows (full isolation, cgroups, /usr/bin/python3) and their network is `none`
+    warm_sandboxes: bool = True
+    warm_idle_s: float = 300.0  #: a warm sandbox unused this long is stopped
+    warm_max: int = 64  #: warm sandboxes alive at once; the least recently used idle one goes
     log_level: str = "INFO"
     log_format: str = "auto"  #: "json", "text", or "auto" (text on a terminal, else JSON)
 
@@ -266,6 +271,9 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "policy_dir": ("POLICY_DIR", Path),
     "sandbox_uids": ("WSRUNNER_SANDBOX_UIDS", UidRange.parse),
     "sandbox": ("WSRUNNER_SANDBOX", _sandbox_mode),
+    "warm_sandboxes": ("WSRUNNER_WARM_SANDBOXES", _flag),
+    "warm_idle_s": ("WSRUNNER_WARM_IDLE", _positive_float),
+    "warm_max": ("WSRUNNER_WARM_MAX", _positive_int),
     "log_level": ("LOG_LEVEL", _level),
     "log_format": ("LOG_FORMAT", _log_format),
 }

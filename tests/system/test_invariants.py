@@ -831,28 +831,40 @@ async def via_git_mirror(tenant: Tenant) -> None:
 LAUNCH_ENV = frozenset({"PATH", "LC_ALL", "PWD"})
 
 
+def daemon_sockets() -> set[str]:
+    """The daemon runs in this process: its sockets (listeners, Redis, ...)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if (target := os.readlink(f"/proc/self/fd/{name}")).startswith("socket:"):
+                found.add(target)
+        except OSError:
+            pass
+    return found
+
+
 async def via_launch_chain(tenant: Tenant) -> None:
     """What runs with more privilege than the sandbox to start a command (I2): inspected from
     the host while a command runs, it holds no task variable (the task's environment is set
     inside the sandbox) and none of the daemon's sockets (it would hand them on; a socket of
-    its own, such as libc's for a user lookup, is not the daemon's)."""
+    its own, such as libc's for a user lookup, is not the daemon's). The cold chain, which a
+    warm sandbox starts through too: warm sandboxes are set aside meanwhile."""
     command = f"sleep 1.5 && echo {uuid.uuid4().hex}"
 
     def launcher(pid: int, args: list[bytes]) -> bool:
         return command.encode() in args
 
-    with HostWatch(launcher, sandboxed=False) as watch:
-        async with tenant.internal_client() as c:
-            r = await c.post(f"/workspaces/{WS}/exec", json={"command": command})
+    sandbox = tenant.daemon.service.workspace.executor.sandbox
+    pool, sandbox.warm = sandbox.warm, None
+    try:
+        with HostWatch(launcher, sandboxed=False) as watch:
+            async with tenant.internal_client() as c:
+                r = await c.post(f"/workspaces/{WS}/exec", json={"command": command})
+    finally:
+        sandbox.warm = pool
     assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
     assert watch.reports, "no process of the launch chain was seen while the command ran"
-    daemons = set()  # the daemon runs in this process: its sockets (listeners, Redis, ...)
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if (target := os.readlink(f"/proc/self/fd/{name}")).startswith("socket:"):
-                daemons.add(target)
-        except OSError:
-            pass
+    daemons = daemon_sockets()
     broken = {}
     for report in watch.reports.values():
         problems = []
@@ -862,6 +874,48 @@ async def via_launch_chain(tenant: Tenant) -> None:
             problems.append(f"I1: the daemon's own sockets {shared}")
         broken[f"{report['tag']} {report['argv'][0]}"] = problems
     assert not any(broken.values()), json.dumps(broken, indent=1)
+
+
+async def via_warm_sandbox(tenant: Tenant) -> None:
+    """Warm sandboxes (issue 21): with the network `none`, commands start in the workspace's
+    live sandbox, whose pid 1 is its supervisor; with `egress`, in a sandbox of their own
+    (bubblewrap's init is pid 1). Either way the probe holds every invariant, twice in a row
+    (the second command in the same sandbox). The supervisor, inspected from the host, is no
+    more than a command: the workspace's uid, no capability, the seccomp filter, no task
+    variable, none of the daemon's sockets; and not dumpable (its /proc files are root's), so
+    that no command can trace it, read it or take its descriptors. The bubblewrap outside,
+    the daemon's child, holds no task variable and none of the daemon's sockets either."""
+    results = []
+    async with tenant.internal_client() as c:
+        for tag in ("warm-1", "warm-2"):
+            command = f"{tenant.probe_command(tag)}; cat /proc/1/comm"
+            r = await c.post(f"/workspaces/{WS}/exec", json={"command": command})
+            assert r.status_code == 200, r.text
+            results.append(r.json())
+    for result in results:
+        assert_holds(result, tenant)
+    first_pid1 = {r["stdout"].splitlines()[-1] for r in results}
+    assert first_pid1 == ({"python3"} if tenant.mode == "none" else {"bwrap"}), results
+    pool = tenant.daemon.service.workspace.executor.sandbox.warm
+    assert pool is not None
+    if tenant.mode != "none":
+        return
+    (warm,) = [s for s in pool.sandboxes() if s.key.root == str(tenant.root)]
+    daemons = daemon_sockets()
+    supervisor = _proc_report(warm.supervisor_pid)
+    broken = [b for b in check_report(supervisor, tenant) if not b.startswith(("I1", "I2"))]
+    if unexpected := sorted(set(supervisor["env"]) - LAUNCH_ENV):
+        broken.append(f"I2: the supervisor has variables {unexpected}")
+    if shared := {n: t for n, t in supervisor["fds"].items() if t in daemons}:
+        broken.append(f"I1: the supervisor holds the daemon's sockets {shared}")
+    if os.stat(f"/proc/{warm.supervisor_pid}/mem").st_uid != 0:
+        broken.append("the supervisor is dumpable: a command could trace it or read its memory")
+    outside = _proc_report(warm.pid)
+    if unexpected := sorted(set(outside["env"]) - LAUNCH_ENV):
+        broken.append(f"I2: the sandbox's bubblewrap has variables {unexpected}")
+    if shared := {n: t for n, t in outside["fds"].items() if t in daemons}:
+        broken.append(f"I1: the sandbox's bubblewrap holds the daemon's sockets {shared}")
+    assert not broken, json.dumps(broken, indent=1)
 
 
 PATHS: dict[str, Callable[[Tenant], Any]] = {
@@ -880,6 +934,7 @@ PATHS: dict[str, Callable[[Tenant], Any]] = {
     "workspace_git": via_workspace_git,
     "git_mirror": via_git_mirror,
     "launch_chain": via_launch_chain,
+    "warm_sandbox": via_warm_sandbox,
 }
 
 

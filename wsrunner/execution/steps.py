@@ -27,7 +27,7 @@ from wsrunner.errors import IsolationUnavailableError, WorkspaceError
 from wsrunner.execution.git.credentials import GitCredentialProvider, NoCredentials
 from wsrunner.execution.git.remote import GitRemote
 from wsrunner.execution.git.sync import GitSync
-from wsrunner.execution.process import Capture, Watch, run_process
+from wsrunner.execution.process import Capture, Watch
 from wsrunner.execution.sandbox import EXIT_LAUNCH_FAILED, NetworkMode, Sandbox
 from wsrunner.metrics import Metrics
 from wsrunner.models import (
@@ -162,15 +162,26 @@ class Executor:
 
     # --- processes ----------------------------------------------------------------------------
 
-    async def spawn(self, argv: list[str], ctx: StepContext, *, cwd: str, timeout: float,
-                    extra_env: dict[str, str] | None = None, git: bool = False,
-                    network: bool | None = None, read_only: tuple[str, ...] = (),
-                    protect: Protected | None = None) -> JSON:  # fmt: skip
+    async def spawn(
+        self,
+        argv: list[str],
+        ctx: StepContext,
+        *,
+        cwd: str,
+        timeout: float,
+        extra_env: dict[str, str] | None = None,
+        git: bool = False,
+        network: bool | None = None,
+        read_only: tuple[str, ...] = (),
+        protect: Protected | None = None,
+        warm: bool = False,
+    ) -> JSON:
         """Run `argv` in the workspace's sandbox; its result dict (`error` set if it failed).
 
         A command (`git` False) sees the policy's protected paths read-only and pinned
         (`wsrunner.workspace.protect`; `protect`, if the caller found them already) and its network
         setting; the daemon's own git operations (`git` True) get `gitNetwork` when `network`.
+        `warm`: it may start in the workspace's warm sandbox (`Sandbox.launch`).
         """
         policy = ctx.policy
         limits = policy.limits
@@ -200,17 +211,27 @@ class Executor:
         timeout = min(timeout, limits.timeout_s)
         try:
             async with self.sandbox.launch(
-                argv, root=ctx.env.root, cwd=cwd, policy=policy.sandbox, limits=limits,
-                network=net, env=env, protect=protect.read_only, read_only=read_only,
-                home=env.get("HOME", "/"), pinned=protect.pinned,
-            ) as launch:  # fmt: skip
+                argv,
+                root=ctx.env.root,
+                cwd=cwd,
+                policy=policy.sandbox,
+                limits=limits,
+                network=net,
+                env=env,
+                protect=protect.read_only,
+                read_only=read_only,
+                home=env.get("HOME", "/"),
+                pinned=protect.pinned,
+                warm=warm and not git,
+            ) as launch:
                 over: list[str] = []
                 with trio.move_on_after(timeout) as scope:
-                    rc = await run_process(launch.argv, env=launch.env, capture=capture,
-                                           pass_fds=launch.pass_fds,
-                                           kill_grace=self.settings.kill_grace_s,
-                                           watch=self._quota_watch(ctx.workspace_id, over),
-                                           watch_after=QUOTA_POLL_S)  # fmt: skip
+                    rc = await launch.run(
+                        capture=capture,
+                        kill_grace=self.settings.kill_grace_s,
+                        watch=self._quota_watch(ctx.workspace_id, over),
+                        watch_after=QUOTA_POLL_S,
+                    )
         except IsolationUnavailableError as exc:
             ctx.capture = None
             self.metrics.sandbox_refusals.inc()
@@ -221,6 +242,8 @@ class Executor:
         if launch.network_failures:
             result["error"] = ("the sandbox's network could not be set up, so the command did "
                                f"not run: {launch.network_failures[0]}")  # fmt: skip
+        elif launch.sandbox_failures:
+            result["error"] = f"the workspace's sandbox failed: {launch.sandbox_failures[0]}"
         elif over:
             result["limits_hit"] = ["quota" if "storage" in over[0] else "inode_quota"]
             result["error"] = f"killed: {over[0]}"
@@ -286,7 +309,12 @@ class Executor:
                 lambda: (paths.real_dir(root, step.cwd), find_protected(root, globs))
             )
         return await self.spawn(
-            ["/bin/sh", "-c", step.command], ctx, cwd=cwd, timeout=timeout, protect=protect
+            ["/bin/sh", "-c", step.command],
+            ctx,
+            cwd=cwd,
+            timeout=timeout,
+            protect=protect,
+            warm=True,
         )
 
     # --- git ----------------------------------------------------------------------------------

@@ -251,7 +251,7 @@ class WorkspaceOps:
             ctx.on_output = on_output
             workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
             result = await self.executor.spawn(
-                ["/bin/sh", "-c", text], ctx, cwd=workdir, timeout=seconds
+                ["/bin/sh", "-c", text], ctx, cwd=workdir, timeout=seconds, warm=True
             )
         result["cwd"] = rel
         return result

@@ -40,14 +40,25 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final, Literal
 
 import trio
 
 from wsrunner.errors import IsolationUnavailableError, WorkspaceError
+from wsrunner.execution.process import Capture, Watch, run_process
 from wsrunner.execution.sandbox import cgroups, seccomp
 from wsrunner.execution.sandbox.identity import UidRange, volume_reachable
 from wsrunner.execution.sandbox.network import RESOLV_CONF, Egress, Tools, find_tools
+from wsrunner.execution.sandbox.warm import (
+    PYTHON,
+    SUPERVISOR,
+    SUPERVISOR_ENV,
+    WarmCommand,
+    WarmKey,
+    WarmPool,
+    WarmSandbox,
+)
 from wsrunner.policy import Limits, SandboxPolicy
 from wsrunner.workspace import paths
 
@@ -121,10 +132,13 @@ class Isolation:
         return IsolationUnavailableError(required, self.level, self.missing)
 
 
-def _bwrap_profile(*, network: NetworkMode, passwd_fd: int, group_fd: int,
-                   tmp_size: int) -> list[str]:  # fmt: skip
+def _bwrap_profile(
+    *, network: NetworkMode, passwd_fd: int, group_fd: int, tmp_size: int, as_pid_1: bool = False
+) -> list[str]:
     args = ["--die-with-parent", "--new-session", "--unshare-all", "--unshare-user",
             "--disable-userns", "--cap-drop", "ALL", "--hostname", "wsrunner"]  # fmt: skip
+    if as_pid_1:  # a warm sandbox's supervisor reaps, and no command can signal pid 1
+        args.append("--as-pid-1")
     if network == "host":
         args.append("--share-net")
     for path in _SYSTEM_RO:
@@ -238,14 +252,31 @@ def _try_bwrap(isolation: Isolation) -> str | None:
     return None
 
 
-def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
-                  binds: list[tuple[str, str, str]], cwd: str, network: NetworkMode,
-                  limits: Limits | None, procs: list[str], fds: list[int], env: Mapping[str, str],
-                  home: str = "/", egress_fds: tuple[int, int] | None = None) -> list[str]:  # fmt: skip
+def _command_argv(
+    isolation: Isolation,
+    argv: Sequence[str],
+    *,
+    uid: int | None,
+    binds: list[tuple[str, str, str]],
+    cwd: str,
+    network: NetworkMode,
+    limits: Limits | None,
+    procs: list[str],
+    fds: list[int],
+    env: Mapping[str, str],
+    home: str = "/",
+    egress_fds: tuple[int, int] | None = None,
+    rlimits: tuple[str, str, str] | None = None,
+    as_pid_1: bool = False,
+) -> list[str]:
     """The exec chain for `argv` with the task environment `env`; `binds` are (flag, source,
-    destination) triples; the descriptors to pass are appended to `fds` (the caller closes them)."""
+    destination) triples; the descriptors to pass are appended to `fds` (the caller closes them).
+    `rlimits` (CPU seconds, 512-byte blocks, files; "-": the daemon's) replace those of
+    `limits`; `as_pid_1` makes `argv` the sandbox's pid 1 (a warm sandbox's supervisor)."""
     cpu, fsize, nofile = ("-",) * 3
-    if limits is not None:
+    if rlimits is not None:
+        cpu, fsize, nofile = rlimits
+    elif limits is not None:
         cpu, fsize, nofile = (str(limits.cpu_s), str(max(1, limits.file_size_bytes // 512)),
                               str(limits.open_files))  # fmt: skip
     bwrap = isolation.bwrap if isolation.level == "full" else None
@@ -275,7 +306,9 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
     fds.append(passwd)
     fds.append(group := _data_fd(f"wsrunner:x:{shown}:\n"))
     tmp_size = limits.memory_bytes if limits is not None else 256 * 1024**2
-    args = _bwrap_profile(network=network, passwd_fd=passwd, group_fd=group, tmp_size=tmp_size)
+    args = _bwrap_profile(
+        network=network, passwd_fd=passwd, group_fd=group, tmp_size=tmp_size, as_pid_1=as_pid_1
+    )
     if network == "egress":
         fds.append(resolv := _data_fd(RESOLV_CONF))
         assert egress_fds is not None
@@ -293,6 +326,16 @@ def _command_argv(isolation: Isolation, argv: Sequence[str], *, uid: int | None,
     args += ["--chdir", cwd, "--remount-ro", "/"]
     fds.append(argfile := _data_fd(_nul_joined(args)))
     return [*out, bwrap, "--args", str(argfile), "--", *argv]
+
+
+def _identities(binds: list[tuple[str, str, str]]) -> tuple[tuple[str, str, int, int], ...]:
+    """(flag, destination, device, inode) of each bind by descriptor: a path replaced since
+    (git writes its config by renaming a new file over it) is another warm sandbox's."""
+    out = []
+    for flag, fd, dest in binds:
+        st = os.fstat(int(fd))
+        out.append((flag, dest, st.st_dev, st.st_ino))
+    return tuple(out)
 
 
 def _handles(root: str, pinned: Sequence[str], protect: Sequence[str],
@@ -328,7 +371,7 @@ def _handles(root: str, pinned: Sequence[str], protect: Sequence[str],
 class Launch:
     """A command ready to start (it changes to its working directory itself): argv, the fds
     to pass and the environment to start it with (`LAUNCH_ENV`, or the task's without
-    isolation); `limits_hit` is filled when it ends."""
+    isolation), or the warm sandbox to start it in; `limits_hit` is filled when it ends."""
 
     argv: list[str]
     pass_fds: tuple[int, ...]
@@ -336,6 +379,30 @@ class Launch:
     limits_hit: list[str] = field(default_factory=list)
     #: why the sandbox's network could not be set up (the command was stopped before it ran)
     network_failures: list[str] = field(default_factory=list)
+    warm: WarmCommand | None = None  #: started in the workspace's warm sandbox instead
+    #: why the warm sandbox did not start the command, or ended while it ran
+    sandbox_failures: list[str] = field(default_factory=list)
+
+    async def run(
+        self,
+        *,
+        capture: Capture,
+        kill_grace: float,
+        watch: Watch | None = None,
+        watch_after: float = 0.0,
+    ) -> int:
+        """Run the command to its end (`process.run_process`'s contract, either way)."""
+        if self.warm is not None:
+            return await self.warm.run(capture, kill_grace, watch, watch_after)
+        return await run_process(
+            self.argv,
+            env=self.env,
+            capture=capture,
+            kill_grace=kill_grace,
+            pass_fds=self.pass_fds,
+            watch=watch,
+            watch_after=watch_after,
+        )
 
 
 class Sandbox:
@@ -345,13 +412,58 @@ class Sandbox:
         self.isolation = isolation
         self._limiter = trio.CapacityLimiter(8)
         self._egress = Egress(isolation.egress) if isolation.egress is not None else None
+        self.warm: WarmPool | None = None  #: the warm sandboxes, while `serve_warm` runs
+
+    def warm_unavailable(self) -> str | None:
+        """Why this host cannot keep warm sandboxes, or None."""
+        iso = self.isolation
+        if iso.level != "full" or iso.uids is None:
+            return "they need full isolation with per-workspace uids"
+        if not iso.cgroups.hierarchies:
+            return "they need cgroups: nothing else finds what a command left running"
+        if not os.access(PYTHON, os.X_OK):
+            return f"{PYTHON} (their supervisor's interpreter) is not installed"
+        return None
+
+    async def serve_warm(
+        self,
+        idle_s: float,
+        max_alive: int,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep warm sandboxes for the commands that may use one (`launch(warm=True)`) until
+        cancelled; then every one is stopped. Returns at once where the host cannot."""
+        if (why := self.warm_unavailable()) is not None:
+            logger.info("sandbox warm: off (%s)", why)
+            task_status.started()
+            return
+        self.warm = WarmPool(idle_s=idle_s, max_alive=max_alive)
+        logger.info(
+            "sandbox warm: up to %d workspace sandboxes, each stopped %gs unused", max_alive, idle_s
+        )
+        try:
+            await self.warm.serve(task_status=task_status)
+        finally:
+            self.warm = None
 
     @asynccontextmanager
-    async def launch(self, argv: Sequence[str], *, root: str, cwd: str, policy: SandboxPolicy,
-                     limits: Limits, network: NetworkMode, env: Mapping[str, str],
-                     protect: Sequence[str] = (), pinned: Sequence[str] = (),
-                     read_only: Sequence[str] = (),
-                     home: str = "/") -> AsyncIterator[Launch]:  # fmt: skip
+    async def launch(
+        self,
+        argv: Sequence[str],
+        *,
+        root: str,
+        cwd: str,
+        policy: SandboxPolicy,
+        limits: Limits,
+        network: NetworkMode,
+        env: Mapping[str, str],
+        protect: Sequence[str] = (),
+        pinned: Sequence[str] = (),
+        read_only: Sequence[str] = (),
+        home: str = "/",
+        warm: bool = False,
+    ) -> AsyncIterator[Launch]:
         """Prepare `argv` to run in the workspace at `root` with the task environment `env`;
         clean up its cgroup (and its network) afterwards.
 
@@ -360,6 +472,8 @@ class Sandbox:
         read-write onto themselves first (mount points: a command cannot rename or remove them;
         `wsrunner.workspace.protect`); `read_only` are host paths made visible
         read-only (besides `policy.read_only_paths`). `network` is the sandbox's network.
+        `warm`: the command may start in the workspace's warm sandbox (`warm.py`), which it
+        does while they are served, with the network `none` and no extra `read_only` paths.
 
         Errors: IsolationUnavailableError when the host is below `policy.require`, or cannot
         give `egress`. A network that could not be attached stops the command before it
@@ -374,19 +488,24 @@ class Sandbox:
             raise IsolationUnavailableError(policy.require, iso.level,
                                             (f"network egress: {why}",))  # fmt: skip
         group = cgroups.CommandGroup(iso.cgroups, f"cmd-{uuid.uuid4().hex[:12]}")
+        pool = self.warm if warm and network == "none" and not read_only else None
 
         fds: list[int] = []
         kept: list[int] = []  #: the daemon's ends of the egress pipes
         handles: list[tuple[str, str, str]] = []  #: bwrap binds by descriptor (flag, fd, dest)
+        found: list[tuple[tuple[int, int], tuple[tuple[str, str, int, int], ...]]] = []
 
         def prepare() -> int | None:
             """The workspace's uid (if workspaces have their own), the command's cgroups and
             descriptors of the paths inside the workspace to bind: one worker thread for all."""
-            owner = None if iso.uids is None else os.stat(root).st_uid
+            st = os.stat(root) if iso.uids is not None or pool is not None else None
+            owner = None if iso.uids is None or st is None else st.st_uid
             if iso.cgroups.hierarchies and (iso.uids is None or owner in iso.uids):
                 group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
             if pinned or protect:
                 handles.extend(_handles(root, pinned, protect, fds))
+            if st is not None and pool is not None:  # what the warm sandbox's key holds
+                found.append(((st.st_dev, st.st_ino), _identities(handles)))
             return owner
 
         launch: Launch | None = None
@@ -402,6 +521,32 @@ class Sandbox:
                 )
             binds = [("--bind", root, root), *handles]
             binds += [("--ro-bind-try", p, p) for p in (*policy.read_only_paths, *read_only)]
+            if pool is not None and found and group.dirs:
+                root_id, bound = found[0]
+                key = WarmKey(
+                    root,
+                    root_id,
+                    uid,
+                    policy,
+                    limits.memory_bytes,
+                    limits.pids,
+                    limits.open_files,
+                    bound,
+                )
+                start = partial(self._start_warm, key, binds, limits)
+                if (sandbox := await pool.acquire(key, start)) is not None:
+                    # bubblewrap's --chdir sets PWD in a cold sandbox: the same variables here.
+                    exact = {**env, "PWD": cwd}
+                    command = WarmCommand(
+                        sandbox, list(argv), exact, cwd, limits, group, self._limiter
+                    )
+                    launch = Launch([], (), {}, warm=command)
+                    command.failures = launch.sandbox_failures
+                    try:
+                        yield launch
+                    finally:
+                        pool.release(sandbox)
+                    return
             egress_fds = None
             if network == "egress":
                 info_r, info_w = os.pipe()
@@ -435,6 +580,51 @@ class Sandbox:
                     await trio.to_thread.run_sync(
                         self._finish, group, launch, limiter=self._limiter
                     )
+
+    async def _start_warm(
+        self, key: WarmKey, binds: list[tuple[str, str, str]], limits: Limits
+    ) -> WarmSandbox:
+        """A new warm sandbox for `key`: its supervisor started through the launch chain, as
+        a command with the same binds would be, in cgroups of its own (the policy's memory and
+        process limits), as pid 1 of the sandbox, with the daemon's CPU and file size limits
+        (each command sets its own) and room for the files of every command in flight."""
+        iso = self.isolation
+        group = cgroups.CommandGroup(iso.cgroups, f"warm-{uuid.uuid4().hex[:12]}")
+        create = partial(group.create, memory=limits.memory_bytes, pids=limits.pids, cpus=None)
+        argv = [PYTHON, "-I", "-S", "-c", SUPERVISOR]
+        rlimits = ("-", "-", str(max(limits.open_files, 1024)))
+
+        def chain(sock: int) -> tuple[list[str], dict[str, str], list[int]]:
+            fds: list[int] = []
+            try:
+                spec = _command_argv(
+                    iso,
+                    [*argv, str(sock)],
+                    uid=key.uid,
+                    binds=binds,
+                    cwd=key.root,
+                    network="none",
+                    limits=limits,
+                    procs=group.procs_files,
+                    fds=fds,
+                    env=SUPERVISOR_ENV,
+                    home="/tmp",  # each command's HOME is its task's; /tmp is the sandbox's own
+                    rlimits=rlimits,
+                    as_pid_1=True,
+                )
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            return spec, dict(LAUNCH_ENV), fds
+
+        try:
+            await trio.to_thread.run_sync(create, limiter=self._limiter)
+            return WarmSandbox.spawn(key, group, chain)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(group.remove, limiter=self._limiter)
+            raise
 
     @staticmethod
     def _finish(group: cgroups.CommandGroup, launch: Launch | None) -> None:

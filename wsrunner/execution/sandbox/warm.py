@@ -1,0 +1,657 @@
+"""Warm sandboxes: a workspace's sandbox is built once and each command is started inside it.
+
+A cold command pays for bubblewrap's namespaces and mounts every time. A warm sandbox is
+started once per key (`WarmKey`: the workspace, its uid, the policy's sandbox settings and
+the paths bound into it) through the same launch chain and profile, with the supervisor
+(`supervisor.py`) as its first process instead of a command. The daemon talks to it over a
+socketpair (no name in any file system, held by the supervisor alone). For each command:
+
+    daemon      pipes, a go pipe and the request   ->  supervisor forks; the child sets up
+                                                       its session, rlimits and descriptors
+    daemon  <-  pidfd of the child                      and waits on the go pipe
+    daemon      moves the child into the command's own cgroups (as root, by its host pid),
+                then writes the go byte                ->  the child changes directory, exec
+    daemon  <-  exit status                             (supervisor, when it reaps it)
+
+The command's output is read by `process._pump`, as a cold command's, into the same capped
+`Capture`. When the command ends, is timed out or cancelled, its cgroups are killed and seen
+empty (`CommandGroup.kill`), so nothing it started outlives it, as a cold sandbox's pid
+namespace would not. A supervisor that dies, stops answering or breaks the protocol ends its
+sandbox: the commands in it fail with that reason, and the next command gets a new sandbox.
+
+`WarmPool` keeps the sandboxes: made on first use, reused while in use, stopped after
+`idle_s` unused, at most `max_alive` (the least recently used idle one makes room; with none
+idle, a command runs cold), all stopped when the pool stops.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from wsrunner.execution.process import PIPE_BYTES, Capture, Watch, _Child, _pump
+from wsrunner.execution.sandbox.cgroups import CommandGroup
+from wsrunner.policy import Limits, SandboxPolicy
+
+logger = logging.getLogger(__name__)
+
+SUPERVISOR: Final = Path(__file__).with_name("supervisor.py").read_text()
+PYTHON: Final = "/usr/bin/python3"  #: the sandbox's own interpreter, not the daemon's venv
+SUPERVISOR_ENV: Final = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+START_S: Final = 20.0  #: a new sandbox reports ready within this, or is given up
+REPLY_S: Final = 10.0  #: the supervisor answers a spawn request within this
+EXIT_REPORT_S: Final = 10.0  #: ... and reports an exit within this after the process ended
+RETRY_AFTER_S: Final = 30.0  #: a key whose sandbox failed to start runs cold this long
+EXIT_NOT_STARTED: Final = 125
+_MESSAGE_BYTES: Final = 4096
+_STDERR_KEPT: Final = 4096
+
+
+class WarmFailure(Exception):
+    """The warm sandbox could not start or finish the command; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class WarmKey:
+    """What makes two commands share a sandbox: all of it is fixed when the sandbox starts."""
+
+    root: str
+    root_id: tuple[int, int]  #: (device, inode): a workspace made again is another sandbox
+    uid: int | None
+    policy: SandboxPolicy
+    memory: int  #: the size of its /tmp, and its own cgroup's limit
+    pids: int
+    open_files: int
+    binds: tuple[tuple[str, str, int, int], ...]  #: (flag, path, device, inode) of each bind
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """One command's exchange with the supervisor, filled in by the sandbox's reader."""
+
+    started: trio.Event = field(default_factory=trio.Event)
+    exited: trio.Event = field(default_factory=trio.Event)
+    pidfd: int = -1
+    error: str | None = None
+    status: int | None = None
+
+
+def _pid_of(pidfd: int) -> int:
+    """The host pid of the process a pidfd refers to; -1 once it has exited."""
+    with open(f"/proc/self/fdinfo/{pidfd}", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise WarmFailure("this kernel shows no Pid in a pidfd's fdinfo")
+
+
+#: The daemon's own hard limits: the supervisor inherits them, so no command may ask for more.
+_HARD: Final = {
+    name: resource.getrlimit(res)[1]
+    for name, res in (("cpu", resource.RLIMIT_CPU), ("fsize", resource.RLIMIT_FSIZE))
+}
+
+
+def rlimits(limits: Limits) -> list[tuple[str, int, int]]:
+    """The rlimits the cold chain's shell sets (`_SETUP`), as (name, soft, hard)."""
+    out = [("core", 0, 0)]
+    for name, soft, hard in (
+        ("cpu", limits.cpu_s, limits.cpu_s + 5),
+        ("fsize", max(1, limits.file_size_bytes // 512) * 512, None),
+    ):
+        top = _HARD[name]
+        hard = soft if hard is None else hard
+        if top != resource.RLIM_INFINITY:
+            soft, hard = min(soft, top), min(hard, top)
+        out.append((name, soft, hard))
+    out.append(("nofile", limits.open_files, limits.open_files))
+    return out
+
+
+class WarmSandbox:
+    """One live sandbox: the launch chain's process (the daemon's child), the socket to its
+    supervisor, and the commands in flight. `serve` owns it from start to end."""
+
+    def __init__(
+        self, key: WarmKey, group: CommandGroup, pid: int, sock: socket.socket, stderr: int
+    ) -> None:
+        self.key = key
+        self.group = group  #: the supervisor's own cgroups (its forks start there)
+        self.pid = pid
+        self.sock = sock
+        self.stderr = stderr
+        self.pidfd = os.pidfd_open(pid)
+        self.supervisor_pid = -1  #: host pid, once ready
+        self.failure: str | None = None  #: why it ended (or is ending)
+        self.active = 0
+        self.last_used = trio.current_time()
+        self.settled = trio.Event()  #: ready, or ended before it was
+        self.ended = trio.Event()
+        self._ready = False
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 0
+        self._scope = trio.CancelScope()
+        self._errors = bytearray()
+
+    @classmethod
+    def spawn(
+        cls,
+        key: WarmKey,
+        group: CommandGroup,
+        chain: Callable[[int], tuple[list[str], dict[str, str], list[int]]],
+    ) -> WarmSandbox:
+        """Start the launch chain `chain(socket fd)` gives (argv, env, descriptors to pass and
+        close). From the event loop's thread: bubblewrap's --die-with-parent follows the
+        thread that started it."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        err_r, err_w = os.pipe()
+        fds: list[int] = []
+        try:
+            argv, env, fds = chain(theirs.fileno())
+            actions = [
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+                *((os.POSIX_SPAWN_DUP2, fd, fd) for fd in (*fds, theirs.fileno())),
+            ]
+            pid = os.posix_spawn(
+                argv[0],
+                argv,
+                env,
+                file_actions=actions,
+                setsid=True,
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            )
+        except BaseException:
+            ours.close()
+            os.close(err_r)
+            raise
+        finally:
+            theirs.close()
+            os.close(err_w)
+            for fd in fds:
+                os.close(fd)
+        ours.setblocking(False)
+        os.set_blocking(err_r, False)
+        try:
+            return cls(key, group, pid, ours, err_r)
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            ours.close()
+            os.close(err_r)
+            raise
+
+    @property
+    def usable(self) -> bool:
+        return self.failure is None
+
+    def fail(self, reason: str) -> None:
+        """End the sandbox (from any task): its commands fail with `reason`."""
+        if self.failure is None and self._ready:
+            logger.warning("the warm sandbox of %s failed: %s", self.key.root, reason)
+        self.stop(reason)
+
+    def stop(self, reason: str) -> None:
+        """End the sandbox (from any task), for `reason`; `serve` cleans up."""
+        self.failure = self.failure or reason
+        self._scope.cancel()
+
+    # --- the reader ---------------------------------------------------------------------------
+
+    async def serve(self, forget: Callable[[WarmSandbox], None]) -> None:
+        """Read the supervisor's messages until the sandbox ends; then kill what is left of it
+        (shielded), fail the commands still waiting, and `forget` it."""
+        ready = select.epoll(3)
+        for fd in (self.sock.fileno(), self.pidfd, self.stderr):
+            ready.register(fd, select.EPOLLIN)
+        try:
+            with self._scope:
+                with trio.move_on_after(START_S) as starting:
+                    while not self._ready and self.failure is None:
+                        await self._step(ready)
+                if starting.cancelled_caught:
+                    self.fail(f"it did not start within {START_S:g}s")
+                while self.failure is None:
+                    await self._step(ready)
+        finally:
+            self.failure = self.failure or "the warm sandbox was stopped"
+            for pending in self._pending.values():
+                pending.error = pending.error or self.failure
+                pending.started.set()
+                pending.exited.set()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._destroy)
+            ready.close()
+            self.settled.set()
+            self.ended.set()
+            forget(self)
+
+    async def _step(self, ready: select.epoll) -> None:
+        await trio.lowlevel.wait_readable(ready.fileno())
+        for fd, _ in ready.poll(0):
+            if fd == self.stderr:
+                self._read_errors(ready)
+            elif fd == self.pidfd:
+                self.fail("its supervisor exited" + self._error_tail())
+            else:
+                self._receive()
+
+    def _read_errors(self, ready: select.epoll) -> None:
+        try:
+            chunk = os.read(self.stderr, _STDERR_KEPT)
+        except BlockingIOError:
+            return
+        if not chunk:
+            ready.unregister(self.stderr)
+        self._errors = (self._errors + chunk)[-_STDERR_KEPT:]
+
+    def _error_tail(self) -> str:
+        lines = self._errors.decode(errors="replace").strip().splitlines()
+        return f": {lines[-1]}" if lines else ""
+
+    def _receive(self) -> None:
+        while self.failure is None:
+            try:
+                data, fds, flags, _ = socket.recv_fds(
+                    self.sock, _MESSAGE_BYTES, 2, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.fail(f"its socket failed: {exc}")
+                return
+            if not data and not fds:
+                self.fail("its supervisor exited" + self._error_tail())  # the socket's only holder
+                return
+            why = "truncated" if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) else None
+            try:
+                why = why or self._handle(json.loads(data), fds)
+            except (ValueError, TypeError, KeyError, OSError, WarmFailure) as exc:
+                why = str(exc)
+            if why is not None:
+                for fd in fds:
+                    os.close(fd)
+                self.fail(f"protocol violation by its supervisor: {why}")
+
+    def _handle(self, message: dict[str, Any], fds: list[int]) -> str | None:
+        """Apply one message of the supervisor's; why it is not a valid one, or None. The
+        supervisor runs as the tenant, so nothing it says is taken on trust: an unexpected
+        message ends the sandbox."""
+        op, ident = message["op"], message.get("id")
+        if op == "ready" and len(fds) == 1 and not self._ready:
+            self.supervisor_pid = _pid_of(fds[0])
+            os.close(fds[0])
+            self._ready = True
+            self.settled.set()
+            return None
+        if not isinstance(ident, int) or not 0 <= ident < self._next_id:
+            return f"unexpected message {str(message)[:200]}"
+        if (pending := self._pending.get(ident)) is None:
+            for fd in fds:  # its command gave up waiting: only the descriptor to close
+                os.close(fd)
+            return None
+        if op == "started" and len(fds) == 1 and not pending.started.is_set():
+            pending.pidfd = fds[0]
+        elif op == "failed" and not fds and not pending.started.is_set():
+            pending.error = str(message.get("error"))[:500]
+        elif op == "exit" and not fds and pending.started.is_set():
+            if not isinstance(status := message.get("status"), int):
+                return f"exit status {status!r}"
+            pending.status = status
+            pending.exited.set()
+            return None
+        else:
+            return f"unexpected message {str(message)[:200]}"
+        pending.started.set()
+        return None
+
+    def _destroy(self) -> None:
+        """Kill the sandbox (its launch process first: --die-with-parent takes the supervisor,
+        whose end as pid 1 takes every process in the sandbox), reap it, free its cgroups."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it has exited already
+        if not self.group.kill():
+            logger.error(
+                "processes of a warm sandbox survived its cgroup kill: %s",
+                ", ".join(self.group.procs_files),
+            )
+        os.waitpid(self.pid, 0)
+        self.group.remove()
+        self.sock.close()
+        os.close(self.pidfd)
+        os.close(self.stderr)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def request(self, fds: list[int]) -> tuple[int, _Pending]:
+        """Send a spawn request with `fds`; its id and where its answers will be."""
+        if self.failure is not None:
+            raise WarmFailure(self.failure)
+        ident = self._next_id
+        self._next_id += 1
+        self._pending[ident] = pending = _Pending()
+        message = [json.dumps({"op": "spawn", "id": ident}).encode()]
+        while True:
+            try:
+                socket.send_fds(self.sock, message, fds, socket.MSG_DONTWAIT)
+                return ident, pending
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+            except OSError as exc:
+                del self._pending[ident]
+                self.fail(f"its socket failed: {exc}")
+                raise WarmFailure(self.failure or str(exc)) from None
+
+    def forget(self, ident: int) -> None:
+        """The command `ident` is over: drop its exchange (and a pidfd nobody took)."""
+        pending = self._pending.pop(ident, None)
+        if pending is not None and pending.pidfd >= 0:
+            os.close(pending.pidfd)
+            pending.pidfd = -1
+
+
+class _WarmChild(_Child):
+    """A command in a warm sandbox, as `process._pump` reads it: its pipes, its pidfd (the
+    exit, seen from the host) and its exit status (from the supervisor)."""
+
+    def __init__(
+        self, pid: int, pidfd: int, pipes: dict[int, str], pending: _Pending, command: WarmCommand
+    ) -> None:
+        self.pid = pid  #: host pid, and the group id of its session
+        self.pidfd = pidfd
+        self.returncode: int | None = None
+        self.pipes = pipes
+        self.failure: str | None = None
+        self._pending = pending
+        self._command = command
+        self.ready = select.epoll(3)
+        for fd in (*pipes, pidfd):
+            self.ready.register(fd, select.EPOLLIN)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    async def wait(self) -> int:
+        """The exit status, once the supervisor reports it; then the command's cgroups are
+        emptied: what it left running ends with it (and releases its pipes)."""
+        if self.returncode is not None:
+            return self.returncode
+        pending, sandbox = self._pending, self._command.sandbox
+        if not pending.exited.is_set():
+            with trio.move_on_after(EXIT_REPORT_S):
+                await pending.exited.wait()
+            if not pending.exited.is_set():
+                sandbox.fail(f"its supervisor did not report an exit within {EXIT_REPORT_S:g}s")
+                await pending.exited.wait()  # set as the sandbox ends
+        if pending.status is None:
+            self.failure = pending.error or sandbox.failure or "the warm sandbox ended"
+        await trio.to_thread.run_sync(self._command.empty, limiter=self._command.limiter)
+        self.returncode = -signal.SIGKILL if pending.status is None else pending.status
+        return self.returncode
+
+
+@dataclass(slots=True)
+class WarmCommand:
+    """One command to run in `sandbox`, in its own cgroups (`group`, made by the launch)."""
+
+    sandbox: WarmSandbox
+    argv: list[str]
+    env: dict[str, str]  #: exactly the command's environment
+    cwd: str
+    limits: Limits
+    group: CommandGroup
+    limiter: trio.CapacityLimiter
+    failures: list[str] = field(default_factory=list)  #: why the sandbox failed it
+
+    async def run(
+        self, capture: Capture, kill_grace: float, watch: Watch | None, watch_after: float
+    ) -> int:
+        """Run the command to its end, as `process.run_process` would; its exit status.
+
+        Cancellation: its cgroups are killed and its exit awaited (shielded) first.
+        """
+        try:
+            child = await self._start()
+        except WarmFailure as exc:
+            self.failures.append(str(exc))
+            return EXIT_NOT_STARTED
+        try:
+            await _pump(child, capture, kill_grace, watch, watch_after)
+        finally:
+            with trio.CancelScope(shield=True):
+                if child.returncode is None:  # timed out, cancelled, or stopped by `watch`
+                    await trio.to_thread.run_sync(self.group.kill, limiter=self.limiter)
+                    await child.wait()
+            child.close()
+        if child.failure is not None:
+            self.failures.append(child.failure)
+        assert child.returncode is not None
+        return child.returncode
+
+    def empty(self) -> None:
+        """Kill whatever is left in the command's cgroups (a worker thread's job)."""
+        if any(_read(path).strip() for path in self.group.procs_files):
+            self.group.kill()
+
+    def _request(self) -> bytes:
+        return json.dumps(
+            {"argv": self.argv, "env": self.env, "cwd": self.cwd, "rlimits": rlimits(self.limits)}
+        ).encode()
+
+    async def _start(self) -> _WarmChild:
+        """Have the supervisor fork the command, move it into its cgroups, let it go."""
+        sandbox = self.sandbox
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        go_r, go_w = os.pipe()
+        for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:  # over fs.pipe-max-size: the default
+                pass
+        body = os.memfd_create("wsrunner-spawn")
+        given = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), out_w, err_w, go_r, body]
+        ident = -1
+        try:
+            os.write(body, self._request())
+            ident, pending = await sandbox.request(given)
+            for fd in given:  # the supervisor has its own copies now
+                os.close(fd)
+            given = []
+            with trio.move_on_after(REPLY_S):
+                await pending.started.wait()
+            if not pending.started.is_set():
+                sandbox.fail(f"its supervisor did not answer within {REPLY_S:g}s")
+                raise WarmFailure(sandbox.failure)
+            if pending.error is not None:
+                raise WarmFailure(f"the command could not be started: {pending.error}")
+            pidfd, pending.pidfd = pending.pidfd, -1
+            try:
+                pid = await trio.to_thread.run_sync(self._adopt, pidfd, limiter=self.limiter)
+                os.write(go_w, b"g")
+            except BaseException:
+                os.close(pidfd)
+                raise
+            return _WarmChild(pid, pidfd, {out_r: "stdout", err_r: "stderr"}, pending, self)
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            if ident >= 0:
+                sandbox.forget(ident)
+            raise
+        finally:
+            os.close(go_w)  # EOF before the go byte: the forked process exits, unstarted
+            for fd in given:
+                os.close(fd)
+
+    def _adopt(self, pidfd: int) -> int:
+        """Check that the pidfd is a fresh fork of the supervisor's (its child, still in the
+        sandbox's own cgroup), and move it into the command's cgroups; its host pid."""
+        pid = _pid_of(pidfd)
+        if pid <= 0:
+            raise WarmFailure("the command's process ended before it started")
+        status = _read(f"/proc/{pid}/status")
+        parent = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), "")
+        first = self.sandbox.group.procs_files[0]
+        if parent != str(self.sandbox.supervisor_pid) or str(pid) not in _read(first).split():
+            self.sandbox.fail(f"its supervisor named process {pid}, not a fork of its own")
+            raise WarmFailure(self.sandbox.failure)
+        try:
+            for path in self.group.procs_files:
+                with open(path, "w", encoding="ascii") as f:
+                    f.write(str(pid))
+        except OSError as exc:
+            raise WarmFailure(f"the command's process could not join its cgroup: {exc}") from None
+        if select.select([pidfd], [], [], 0)[0]:
+            raise WarmFailure("the command's process ended before it started")
+        return pid
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+class WarmPool:
+    """The live sandboxes, by key, least recently used first; `serve` keeps them."""
+
+    def __init__(self, *, idle_s: float, max_alive: int) -> None:
+        self.idle_s = idle_s
+        self.max_alive = max_alive
+        self.starts = 0  #: sandboxes started, for statistics
+        self._alive: OrderedDict[WarmKey, WarmSandbox] = OrderedDict()
+        self._starting: dict[WarmKey, trio.Event] = {}
+        self._failed: dict[WarmKey, float] = {}
+        self._nursery: trio.Nursery | None = None
+        self._changed = trio.Event()
+
+    @property
+    def serving(self) -> bool:
+        return self._nursery is not None
+
+    def sandboxes(self) -> list[WarmSandbox]:
+        return list(self._alive.values())
+
+    def statistics(self) -> dict[str, int]:
+        alive = list(self._alive.values())
+        return {"alive": len(alive), "active": sum(s.active for s in alive), "starts": self.starts}
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the sandboxes until cancelled; each is stopped (shielded) on the way out."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._expire()
+        finally:
+            self._nursery = None
+
+    async def _expire(self) -> None:
+        while True:
+            now, due = trio.current_time(), float("inf")
+            for key, failed in list(self._failed.items()):
+                if failed + RETRY_AFTER_S <= now:
+                    del self._failed[key]
+            for sandbox in list(self._alive.values()):
+                if sandbox.active == 0:
+                    if (at := sandbox.last_used + self.idle_s) <= now:
+                        self._drop(sandbox)
+                        sandbox.stop(f"unused for {self.idle_s:g}s")
+                    else:
+                        due = min(due, at)
+            with trio.move_on_at(due):
+                await self._changed.wait()
+            self._changed = trio.Event()
+
+    async def acquire(
+        self, key: WarmKey, start: Callable[[], Awaitable[WarmSandbox]]
+    ) -> WarmSandbox | None:
+        """The ready sandbox for `key`, started with `start()` if there is none; None when the
+        command should run cold (the pool is stopped or full of busy sandboxes, or the
+        sandbox failed to start). Release it with `release`."""
+        while self._nursery is not None:
+            if (sandbox := self._alive.get(key)) is not None and sandbox.usable:
+                self._alive.move_to_end(key)
+                sandbox.active += 1
+                try:
+                    await sandbox.settled.wait()
+                except BaseException:
+                    self.release(sandbox)
+                    raise
+                if sandbox.usable:
+                    return sandbox
+                self.release(sandbox)
+                return None
+            if sandbox is not None:
+                self._drop(sandbox)
+            if (starting := self._starting.get(key)) is not None:
+                await starting.wait()
+                continue
+            failed = self._failed.get(key)
+            if failed is not None and trio.current_time() < failed + RETRY_AFTER_S:
+                return None
+            if not self._make_room():
+                return None
+            self._starting[key] = starting = trio.Event()
+            try:
+                try:
+                    sandbox = await start()
+                except (OSError, WarmFailure) as exc:
+                    logger.error("a warm sandbox for %s could not start: %s", key.root, exc)
+                    self._failed[key] = trio.current_time()
+                    return None
+                self._alive[key] = sandbox
+                self.starts += 1
+                self._nursery.start_soon(sandbox.serve, self._forget)
+            finally:
+                del self._starting[key]
+                starting.set()
+        return None
+
+    def release(self, sandbox: WarmSandbox) -> None:
+        sandbox.active -= 1
+        sandbox.last_used = trio.current_time()
+        self._changed.set()
+
+    def _make_room(self) -> bool:
+        if len(self._alive) + len(self._starting) < self.max_alive:
+            return True
+        for sandbox in self._alive.values():  # least recently used first
+            if sandbox.active == 0:
+                self._drop(sandbox)
+                sandbox.stop("the least recently used, stopped to make room")
+                return True
+        return False
+
+    def _drop(self, sandbox: WarmSandbox) -> None:
+        if self._alive.get(sandbox.key) is sandbox:
+            del self._alive[sandbox.key]
+
+    def _forget(self, sandbox: WarmSandbox) -> None:
+        self._drop(sandbox)
+        if sandbox.supervisor_pid < 0:
+            self._failed[sandbox.key] = trio.current_time()
+            logger.error(
+                "a warm sandbox for %s could not start: %s", sandbox.key.root, sandbox.failure
+            )
+        self._changed.set()
