@@ -56,12 +56,22 @@ async def chain(runs: int, volume: Path, *, network: str) -> tuple[list[float], 
     out = []
     for _ in range(runs):
         t = time.perf_counter()
-        async with sandbox.launch(["/bin/true"], root=str(root), cwd=str(root),
-                                  policy=policy.sandbox, limits=policy.limits,
-                                  network=network, env={"PATH": "/usr/bin:/bin"}) as launch:  # fmt: skip
-            rc = await run_process(launch.argv, env=launch.env,
-                                   capture=Capture.capped(1024, 1024), kill_grace=1,
-                                   pass_fds=launch.pass_fds)  # fmt: skip
+        async with sandbox.launch(
+            ["/bin/true"],
+            root=str(root),
+            cwd=str(root),
+            policy=policy.sandbox,
+            limits=policy.limits,
+            network=network,
+            env={"PATH": "/usr/bin:/bin"},
+        ) as launch:
+            rc = await run_process(
+                launch.argv,
+                env=launch.env,
+                capture=Capture.capped(1024, 1024),
+                kill_grace=1,
+                pass_fds=launch.pass_fds,
+            )
         out.append(time.perf_counter() - t)
         assert rc == 0, rc
     return out, iso.level
@@ -71,8 +81,7 @@ async def trio_plain(runs: int) -> list[float]:
     out = []
     for _ in range(runs):
         t = time.perf_counter()
-        await run_process(["/bin/true"], env={}, capture=Capture.capped(1024, 1024),
-                          kill_grace=1)  # fmt: skip
+        await run_process(["/bin/true"], env={}, capture=Capture.capped(1024, 1024), kill_grace=1)
         out.append(time.perf_counter() - t)
     return out
 
@@ -89,8 +98,10 @@ def main() -> None:
         volume.mkdir(mode=0o711)
 
         async def measure() -> list[tuple[str, list[float]]]:
-            rows = [("subprocess.run /bin/true (no sandbox)", plain(runs)),
-                    ("wsrunner run_process /bin/true (no sandbox)", await trio_plain(runs))]  # fmt: skip
+            rows = [
+                ("subprocess.run /bin/true (no sandbox)", plain(runs)),
+                ("wsrunner run_process /bin/true (no sandbox)", await trio_plain(runs)),
+            ]
             for mode in ("none", "egress", "host"):
                 samples, level = await chain(runs, volume, network=mode)
                 rows.append((f"sandboxed /bin/true ({level}, network {mode})", samples))

@@ -78,12 +78,17 @@ EMBEDDED_STORE: Final = "wsrunner.sqlite3"
 async def open_store(settings: Settings, max_size: int = 2) -> AsyncIterator[Store]:
     """The durable store alone (migrated), for commands that need no daemon: `wsrunner tokens`."""
     if settings.backend == "embedded":
-        async with open_sqlite_store(settings.state_dir / EMBEDDED_STORE,
-                                     lease_s=settings.lease_ttl_s) as embedded:  # fmt: skip
+        async with open_sqlite_store(
+            settings.state_dir / EMBEDDED_STORE, lease_s=settings.lease_ttl_s
+        ) as embedded:
             yield embedded
         return
-    async with open_postgres_store(settings.database_url, schema=settings.database_schema,
-                                   max_size=max_size, lease_s=settings.lease_ttl_s) as store:  # fmt: skip
+    async with open_postgres_store(
+        settings.database_url,
+        schema=settings.database_schema,
+        max_size=max_size,
+        lease_s=settings.lease_ttl_s,
+    ) as store:
         yield store
 
 
@@ -93,8 +98,10 @@ def describe_store(settings: Settings, origins: Mapping[str, str]) -> str:
     if settings.backend == "embedded":
         why = origins.get("backend") or "no database_url or redis_url is set"
         return f"the embedded store {settings.state_dir / EMBEDDED_STORE} ({why})"
-    return (f"PostgreSQL {database_location(settings.database_url)}, schema "
-            f"{settings.database_schema} (database_url from {origins.get('database_url', '?')})")  # fmt: skip
+    return (
+        f"PostgreSQL {database_location(settings.database_url)}, schema "
+        f"{settings.database_schema} (database_url from {origins.get('database_url', '?')})"
+    )
 
 
 @asynccontextmanager
@@ -106,8 +113,9 @@ async def open_backends(settings: Settings) -> AsyncIterator[tuple[Queue, Store]
     back on the queue with everything still queued.
     """
     if settings.backend == "embedded":
-        async with open_sqlite_store(settings.state_dir / EMBEDDED_STORE,
-                                     lease_s=settings.lease_ttl_s) as store:  # fmt: skip
+        async with open_sqlite_store(
+            settings.state_dir / EMBEDDED_STORE, lease_s=settings.lease_ttl_s
+        ) as store:
             lock = await trio.to_thread.run_sync(_lock_state_dir, settings.state_dir)
             try:
                 await store.expire_leases()
@@ -119,7 +127,7 @@ async def open_backends(settings: Settings) -> AsyncIterator[tuple[Queue, Store]
         trio_asyncio.open_loop(),
         open_redis_queue(settings.redis_url, settings.redis_prefix) as queue,
         open_store(settings, max_size=settings.concurrency + 4) as pg,
-    ):  # fmt: skip
+    ):
         yield queue, pg
 
 
@@ -129,9 +137,11 @@ def _lock_state_dir(state_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(f"another wsrunner daemon uses the state directory {state_dir}; "
-                          "the embedded backend serves one daemon (use Redis + PostgreSQL "
-                          "for several)") from None  # fmt: skip
+        raise ConfigError(
+            f"another wsrunner daemon uses the state directory {state_dir}; "
+            "the embedded backend serves one daemon (use Redis + PostgreSQL "
+            "for several)"
+        ) from None
     return fd
 
 
@@ -142,8 +152,9 @@ def load_frontend(name: str) -> Any:
     try:
         module = importlib.import_module(name)
     except ImportError as exc:
-        raise ConfigError(f"frontend: cannot import {name!r} ({exc}); set it to 'none' "
-                          "to run without HTTP") from None  # fmt: skip
+        raise ConfigError(
+            f"frontend: cannot import {name!r} ({exc}); set it to 'none' to run without HTTP"
+        ) from None
     if not callable(getattr(module, "serve", None)):
         raise ConfigError(
             f"frontend: module {name!r} has no serve(service, settings, stop) function"
@@ -171,13 +182,23 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         notifier = Notifier.from_environ()
         policy = await open_policy(settings, metrics)
         sandbox = await open_sandbox(settings, policy, metrics)
-        workspaces = Workspaces(settings.volume_path, default_quota=settings.default_quota_bytes,
-                                quotas=settings.workspace_quotas, git_schemes=settings.git_schemes,
-                                uids=sandbox.isolation.uids,
-                                default_inode_quota=settings.default_inode_quota,
-                                inode_quotas=settings.workspace_inode_quotas)  # fmt: skip
-        executor = Executor(settings, workspaces, policy, sandbox,
-                            credential_provider(settings.git_credentials_file), metrics)  # fmt: skip
+        workspaces = Workspaces(
+            settings.volume_path,
+            default_quota=settings.default_quota_bytes,
+            quotas=settings.workspace_quotas,
+            git_schemes=settings.git_schemes,
+            uids=sandbox.isolation.uids,
+            default_inode_quota=settings.default_inode_quota,
+            inode_quotas=settings.workspace_inode_quotas,
+        )
+        executor = Executor(
+            settings,
+            workspaces,
+            policy,
+            sandbox,
+            credential_provider(settings.git_credentials_file),
+            metrics,
+        )
         queue.on_error = metrics.backend_errors.labels(backend="redis").inc
         store.on_error = metrics.backend_errors.labels(backend="postgres").inc
         workspaces.on_dir_operation = lambda by: metrics.dir_operation(by).inc()
@@ -214,11 +235,21 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
                 services.start_soon(_drain_timer, daemon)
                 async with trio.open_nursery() as work:
                     await work.start(slots.serve)
-                    await work.start(serve_poller, queue, slots, settings.worker_id,
-                                     daemon.stopping, metrics.requeue("shutdown").inc)  # fmt: skip
-                    logger.info("wsrunner %s ready: %d slots, volume %s%s", settings.worker_id,
-                                settings.concurrency, settings.volume_path,
-                                f", serving {' '.join(daemon.urls)}" if daemon.urls else "")  # fmt: skip
+                    await work.start(
+                        serve_poller,
+                        queue,
+                        slots,
+                        settings.worker_id,
+                        daemon.stopping,
+                        metrics.requeue("shutdown").inc,
+                    )
+                    logger.info(
+                        "wsrunner %s ready: %d slots, volume %s%s",
+                        settings.worker_id,
+                        settings.concurrency,
+                        settings.volume_path,
+                        f", serving {' '.join(daemon.urls)}" if daemon.urls else "",
+                    )
                     await notifier.ready(
                         f"{settings.concurrency} slots; policy {policy.current.digest}; "
                         f"isolation {sandbox.isolation.level}"
@@ -258,8 +289,9 @@ async def open_sandbox(settings: Settings, policy: LivePolicy, metrics: Metrics)
     if settings.sandbox == "off":
         isolation = turned_off()
     else:
-        isolation = await trio.to_thread.run_sync(probe, str(settings.volume_path),
-                                                  settings.sandbox_uids)  # fmt: skip
+        isolation = await trio.to_thread.run_sync(
+            probe, str(settings.volume_path), settings.sandbox_uids
+        )
 
     metrics.isolation.state(isolation.level)
     for layer, state in isolation.layers.items():
@@ -268,15 +300,21 @@ async def open_sandbox(settings: Settings, policy: LivePolicy, metrics: Metrics)
     if (refusal := isolation.refusal(required)) is not None:
         logger.error("sandbox: %s; commands will be refused until this is fixed", refusal)
     elif isolation.level != "full":
-        logger.warning("sandbox: isolation is %s (missing: %s)", isolation.level,
-                       "; ".join(isolation.missing))  # fmt: skip
+        logger.warning(
+            "sandbox: isolation is %s (missing: %s)", isolation.level, "; ".join(isolation.missing)
+        )
     else:
         logger.info("sandbox: full isolation")
     return Sandbox(isolation)
 
 
-async def serve_policy_reload(live: LivePolicy, metrics: Metrics, notifier: Notifier, *,
-                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+async def serve_policy_reload(
+    live: LivePolicy,
+    metrics: Metrics,
+    notifier: Notifier,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Reload the policy on SIGHUP: validated first, the old one kept if the new one is invalid.
 
     Tasks already running keep the policy they started with (their `StepContext.policy`).
@@ -286,8 +324,10 @@ async def serve_policy_reload(live: LivePolicy, metrics: Metrics, notifier: Noti
         async for _ in signals:
             await notifier.reloading()
             ok = await reload_policy(live, metrics)
-            await notifier.ready(f"policy {live.current.digest} "
-                                 + ("loaded" if ok else "kept: the new files are invalid"))  # fmt: skip
+            await notifier.ready(
+                f"policy {live.current.digest} "
+                + ("loaded" if ok else "kept: the new files are invalid")
+            )
 
 
 async def reload_policy(live: LivePolicy, metrics: Metrics) -> bool:
@@ -305,8 +345,11 @@ async def _drain_timer(daemon: Daemon) -> None:
     await daemon.stopping.wait()
     running = len(daemon.runner.running)
     await daemon.notifier.stopping(f"stopping: {running} running task(s) finishing")
-    logger.info("stopping: no new claims; %d running task(s) have %.0fs to finish",
-                running, daemon.settings.shutdown_grace_s)  # fmt: skip
+    logger.info(
+        "stopping: no new claims; %d running task(s) have %.0fs to finish",
+        running,
+        daemon.settings.shutdown_grace_s,
+    )
     await trio.sleep(daemon.settings.shutdown_grace_s)
     for task_id in list(daemon.runner.running):
         daemon.runner.stop_task(task_id, StopReason.SHUTDOWN)

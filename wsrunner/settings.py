@@ -408,8 +408,10 @@ def _unreadable(what: str, exc: OSError) -> ConfigError:
     """The error for a file or directory of the configuration we may not read, with the fix."""
     hint = ""
     if isinstance(exc, PermissionError):
-        hint = ("; the installed configuration is the service's: run this as root, or name "
-                "settings of your own with --config or WSRUNNER_CONFIG")  # fmt: skip
+        hint = (
+            "; the installed configuration is the service's: run this as root, or name "
+            "settings of your own with --config or WSRUNNER_CONFIG"
+        )
     return ConfigError(f"cannot read {what}: {exc.strerror}{hint}")
 
 
@@ -446,8 +448,11 @@ def _shown(value: Any) -> Any:
 
 
 #: systemd credential name (LoadCredential=) -> setting; they beat the YAML file, not the env.
-_CREDENTIALS: Final = {"internal-token": "internal_token", "database-url": "database_url",
-                       "redis-url": "redis_url"}  # fmt: skip
+_CREDENTIALS: Final = {
+    "internal-token": "internal_token",
+    "database-url": "database_url",
+    "redis-url": "redis_url",
+}
 
 
 def _read_credentials(directory: str | None) -> dict[str, tuple[Any, str]]:
@@ -508,8 +513,13 @@ def _yaml_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
-    for kind, name in ((int, "an integer"), (float, "a float"),
-                       (str, "a string"), (dict, "a mapping"), (list, "a list")):  # fmt: skip
+    for kind, name in (
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (dict, "a mapping"),
+        (list, "a list"),
+    ):
         if isinstance(value, kind):
             return f"{name} ({value!r})" if kind in (int, float, str) else name
     return type(value).__name__
@@ -563,8 +573,10 @@ def _read_yaml(path: Path) -> dict[str, tuple[Any, str]]:
     for key, node in data.items():
         if key not in known:
             line, col = data.lc.key(key)
-            problems.append(f"{path}:{line + 1}:{col + 1}: {key}: unknown key {str(key)!r}; "
-                            f"expected one of {', '.join(sorted(known))}")  # fmt: skip
+            problems.append(
+                f"{path}:{line + 1}:{col + 1}: {key}: unknown key {str(key)!r}; "
+                f"expected one of {', '.join(sorted(known))}"
+            )
             continue
         line, col = data.lc.value(key)
         where = f"{path}:{line + 1}:{col + 1}"

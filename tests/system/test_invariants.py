@@ -140,11 +140,26 @@ main()
 
 #: The task environment a command gets (wsrunner/workspace/directories.py `open_task`), by name; the
 #: values that matter are checked in `check_report`.
-TASK_ENV = frozenset({
-    "PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "WORKSPACE_ID", "TASK_ID",
-    "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_NOSYSTEM",
-    "GIT_TERMINAL_PROMPT", "GIT_EDITOR", "GIT_PAGER", "PAGER", "GIT_ALLOW_PROTOCOL",
-})  # fmt: skip
+TASK_ENV = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "LC_ALL",
+        "WORKSPACE_ID",
+        "TASK_ID",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "GIT_CONFIG_GLOBAL",
+        "GIT_CONFIG_NOSYSTEM",
+        "GIT_TERMINAL_PROMPT",
+        "GIT_EDITOR",
+        "GIT_PAGER",
+        "PAGER",
+        "GIT_ALLOW_PROTOCOL",
+    }
+)
 #: Where the command starts (bubblewrap's --chdir, or `/bin/sh -c`).
 SHELL_ENV = frozenset({"PWD"})
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -205,8 +220,12 @@ class Host:
 
 
 def _host_addresses() -> list[str]:
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"],
-                         capture_output=True, text=True, check=False).stdout  # fmt: skip
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     return [line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3]
 
 
@@ -224,16 +243,25 @@ class Tenant:
     tmp: Path
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.public, timeout=90,
-                                 headers={"Authorization": f"Bearer {self.token}"})  # fmt: skip
+        return httpx.AsyncClient(
+            base_url=self.public, timeout=90, headers={"Authorization": f"Bearer {self.token}"}
+        )
 
     def internal_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.internal, timeout=90,
-                                 headers={"X-Internal-Token": INTERNAL_TOKEN})  # fmt: skip
+        return httpx.AsyncClient(
+            base_url=self.internal, timeout=90, headers={"X-Internal-Token": INTERNAL_TOKEN}
+        )
 
     def probe_command(self, tag: str, *extra: str) -> str:
-        return " ".join(["python3", str(self.root / "probe.py"), f"tag={tag}",
-                         f"targets={','.join(self.host.targets)}", *extra])  # fmt: skip
+        return " ".join(
+            [
+                "python3",
+                str(self.root / "probe.py"),
+                f"tag={tag}",
+                f"targets={','.join(self.host.targets)}",
+                *extra,
+            ]
+        )
 
     async def submit(self, *steps: dict[str, Any]) -> dict[str, Any]:
         """Submit a task through the public API and wait for its end; its record."""
@@ -260,17 +288,24 @@ async def _tenant(
         except OSError:
             pass  # no IPv6 loopback on this host
     daemon: Daemon = await start_daemon(
-        frontend="frontend", public_host="127.0.0.1", public_port=0, health_port=0,
-        internal_token=INTERNAL_TOKEN, sse_keepalive_s=0.5, policy_file=etc / "policy.yaml",
-        policy_dir=etc / "policy.d", git_schemes=("https", "ssh", "file"),
-    )  # fmt: skip
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+        sse_keepalive_s=0.5,
+        policy_file=etc / "policy.yaml",
+        policy_dir=etc / "policy.d",
+        git_schemes=("https", "ssh", "file"),
+    )
     _, token = await daemon.service.tokens.create("tenant", [WS])
     public, internal = daemon.urls
     root = daemon.settings.volume_path / WS
     tenant = Tenant(daemon, public, internal, token, host, mode, root, tmp_path)
     async with tenant.internal_client() as c:  # the operator puts the probe in place
-        r = await c.post(f"/workspaces/{WS}/files/write", json={"path": "probe.py",
-                                                                 "content": PROBE})  # fmt: skip
+        r = await c.post(
+            f"/workspaces/{WS}/files/write", json={"path": "probe.py", "content": PROBE}
+        )
         assert r.status_code == 200, r.text
     try:
         yield tenant
@@ -289,9 +324,14 @@ def outcome(result: dict[str, Any]) -> Any:
         result = result["result"]  # a tool call's
     if steps is None:
         return {k: result.get(k) for k in ("error", "exit_code", "stderr", "stdout")}
-    return [{"step": s["step"], "action": s["action"],
-             **{k: s["result"][k] for k in ("error", "stderr") if s["result"].get(k)}}
-            for s in steps]  # fmt: skip
+    return [
+        {
+            "step": s["step"],
+            "action": s["action"],
+            **{k: s["result"][k] for k in ("error", "stderr") if s["result"].get(k)},
+        }
+        for s in steps
+    ]
 
 
 def output_of(result: dict[str, Any]) -> str:
@@ -305,19 +345,26 @@ def output_of(result: dict[str, Any]) -> str:
 
 
 def reports_in(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line.split(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("WSRPROBE ")]  # fmt: skip
+    return [
+        json.loads(line.split(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("WSRPROBE ")
+    ]
 
 
 def _fd_breaks(fds: dict[str, str], tenant: Tenant, *, own: bool) -> dict[str, str]:
     """Descriptors beyond 0, 1, 2; with `own`, those a git started by the daemon hands down
     to what it starts (its pipes, the workspace file it filters) are not counted."""
-    return {n: t for n, t in fds.items() if int(n) > 2
-            and not (own and (t.startswith("pipe:") or t.startswith(f"{tenant.root}/")))}  # fmt: skip
+    return {
+        n: t
+        for n, t in fds.items()
+        if int(n) > 2 and not (own and (t.startswith("pipe:") or t.startswith(f"{tenant.root}/")))
+    }
 
 
-def check_report(report: dict[str, Any], tenant: Tenant, *, git: bool = False,
-                 task_id: str | None = None) -> list[str]:  # fmt: skip
+def check_report(
+    report: dict[str, Any], tenant: Tenant, *, git: bool = False, task_id: str | None = None
+) -> list[str]:
     """Every invariant the report breaks, one line each (empty: it holds them all).
 
     `git`: the probe is a program git started (a filter, hook, upload-pack): git's own pipes
@@ -344,8 +391,10 @@ def check_report(report: dict[str, Any], tenant: Tenant, *, git: bool = False,
     else:
         required = allowed = TASK_ENV | SHELL_ENV
     if not required <= set(env) <= allowed:
-        broken.append(f"I2: environment names: unexpected {sorted(set(env) - allowed)}, "
-                      f"missing {sorted(required - set(env))}")  # fmt: skip
+        broken.append(
+            f"I2: environment names: unexpected {sorted(set(env) - allowed)}, "
+            f"missing {sorted(required - set(env))}"
+        )
     if tokens := sorted(k for k in env if k.startswith("WSRUNNER_")):
         broken.append(f"I3: git token variables {tokens}")
     for name, want in (("PATH", SAFE_PATH), ("LANG", "C.UTF-8"), ("WORKSPACE_ID", WS)):
@@ -366,8 +415,7 @@ def check_report(report: dict[str, Any], tenant: Tenant, *, git: bool = False,
             broken.append(f"I8: {cap} {status[cap]}, expected none")
     owner = tenant.root.stat().st_uid
     if report["uid"] == 0 or report["euid"] == 0 or report["uid"] != owner:
-        broken.append(f"I8: uid {report['uid']}/{report['euid']}, expected the workspace's "
-                      f"{owner}")  # fmt: skip
+        broken.append(f"I8: uid {report['uid']}/{report['euid']}, expected the workspace's {owner}")
     if report["reached"]:
         broken.append(f"I4: reached host listeners {report['reached']} (mode {tenant.mode})")
     if tenant.mode == "egress" and not git and "gateway" in report and not report["gateway"]:
@@ -388,8 +436,9 @@ def assert_holds(result: dict[str, Any], tenant: Tenant, **kw: Any) -> None:
 
 
 async def via_execute_command(tenant: Tenant) -> None:
-    record = await tenant.submit({"action": "execute_command",
-                                  "command": tenant.probe_command("execute_command")})  # fmt: skip
+    record = await tenant.submit(
+        {"action": "execute_command", "command": tenant.probe_command("execute_command")}
+    )
     result = record["result"]["result"]["steps"][0]["result"]
     assert_holds(result, tenant, task_id=record["id"])
 
@@ -414,9 +463,14 @@ async def via_exec_stream(tenant: Tenant) -> None:
 
 async def via_workspace_exec(tenant: Tenant) -> None:
     async with tenant.client() as c:
-        r = await c.post("/api/tools/call", json={
-            "workspace_id": WS, "tool": "workspace_exec",
-            "arguments": {"command": tenant.probe_command("workspace_exec")}})  # fmt: skip
+        r = await c.post(
+            "/api/tools/call",
+            json={
+                "workspace_id": WS,
+                "tool": "workspace_exec",
+                "arguments": {"command": tenant.probe_command("workspace_exec")},
+            },
+        )
     assert r.status_code == 200, r.text
     assert_holds(r.json()["result"], tenant)
 
@@ -496,11 +550,20 @@ def _proc_report(pid: int) -> dict[str, Any]:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
     return {
-        "tag": f"pid {pid}", "argv": argv, "fds": fds, "env": env, "uid": uid, "euid": euid,
-        "status": {k: status.get(k) for k in ("Seccomp", "NoNewPrivs", "CapInh", "CapPrm",
-                                              "CapEff", "CapBnd", "CapAmb")},
-        "netns": os.readlink(f"/proc/{pid}/ns/net"), "reached": [], "ancestors": [],
-    }  # fmt: skip
+        "tag": f"pid {pid}",
+        "argv": argv,
+        "fds": fds,
+        "env": env,
+        "uid": uid,
+        "euid": euid,
+        "status": {
+            k: status.get(k)
+            for k in ("Seccomp", "NoNewPrivs", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+        },
+        "netns": os.readlink(f"/proc/{pid}/ns/net"),
+        "reached": [],
+        "ancestors": [],
+    }
 
 
 #: What ripgrep runs with (operations.py `grep`): no task environment; bubblewrap sets PWD
@@ -523,8 +586,10 @@ async def via_grep(tenant: Tenant) -> None:
     line = f"{token} " + "x" * 100 + "\n"
     async with tenant.internal_client() as c:
         for i in range(8):
-            r = await c.post(f"/workspaces/{WS}/files/write",
-                             json={"path": f"hay/{i}.txt", "content": line * 20000})  # fmt: skip
+            r = await c.post(
+                f"/workspaces/{WS}/files/write",
+                json={"path": f"hay/{i}.txt", "content": line * 20000},
+            )
             assert r.status_code == 200, r.text
 
         def ripgrep(pid: int, args: list[bytes]) -> bool:
@@ -537,8 +602,11 @@ async def via_grep(tenant: Tenant) -> None:
     (report, *_) = watch.reports.values()
     # What ripgrep opens itself while it runs (the workspace's files, its libraries, its own
     # /proc/self/mountinfo, seen from the host as the sandbox's /proc/2/...) is not inherited.
-    fds = {k: v for k, v in report["fds"].items()
-           if v != str(tenant.root) and not v.startswith((f"{tenant.root}/", "/usr/", "/proc/"))}  # fmt: skip
+    fds = {
+        k: v
+        for k, v in report["fds"].items()
+        if v != str(tenant.root) and not v.startswith((f"{tenant.root}/", "/usr/", "/proc/"))
+    }
     report["fds"] = fds
     broken = [b for b in check_report(report, tenant) if "I2" not in b]
     env = report["env"]
@@ -555,9 +623,19 @@ async def via_grep(tenant: Tenant) -> None:
 GITATTRIBUTES = "*.probe filter=wsrprobe\n"
 #: Names git itself adds to the environment of the programs it starts (filters, hooks,
 #: upload-pack): git's, not the daemon's nor the tenant's.
-GIT_ADDED_ENV = frozenset({"GIT_DIR", "GIT_PREFIX", "GIT_EXEC_PATH", "GIT_INDEX_FILE",
-                           "GIT_WORK_TREE", "GIT_PROTOCOL", "GIT_REFLOG_ACTION",
-                           "GIT_CONFIG_PARAMETERS", "GIT_NO_LAZY_FETCH"})  # fmt: skip
+GIT_ADDED_ENV = frozenset(
+    {
+        "GIT_DIR",
+        "GIT_PREFIX",
+        "GIT_EXEC_PATH",
+        "GIT_INDEX_FILE",
+        "GIT_WORK_TREE",
+        "GIT_PROTOCOL",
+        "GIT_REFLOG_ACTION",
+        "GIT_CONFIG_PARAMETERS",
+        "GIT_NO_LAZY_FETCH",
+    }
+)
 
 
 @dataclass
@@ -571,10 +649,16 @@ class Repo:
     def advance(self) -> None:
         """A new commit on the origin that changes a.probe, so that a pull checks it out."""
         (self.origin / "a.probe").write_text(f"{uuid.uuid4().hex}\n")
-        env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-                   GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
-        subprocess.run(["git", "-C", str(self.origin), "commit", "-qam", "next"], check=True,
-                       env=env)  # fmt: skip
+        env = dict(
+            os.environ,
+            GIT_AUTHOR_NAME="t",
+            GIT_AUTHOR_EMAIL="t@t",
+            GIT_COMMITTER_NAME="t",
+            GIT_COMMITTER_EMAIL="t@t",
+        )
+        subprocess.run(
+            ["git", "-C", str(self.origin), "commit", "-qam", "next"], check=True, env=env
+        )
 
 
 def trigger(tenant: Tenant, tag: str, *flags: str) -> str:
@@ -586,8 +670,7 @@ def git_config_commands(repo: str | None, entries: dict[str, str]) -> str:
     """A shell command setting `entries` in repos/<repo>/.git/config, or (None) the task's
     global git config."""
     where = "config --global" if repo is None else f"-C repos/{repo} config"
-    return " && ".join(f"git {where} {shlex.quote(k)} {shlex.quote(v)}"
-                       for k, v in entries.items())  # fmt: skip
+    return " && ".join(f"git {where} {shlex.quote(k)} {shlex.quote(v)}" for k, v in entries.items())
 
 
 def planted_repo_config(tenant: Tenant) -> dict[str, str]:
@@ -597,10 +680,11 @@ def planted_repo_config(tenant: Tenant) -> dict[str, str]:
         "filter.wsrprobe.clean": trigger(tenant, "clean-repo", "filter"),
         "core.fsmonitor": trigger(tenant, "fsmonitor-repo", "quiet"),
         "core.hooksPath": str(tenant.root / "hooks"),
-        "remote.origin.uploadpack": trigger(tenant, "uploadpack-repo", "quiet") + "; git-upload-pack",
+        "remote.origin.uploadpack": trigger(tenant, "uploadpack-repo", "quiet")
+        + "; git-upload-pack",
         "remote.origin.receivepack": trigger(tenant, "receivepack-repo", "quiet")
         + "; git-receive-pack",
-    }  # fmt: skip
+    }
 
 
 def planted_global_config(tenant: Tenant) -> dict[str, str]:
@@ -614,9 +698,14 @@ def planted_global_config(tenant: Tenant) -> dict[str, str]:
 
 def hook_files(tenant: Tenant) -> list[dict[str, Any]]:
     """write_file steps for hooks that run the probe (made executable by `chmod_hooks`)."""
-    return [{"action": "write_file", "path": f"hooks/{name}",
-             "content": f"#!/bin/sh\nexec {trigger(tenant, 'hook-' + name, 'quiet')}\n"}
-            for name in ("post-checkout", "post-merge")]  # fmt: skip
+    return [
+        {
+            "action": "write_file",
+            "path": f"hooks/{name}",
+            "content": f"#!/bin/sh\nexec {trigger(tenant, 'hook-' + name, 'quiet')}\n",
+        }
+        for name in ("post-checkout", "post-merge")
+    ]
 
 
 CHMOD_HOOKS = {"action": "execute_command", "command": "chmod +x hooks/*"}
@@ -631,9 +720,11 @@ async def cloned(tenant: Tenant) -> Repo:
     url = git_repo(origin, {".gitattributes": GITATTRIBUTES, "a.probe": "1\n"})
     plant = git_config_commands(name, planted_repo_config(tenant))
     record = await tenant.submit(
-        {"action": "git_clone", "repo": url, "shallow": False}, *hook_files(tenant), CHMOD_HOOKS,
+        {"action": "git_clone", "repo": url, "shallow": False},
+        *hook_files(tenant),
+        CHMOD_HOOKS,
         {"action": "execute_command", "command": plant},
-    )  # fmt: skip
+    )
     assert record["status"] == "completed", outcome(record)
     return Repo(name, origin, url)
 
@@ -672,8 +763,9 @@ async def internal_git(
     tenant: Tenant, operation: str, cwd: str, args: Any = None
 ) -> dict[str, Any]:
     async with tenant.internal_client() as c:
-        r = await c.post(f"/workspaces/{WS}/git", json={"operation": operation, "cwd": cwd,
-                                                         "args": args})  # fmt: skip
+        r = await c.post(
+            f"/workspaces/{WS}/git", json={"operation": operation, "cwd": cwd, "args": args}
+        )
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
@@ -685,9 +777,12 @@ async def via_git_clone(tenant: Tenant) -> None:
     origin.mkdir()
     url = git_repo(origin, {".gitattributes": GITATTRIBUTES, "a.probe": "1\n"})
     plant = git_config_commands(None, planted_global_config(tenant))
-    record = await tenant.submit(*hook_files(tenant), CHMOD_HOOKS,
-                                 {"action": "execute_command", "command": plant},
-                                 {"action": "git_clone", "repo": url, "shallow": False})  # fmt: skip
+    record = await tenant.submit(
+        *hook_files(tenant),
+        CHMOD_HOOKS,
+        {"action": "execute_command", "command": plant},
+        {"action": "git_clone", "repo": url, "shallow": False},
+    )
     assert_git_holds(tenant, record, required=True)
 
 
@@ -696,8 +791,10 @@ async def via_git_pull(tenant: Tenant) -> None:
     git_reports(tenant)
     repo.advance()
     plant = git_config_commands(None, planted_global_config(tenant))
-    record = await tenant.submit({"action": "execute_command", "command": plant},
-                                 {"action": "git_pull", "repo_name": repo.name})  # fmt: skip
+    record = await tenant.submit(
+        {"action": "execute_command", "command": plant},
+        {"action": "git_pull", "repo_name": repo.name},
+    )
     assert_git_holds(tenant, record, required=True)
 
 
@@ -750,18 +847,33 @@ async def via_workspace_git(tenant: Tenant) -> None:
     git_reports(tenant)
     repo.advance()
     async with tenant.client() as c:
-        r = await c.post("/api/tools/call", json={
-            "workspace_id": WS, "tool": "workspace_git",
-            "arguments": {"operation": "pull", "cwd": f"repos/{repo.name}"}})  # fmt: skip
+        r = await c.post(
+            "/api/tools/call",
+            json={
+                "workspace_id": WS,
+                "tool": "workspace_git",
+                "arguments": {"operation": "pull", "cwd": f"repos/{repo.name}"},
+            },
+        )
     assert r.status_code == 200, r.text
     assert_git_holds(tenant, r.json()["result"], required=True)
 
 
 #: The whole environment of the daemon's network-side git (the mirror): its own HOME and
 #: global config (outside the workspace), ssh with `-F /dev/null`; nothing of the task's.
-MIRROR_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "GIT_CONFIG_NOSYSTEM",
-                        "GIT_CONFIG_GLOBAL", "GIT_TERMINAL_PROMPT", "GIT_ALLOW_PROTOCOL",
-                        "GIT_SSH_COMMAND"})  # fmt: skip
+MIRROR_ENV = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "GIT_CONFIG_NOSYSTEM",
+        "GIT_CONFIG_GLOBAL",
+        "GIT_TERMINAL_PROMPT",
+        "GIT_ALLOW_PROTOCOL",
+        "GIT_SSH_COMMAND",
+    }
+)
 
 
 def check_network_side(report: dict[str, Any], tenant: Tenant) -> list[str]:
@@ -769,8 +881,12 @@ def check_network_side(report: dict[str, Any], tenant: Tenant) -> list[str]:
     repositories' files it reads and writes, /dev/null and the system's files it loads), I3 (its configuration is the daemon's,
     outside the workspace: no task variable), I4 (a network namespace of its own), I8."""
     broken = []
-    fds = {n: t for n, t in report["fds"].items() if int(n) > 2 and not (
-        t.startswith(("pipe:", "/usr/", f"{tenant.tmp}/")) or t == "/dev/null")}  # fmt: skip
+    fds = {
+        n: t
+        for n, t in report["fds"].items()
+        if int(n) > 2
+        and not (t.startswith(("pipe:", "/usr/", f"{tenant.tmp}/")) or t == "/dev/null")
+    }
     if fds:
         broken.append(f"I1: descriptors {fds}")
     env = dict(report["env"])
@@ -778,8 +894,10 @@ def check_network_side(report: dict[str, Any], tenant: Tenant) -> list[str]:
         env["PATH"] = env["PATH"].removeprefix("/usr/lib/git-core:")
     allowed = MIRROR_ENV | {"PWD"} | GIT_ADDED_ENV
     if not MIRROR_ENV <= set(env) <= allowed:
-        broken.append(f"I3: environment names: unexpected {sorted(set(env) - allowed)}, "
-                      f"missing {sorted(MIRROR_ENV - set(env))}")  # fmt: skip
+        broken.append(
+            f"I3: environment names: unexpected {sorted(set(env) - allowed)}, "
+            f"missing {sorted(MIRROR_ENV - set(env))}"
+        )
     for name in ("HOME", "GIT_CONFIG_GLOBAL"):
         if env.get(name, "").startswith(f"{tenant.root}/") or not env.get(name):
             broken.append(f"I3: {name}={env.get(name)!r}: the tenant's, or none")
@@ -821,8 +939,9 @@ async def via_git_mirror(tenant: Tenant) -> None:
         record = await tenant.submit({"action": "git_clone", "repo": url, "shallow": False})
     assert record["status"] == "completed", outcome(record)
     assert watch.reports, "no process of the network-side git was seen while it ran"
-    broken = {f"{r['tag']} {r['argv'][:3]}": check_network_side(r, tenant)
-              for r in watch.reports.values()}  # fmt: skip
+    broken = {
+        f"{r['tag']} {r['argv'][:3]}": check_network_side(r, tenant) for r in watch.reports.values()
+    }
     assert not any(broken.values()), json.dumps(broken, indent=1)
 
 
@@ -978,8 +1097,10 @@ async def test_a_daemon_killed_while_a_command_runs_restarts_on_its_ports(
     try:
         first = await dep.start("inv-restart", **extra)
         async with dep.client(first) as c:
-            body = {"workspace_id": "ws-restart",
-                    "steps": [{"action": "execute_command", "command": f"sleep {seconds}"}]}  # fmt: skip
+            body = {
+                "workspace_id": "ws-restart",
+                "steps": [{"action": "execute_command", "command": f"sleep {seconds}"}],
+            }
             r = await c.post("/api/tasks/submit", json=body)
             assert r.status_code == 202, r.text
             task_id = r.json()["task_id"]
@@ -1040,8 +1161,9 @@ async def planted_ssh_repo(tenant: Tenant, planted: Planted) -> Repo:
     """A clone whose origin is an ssh URL, with the tenant's core.sshCommand in .git/config."""
     repo = await cloned(tenant)
     repo.url = ssh_url(repo.name)
-    plant = git_config_commands(repo.name, {"remote.origin.url": repo.url,
-                                            "core.sshCommand": planted.command("repo")})  # fmt: skip
+    plant = git_config_commands(
+        repo.name, {"remote.origin.url": repo.url, "core.sshCommand": planted.command("repo")}
+    )
     record = await tenant.submit({"action": "execute_command", "command": plant})
     assert record["status"] == "completed", outcome(record)
     return repo
@@ -1073,9 +1195,14 @@ async def network_internal(operation: str, tenant: Tenant, planted: Planted) -> 
 async def network_workspace_git(tenant: Tenant, planted: Planted) -> dict[str, Any]:
     repo = await planted_ssh_repo(tenant, planted)
     async with tenant.client() as c:
-        r = await c.post("/api/tools/call", json={
-            "workspace_id": WS, "tool": "workspace_git",
-            "arguments": {"operation": "pull", "cwd": f"repos/{repo.name}"}})  # fmt: skip
+        r = await c.post(
+            "/api/tools/call",
+            json={
+                "workspace_id": WS,
+                "tool": "workspace_git",
+                "arguments": {"operation": "pull", "cwd": f"repos/{repo.name}"},
+            },
+        )
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body

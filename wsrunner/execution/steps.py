@@ -75,9 +75,15 @@ def _ms(start: float) -> int:
 class Executor:
     """Runs steps; stateless between steps apart from the settings it was built with."""
 
-    def __init__(self, settings: Settings, workspaces: Workspaces, policy: LivePolicy,
-                 sandbox: Sandbox, credentials: GitCredentialProvider | None = None,
-                 metrics: Metrics | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        workspaces: Workspaces,
+        policy: LivePolicy,
+        sandbox: Sandbox,
+        credentials: GitCredentialProvider | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.workspaces = workspaces
         self.policy = policy
@@ -89,11 +95,17 @@ class Executor:
         #: long commands queues behind itself, not in front of everyone's short ones.
         self._judging = (trio.CapacityLimiter(4), trio.CapacityLimiter(1))
         #: git that reaches a remote: the network half on the daemon's mirrors
-        self.git = GitSync(GitRemote(settings, workspaces, sandbox, self.credentials,
-                                     self.describe), self.spawn)  # fmt: skip
+        self.git = GitSync(
+            GitRemote(settings, workspaces, sandbox, self.credentials, self.describe), self.spawn
+        )
 
-    def context(self, env: TaskEnvironment, workspace_id: str, on_output: Any = None,
-                policy: EffectivePolicy | None = None) -> StepContext:  # fmt: skip
+    def context(
+        self,
+        env: TaskEnvironment,
+        workspace_id: str,
+        on_output: Any = None,
+        policy: EffectivePolicy | None = None,
+    ) -> StepContext:
         """A step context under `policy` (default: the one in force now), kept for the task."""
         policy = policy or self.policy.for_workspace(workspace_id)
         return StepContext(env, workspace_id, policy, on_output)
@@ -117,8 +129,12 @@ class Executor:
             return None
         denial = decision.as_error()
         self.metrics.policy_denials.labels(mode=decision.mode, rule=str(denial["rule"])).inc()
-        log = {"task_id": task_id, "workspace_id": policy.workspace, "rule": denial["rule"],
-               "rule_source": denial["source"]}  # fmt: skip
+        log = {
+            "task_id": task_id,
+            "workspace_id": policy.workspace,
+            "rule": denial["rule"],
+            "rule_source": denial["source"],
+        }
         if decision.runs:
             logger.warning("policy audit: would deny: %s", denial["message"], extra=log)
             return None
@@ -185,8 +201,9 @@ class Executor:
         """
         policy = ctx.policy
         limits = policy.limits
-        ctx.capture = capture = Capture.capped(limits.stdout_bytes, limits.stderr_bytes,
-                                               ctx.on_output)  # fmt: skip
+        ctx.capture = capture = Capture.capped(
+            limits.stdout_bytes, limits.stderr_bytes, ctx.on_output
+        )
         start = time.monotonic()
         env = dict(ctx.env.env, **(extra_env or {}))
         used = await self.workspaces.usage(ctx.workspace_id)
@@ -206,8 +223,7 @@ class Executor:
         else:
             net = policy.sandbox.network
             if protect is None:
-                protect = await self._fs_call(find_protected, ctx.env.root,
-                                              policy.sandbox.protect)  # fmt: skip
+                protect = await self._fs_call(find_protected, ctx.env.root, policy.sandbox.protect)
         timeout = min(timeout, limits.timeout_s)
         try:
             async with self.sandbox.launch(
@@ -240,8 +256,10 @@ class Executor:
         stopped = scope.cancelled_caught or bool(over)
         result = self.describe(capture, exit_code=None if stopped else rc, duration_ms=_ms(start))
         if launch.network_failures:
-            result["error"] = ("the sandbox's network could not be set up, so the command did "
-                               f"not run: {launch.network_failures[0]}")  # fmt: skip
+            result["error"] = (
+                "the sandbox's network could not be set up, so the command did "
+                f"not run: {launch.network_failures[0]}"
+            )
         elif launch.sandbox_failures:
             result["error"] = f"the workspace's sandbox failed: {launch.sandbox_failures[0]}"
         elif over:
@@ -336,15 +354,20 @@ class Executor:
         if await self._fs_call(paths.is_dir, ctx.env.root, f"repos/{name}"):
             origin, _ = await self.git.origin(ctx, dest)
             if origin != remote.url:
-                return {"error": f"repos/{name} already holds another repository "
-                                 f"({origin or 'unknown remote'}); "
-                                 "refusing to reuse it", "repo_path": f"repos/{name}"}  # fmt: skip
-            result = await self.git.pull(ctx, dest, branch=step.branch, timeout=timeout,
-                                         remote=remote)  # fmt: skip
+                return {
+                    "error": f"repos/{name} already holds another repository "
+                    f"({origin or 'unknown remote'}); "
+                    "refusing to reuse it",
+                    "repo_path": f"repos/{name}",
+                }
+            result = await self.git.pull(
+                ctx, dest, branch=step.branch, timeout=timeout, remote=remote
+            )
             result.update(repo_path=f"repos/{name}", cached=True)
             return result
-        result = await self.git.clone(ctx, remote, dest, branch=step.branch, shallow=step.shallow,
-                                      timeout=timeout)  # fmt: skip
+        result = await self.git.clone(
+            ctx, remote, dest, branch=step.branch, shallow=step.shallow, timeout=timeout
+        )
         result.update(repo_path=f"repos/{name}", cached=False)
         if "error" not in result:
             ctx.repos_touched.append(name)
@@ -364,8 +387,13 @@ class Executor:
         got = await self._fs_call(
             paths.read_text, ctx.env.root, step.path, self.settings.read_cap_bytes
         )
-        return {"path": paths.clean_relative(step.path), "content": got.content,
-                "size_bytes": got.size_bytes, "truncated": got.truncated, "binary": got.binary}  # fmt: skip
+        return {
+            "path": paths.clean_relative(step.path),
+            "content": got.content,
+            "size_bytes": got.size_bytes,
+            "truncated": got.truncated,
+            "binary": got.binary,
+        }
 
     async def _write(self, step: WriteFile, ctx: StepContext) -> JSON:
         """Write the file, unless that would pass a quota or the path is protected."""
@@ -403,8 +431,10 @@ def _explain_limits(result: JSON, rc: int, hit: list[str], limits: Any) -> None:
     reason = _LIMIT_SIGNALS.get(signum)  # type: ignore[call-overload]
     hit = list(hit) + ([reason] if reason and reason not in hit else [])
     if rc == EXIT_LAUNCH_FAILED and not result["stdout"]:
-        result["error"] = "the sandbox could not start the command: " + (
-            result["stderr"].strip().splitlines() or ["unknown reason"])[-1]  # fmt: skip
+        result["error"] = (
+            "the sandbox could not start the command: "
+            + (result["stderr"].strip().splitlines() or ["unknown reason"])[-1]
+        )
     if not hit:
         return
     result["limits_hit"] = hit

@@ -44,27 +44,81 @@ GIT_TIMEOUT_S: Final = 120.0
 CLONE_TIMEOUT_S: Final = 300.0
 SLOT_WAIT_S: Final = 10.0
 #: Operations of the internal git endpoint (the reference system's, plus reset).
-GIT_OPERATIONS: Final = frozenset({"status", "diff", "log", "add", "commit", "checkout", "branch",
-                                   "fetch", "pull", "push", "clone", "reset", "stash", "show",
-                                   "blame"})  # fmt: skip
+GIT_OPERATIONS: Final = frozenset(
+    {
+        "status",
+        "diff",
+        "log",
+        "add",
+        "commit",
+        "checkout",
+        "branch",
+        "fetch",
+        "pull",
+        "push",
+        "clone",
+        "reset",
+        "stash",
+        "show",
+        "blame",
+    }
+)
 #: Options that run programs, read or write outside the repository, or rewrite config.
-_GIT_DENIED_LONG: Final = ("--config", "--config-env", "--upload-pack", "--receive-pack",
-                           "--exec", "--git-dir", "--work-tree", "--namespace", "--output",
-                           "--no-index", "--ext-diff", "--template", "--separate-git-dir",
-                           "--reference", "--open-files-in-pager", "--local", "--shared",
-                           "--ssh", "--super-prefix")  # fmt: skip
+_GIT_DENIED_LONG: Final = (
+    "--config",
+    "--config-env",
+    "--upload-pack",
+    "--receive-pack",
+    "--exec",
+    "--git-dir",
+    "--work-tree",
+    "--namespace",
+    "--output",
+    "--no-index",
+    "--ext-diff",
+    "--template",
+    "--separate-git-dir",
+    "--reference",
+    "--open-files-in-pager",
+    "--local",
+    "--shared",
+    "--ssh",
+    "--super-prefix",
+)
 _GIT_DENIED_SHORT: Final = ("-c", "-O")
 _GIT_DENIED_SHORT_REMOTE: Final = ("-u",)  #: --upload-pack for clone, fetch and pull
 _GIT_REMOTE: Final = frozenset({"fetch", "pull", "push"})  #: operations that reach the remote
 _GIT_ARGS_CHARS: Final = 16384  #: of `args` given as one string (split in a few milliseconds)
-_LANGUAGES: Final = {".py": "python", ".js": "javascript", ".mjs": "javascript",
-                     ".ts": "typescript", ".tsx": "typescript", ".jsx": "javascript",
-                     ".json": "json", ".md": "markdown", ".yaml": "yaml", ".yml": "yaml",
-                     ".toml": "toml", ".sh": "shell", ".bash": "shell", ".rs": "rust",
-                     ".go": "go", ".java": "java", ".c": "c", ".h": "c", ".cpp": "cpp",
-                     ".hpp": "cpp", ".rb": "ruby", ".php": "php", ".html": "html",
-                     ".css": "css", ".sql": "sql", ".xml": "xml", ".env": "dotenv",
-                     ".txt": "plaintext"}  # fmt: skip
+_LANGUAGES: Final = {
+    ".py": "python",
+    ".js": "javascript",
+    ".mjs": "javascript",
+    ".ts": "typescript",
+    ".tsx": "typescript",
+    ".jsx": "javascript",
+    ".json": "json",
+    ".md": "markdown",
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".toml": "toml",
+    ".sh": "shell",
+    ".bash": "shell",
+    ".rs": "rust",
+    ".go": "go",
+    ".java": "java",
+    ".c": "c",
+    ".h": "c",
+    ".cpp": "cpp",
+    ".hpp": "cpp",
+    ".rb": "ruby",
+    ".php": "php",
+    ".html": "html",
+    ".css": "css",
+    ".sql": "sql",
+    ".xml": "xml",
+    ".env": "dotenv",
+    ".txt": "plaintext",
+}
 
 
 def _check_path(path: object, field: str = "path") -> str:
@@ -212,8 +266,9 @@ class WorkspaceOps:
             or not isinstance(timeout, int | float)
             or not 1 <= timeout <= hi
         ):
-            raise ValidationError("timeout", f"expected a number of seconds from 1 to {hi}, "
-                                             f"got {timeout!r}")  # fmt: skip
+            raise ValidationError(
+                "timeout", f"expected a number of seconds from 1 to {hi}, got {timeout!r}"
+            )
         return float(timeout)
 
     def check_exec(self, command: object, cwd: object, timeout: object) -> tuple[str, str, float]:
@@ -256,12 +311,20 @@ class WorkspaceOps:
         result["cwd"] = rel
         return result
 
-    async def git(self, workspace_id: str, operation: object, cwd: object = ".",
-                  args: object = None, branch: object = None) -> JSON:  # fmt: skip
+    async def git(
+        self,
+        workspace_id: str,
+        operation: object,
+        cwd: object = ".",
+        args: object = None,
+        branch: object = None,
+    ) -> JSON:
         """One git operation from a fixed set, with its arguments checked (see `git_argv`)."""
         if not isinstance(operation, str) or operation not in GIT_OPERATIONS:
-            raise ValidationError("operation", f"expected one of {', '.join(sorted(GIT_OPERATIONS))}, "
-                                               f"got {operation!r}")  # fmt: skip
+            raise ValidationError(
+                "operation",
+                f"expected one of {', '.join(sorted(GIT_OPERATIONS))}, got {operation!r}",
+            )
         argv = git_arguments(operation, args)
         rel = _check_path("." if cwd is None else cwd, "cwd")
         async with self._session(workspace_id) as ctx:
@@ -270,26 +333,38 @@ class WorkspaceOps:
                     raise ValidationError("args", "clone expects exactly one repository URL")
                 ref = None if branch is None else validate_branch(branch)
                 result = await self.executor.run_step(
-                    GitClone(repo=argv[0], branch=ref, shallow=True), ctx,
+                    GitClone(repo=argv[0], branch=ref, shallow=True),
+                    ctx,
                     budget_s=CLONE_TIMEOUT_S,
-                )  # fmt: skip
+                )
             elif operation in _GIT_REMOTE:  # the remote is reached through the daemon's mirror
                 workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
-                result = await self.executor.git.operation(ctx, operation, argv, cwd=workdir,
-                                                           timeout=GIT_TIMEOUT_S)  # fmt: skip
+                result = await self.executor.git.operation(
+                    ctx, operation, argv, cwd=workdir, timeout=GIT_TIMEOUT_S
+                )
             else:
                 workdir = await self._fs(paths.real_dir, ctx.env.root, rel)
                 result = await self.executor.spawn(
-                    ["git", *GIT_SAFE_CONFIG, operation, *argv], ctx,
-                    cwd=workdir, timeout=GIT_TIMEOUT_S, git=True, network=False,
-                )  # fmt: skip
+                    ["git", *GIT_SAFE_CONFIG, operation, *argv],
+                    ctx,
+                    cwd=workdir,
+                    timeout=GIT_TIMEOUT_S,
+                    git=True,
+                    network=False,
+                )
         result["operation"] = operation
         return result
 
     # --- search ---------------------------------------------------------------------------
 
-    async def grep(self, workspace_id: str, pattern: object, path: object = ".",
-                   include: object = None, max_results: object = 50) -> JSON:  # fmt: skip
+    async def grep(
+        self,
+        workspace_id: str,
+        pattern: object,
+        path: object = ".",
+        include: object = None,
+        max_results: object = 50,
+    ) -> JSON:
         """Regex search under `path` (see `wsrunner.workspace.search`): matches sorted by file and line.
 
         At most `max_results` are returned; `total` counts what was found (up to SCAN_CAP).
@@ -304,16 +379,27 @@ class WorkspaceOps:
         sandboxed = sandbox.isolation.level == "full"
 
         async def spawn(argv: list[str], capture: Capture) -> int:
-            async with sandbox.launch(argv, root=root, cwd=root, policy=policy.sandbox,
-                                      limits=policy.limits, network="none",
-                                      env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}) as launch:  # fmt: skip
-                return await run_process(launch.argv, capture=capture, env=launch.env,
-                                         kill_grace=self.settings.kill_grace_s,
-                                         pass_fds=launch.pass_fds)  # fmt: skip
+            async with sandbox.launch(
+                argv,
+                root=root,
+                cwd=root,
+                policy=policy.sandbox,
+                limits=policy.limits,
+                network="none",
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            ) as launch:
+                return await run_process(
+                    launch.argv,
+                    capture=capture,
+                    env=launch.env,
+                    kill_grace=self.settings.kill_grace_s,
+                    pass_fds=launch.pass_fds,
+                )
 
         async with self._commands:
-            found, complete = await search.run(root, rel, query, rg=self.rg,
-                                               spawn=spawn if sandboxed else None)  # fmt: skip
+            found, complete = await search.run(
+                root, rel, query, rg=self.rg, spawn=spawn if sandboxed else None
+            )
         found = [m for m in found if m["file"].split("/", 1)[0] not in RESERVED]
         found.sort(key=lambda m: (m["file"], m["line"]))
         return {
@@ -337,8 +423,10 @@ def git_arguments(operation: str, args: object) -> list[str]:
         return []
     if isinstance(args, str):
         if len(args) > _GIT_ARGS_CHARS:  # shlex.split is quadratic in a quoted word, on the loop
-            raise ValidationError("args", f"expected at most {_GIT_ARGS_CHARS} characters; "
-                                          "pass a list of strings for more")  # fmt: skip
+            raise ValidationError(
+                "args",
+                f"expected at most {_GIT_ARGS_CHARS} characters; pass a list of strings for more",
+            )
         try:
             argv = shlex.split(args)
         except ValueError as exc:
@@ -360,11 +448,16 @@ def git_arguments(operation: str, args: object) -> list[str]:
         if arg.startswith("--"):
             name = arg.split("=", 1)[0]
             if any(name == d or (len(name) > 4 and d.startswith(name)) for d in _GIT_DENIED_LONG):
-                raise ValidationError(f"args[{i}]", f"git option {name} is not allowed: it can "
-                                                    "run programs or reach outside the workspace")  # fmt: skip
+                raise ValidationError(
+                    f"args[{i}]",
+                    f"git option {name} is not allowed: it can "
+                    "run programs or reach outside the workspace",
+                )
         elif arg.startswith("-") and any(arg.startswith(d) for d in denied_short):
-            raise ValidationError(f"args[{i}]", f"git option {arg[:2]} is not allowed for "
-                                                f"{operation}: it can run programs")  # fmt: skip
+            raise ValidationError(
+                f"args[{i}]",
+                f"git option {arg[:2]} is not allowed for {operation}: it can run programs",
+            )
     return argv
 
 
@@ -379,8 +472,9 @@ def _read_bytes(root: str, rel: str, cap: int) -> tuple[bytes, int]:
             if not stat.S_ISREG(st.st_mode):
                 raise ValidationError("path", f"{rel} is not a regular file")
             if st.st_size > cap:
-                raise TooLargeError(f"{rel} is {st.st_size} bytes; the largest file this API "
-                                    f"returns is {cap} bytes")  # fmt: skip
+                raise TooLargeError(
+                    f"{rel} is {st.st_size} bytes; the largest file this API returns is {cap} bytes"
+                )
             data = f.read(cap + 1)
     if len(data) > cap:  # grew since the stat
         raise TooLargeError(f"{rel} is over {cap} bytes, the largest file this API returns")

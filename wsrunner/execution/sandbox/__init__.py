@@ -72,12 +72,26 @@ LAUNCH_ENV: Final = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8
 LEVELS: Final[dict[str, int]] = {"none": 0, "partial": 1, "full": 2}
 #: Read-only system paths of the sandbox; the `-try` ones may be missing on a host.
 _SYSTEM_RO: Final = ("/usr",)
-_SYSTEM_RO_TRY: Final = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf",
-                         "/etc/ld.so.conf.d", "/etc/ssl", "/etc/ca-certificates",
-                         "/etc/nsswitch.conf", "/etc/hosts", "/etc/resolv.conf", "/etc/localtime",
-                         "/etc/host.conf", "/etc/gai.conf", "/etc/ssh/ssh_config",
-                         "/etc/ssh/ssh_config.d", "/etc/mime.types", "/etc/python3",
-                         "/etc/python3.11", "/etc/xdg")  # fmt: skip
+_SYSTEM_RO_TRY: Final = (
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/localtime",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+    "/etc/ssh/ssh_config",
+    "/etc/ssh/ssh_config.d",
+    "/etc/mime.types",
+    "/etc/python3",
+    "/etc/python3.11",
+    "/etc/xdg",
+)
 _MERGED_USR: Final = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
 # Joins each cgroup given before `--`, sets the rlimits, then becomes the rest of the argv.
 # Runs as root (for cgroup.procs); every value comes in as an argument, none is interpolated.
@@ -135,8 +149,17 @@ class Isolation:
 def _bwrap_profile(
     *, network: NetworkMode, passwd_fd: int, group_fd: int, tmp_size: int, as_pid_1: bool = False
 ) -> list[str]:
-    args = ["--die-with-parent", "--new-session", "--unshare-all", "--unshare-user",
-            "--disable-userns", "--cap-drop", "ALL", "--hostname", "wsrunner"]  # fmt: skip
+    args = [
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        "wsrunner",
+    ]
     if as_pid_1:  # a warm sandbox's supervisor reaps, and no command can signal pid 1
         args.append("--as-pid-1")
     if network == "host":
@@ -150,10 +173,24 @@ def _bwrap_profile(
             args += ["--ro-bind", path, path]
     for path in _SYSTEM_RO_TRY:
         args += ["--ro-bind-try", path, path]
-    args += ["--ro-bind-data", str(passwd_fd), "/etc/passwd",
-             "--ro-bind-data", str(group_fd), "/etc/group",
-             "--proc", "/proc", "--dev", "/dev",
-             "--size", str(tmp_size), "--tmpfs", "/tmp", "--tmpfs", "/run"]  # fmt: skip
+    args += [
+        "--ro-bind-data",
+        str(passwd_fd),
+        "/etc/passwd",
+        "--ro-bind-data",
+        str(group_fd),
+        "/etc/group",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(tmp_size),
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run",
+    ]
     return args
 
 
@@ -229,19 +266,44 @@ def probe(volume: str, uid_range: UidRange) -> Isolation:
             missing.append(f"bubblewrap: {failure}")
             bwrap = None
     level: Level = "full" if bwrap else "partial" if uids is not None else "none"
-    return Isolation(level, layers, tuple(missing), bwrap, setpriv, uids, support,
-                     program if bwrap else None, egress if bwrap else None)  # fmt: skip
+    return Isolation(
+        level,
+        layers,
+        tuple(missing),
+        bwrap,
+        setpriv,
+        uids,
+        support,
+        program if bwrap else None,
+        egress if bwrap else None,
+    )
 
 
 def _try_bwrap(isolation: Isolation) -> str | None:
     """Run `true` through the real launch chain; the error bwrap printed, or None."""
     fds: list[int] = []
     try:
-        spec = _command_argv(isolation, ["/usr/bin/true"], uid=isolation.uids.first
-                             if isolation.uids else None, binds=[], cwd="/", network="none",
-                             limits=None, procs=[], fds=fds, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
-        done = subprocess.run(spec, pass_fds=fds, capture_output=True, timeout=20, cwd="/",
-                              env=LAUNCH_ENV, check=False)  # fmt: skip
+        spec = _command_argv(
+            isolation,
+            ["/usr/bin/true"],
+            uid=isolation.uids.first if isolation.uids else None,
+            binds=[],
+            cwd="/",
+            network="none",
+            limits=None,
+            procs=[],
+            fds=fds,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+        done = subprocess.run(
+            spec,
+            pass_fds=fds,
+            capture_output=True,
+            timeout=20,
+            cwd="/",
+            env=LAUNCH_ENV,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
     finally:
@@ -277,8 +339,11 @@ def _command_argv(
     if rlimits is not None:
         cpu, fsize, nofile = rlimits
     elif limits is not None:
-        cpu, fsize, nofile = (str(limits.cpu_s), str(max(1, limits.file_size_bytes // 512)),
-                              str(limits.open_files))  # fmt: skip
+        cpu, fsize, nofile = (
+            str(limits.cpu_s),
+            str(max(1, limits.file_size_bytes // 512)),
+            str(limits.open_files),
+        )
     bwrap = isolation.bwrap if isolation.level == "full" else None
     sandboxed = bwrap is not None
     # bwrap (--chdir) or the unprivileged step after setpriv changes to `cwd`: the root shell
@@ -292,8 +357,16 @@ def _command_argv(
     out = [_SHELL, "-c", _LAUNCH, "wsrunner-launch", *setup]
     if uid is not None:
         assert isolation.setpriv is not None
-        out += [isolation.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]  # fmt: skip
+        out += [
+            isolation.setpriv,
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ]
     variables = [f"{name}={value}" for name, value in env.items()]
     if bwrap is None:
         # Unprivileged from here on (or as privileged as the daemon, without a uid): a small
@@ -313,8 +386,15 @@ def _command_argv(
         fds.append(resolv := _data_fd(RESOLV_CONF))
         assert egress_fds is not None
         info, block = egress_fds
-        args += ["--ro-bind-data", str(resolv), "/etc/resolv.conf",
-                 "--info-fd", str(info), "--block-fd", str(block)]  # fmt: skip
+        args += [
+            "--ro-bind-data",
+            str(resolv),
+            "/etc/resolv.conf",
+            "--info-fd",
+            str(info),
+            "--block-fd",
+            str(block),
+        ]
     for flag, source, dest in binds:
         args += [flag, source, dest]
     if isolation.seccomp is not None:
@@ -338,8 +418,9 @@ def _identities(binds: list[tuple[str, str, str]]) -> tuple[tuple[str, str, int,
     return tuple(out)
 
 
-def _handles(root: str, pinned: Sequence[str], protect: Sequence[str],
-             fds: list[int]) -> list[tuple[str, str, str]]:  # fmt: skip
+def _handles(
+    root: str, pinned: Sequence[str], protect: Sequence[str], fds: list[int]
+) -> list[tuple[str, str, str]]:
     """bwrap binds of the pinned directories (read-write) and protected paths (read-only)
     inside the workspace, each by an O_PATH descriptor opened through no symlink.
 
@@ -485,8 +566,7 @@ class Sandbox:
             raise refused
         if network == "egress" and (self._egress is None or iso.level != "full"):
             why = "needs full isolation" if iso.level != "full" else iso.layers["egress"]
-            raise IsolationUnavailableError(policy.require, iso.level,
-                                            (f"network egress: {why}",))  # fmt: skip
+            raise IsolationUnavailableError(policy.require, iso.level, (f"network egress: {why}",))
         group = cgroups.CommandGroup(iso.cgroups, f"cmd-{uuid.uuid4().hex[:12]}")
         pool = self.warm if warm and network == "none" and not read_only else None
 
@@ -554,9 +634,20 @@ class Sandbox:
                 kept += [info_r, block_w]
                 fds += [info_w, block_r]
                 egress_fds = (info_w, block_r)
-            spec = _command_argv(iso, argv, uid=uid, binds=binds, cwd=cwd, network=network,
-                                 limits=limits, procs=group.procs_files, fds=fds, env=env,
-                                 home=home, egress_fds=egress_fds)  # fmt: skip
+            spec = _command_argv(
+                iso,
+                argv,
+                uid=uid,
+                binds=binds,
+                cwd=cwd,
+                network=network,
+                limits=limits,
+                procs=group.procs_files,
+                fds=fds,
+                env=env,
+                home=home,
+                egress_fds=egress_fds,
+            )
             # Without isolation a shell command is run by the set-up shell itself (see
             # _command_argv), which then needs the task's environment.
             bare = spec[2] != _LAUNCH
@@ -566,8 +657,13 @@ class Sandbox:
             else:
                 assert self._egress is not None
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(self._egress.attach, kept[0], kept[1],
-                                        policy.egress_allow, launch.network_failures)  # fmt: skip
+                    await nursery.start(
+                        self._egress.attach,
+                        kept[0],
+                        kept[1],
+                        policy.egress_allow,
+                        launch.network_failures,
+                    )
                     try:
                         yield launch
                     finally:
@@ -632,8 +728,10 @@ class Sandbox:
         if not group.dirs:
             return
         if not group.kill():
-            logger.error("processes of a finished command survived its cgroup kill: %s",
-                         ", ".join(group.procs_files))  # fmt: skip
+            logger.error(
+                "processes of a finished command survived its cgroup kill: %s",
+                ", ".join(group.procs_files),
+            )
         if launch is not None:
             launch.limits_hit = group.limits_hit()
         group.remove()
