@@ -1,4 +1,4 @@
-"""The first process of a warm sandbox: forks each command the daemon asks for, reports its exit.
+"""The first process of a warm sandbox: starts each command the daemon asks for, reports its exit.
 
 It is not imported by the daemon: its source runs inside the sandbox, as the workspace's uid
 under the seccomp filter, as `/usr/bin/python3 -I -S -c <this file> <socket fd>`, with the
@@ -18,9 +18,13 @@ The protocol, one JSON object per SOCK_SEQPACKET message:
               {"op": "failed", "id": N, "error": "..."} when it could not be forked
               {"op": "exit", "id": N, "status": S} S as os.waitstatus_to_exitcode gives it
 
-A command's process starts a session of its own, sets its rlimits, keeps descriptors 0, 1
-and 2 (the socket is closed), and waits for one byte on its go pipe: the daemon moves it into
-the command's cgroups first, as root, from the pidfd. EOF on the go pipe means: do not run.
+Each request goes to a spare: a process forked ahead, which has started its session and
+waits for one request on a socket of its own (so that no command waits for a fork). With it,
+it keeps descriptors 0, 1 and 2 (the sockets are closed), sets the rlimits and waits for one
+byte on the go pipe: the daemon moves it into the command's cgroups first, as root, from the
+pidfd. EOF on the go pipe means: do not run. A new spare is forked once the request is
+answered.
+
 When the daemon's end of the socket closes (the daemon is gone), this process exits, and
 with pid 1 gone the kernel kills every process left in the sandbox.
 """
@@ -63,8 +67,9 @@ def harden() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def child(spec: dict[str, Any], stdin: int, stdout: int, stderr: int, go: int) -> None:
-    """In the forked process: become the command once the go pipe says so. Never returns."""
+def become(sock: socket.socket) -> None:
+    """In a spare: wait for a request on `sock`, then become its command once the go pipe
+    says so. Never returns."""
     step = "set up"
     try:
         signal.set_wakeup_fd(-1)
@@ -76,11 +81,22 @@ def child(spec: dict[str, Any], stdin: int, stdout: int, stderr: int, go: int) -
                     pass  # a real-time signal Python does not manage
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.setsid()
+        top = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        os.closerange(3, sock.fileno())
+        os.closerange(sock.fileno() + 1, top)
+        _, fds, _, _ = socket.recv_fds(sock, MESSAGE_BYTES, 8)
+        if len(fds) != 5:
+            os._exit(EXIT_NOT_STARTED)  # the supervisor has gone, or gave up on this spare
+        stdin, stdout, stderr, go, body = fds
+        data = b""
+        while chunk := os.pread(body, 1 << 20, len(data)):
+            data += chunk
+        spec = json.loads(data)
         # The received descriptors are all above 2 (0, 1 and 2 are open in this process), so
         # none is overwritten before it is copied.
         for target, fd in enumerate((stdin, stdout, stderr, go)):
             os.dup2(fd, target)
-        os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        os.closerange(4, top)
         for name, soft, hard in spec["rlimits"]:
             resource.setrlimit(RLIMITS[name], (soft, hard))
         if os.read(3, 1) != b"g":
@@ -97,75 +113,105 @@ def child(spec: dict[str, Any], stdin: int, stdout: int, stderr: int, go: int) -
             os._exit(EXIT_NOT_STARTED)
 
 
-def spawn(
-    sock: socket.socket, message: dict[str, Any], fds: list[int], children: dict[int, int]
-) -> None:
-    """Fork the command `message` asks for and report its pidfd (or why it failed)."""
-    ident = message["id"]
-    try:
-        if message.get("op") != "spawn" or len(fds) != 5:
-            raise ValueError(f"expected a spawn request with 5 descriptors, got {message}")
-        stdin, stdout, stderr, go, body = fds
-        data = b""
-        while chunk := os.pread(body, 1 << 20, len(data)):
-            data += chunk
-        spec = json.loads(data)
-        pid = os.fork()
-        if pid == 0:
-            child(spec, stdin, stdout, stderr, go)
-        children[pid] = ident
-        pidfd = os.pidfd_open(pid)
+class Spare:
+    """A process forked before it is needed, so that no request waits for a fork: it has its
+    session and default signals already, and waits for its request on a socket of its own."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pid = os.fork()
+        if self.pid == 0:
+            become(theirs)
+        theirs.close()
+        self.sock = ours
+        self.pidfd = os.pidfd_open(self.pid)
+
+    def close(self) -> None:
+        self.sock.close()
+        os.close(self.pidfd)
+
+
+class Supervisor:
+    """The loop: spawn requests from the daemon, exits of the commands."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.children: dict[int, int] = {}  #: pid -> the command's id
+        self.spare: Spare | None = None
+
+    def spawn(self, message: dict[str, Any], fds: list[int]) -> None:
+        """Hand the request to the spare and report its pidfd (or why it failed)."""
+        ident = message["id"]
         try:
-            send(sock, {"op": "started", "id": ident}, [pidfd])
-        finally:
-            os.close(pidfd)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        send(sock, {"op": "failed", "id": ident, "error": str(exc)})
+            if message.get("op") != "spawn" or len(fds) != 5:
+                raise ValueError(f"expected a spawn request with 5 descriptors, got {message}")
+            for attempt in range(2):  # a command may have killed the spare: a fresh one
+                spare, self.spare = self.spare or Spare(), None
+                try:
+                    socket.send_fds(spare.sock, [b"spawn"], fds)
+                    break
+                except OSError:
+                    spare.close()
+                    if attempt:
+                        raise
+            self.children[spare.pid] = ident
+            try:
+                send(self.sock, {"op": "started", "id": ident}, [spare.pidfd])
+            finally:
+                spare.close()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            send(self.sock, {"op": "failed", "id": ident, "error": str(exc)})
+        self.spare = self.spare or Spare()  # for the next request, while this one starts
 
+    def reap(self) -> None:
+        """Reap every child that ended: a command's (reported), the spare, or an orphan of a
+        command (pid 1's job)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if (ident := self.children.pop(pid, None)) is not None:
+                code = os.waitstatus_to_exitcode(status)
+                send(self.sock, {"op": "exit", "id": ident, "status": code})
+            elif self.spare is not None and pid == self.spare.pid:
+                self.spare.close()
+                self.spare = None
 
-def reap(sock: socket.socket, children: dict[int, int]) -> None:
-    """Reap every child that ended: a command's (reported), or an orphan of one (pid 1's job)."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        if (ident := children.pop(pid, None)) is not None:
-            send(sock, {"op": "exit", "id": ident, "status": os.waitstatus_to_exitcode(status)})
-
-
-def serve(sock: socket.socket) -> None:
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    children: dict[int, int] = {}
-    me = os.pidfd_open(os.getpid())
-    send(sock, {"op": "ready"}, [me])
-    os.close(me)
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    while True:
-        for fd, _ in poller.poll():
-            if fd == wake_r:
-                while True:
-                    try:
-                        if not os.read(wake_r, 512):
+    def serve(self) -> None:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        me = os.pidfd_open(os.getpid())
+        send(self.sock, {"op": "ready"}, [me])
+        os.close(me)
+        self.spare = Spare()
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == wake_r:
+                    while True:
+                        try:
+                            if not os.read(wake_r, 512):
+                                break
+                        except BlockingIOError:
                             break
-                    except BlockingIOError:
-                        break
-            else:
-                data, fds, _, _ = socket.recv_fds(sock, MESSAGE_BYTES, 8, socket.MSG_CMSG_CLOEXEC)
+                    continue
+                data, fds, _, _ = socket.recv_fds(
+                    self.sock, MESSAGE_BYTES, 8, socket.MSG_CMSG_CLOEXEC
+                )
                 if not data:
                     return  # the daemon is gone
                 try:
-                    spawn(sock, json.loads(data), fds, children)
+                    self.spawn(json.loads(data), fds)
                 finally:
                     for received in fds:
                         os.close(received)
-        reap(sock, children)
+            self.reap()
 
 
 def main() -> None:
@@ -173,7 +219,7 @@ def main() -> None:
     sock.set_inheritable(False)
     harden()
     try:
-        serve(sock)
+        Supervisor(sock).serve()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the daemon is gone: exiting ends the sandbox
 

@@ -401,7 +401,8 @@ class _WarmChild(_Child):
                 await pending.exited.wait()  # set as the sandbox ends
         if pending.status is None:
             self.failure = pending.error or sandbox.failure or "the warm sandbox ended"
-        await trio.to_thread.run_sync(self._command.empty, limiter=self._command.limiter)
+        if self._command.occupied():
+            await trio.to_thread.run_sync(self._command.group.kill, limiter=self._command.limiter)
         self.returncode = -signal.SIGKILL if pending.status is None else pending.status
         return self.returncode
 
@@ -431,6 +432,9 @@ class WarmCommand:
         except WarmFailure as exc:
             self.failures.append(str(exc))
             return EXIT_NOT_STARTED
+        except OSError as exc:  # out of descriptors, say: the command did not start
+            self.failures.append(f"the command could not be started: {exc}")
+            return EXIT_NOT_STARTED
         try:
             await _pump(child, capture, kill_grace, watch, watch_after)
         finally:
@@ -444,10 +448,11 @@ class WarmCommand:
         assert child.returncode is not None
         return child.returncode
 
-    def empty(self) -> None:
-        """Kill whatever is left in the command's cgroups (a worker thread's job)."""
-        if any(_read(path).strip() for path in self.group.procs_files):
-            self.group.kill()
+    def occupied(self) -> bool:
+        """Whether a process is left in the command's cgroups (every process of the command is
+        in each of them: one list is enough). Read on the event loop, as the pipes are: a
+        short list the kernel makes, no disk."""
+        return bool(_read(self.group.procs_files[0]).strip())
 
     def _request(self) -> bytes:
         return json.dumps(
@@ -485,7 +490,14 @@ class WarmCommand:
             pidfd, pending.pidfd = pending.pidfd, -1
             try:
                 pid = await trio.to_thread.run_sync(self._adopt, pidfd, limiter=self.limiter)
-                os.write(go_w, b"g")
+                try:
+                    os.write(go_w, b"g")
+                except BrokenPipeError:
+                    raise WarmFailure("the command's process ended before it started") from None
+                try:  # forked ahead, it waited where the workspace's commands could stop it
+                    signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass  # it ended already: its exit is reported as any other
             except BaseException:
                 os.close(pidfd)
                 raise
