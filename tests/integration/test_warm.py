@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,16 @@ from tests.conftest import (
 )
 from tests.reliability.conftest import Deployment
 from wsrunner.daemon import Daemon, reload_policy
-from wsrunner.execution.sandbox import Sandbox
-from wsrunner.execution.sandbox.warm import SUPERVISOR, WarmPool, WarmSandbox
+from wsrunner.execution.process import Capture
+from wsrunner.execution.sandbox import Sandbox, cgroups
+from wsrunner.execution.sandbox.warm import (
+    SUPERVISOR,
+    WarmCommand,
+    WarmKey,
+    WarmPool,
+    WarmSandbox,
+)
+from wsrunner.policy import bundled_policy, load_policy
 
 #: The variables of a task's commands (wsrunner/workspace/directories.py `open_task`).
 TASK_ENV = frozenset(
@@ -464,3 +474,56 @@ async def test_a_sandbox_records_its_supervisor(warm: Any) -> None:
     # the spare's socket and pidfd
     wanted = ["/dev/null", "/dev/null", "anon_inode", "pipe", "pipe", "pipe", "socket", "socket"]
     assert fds == wanted, fds
+
+
+#: A supervisor that lies: it names itself as the command's process ("self"), or answers a
+#: spawn request with something that is not a message ("garbage"). Run outside any sandbox.
+LIAR = r"""
+import json, os, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+me = os.pidfd_open(os.getpid())
+socket.send_fds(sock, [json.dumps({"op": "ready"}).encode()], [me])
+while (data := socket.recv_fds(sock, 4096, 8)[0]):
+    if sys.argv[2] == "self":
+        reply = {"op": "started", "id": json.loads(data)["id"]}
+        socket.send_fds(sock, [json.dumps(reply).encode()], [me])
+    else:
+        sock.send(b"not json")
+"""
+
+
+@pytest.mark.parametrize(
+    ("lie", "reason"),
+    [("self", "not a fork of its own"), ("garbage", "protocol violation by its supervisor")],
+)
+async def test_the_daemon_takes_nothing_a_supervisor_says_on_trust(lie: str, reason: str) -> None:
+    """Were a supervisor subverted, it could not have the daemon move a process that is not a
+    fresh fork of its own into a command's cgroups, nor keep talking nonsense: its sandbox
+    ends and the command fails with the reason."""
+    support = cgroups.probe()
+    policy = load_policy(bundled_policy()).for_workspace("ws-liar")
+    groups = [cgroups.CommandGroup(support, f"test-{uuid.uuid4().hex[:12]}") for _ in range(2)]
+    for group in groups:
+        await trio.to_thread.run_sync(partial(group.create, memory=2**28, pids=16, cpus=None))
+    key = WarmKey("/nonexistent", (0, 0), None, policy.sandbox, 2**28, 16, 64, ())
+
+    def chain(sock: int) -> tuple[list[str], dict[str, str], list[int]]:
+        return ["/usr/bin/python3", "-c", LIAR, str(sock), lie], {"PATH": "/usr/bin"}, []
+
+    try:
+        sandbox = WarmSandbox.spawn(key, groups[0], chain)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sandbox.serve, lambda _: None)
+            await sandbox.settled.wait()
+            command = WarmCommand(
+                sandbox, ["/bin/true"], {}, "/", policy.limits, groups[1], trio.CapacityLimiter(1)
+            )
+            rc = await command.run(Capture.capped(100, 100), 1.0, None, 0.0)
+            await sandbox.ended.wait()
+        assert rc == 125 and len(command.failures) == 1, (rc, command.failures)
+        assert reason in command.failures[0], command.failures
+        assert not alive(sandbox.pid)
+    finally:
+        for group in groups:
+            await trio.to_thread.run_sync(group.kill)
+            await trio.to_thread.run_sync(group.remove)

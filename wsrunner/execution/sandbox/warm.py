@@ -57,6 +57,7 @@ EXIT_REPORT_S: Final = 10.0  #: ... and reports an exit within this after the pr
 RETRY_AFTER_S: Final = 30.0  #: a key whose sandbox failed to start runs cold this long
 EXIT_NOT_STARTED: Final = 125
 _MESSAGE_BYTES: Final = 4096
+_BATCH: Final = 64  #: messages applied per wake-up, at most
 _STDERR_KEPT: Final = 4096
 
 
@@ -264,7 +265,10 @@ class WarmSandbox:
         return f": {lines[-1]}" if lines else ""
 
     def _receive(self) -> None:
-        while self.failure is None:
+        """Apply what the supervisor sent, up to a batch: the loop is not its to hold."""
+        for _ in range(_BATCH):
+            if self.failure is not None:
+                return
             try:
                 data, fds, flags, _ = socket.recv_fds(
                     self.sock, _MESSAGE_BYTES, 2, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
@@ -308,7 +312,7 @@ class WarmSandbox:
             pending.pidfd = fds[0]
         elif op == "failed" and not fds and not pending.started.is_set():
             pending.error = str(message.get("error"))[:500]
-        elif op == "exit" and not fds and pending.started.is_set():
+        elif op == "exit" and not fds and pending.started.is_set() and not pending.exited.is_set():
             if not isinstance(status := message.get("status"), int):
                 return f"exit status {status!r}"
             pending.status = status
@@ -632,8 +636,13 @@ class WarmPool:
                     logger.error("a warm sandbox for %s could not start: %s", key.root, exc)
                     self._failed[key] = trio.current_time()
                     return None
-                self._alive[key] = sandbox
                 self.starts += 1
+                if self._nursery is None:  # the pool stopped meanwhile: this one ends at once
+                    sandbox.stop("the warm sandboxes are stopping")
+                    with trio.CancelScope(shield=True):
+                        await sandbox.serve(self._forget)
+                    return None
+                self._alive[key] = sandbox
                 self._nursery.start_soon(sandbox.serve, self._forget)
             finally:
                 del self._starting[key]
