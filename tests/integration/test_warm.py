@@ -36,13 +36,8 @@ from tests.reliability.conftest import Deployment
 from wsrunner.daemon import Daemon, reload_policy
 from wsrunner.execution.process import Capture
 from wsrunner.execution.sandbox import Sandbox, cgroups
-from wsrunner.execution.sandbox.warm import (
-    SUPERVISOR,
-    WarmCommand,
-    WarmKey,
-    WarmPool,
-    WarmSandbox,
-)
+from wsrunner.execution.sandbox.warm import SUPERVISOR, WarmCommand, WarmKey, WarmSandbox
+from wsrunner.execution.sandbox.warm_pool import WarmPool
 from wsrunner.policy import bundled_policy, load_policy
 
 #: The variables of a task's commands (wsrunner/workspace/directories.py `open_task`).

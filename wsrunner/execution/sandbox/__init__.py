@@ -26,6 +26,10 @@ so no value appears on a command line either. Without bubblewrap, a small unpriv
 after setpriv reads them from such a file and executes the command with exactly them. The
 command holds descriptors 0, 1 and 2 only: bwrap closes its argument, data and seccomp files
 before it executes the command.
+
+A command that may (`launch(warm=True)`, the network `none`) starts instead in its workspace's
+warm sandbox (`warm.py`), built once through this same chain with a supervisor as its pid 1;
+`serve_warm` keeps them (`warm_pool.py`).
 """
 
 from __future__ import annotations
@@ -56,9 +60,9 @@ from wsrunner.execution.sandbox.warm import (
     SUPERVISOR_ENV,
     WarmCommand,
     WarmKey,
-    WarmPool,
     WarmSandbox,
 )
+from wsrunner.execution.sandbox.warm_pool import WarmPool
 from wsrunner.policy import Limits, SandboxPolicy
 from wsrunner.workspace import paths
 
