@@ -105,7 +105,8 @@ async def warm(runs: int, volume: Path, *, idle: bool = True) -> tuple[list[floa
         first = await bench.true(network="none", warm=True)
         samples = [await bench.true(network="none", warm=True) for _ in range(runs)]
         (live,) = bench.sandbox.warm.sandboxes()
-        held = await idle_cost(live.pid, live.supervisor_pid) if idle else ""
+        pids = [live.pid, live.supervisor_pid, *_children(live.supervisor_pid)]
+        held = await idle_cost(*pids) if idle else ""
         nursery.cancel_scope.cancel()
     return samples, first, held
 
@@ -121,6 +122,11 @@ def _memory_kib(pid: int) -> tuple[int, int]:
     return fields["Rss"], fields["Pss"]
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
 def _cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -128,14 +134,15 @@ def _cpu_ticks(pid: int) -> int:
 
 
 async def idle_cost(*pids: int) -> str:
-    """Memory and CPU of an idle warm sandbox: its bubblewrap and its supervisor."""
+    """Memory and CPU of an idle warm sandbox: its bubblewrap, its supervisor and the spare
+    the supervisor forked for the next command."""
     before = [_cpu_ticks(pid) for pid in pids]
     await trio.sleep(IDLE_S)
     ticks = sum(_cpu_ticks(pid) - b for pid, b in zip(pids, before, strict=True))
     rss, pss = (sum(m) for m in zip(*(_memory_kib(pid) for pid in pids), strict=True))
     per_tick = 1000 / os.sysconf("SC_CLK_TCK")
     return (
-        f"idle warm sandbox (bubblewrap + supervisor): RSS {rss / 1024:.1f} MiB, "
+        f"idle warm sandbox ({len(pids)} processes): RSS {rss / 1024:.1f} MiB, "
         f"PSS {pss / 1024:.1f} MiB, CPU {ticks * per_tick:.0f} ms over {IDLE_S:g} s"
     )
 

@@ -6,12 +6,12 @@ the paths bound into it) through the same launch chain and profile, with the sup
 (`supervisor.py`) as its first process instead of a command. The daemon talks to it over a
 socketpair (no name in any file system, held by the supervisor alone). For each command:
 
-    daemon      pipes, a go pipe and the request   ->  supervisor forks; the child sets up
-                                                       its session, rlimits and descriptors
-    daemon  <-  pidfd of the child                      and waits on the go pipe
-    daemon      moves the child into the command's own cgroups (as root, by its host pid),
-                then writes the go byte                ->  the child changes directory, exec
-    daemon  <-  exit status                             (supervisor, when it reaps it)
+    daemon  ->  pipes, a go pipe, the request   supervisor hands them to a process it forked
+                                                ahead, which sets up its rlimits and
+    daemon  <-  that process's pidfd            descriptors and waits on the go pipe
+    daemon      moves it into the command's own cgroups (as root, by its host pid)
+    daemon  ->  the go byte                     it changes directory and executes the command
+    daemon  <-  the exit status                 supervisor, when it reaps it
 
 The command's output is read by `process._pump`, as a cold command's, into the same capped
 `Capture`. When the command ends, is timed out or cancelled, its cgroups are killed and seen
