@@ -67,7 +67,7 @@ kind: Policy
 metadata: {{name: warm-test}}
 spec:
   sandbox: {{require: full, network: none, protect: [{protect}]}}
-  limits: {{memory: {memory}, pids: 64, timeoutSeconds: 60, stdoutBytes: 4096,
+  limits: {{memory: {memory}, pids: {pids}, timeoutSeconds: 60, stdoutBytes: 4096,
            stderrBytes: 2048, cpuSeconds: 30, openFiles: 256, fileSize: 8MiB}}
   rules:
     - {{id: anything, action: allow, commands: ["*"]}}
@@ -76,8 +76,8 @@ spec:
 WHERE = "readlink /proc/self/ns/pid /proc/self/ns/mnt | tr '\\n' ' '"
 
 
-def write_policy(path: Path, *, memory: str = "128MiB", protect: str = "") -> Path:
-    path.write_text(POLICY.format(memory=memory, protect=protect))
+def write_policy(path: Path, *, memory: str = "128MiB", pids: int = 64, protect: str = "") -> Path:
+    path.write_text(POLICY.format(memory=memory, pids=pids, protect=protect))
     return path
 
 
@@ -267,6 +267,20 @@ async def test_the_memory_limit_is_the_commands_own(warm: Any) -> None:
     result = await run(daemon, "ws-mem", "python3 -c 'b = b\"x\" * (400 * 2**20)'")
     assert result.get("limits_hit") == ["memory"], result
     assert (await run(daemon, "ws-mem", "echo next"))["stdout"] == "next\n"
+    assert pool_of(daemon).statistics()["starts"] == 1
+
+
+async def test_the_supervisor_is_not_held_to_a_commands_limits(warm: Any, tmp_path: Path) -> None:
+    """A policy may give commands less than the supervisor and its spare need: they have
+    limits of their own (no command runs where they live)."""
+    daemon = await warm()
+    write_policy(tmp_path / "policy.yaml", memory="16MiB", pids=2)
+    assert await reload_policy(daemon.policy, daemon.metrics)
+    for _ in range(3):
+        result = await run(daemon, "ws-small", "echo ok")
+        assert result["stdout"] == "ok\n" and "error" not in result, result
+    forked = await run(daemon, "ws-small", "sleep 5 & sleep 5 & wait")
+    assert forked.get("limits_hit") == ["pids"], forked  # the command's own limit holds
     assert pool_of(daemon).statistics()["starts"] == 1
 
 
@@ -500,7 +514,7 @@ async def test_the_daemon_takes_nothing_a_supervisor_says_on_trust(lie: str, rea
     groups = [cgroups.CommandGroup(support, f"test-{uuid.uuid4().hex[:12]}") for _ in range(2)]
     for group in groups:
         await trio.to_thread.run_sync(partial(group.create, memory=2**28, pids=16, cpus=None))
-    key = WarmKey("/nonexistent", (0, 0), None, policy.sandbox, 2**28, 16, 64, ())
+    key = WarmKey("/nonexistent", (0, 0), None, policy.sandbox, 2**28, 64, ())
 
     def chain(sock: int) -> tuple[list[str], dict[str, str], list[int]]:
         return ["/usr/bin/python3", "-c", LIAR, str(sock), lie], {"PATH": "/usr/bin"}, []

@@ -58,6 +58,8 @@ from wsrunner.execution.sandbox.warm import (
     PYTHON,
     SUPERVISOR,
     SUPERVISOR_ENV,
+    SUPERVISOR_MEMORY,
+    SUPERVISOR_PIDS,
     WarmCommand,
     WarmKey,
     WarmSandbox,
@@ -608,14 +610,7 @@ class Sandbox:
             if pool is not None and found and group.dirs:
                 root_id, bound = found[0]
                 key = WarmKey(
-                    root,
-                    root_id,
-                    uid,
-                    policy,
-                    limits.memory_bytes,
-                    limits.pids,
-                    limits.open_files,
-                    bound,
+                    root, root_id, uid, policy, limits.memory_bytes, limits.open_files, bound
                 )
                 start = partial(self._start_warm, key, binds, limits)
                 if (sandbox := await pool.acquire(key, start)) is not None:
@@ -685,12 +680,13 @@ class Sandbox:
         self, key: WarmKey, binds: list[tuple[str, str, str]], limits: Limits
     ) -> WarmSandbox:
         """A new warm sandbox for `key`: its supervisor started through the launch chain, as
-        a command with the same binds would be, in cgroups of its own (the policy's memory and
-        process limits), as pid 1 of the sandbox, with the daemon's CPU and file size limits
-        (each command sets its own) and room for the files of every command in flight."""
+        a command with the same binds would be, as pid 1 of the sandbox, in cgroups of its own
+        (limits of the supervisor's, not the policy's: no command runs there), with the
+        daemon's CPU and file size limits (each command sets its own) and room for the files
+        of every command in flight."""
         iso = self.isolation
         group = cgroups.CommandGroup(iso.cgroups, f"warm-{uuid.uuid4().hex[:12]}")
-        create = partial(group.create, memory=limits.memory_bytes, pids=limits.pids, cpus=None)
+        create = partial(group.create, memory=SUPERVISOR_MEMORY, pids=SUPERVISOR_PIDS, cpus=None)
         argv = [PYTHON, "-I", "-S", "-c", SUPERVISOR]
         rlimits = ("-", "-", str(max(limits.open_files, 1024)))
 

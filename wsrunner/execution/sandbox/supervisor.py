@@ -161,7 +161,16 @@ class Supervisor:
                 spare.close()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             send(self.sock, {"op": "failed", "id": ident, "error": str(exc)})
-        self.spare = self.spare or Spare()  # for the next request, while this one starts
+        self.prepare()  # for the next request, while this one starts
+
+    def prepare(self) -> None:
+        """Fork the spare for the next request; failing that (no process left to fork), the
+        request will, and say why."""
+        if self.spare is None:
+            try:
+                self.spare = Spare()
+            except OSError:
+                pass
 
     def reap(self) -> None:
         """Reap every child that ended: a command's (reported), the spare, or an orphan of a
@@ -187,7 +196,7 @@ class Supervisor:
         me = os.pidfd_open(os.getpid())
         send(self.sock, {"op": "ready"}, [me])
         os.close(me)
-        self.spare = Spare()
+        self.prepare()
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         poller.register(wake_r, select.POLLIN)

@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 SUPERVISOR: Final = Path(__file__).with_name("supervisor.py").read_text()
 PYTHON: Final = "/usr/bin/python3"  #: the sandbox's own interpreter, not the daemon's venv
 SUPERVISOR_ENV: Final = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+#: The limits of the cgroups the supervisor, its spare and each command's process until it is
+#: moved out live in: the supervisor's needs, whatever a policy gives commands.
+SUPERVISOR_MEMORY: Final = 256 * 1024**2
+SUPERVISOR_PIDS: Final = 64
 START_S: Final = 20.0  #: a new sandbox reports ready within this, or is given up
 REPLY_S: Final = 10.0  #: the supervisor answers a spawn request within this
 EXIT_REPORT_S: Final = 10.0  #: ... and reports an exit within this after the process ended
@@ -69,9 +73,8 @@ class WarmKey:
     root_id: tuple[int, int]  #: (device, inode): a workspace made again is another sandbox
     uid: int | None
     policy: SandboxPolicy
-    memory: int  #: the size of its /tmp, and its own cgroup's limit
-    pids: int
-    open_files: int
+    memory: int  #: the size of its /tmp
+    open_files: int  #: at most (the supervisor's hard limit is this, or more)
     binds: tuple[tuple[str, str, int, int], ...]  #: (flag, path, device, inode) of each bind
 
 
