@@ -177,6 +177,32 @@ async def test_a_workspaces_commands_share_its_sandbox_and_never_anothers(warm: 
     assert all(alive(s.supervisor_pid) for s in by_root.values())
 
 
+async def test_commands_at_once_start_one_sandbox_and_run_side_by_side(warm: Any) -> None:
+    daemon = await warm()
+    results: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await run(daemon, "ws-many", f"sleep 0.5; echo {i}; {WHERE}")
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(one, i)
+    assert [results[i]["stdout"].split()[0] for i in range(4)] == ["0", "1", "2", "3"]
+    assert len({results[i]["stdout"].split(maxsplit=1)[1] for i in range(4)}) == 1
+    assert pool_of(daemon).statistics() == {"alive": 1, "active": 0, "starts": 1}
+
+
+async def test_a_daemon_that_stops_stops_every_sandbox(warm: Any) -> None:
+    daemon = await warm()
+    for ws in ("ws-x", "ws-y"):
+        await run(daemon, ws, "true")
+    sandboxes = pool_of(daemon).sandboxes()
+    assert len(sandboxes) == 2
+    daemon.stop()
+    await wait_for(lambda: sandbox_of(daemon).warm is None)
+    assert not any(alive(s.supervisor_pid) or alive(s.pid) for s in sandboxes)
+
+
 async def test_each_command_gets_exactly_its_environment_and_directory(warm: Any) -> None:
     daemon = await warm()
     show = "env | sort; echo; pwd; exit 3"
