@@ -15,6 +15,7 @@ p50 / p99 / max in milliseconds:
 from __future__ import annotations
 
 import trio_asyncio  # noqa: F401  # isort: skip  (before psycopg)
+import os
 import statistics
 import sys
 import tempfile
@@ -47,6 +48,7 @@ def _report(name: str, samples: list[float]) -> None:
 async def main(n: int) -> None:
     tag = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory() as volume:
+        os.chmod(volume, 0o711)  # the workspaces' own uids pass through, as on a real volume
         settings = Settings(
             worker_id=f"bench-{tag}",
             redis_url=REDIS_URL,
