@@ -693,11 +693,19 @@ class Sandbox:
         def chain(sock: int) -> tuple[list[str], dict[str, str], list[int]]:
             fds: list[int] = []
             try:
+                # The binds by descriptor hold the first command's descriptors, which that
+                # command closes: the sandbox's bubblewrap is passed copies of its own.
+                own = []
+                for flag, source, dest in binds:
+                    if flag in ("--bind-fd", "--ro-bind-fd"):
+                        fds.append(copy := os.dup(int(source)))
+                        source = str(copy)
+                    own.append((flag, source, dest))
                 spec = _command_argv(
                     iso,
                     [*argv, str(sock)],
                     uid=key.uid,
-                    binds=binds,
+                    binds=own,
                     cwd=key.root,
                     network="none",
                     limits=limits,
