@@ -136,6 +136,8 @@ class WarmSandbox:
         self.pidfd = os.pidfd_open(pid)
         self.supervisor_pid = -1  #: host pid, once ready
         self.failure: str | None = None  #: why it ended (or is ending)
+        #: why it should start no more commands (the pool replaces it, and stops it once idle)
+        self.worn: str | None = None
         self.active = 0
         self.last_used = trio.current_time()
         self.settled = trio.Event()  #: ready, or ended before it was
@@ -209,6 +211,13 @@ class WarmSandbox:
         """End the sandbox (from any task), for `reason`; `serve` cleans up."""
         self.failure = self.failure or reason
         self._scope.cancel()
+
+    def wear(self, reason: str) -> None:
+        """Let it start no more commands, for `reason`: the pool gives the next command a new
+        sandbox, and stops this one once its commands have ended."""
+        if self.worn is None and self.failure is None:
+            logger.info("the warm sandbox of %s is replaced: %s", self.key.root, reason)
+        self.worn = self.worn or reason
 
     # --- the reader ---------------------------------------------------------------------------
 

@@ -3,7 +3,11 @@
 A sandbox is made on a command's first use of its key, reused while in use, stopped after
 `idle_s` unused, and at most `max_alive` live: the least recently used idle one makes room,
 and with none idle a command runs cold (a sandbox of its own). A key whose sandbox failed to
-start runs cold for a while. When the pool stops, every sandbox is stopped.
+start runs cold for a while. A workspace has one sandbox for new commands: one made for a new
+key (a policy reloaded, a protected path created) replaces the workspace's others, as does
+one made for a sandbox that is worn (`WarmSandbox.wear`); a replaced sandbox is stopped once
+its commands have ended, so that no tenant holds more than one idle sandbox (and its /tmp) by
+changing its key. When the pool stops, every sandbox is stopped.
 """
 
 from __future__ import annotations
@@ -80,7 +84,10 @@ class WarmPool:
         command should run cold (the pool is stopped or full of busy sandboxes, or the
         sandbox failed to start). Release it with `release`."""
         while self._nursery is not None:
-            if (sandbox := self._alive.get(key)) is not None and sandbox.usable:
+            if (sandbox := self._alive.get(key)) is not None and sandbox.worn is not None:
+                self._retire(sandbox, sandbox.worn)
+                continue
+            if sandbox is not None and sandbox.usable:
                 self._alive.move_to_end(key)
                 sandbox.active += 1
                 try:
@@ -100,6 +107,9 @@ class WarmPool:
             failed = self._failed.get(key)
             if failed is not None and trio.current_time() < failed + RETRY_AFTER_S:
                 return None
+            for other in list(self._alive.values()):  # one sandbox a workspace, for new commands
+                if other.key.root == key.root:
+                    self._retire(other, "replaced by a sandbox of the workspace's current settings")
             if not self._make_room():
                 return None
             self._starting[key] = starting = trio.Event()
@@ -126,7 +136,16 @@ class WarmPool:
     def release(self, sandbox: WarmSandbox) -> None:
         sandbox.active -= 1
         sandbox.last_used = trio.current_time()
+        if sandbox.worn is not None or self._alive.get(sandbox.key) is not sandbox:
+            self._retire(sandbox, sandbox.worn or "replaced")
         self._changed.set()
+
+    def _retire(self, sandbox: WarmSandbox, reason: str) -> None:
+        """No new command gets `sandbox`; it is stopped now if idle, else at its last release."""
+        self._drop(sandbox)
+        sandbox.wear(reason)
+        if sandbox.active == 0:
+            sandbox.stop(f"replaced: {reason}")
 
     def _make_room(self) -> bool:
         if len(self._alive) + len(self._starting) < self.max_alive:
