@@ -138,6 +138,7 @@ class WarmSandbox:
         self.failure: str | None = None  #: why it ended (or is ending)
         #: why it should start no more commands (the pool replaces it, and stops it once idle)
         self.worn: str | None = None
+        self.kept = 0  #: bytes its ended commands left charged to their cgroups (`_kept`)
         self.active = 0
         self.last_used = trio.current_time()
         self.settled = trio.Event()  #: ready, or ended before it was
@@ -218,6 +219,19 @@ class WarmSandbox:
         if self.worn is None and self.failure is None:
             logger.info("the warm sandbox of %s is replaced: %s", self.key.root, reason)
         self.worn = self.worn or reason
+
+    def keep(self, size: int) -> None:
+        """Count what an ended command left in the sandbox (`_kept`). Files in its own mounts
+        (/tmp, /run, /dev/shm), shared memory segments and message queues outlive the command
+        and its cgroups, charged to no limit of anyone's; past the memory limit (the size of
+        its /tmp), the sandbox is replaced, which frees them."""
+        self.kept += size
+        if self.kept > self.key.memory:
+            mib = 1024**2
+            self.wear(
+                f"its commands left {self.kept // mib} MiB in it (files outside the workspace, "
+                f"shared memory), more than the memory limit of {self.key.memory // mib} MiB"
+            )
 
     # --- the reader ---------------------------------------------------------------------------
 
@@ -455,6 +469,7 @@ class WarmCommand:
                     await trio.to_thread.run_sync(self.group.kill, limiter=self.limiter)
                     await child.wait()
             child.close()
+            self.sandbox.keep(_kept(self.group))  # its cgroups are empty now
         if child.failure is not None:
             self.failures.append(child.failure)
         assert child.returncode is not None
@@ -546,6 +561,25 @@ class WarmCommand:
         if select.select([pidfd], [], [], 0)[0]:
             raise WarmFailure("the command's process ended before it started")
         return pid
+
+
+def _kept(group: CommandGroup) -> int:
+    """The memory still charged to a command's emptied cgroups: shared memory (files in the
+    sandbox's tmpfs mounts, SysV and POSIX shared memory) and kernel memory (their inodes,
+    message queues; v1 counts all of it, reclaimable caches included), which a warm sandbox
+    keeps after the command. Read on the event loop, as `occupied`: small files the kernel
+    makes."""
+    total = 0
+    for hierarchy, path in group.dirs:
+        if "memory" not in hierarchy.controllers:
+            continue
+        stat = dict(line.split() for line in _read(f"{path}/memory.stat").splitlines())
+        total += int(stat.get("shmem", 0))
+        if hierarchy.kind == "v2":
+            total += int(stat.get("slab_unreclaimable", 0))
+        else:
+            total += int(_read(f"{path}/memory.kmem.usage_in_bytes").strip() or 0)
+    return total
 
 
 def _read(path: str) -> str:
