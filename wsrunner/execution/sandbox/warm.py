@@ -513,6 +513,9 @@ class WarmCommand:
                 sandbox.fail(f"its supervisor did not answer within {REPLY_S:g}s")
                 raise WarmFailure(sandbox.failure)
             if pending.error is not None:
+                # Its supervisor cannot fork (a command may have lowered its limits): the next
+                # command gets a new sandbox instead of this answer again.
+                sandbox.wear(f"its supervisor could not start a command: {pending.error}")
                 raise WarmFailure(f"the command could not be started: {pending.error}")
             pidfd, pending.pidfd = pending.pidfd, -1
             try:
