@@ -57,6 +57,7 @@ from wsrunner.execution.sandbox.network import RESOLV_CONF, Egress, Tools, find_
 from wsrunner.execution.sandbox.warm import (
     PYTHON,
     SUPERVISOR,
+    SUPERVISOR_CPUS,
     SUPERVISOR_ENV,
     SUPERVISOR_MEMORY,
     SUPERVISOR_PIDS,
@@ -686,7 +687,9 @@ class Sandbox:
         of every command in flight."""
         iso = self.isolation
         group = cgroups.CommandGroup(iso.cgroups, f"warm-{uuid.uuid4().hex[:12]}")
-        create = partial(group.create, memory=SUPERVISOR_MEMORY, pids=SUPERVISOR_PIDS, cpus=None)
+        create = partial(
+            group.create, memory=SUPERVISOR_MEMORY, pids=SUPERVISOR_PIDS, cpus=SUPERVISOR_CPUS
+        )
         argv = [PYTHON, "-I", "-S", "-c", SUPERVISOR]
         rlimits = ("-", "-", str(max(limits.open_files, 1024)))
 

@@ -52,6 +52,10 @@ SUPERVISOR_ENV: Final = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
 #: moved out live in: the supervisor's needs, whatever a policy gives commands.
 SUPERVISOR_MEMORY: Final = 256 * 1024**2
 SUPERVISOR_PIDS: Final = 64
+#: Its CPU bandwidth: the supervisor handles SIGCHLD, which any command of the workspace may
+#: send it as fast as it likes; without a bound each signal's wake-up is CPU that no command's
+#: limit counts (a review's flood from a command took a whole CPU beside the command's own).
+SUPERVISOR_CPUS: Final = 0.25
 START_S: Final = 20.0  #: a new sandbox reports ready within this, or is given up
 REPLY_S: Final = 10.0  #: the supervisor answers a spawn request within this
 EXIT_REPORT_S: Final = 10.0  #: ... and reports an exit within this after the process ended
