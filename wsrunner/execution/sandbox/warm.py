@@ -143,6 +143,8 @@ class WarmSandbox:
         #: why it should start no more commands (the pool replaces it, and stops it once idle)
         self.worn: str | None = None
         self.kept = 0  #: bytes its ended commands left charged to their cgroups (`_kept`)
+        #: the supervisor's limits that its forks keep (`_inherited_limits`), as it started
+        self.limits: list[str] = []
         self.active = 0
         self.last_used = trio.current_time()
         self.settled = trio.Event()  #: ready, or ended before it was
@@ -325,6 +327,7 @@ class WarmSandbox:
         if op == "ready" and len(fds) == 1 and not self._ready:
             self.supervisor_pid = _pid_of(fds[0])
             os.close(fds[0])
+            self.limits = _inherited_limits(self.supervisor_pid)  # before any command ran
             self._ready = True
             self.settled.set()
             return None
@@ -559,6 +562,14 @@ class WarmCommand:
         if parent != str(self.sandbox.supervisor_pid) or str(pid) not in _read(first).split():
             self.sandbox.fail(f"its supervisor named process {pid}, not a fork of its own")
             raise WarmFailure(self.sandbox.failure)
+        # A command runs as the supervisor's uid, so it may have changed the supervisor's
+        # limits (prlimit), which every later fork would inherit: another task's commands
+        # would run with them. Such a sandbox is replaced; a process that has them never runs.
+        if _inherited_limits(self.sandbox.supervisor_pid) != self.sandbox.limits:
+            self.sandbox.wear("a command changed its supervisor's limits")
+        if _inherited_limits(pid) != self.sandbox.limits:
+            self.sandbox.wear("a command changed its supervisor's limits")
+            raise WarmFailure("its process's limits were changed by another command")
         try:
             for path in self.group.procs_files:
                 with open(path, "w", encoding="ascii") as f:
@@ -568,6 +579,17 @@ class WarmCommand:
         if select.select([pidfd], [], [], 0)[0]:
             raise WarmFailure("the command's process ended before it started")
         return pid
+
+
+#: The limits each command sets itself (`rlimits`), unlike the rest of /proc/PID/limits.
+_SET_PER_COMMAND: Final = ("Max cpu time", "Max file size", "Max open files", "Max core file size")
+
+
+def _inherited_limits(pid: int) -> list[str]:
+    """The lines of /proc/PID/limits a command inherits from the supervisor: all but the
+    header and those it sets itself. Empty once the process has gone."""
+    lines = _read(f"/proc/{pid}/limits").splitlines()[1:]
+    return [line for line in lines if not line.startswith(_SET_PER_COMMAND)]
 
 
 def _kept(group: CommandGroup) -> int:
