@@ -143,8 +143,8 @@ class WarmSandbox:
         #: why it should start no more commands (the pool replaces it, and stops it once idle)
         self.worn: str | None = None
         self.kept = 0  #: bytes its ended commands left charged to their cgroups (`_kept`)
-        #: the supervisor's limits that its forks keep (`_inherited_limits`), as it started
-        self.limits: list[str] = []
+        #: what the supervisor's forks inherit from it (`_inherited`), as it started
+        self.inherited: list[str] = []
         self.active = 0
         self.last_used = trio.current_time()
         self.settled = trio.Event()  #: ready, or ended before it was
@@ -327,7 +327,7 @@ class WarmSandbox:
         if op == "ready" and len(fds) == 1 and not self._ready:
             self.supervisor_pid = _pid_of(fds[0])
             os.close(fds[0])
-            self.limits = _inherited_limits(self.supervisor_pid)  # before any command ran
+            self.inherited = _inherited(self.supervisor_pid)  # before any command ran
             self._ready = True
             self.settled.set()
             return None
@@ -563,12 +563,13 @@ class WarmCommand:
             self.sandbox.fail(f"its supervisor named process {pid}, not a fork of its own")
             raise WarmFailure(self.sandbox.failure)
         # A command runs as the supervisor's uid, so it may have changed the supervisor's
-        # limits (prlimit), which every later fork would inherit: another task's commands
-        # would run with them. Such a sandbox is replaced; a process that has them never runs.
-        if _inherited_limits(self.sandbox.supervisor_pid) != self.sandbox.limits:
-            self.sandbox.wear("a command changed its supervisor's limits")
-        if _inherited_limits(pid) != self.sandbox.limits:
-            self.sandbox.wear("a command changed its supervisor's limits")
+        # limits (prlimit) or scheduling (nice, SCHED_IDLE, CPU affinity), which every later
+        # fork would inherit: another task's commands would run with them. Such a sandbox is
+        # replaced; a process that has them never runs.
+        if _inherited(self.sandbox.supervisor_pid) != self.sandbox.inherited:
+            self.sandbox.wear("a command changed its supervisor's limits or scheduling")
+        if _inherited(pid) != self.sandbox.inherited:
+            self.sandbox.wear("a command changed its supervisor's limits or scheduling")
             raise WarmFailure("its process's limits were changed by another command")
         try:
             for path in self.group.procs_files:
@@ -585,11 +586,19 @@ class WarmCommand:
 _SET_PER_COMMAND: Final = ("Max cpu time", "Max file size", "Max open files", "Max core file size")
 
 
-def _inherited_limits(pid: int) -> list[str]:
-    """The lines of /proc/PID/limits a command inherits from the supervisor: all but the
-    header and those it sets itself. Empty once the process has gone."""
+def _inherited(pid: int) -> list[str]:
+    """What a command inherits from the supervisor and another process of the same uid may
+    change: the lines of /proc/PID/limits (but the header and those each command sets), the
+    nice value, scheduling policy and priority, and the CPUs allowed. (Not the I/O priority:
+    /proc does not show it.) Empty once the process has gone."""
     lines = _read(f"/proc/{pid}/limits").splitlines()[1:]
-    return [line for line in lines if not line.startswith(_SET_PER_COMMAND)]
+    out = [line for line in lines if not line.startswith(_SET_PER_COMMAND)]
+    stat = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    if len(stat) > 38:  # fields 19 (nice), 40 (rt_priority), 41 (policy)
+        out.append(f"nice {stat[16]} priority {stat[37]} policy {stat[38]}")
+    status = _read(f"/proc/{pid}/status").splitlines()
+    out += [line for line in status if line.startswith("Cpus_allowed_list:")]
+    return out if lines else []
 
 
 def _kept(group: CommandGroup) -> int:
