@@ -582,6 +582,7 @@ class WarmCommand:
         return pid
 
 
+_PINNED: Final = 1024**2  #: what a command that left shared memory counts for, at least (`_kept`)
 #: The limits each command sets itself (`rlimits`), unlike the rest of /proc/PID/limits.
 _SET_PER_COMMAND: Final = ("Max cpu time", "Max file size", "Max open files", "Max core file size")
 
@@ -606,18 +607,23 @@ def _kept(group: CommandGroup) -> int:
     sandbox's tmpfs mounts, SysV and POSIX shared memory) and kernel memory (their inodes,
     message queues; v1 counts all of it, reclaimable caches included), which a warm sandbox
     keeps after the command. Read on the event loop, as `occupied`: small files the kernel
-    makes."""
-    total = 0
+    makes.
+
+    Shared memory left behind also keeps the removed cgroup's own kernel structures alive
+    until the sandbox ends (a page of /tmp is enough; tens of KiB each, more with more
+    CPUs), so such a command counts for at least `_PINNED`: a sandbox is replaced after a
+    bounded number of them, however little each left."""
+    total = shared = 0
     for hierarchy, path in group.dirs:
         if "memory" not in hierarchy.controllers:
             continue
         stat = dict(line.split() for line in _read(f"{path}/memory.stat").splitlines())
-        total += int(stat.get("shmem", 0))
+        shared += int(stat.get("shmem", 0))
         if hierarchy.kind == "v2":
             total += int(stat.get("slab_unreclaimable", 0))
         else:
             total += int(_read(f"{path}/memory.kmem.usage_in_bytes").strip() or 0)
-    return total
+    return max(total + shared, _PINNED) if shared else total + shared
 
 
 def _read(path: str) -> str:
