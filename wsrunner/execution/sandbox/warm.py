@@ -568,7 +568,9 @@ class WarmCommand:
         # replaced; a process that has them never runs.
         if _inherited(self.sandbox.supervisor_pid) != self.sandbox.inherited:
             self.sandbox.wear("a command changed its supervisor's limits or scheduling")
-        if _inherited(pid) != self.sandbox.inherited:
+        if not (inherited := _inherited(pid)):
+            raise WarmFailure("the command's process ended before it started")
+        if inherited != self.sandbox.inherited:
             self.sandbox.wear("a command changed its supervisor's limits or scheduling")
             raise WarmFailure("its process's limits were changed by another command")
         try:
