@@ -24,10 +24,12 @@ Which sandboxes live, and for how long, is `warm_pool.WarmPool`'s.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import logging
 import os
+import platform
 import resource
 import select
 import signal
@@ -589,11 +591,16 @@ _PINNED: Final = 1024**2  #: what a command that left shared memory counts for, 
 _SET_PER_COMMAND: Final = ("Max cpu time", "Max file size", "Max open files", "Max core file size")
 
 
+#: ioprio_get(2), which Python does not wrap, on the architectures whose number is known.
+_IOPRIO_GET: Final = {"x86_64": 252, "aarch64": 31}.get(platform.machine())
+_libc: Final = ctypes.CDLL(None, use_errno=True)
+
+
 def _inherited(pid: int) -> list[str]:
     """What a command inherits from the supervisor and another process of the same uid may
     change: the lines of /proc/PID/limits (but the header and those each command sets), the
-    nice value, scheduling policy and priority, and the CPUs allowed. (Not the I/O priority:
-    /proc does not show it.) Empty once the process has gone."""
+    nice value, scheduling policy and priority, the CPUs allowed and the I/O priority.
+    Empty once the process has gone."""
     lines = _read(f"/proc/{pid}/limits").splitlines()[1:]
     out = [line for line in lines if not line.startswith(_SET_PER_COMMAND)]
     stat = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
@@ -601,6 +608,8 @@ def _inherited(pid: int) -> list[str]:
         out.append(f"nice {stat[16]} priority {stat[37]} policy {stat[38]}")
     status = _read(f"/proc/{pid}/status").splitlines()
     out += [line for line in status if line.startswith("Cpus_allowed_list:")]
+    if _IOPRIO_GET is not None:
+        out.append(f"ioprio {_libc.syscall(_IOPRIO_GET, 1, pid)}")  # IOPRIO_WHO_PROCESS
     return out if lines else []
 
 
