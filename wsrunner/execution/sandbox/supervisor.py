@@ -161,7 +161,6 @@ class Supervisor:
                 spare.close()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             send(self.sock, {"op": "failed", "id": ident, "error": str(exc)})
-        self.prepare()  # for the next request, while this one starts
 
     def prepare(self) -> None:
         """Fork the spare for the next request; failing that (no process left to fork), the
@@ -220,6 +219,9 @@ class Supervisor:
                 finally:
                     for received in fds:
                         os.close(received)
+                # The next spare, forked only now: it must not inherit this command's
+                # descriptors (a command that stopped it would hold another's output open).
+                self.prepare()
             self.reap()
 
 
