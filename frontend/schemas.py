@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
 from frontend.sse import EVENT_ID
-from wsrunner.models import Priority, TaskState
+from wsrunner.models import GitOperation, Priority, TaskState
 from wsrunner.taskshape import (
     Branch,
     Description,
@@ -476,23 +476,7 @@ class GrepResult(BaseModel):
 
 
 class GitRequest(BaseModel):
-    operation: Literal[
-        "status",
-        "diff",
-        "log",
-        "add",
-        "commit",
-        "checkout",
-        "branch",
-        "fetch",
-        "pull",
-        "push",
-        "clone",
-        "reset",
-        "stash",
-        "show",
-        "blame",
-    ]
+    operation: GitOperation
     cwd: str = Field(".", max_length=4096)
     args: str | list[str] | None = Field(
         None, description="a string split like a shell would (no expansion), or a list"

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 JSON: TypeAlias = dict[str, Any]
 
@@ -262,3 +262,23 @@ class ApiToken:
 
     def allows(self, workspace_id: str) -> bool:
         return self.workspaces is None or workspace_id in self.workspaces
+
+
+#: Operations of the internal git endpoint (the reference system's, plus reset).
+GitOperation: TypeAlias = Literal[
+    "status",
+    "diff",
+    "log",
+    "add",
+    "commit",
+    "checkout",
+    "branch",
+    "fetch",
+    "pull",
+    "push",
+    "clone",
+    "reset",
+    "stash",
+    "show",
+    "blame",
+]

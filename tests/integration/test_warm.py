@@ -33,6 +33,7 @@ from tests.conftest import (
     wait_terminal,
 )
 from tests.reliability.conftest import Deployment
+from tests.system.test_invariants import TASK_ENV
 from wsrunner.daemon import Daemon, reload_policy
 from wsrunner.execution.process import Capture
 from wsrunner.execution.sandbox import Sandbox, cgroups
@@ -41,26 +42,6 @@ from wsrunner.execution.sandbox.warm_pool import WarmPool
 from wsrunner.policy import bundled_policy, load_policy
 
 #: The variables of a task's commands (wsrunner/workspace/directories.py `open_task`).
-TASK_ENV = frozenset(
-    {
-        "PATH",
-        "HOME",
-        "TMPDIR",
-        "LANG",
-        "LC_ALL",
-        "WORKSPACE_ID",
-        "TASK_ID",
-        "PYTHONDONTWRITEBYTECODE",
-        "PYTHONUNBUFFERED",
-        "GIT_CONFIG_GLOBAL",
-        "GIT_CONFIG_NOSYSTEM",
-        "GIT_TERMINAL_PROMPT",
-        "GIT_EDITOR",
-        "GIT_PAGER",
-        "PAGER",
-        "GIT_ALLOW_PROTOCOL",
-    }
-)
 POLICY = """\
 apiVersion: wsrunner/v1
 kind: Policy

@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import stat
+import typing
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,7 +35,7 @@ from wsrunner.errors import (
 from wsrunner.execution.git.remote import GIT_SAFE_CONFIG
 from wsrunner.execution.process import Capture, run_process
 from wsrunner.execution.steps import Executor, StepContext
-from wsrunner.models import JSON, GitClone
+from wsrunner.models import JSON, GitClone, GitOperation
 from wsrunner.payload import validate_branch, validate_workspace_id
 from wsrunner.settings import Settings
 from wsrunner.workspace import paths, search
@@ -43,26 +44,7 @@ from wsrunner.workspace.directories import RESERVED, Workspaces
 GIT_TIMEOUT_S: Final = 120.0
 CLONE_TIMEOUT_S: Final = 300.0
 SLOT_WAIT_S: Final = 10.0
-#: Operations of the internal git endpoint (the reference system's, plus reset).
-GIT_OPERATIONS: Final = frozenset(
-    {
-        "status",
-        "diff",
-        "log",
-        "add",
-        "commit",
-        "checkout",
-        "branch",
-        "fetch",
-        "pull",
-        "push",
-        "clone",
-        "reset",
-        "stash",
-        "show",
-        "blame",
-    }
-)
+GIT_OPERATIONS: Final = frozenset(typing.get_args(GitOperation))
 #: Options that run programs, read or write outside the repository, or rewrite config.
 _GIT_DENIED_LONG: Final = (
     "--config",
