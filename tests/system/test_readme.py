@@ -46,12 +46,15 @@ def test_the_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
         ip link set lo up
         ./dev serve > {shlex.quote(str(log))} 2>&1 &
         serve=$!
+        # However the block ends, the daemon stops with it (it would outlive a failed run).
+        trap 'kill -TERM "$serve" 2> /dev/null; wait "$serve" 2> /dev/null' EXIT
         for _ in $(seq 600); do
             curl -sf localhost:8081/health > /dev/null && break
             kill -0 "$serve" 2> /dev/null || {{ echo "./dev serve exited" >&2; exit 1; }}
             sleep 0.1
         done
         bash -euo pipefail {shlex.quote(str(block))}
+        trap - EXIT
         kill -TERM "$serve"
         wait "$serve"
     """
