@@ -81,6 +81,7 @@ class Service:
         self.ops = ops  #: the workspace operations, when this process runs tasks
         self._stats = stats  # callable returning the slot statistics, when a daemon runs
         self.tokens = TokenRegistry(store)  #: the public API's bearer tokens
+        self.lifecycle = Lifecycle(queue, store)  #: how a task's state changes
         self.metrics = metrics or Metrics()
 
     # --- tasks --------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ class Service:
             InvalidTransitionError: it already ended (the message names its state).
         """
         tid = (await self.get(task_id, scope=scope)).id
-        record = await Lifecycle(self.queue, self.store).cancelled(tid)
+        record = await self.lifecycle.cancelled(tid)
         logger.info("task cancelled", extra={"task_id": tid, "workspace_id": record.workspace_id})
         return record
 
