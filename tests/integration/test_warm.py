@@ -223,6 +223,79 @@ async def test_a_command_holds_descriptors_0_1_2_and_the_cold_limits(warm: Any) 
 # --- nothing of a command survives it -----------------------------------------------------------
 
 
+def memory_cgroup(pid: int, controller: str = "memory") -> Path | None:
+    """The v1 cgroup directory of a live process (its memory one, by default), or None."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return Path("/sys/fs/cgroup") / controller / path.lstrip("/")
+    return None
+
+
+def spare_of(sandbox: WarmSandbox) -> int:
+    """The pid of the process its supervisor forked for the next command."""
+    children = Path(f"/proc/{sandbox.supervisor_pid}/task/{sandbox.supervisor_pid}/children")
+    (pid,) = (int(child) for child in children.read_text().split())
+    return pid
+
+
+async def running_cgroup(daemon: Daemon, ws: str) -> tuple[Path, str]:
+    """The memory cgroup a command of `ws` runs in and its pids limit (read from the host
+    while it runs)."""
+    t = unique_seconds()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, daemon, ws, f"sleep {t}")
+        [pid] = await wait_for(lambda: host_pids(t))
+        group, pids = memory_cgroup(pid), memory_cgroup(pid, "pids")
+        assert group is not None and pids is not None
+        pids_max = (pids / "pids.max").read_text().strip()
+        os.kill(pid, signal.SIGKILL)
+    return group, pids_max
+
+
+async def test_commands_start_in_cgroups_made_ahead_and_each_is_removed(warm: Any) -> None:
+    """After a workspace's first command, the process for its next one waits in cgroups of its
+    own with the policy's limits, made while nothing asked for them; each command runs in its
+    own, which are removed once it ended, as is the last one made ahead when the daemon stops."""
+    daemon = await warm()
+    await run(daemon, "ws-ahead", "true")  # the first: the limits to make them with are known
+    (sandbox,) = pool_of(daemon).sandboxes()
+    await wait_for(lambda: (g := memory_cgroup(spare_of(sandbox))) and g.name.startswith("cmd-"))
+    ahead = memory_cgroup(spare_of(sandbox))
+    assert ahead is not None
+    assert (ahead / "memory.limit_in_bytes").read_text() == f"{128 * 2**20}\n"
+    assert (ahead / "cgroup.procs").read_text().split() == [str(spare_of(sandbox))]
+    used = [(await running_cgroup(daemon, "ws-ahead"))[0] for _ in range(3)]
+    assert used[0] == ahead and len(set(used)) == 3 and all(g.name.startswith("cmd-") for g in used)
+    await wait_for(lambda: not any(g.exists() for g in used))
+    last = memory_cgroup(spare_of(sandbox))
+    assert last is not None and last.exists()
+    daemon.stop()
+    await wait_for(lambda: sandbox_of(daemon).warm is None)
+    assert not last.exists()
+
+
+async def test_a_command_with_other_limits_gets_cgroups_of_its_own(
+    warm: Any, tmp_path: Path
+) -> None:
+    """Cgroups made ahead have the last command's limits; a command with others (a policy
+    reloaded, its sandbox kept) does not run in them."""
+    daemon = await warm()
+    await run(daemon, "ws-limits", "true")
+    (sandbox,) = pool_of(daemon).sandboxes()
+    await wait_for(lambda: (g := memory_cgroup(spare_of(sandbox))) and g.name.startswith("cmd-"))
+    write_policy(tmp_path / "policy.yaml", pids=48)  # not part of a sandbox's key
+    assert await reload_policy(daemon.policy, daemon.metrics)
+    group, pids_max = await running_cgroup(daemon, "ws-limits")
+    assert pool_of(daemon).sandboxes() == [sandbox]
+    assert group.name.startswith("cmd-") and pids_max == "48"
+    assert (await run(daemon, "ws-limits", "echo next"))["stdout"] == "next\n"
+
+
 async def test_what_a_command_leaves_running_ends_with_it(warm: Any) -> None:
     daemon = await warm()
     bg, away = unique_seconds(), unique_seconds()
@@ -527,7 +600,7 @@ async def test_the_daemon_takes_nothing_a_supervisor_says_on_trust(lie: str, rea
         return ["/usr/bin/python3", "-c", LIAR, str(sock), lie], {"PATH": "/usr/bin"}, []
 
     try:
-        sandbox = WarmSandbox.spawn(key, groups[0], chain)
+        sandbox = WarmSandbox.spawn(key, groups[0], chain, trio.CapacityLimiter(1))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sandbox.serve, lambda _: None)
             await sandbox.settled.wait()

@@ -528,12 +528,12 @@ while time.monotonic() < end:
 async def test_a_sigchld_flood_costs_the_supervisor_a_bounded_share_of_a_cpu(warm: Any) -> None:
     """The supervisor handles SIGCHLD, so a command may send it as many as it likes; each
     wakes it. Its cgroup had no CPU bound: two flooding processes took it to ~0.9 of a CPU
-    that no command's `cpus` counted. Now its cgroup has a bound well under half a CPU."""
+    that no command's `cpus` counted. Now its cgroup has a bound under half a CPU."""
     daemon = await warm()
     await run(daemon, "ws-flood", "true")
     (sandbox,) = pool_of(daemon).sandboxes()
     quota = cpu_quota(sandbox.supervisor_pid)
-    assert quota is not None and quota <= 0.25, quota
+    assert quota is not None and quota <= 0.4, quota
     before = cpu_seconds(sandbox.supervisor_pid)
     flood = f"python3 -c '{FLOOD}' & python3 -c '{FLOOD}' & wait; echo flooded"
     result = await run(daemon, "ws-flood", flood)

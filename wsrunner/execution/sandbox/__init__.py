@@ -582,13 +582,21 @@ class Sandbox:
         handles: list[tuple[str, str, str]] = []  #: bwrap binds by descriptor (flag, fd, dest)
         found: list[tuple[tuple[int, int], tuple[tuple[str, str, int, int], ...]]] = []
 
+        def create() -> None:
+            group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
+
+        grouped = False  #: whether the command gets cgroups of its own
+
         def prepare() -> int | None:
-            """The workspace's uid (if workspaces have their own), the command's cgroups and
+            """The workspace's uid (if workspaces have their own), the command's cgroups (but
+            for a warm sandbox's command: it makes its own, or has them made ahead) and
             descriptors of the paths inside the workspace to bind: one worker thread for all."""
+            nonlocal grouped
             st = os.stat(root) if iso.uids is not None or pool is not None else None
             owner = None if iso.uids is None or st is None else st.st_uid
-            if iso.cgroups.hierarchies and (iso.uids is None or owner in iso.uids):
-                group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
+            grouped = bool(iso.cgroups.hierarchies) and (iso.uids is None or owner in iso.uids)
+            if grouped and pool is None:
+                create()
             if pinned or protect:
                 handles.extend(_handles(root, pinned, protect, fds))
             if st is not None and pool is not None:  # what the warm sandbox's key holds
@@ -608,7 +616,7 @@ class Sandbox:
                 )
             binds = [("--bind", root, root), *handles]
             binds += [("--ro-bind-try", p, p) for p in (*policy.read_only_paths, *read_only)]
-            if pool is not None and found and group.dirs:
+            if pool is not None and found and grouped:
                 root_id, bound = found[0]
                 key = WarmKey(
                     root, root_id, uid, policy, limits.memory_bytes, limits.open_files, bound
@@ -627,6 +635,8 @@ class Sandbox:
                     finally:
                         pool.release(sandbox)
                     return
+            if grouped and not group.dirs:  # it runs cold after all
+                await trio.to_thread.run_sync(create, limiter=self._limiter)
             egress_fds = None
             if network == "egress":
                 info_r, info_w = os.pipe()
@@ -671,7 +681,13 @@ class Sandbox:
         finally:
             for fd in fds + kept:
                 os.close(fd)
-            if group.dirs:  # no cgroups (none on this host, or none created): nothing to do
+            # No cgroups (none on this host, or none created): nothing to do. A warm command's
+            # were emptied as it ended (`WarmCommand.run`): what they show is read now, and
+            # their removal need not hold up its result.
+            if group.dirs and launch and launch.warm and pool is not None and pool.serving:
+                launch.limits_hit = group.limits_hit()
+                pool.later(partial(self._finish, group, None), self._limiter)
+            elif group.dirs:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(
                         self._finish, group, launch, limiter=self._limiter
@@ -727,7 +743,7 @@ class Sandbox:
 
         try:
             await trio.to_thread.run_sync(create, limiter=self._limiter)
-            return WarmSandbox.spawn(key, group, chain)
+            return WarmSandbox.spawn(key, group, chain, self._limiter)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(group.remove, limiter=self._limiter)

@@ -14,6 +14,7 @@ The protocol, one JSON object per SOCK_SEQPACKET message:
               stderr, the read end of its go pipe, and a file holding {"argv": [...], "env":
               {...}, "cwd": "...", "rlimits": [[name, soft, hard], ...]} (-1: unlimited)
     <- daemon {"op": "ready"} with a pidfd of this process, once, at start
+              {"op": "spare"} with a pidfd of each spare (below), once it is forked
               {"op": "started", "id": N} with a pidfd of the command's process
               {"op": "failed", "id": N, "error": "..."} when it could not be forked
               {"op": "exit", "id": N, "status": S} S as os.waitstatus_to_exitcode gives it
@@ -22,8 +23,8 @@ Each request goes to a spare: a process forked ahead, which has started its sess
 waits for one request on a socket of its own (so that no command waits for a fork). With it,
 it keeps descriptors 0, 1 and 2 (the sockets are closed), sets the rlimits and waits for one
 byte on the go pipe: the daemon moves it into the command's cgroups first, as root, from the
-pidfd. EOF on the go pipe means: do not run. A new spare is forked once the request is
-answered.
+pidfd (usually before the request: it is told of each spare). EOF on the go pipe means: do not
+run. A new spare is forked once the request is answered, or once the last one died.
 
 When the daemon's end of the socket closes (the daemon is gone), this process exits, and
 with pid 1 gone the kernel kills every process left in the sandbox.
@@ -59,12 +60,20 @@ def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) 
 
 def harden() -> None:
     """Not dumpable (no ptrace, /proc/1/mem, /proc/1/fd or pidfd_getfd by the commands, which
-    run as the same uid); Python's SIGINT handler gone, so that no signal from inside reaches
-    this process but SIGCHLD."""
+    run as the same uid); every signal's disposition the default (Python's SIGINT handler
+    gone, and SIGPIPE and SIGXFSZ, which Python ignores, no longer ignored), so that no signal
+    from inside reaches this process but SIGCHLD, and so that the spares, forked from it, need
+    not reset them each: an ignored signal would stay ignored in a command, a caught one is
+    reset by the exec."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # a real-time signal Python does not manage
 
 
 def become(sock: socket.socket) -> None:
@@ -72,13 +81,7 @@ def become(sock: socket.socket) -> None:
     says so. Never returns."""
     step = "set up"
     try:
-        signal.set_wakeup_fd(-1)
-        for sig in signal.valid_signals():  # ignored signals would stay ignored after exec
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                try:
-                    signal.signal(sig, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass  # a real-time signal Python does not manage
+        signal.set_wakeup_fd(-1)  # the supervisor's: the exec resets its SIGCHLD handler
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.setsid()
         top = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -169,7 +172,8 @@ class Supervisor:
             try:
                 self.spare = Spare()
             except OSError:
-                pass
+                return
+            send(self.sock, {"op": "spare"}, [self.spare.pidfd])
 
     def reap(self) -> None:
         """Reap every child that ended: a command's (reported), the spare, or an orphan of a
@@ -223,6 +227,7 @@ class Supervisor:
                 # descriptors (a command that stopped it would hold another's output open).
                 self.prepare()
             self.reap()
+            self.prepare()  # in place of a spare that a command killed
 
 
 def main() -> None:

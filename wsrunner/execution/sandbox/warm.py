@@ -6,12 +6,19 @@ the paths bound into it) through the same launch chain and profile, with the sup
 (`supervisor.py`) as its first process instead of a command. The daemon talks to it over a
 socketpair (no name in any file system, held by the supervisor alone). For each command:
 
-    daemon  ->  pipes, a go pipe, the request   supervisor hands them to a process it forked
-                                                ahead, which sets up its rlimits and
-    daemon  <-  that process's pidfd            descriptors and waits on the go pipe
-    daemon      moves it into the command's own cgroups (as root, by its host pid)
+    daemon  <-  a spare's pidfd                 supervisor forks a process ahead (a spare)
+    daemon      moves the spare into cgroups of its own, with the last command's limits (as
+                root, by its host pid), before any command asks for it
+    daemon  ->  pipes, a go pipe, the request   supervisor hands them to the spare, which sets
+                                                up its rlimits and descriptors and waits on
+    daemon  <-  the spare's pidfd               the go pipe
     daemon  ->  the go byte                     it changes directory and executes the command
     daemon  <-  the exit status                 supervisor, when it reaps it
+
+So a command of a busy sandbox starts with no cgroup work of its own on its way: its cgroups
+were made and joined while the sandbox waited (`_Ahead`). Where they were not (the first
+command, other limits, a spare that died), the command makes and joins its own, as before it
+starts. Its cgroups are removed after its result (`WarmPool.later`).
 
 The command's output is read by `process._pump`, as a cold command's, into the same capped
 `Capture`. When the command ends, is timed out or cancelled, its cgroups are killed and seen
@@ -34,6 +41,7 @@ import resource
 import select
 import signal
 import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +65,10 @@ SUPERVISOR_PIDS: Final = 64
 #: Its CPU bandwidth: the supervisor handles SIGCHLD, which any command of the workspace may
 #: send it as fast as it likes; without a bound each signal's wake-up is CPU that no command's
 #: limit counts (a review's flood from a command took a whole CPU beside the command's own).
-SUPERVISOR_CPUS: Final = 0.25
+#: Its own work is about 0.8 ms of CPU a command (most of it forking the next spare), so a
+#: quarter of a CPU throttled a sandbox running 300 short commands a second in every period
+#: (`bench/sandbox_overhead.py`: a third of the time, and a p95 of 32 ms); 0.4 did not.
+SUPERVISOR_CPUS: Final = 0.4
 START_S: Final = 20.0  #: a new sandbox reports ready within this, or is given up
 REPLY_S: Final = 10.0  #: the supervisor answers a spawn request within this
 EXIT_REPORT_S: Final = 10.0  #: ... and reports an exit within this after the process ended
@@ -93,6 +104,47 @@ class _Pending:
     pidfd: int = -1
     error: str | None = None
     status: int | None = None
+    ahead: _Ahead | None = None  #: the spare it got, if the daemon had made it ready ahead
+
+
+@dataclass(eq=False, slots=True)
+class _Ahead:
+    """A spare the daemon moved into cgroups of its own before any command asked for it, made
+    with the limits of the sandbox's last command. `done` once tried: `ready` says whether it
+    is in them; a command that gets another process, or has other limits, makes its own."""
+
+    pid: int
+    pidfd: int
+    limits: Limits
+    group: CommandGroup
+    done: trio.Event = field(default_factory=trio.Event)
+    ready: bool = False
+
+    def discard(self) -> None:
+        """In a worker thread: kill its spare, remove its cgroups."""
+        self.group.kill()
+        self.group.remove()
+        os.close(self.pidfd)
+
+
+_CHANGED: Final = "a command changed its supervisor's limits or scheduling"
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """What vetting a process found (`WarmSandbox.vet`, in a worker thread), applied on the
+    event loop: why it may not run a command; whether that ends the sandbox (a supervisor that
+    lied), or why the sandbox should start no more commands."""
+
+    problem: str | None
+    fails: bool = False
+    worn: str | None = None
+
+    def apply(self, sandbox: WarmSandbox) -> None:
+        if self.worn is not None:
+            sandbox.wear(self.worn)
+        if self.fails and self.problem is not None:
+            sandbox.fail(self.problem)
 
 
 def _pid_of(pidfd: int) -> int:
@@ -132,10 +184,17 @@ class WarmSandbox:
     supervisor, and the commands in flight. `serve` owns it from start to end."""
 
     def __init__(
-        self, key: WarmKey, group: CommandGroup, pid: int, sock: socket.socket, stderr: int
+        self,
+        key: WarmKey,
+        group: CommandGroup,
+        pid: int,
+        sock: socket.socket,
+        stderr: int,
+        limiter: trio.CapacityLimiter,
     ) -> None:
         self.key = key
         self.group = group  #: the supervisor's own cgroups (its forks start there)
+        self.limiter = limiter  #: for the cgroup work of its spares (worker threads)
         self.pid = pid
         self.sock = sock
         self.stderr = stderr
@@ -156,6 +215,12 @@ class WarmSandbox:
         self._next_id = 0
         self._scope = trio.CancelScope()
         self._errors = bytearray()
+        #: the limits of its last command, which the next spare's cgroups are made with
+        self.limits: Limits | None = None
+        self._announced = -1  #: pidfd of the newest spare, until it is made ready
+        self._announce = trio.Event()
+        self._ahead: _Ahead | None = None  #: the spare made ready, or being made ready
+        self._stale: list[_Ahead] = []  #: spares made ready that no command will use
 
     @classmethod
     def spawn(
@@ -163,6 +228,7 @@ class WarmSandbox:
         key: WarmKey,
         group: CommandGroup,
         chain: Callable[[int], tuple[list[str], dict[str, str], list[int]]],
+        limiter: trio.CapacityLimiter,
     ) -> WarmSandbox:
         """Start the launch chain `chain(socket fd)` gives (argv, env, descriptors to pass and
         close). From the event loop's thread: bubblewrap's --die-with-parent follows the
@@ -198,7 +264,7 @@ class WarmSandbox:
         ours.setblocking(False)
         os.set_blocking(err_r, False)
         try:
-            return cls(key, group, pid, ours, err_r)
+            return cls(key, group, pid, ours, err_r, limiter)
         except BaseException:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -256,8 +322,11 @@ class WarmSandbox:
                         await self._step(ready)
                 if starting.cancelled_caught:
                     self.fail(f"it did not start within {START_S:g}s")
-                while self.failure is None:
-                    await self._step(ready)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_ahead)
+                    while self.failure is None:
+                        await self._step(ready)
+                    nursery.cancel_scope.cancel()
         finally:
             self.failure = self.failure or "the warm sandbox was stopped"
             for pending in self._pending.values():
@@ -333,6 +402,12 @@ class WarmSandbox:
             self._ready = True
             self.settled.set()
             return None
+        if op == "spare" and len(fds) == 1 and self._ready:
+            if self._announced >= 0:  # never made ready: a newer spare replaced it
+                os.close(self._announced)
+            self._announced = fds[0]
+            self._announce.set()
+            return None
         if not isinstance(ident, int) or not 0 <= ident < self._next_id:
             return f"unexpected message {str(message)[:200]}"
         if (pending := self._pending.get(ident)) is None:
@@ -341,6 +416,7 @@ class WarmSandbox:
             return None
         if op == "started" and len(fds) == 1 and not pending.started.is_set():
             pending.pidfd = fds[0]
+            self._claim(pending)
         elif op == "failed" and not fds and not pending.started.is_set():
             pending.error = str(message.get("error"))[:500]
         elif op == "exit" and not fds and pending.started.is_set() and not pending.exited.is_set():
@@ -353,6 +429,92 @@ class WarmSandbox:
             return f"unexpected message {str(message)[:200]}"
         pending.started.set()
         return None
+
+    def _claim(self, pending: _Pending) -> None:
+        """Give the command the spare it got, if that one was made ready ahead (or is being
+        made ready); a spare a command got is never made ready for another."""
+        pid = _pid_of(pending.pidfd)
+        if self._announced >= 0 and _pid_of(self._announced) == pid:
+            os.close(self._announced)
+            self._announced = -1
+        ahead = self._ahead
+        if pid > 0 and ahead is not None and _pid_of(ahead.pidfd) == pid:
+            pending.ahead, self._ahead = ahead, None
+
+    async def _keep_ahead(self) -> None:
+        """Make each new spare ready for the next command, in cgroups of its own with the last
+        command's limits (none before the first command: their limits are not known)."""
+        while True:
+            await self._announce.wait()
+            self._announce = trio.Event()
+            if self.limits is None or self._announced < 0 or self.worn is not None:
+                continue
+            pidfd, self._announced = self._announced, -1
+            if self._ahead is not None:
+                self.discard(self._ahead)
+            stale, self._stale, self._ahead = self._stale, [], None
+            group = CommandGroup(self.group.support, f"cmd-{uuid.uuid4().hex[:12]}")
+            ahead = self._ahead = _Ahead(_pid_of(pidfd), pidfd, self.limits, group)
+            with trio.CancelScope(shield=True):  # bounded work, and nothing may leak
+                verdict = await trio.to_thread.run_sync(
+                    self._make_ready, ahead, stale, limiter=self.limiter
+                )
+            ahead.ready = verdict.problem is None
+            ahead.done.set()
+            verdict.apply(self)
+
+    def _make_ready(self, ahead: _Ahead, stale: list[_Ahead]) -> _Verdict:
+        """In a worker thread: the cgroups of `ahead`, made, and its spare in them once it is
+        vetted; else the cgroups removed. The `stale` ones are discarded first."""
+        for old in stale:
+            old.discard()
+        limits = ahead.limits
+        try:
+            ahead.group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
+        except OSError as exc:
+            ahead.group.remove()
+            return _Verdict(f"cgroups could not be made: {exc}")
+        verdict = self.vet(ahead.pid, ahead.pidfd, ahead.group)
+        if verdict.problem is not None:
+            ahead.group.kill()
+            ahead.group.remove()
+        return verdict
+
+    def vet(self, pid: int, pidfd: int, group: CommandGroup) -> _Verdict:
+        """In a worker thread: check that `pid` (`pidfd`'s) is a fresh fork of the
+        supervisor's (its child, still in the sandbox's own cgroup) with what it inherits
+        unchanged, and move it into `group`."""
+        if pid <= 0:
+            return _Verdict("the command's process ended before it started")
+        status = _read(f"/proc/{pid}/status")
+        parent = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), "")
+        first = self.group.procs_files[0]
+        if parent != str(self.supervisor_pid) or str(pid) not in _read(first).split():
+            if not status or select.select([pidfd], [], [], 0)[0]:
+                return _Verdict("the command's process ended before it started")
+            why = f"its supervisor named process {pid}, not a fork of its own"
+            return _Verdict(why, fails=True)
+        # A command runs as the supervisor's uid, so it may have changed the supervisor's
+        # limits (prlimit) or scheduling (nice, SCHED_IDLE, CPU affinity), which every later
+        # fork would inherit: another task's commands would run with them. Such a sandbox is
+        # replaced; a process that has them never runs.
+        worn = None
+        if _inherited(self.supervisor_pid) != self.inherited:
+            worn = _CHANGED
+        if not (inherited := _inherited(pid)):
+            return _Verdict("the command's process ended before it started", worn=worn)
+        if inherited != self.inherited:
+            return _Verdict("its process's limits were changed by another command", worn=_CHANGED)
+        try:
+            for path in group.procs_files:
+                with open(path, "w", encoding="ascii") as f:
+                    f.write(str(pid))
+        except OSError as exc:
+            why = f"the command's process could not join its cgroup: {exc}"
+            return _Verdict(why, worn=worn)
+        if select.select([pidfd], [], [], 0)[0]:
+            return _Verdict("the command's process ended before it started", worn=worn)
+        return _Verdict(None, worn=worn)
 
     def _destroy(self) -> None:
         """Kill the sandbox (its launch process first: --die-with-parent takes the supervisor,
@@ -368,6 +530,10 @@ class WarmSandbox:
             )
         os.waitpid(self.pid, 0)
         self.group.remove()
+        for ahead in [*self._stale, *([self._ahead] if self._ahead else [])]:
+            ahead.discard()  # its spare died with the sandbox's pid 1
+        if self._announced >= 0:
+            os.close(self._announced)
         self.sock.close()
         os.close(self.pidfd)
         os.close(self.stderr)
@@ -393,12 +559,26 @@ class WarmSandbox:
                 self.fail(f"its socket failed: {exc}")
                 raise WarmFailure(self.failure or str(exc)) from None
 
+    def discard(self, ahead: _Ahead) -> None:
+        """`ahead` will not be used: its cgroups are removed with the next spare's making, or
+        as the sandbox ends."""
+        self._stale.append(ahead)
+
+    def expect(self, limits: Limits) -> None:
+        """Make its next spares ready for commands with `limits` (those of its last command)."""
+        if self.limits != limits:
+            self.limits = limits
+            self._announce.set()
+
     def forget(self, ident: int) -> None:
         """The command `ident` is over: drop its exchange (and a pidfd nobody took)."""
         pending = self._pending.pop(ident, None)
         if pending is not None and pending.pidfd >= 0:
             os.close(pending.pidfd)
             pending.pidfd = -1
+        if pending is not None and pending.ahead is not None:
+            self.discard(pending.ahead)
+            pending.ahead = None
 
 
 class _WarmChild(_Child):
@@ -528,7 +708,7 @@ class WarmCommand:
                 raise WarmFailure(f"the command could not be started: {pending.error}")
             pidfd, pending.pidfd = pending.pidfd, -1
             try:
-                pid = await trio.to_thread.run_sync(self._adopt, pidfd, limiter=self.limiter)
+                pid = await self._join(pidfd, pending)
                 try:
                     os.write(go_w, b"g")
                 except BrokenPipeError:
@@ -552,38 +732,56 @@ class WarmCommand:
             for fd in given:
                 os.close(fd)
 
-    def _adopt(self, pidfd: int) -> int:
-        """Check that the pidfd is a fresh fork of the supervisor's (its child, still in the
-        sandbox's own cgroup), and move it into the command's cgroups; its host pid."""
-        pid = _pid_of(pidfd)
-        if pid <= 0:
-            raise WarmFailure("the command's process ended before it started")
-        status = _read(f"/proc/{pid}/status")
-        parent = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), "")
-        first = self.sandbox.group.procs_files[0]
-        if parent != str(self.sandbox.supervisor_pid) or str(pid) not in _read(first).split():
-            self.sandbox.fail(f"its supervisor named process {pid}, not a fork of its own")
-            raise WarmFailure(self.sandbox.failure)
-        # A command runs as the supervisor's uid, so it may have changed the supervisor's
-        # limits (prlimit) or scheduling (nice, SCHED_IDLE, CPU affinity), which every later
-        # fork would inherit: another task's commands would run with them. Such a sandbox is
-        # replaced; a process that has them never runs.
-        if _inherited(self.sandbox.supervisor_pid) != self.sandbox.inherited:
-            self.sandbox.wear("a command changed its supervisor's limits or scheduling")
-        if not (inherited := _inherited(pid)):
-            raise WarmFailure("the command's process ended before it started")
-        if inherited != self.sandbox.inherited:
-            self.sandbox.wear("a command changed its supervisor's limits or scheduling")
-            raise WarmFailure("its process's limits were changed by another command")
-        try:
-            for path in self.group.procs_files:
-                with open(path, "w", encoding="ascii") as f:
-                    f.write(str(pid))
-        except OSError as exc:
-            raise WarmFailure(f"the command's process could not join its cgroup: {exc}") from None
-        if select.select([pidfd], [], [], 0)[0]:
-            raise WarmFailure("the command's process ended before it started")
+    async def _join(self, pidfd: int, pending: _Pending) -> int:
+        """Have the command's process (`pidfd`'s) in the command's cgroups: those it was made
+        ready in (`pending.ahead`), or new ones; its host pid."""
+        sandbox = self.sandbox
+        sandbox.expect(self.limits)
+        ahead, pending.ahead = pending.ahead, None
+        if ahead is not None:
+            try:
+                await ahead.done.wait()
+            except BaseException:
+                sandbox.discard(ahead)
+                raise
+            if ahead.ready and ahead.limits == self.limits and not self.group.dirs:
+                self.group.dirs, ahead.group.dirs = ahead.group.dirs, []
+                os.close(ahead.pidfd)
+                # What the supervisor's forks inherit was checked as it was made ready; a
+                # command may have changed it since. Read on the event loop, as `occupied`.
+                if str(ahead.pid) not in _read(self.group.procs_files[0]).split():
+                    raise WarmFailure("the command's process ended before it started")
+                if _inherited(ahead.pid) != sandbox.inherited:
+                    sandbox.wear(_CHANGED)
+                    raise WarmFailure("its process's limits were changed by another command")
+                return ahead.pid
+        with trio.CancelScope(shield=True):  # bounded work, and `ahead` must not leak
+            pid, verdict = await trio.to_thread.run_sync(
+                self._adopt, pidfd, ahead, limiter=self.limiter
+            )
+        verdict.apply(sandbox)
+        if verdict.problem is not None:
+            raise WarmFailure(sandbox.failure if verdict.fails else verdict.problem)
         return pid
+
+    def _adopt(self, pidfd: int, ahead: _Ahead | None) -> tuple[int, _Verdict]:
+        """In a worker thread: the command's cgroups made, its process vetted and moved into
+        them (`WarmSandbox.vet`); a spare made ready with other limits is first moved back."""
+        sandbox = self.sandbox
+        if ahead is not None:
+            if ahead.ready:
+                try:
+                    for path in sandbox.group.procs_files:
+                        with open(path, "w", encoding="ascii") as f:
+                            f.write(str(ahead.pid))
+                except OSError:
+                    pass  # it has ended (or ends now, as its cgroups are killed)
+            ahead.discard()
+        pid = _pid_of(pidfd)
+        if not self.group.dirs:
+            limits = self.limits
+            self.group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
+        return pid, sandbox.vet(pid, pidfd, self.group)
 
 
 _PINNED: Final = 1024**2  #: what a command that left shared memory counts for, at least (`_kept`)
