@@ -4,6 +4,7 @@ scrape time. Labels are low-cardinality (status, priority, reason, route templat
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from functools import cache
 from typing import Final
 
@@ -19,6 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from wsrunner import __version__
 
@@ -28,6 +30,8 @@ _HTTP_SECONDS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 REQUEUE_REASONS: Final = ("shutdown", "dead_daemon", "start_failed", "missing_from_queue")
 REAP_OUTCOMES: Final = ("requeued", "failed")
 DEAD_LETTER_REASONS: Final = ("invalid_json", "invalid_payload")
+WARM_STARTS: Final = ("ahead", "joined", "cold")  #: how a command that may run warm started
+WARM_STOPS: Final = ("idle", "room", "replaced", "failed", "shutdown")
 
 # A `_created` series per counter and histogram child only adds samples: Prometheus reads resets
 # from the counters themselves. The switch is process-wide; this module is the only exporter.
@@ -166,6 +170,8 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        self.warm = _WarmCollector()
+        r.register(self.warm)
         build = Gauge("wsrunner_build_info", "Version of this daemon", ["version"], registry=r)
         build.labels(version=__version__).set(1)
         # The children every task feeds, by their label values in order, remembered: `labels()`
@@ -196,3 +202,48 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WarmCollector:
+    """The warm sandboxes, as last seen (`seen`, at scrape time): gauges of the live ones and
+    counters the sandbox pool keeps (every label value from the start, at 0)."""
+
+    def __init__(self) -> None:
+        self.alive = self.running = self.starts = 0
+        self.commands: Mapping[str, int] = {}
+        self.stops: Mapping[str, int] = {}
+
+    def seen(
+        self,
+        alive: int,
+        running: int,
+        starts: int,
+        commands: Mapping[str, int],
+        stops: Mapping[str, int],
+    ) -> None:
+        self.alive, self.running, self.starts = alive, running, starts
+        self.commands, self.stops = dict(commands), dict(stops)
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("wsrunner_warm_sandboxes", "Live warm sandboxes", self.alive)
+        yield GaugeMetricFamily(
+            "wsrunner_warm_commands_running", "Commands running in warm sandboxes", self.running
+        )
+        yield CounterMetricFamily(
+            "wsrunner_warm_sandbox_starts", "Warm sandboxes started", self.starts
+        )
+        stops = CounterMetricFamily(
+            "wsrunner_warm_sandbox_stops", "Warm sandboxes ended, by why", labels=["reason"]
+        )
+        for reason in WARM_STOPS:
+            stops.add_metric([reason], self.stops.get(reason, 0))
+        yield stops
+        commands = CounterMetricFamily(
+            "wsrunner_warm_commands",
+            "Commands that may run in a warm sandbox, by how they started: in cgroups made "
+            "ahead, in cgroups made as they started, or cold",
+            labels=["start"],
+        )
+        for start in WARM_STARTS:
+            commands.add_metric([start], self.commands.get(start, 0))
+        yield commands

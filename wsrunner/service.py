@@ -284,6 +284,9 @@ class Service:
         m.slots_capacity.set(self.settings.concurrency)
         m.slots_busy.set(stats.running if stats is not None else 0)
         m.sse_subscribers.set(sse_subscribers)
+        if self.ops is not None and (pool := self.ops.executor.sandbox.warm) is not None:
+            live = pool.statistics()
+            m.warm.seen(live["alive"], live["active"], pool.starts, pool.commands, pool.stops)
         return m.render()
 
     # --- agent tools ---------------------------------------------------------------------------

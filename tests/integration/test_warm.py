@@ -32,6 +32,7 @@ from tests.conftest import (
     wait_for,
     wait_terminal,
 )
+from tests.integration.test_metrics import samples
 from tests.reliability.conftest import Deployment
 from tests.system.test_invariants import TASK_ENV
 from wsrunner.daemon import Daemon, reload_policy
@@ -39,6 +40,7 @@ from wsrunner.execution.process import Capture
 from wsrunner.execution.sandbox import Sandbox, cgroups
 from wsrunner.execution.sandbox.warm import SUPERVISOR, WarmCommand, WarmKey, WarmSandbox
 from wsrunner.execution.sandbox.warm_pool import WarmPool
+from wsrunner.metrics import WARM_STARTS, WARM_STOPS
 from wsrunner.policy import bundled_policy, load_policy
 
 #: The variables of a task's commands (wsrunner/workspace/directories.py `open_task`).
@@ -616,3 +618,26 @@ async def test_the_daemon_takes_nothing_a_supervisor_says_on_trust(lie: str, rea
         for group in groups:
             await trio.to_thread.run_sync(group.kill)
             await trio.to_thread.run_sync(group.remove)
+
+
+async def test_metrics_show_the_sandboxes_and_how_commands_started(
+    warm: Any, tmp_path: Path
+) -> None:
+    """The pool's numbers reach /metrics: live sandboxes, commands by how they started (in
+    cgroups made ahead, made as they started, or cold) and sandboxes by why they ended."""
+    daemon = await warm()
+    for _ in range(3):
+        assert (await run(daemon, "ws-metrics", "true"))["exit_code"] == 0
+    write_policy(tmp_path / "policy.yaml", memory="96MiB")  # a new key: a new sandbox
+    assert await reload_policy(daemon.policy, daemon.metrics)
+    assert (await run(daemon, "ws-metrics", "true"))["exit_code"] == 0
+    await wait_for(lambda: pool_of(daemon).stops["replaced"] == 1)
+    m = samples((await daemon.service.metrics_text()).decode())
+    assert m[("wsrunner_warm_sandboxes", ())] == 1
+    assert m[("wsrunner_warm_commands_running", ())] == 0
+    assert m[("wsrunner_warm_sandbox_starts_total", ())] == 2
+    started = {s: m[("wsrunner_warm_commands_total", (("start", s),))] for s in WARM_STARTS}
+    # Each sandbox's first command makes its own cgroups: the limits are not known before.
+    assert started == {"ahead": 2, "joined": 2, "cold": 0}, started
+    stops = {r: m[("wsrunner_warm_sandbox_stops_total", (("reason", r),))] for r in WARM_STOPS}
+    assert stops == {"idle": 0, "room": 0, "replaced": 1, "failed": 0, "shutdown": 0}, stops

@@ -635,6 +635,8 @@ class Sandbox:
                     finally:
                         pool.release(sandbox)
                     return
+            if pool is not None and pool.serving:
+                pool.commands["cold"] += 1  # it could have run warm
             if grouped and not group.dirs:  # it runs cold after all
                 await trio.to_thread.run_sync(create, limiter=self._limiter)
             egress_fds = None

@@ -42,6 +42,7 @@ import select
 import signal
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ START_S: Final = 20.0  #: a new sandbox reports ready within this, or is given u
 REPLY_S: Final = 10.0  #: the supervisor answers a spawn request within this
 EXIT_REPORT_S: Final = 10.0  #: ... and reports an exit within this after the process ended
 EXIT_NOT_STARTED: Final = 125
+STOPPED: Final = "the warm sandbox was stopped"  #: why it ended, when nothing else said
 _MESSAGE_BYTES: Final = 4096
 _BATCH: Final = 64  #: messages applied per wake-up, at most
 _STDERR_KEPT: Final = 4096
@@ -204,6 +206,9 @@ class WarmSandbox:
         #: why it should start no more commands (the pool replaces it, and stops it once idle)
         self.worn: str | None = None
         self.kept = 0  #: bytes its ended commands left charged to their cgroups (`_kept`)
+        self.stopped_as: str | None = None  #: why its pool stopped it (`WarmPool.stops`)
+        #: its commands by how they started (`WarmPool.commands`: the pool's, once it has it)
+        self.commands: Counter[str] = Counter()
         #: what the supervisor's forks inherit from it (`_inherited`), as it started
         self.inherited: list[str] = []
         self.active = 0
@@ -328,7 +333,7 @@ class WarmSandbox:
                         await self._step(ready)
                     nursery.cancel_scope.cancel()
         finally:
-            self.failure = self.failure or "the warm sandbox was stopped"
+            self.failure = self.failure or STOPPED
             for pending in self._pending.values():
                 pending.error = pending.error or self.failure
                 pending.started.set()
@@ -754,6 +759,7 @@ class WarmCommand:
                 if _inherited(ahead.pid) != sandbox.inherited:
                     sandbox.wear(_CHANGED)
                     raise WarmFailure("its process's limits were changed by another command")
+                sandbox.commands["ahead"] += 1
                 return ahead.pid
         with trio.CancelScope(shield=True):  # bounded work, and `ahead` must not leak
             pid, verdict = await trio.to_thread.run_sync(
@@ -762,6 +768,7 @@ class WarmCommand:
         verdict.apply(sandbox)
         if verdict.problem is not None:
             raise WarmFailure(sandbox.failure if verdict.fails else verdict.problem)
+        sandbox.commands["joined"] += 1
         return pid
 
     def _adopt(self, pidfd: int, ahead: _Ahead | None) -> tuple[int, _Verdict]:

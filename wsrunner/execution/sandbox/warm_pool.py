@@ -13,14 +13,14 @@ changing its key. When the pool stops, every sandbox is stopped.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final
 
 import trio
 
-from wsrunner.execution.sandbox.warm import WarmFailure, WarmKey, WarmSandbox
+from wsrunner.execution.sandbox.warm import STOPPED, WarmFailure, WarmKey, WarmSandbox
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ class WarmPool:
         self.idle_s = idle_s
         self.max_alive = max_alive
         self.starts = 0  #: sandboxes started, for statistics
+        #: commands by how they started: "ahead" (in cgroups made before they asked), "joined"
+        #: (in cgroups made as they started) or "cold" (no warm sandbox for them)
+        self.commands: Counter[str] = Counter()
+        #: sandboxes by why they ended: "idle", "room" (the least recently used), "replaced",
+        #: "failed" or "shutdown"
+        self.stops: Counter[str] = Counter()
         self._alive: OrderedDict[WarmKey, WarmSandbox] = OrderedDict()
         self._starting: dict[WarmKey, trio.Event] = {}
         self._failed: dict[WarmKey, float] = {}
@@ -71,7 +77,7 @@ class WarmPool:
                 if sandbox.active == 0:
                     if (at := sandbox.last_used + self.idle_s) <= now:
                         self._drop(sandbox)
-                        sandbox.stop(f"unused for {self.idle_s:g}s")
+                        self._stop(sandbox, "idle", f"unused for {self.idle_s:g}s")
                     else:
                         due = min(due, at)
             with trio.move_on_at(due):
@@ -122,8 +128,9 @@ class WarmPool:
                     self._failed[key] = trio.current_time()
                     return None
                 self.starts += 1
+                sandbox.commands = self.commands
                 if self._nursery is None:  # the pool stopped meanwhile: this one ends at once
-                    sandbox.stop("the warm sandboxes are stopping")
+                    self._stop(sandbox, "shutdown", "the warm sandboxes are stopping")
                     with trio.CancelScope(shield=True):
                         await sandbox.serve(self._forget)
                     return None
@@ -152,7 +159,7 @@ class WarmPool:
         self._drop(sandbox)
         sandbox.wear(reason)
         if sandbox.active == 0:
-            sandbox.stop(f"replaced: {reason}")
+            self._stop(sandbox, "replaced", f"replaced: {reason}")
 
     def _make_room(self) -> bool:
         if len(self._alive) + len(self._starting) < self.max_alive:
@@ -160,9 +167,14 @@ class WarmPool:
         for sandbox in self._alive.values():  # least recently used first
             if sandbox.active == 0:
                 self._drop(sandbox)
-                sandbox.stop("the least recently used, stopped to make room")
+                self._stop(sandbox, "room", "the least recently used, stopped to make room")
                 return True
         return False
+
+    @staticmethod
+    def _stop(sandbox: WarmSandbox, kind: str, reason: str) -> None:
+        sandbox.stopped_as = sandbox.stopped_as or kind
+        sandbox.stop(reason)
 
     def _drop(self, sandbox: WarmSandbox) -> None:
         if self._alive.get(sandbox.key) is sandbox:
@@ -170,6 +182,8 @@ class WarmPool:
 
     def _forget(self, sandbox: WarmSandbox) -> None:
         self._drop(sandbox)
+        kind = "shutdown" if sandbox.failure == STOPPED else "failed"
+        self.stops[sandbox.stopped_as or kind] += 1
         if sandbox.supervisor_pid < 0:
             self._failed[sandbox.key] = trio.current_time()
             logger.error(
