@@ -18,7 +18,22 @@ Workloads (issue 6):
 
 `<peer>+pg` is the peer whose job also writes a PostgreSQL record of its task when it starts and
 when it ends, as wsrunner does (bench/peers/common.py): a comparison at the same durability, in
-the last column. The full run includes dramatiq+pg and saq+pg; --only can name any of them.
+the column `wsrunner/best +pg`. The full run includes dramatiq+pg and saq+pg; --only can name any
+of them.
+
+`dramatiq+pg+bwrap` is dramatiq+pg whose job runs its command as wsrunner runs a cold sandboxed
+one (bench/peers/sandbox.py), compared with wsrunner+sandbox in the column `sandbox/best +bwrap`:
+the same durability and the same isolation. Per command it pays what wsrunner's cold launch
+does: a cgroup in every hierarchy with the bundled policy's memory, pids and CPU limits (made,
+then killed and removed, by wsrunner's cgroups.py), the set-up shell joining them and setting the
+rlimits, setpriv to a workspace uid (as root), and bubblewrap with wsrunner's profile (its
+mounts, new user/pid/net/ipc/uts/mount namespaces, no capabilities), seccomp filter and memfds.
+The chain is wsrunner's own, built by its Sandbox for a bench workspace at the round's start
+(`export_cold_chain`), so the job does not look up per command what wsrunner's launch does (the
+workspace's owner and protected paths) and gets no more than the daemon around it (no command
+policy, no quota check, no output capture; as for every peer, `true` runs without a shell).
+wsrunner itself starts a command in its workspace's warm sandbox by default; Dramatiq has none,
+so every command of this peer builds its sandbox cold.
 
 Every system uses the same Redis (its own database or key prefix) and one worker process (RQ:
 its pool of 3 work horses). The peers are installed from PyPI into bench/.venv and
@@ -31,6 +46,8 @@ this prints numbers.
 from __future__ import annotations
 
 import argparse
+import base64
+import itertools
 import json
 import os
 import statistics
@@ -45,7 +62,9 @@ from typing import Any
 
 import psycopg
 import redis
+import trio
 from machine import cpu_s, machine_busy_s  # bench/, the script's directory
+from sandbox_overhead import Bench
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
@@ -84,13 +103,110 @@ def peer_python(venv: str) -> Path:
     return py
 
 
+#: bubblewrap's options whose value is a descriptor, of those wsrunner's launch uses
+FD_OPTIONS = {
+    "--args",
+    "--ro-bind-data",
+    "--seccomp",
+    "--bind-fd",
+    "--ro-bind-fd",
+    "--info-fd",
+    "--block-fd",
+}
+
+
+def export_cold_chain(tmp: Path) -> Path:
+    """wsrunner's cold launch of a command (network none, the bundled policy) in a workspace
+    under `tmp`, written as the template bench/peers/sandbox.py runs; its path.
+
+    What is new for every command becomes a token: the command, its cgroup.procs files, and
+    each descriptor bubblewrap reads (its data files and the argument file that names them).
+    """
+    volume = tmp / "volume"
+    volume.mkdir(mode=0o711)
+
+    async def launch() -> tuple[Bench, list[str], dict[str, str], dict[int, bytes]]:
+        bench = await Bench.open(volume)
+        if (refused := bench.sandbox.isolation.refusal("full")) is not None:
+            raise refused
+        async with bench.sandbox.launch(
+            ["{command}"],
+            root=str(bench.root),
+            cwd=str(bench.root),
+            policy=bench.policy.sandbox,
+            limits=bench.policy.limits,
+            network="none",
+            env={"PATH": "/usr/bin:/bin"},
+        ) as cold:
+            files = {fd: os.pread(fd, os.fstat(fd).st_size, 0) for fd in cold.pass_fds}
+            return bench, cold.argv, cold.env, files
+
+    bench, argv, env, files = trio.run(launch)
+    argfile = int(argv[argv.index("--args") + 1])
+    order = [*(fd for fd in files if fd != argfile), argfile]  # the argument file names the rest
+    used: set[int] = set()
+
+    def template(items: list[str]) -> list[str]:
+        out = []
+        for before, item in itertools.pairwise(["", *items]):
+            if before in FD_OPTIONS:
+                used.add(fd := int(item))
+                item = f"{{fd{order.index(fd)}}}"
+            out.append(item)
+        return out
+
+    setup = argv[: argv.index("--")]
+    procs = [i for i, item in enumerate(setup) if item.endswith("/cgroup.procs")]
+    hierarchies = bench.sandbox.isolation.cgroups.hierarchies
+    assert len(procs) == len(hierarchies), (procs, hierarchies)
+    if procs:
+        argv = [*argv[: procs[0]], "{cgroup.procs}", *argv[procs[-1] + 1 :]]
+    args = [os.fsdecode(a) for a in files[argfile].split(b"\0")[:-1]]
+    spec = {
+        "argv": template(argv),
+        "env": env,
+        "files": [
+            {"args": template(args)}
+            if fd == argfile
+            else {"data": base64.b64encode(files[fd]).decode()}
+            for fd in order
+        ],
+        "cgroups": [
+            {
+                "kind": h.kind,
+                "base": h.base,
+                "controllers": sorted(h.controllers),
+                "kill": h.can_kill,
+            }
+            for h in hierarchies
+        ],
+        "limits": {
+            "memory": bench.policy.limits.memory_bytes,
+            "pids": bench.policy.limits.pids,
+            "cpus": bench.policy.limits.cpus,
+        },
+    }
+    assert used == set(files), f"descriptors not found in the launch: {set(files) - used}"
+    (path := tmp / "cold-chain.json").write_text(json.dumps(spec))
+    return path
+
+
 def peer_round(system: str, workload: str, n: int, db: int) -> dict[str, Any]:
     """One round of a peer; `<peer>+pg` is the peer whose job also keeps a PostgreSQL record
-    of its task (bench/peers/common.py), in a table of its own, dropped afterwards."""
-    peer = system.removesuffix("+pg")
+    of its task (bench/peers/common.py), in a table of its own, dropped afterwards, and
+    `<peer>+pg+bwrap` one whose job also runs its command through wsrunner's cold sandbox."""
+    with tempfile.TemporaryDirectory(prefix="wsr-bench-") as tmp:
+        os.chmod(tmp, 0o711)  # the workspace's uid goes through
+        return _peer_round(system, workload, n, db, Path(tmp))
+
+
+def _peer_round(system: str, workload: str, n: int, db: int, tmp: Path) -> dict[str, Any]:
+    peer, *extras = system.split("+")
     env = {**os.environ, "BENCH_REDIS_URL": f"{REDIS_URL}/{db}", "PYTHONPATH": str(ROOT)}
+    if "bwrap" in extras:
+        env["BENCH_PEER_SANDBOX"] = str(export_cold_chain(tmp))
     table = None
-    if system.endswith("+pg"):
+    if "pg" in extras:
         table = f"bench_peer_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(DATABASE_URL, autocommit=True) as c:
             c.execute(
@@ -485,9 +601,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="systems to run (default: all)")
     parser.add_argument("--workloads", nargs="*", default=WORKLOADS, choices=WORKLOADS)
     args = parser.parse_args()
-    # The two fastest peers again with the same PostgreSQL record as wsrunner; any `<peer>+pg`
-    # can be named with --only.
-    systems = ["wsrunner", "wsrunner+sandbox", *PEERS, "dramatiq+pg", "saq+pg"]
+    # The two fastest peers again with the same PostgreSQL record as wsrunner (any `<peer>+pg`
+    # can be named with --only), and Dramatiq's again with wsrunner's sandbox too.
+    systems = ["wsrunner", "wsrunner+sandbox", *PEERS, "dramatiq+pg", "saq+pg", "dramatiq+pg+bwrap"]
     if args.only:
         known = dict.fromkeys([*systems, *(f"{p}+pg" for p in PEERS)])
         systems = [s for s in known if s in args.only]
@@ -544,10 +660,18 @@ def print_table(
         f"\n{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
         f"median of {args.rounds} rounds [range] where a workload ran more than once"
     )
-    peers = [s for s in systems if not s.startswith("wsrunner") and not s.endswith("+pg")]
-    durable = [s for s in systems if s.endswith("+pg")]  # the peers given the same record
-    head = f"{'metric':40}" + "".join(f"{s:>20}" for s in systems) + f"{'wsrunner/best peer':>20}"
-    print(head + (f"{'wsrunner/best +pg':>20}" if durable else ""))
+    peers = [s for s in systems if not s.startswith("wsrunner")]
+    # Each ratio column: its label, which wsrunner, and the peers it is compared with.
+    columns = [
+        ("wsrunner/best peer", "wsrunner", [s for s in peers if "+" not in s]),
+        # the peers given the same record
+        ("wsrunner/best +pg", "wsrunner", [s for s in peers if s.endswith("+pg")]),
+        # ... and the same sandbox
+        ("sandbox/best +bwrap", "wsrunner+sandbox", [s for s in peers if s.endswith("+bwrap")]),
+    ]
+    columns = [c for c in columns if c[2]]
+    head = f"{'metric':40}" + "".join(f"{s:>20}" for s in [*systems, *(c[0] for c in columns)])
+    print(head)
     for workload, metrics in METRICS.items():
         for key, label, lower, fmt in metrics:
             cells, medians = [], {}
@@ -565,13 +689,10 @@ def print_table(
                 cells.append(text)
             if not any(c not in ("-", "n/a") for c in cells):
                 continue
-            ratios = [_ratio(medians, group, lower=lower, fmt=fmt) for group in (peers, durable)]
-            print(
-                f"{label:40}"
-                + "".join(f"{c:>20}" for c in cells)
-                + f"{ratios[0]:>20}"
-                + (f"{ratios[1]:>20}" if durable else "")
-            )
+            ratios = [
+                _ratio(medians, ours, group, lower=lower, fmt=fmt) for _, ours, group in columns
+            ]
+            print(f"{label:40}" + "".join(f"{c:>20}" for c in [*cells, *ratios]))
     for key, value in machine.items():
         print(f"{'machine: ' + key:40}{value:>20.1f}")
     if "drain" in args.workloads:
@@ -581,13 +702,13 @@ def print_table(
         )
 
 
-def _ratio(medians: dict[str, float], group: list[str], *, lower: bool, fmt: str) -> str:
-    """wsrunner's median over the best of `group`'s ("" when there is nothing to compare)."""
+def _ratio(medians: dict[str, float], ours: str, group: list[str], *, lower: bool, fmt: str) -> str:
+    """The median of `ours` over the best of `group`'s ("" when there is nothing to compare)."""
     best = [medians[p] for p in group if p in medians]
-    if not best or "wsrunner" not in medians or fmt == "d":
+    if not best or ours not in medians or fmt == "d":
         return ""
     top = min(best) if lower else max(best)
-    return f"{medians['wsrunner'] / top:.2f}" if top else ""
+    return f"{medians[ours] / top:.2f}" if top else ""
 
 
 if __name__ == "__main__":

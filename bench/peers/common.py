@@ -5,6 +5,9 @@ PostgreSQL record of its task as wsrunner does: a row written when it starts and
 its result when it ends, two autocommitted statements (synchronous commit) on a connection of
 its own thread (or, async, one free connection per running job). The table (BENCH_PEER_TABLE)
 is made by the round; it is smaller than wsrunner's (5 columns and 2 indexes against 38 and 6).
+
+With BENCH_PEER_SANDBOX set too (`dramatiq+pg+bwrap`), the sync job runs its command through
+wsrunner's cold sandbox launch (bench/peers/sandbox.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import time
 from typing import Any
 
 import redis
+
+from bench.peers.sandbox import CHAIN
 
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
 DATABASE_URL = os.environ.get("BENCH_PEER_DATABASE_URL")
@@ -46,7 +51,10 @@ def job_sync(run: str, tid: str) -> None:
     _r.hset(f"bench:{run}:start", tid, time.time())
     if DATABASE_URL:
         _connection().execute(START, [f"{run}:{tid}"])
-    subprocess.run(["true"], check=True)
+    if CHAIN is not None:
+        CHAIN.run(["true"], check=True)
+    else:
+        subprocess.run(["true"], check=True)
     if DATABASE_URL:
         _connection().execute(END, [_result(), f"{run}:{tid}"])
     _r.hset(f"bench:{run}:done", tid, time.time())
