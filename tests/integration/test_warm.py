@@ -8,8 +8,10 @@ by the workspace's uid.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -38,6 +40,7 @@ from tests.system.test_invariants import TASK_ENV
 from wsrunner.daemon import Daemon, reload_policy
 from wsrunner.execution.process import Capture
 from wsrunner.execution.sandbox import Sandbox, cgroups
+from wsrunner.execution.sandbox.supervisor import receive
 from wsrunner.execution.sandbox.warm import SUPERVISOR, WarmCommand, WarmKey, WarmSandbox
 from wsrunner.execution.sandbox.warm_pool import WarmPool
 from wsrunner.metrics import WARM_STARTS, WARM_STOPS
@@ -543,6 +546,28 @@ def test_the_supervisor_runs_without_wsrunner() -> None:
     assert "IndexError" in done.stderr.splitlines()[-1], done.stderr  # it wants its socket
     imports = [ln.split()[1] for ln in source.splitlines() if ln.startswith(("import ", "from "))]
     assert imports and not [name for name in imports if name.startswith("wsrunner")]
+
+
+def test_descriptors_received_from_a_supervisor_are_not_inherited() -> None:
+    """The daemon holds pidfds a supervisor sent (its spares', its commands') while it starts
+    cold sandboxes; inheritable, they were passed into them (I1: `socket.recv_fds` of Python
+    3.11 drops MSG_CMSG_CLOEXEC). A descriptor received is close-on-exec; a child started
+    meanwhile holds none of them."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        pidfd = os.pidfd_open(os.getpid())
+        socket.send_fds(theirs, [b"{}"], [pidfd])
+        os.close(pidfd)
+        data, fds, _ = receive(ours, 2, socket.MSG_CMSG_CLOEXEC)
+        try:
+            assert data == b"{}" and len(fds) == 1
+            assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            held = subprocess.run(
+                ["ls", "/proc/self/fd"], capture_output=True, text=True, close_fds=False
+            )
+            assert str(fds[0]) not in held.stdout.split(), held.stdout
+        finally:
+            os.close(fds[0])
 
 
 async def test_a_sandbox_records_its_supervisor(warm: Any) -> None:

@@ -32,6 +32,7 @@ with pid 1 gone the kernel kills every process left in the sandbox.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import json
 import os
@@ -56,6 +57,20 @@ RLIMITS: Final = {
 
 def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
     socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
+
+
+def receive(sock: socket.socket, maxfds: int, flags: int = 0) -> tuple[bytes, list[int], int]:
+    """A message, the descriptors that came with it and the message flags; `socket.recv_fds`
+    with its `flags` applied: Python 3.11's drops them, so MSG_CMSG_CLOEXEC was not set and
+    every descriptor received was inherited by the next process started."""
+    ints = array.array("i")
+    data, ancillary, msg_flags, _ = sock.recvmsg(
+        MESSAGE_BYTES, socket.CMSG_LEN(maxfds * ints.itemsize), flags
+    )
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            ints.frombytes(payload[: len(payload) - len(payload) % ints.itemsize])
+    return data, list(ints), msg_flags
 
 
 def harden() -> None:
@@ -87,7 +102,7 @@ def become(sock: socket.socket) -> None:
         top = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         os.closerange(3, sock.fileno())
         os.closerange(sock.fileno() + 1, top)
-        _, fds, _, _ = socket.recv_fds(sock, MESSAGE_BYTES, 8)
+        _, fds, _ = receive(sock, 8)
         if len(fds) != 5:
             os._exit(EXIT_NOT_STARTED)  # the supervisor has gone, or gave up on this spare
         stdin, stdout, stderr, go, body = fds
@@ -213,9 +228,7 @@ class Supervisor:
                         except BlockingIOError:
                             break
                     continue
-                data, fds, _, _ = socket.recv_fds(
-                    self.sock, MESSAGE_BYTES, 8, socket.MSG_CMSG_CLOEXEC
-                )
+                data, fds, _ = receive(self.sock, 8, socket.MSG_CMSG_CLOEXEC)
                 if not data:
                     return  # the daemon is gone
                 try:

@@ -52,6 +52,7 @@ import trio
 
 from wsrunner.execution.process import PIPE_BYTES, Capture, Watch, _Child, _pump
 from wsrunner.execution.sandbox.cgroups import CommandGroup
+from wsrunner.execution.sandbox.supervisor import receive
 from wsrunner.policy import Limits, SandboxPolicy
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,6 @@ REPLY_S: Final = 10.0  #: the supervisor answers a spawn request within this
 EXIT_REPORT_S: Final = 10.0  #: ... and reports an exit within this after the process ended
 EXIT_NOT_STARTED: Final = 125
 STOPPED: Final = "the warm sandbox was stopped"  #: why it ended, when nothing else said
-_MESSAGE_BYTES: Final = 4096
 _BATCH: Final = 64  #: messages applied per wake-up, at most
 _STDERR_KEPT: Final = 4096
 
@@ -374,8 +374,8 @@ class WarmSandbox:
             if self.failure is not None:
                 return
             try:
-                data, fds, flags, _ = socket.recv_fds(
-                    self.sock, _MESSAGE_BYTES, 2, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+                data, fds, flags = receive(
+                    self.sock, 2, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 return
