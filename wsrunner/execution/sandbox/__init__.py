@@ -686,10 +686,11 @@ class Sandbox:
             # No cgroups (none on this host, or none created): nothing to do. A warm command's
             # were emptied as it ended (`WarmCommand.run`): what they show is read now, and
             # their removal need not hold up its result.
-            if group.dirs and launch and launch.warm and pool is not None and pool.serving:
+            handed = False  #: to its sandbox, which removes them
+            if group.dirs and launch is not None and launch.warm is not None:
                 launch.limits_hit = group.limits_hit()
-                pool.later(partial(self._finish, group, None), self._limiter)
-            elif group.dirs:
+                handed = launch.warm.sandbox.remove_later(group)
+            if group.dirs and not handed:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(
                         self._finish, group, launch, limiter=self._limiter

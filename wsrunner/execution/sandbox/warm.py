@@ -51,7 +51,7 @@ from typing import Any, Final
 import trio
 
 from wsrunner.execution.process import PIPE_BYTES, Capture, Watch, _Child, _pump
-from wsrunner.execution.sandbox.cgroups import CommandGroup
+from wsrunner.execution.sandbox.cgroups import CommandGroup, read
 from wsrunner.execution.sandbox.supervisor import receive
 from wsrunner.policy import Limits, SandboxPolicy
 
@@ -72,6 +72,7 @@ SUPERVISOR_PIDS: Final = 64
 #: (`bench/sandbox_overhead.py`: a third of the time, and a p95 of 32 ms); 0.4 did not.
 SUPERVISOR_CPUS: Final = 0.4
 START_S: Final = 20.0  #: a new sandbox reports ready within this, or is given up
+TIDY_S: Final = 1.0  #: ended commands' cgroups wait this long for a spare's making, at most
 REPLY_S: Final = 10.0  #: the supervisor answers a spawn request within this
 EXIT_REPORT_S: Final = 10.0  #: ... and reports an exit within this after the process ended
 EXIT_NOT_STARTED: Final = 125
@@ -130,6 +131,15 @@ class _Ahead:
 
 
 _CHANGED: Final = "a command changed its supervisor's limits or scheduling"
+
+
+def _remove(groups: list[CommandGroup]) -> None:
+    """In a worker thread: check ended commands' cgroups empty (killing what is left) and
+    remove them."""
+    for group in groups:
+        if not group.kill():
+            logger.error("processes survived a cgroup kill: %s", ", ".join(group.procs_files))
+        group.remove()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +236,9 @@ class WarmSandbox:
         self._announce = trio.Event()
         self._ahead: _Ahead | None = None  #: the spare made ready, or being made ready
         self._stale: list[_Ahead] = []  #: spares made ready that no command will use
+        self._emptied: list[CommandGroup] = []  #: ended commands' cgroups, to remove
+        self._closed = False  #: it takes no more cgroups to remove
+        self._waiting = trio.CancelScope()  #: `_keep_ahead`'s wait for the next spare
 
     @classmethod
     def spawn(
@@ -334,6 +347,7 @@ class WarmSandbox:
                     nursery.cancel_scope.cancel()
         finally:
             self.failure = self.failure or STOPPED
+            self._closed = True
             for pending in self._pending.values():
                 pending.error = pending.error or self.failure
                 pending.started.set()
@@ -446,33 +460,57 @@ class WarmSandbox:
         if pid > 0 and ahead is not None and _pid_of(ahead.pidfd) == pid:
             pending.ahead, self._ahead = ahead, None
 
+    def remove_later(self, group: CommandGroup) -> bool:
+        """Take an ended command's emptied cgroups to remove with the next spare's making (one
+        worker thread for both), or within TIDY_S; False once the sandbox is ending."""
+        if self._closed:
+            return False
+        self._emptied.append(group)
+        due = trio.current_time() + TIDY_S
+        self._waiting.deadline = min(self._waiting.deadline, due)
+        return True
+
     async def _keep_ahead(self) -> None:
         """Make each new spare ready for the next command, in cgroups of its own with the last
-        command's limits (none before the first command: their limits are not known)."""
+        command's limits (none before the first command: their limits are not known), and
+        remove the cgroups no command will use any more."""
         while True:
-            await self._announce.wait()
+            with trio.CancelScope() as self._waiting:
+                if self._emptied or self._stale:
+                    self._waiting.deadline = trio.current_time() + TIDY_S
+                await self._announce.wait()
             self._announce = trio.Event()
-            if self.limits is None or self._announced < 0 or self.worn is not None:
+            ahead = None
+            if self.limits is not None and self._announced >= 0 and self.worn is None:
+                pidfd, self._announced = self._announced, -1
+                if self._ahead is not None:
+                    self.discard(self._ahead)
+                self._ahead = None
+                group = CommandGroup(self.group.support, f"cmd-{uuid.uuid4().hex[:12]}")
+                ahead = self._ahead = _Ahead(_pid_of(pidfd), pidfd, self.limits, group)
+            elif not (self._emptied or self._stale):
                 continue
-            pidfd, self._announced = self._announced, -1
-            if self._ahead is not None:
-                self.discard(self._ahead)
-            stale, self._stale, self._ahead = self._stale, [], None
-            group = CommandGroup(self.group.support, f"cmd-{uuid.uuid4().hex[:12]}")
-            ahead = self._ahead = _Ahead(_pid_of(pidfd), pidfd, self.limits, group)
+            stale, self._stale, emptied, self._emptied = self._stale, [], self._emptied, []
             with trio.CancelScope(shield=True):  # bounded work, and nothing may leak
                 verdict = await trio.to_thread.run_sync(
-                    self._make_ready, ahead, stale, limiter=self.limiter
+                    self._make_ready, ahead, stale, emptied, limiter=self.limiter
                 )
-            ahead.ready = verdict.problem is None
-            ahead.done.set()
+            if ahead is not None:
+                ahead.ready = verdict.problem is None
+                ahead.done.set()
             verdict.apply(self)
 
-    def _make_ready(self, ahead: _Ahead, stale: list[_Ahead]) -> _Verdict:
-        """In a worker thread: the cgroups of `ahead`, made, and its spare in them once it is
-        vetted; else the cgroups removed. The `stale` ones are discarded first."""
+    def _make_ready(
+        self, ahead: _Ahead | None, stale: list[_Ahead], emptied: list[CommandGroup]
+    ) -> _Verdict:
+        """In a worker thread: remove the `emptied` cgroups and discard the `stale` spares;
+        then the cgroups of `ahead`, made, and its spare in them once it is vetted (else the
+        cgroups removed)."""
+        _remove(emptied)
         for old in stale:
             old.discard()
+        if ahead is None:
+            return _Verdict(None)
         limits = ahead.limits
         try:
             ahead.group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
@@ -491,10 +529,10 @@ class WarmSandbox:
         unchanged, and move it into `group`."""
         if pid <= 0:
             return _Verdict("the command's process ended before it started")
-        status = _read(f"/proc/{pid}/status")
+        status = read(f"/proc/{pid}/status")
         parent = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), "")
         first = self.group.procs_files[0]
-        if parent != str(self.supervisor_pid) or str(pid) not in _read(first).split():
+        if parent != str(self.supervisor_pid) or str(pid) not in read(first).split():
             if not status or select.select([pidfd], [], [], 0)[0]:
                 return _Verdict("the command's process ended before it started")
             why = f"its supervisor named process {pid}, not a fork of its own"
@@ -535,6 +573,7 @@ class WarmSandbox:
             )
         os.waitpid(self.pid, 0)
         self.group.remove()
+        _remove(self._emptied)
         for ahead in [*self._stale, *([self._ahead] if self._ahead else [])]:
             ahead.discard()  # its spare died with the sandbox's pid 1
         if self._announced >= 0:
@@ -673,7 +712,7 @@ class WarmCommand:
         """Whether a process is left in the command's cgroups (every process of the command is
         in each of them: one list is enough). Read on the event loop, as the pipes are: a
         short list the kernel makes, no disk."""
-        return bool(_read(self.group.procs_files[0]).strip())
+        return bool(read(self.group.procs_files[0]).strip())
 
     def _request(self) -> bytes:
         return json.dumps(
@@ -754,7 +793,7 @@ class WarmCommand:
                 os.close(ahead.pidfd)
                 # What the supervisor's forks inherit was checked as it was made ready; a
                 # command may have changed it since. Read on the event loop, as `occupied`.
-                if str(ahead.pid) not in _read(self.group.procs_files[0]).split():
+                if str(ahead.pid) not in read(self.group.procs_files[0]).split():
                     raise WarmFailure("the command's process ended before it started")
                 if _inherited(ahead.pid) != sandbox.inherited:
                     sandbox.wear(_CHANGED)
@@ -806,12 +845,12 @@ def _inherited(pid: int) -> list[str]:
     change: the lines of /proc/PID/limits (but the header and those each command sets), the
     nice value, scheduling policy and priority, the CPUs allowed and the I/O priority.
     Empty once the process has gone."""
-    lines = _read(f"/proc/{pid}/limits").splitlines()[1:]
+    lines = read(f"/proc/{pid}/limits").splitlines()[1:]
     out = [line for line in lines if not line.startswith(_SET_PER_COMMAND)]
-    stat = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    stat = read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
     if len(stat) > 38:  # fields 19 (nice), 40 (rt_priority), 41 (policy)
         out.append(f"nice {stat[16]} priority {stat[37]} policy {stat[38]}")
-    status = _read(f"/proc/{pid}/status").splitlines()
+    status = read(f"/proc/{pid}/status").splitlines()
     out += [line for line in status if line.startswith("Cpus_allowed_list:")]
     if _IOPRIO_GET is not None:
         out.append(f"ioprio {_libc.syscall(_IOPRIO_GET, 1, pid)}")  # IOPRIO_WHO_PROCESS
@@ -833,18 +872,10 @@ def _kept(group: CommandGroup) -> int:
     for hierarchy, path in group.dirs:
         if "memory" not in hierarchy.controllers:
             continue
-        stat = dict(line.split() for line in _read(f"{path}/memory.stat").splitlines())
+        stat = dict(line.split() for line in read(f"{path}/memory.stat").splitlines())
         shared += int(stat.get("shmem", 0))
         if hierarchy.kind == "v2":
             total += int(stat.get("slab_unreclaimable", 0))
         else:
-            total += int(_read(f"{path}/memory.kmem.usage_in_bytes").strip() or 0)
+            total += int(read(f"{path}/memory.kmem.usage_in_bytes").strip() or 0)
     return max(total + shared, _PINNED) if shared else total + shared
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read()
-    except OSError:
-        return ""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Final
 
 import trio
@@ -140,12 +139,6 @@ class WarmPool:
                 del self._starting[key]
                 starting.set()
         return None
-
-    def later(self, work: Callable[[], object], limiter: trio.CapacityLimiter) -> None:
-        """Do `work` (blocking) in a worker thread, after this, while the pool serves: the
-        pool stops once it is done."""
-        assert self._nursery is not None, "the pool is not serving"
-        self._nursery.start_soon(partial(trio.to_thread.run_sync, work, limiter=limiter))
 
     def release(self, sandbox: WarmSandbox) -> None:
         sandbox.active -= 1
