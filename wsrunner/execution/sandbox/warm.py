@@ -133,6 +133,13 @@ class _Ahead:
 _CHANGED: Final = "a command changed its supervisor's limits or scheduling"
 
 
+def _shape(limits: Limits) -> tuple[int, int, float | None]:
+    """What a command's cgroups are made with. Its other limits are not theirs: its process
+    sets its rlimits itself (`rlimits`: the file size follows the workspace's quota room),
+    the daemon applies its timeout and output caps."""
+    return limits.memory_bytes, limits.pids, limits.cpus
+
+
 def _remove(groups: list[CommandGroup]) -> None:
     """In a worker thread: check ended commands' cgroups empty (killing what is left) and
     remove them."""
@@ -234,6 +241,9 @@ class WarmSandbox:
         self.limits: Limits | None = None
         self._announced = -1  #: pidfd of the newest spare, until it is made ready
         self._announce = trio.Event()
+        #: whether a command started since the last spare was made ready: one is made ready
+        #: for each, so that a command killing spares costs no cgroups of the daemon's
+        self._wanted = False
         self._ahead: _Ahead | None = None  #: the spare made ready, or being made ready
         self._stale: list[_Ahead] = []  #: spares made ready that no command will use
         self._emptied: list[CommandGroup] = []  #: ended commands' cgroups, to remove
@@ -481,8 +491,13 @@ class WarmSandbox:
                 await self._announce.wait()
             self._announce = trio.Event()
             ahead = None
-            if self.limits is not None and self._announced >= 0 and self.worn is None:
-                pidfd, self._announced = self._announced, -1
+            if (
+                self._wanted
+                and self.limits is not None
+                and self._announced >= 0
+                and self.worn is None
+            ):
+                pidfd, self._announced, self._wanted = self._announced, -1, False
                 if self._ahead is not None:
                     self.discard(self._ahead)
                 self._ahead = None
@@ -517,21 +532,21 @@ class WarmSandbox:
         except OSError as exc:
             ahead.group.remove()
             return _Verdict(f"cgroups could not be made: {exc}")
-        verdict = self.vet(ahead.pid, ahead.pidfd, ahead.group)
+        verdict = self.vet(ahead.pid, ahead.pidfd, ahead.group, self.group)
         if verdict.problem is not None:
             ahead.group.kill()
             ahead.group.remove()
         return verdict
 
-    def vet(self, pid: int, pidfd: int, group: CommandGroup) -> _Verdict:
+    def vet(self, pid: int, pidfd: int, group: CommandGroup, source: CommandGroup) -> _Verdict:
         """In a worker thread: check that `pid` (`pidfd`'s) is a fresh fork of the
-        supervisor's (its child, still in the sandbox's own cgroup) with what it inherits
-        unchanged, and move it into `group`."""
+        supervisor's (its child, still in `source`: the sandbox's own cgroup, or those it was
+        made ready in) with what it inherits unchanged, and move it into `group`."""
         if pid <= 0:
             return _Verdict("the command's process ended before it started")
         status = read(f"/proc/{pid}/status")
         parent = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), "")
-        first = self.group.procs_files[0]
+        first = source.procs_files[0]
         if parent != str(self.supervisor_pid) or str(pid) not in read(first).split():
             if not status or select.select([pidfd], [], [], 0)[0]:
                 return _Verdict("the command's process ended before it started")
@@ -544,7 +559,7 @@ class WarmSandbox:
         worn = None
         if _inherited(self.supervisor_pid) != self.inherited:
             worn = _CHANGED
-        if not (inherited := _inherited(pid)):
+        if not (inherited := _inherited(pid, pidfd)):
             return _Verdict("the command's process ended before it started", worn=worn)
         if inherited != self.inherited:
             return _Verdict("its process's limits were changed by another command", worn=_CHANGED)
@@ -609,10 +624,11 @@ class WarmSandbox:
         self._stale.append(ahead)
 
     def expect(self, limits: Limits) -> None:
-        """Make its next spares ready for commands with `limits` (those of its last command)."""
-        if self.limits != limits:
+        """Make its next spare ready for commands with `limits` (those of its last command)."""
+        if self.limits is None or _shape(self.limits) != _shape(limits):
             self.limits = limits
-            self._announce.set()
+        self._wanted = True
+        self._announce.set()
 
     def forget(self, ident: int) -> None:
         """The command `ident` is over: drop its exchange (and a pidfd nobody took)."""
@@ -788,14 +804,16 @@ class WarmCommand:
             except BaseException:
                 sandbox.discard(ahead)
                 raise
-            if ahead.ready and ahead.limits == self.limits and not self.group.dirs:
+            if ahead.ready and _shape(ahead.limits) == _shape(self.limits) and not self.group.dirs:
                 self.group.dirs, ahead.group.dirs = ahead.group.dirs, []
                 os.close(ahead.pidfd)
                 # What the supervisor's forks inherit was checked as it was made ready; a
                 # command may have changed it since. Read on the event loop, as `occupied`.
                 if str(ahead.pid) not in read(self.group.procs_files[0]).split():
                     raise WarmFailure("the command's process ended before it started")
-                if _inherited(ahead.pid) != sandbox.inherited:
+                if not (inherited := _inherited(ahead.pid, pidfd)):
+                    raise WarmFailure("the command's process ended before it started")
+                if inherited != sandbox.inherited:
                     sandbox.wear(_CHANGED)
                     raise WarmFailure("its process's limits were changed by another command")
                 sandbox.commands["ahead"] += 1
@@ -812,22 +830,19 @@ class WarmCommand:
 
     def _adopt(self, pidfd: int, ahead: _Ahead | None) -> tuple[int, _Verdict]:
         """In a worker thread: the command's cgroups made, its process vetted and moved into
-        them (`WarmSandbox.vet`); a spare made ready with other limits is first moved back."""
+        them (`WarmSandbox.vet`), out of those it was made ready in with other limits, if it
+        was (which are then removed): never back by a pid that may have been reused since."""
         sandbox = self.sandbox
-        if ahead is not None:
-            if ahead.ready:
-                try:
-                    for path in sandbox.group.procs_files:
-                        with open(path, "w", encoding="ascii") as f:
-                            f.write(str(ahead.pid))
-                except OSError:
-                    pass  # it has ended (or ends now, as its cgroups are killed)
-            ahead.discard()
-        pid = _pid_of(pidfd)
-        if not self.group.dirs:
-            limits = self.limits
-            self.group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
-        return pid, sandbox.vet(pid, pidfd, self.group)
+        try:
+            pid = _pid_of(pidfd)
+            if not self.group.dirs:
+                limits = self.limits
+                self.group.create(memory=limits.memory_bytes, pids=limits.pids, cpus=limits.cpus)
+            source = ahead.group if ahead is not None and ahead.ready else sandbox.group
+            return pid, sandbox.vet(pid, pidfd, self.group, source)
+        finally:
+            if ahead is not None:
+                ahead.discard()
 
 
 _PINNED: Final = 1024**2  #: what a command that left shared memory counts for, at least (`_kept`)
@@ -840,11 +855,12 @@ _IOPRIO_GET: Final = {"x86_64": 252, "aarch64": 31}.get(platform.machine())
 _libc: Final = ctypes.CDLL(None, use_errno=True)
 
 
-def _inherited(pid: int) -> list[str]:
+def _inherited(pid: int, pidfd: int | None = None) -> list[str]:
     """What a command inherits from the supervisor and another process of the same uid may
     change: the lines of /proc/PID/limits (but the header and those each command sets), the
     nice value, scheduling policy and priority, the CPUs allowed and the I/O priority.
-    Empty once the process has gone."""
+    Empty once the process has gone: by the last read, if its `pidfd` is given (a process
+    that dies between two reads is not one whose limits were changed)."""
     lines = read(f"/proc/{pid}/limits").splitlines()[1:]
     out = [line for line in lines if not line.startswith(_SET_PER_COMMAND)]
     stat = read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
@@ -854,7 +870,9 @@ def _inherited(pid: int) -> list[str]:
     out += [line for line in status if line.startswith("Cpus_allowed_list:")]
     if _IOPRIO_GET is not None:
         out.append(f"ioprio {_libc.syscall(_IOPRIO_GET, 1, pid)}")  # IOPRIO_WHO_PROCESS
-    return out if lines else []
+    if not lines or (pidfd is not None and select.select([pidfd], [], [], 0)[0]):
+        return []
+    return out
 
 
 def _kept(group: CommandGroup) -> int:
