@@ -1,7 +1,8 @@
 """How a handler reaches the service, the SSE hub and the caller's token without closures.
 
-Each app holds its service and hub in `app.extensions` (`bind`, when the app is made); the
-handlers, plain functions on module-level blueprints, read them for the request being handled.
+Each app holds its service, hub and task feeds in `app.extensions` (`bind`, when the app is
+made); the handlers, plain functions on module-level blueprints, read them for the request being
+handled.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Final
 
 from quart import Quart, current_app, g
 
+from frontend.feeds import Feeds
 from frontend.sse import Hub
 from wsrunner.models import ApiToken
 from wsrunner.service import Service
@@ -22,11 +24,12 @@ EXTENSION: Final = "wsrunner"  #: the key in `app.extensions`
 class Context:
     service: Service
     hub: Hub
+    feeds: Feeds
 
 
 def bind(app: Quart, service: Service, hub: Hub) -> None:
-    """Make `service` and `hub` what the handlers of `app` use."""
-    app.extensions[EXTENSION] = Context(service, hub)
+    """Make `service` and `hub` what the handlers of `app` use (and feeds on that hub)."""
+    app.extensions[EXTENSION] = Context(service, hub, Feeds(hub))
 
 
 def _context() -> Context:
@@ -42,6 +45,11 @@ def current_service() -> Service:
 def current_hub() -> Hub:
     """The hub that ends the app's event streams when the daemon stops."""
     return _context().hub
+
+
+def current_feeds() -> Feeds:
+    """The app's shared readers of the tasks its event streams follow."""
+    return _context().feeds
 
 
 def set_scope(token: ApiToken) -> None:

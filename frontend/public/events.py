@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Final
 
 from quart import Blueprint, Response, request
 from quart_schema import document_headers, document_querystring, operation_id, tag_blueprint
 
 from frontend import schemas
-from frontend.context import current_hub, current_scope, current_service
+from frontend.context import current_feeds, current_scope, current_service
+from frontend.feeds import Feeds, encode, event_id, event_key
 from frontend.openapi import document_events
-from frontend.sse import EVENT_ID, KEEPALIVE, RETRY_MS, Hub, frame, stream_response
+from frontend.sse import EVENT_ID, KEEPALIVE, RETRY_MS, stream_response
 from wsrunner.errors import ValidationError
-from wsrunner.models import TERMINAL_STATES
+from wsrunner.models import Event
 from wsrunner.service import Service
-
-_TERMINAL: Final = frozenset(s.value for s in TERMINAL_STATES)
 
 blueprint = Blueprint("events", __name__)
 tag_blueprint(blueprint, ["events"])
@@ -48,39 +46,55 @@ async def events(task_id: str) -> Response:
         raise ValidationError(
             "Last-Event-ID", f"expected an event id such as 1732400000000-0, got {after[:40]!r}"
         )
-    first = await service.events(record.id, after)
-    if not first and record.status.terminal:
-        return Response(b"", status=204)  # over, nothing left to send: EventSource stops
-    return await stream_response(_task_frames(service, current_hub(), record.id, after, first))
+    history: list[Event] = []
+    if record.status.terminal:
+        history = await service.events(record.id, after)
+        if not history:
+            return Response(b"", status=204)  # over, nothing left to send: EventSource stops
+    frames = _task_frames(service, current_feeds(), record.id, after, history)
+    return await stream_response(frames)
 
 
 async def _task_frames(
-    service: Service, hub: Hub, task_id: str, after: str, pending: list[Any]
+    service: Service, feeds: Feeds, task_id: str, after: str, history: list[Event]
 ) -> AsyncIterator[bytes]:
+    """The stream: `history` (what the handler read already), then the task's feed."""
+    hub = feeds.hub
     with hub.stream():
         yield f"retry: {RETRY_MS}\n\n".encode()
-        cursor = after
-        while True:
-            # What arrived together goes out as one chunk: one send for the HTTP stack, not
-            # one per event, when a busy daemon falls behind a fast task.
-            frames = []
-            for event in pending:
-                frames.append(frame(event.id, event.type, event.data))
-                cursor = event.id
-                if event.type == "status_changed" and event.data.get("status") in _TERMINAL:
+        # What arrived together goes out as one chunk: one send for the HTTP stack, not one per
+        # event, when a busy daemon falls behind a fast task.
+        frames, ended = encode(history)
+        if frames:
+            yield b"".join(frames)
+        if ended:
+            return
+        cursor = event_key(history[-1].id if history else after)
+        with feeds.follow(service, task_id, cursor) as feed:
+            quiet = feed.quiet
+            while True:
+                shared = feed.frames_after(cursor)
+                if shared is None:  # older than the feed's window: from the event log
+                    events = await service.events(task_id, event_id(cursor))
+                    frames, ended = encode(events)
+                    if events:
+                        cursor = event_key(events[len(frames) - 1].id)
+                    elif feed.known:  # the events up to the window are gone (Redis lost them)
+                        cursor = feed.floor
+                        continue
+                else:
+                    (frames, cursor), ended = shared, feed.ended
+                if frames:
                     yield b"".join(frames)
-                    return
-            if frames:
-                yield b"".join(frames)
-            with hub.waiting() as wait:
-                pending = await service.events(
-                    task_id, cursor, block_ms=int(hub.keepalive_s * 1000)
-                )
-            if wait.cancelled_caught:
-                return  # the daemon is stopping; the client resumes elsewhere with its id
-            if not pending:
-                # Quiet for a keep-alive period. If the task ended and its events are gone
-                # (Redis lost them), there is nothing left to wait for.
-                if (await service.get(task_id)).status.terminal:
-                    return
-                yield KEEPALIVE
+                    if ended:
+                        return
+                    continue
+                if (failed := feed.failed) is not None:  # each stream raises its own copy
+                    raise type(failed)(*failed.args) from failed
+                if feed.ended or hub.closing.is_set():
+                    return  # over; or the daemon is stopping: the client resumes elsewhere
+                if feed.quiet != quiet:  # a keep-alive period passed without an event
+                    quiet = feed.quiet
+                    yield KEEPALIVE
+                    continue  # things may have changed while the client took it
+                await feed.changed.wait()

@@ -298,6 +298,7 @@ async def test_sse_raw_frames_have_retry_and_keepalives(api: Api) -> None:
 async def test_sse_events_read_together_go_out_as_one_chunk(api: Api) -> None:
     """The frames of the events one read returned are sent in one piece (one send through the
     HTTP stack), the stream's end included."""
+    from frontend.feeds import Feeds
     from frontend.public.events import _task_frames
     from frontend.sse import Hub, frame
 
@@ -312,7 +313,8 @@ async def test_sse_events_read_together_go_out_as_one_chunk(api: Api) -> None:
     await wait_for(ended, timeout=10)
     events = await service.events(tid)
     async with trio.open_nursery() as nursery:
-        chunks = [c async for c in _task_frames(service, Hub(nursery, 15), tid, "0-0", events)]
+        feeds = Feeds(Hub(nursery, 15))
+        chunks = [c async for c in _task_frames(service, feeds, tid, "0-0", events)]
     assert len(events) >= 6
     assert chunks == [b"retry: 2000\n\n", b"".join(frame(e.id, e.type, e.data) for e in events)]
 
