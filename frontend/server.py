@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 #: once the old one is gone, but a port can stay bound until its last holder exits).
 BIND_RETRY_S: Final = 5.0
 BIND_RETRY_INTERVAL_S: Final = 0.5
+#: Connections the kernel holds until the server accepts them (capped by net.core.somaxconn).
+#: With Hypercorn's 100, a thousand event streams connecting at once (clients coming back
+#: after a restart) overflow it: the kernel drops their SYNs and they retry 1, 3, 7 s later.
+LISTEN_BACKLOG: Final = 2048
 
 
 class _Config(Config):
@@ -59,6 +63,7 @@ def _config(sock: socket.socket, host: str, port: int) -> Config:
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     cfg.graceful_timeout = 3.0
     cfg.keep_alive_timeout = 5.0
+    cfg.backlog = LISTEN_BACKLOG
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")  # through our handler (JSON lines)
     return cfg
