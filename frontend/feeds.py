@@ -19,7 +19,6 @@ from typing import Final
 import trio
 
 from frontend.sse import Hub, frame
-from wsrunner.errors import WsrunnerError
 from wsrunner.models import TERMINAL_STATES, Event
 from wsrunner.service import Service
 
@@ -67,7 +66,7 @@ class Feed:
         self.floor = floor  #: the window holds every event after this one, and none before
         self.known = False  #: the reader has found `floor` in the log (or read it from its start)
         self.ended = False  #: nothing follows the window (the task's final status is in it)
-        self.failed: WsrunnerError | None = None  #: why the reader stopped, if it failed
+        self.failed: Exception | None = None  #: why the reader stopped, if it failed
         self.changed = trio.Event()  #: set (and replaced) when anything here changes
         self.quiet = 0  #: keep-alive periods that passed without an event
         self.subscribers = 0
@@ -115,7 +114,10 @@ class Feed:
         with self._scope:
             try:
                 await self._read(service, hub)
-            except WsrunnerError as exc:  # UnavailableError; NotFoundError if the task went
+            except Exception as exc:
+                # UnavailableError, NotFoundError if the task went, or a bug: it ends this
+                # feed's streams (each raises it, as it raised a failure of its own read
+                # before), never the server whose nursery runs the reader.
                 self.failed = exc
                 gone(self)  # the next stream tries again
             finally:

@@ -12,7 +12,7 @@ from frontend.context import current_feeds, current_scope, current_service
 from frontend.feeds import Feeds, encode, event_id, event_key
 from frontend.openapi import document_events
 from frontend.sse import EVENT_ID, KEEPALIVE, RETRY_MS, stream_response
-from wsrunner.errors import ValidationError
+from wsrunner.errors import UnavailableError, ValidationError
 from wsrunner.models import Event
 from wsrunner.service import Service
 
@@ -89,8 +89,11 @@ async def _task_frames(
                     if ended:
                         return
                     continue
-                if (failed := feed.failed) is not None:  # each stream raises its own copy
-                    raise type(failed)(*failed.args) from failed
+                if (failed := feed.failed) is not None:  # each its own: one raised in many
+                    # tasks would gather all their tracebacks
+                    raise UnavailableError(
+                        f"the task's events cannot be read: {failed}"
+                    ) from failed
                 if feed.ended or hub.closing.is_set():
                     return  # over; or the daemon is stopping: the client resumes elsewhere
                 if feed.quiet != quiet:  # a keep-alive period passed without an event

@@ -17,6 +17,7 @@ from frontend.public.events import _task_frames
 from frontend.sse import Hub, frame
 from tests.conftest import Api, cmd, task_body, wait_for, wait_terminal
 from wsrunner.daemon import Daemon
+from wsrunner.errors import UnavailableError
 from wsrunner.service import Service
 
 LINES = "for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; sleep 0.1; done"
@@ -202,3 +203,26 @@ async def test_the_daemon_stopping_ends_every_stream_of_a_feed(
     assert ended == 3
     await service.cancel(tid)
     await wait_terminal(daemon, tid)
+
+
+async def test_a_reader_that_fails_ends_its_streams_and_the_next_stream_starts_anew(
+    start_daemon: Callable[..., Awaitable[Daemon]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = await start_daemon()
+    service = daemon.service
+    tid = (await service.submit(task_body(cmd(LINES)))).record.id
+    read: Callable[..., Awaitable[Any]] = service.events
+
+    async def failing(task_id: str, after: str = "0-0", *, block_ms: int | None = None) -> Any:
+        if block_ms is not None:  # the feed's waiting read: as when Redis goes away
+            raise UnavailableError("Redis failed: Connection refused")
+        return await read(task_id, after)
+
+    async with trio.open_nursery() as nursery:
+        feeds = Feeds(Hub(nursery, 15))
+        monkeypatch.setattr(service, "events", failing)
+        with pytest.raises(UnavailableError, match="Connection refused"):
+            await follow(service, feeds, tid)
+        monkeypatch.setattr(service, "events", read)
+        again = await follow(service, feeds, tid)
+    assert frames_of(again) == await all_frames(service, tid)
