@@ -129,15 +129,7 @@ def export_cold_chain(tmp: Path) -> Path:
         bench = await Bench.open(volume)
         if (refused := bench.sandbox.isolation.refusal("full")) is not None:
             raise refused
-        async with bench.sandbox.launch(
-            ["{command}"],
-            root=str(bench.root),
-            cwd=str(bench.root),
-            policy=bench.policy.sandbox,
-            limits=bench.policy.limits,
-            network="none",
-            env={"PATH": "/usr/bin:/bin"},
-        ) as cold:
+        async with bench.launch(["{command}"], network="none") as cold:
             files = {fd: os.pread(fd, os.fstat(fd).st_size, 0) for fd in cold.pass_fds}
             return bench, cold.argv, cold.env, files
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio
 
 from wsrunner.execution.process import Capture, run_process
-from wsrunner.execution.sandbox import NetworkMode, Sandbox, probe
+from wsrunner.execution.sandbox import Launch, NetworkMode, Sandbox, probe
 from wsrunner.execution.sandbox.identity import UidRange, assign
 from wsrunner.policy import EffectivePolicy, bundled_policy, load_policy
 
@@ -67,11 +68,12 @@ class Bench:
             assign(str(volume), str(root), iso.uids)
         return cls(Sandbox(iso), root, load_policy(bundled_policy()).for_workspace("bench-ws"))
 
-    async def true(self, *, network: NetworkMode, warm: bool = False) -> float:
-        """The seconds `/bin/true` takes, from the launch to its end."""
-        t = time.perf_counter()
-        async with self.sandbox.launch(
-            ["/bin/true"],
+    def launch(
+        self, argv: list[str], *, network: NetworkMode, warm: bool = False
+    ) -> AbstractAsyncContextManager[Launch]:
+        """`argv`'s launch in the bench workspace, with the bundled policy."""
+        return self.sandbox.launch(
+            argv,
             root=str(self.root),
             cwd=str(self.root),
             policy=self.policy.sandbox,
@@ -79,7 +81,12 @@ class Bench:
             network=network,
             env={"PATH": "/usr/bin:/bin"},
             warm=warm,
-        ) as launch:
+        )
+
+    async def true(self, *, network: NetworkMode, warm: bool = False) -> float:
+        """The seconds `/bin/true` takes, from the launch to its end."""
+        t = time.perf_counter()
+        async with self.launch(["/bin/true"], network=network, warm=warm) as launch:
             rc = await launch.run(capture=Capture.capped(1024, 1024), kill_grace=1)
         assert rc == 0, rc
         assert not launch.sandbox_failures, launch.sandbox_failures
