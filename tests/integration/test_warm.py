@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -282,6 +283,29 @@ async def test_commands_start_in_cgroups_made_ahead_and_each_is_removed(warm: An
     daemon.stop()
     await wait_for(lambda: sandbox_of(daemon).warm is None)
     assert not last.exists()
+
+
+async def test_a_command_whose_process_is_killed_before_it_starts_runs_in_another(
+    warm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command of the workspace may kill the process forked for the next command (the
+    spare) as it is handed a request: nothing of that command ran, so it is started again in
+    another process, instead of failing (CI saw a task fail so after a spare-kill loop)."""
+    daemon = await warm()
+    await run(daemon, "ws-retry", "true")
+    join, killed = WarmCommand._join, []
+
+    async def killed_first(command: WarmCommand, pidfd: int, pending: Any) -> int:
+        if not killed:  # as a command killing spares would, just before the daemon's checks
+            killed.append(pidfd)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            select.select([pidfd], [], [], 5)  # readable once it has exited
+        return await join(command, pidfd, pending)
+
+    monkeypatch.setattr(WarmCommand, "_join", killed_first)
+    result = await run(daemon, "ws-retry", "echo ran")
+    assert killed and result["stdout"] == "ran\n" and result["exit_code"] == 0, result
+    assert "error" not in result, result
 
 
 async def test_a_command_with_other_limits_gets_cgroups_of_its_own(

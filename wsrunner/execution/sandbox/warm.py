@@ -72,6 +72,7 @@ SUPERVISOR_PIDS: Final = 64
 #: (`bench/sandbox_overhead.py`: a third of the time, and a p95 of 32 ms); 0.4 did not.
 SUPERVISOR_CPUS: Final = 0.4
 START_S: Final = 20.0  #: a new sandbox reports ready within this, or is given up
+STARTS: Final = 3  #: processes a command is tried with, when those before it were killed
 TIDY_S: Final = 1.0  #: ended commands' cgroups wait this long for a spare's making, at most
 REPLY_S: Final = 10.0  #: the supervisor answers a spawn request within this
 EXIT_REPORT_S: Final = 10.0  #: ... and reports an exit within this after the process ended
@@ -83,6 +84,14 @@ _STDERR_KEPT: Final = 4096
 
 class WarmFailure(Exception):
     """The warm sandbox could not start or finish the command; the message says why."""
+
+
+class NotStarted(WarmFailure):
+    """The process forked for the command ended before it was let go (a command of the
+    workspace killed it): nothing of the command ran, and another process may run it."""
+
+
+ENDED: Final = "the command's process ended before it started"
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,13 +552,13 @@ class WarmSandbox:
         supervisor's (its child, still in `source`: the sandbox's own cgroup, or those it was
         made ready in) with what it inherits unchanged, and move it into `group`."""
         if pid <= 0:
-            return _Verdict("the command's process ended before it started")
+            return _Verdict(ENDED)
         status = read(f"/proc/{pid}/status")
         parent = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), "")
         first = source.procs_files[0]
         if parent != str(self.supervisor_pid) or str(pid) not in read(first).split():
             if not status or select.select([pidfd], [], [], 0)[0]:
-                return _Verdict("the command's process ended before it started")
+                return _Verdict(ENDED)
             why = f"its supervisor named process {pid}, not a fork of its own"
             return _Verdict(why, fails=True)
         # A command runs as the supervisor's uid, so it may have changed the supervisor's
@@ -560,7 +569,7 @@ class WarmSandbox:
         if _inherited(self.supervisor_pid) != self.inherited:
             worn = _CHANGED
         if not (inherited := _inherited(pid, pidfd)):
-            return _Verdict("the command's process ended before it started", worn=worn)
+            return _Verdict(ENDED, worn=worn)
         if inherited != self.inherited:
             return _Verdict("its process's limits were changed by another command", worn=_CHANGED)
         try:
@@ -571,7 +580,7 @@ class WarmSandbox:
             why = f"the command's process could not join its cgroup: {exc}"
             return _Verdict(why, worn=worn)
         if select.select([pidfd], [], [], 0)[0]:
-            return _Verdict("the command's process ended before it started", worn=worn)
+            return _Verdict(ENDED, worn=worn)
         return _Verdict(None, worn=worn)
 
     def _destroy(self) -> None:
@@ -703,7 +712,7 @@ class WarmCommand:
         Cancellation: its cgroups are killed and its exit awaited (shielded) first.
         """
         try:
-            child = await self._start()
+            child = await self._start_any()
         except WarmFailure as exc:
             self.failures.append(str(exc))
             return EXIT_NOT_STARTED
@@ -734,6 +743,16 @@ class WarmCommand:
         return json.dumps(
             {"argv": self.argv, "env": self.env, "cwd": self.cwd, "rlimits": rlimits(self.limits)}
         ).encode()
+
+    async def _start_any(self) -> _WarmChild:
+        """`_start`, tried again with another process while the one forked for the command was
+        killed before it was let go (by a command of the workspace), STARTS times at most."""
+        for _ in range(STARTS - 1):
+            try:
+                return await self._start()
+            except NotStarted:
+                pass
+        return await self._start()
 
     async def _start(self) -> _WarmChild:
         """Have the supervisor fork the command, move it into its cgroups, let it go."""
@@ -772,7 +791,7 @@ class WarmCommand:
                 try:
                     os.write(go_w, b"g")
                 except BrokenPipeError:
-                    raise WarmFailure("the command's process ended before it started") from None
+                    raise NotStarted(ENDED) from None
                 try:  # forked ahead, it waited where the workspace's commands could stop it
                     signal.pidfd_send_signal(pidfd, signal.SIGCONT)
                 except ProcessLookupError:
@@ -810,9 +829,9 @@ class WarmCommand:
                 # What the supervisor's forks inherit was checked as it was made ready; a
                 # command may have changed it since. Read on the event loop, as `occupied`.
                 if str(ahead.pid) not in read(self.group.procs_files[0]).split():
-                    raise WarmFailure("the command's process ended before it started")
+                    raise NotStarted(ENDED)
                 if not (inherited := _inherited(ahead.pid, pidfd)):
-                    raise WarmFailure("the command's process ended before it started")
+                    raise NotStarted(ENDED)
                 if inherited != sandbox.inherited:
                     sandbox.wear(_CHANGED)
                     raise WarmFailure("its process's limits were changed by another command")
@@ -823,6 +842,8 @@ class WarmCommand:
                 self._adopt, pidfd, ahead, limiter=self.limiter
             )
         verdict.apply(sandbox)
+        if verdict.problem == ENDED:
+            raise NotStarted(ENDED)
         if verdict.problem is not None:
             raise WarmFailure(sandbox.failure if verdict.fails else verdict.problem)
         sandbox.commands["joined"] += 1
