@@ -508,10 +508,16 @@ class WarmSandbox:
             ):
                 pidfd, self._announced, self._wanted = self._announced, -1, False
                 if self._ahead is not None:
-                    self.discard(self._ahead)
+                    self.discard_later(self._ahead)
                 self._ahead = None
                 group = CommandGroup(self.group.support, f"cmd-{uuid.uuid4().hex[:12]}")
-                ahead = self._ahead = _Ahead(_pid_of(pidfd), pidfd, self.limits, group)
+                try:
+                    pid = _pid_of(pidfd)
+                except WarmFailure as exc:  # a kernel that does not say: no sandbox works
+                    os.close(pidfd)
+                    self.fail(str(exc))
+                    return
+                ahead = self._ahead = _Ahead(pid, pidfd, self.limits, group)
             elif not (self._emptied or self._stale):
                 continue
             stale, self._stale, emptied, self._emptied = self._stale, [], self._emptied, []
@@ -627,7 +633,7 @@ class WarmSandbox:
                 self.fail(f"its socket failed: {exc}")
                 raise WarmFailure(self.failure or str(exc)) from None
 
-    def discard(self, ahead: _Ahead) -> None:
+    def discard_later(self, ahead: _Ahead) -> None:
         """`ahead` will not be used: its cgroups are removed with the next spare's making, or
         as the sandbox ends."""
         self._stale.append(ahead)
@@ -646,7 +652,7 @@ class WarmSandbox:
             os.close(pending.pidfd)
             pending.pidfd = -1
         if pending is not None and pending.ahead is not None:
-            self.discard(pending.ahead)
+            self.discard_later(pending.ahead)
             pending.ahead = None
 
 
@@ -821,7 +827,7 @@ class WarmCommand:
             try:
                 await ahead.done.wait()
             except BaseException:
-                sandbox.discard(ahead)
+                sandbox.discard_later(ahead)
                 raise
             if ahead.ready and _shape(ahead.limits) == _shape(self.limits) and not self.group.dirs:
                 self.group.dirs, ahead.group.dirs = ahead.group.dirs, []
