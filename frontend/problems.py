@@ -19,10 +19,12 @@ from wsrunner.errors import (
     IdempotencyConflictError,
     InvalidTransitionError,
     IsolationUnavailableError,
+    LimitReachedError,
     NotFoundError,
     PathEscapeError,
     PathNotFoundError,
     PolicyDeniedError,
+    PriorityRefusedError,
     QuotaExceededError,
     TooLargeError,
     UnavailableError,
@@ -41,6 +43,8 @@ _ERROR_MEMBER: Final = "WSRUNNER_PROBLEM_ERROR_MEMBER"
 #: Most specific first: the first class an exception is an instance of decides.
 _STATUS: Final[tuple[tuple[type[WsrunnerError], int, str, str], ...]] = (
     (ValidationError, 422, "validation-error", "The request is not valid"),
+    (PriorityRefusedError, 403, "priority-refused", "Priority not allowed for this token"),
+    (LimitReachedError, 429, "limit-reached", "A limit of this token is reached"),
     (AuthenticationError, 401, "unauthenticated", "Authentication required"),
     (PathNotFoundError, 404, "path-not-found", "No such file or directory"),
     (NotFoundError, 404, "not-found", "Not found"),
@@ -106,6 +110,14 @@ def from_error(exc: WsrunnerError) -> Response:
             available=exc.details["available"],
             missing=exc.details["missing"],
         )
+    if isinstance(exc, PriorityRefusedError):
+        extra.update(
+            errors=[{"field": "priority", "message": str(exc).split(": ", 1)[1]}],
+            max_priority=exc.highest,
+        )
+    if isinstance(exc, LimitReachedError):
+        extra.update(limit=exc.limit, value=exc.value)
+        headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, UnavailableError):
         headers["Retry-After"] = str(RETRY_AFTER_S)
     return problem(status, slug, title, str(exc), headers, **extra)

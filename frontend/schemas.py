@@ -85,6 +85,7 @@ class TaskConfiguration(BaseModel):
     timeout_seconds: int
     stop_on_error: bool
     has_credentials: bool
+    token_id: str | None = Field(None, description="the API token that submitted it")
 
 
 # --- step results: README's step table ---------------------------------------------------------
@@ -217,6 +218,17 @@ class TaskResult(BaseModel):
     error: str | None = None
 
 
+class Waiting(BaseModel):
+    """Where a queued task stands, and why it is not running."""
+
+    position: int = Field(
+        description="its place among waiting tasks (1 = next), as if every workspace were free"
+    )
+    reason: str = Field(
+        description="`workspace busy: task <id>`, `token limit: <n> running` or `no free slot`"
+    )
+
+
 class Task(BaseModel):
     id: str
     workspace_id: str
@@ -237,6 +249,7 @@ class Task(BaseModel):
     cancel_requested: bool
     runner_backend: Literal["queued"]
     events_url: str
+    waiting: Waiting | None = Field(None, description="only while it is queued")
 
 
 class TaskPage(BaseModel):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -22,7 +23,7 @@ from wsrunner.client import console
 from wsrunner.daemon import Daemon, describe_store, open_store, run_daemon
 from wsrunner.errors import ConfigError, NotFoundError, UnavailableError, ValidationError
 from wsrunner.logs import setup_logging
-from wsrunner.models import ApiToken
+from wsrunner.models import ApiToken, Priority, TokenLimits
 from wsrunner.policy import console as policy_console
 from wsrunner.settings import Settings, SettingsError, load_settings, policy_paths, settings_file
 from wsrunner.tokens import TokenRegistry
@@ -77,7 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     scope.add_argument(
         "--all-workspaces", action="store_true", help="the token may use every workspace"
     )
+    _limit_arguments(create, "default: ")
     create.add_argument("--json", action="store_true", help="print JSON")
+    update = actions.add_parser(
+        "update", help="change a token's limits (effective within 5 s; others stay as they are)"
+    )
+    update.add_argument("token_id", metavar="ID", help="the id shown by `tokens list`")
+    _limit_arguments(update, "unchanged unless given; created with ")
+    update.add_argument("--json", action="store_true", help="print JSON")
     listing = actions.add_parser("list", help="list tokens (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = actions.add_parser("revoke", help="revoke a token by id (effective within 5 s)")
@@ -105,15 +113,74 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count_or_none(text: str) -> int | None:
+    if text == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
+    return int(text)
+
+
+def _limit_arguments(parser: argparse.ArgumentParser, defaults: str) -> None:
+    """--max-priority, --max-running, --max-queued; each absent from the namespace when not
+    given, so that `update` keeps what it does not mention."""
+    parser.add_argument(
+        "--max-priority",
+        choices=[p.value for p in Priority],
+        default=argparse.SUPPRESS,
+        help=f"the highest priority its tasks may use ({defaults}high; critical only when "
+        "granted here)",
+    )
+    parser.add_argument(
+        "--max-running",
+        type=_count_or_none,
+        default=argparse.SUPPRESS,
+        metavar="N|none",
+        help=f"its tasks running at once on all daemons; more wait ({defaults}none)",
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=_count_or_none,
+        default=argparse.SUPPRESS,
+        metavar="N|none",
+        help=f"its tasks waiting; a submit past it gets 429 ({defaults}none)",
+    )
+
+
+def _limits(args: argparse.Namespace, base: TokenLimits) -> TokenLimits:
+    """`base` with what the command line says instead (an option left out keeps its value)."""
+    given = {
+        name: getattr(args, name)
+        for name in ("max_priority", "max_running", "max_queued")
+        if hasattr(args, name)
+    }
+    if "max_priority" in given:
+        given["max_priority"] = Priority(given["max_priority"])
+    return dataclasses.replace(base, **given)
+
+
 def _token_json(t: ApiToken) -> dict[str, Any]:
     return {
         "id": t.id,
         "name": t.name,
         "workspaces": None if t.workspaces is None else list(t.workspaces),
+        "max_priority": t.limits.max_priority.value,
+        "max_running": t.limits.max_running,
+        "max_queued": t.limits.max_queued,
         "created_at": t.created_at.isoformat(),
         "last_used_at": t.last_used_at and t.last_used_at.isoformat(),
         "revoked_at": t.revoked_at and t.revoked_at.isoformat(),
     }
+
+
+def _describe_limits(limits: TokenLimits) -> str:
+    def count(n: int | None) -> str:
+        return "no limit" if n is None else str(n)
+
+    return (
+        f"up to {limits.max_priority.value}, running {count(limits.max_running)}, "
+        f"queued {count(limits.max_queued)}"
+    )
 
 
 async def _tokens(settings: Settings, args: argparse.Namespace, store_name: str) -> int:
@@ -123,7 +190,7 @@ async def _tokens(settings: Settings, args: argparse.Namespace, store_name: str)
             print(f"store: {store_name}", file=sys.stderr)
         if args.action == "create":
             scope = None if args.all_workspaces else args.workspaces
-            record, token = await registry.create(args.name, scope)
+            record, token = await registry.create(args.name, scope, _limits(args, TokenLimits()))
             if args.json:
                 print(json.dumps({**_token_json(record), "token": token}))
             else:
@@ -139,7 +206,23 @@ async def _tokens(settings: Settings, args: argparse.Namespace, store_name: str)
             for t in [] if args.json else found:
                 scope = "all workspaces" if t.workspaces is None else ",".join(t.workspaces)
                 state = "revoked" if t.revoked_at else "active"
-                print(f"{t.id}  {state:7}  {t.name}  [{scope}]  created {t.created_at:%Y-%m-%d}")
+                print(
+                    f"{t.id}  {state:7}  {t.name}  [{scope}]  created {t.created_at:%Y-%m-%d}"
+                    f"  {_describe_limits(t.limits)}"
+                )
+        elif args.action == "update":
+            known = {t.id: t for t in await registry.list()}
+            if args.token_id not in known:
+                print(f"wsrunner: no API token with id {args.token_id!r}", file=sys.stderr)
+                return 2
+            record = await registry.update(
+                args.token_id, _limits(args, known[args.token_id].limits)
+            )
+            print(
+                json.dumps(_token_json(record))
+                if args.json
+                else f"token {record.id} updated: {_describe_limits(record.limits)}"
+            )
         else:
             record = await registry.revoke(args.token_id)
             print(json.dumps(_token_json(record)) if args.json else f"token {record.id} revoked")

@@ -53,6 +53,25 @@ class NotFoundError(WsrunnerError):
     """The task or workspace does not exist, or the caller may not see it."""
 
 
+class PriorityRefusedError(WsrunnerError):
+    """The caller's token may not submit at the priority asked for."""
+
+    def __init__(self, asked: str, highest: str) -> None:
+        super().__init__(
+            f"priority: this token may submit at {highest} or lower, not {asked}; "
+            "an operator grants more with `wsrunner tokens update --max-priority`"
+        )
+        self.highest = highest
+
+
+class LimitReachedError(WsrunnerError):
+    """The caller's token has reached one of its limits; `retry_after_s` says when to retry."""
+
+    def __init__(self, limit: str, value: int, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.limit, self.value, self.retry_after_s = limit, value, retry_after_s
+
+
 class ConflictError(WsrunnerError):
     """The request contradicts the current state of the task."""
 

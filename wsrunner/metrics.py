@@ -132,6 +132,20 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
+        self.workspace_wait = Histogram(
+            "wsrunner_workspace_wait_seconds",
+            "Time a workspace's next task waited for the workspace to be free: from the "
+            "first claim that found it full with tasks waiting to the claim that took one",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.tasks_waiting = Gauge(
+            "wsrunner_tasks_waiting",
+            "Queued tasks by what holds them back: workspace_busy (its workspace runs as "
+            "many as it may), token_limit (its token's max_running), no_free_slot (runnable)",
+            ["reason"],
+            registry=r,
+        )
         self.requeues = Counter(
             "wsrunner_task_requeues_total",
             "Tasks handed back to the queue, by reason: shutdown (a stopping "

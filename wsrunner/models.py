@@ -192,6 +192,9 @@ class TaskSpec:
     idempotency_key: str | None = None
     correlation_id: str | None = None
     credentials: Credentials | None = None
+    #: the public API token that submitted it (the tenant it counts against); None for a
+    #: producer that pushes payloads itself (the workspace is its tenant)
+    token_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -243,10 +246,44 @@ class Claim:
 
     claim_id: str  #: "<priority>:<n>", the field in the daemon's in-flight hash
     payload: str  #: raw JSON, exactly as the producer pushed it
+    #: how long its workspace had been found full while it waited (None: never)
+    workspace_wait_s: float | None = None
 
     @property
     def priority(self) -> str:
         return self.claim_id.split(":", 1)[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Waiting:
+    """Where a queued task stands in line, and what holds it back."""
+
+    position: int  #: its place (1 = next) among waiting tasks, as if every workspace were free
+    workspace_holder: str | None  #: the task holding its workspace, while that is full
+    running: int  #: its tenant's claims held now
+    token_limit: int | None  #: its token's `max_running`, if it has one
+
+    @property
+    def reason(self) -> str:
+        if self.workspace_holder is not None:
+            return f"workspace busy: task {self.workspace_holder or 'unknown'}"
+        if self.token_limit is not None and self.running >= self.token_limit:
+            return f"token limit: {self.running} running"
+        return "no free slot"
+
+    @property
+    def kind(self) -> str:
+        """The reason's label in metrics."""
+        return self.reason.split(":", 1)[0].replace(" ", "_")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenLimits:
+    """What a public API token may ask of the queue."""
+
+    max_priority: Priority = Priority.HIGH  #: `critical` only when granted
+    max_running: int | None = None  #: of its tasks at once, on all daemons (None: no limit)
+    max_queued: int | None = None  #: of its tasks waiting (None: no limit)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,6 +293,7 @@ class ApiToken:
     id: str
     name: str
     workspaces: tuple[str, ...] | None  #: None: every workspace
+    limits: TokenLimits = TokenLimits()
     created_at: datetime
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None

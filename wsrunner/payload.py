@@ -81,6 +81,7 @@ def parse_task(obj: object, *, task_id: str | None = None) -> TaskSpec:
         idempotency_key=task.idempotency_key,
         correlation_id=task.correlation_id,
         credentials=None if task.credentials is None else task.credentials.to_credentials(),
+        token_id=task.token_id,
     )
 
 
@@ -101,6 +102,8 @@ def to_payload(spec: TaskSpec, *, created_at: datetime | None = None) -> JSON:
         payload["idempotency_key"] = spec.idempotency_key
     if spec.correlation_id is not None:
         payload["correlation_id"] = spec.correlation_id
+    if spec.token_id is not None:
+        payload["token_id"] = spec.token_id
     if spec.credentials is not None:
         c = spec.credentials
         payload["credentials"] = {
@@ -149,6 +152,7 @@ def to_configuration(spec: TaskSpec) -> JSON:
         "timeout_seconds": spec.timeout_seconds,
         "stop_on_error": spec.stop_on_error,
         "has_credentials": spec.credentials is not None,
+        **({"token_id": spec.token_id} if spec.token_id is not None else {}),
     }
 
 

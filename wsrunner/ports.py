@@ -29,6 +29,8 @@ if TYPE_CHECKING:
         TaskRecord,
         TaskSpec,
         TaskState,
+        TokenLimits,
+        Waiting,
     )
     from wsrunner.policy import EffectivePolicy
     from wsrunner.workspace.directories import TaskEnvironment
@@ -57,6 +59,17 @@ class WorkQueue(Protocol):
     async def requeue_claim(self, worker_id: str, claim_id: str, priority: str) -> bool: ...
     async def dead_letter(self, worker_id: str, claim_id: str, reason: str) -> None: ...
     async def inflight(self, worker_id: str) -> dict[str, str]: ...
+
+
+class Turns(Protocol):
+    """What decides which waiting task runs next (`wsrunner.turns`): limits, and the line."""
+
+    async def set_workspace_limits(self, default: int, overrides: dict[str, int]) -> None: ...
+    async def set_token_limit(self, token_id: str, max_running: int | None) -> None: ...
+    async def waiting(
+        self, task_id: str, workspace_id: str, token_id: str | None, priority: str
+    ) -> Waiting | None: ...
+    async def waiting_counts(self) -> dict[str, int]: ...
 
 
 class StatusMirror(Protocol):
@@ -106,7 +119,7 @@ class CancelBus(Protocol):
     ) -> None: ...
 
 
-class Queue(Backend, WorkQueue, StatusMirror, EventLog, Membership, CancelBus, Protocol):
+class Queue(Backend, WorkQueue, Turns, StatusMirror, EventLog, Membership, CancelBus, Protocol):
     """Every role of the fast shared state, as one adapter provides them (the composition
     root's view; the parts of the core that need one role take that role)."""
 
@@ -144,6 +157,7 @@ class TaskRecords(Protocol):
     ) -> None: ...
     async def attach_result(self, task_id: str, result: JSON, execution_time_ms: int) -> None: ...
     async def get(self, task_id: str) -> TaskRecord: ...
+    async def count_queued(self, token_id: str) -> int: ...
     async def list(
         self,
         *,
@@ -167,8 +181,14 @@ class TokenStore(Protocol):
     """The public API's bearer tokens, by id, with the SHA-256 digest of their secret."""
 
     async def create_token(
-        self, token_id: str, name: str, secret_sha256: str, workspaces: Sequence[str] | None
+        self,
+        token_id: str,
+        name: str,
+        secret_sha256: str,
+        workspaces: Sequence[str] | None,
+        limits: TokenLimits,
     ) -> ApiToken: ...
+    async def update_token(self, token_id: str, limits: TokenLimits) -> ApiToken: ...
     async def token_digest(self, token_id: str) -> tuple[ApiToken, str] | None: ...
     async def list_tokens(self) -> builtins.list[ApiToken]: ...
     async def revoke_token(self, token_id: str) -> ApiToken: ...

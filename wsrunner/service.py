@@ -12,6 +12,7 @@ caller: NotFoundError, never a "forbidden" that would confirm the id.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import os
 import tempfile
@@ -26,9 +27,24 @@ import trio
 
 from wsrunner import tools
 from wsrunner.engine.lifecycle import Lifecycle
-from wsrunner.errors import NotFoundError, UnavailableError, ValidationError
+from wsrunner.errors import (
+    LimitReachedError,
+    NotFoundError,
+    PriorityRefusedError,
+    UnavailableError,
+    ValidationError,
+)
 from wsrunner.metrics import Metrics
-from wsrunner.models import JSON, ApiToken, Event, TaskRecord, TaskState
+from wsrunner.models import (
+    JSON,
+    PRIORITY_ORDER,
+    ApiToken,
+    Event,
+    TaskRecord,
+    TaskSpec,
+    TaskState,
+    Waiting,
+)
 from wsrunner.payload import (
     parse_task,
     to_payload,
@@ -83,6 +99,8 @@ class Service:
         self.tokens = TokenRegistry(store)  #: the public API's bearer tokens
         self.lifecycle = Lifecycle(queue, store)  #: how a task's state changes
         self.metrics = metrics or Metrics()
+        #: each token's `max_running` as this process last told the queue
+        self._running_limits: dict[str, int | None] = {}
 
     # --- tasks --------------------------------------------------------------------------------
 
@@ -101,6 +119,7 @@ class Service:
         if isinstance(body, dict):
             for key, why in (
                 ("task_id", "is assigned by wsrunner; remove it from the request"),
+                ("token_id", "is the token you authenticate with; remove it from the request"),
                 (
                     "credentials",
                     "are not accepted over the API; git tokens come "
@@ -110,6 +129,9 @@ class Service:
                 if key in body:
                     raise ValidationError(key, why)
         spec = parse_task(body, task_id=str(uuid.uuid4()))
+        if scope is not None:
+            spec = dataclasses.replace(spec, token_id=scope.id)
+            await self._within_limits(scope, spec)
         for i, step in enumerate(spec.steps):
             repo = getattr(step, "repo", None)
             if repo is not None and "@" in urlsplit(repo).netloc:
@@ -132,6 +154,44 @@ class Service:
                     extra={"task_id": spec.task_id, "workspace_id": spec.workspace_id},
                 )
         return Submitted(record, created)
+
+    async def _within_limits(self, scope: ApiToken, spec: TaskSpec) -> None:
+        """Refuse what `scope`'s limits do not allow; tell the queue its running limit.
+
+        Raises:
+            PriorityRefusedError: the priority is above the token's highest.
+            LimitReachedError: `max_queued` of its tasks are waiting already.
+        """
+        limits = scope.limits
+        if PRIORITY_ORDER.index(spec.priority) < PRIORITY_ORDER.index(limits.max_priority):
+            raise PriorityRefusedError(spec.priority.value, limits.max_priority.value)
+        if limits.max_queued is not None:
+            waiting = await self.store.count_queued(scope.id)
+            if waiting >= limits.max_queued:
+                raise LimitReachedError(
+                    "max_queued",
+                    limits.max_queued,
+                    f"token {scope.id} has {waiting} tasks waiting, its limit (max_queued "
+                    f"{limits.max_queued}); retry once some have started",
+                )
+        if self._running_limits.get(scope.id, -1) != limits.max_running:
+            await self.queue.set_token_limit(scope.id, limits.max_running)
+            self._running_limits[scope.id] = limits.max_running
+
+    async def waiting(self, record: TaskRecord) -> Waiting | None:
+        """Where a queued task stands in line and why it is not running; None for a task
+        that is not queued, or when Redis cannot say."""
+        if record.status is not TaskState.QUEUED:
+            return None
+        try:
+            return await self.queue.waiting(
+                record.id,
+                record.workspace_id,
+                record.configuration.get("token_id"),
+                record.priority.value,
+            )
+        except UnavailableError:
+            return None
 
     async def submit_clone(
         self, workspace_id: str, body: object, *, scope: ApiToken | None = None
@@ -278,6 +338,8 @@ class Service:
         try:
             for priority, depth in (await self.queue.depths()).items():
                 m.queue_depth.labels(priority=priority).set(depth)
+            for reason, count in (await self.queue.waiting_counts()).items():
+                m.tasks_waiting.labels(reason=reason).set(count)
         except UnavailableError:
             pass  # counted in wsrunner_backend_errors_total; the rest still renders
         stats = self._stats() if self._stats is not None else None

@@ -39,6 +39,9 @@ class Settings:
 
     worker_id: str  #: this daemon's name in Redis and in task records
     concurrency: int = 3  #: task slots (WORKER_CONCURRENCY)
+    #: tasks of one workspace running at once, on all daemons together (one writer by default)
+    workspace_concurrency: int = 1
+    workspace_concurrencies: Mapping[str, int] = field(default_factory=dict)  #: per workspace
     #: "embedded" (in-process queue + SQLite in state_dir) or "redis" (Redis + PostgreSQL);
     #: chosen from whether REDIS_URL or DATABASE_URL is set, unless WSRUNNER_BACKEND says
     backend: str = "redis"
@@ -183,7 +186,7 @@ def _per_workspace(unit: str) -> Callable[[Any], dict[str, int]]:
             if not isinstance(ws, str) or not WORKSPACE_ID_RE.fullmatch(ws):
                 raise ValueError(f"{ws!r} is not a valid workspace id")
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"quota of {ws!r} must be a positive number of {unit}")
+                raise ValueError(f"the value of {ws!r} must be a positive number of {unit}")
             out[ws] = n
         return out
 
@@ -233,6 +236,8 @@ def _log_format(v: Any) -> str:
 _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "worker_id": ("WORKER_ID", str),
     "concurrency": ("WORKER_CONCURRENCY", _positive_int),
+    "workspace_concurrency": ("WSRUNNER_WORKSPACE_CONCURRENCY", _positive_int),
+    "workspace_concurrencies": ("", _per_workspace("tasks")),
     "redis_url": ("REDIS_URL", str),
     "backend": ("WSRUNNER_BACKEND", _backend),
     "state_dir": ("STATE_DIRECTORY", _state_dir),

@@ -189,6 +189,9 @@ def _env_vars(value: object) -> dict[str, str]:
 
 # --- field types ------------------------------------------------------------------------------
 
+#: a public API token's id (`wsrunner.tokens`), in payloads the daemon wrote
+TOKEN_ID_PATTERN = r"^[0-9a-f]{12}$"
+
 WorkspaceId = Annotated[
     str,
     Strict(),
@@ -519,3 +522,11 @@ class QueuedTask(TaskRequest):
 
     task_id: TaskId | None = None
     credentials: Credentials | None = None
+    token_id: (
+        Annotated[
+            str,
+            Strict(),
+            Field(pattern=TOKEN_ID_PATTERN, description="the API token that submitted it"),
+        ]
+        | None
+    ) = None

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from wsrunner.errors import AuthenticationError, ValidationError
-from wsrunner.models import ApiToken
+from wsrunner.models import ApiToken, TokenLimits
 from wsrunner.payload import validate_workspace_id
 
 if TYPE_CHECKING:
@@ -74,8 +74,11 @@ class TokenRegistry:
         self._cache[key] = (time.monotonic(), record)
         return record
 
-    async def create(self, name: str, workspaces: Sequence[str] | None) -> tuple[ApiToken, str]:
-        """A new token scoped to `workspaces` (None: all); returns (record, the token itself)."""
+    async def create(
+        self, name: str, workspaces: Sequence[str] | None, limits: TokenLimits | None = None
+    ) -> tuple[ApiToken, str]:
+        """A new token scoped to `workspaces` (None: all), within `limits` (the defaults if
+        None); returns (record, the token itself)."""
         if not name or len(name) > 200 or not name.isprintable():
             raise ValidationError("name", "expected 1-200 printable characters")
         if workspaces is not None:
@@ -85,7 +88,14 @@ class TokenRegistry:
                 validate_workspace_id(ws, f"workspaces[{i}]")
         token_id, token = new_token()
         scope = None if workspaces is None else sorted(set(workspaces))
-        return await self.store.create_token(token_id, name, digest(token), scope), token
+        made = await self.store.create_token(
+            token_id, name, digest(token), scope, limits or TokenLimits()
+        )
+        return made, token
+
+    async def update(self, token_id: str, limits: TokenLimits) -> ApiToken:
+        """Set a token's limits; daemons apply them within CACHE_S."""
+        return await self.store.update_token(token_id, limits)
 
     async def list(self) -> list[ApiToken]:
         return await self.store.list_tokens()

@@ -158,8 +158,15 @@ async def list_tasks() -> Response:
 @operation_id("getTask")
 @document_response(schemas.Task)
 async def get_task(task_id: str) -> Response:
-    """The task's record, result included."""
-    return jsonify(task_json(await current_service().get(task_id, scope=current_scope())))
+    """The task's record, result included; a queued task says where it stands in line and
+    why it is not running (`waiting`)."""
+    service = current_service()
+    record = await service.get(task_id, scope=current_scope())
+    body = task_json(record)
+    waiting = await service.waiting(record)
+    if waiting is not None:
+        body["waiting"] = {"position": waiting.position, "reason": waiting.reason}
+    return jsonify(body)
 
 
 @blueprint.post("/api/tasks/<task_id>/cancel")

@@ -336,13 +336,14 @@ async def test_a_slot_runs_the_next_task_while_the_last_end_is_recorded(
     start_daemon, settings
 ) -> None:
     """With one slot, a task whose end cannot be written yet (its row is locked here) does not
-    hold up the next one's steps; both are recorded once the lock goes. (The next one's end then
+    hold up the next one's steps (in another workspace: its own is held until that end is
+    written); both are recorded once the lock goes. (The next one's end then
     waits: one slot allows one task being recorded.)"""
     daemon = await start_daemon(concurrency=1)
     first = await daemon.service.submit(task_body(cmd("echo first; sleep 0.5")))
     await wait_for(lambda: first.record.id in daemon.runner.running)
     async with row_locked(settings, first.record.id):
-        second = await daemon.service.submit(task_body(cmd("echo second")))
+        second = await daemon.service.submit(task_body(cmd("echo second"), workspace_id="ws-2"))
         await wait_for(lambda: output_of(daemon, second.record.id), timeout=10)
         assert await output_of(daemon, second.record.id) == "second\n"
         assert (await daemon.service.get(first.record.id)).status is TaskState.RUNNING
@@ -436,12 +437,13 @@ async def test_a_task_being_recorded_when_the_grace_period_ends_is_recorded_not_
 ) -> None:
     """SIGTERM's grace period puts back the tasks still running their steps, not those whose
     steps are over. Here the second task's steps are over, and its end waits for the first's
-    (one slot: one task being recorded), which waits on a row lock held here."""
+    (one slot: one task being recorded), which waits on a row lock held here. (Another
+    workspace: the first's holds it until its end is recorded.)"""
     daemon = await start_daemon(concurrency=1, shutdown_grace_s=0.2)
     first = await daemon.service.submit(task_body(cmd("sleep 0.3; echo first")))
     await wait_for(lambda: first.record.id in daemon.runner.running)
     async with row_locked(settings, first.record.id):
-        second = await daemon.service.submit(task_body(cmd("echo second")))
+        second = await daemon.service.submit(task_body(cmd("echo second"), workspace_id="ws-2"))
         await wait_for(
             lambda: (rt := daemon.runner.running.get(second.record.id)) is not None and rt.recording
         )

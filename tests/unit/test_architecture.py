@@ -17,8 +17,15 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The modules every layer may use: values, errors, the wire format, settings, the ports.
-SHARED = {"wsrunner", "wsrunner.errors", "wsrunner.models", "wsrunner.payload", "wsrunner.ports"}
+#: The modules every layer may use: values, errors, the wire format, the ports, the claim rules.
+SHARED = {
+    "wsrunner",
+    "wsrunner.errors",
+    "wsrunner.models",
+    "wsrunner.payload",
+    "wsrunner.ports",
+    "wsrunner.turns",
+}
 DRIVERS = {"redis", "hiredis", "psycopg", "psycopg_pool", "sqlite3"}
 
 

@@ -136,7 +136,10 @@ async def test_leases_expire_on_the_mock_clock_unless_renewed() -> None:
 
 async def test_claims_are_strict_priority_then_fifo_and_a_requeued_one_comes_first() -> None:
     queue = MemoryQueue()
-    specs = [spec(priority=p) for p in ("low", "normal", "critical", "normal")]
+    specs = [
+        spec(priority=p, workspace_id=f"ws-{i}")
+        for i, p in enumerate(("low", "normal", "critical", "normal"))
+    ]
     for s in specs:
         await queue.enqueue(to_payload(s), event_data={"status": "queued"})
     order = []
@@ -144,7 +147,7 @@ async def test_claims_are_strict_priority_then_fifo_and_a_requeued_one_comes_fir
         order.append(json.loads(claim.payload)["task_id"])
     assert order == [specs[i].task_id for i in (2, 1, 3, 0)]
     assert len(await queue.inflight(WORKER)) == 4
-    await queue.enqueue(to_payload(spec()), event_data={})
+    await queue.enqueue(to_payload(spec(workspace_id="ws-9")), event_data={})
     [(claim_id, _)] = [c for c in (await queue.inflight(WORKER)).items() if "normal:2" in c[0]]
     assert await queue.requeue_claim(WORKER, claim_id, "normal")
     assert not await queue.requeue_claim(WORKER, claim_id, "normal")  # not held any more

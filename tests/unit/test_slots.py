@@ -21,7 +21,7 @@ async def test_at_most_n_run_at_once_and_a_free_slot_takes_the_next(
     queue: MemoryQueue,
     executor: FakeExecutor,
 ) -> None:
-    ids = [await submit(service, "sleep 10") for _ in range(5)]
+    ids = [await submit(service, "sleep 10", workspace_id=f"ws-{i}") for i in range(5)]
     slots, stopping = Slots(2, runner), trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(slots.serve)

@@ -106,6 +106,8 @@ class Task:
     attempts: int
     result: dict[str, Any] | None = None
     configuration: dict[str, Any] | None = None
+    #: while queued: its place in line and why it is not running (`position`, `reason`)
+    waiting: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  #: every field as sent
 
     @classmethod
@@ -122,6 +124,7 @@ class Task:
             attempts=body.get("attempts", 0),
             result=body.get("result"),
             configuration=body.get("configuration"),
+            waiting=body.get("waiting"),
             raw=body,
         )
 

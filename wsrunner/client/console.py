@@ -268,6 +268,10 @@ async def _watch(wsr: Client, task_id: str, as_json: bool) -> int:
     On a terminal: a live progress bar (step k of n) under the output as it arrives. Otherwise
     plain lines (output to stdout/stderr, step headers to stderr), or a JSON line per event.
     """
+    if not as_json:
+        queued = await wsr.get(task_id)
+        if queued.waiting:
+            print(f"queued: {_waiting(queued.waiting)}", file=sys.stderr, flush=True)
     if as_json:
         async for event in wsr.events(task_id):
             print(json.dumps({"id": event.id, "event": event.type, "data": event.data}), flush=True)
@@ -352,9 +356,15 @@ def _describe(task: Task) -> str:
         f"submitted  {task.submitted_at}",
         f"attempts   {task.attempts}",
     ]
+    if task.waiting:
+        lines.append(f"waiting    {_waiting(task.waiting)}")
     if task.error_message:
         lines.append(f"error      {task.error_message}")
     return "\n".join(lines)
+
+
+def _waiting(waiting: dict[str, Any]) -> str:
+    return f"#{waiting.get('position')} in line; {waiting.get('reason')}"
 
 
 def _print_tasks(tasks: list[Task], as_json: bool) -> None:

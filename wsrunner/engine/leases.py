@@ -118,6 +118,7 @@ def payload_from_record(rec: TaskRecord) -> JSON:
         "steps": cfg.get("steps", []),
         "created_at": rec.submitted_at.isoformat(),
         **({"idempotency_key": rec.idempotency_key} if rec.idempotency_key else {}),
+        **({"token_id": cfg["token_id"]} if cfg.get("token_id") else {}),
     }
 
 

@@ -213,6 +213,8 @@ class TaskRunner:
         `steps_done` is awaited once the steps have ended, before the directory is removed and
         the end is recorded: the slot that ran them can take the next claim meanwhile.
         """
+        if claim.workspace_wait_s is not None:
+            self.metrics.workspace_wait.observe(claim.workspace_wait_s)
         parsed = await self._parse(claim)
         if parsed is None:
             return

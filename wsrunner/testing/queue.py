@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,9 +15,11 @@ from wsrunner.models import (
     Claim,
     Event,
     TaskState,
+    Waiting,
     sources_of,
 )
 from wsrunner.testing.common import WAKE_BLOCK_S, _Clock, _copy, _round_trip
+from wsrunner.turns import Turns
 
 # --- the fast shared state --------------------------------------------------------------------
 
@@ -30,9 +31,9 @@ def _event_seq(event_id: str) -> int:
 class MemoryQueue:
     """The `Queue` port in memory, with the Redis queue's rules.
 
-    Each priority is a deque served from its left end: new payloads join on the right, and a
-    re-queued one (a claim given back, a payload rebuilt by the reconciler) goes to the left, so
-    it is served next. The status mirror keeps ended tasks, and a move to the state a task is
+    Payloads wait in `wsrunner.turns.Turns`, as in the Redis claim script: a re-queued one (a
+    claim given back, a payload rebuilt by the reconciler) goes to the front of its line. The
+    status mirror keeps ended tasks, and a move to the state a task is
     already in applies, as the TRANSITION script does. Event ids are `<n>-0`, one count for all
     streams, so ids of one task increase like Redis stream ids. `dead` holds the dead letters.
     """
@@ -40,7 +41,8 @@ class MemoryQueue:
     def __init__(self, *, latency: float = 0.0) -> None:
         self.latency = latency  #: trio seconds each call takes before it acts
         self.on_error: Callable[[], None] | None = None  #: nothing here fails
-        self._queues: dict[str, deque[str]] = {p.value: deque() for p in PRIORITY_ORDER}
+        self._turns = Turns()  #: the waiting payloads, and what claims hold
+        self._released = False  #: a claim settled since the last claim
         self._inflight: dict[str, dict[str, str]] = {}
         self._claims = 0
         self._status: dict[str, dict[str, str]] = {}
@@ -61,9 +63,7 @@ class MemoryQueue:
     # --- submit and claims --------------------------------------------------------------------
 
     def _push(self, payload: JSON, *, next_up: bool) -> None:
-        queue = self._queues[payload["priority"]]
-        raw = json.dumps(payload)
-        queue.appendleft(raw) if next_up else queue.append(raw)
+        self._turns.add(payload["priority"], json.dumps(payload), next_up=next_up)
         self._wake_pollers()
 
     def _wake_pollers(self) -> None:
@@ -95,42 +95,52 @@ class MemoryQueue:
         self._push(payload, next_up=True)
 
     async def claim(self, worker_id: str) -> Claim | None:
-        """The next payload (strict priority, oldest first), leased to `worker_id`."""
+        """The next runnable payload (`wsrunner.turns`), leased to `worker_id`."""
         await _round_trip(self.latency)
-        for priority in PRIORITY_ORDER:
-            queue = self._queues[priority.value]
-            if queue:
-                self._claims += 1
-                claim = Claim(f"{priority.value}:{self._claims}", queue.popleft())
-                self._inflight.setdefault(worker_id, {})[claim.claim_id] = claim.payload
-                return claim
-        return None
+        self._released = False
+        taken = self._turns.take(trio.current_time())
+        if taken is None:
+            return None
+        self._claims += 1
+        claim = Claim(f"{taken.priority}:{self._claims}", taken.payload, taken.workspace_wait_s)
+        self._turns.hold(claim.claim_id, taken)
+        self._inflight.setdefault(worker_id, {})[claim.claim_id] = claim.payload
+        return claim
 
     async def wait_for_work(self) -> bool:
-        """True once some queue holds a payload; False after WAKE_BLOCK_S without one."""
+        """True once a payload arrives or a settled claim frees one (since the last claim);
+        False after WAKE_BLOCK_S without either."""
         await _round_trip(self.latency)
-        if not any(self._queues.values()):
-            with trio.move_on_after(WAKE_BLOCK_S):
-                await self._work.wait()
-        return any(self._queues.values())
+        if self._released:
+            return True
+        with trio.move_on_after(WAKE_BLOCK_S) as waited:
+            await self._work.wait()
+        return not waited.cancelled_caught
+
+    def _settle(self, worker_id: str, claim_id: str) -> str | None:
+        raw = self._inflight.get(worker_id, {}).pop(claim_id, None)
+        if self._turns.release(claim_id):
+            self._released = True
+            self._wake_pollers()
+        return raw
 
     async def ack(self, worker_id: str, claim_id: str) -> None:
         await _round_trip(self.latency)
-        self._inflight.get(worker_id, {}).pop(claim_id, None)
+        self._settle(worker_id, claim_id)
 
     async def requeue_claim(self, worker_id: str, claim_id: str, priority: str) -> bool:
-        """Move a claim back to the head of its queue; False if `worker_id` does not hold it."""
+        """Move a claim back to the front of its line; False if `worker_id` does not hold it."""
         await _round_trip(self.latency)
-        raw = self._inflight.get(worker_id, {}).pop(claim_id, None)
+        raw = self._settle(worker_id, claim_id)
         if raw is None:
             return False
-        self._queues[priority].appendleft(raw)
+        self._turns.add(priority, raw, next_up=True)
         self._wake_pollers()
         return True
 
     async def dead_letter(self, worker_id: str, claim_id: str, reason: str) -> None:
         await _round_trip(self.latency)
-        raw = self._inflight.get(worker_id, {}).pop(claim_id, None)
+        raw = self._settle(worker_id, claim_id)
         if raw is not None:
             self.dead.append(
                 {
@@ -175,7 +185,7 @@ class MemoryQueue:
             if result is not None:
                 self._results[task_id] = _copy(result)
             if ack is not None:
-                self._inflight.get(ack[0], {}).pop(ack[1], None)
+                self._settle(*ack)
             applied = True
         if then is not None:
             self._append(task_id, *then)
@@ -217,9 +227,31 @@ class MemoryQueue:
             found = newer()
         return found
 
+    async def set_workspace_limits(self, default: int, overrides: dict[str, int]) -> None:
+        await _round_trip(self.latency)
+        self._turns.workspace_limit, self._turns.workspace_limits = default, dict(overrides)
+        self._wake_pollers()
+
+    async def set_token_limit(self, token_id: str, max_running: int | None) -> None:
+        await _round_trip(self.latency)
+        if max_running is None:
+            self._turns.token_limits.pop(token_id, None)
+        else:
+            self._turns.token_limits[token_id] = max_running
+        self._wake_pollers()
+
+    async def waiting_counts(self) -> dict[str, int]:
+        return self._turns.counts()
+
+    async def waiting(
+        self, task_id: str, workspace_id: str, token_id: str | None, priority: str
+    ) -> Waiting | None:
+        await _round_trip(self.latency)
+        return self._turns.waiting(task_id)
+
     async def depths(self) -> dict[str, int]:
         await _round_trip(self.latency)
-        return {p: len(q) for p, q in self._queues.items()}
+        return {p.value: self._turns.depth(p.value) for p in PRIORITY_ORDER}
 
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
         await _round_trip(self.latency)

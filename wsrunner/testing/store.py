@@ -18,6 +18,7 @@ from wsrunner.models import (
     TaskRecord,
     TaskSpec,
     TaskState,
+    TokenLimits,
     sources_of,
 )
 from wsrunner.payload import check_idempotent_replay, request_hash, to_configuration
@@ -288,7 +289,12 @@ class MemoryStore:
     # --- API tokens ---------------------------------------------------------------------------
 
     async def create_token(
-        self, token_id: str, name: str, secret_sha256: str, workspaces: Sequence[str] | None
+        self,
+        token_id: str,
+        name: str,
+        secret_sha256: str,
+        workspaces: Sequence[str] | None,
+        limits: TokenLimits,
     ) -> ApiToken:
         await _round_trip(self.latency)
         if token_id in self._tokens:
@@ -298,6 +304,7 @@ class MemoryStore:
             name=name,
             created_at=self._clock.now(),
             workspaces=None if workspaces is None else tuple(workspaces),
+            limits=limits,
         )
         self._tokens[token_id] = (token, secret_sha256)
         return token
@@ -315,6 +322,23 @@ class MemoryStore:
         ):
             self._tokens[token_id] = (replace(token, last_used_at=now), digest)
         return token, digest  # as read, before the touch (like the SELECT then UPDATE)
+
+    async def update_token(self, token_id: str, limits: TokenLimits) -> ApiToken:
+        await _round_trip(self.latency)
+        if token_id not in self._tokens:
+            raise NotFoundError(f"no API token with id {token_id!r}")
+        token, digest = self._tokens[token_id]
+        self._tokens[token_id] = (replace(token, limits=limits), digest)
+        return self._tokens[token_id][0]
+
+    async def count_queued(self, token_id: str) -> int:
+        await _round_trip(self.latency)
+        return sum(
+            1
+            for row in self._rows.values()
+            if row.record.status is TaskState.QUEUED
+            and row.record.configuration.get("token_id") == token_id
+        )
 
     async def list_tokens(self) -> builtins.list[ApiToken]:
         await _round_trip(self.latency)

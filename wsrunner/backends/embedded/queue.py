@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -22,7 +22,8 @@ from typing import Any, Final
 import trio
 
 from wsrunner.backends.embedded.store import SqliteStore
-from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, sources_of
+from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, Waiting, sources_of
+from wsrunner.turns import Turns
 
 WAKE_BLOCK_S: Final = 5.0
 ENDED_KEPT: Final = 10_000  #: ended tasks whose final state still refuses a late transition
@@ -42,7 +43,7 @@ class LocalQueue:
     def __init__(self, store: SqliteStore) -> None:
         self._store = store
         self.on_error: Callable[[], None] | None = None  #: nothing here can fail remotely
-        self._queues: dict[str, deque[str]] = {p.value: deque() for p in PRIORITY_ORDER}
+        self._turns = Turns()  #: the waiting payloads, and what claims hold
         self._inflight: dict[str, dict[str, str]] = {}
         self._claims = 0
         self._status: dict[str, dict[str, str]] = {}  #: tasks not ended yet
@@ -58,11 +59,8 @@ class LocalQueue:
 
     # --- submit and claims --------------------------------------------------------------------
 
-    def _push(self, payload: JSON, *, head: bool) -> None:
-        queue = self._queues[payload["priority"]]
-        raw = json.dumps(payload)
-        # The deque's right end is the head: claims pop from there (oldest first).
-        queue.append(raw) if head else queue.appendleft(raw)
+    def _push(self, payload: JSON, *, next_up: bool) -> None:
+        self._turns.add(payload["priority"], json.dumps(payload), next_up=next_up)
         self._work.set()
 
     async def enqueue(self, payload: JSON, *, event_data: JSON) -> str:
@@ -75,7 +73,7 @@ class LocalQueue:
             "task_type": payload.get("task_type", "background_job"),
         }
         event_id = await self.emit(tid, "status_changed", event_data)
-        self._push(payload, head=False)
+        self._push(payload, next_up=False)
         return event_id
 
     async def requeue_payload(self, payload: JSON) -> None:
@@ -86,39 +84,44 @@ class LocalQueue:
         }
         # Behind the rest (Redis puts it next in line): at start every queued task comes back
         # through here, oldest first, and keeps its order.
-        self._push(payload, head=False)
+        self._push(payload, next_up=False)
 
     async def claim(self, worker_id: str) -> Claim | None:
-        for priority in PRIORITY_ORDER:
-            queue = self._queues[priority.value]
-            if queue:
-                self._claims += 1
-                claim = Claim(f"{priority.value}:{self._claims}", queue.pop())
-                self._inflight.setdefault(worker_id, {})[claim.claim_id] = claim.payload
-                return claim
-        return None
+        taken = self._turns.take(time.monotonic())
+        if taken is None:
+            return None
+        self._claims += 1
+        claim = Claim(f"{taken.priority}:{self._claims}", taken.payload, taken.workspace_wait_s)
+        self._turns.hold(claim.claim_id, taken)
+        self._inflight.setdefault(worker_id, {})[claim.claim_id] = claim.payload
+        return claim
 
     async def wait_for_work(self) -> bool:
-        if any(self._queues.values()):
-            return True
+        """True once a payload arrives or a settled claim frees one; False after WAKE_BLOCK_S."""
         self._work = trio.Event()
         with trio.move_on_after(WAKE_BLOCK_S):
             await self._work.wait()
-        return any(self._queues.values())
+        return self._work.is_set()
+
+    def _settle(self, worker_id: str, claim_id: str) -> str | None:
+        raw = self._inflight.get(worker_id, {}).pop(claim_id, None)
+        if self._turns.release(claim_id):
+            self._work.set()
+        return raw
 
     async def ack(self, worker_id: str, claim_id: str) -> None:
-        self._inflight.get(worker_id, {}).pop(claim_id, None)
+        self._settle(worker_id, claim_id)
 
     async def requeue_claim(self, worker_id: str, claim_id: str, priority: str) -> bool:
-        raw = self._inflight.get(worker_id, {}).pop(claim_id, None)
+        raw = self._settle(worker_id, claim_id)
         if raw is None:
             return False
-        self._queues[priority].append(raw)  # back to the head of its queue
+        self._turns.add(priority, raw, next_up=True)  # back to the front of its line
         self._work.set()
         return True
 
     async def dead_letter(self, worker_id: str, claim_id: str, reason: str) -> None:
-        raw = self._inflight.get(worker_id, {}).pop(claim_id, None)
+        raw = self._settle(worker_id, claim_id)
         if raw is not None:
             self.dead.append(
                 {"payload": raw, "reason": reason, "worker_id": worker_id, "at": _now_iso()}
@@ -197,7 +200,28 @@ class LocalQueue:
         ]
 
     async def depths(self) -> dict[str, int]:
-        return {p: len(q) for p, q in self._queues.items()}
+        return {p.value: self._turns.depth(p.value) for p in PRIORITY_ORDER}
+
+    # --- turns --------------------------------------------------------------------------------
+
+    async def set_workspace_limits(self, default: int, overrides: dict[str, int]) -> None:
+        self._turns.workspace_limit, self._turns.workspace_limits = default, dict(overrides)
+        self._work.set()
+
+    async def set_token_limit(self, token_id: str, max_running: int | None) -> None:
+        if max_running is None:
+            self._turns.token_limits.pop(token_id, None)
+        else:
+            self._turns.token_limits[token_id] = max_running
+        self._work.set()
+
+    async def waiting_counts(self) -> dict[str, int]:
+        return self._turns.counts()
+
+    async def waiting(
+        self, task_id: str, workspace_id: str, token_id: str | None, priority: str
+    ) -> Waiting | None:
+        return self._turns.waiting(task_id)
 
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
         return {

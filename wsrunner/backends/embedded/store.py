@@ -34,6 +34,7 @@ from wsrunner.models import (
     TaskRecord,
     TaskSpec,
     TaskState,
+    TokenLimits,
     json_text,
     sources_of,
 )
@@ -63,6 +64,12 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     created_at TEXT NOT NULL, last_used_at TEXT, revoked_at TEXT
 );
 """
+#: Columns added since the first release, to stores made before them.
+ADDED: Final = (
+    ("api_tokens", "max_priority", "TEXT NOT NULL DEFAULT 'high'"),
+    ("api_tokens", "max_running", "INTEGER"),
+    ("api_tokens", "max_queued", "INTEGER"),
+)
 
 
 def _now() -> datetime:
@@ -101,10 +108,19 @@ def _token(row: sqlite3.Row) -> ApiToken:
         id=row["id"],
         name=row["name"],
         workspaces=None if ws is None else tuple(json.loads(ws)),
+        limits=TokenLimits(
+            max_priority=Priority(row["max_priority"]),
+            max_running=row["max_running"],
+            max_queued=row["max_queued"],
+        ),
         created_at=_ts(row["created_at"]),  # type: ignore[arg-type]
         last_used_at=_ts(row["last_used_at"]),
         revoked_at=_ts(row["revoked_at"]),
     )
+
+
+def _limits(limits: TokenLimits) -> tuple[str, int | None, int | None]:
+    return limits.max_priority.value, limits.max_running, limits.max_queued
 
 
 class SqliteStore:
@@ -408,16 +424,21 @@ class SqliteStore:
     # --- API tokens ---------------------------------------------------------------------------
 
     async def create_token(
-        self, token_id: str, name: str, secret_sha256: str, workspaces: Sequence[str] | None
+        self,
+        token_id: str,
+        name: str,
+        secret_sha256: str,
+        workspaces: Sequence[str] | None,
+        limits: TokenLimits,
     ) -> ApiToken:
         now = _now().isoformat()
         scope = None if workspaces is None else json.dumps(list(workspaces))
 
         def tx(c: sqlite3.Connection) -> sqlite3.Row:
             c.execute(
-                "INSERT INTO api_tokens (id, name, secret_sha256, workspaces, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (token_id, name, secret_sha256, scope, now),
+                "INSERT INTO api_tokens (id, name, secret_sha256, workspaces, created_at,"
+                " max_priority, max_running, max_queued) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (token_id, name, secret_sha256, scope, now, *_limits(limits)),
             )
             row: sqlite3.Row = c.execute(
                 "SELECT * FROM api_tokens WHERE id = ?", (token_id,)
@@ -443,6 +464,33 @@ class SqliteStore:
 
         row = await self.run(tx)
         return None if row is None else (_token(row), row["secret_sha256"])
+
+    async def update_token(self, token_id: str, limits: TokenLimits) -> ApiToken:
+        def tx(c: sqlite3.Connection) -> sqlite3.Row | None:
+            c.execute(
+                "UPDATE api_tokens SET max_priority = ?, max_running = ?, max_queued = ?"
+                " WHERE id = ?",
+                (*_limits(limits), token_id),
+            )
+            row: sqlite3.Row | None = c.execute(
+                "SELECT * FROM api_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            return row
+
+        row = await self.run(tx)
+        if row is None:
+            raise NotFoundError(f"no API token with id {token_id!r}")
+        return _token(row)
+
+    async def count_queued(self, token_id: str) -> int:
+        row = await self.run(
+            lambda c: c.execute(
+                "SELECT count(*) FROM task_executions WHERE status = 'queued'"
+                " AND json_extract(configuration, '$.token_id') = ?",
+                (token_id,),
+            ).fetchone()
+        )
+        return int(row[0])
 
     async def list_tokens(self) -> builtins.list[ApiToken]:
         rows = await self.run(
@@ -484,6 +532,10 @@ async def open_sqlite_store(path: Path, *, lease_s: float = 60.0) -> AsyncIterat
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # a completed task survives a power cut
         conn.executescript(SCHEMA)
+        for table, column, kind in ADDED:
+            known = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in known:  # our own constants, not input
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         conn.isolation_level = "DEFERRED"
         return conn
 

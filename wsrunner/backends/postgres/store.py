@@ -42,6 +42,7 @@ from wsrunner.models import (
     TaskRecord,
     TaskSpec,
     TaskState,
+    TokenLimits,
     json_text,
     sources_of,
 )
@@ -497,15 +498,31 @@ class PostgresStore:
     # --- API tokens ---------------------------------------------------------------------------
 
     async def create_token(
-        self, token_id: str, name: str, secret_sha256: str, workspaces: Sequence[str] | None
+        self,
+        token_id: str,
+        name: str,
+        secret_sha256: str,
+        workspaces: Sequence[str] | None,
+        limits: TokenLimits,
     ) -> ApiToken:
         params = {
             "id": token_id,
             "name": name,
             "secret_sha256": secret_sha256,
             "workspaces": None if workspaces is None else list(workspaces),
+            **_limits(limits),
         }
         return _token((await self._rows("insert_token", params))[0])
+
+    async def update_token(self, token_id: str, limits: TokenLimits) -> ApiToken:
+        rows = await self._rows("update_token_limits", {"id": token_id, **_limits(limits)})
+        if not rows:
+            raise NotFoundError(f"no API token with id {token_id!r}")
+        return _token(rows[0])
+
+    async def count_queued(self, token_id: str) -> int:
+        """How many tasks `token_id` submitted are waiting."""
+        return int((await self._rows("count_queued_of_token", {"token_id": token_id}))[0]["n"])
 
     async def token_digest(self, token_id: str) -> tuple[ApiToken, str] | None:
         """The token and its stored digest, or None; marks it used (at most once a minute)."""
@@ -526,12 +543,25 @@ class PostgresStore:
         return _token(rows[0])
 
 
+def _limits(limits: TokenLimits) -> dict[str, Any]:
+    return {
+        "max_priority": limits.max_priority.value,
+        "max_running": limits.max_running,
+        "max_queued": limits.max_queued,
+    }
+
+
 def _token(row: dict[str, Any]) -> ApiToken:
     ws = row["workspaces"]
     return ApiToken(
         id=row["id"],
         name=row["name"],
         workspaces=None if ws is None else tuple(ws),
+        limits=TokenLimits(
+            max_priority=Priority(row["max_priority"]),
+            max_running=row["max_running"],
+            max_queued=row["max_queued"],
+        ),
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
         revoked_at=row["revoked_at"],

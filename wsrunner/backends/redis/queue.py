@@ -8,9 +8,10 @@ redis-py's asyncio client through trio-asyncio, with `socket_timeout=None`, so t
 cancel scopes stay the only timeout mechanism.
 Multi-step writes are Lua scripts, so each is atomic and costs one round trip:
 
-- CLAIM pops the oldest payload of the highest non-empty priority and records it in the daemon's
-  in-flight hash in the same step: a daemon that dies after a claim leaves the payload where the
-  reaper finds it. Nothing is ever only in a dead process's memory.
+- CLAIM takes the next runnable payload by the rules of `wsrunner.turns` (`turns.py` beside
+  this module has the scripts) and records it in the daemon's in-flight hash, with what it holds
+  (its workspace, its tenant), in the same step: a daemon that dies after a claim leaves the
+  payload where the reaper finds it. Nothing is ever only in a dead process's memory.
 - TRANSITION compare-and-sets the status hash against the lifecycle table and, only if the move
   applied, appends the event, stores the result, and acknowledges the claim; an event that
   follows the move (a task's first progress) can ride along, applied or not.
@@ -34,10 +35,21 @@ import trio_asyncio
 from redis.exceptions import RedisError
 from trio_asyncio import aio_as_trio, trio_as_aio
 
+from wsrunner.backends.redis import turns
 from wsrunner.backends.redis.keys import Keys
 from wsrunner.backends.redis.resp import Arg, RespClient
 from wsrunner.errors import UnavailableError
-from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, json_text, sources_of
+from wsrunner.models import (
+    JSON,
+    PRIORITY_ORDER,
+    Claim,
+    Event,
+    TaskState,
+    Waiting,
+    json_text,
+    sources_of,
+)
+from wsrunner.turns import place
 
 logger = logging.getLogger(__name__)
 
@@ -46,43 +58,15 @@ RESULT_TTL_S: Final = 3600
 STREAM_MAXLEN: Final = 10_000  # events kept per task (approximate trim)
 WAKE_BLOCK_S: Final = 5  # server-side bound of one idle wait; the poller just waits again
 
-_CLAIM: Final = """
-for i = 1, #ARGV do
-  local payload = redis.call('RPOP', KEYS[i])
-  if payload then
-    local field = ARGV[i] .. ':' .. redis.call('INCR', KEYS[#ARGV + 2])
-    redis.call('HSET', KEYS[#ARGV + 1], field, payload)
-    return {field, payload}
-  end
-end
-return false
-"""
-
-# KEYS: inflight, queue   ARGV: claim id.  Back to the consumer end: it is served next.
-_REQUEUE: Final = """
-local payload = redis.call('HGET', KEYS[1], ARGV[1])
-if not payload then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], payload)
-return 1
-"""
-
-# KEYS: inflight, dead   ARGV: claim id, reason, worker id, time
-_DEAD_LETTER: Final = """
-local payload = redis.call('HGET', KEYS[1], ARGV[1])
-if not payload then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('LPUSH', KEYS[2], cjson.encode({payload = payload, reason = ARGV[2],
-                                           worker_id = ARGV[3], dead_lettered_at = ARGV[4]}))
-return 1
-"""
-
 # KEYS: status, events, result, active set, inflight
 # ARGV: target, allowed sources (JSON list), status ttl, fields (JSON object), event data JSON
 #       ('' for none), event envelope JSON, timestamp, result JSON ('' for none), result ttl,
-#       claim id ('' for none), terminal ('1'/'0'), task id, stream maxlen
+#       claim id ('' for none), terminal ('1'/'0'), task id, stream maxlen, the event `then`
+#       (kind, data, envelope; '' for none), prefix
 # Returns {1, event id or ''} when applied, {0, current status} when refused.
-_TRANSITION: Final = """
+_TRANSITION: Final = (
+    turns.LIB
+    + """
 local function emit_then()
   if ARGV[14] == '' then return end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[13], '*',
@@ -111,11 +95,15 @@ if ARGV[5] ~= '' then
   redis.call('PUBLISH', KEYS[2], ARGV[6])
 end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[3], ARGV[8], 'EX', ARGV[9]) end
-if ARGV[10] ~= '' then redis.call('HDEL', KEYS[5], ARGV[10]) end
+if ARGV[10] ~= '' then
+  redis.call('HDEL', KEYS[5], ARGV[10])
+  release(ARGV[17], ARGV[10])
+end
 if ARGV[11] == '1' then redis.call('SREM', KEYS[4], ARGV[12]) end
 emit_then()
 return {1, id}
 """
+)
 
 
 def now_iso() -> str:
@@ -136,6 +124,8 @@ def _envelope(kind: str, task_id: str, data: str, ts: str) -> str:
         f'"timestamp": {q(ts)}}}'
     )
 
+
+_PRIORITIES: Final = [p.value for p in PRIORITY_ORDER]
 
 #: The states a task may move to each state from, as the transition script reads them.
 _SOURCES: Final = {t: json.dumps(sorted(s.value for s in sources_of(t))) for t in TaskState}
@@ -334,9 +324,13 @@ class RedisQueue:
         self._r = client  # commands, pipelines and scripts (native trio)
         self._blocking = blocking  # redis-py: the cancel channel's pub/sub
         self.keys = keys
-        self._claim = client.script(_CLAIM)
-        self._requeue = client.script(_REQUEUE)
-        self._dead_letter = client.script(_DEAD_LETTER)
+        self._claim = client.script(turns.CLAIM)
+        self._ack = client.script(turns.ACK)
+        self._requeue = client.script(turns.REQUEUE)
+        self._dead_letter = client.script(turns.DEAD_LETTER)
+        self._waiting = client.script(turns.WAITING)
+        self._counts = client.script(turns.COUNTS)
+        self._released = trio.Event()  #: set when a claim settled here may have freed work
         self._transition = client.script(_TRANSITION)
         self.tail = _StreamTail(client)  #: its `serve()` runs for as long as the queue is open
         self._work = _WorkWatch(client, keys.queues())  #: so does its `serve()`
@@ -428,37 +422,61 @@ class RedisQueue:
     # --- claims -------------------------------------------------------------------------------
 
     async def claim(self, worker_id: str) -> Claim | None:
-        """Take the next payload (strict priority, FIFO within one) and lease it to `worker_id`.
+        """Take the next runnable payload (`wsrunner.turns`) and lease it to `worker_id`.
 
         Cancellation: shielded; the claim either happened (and is leased) or did not.
         """
-        k = self.keys
+        self._released = trio.Event()  # a release from now on may free what this one skips
         with trio.CancelScope(shield=True):
             res = await self._script(
                 self._claim,
-                [*k.queues(), k.inflight(worker_id), k.claim_seq],
-                [p.value for p in PRIORITY_ORDER],
+                [],
+                [self.keys.prefix, self.keys.inflight(worker_id), *_PRIORITIES],
             )
-        return None if res is None else Claim(str(res[0]), str(res[1]))
+        if res is None:
+            return None
+        waited = int(res[2])
+        return Claim(str(res[0]), str(res[1]), None if waited < 0 else waited / 1000)
 
     async def wait_for_work(self) -> bool:
-        """Block until some queue is non-empty (True), or WAKE_BLOCK_S passes (False)."""
-        try:
-            return await self._work.wait()
-        except UnavailableError:
-            self._failed()
-            raise
+        """Block until a queue gets a payload or a claim settled here frees one (True), or
+        WAKE_BLOCK_S passes (False). Another daemon's release is seen by the next claim."""
+        if self._released.is_set():
+            return True
+        found = False
+        async with trio.open_nursery() as nursery:
+
+            async def released() -> None:
+                nonlocal found
+                await self._released.wait()
+                found = True
+                nursery.cancel_scope.cancel()
+
+            async def arrived() -> None:
+                nonlocal found
+                try:
+                    found = await self._work.wait() or found
+                except UnavailableError:
+                    self._failed()
+                    raise
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(released)
+            nursery.start_soon(arrived)
+        return found
 
     async def ack(self, worker_id: str, claim_id: str) -> None:
-        await self._cmd("HDEL", self.keys.inflight(worker_id), claim_id)
+        await self._script(self._ack, [self.keys.inflight(worker_id)], [claim_id, self.keys.prefix])
+        self._released.set()
 
     async def requeue_claim(self, worker_id: str, claim_id: str, priority: str) -> bool:
-        """Move a claimed payload back to the head of its queue; False if it was not there."""
+        """Move a claimed payload back to the front of its line; False if it was not there."""
         k = self.keys
         with trio.CancelScope(shield=True):
             moved = await self._script(
-                self._requeue, [k.inflight(worker_id), k.queue(priority)], [claim_id]
+                self._requeue, [k.inflight(worker_id)], [claim_id, k.prefix, priority]
             )
+        self._released.set()
         return bool(moved)
 
     async def dead_letter(self, worker_id: str, claim_id: str, reason: str) -> None:
@@ -467,8 +485,9 @@ class RedisQueue:
         await self._script(
             self._dead_letter,
             [k.inflight(worker_id), k.dead],
-            [claim_id, reason, worker_id, now_iso()],
+            [claim_id, reason, worker_id, now_iso(), k.prefix],
         )
+        self._released.set()
 
     async def inflight(self, worker_id: str) -> dict[str, str]:
         return _pairs(await self._cmd("HGETALL", self.keys.inflight(worker_id)))
@@ -525,8 +544,11 @@ class RedisQueue:
                 task_id,
                 STREAM_MAXLEN,
                 *follow,
+                k.prefix,
             ],
         )
+        if claim_id:
+            self._released.set()
         return bool(int(res[0])), str(res[1])
 
     def _event_commands(self, task_id: str, kind: str, data: JSON, ts: str) -> list[list[Arg]]:
@@ -589,9 +611,71 @@ class RedisQueue:
         ]
 
     async def depths(self) -> dict[str, int]:
-        """Payloads waiting in each priority queue, in one round trip."""
-        counts = await self._pipe([["LLEN", self.keys.queue(p)] for p in PRIORITY_ORDER])
-        return {p.value: int(n) for p, n in zip(PRIORITY_ORDER, counts, strict=True)}
+        """Payloads waiting in each priority (arrived, in line, or unreadable), one round trip."""
+        k = self.keys
+        line = f"{k.prefix}:turns"
+        commands: list[list[Arg]] = []
+        for p in _PRIORITIES:
+            commands += [
+                ["LLEN", k.queue(p)],
+                ["GET", f"{line}:{p}:count"],
+                ["LLEN", f"{line}:{p}:unreadable"],
+            ]
+        counts = await self._pipe(commands)
+        return {
+            p: sum(int(n or 0) for n in counts[3 * i : 3 * i + 3])
+            for i, p in enumerate(_PRIORITIES)
+        }
+
+    # --- turns --------------------------------------------------------------------------------
+
+    async def set_workspace_limits(self, default: int, overrides: dict[str, int]) -> None:
+        """How many claims a workspace may hold: `default`, or its entry in `overrides`.
+        Shared by every daemon on this Redis: the last to start (or reload) sets them."""
+        key = f"{self.keys.prefix}:turns:limits:ws"
+        await self._pipe(
+            [
+                ["DEL", key],
+                ["HSET", key, "*", default, *_flat({k: str(v) for k, v in overrides.items()})],
+            ],
+            transaction=True,
+        )
+
+    async def set_token_limit(self, token_id: str, max_running: int | None) -> None:
+        """The most claims `token_id`'s tasks may hold at once (None: no limit)."""
+        key = f"{self.keys.prefix}:turns:limits:token"
+        if max_running is None:
+            await self._cmd("HDEL", key, token_id)
+        else:
+            await self._cmd("HSET", key, token_id, max_running)
+
+    async def waiting_counts(self) -> dict[str, int]:
+        """Waiting tasks by what holds them back (`Waiting.kind`)."""
+        raw = await self._script(self._counts, [], [self.keys.prefix, *_PRIORITIES])
+        return {k: int(v) for k, v in json.loads(raw).items()}
+
+    async def waiting(
+        self, task_id: str, workspace_id: str, token_id: str | None, priority: str
+    ) -> Waiting | None:
+        """Where a queued task stands in line and what holds it back; None if it is not in
+        line (being claimed, or not queued)."""
+        tenant = f"t:{token_id}" if token_id else f"w:{workspace_id}"
+        raw = await self._script(
+            self._waiting,
+            [],
+            [self.keys.prefix, task_id, workspace_id, tenant, priority, *_PRIORITIES],
+        )
+        found = json.loads(raw)
+        if not found:
+            return None
+        line = [(t, [(w, int(n)) for w, n in spaces]) for t, spaces in found["line"]]
+        position = found["before"] + place(line, tenant, workspace_id, found["index"])
+        return Waiting(
+            position=position,
+            workspace_holder=found["holder"] if found["held"] >= found["ws_limit"] else None,
+            running=found["running"],
+            token_limit=None if found["token_limit"] < 0 else found["token_limit"],
+        )
 
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
         """The `status` field of each task (None where the hash is missing), in one round trip."""

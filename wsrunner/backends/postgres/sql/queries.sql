@@ -130,9 +130,20 @@ SELECT * FROM task_executions
  LIMIT %(limit)s;
 
 -- name: insert_token
-INSERT INTO api_tokens (id, name, secret_sha256, workspaces)
-VALUES (%(id)s, %(name)s, %(secret_sha256)s, %(workspaces)s::text[])
+INSERT INTO api_tokens (id, name, secret_sha256, workspaces, max_priority, max_running, max_queued)
+VALUES (%(id)s, %(name)s, %(secret_sha256)s, %(workspaces)s::text[], %(max_priority)s,
+        %(max_running)s, %(max_queued)s)
 RETURNING *;
+
+-- name: update_token_limits
+UPDATE api_tokens SET max_priority = %(max_priority)s, max_running = %(max_running)s,
+                      max_queued = %(max_queued)s
+ WHERE id = %(id)s
+RETURNING *;
+
+-- name: count_queued_of_token
+SELECT count(*) AS n FROM task_executions
+ WHERE status = 'queued' AND configuration->>'token_id' = %(token_id)s;
 
 -- name: get_token
 SELECT * FROM api_tokens WHERE id = %(id)s;
