@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/peers.py [--rounds 3] [--tasks 300] [--latency-tasks 100]
                                     [--drain-tasks 10000] [--subscribers 1000] [--only SYSTEM...]
-                                    [--workloads throughput latency drain priority fanout limits]
+                                    [--workloads throughput latency drain priority fanout
+                                                 fairness limits]
 
 Workloads (issue 6):
 1. throughput: tasks whose one step runs `true` (a real fork/exec), queued before the worker
@@ -13,8 +14,14 @@ Workloads (issue 6):
    tasks started after that and before the last high one started (or finished);
 5. fanout (wsrunner only: the peers have no event streams): --subscribers SSE subscribers on 10
    running tasks, from 4 client processes; delivery latency and the daemon's memory;
-6. limits: the same machine's spawn rate (subprocess, posix_spawn, the sandbox chain), Redis
+6. fairness (wsrunner only: the peers' queues have no tenants, so B waits for every task queued
+   before it): tenant A (a token) queues 1,000 tasks (`sleep 0.02`) over 10 workspaces, then
+   tenant B one: B's wait, and how many of A's tasks started meanwhile (docs/scheduling.md);
+7. limits: the same machine's spawn rate (subprocess, posix_spawn, the sandbox chain), Redis
    round trip and PostgreSQL commit, so each figure can be read as a fraction of them.
+
+All wsrunner tasks of the other workloads are in one workspace, `bench`, allowed to run three at
+once (`WSRUNNER_WORKSPACE_CONCURRENCY=3`): the peers' jobs have no workspace to wait for.
 
 `<peer>+pg` is the peer whose job also writes a PostgreSQL record of its task when it starts and
 when it ends, as wsrunner does (bench/peers/common.py): a comparison at the same durability, in
@@ -247,6 +254,9 @@ class Wsrunner:
             "WSRUNNER_DATABASE_SCHEMA": self.schema,
             "WORKSPACE_VOLUME_PATH": str(tmp / "volume"),
             "WORKER_CONCURRENCY": "3",
+            # Every task here is in the workspace `bench`: let it run three at once, as the
+            # peers' jobs do (one writer per workspace is measured by the fairness workload).
+            "WSRUNNER_WORKSPACE_CONCURRENCY": "3",
             "WSRUNNER_FRONTEND": "none",
             "POLICY_FILE": str(tmp / "policy.yaml"),
             "WSRUNNER_SANDBOX": "auto" if sandbox else "off",
@@ -255,9 +265,17 @@ class Wsrunner:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def push(
-        self, n: int, priority: str = "normal", command: str = "true", pipe: Any = None
+        self,
+        n: int,
+        priority: str = "normal",
+        command: str = "true",
+        pipe: Any = None,
+        *,
+        token: str | None = None,
+        workspaces: int = 0,
     ) -> list[str]:
-        """Queue `n` tasks as the reference producers do (LPUSH), or add the LPUSH to `pipe`."""
+        """Queue `n` tasks as the reference producers do (LPUSH), or add the LPUSH to `pipe`;
+        with `token`, as that API token's (its tenant), spread over `workspaces` of its own."""
         ids = [str(uuid.uuid4()) for _ in range(n)]
         now = datetime.now(UTC).isoformat()
         payloads = [
@@ -265,14 +283,15 @@ class Wsrunner:
                 {
                     "task_id": t,
                     "task_type": "background_job",
-                    "workspace_id": "bench",
+                    "workspace_id": f"{token}-{i % workspaces}" if token else "bench",
                     "priority": priority,
                     "timeout_seconds": 60,
                     "created_at": now,
                     "steps": [{"action": "execute_command", "command": command}],
+                    **({"token_id": token} if token else {}),
                 }
             )
-            for t in ids
+            for i, t in enumerate(ids)
         ]
         for i in range(0, n, 1000):
             (pipe or self.r).lpush(f"{self.prefix}:tasks:{priority}", *payloads[i : i + 1000])
@@ -371,8 +390,10 @@ class Wsrunner:
         # claimed after the highs were visible (the low queue is FIFO, pushed in order).
         with self.r.pipeline(transaction=True) as pipe:
             high = set(self.push(100, "high", pipe=pipe))
-            pipe.llen(f"{self.prefix}:tasks:low")
-            *_, low_left = pipe.execute()
+            pipe.llen(f"{self.prefix}:tasks:low")  # not yet read into the line
+            pipe.get(f"{self.prefix}:turns:low:count")  # in the line (docs/scheduling.md)
+            *_, arrived, in_line = pipe.execute()
+        low_left = int(arrived) + int(in_line or 0)
         claimed_after = set(low[len(low) - int(low_left) :])
         while True:
             rows = {r[0]: r for r in self.rows()}
@@ -388,6 +409,42 @@ class Wsrunner:
             "low_before_last_high_start": sum(v < last_start for v in lows),
             "low_before_last_high_done": sum(v < last_done for v in lows),
             "low_claimed_after_high_pushed_started_first": sum(v < last_start for v in after),
+        }
+
+    def fairness(self, n: int) -> dict[str, Any]:
+        """Tenant A (a token, 10 workspaces) queues `n` tasks, then tenant B one: how long B
+        waits, and how many of A's start meanwhile. First in, first out, B would wait for
+        all `n`."""
+        a_tasks = self.push(n, command="sleep 0.02", token="aaaaaaaaaaaa", workspaces=10)
+        self.start(WSRUNNER_WORKSPACE_CONCURRENCY="1")
+        while self.completed() < 30:
+            time.sleep(0.01)
+        pushed = time.time()
+        [b_task] = self.push(1, token="bbbbbbbbbbbb", workspaces=1)
+        while True:
+            rows = {r[0]: r for r in self.rows()}
+            if rows.get(b_task, (0, ""))[1] == "completed":
+                break
+            time.sleep(0.01)
+        b_start = rows[b_task][2].timestamp()
+        a_runs = [
+            (rows[t][3] - rows[t][2]).total_seconds()
+            for t in a_tasks
+            if rows.get(t, (0, ""))[1] == "completed"
+        ]
+        return {
+            "b_wait_ms": (b_start - pushed) * 1000,
+            "a_started_meanwhile": sum(
+                1
+                for t in a_tasks
+                if t in rows and rows[t][2] and pushed < rows[t][2].timestamp() < b_start
+            ),
+            "a_task_ms": statistics.median(a_runs) * 1000,
+            "a_left_when_b_started": sum(
+                1
+                for t in a_tasks
+                if t not in rows or not rows[t][2] or rows[t][2].timestamp() > b_start
+            ),
         }
 
     def fanout(self, subscribers: int, clients: int = 4) -> dict[str, Any]:
@@ -494,6 +551,7 @@ def wsrunner_round(sandbox: bool, workload: str, n: int) -> dict[str, Any]:
                 "latency": w.latency,
                 "priority": w.priority,
                 "fanout": w.fanout,
+                "fairness": w.fairness,
             }[workload]
             return run(n)
         finally:
@@ -545,7 +603,7 @@ def limits(runs: int = 300) -> dict[str, float]:
     return out
 
 
-WORKLOADS = ["throughput", "latency", "drain", "priority", "fanout", "limits"]
+WORKLOADS = ["throughput", "latency", "drain", "priority", "fanout", "fairness", "limits"]
 #: What each workload reports, in the table: (key, label, lower is better, format)
 METRICS: dict[str, list[tuple[str, str, bool, str]]] = {
     "throughput": [
@@ -580,6 +638,12 @@ METRICS: dict[str, list[tuple[str, str, bool, str]]] = {
         ("connected", "SSE subscribers connected", False, "d"),
         ("peak_rss_mib", "daemon peak RSS MiB", True, ".0f"),
     ],
+    "fairness": [
+        ("b_wait_ms", "fairness: B's wait ms (A queued 1,000)", True, ".1f"),
+        ("a_started_meanwhile", "fairness: A's tasks started meanwhile", True, "d"),
+        ("a_left_when_b_started", "fairness: A's tasks still waiting then", False, "d"),
+        ("a_task_ms", "fairness: one A task, start to end ms", True, ".1f"),
+    ],
 }
 
 
@@ -605,8 +669,9 @@ def main() -> None:
         "drain": args.drain_tasks,
         "priority": 2000,
         "fanout": args.subscribers,
+        "fairness": 1000,
     }
-    rounds = {"drain": 1, "priority": 1, "fanout": 1}  # long ones: once
+    rounds = {"drain": 1, "priority": 1, "fanout": 1, "fairness": 1}  # long ones: once
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     machine: dict[str, float] = {}
     for rnd in range(args.rounds):
@@ -615,11 +680,13 @@ def main() -> None:
                 continue
             for i, system in enumerate(systems):  # interleaved: every system in every round
                 if system.startswith("wsrunner"):
-                    if workload == "fanout" and system.endswith("sandbox"):
-                        continue  # the sandbox changes nothing about event delivery
+                    if workload in ("fanout", "fairness") and system.endswith("sandbox"):
+                        continue  # the sandbox changes nothing about event delivery, or turns
                     res = wsrunner_round(system.endswith("sandbox"), workload, sizes[workload])
                 elif workload == "fanout":
                     continue
+                elif workload == "fairness":  # a peer's queue has no tenants: B is last
+                    res = {"skipped": "first in, first out: B waits for all of A's tasks"}
                 elif workload == "drain" and system == "arq":
                     # Its default 0.5 s poll delay gives 6 tasks/s: 10,000 would take 28 minutes.
                     res = {"skipped": "arq: 6 tasks/s at its default poll delay"}
