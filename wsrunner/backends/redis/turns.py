@@ -155,29 +155,35 @@ for _, p in ipairs(priorities) do
     for _, tenant in ipairs(tenants) do
       if not tenant_full(P, tenant) then
         local spaces = tk(P, p, 't', tenant)
-        for _, ws in ipairs(redis.call('ZRANGE', spaces, 0, -1)) do
-          if ws_busy(P, ws) then
-            redis.call('HSETNX', tk(P, 'blocked'), ws, now)
-          else
-            local q = tk(P, p, 'q', tenant, ws)
-            local raw = redis.call('RPOP', q)
-            if raw then
-              redis.call('DECR', tk(P, p, 'count'))
-              local tick = redis.call('INCR', tk(P, 'tick'))
-              if redis.call('LLEN', q) > 0 then
-                redis.call('ZADD', spaces, tick, ws)
-              else
-                redis.call('ZREM', spaces, ws)
+        local at = 0
+        while true do  -- a page at a time: a tenant may have many workspaces waiting
+          local page = redis.call('ZRANGE', spaces, at, at + 99)
+          if #page == 0 then break end
+          for _, ws in ipairs(page) do
+            if ws_busy(P, ws) then
+              redis.call('HSETNX', tk(P, 'blocked'), ws, now)
+            else
+              local q = tk(P, p, 'q', tenant, ws)
+              local raw = redis.call('RPOP', q)
+              if raw then
+                redis.call('DECR', tk(P, p, 'count'))
+                local tick = redis.call('INCR', tk(P, 'tick'))
+                if redis.call('LLEN', q) > 0 then
+                  redis.call('ZADD', spaces, tick, ws)
+                else
+                  redis.call('ZREM', spaces, ws)
+                end
+                if redis.call('ZCARD', spaces) > 0 then
+                  redis.call('ZADD', line, tick, tenant)
+                else
+                  redis.call('ZREM', line, tenant)
+                end
+                return hand(p, raw, tenant, ws)
               end
-              if redis.call('ZCARD', spaces) > 0 then
-                redis.call('ZADD', line, tick, tenant)
-              else
-                redis.call('ZREM', line, tenant)
-              end
-              return hand(p, raw, tenant, ws)
+              redis.call('ZREM', spaces, ws)  -- an empty list left in line: drop it
             end
-            redis.call('ZREM', spaces, ws)  -- an empty list left in line: drop it
           end
+          at = at + 100
         end
       end
     end
