@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
-from wsrunner.models import PRIORITY_ORDER, Waiting
+from wsrunner.models import PRIORITY_ORDER, Claim, Waiting
 
 #: what the claim script accepts as a workspace and a token id (the API refuses anything else)
 _WORKSPACE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -177,6 +177,15 @@ class Turns:
             del level.workspaces[tenant], level.tenants[tenant]
         found = tenant_of(json.loads(payload))
         return Taken(priority, payload, tenant, ws, found[2] if found else "")
+
+    def claim(self, number: int, now: float = 0.0) -> Claim | None:
+        """`take(now)` as claim `<priority>:<number>`, holding what it needs until released."""
+        taken = self.take(now)
+        if taken is None:
+            return None
+        claim = Claim(f"{taken.priority}:{number}", taken.payload, taken.workspace_wait_s)
+        self.hold(claim.claim_id, taken)
+        return claim
 
     def hold(self, claim_id: str, taken: Taken) -> None:
         """Record that `claim_id` holds what `taken` needs, until `release(claim_id)`."""

@@ -98,12 +98,10 @@ class MemoryQueue:
         """The next runnable payload (`wsrunner.turns`), leased to `worker_id`."""
         await _round_trip(self.latency)
         self._released = False
-        taken = self._turns.take(trio.current_time())
-        if taken is None:
+        claim = self._turns.claim(self._claims + 1, trio.current_time())
+        if claim is None:
             return None
         self._claims += 1
-        claim = Claim(f"{taken.priority}:{self._claims}", taken.payload, taken.workspace_wait_s)
-        self._turns.hold(claim.claim_id, taken)
         self._inflight.setdefault(worker_id, {})[claim.claim_id] = claim.payload
         return claim
 

@@ -87,12 +87,10 @@ class LocalQueue:
         self._push(payload, next_up=False)
 
     async def claim(self, worker_id: str) -> Claim | None:
-        taken = self._turns.take(time.monotonic())
-        if taken is None:
+        claim = self._turns.claim(self._claims + 1, time.monotonic())
+        if claim is None:
             return None
         self._claims += 1
-        claim = Claim(f"{taken.priority}:{self._claims}", taken.payload, taken.workspace_wait_s)
-        self._turns.hold(claim.claim_id, taken)
         self._inflight.setdefault(worker_id, {})[claim.claim_id] = claim.payload
         return claim
 

@@ -95,10 +95,7 @@ if ARGV[5] ~= '' then
   redis.call('PUBLISH', KEYS[2], ARGV[6])
 end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[3], ARGV[8], 'EX', ARGV[9]) end
-if ARGV[10] ~= '' then
-  redis.call('HDEL', KEYS[5], ARGV[10])
-  release(ARGV[17], ARGV[10])
-end
+if ARGV[10] ~= '' then settle(ARGV[17], KEYS[5], ARGV[10]) end
 if ARGV[11] == '1' then redis.call('SREM', KEYS[4], ARGV[12]) end
 emit_then()
 return {1, id}

@@ -89,6 +89,14 @@ local function release(P, claim)
   redis.call('HDEL', tk(P, 'held'), claim)
 end
 
+-- The end of a claim (acknowledged, given back, dead-lettered): its payload, or nil.
+local function settle(P, inflight, claim)
+  local payload = redis.call('HGET', inflight, claim)
+  redis.call('HDEL', inflight, claim)
+  release(P, claim)
+  return payload
+end
+
 local function ws_limit(P, ws)
   local own = redis.call('HMGET', tk(P, 'limits', 'ws'), ws, '*')
   return tonumber(own[1] or own[2] or 1)
@@ -198,8 +206,7 @@ return false
 ACK: Final = (
     LIB
     + r"""
-redis.call('HDEL', KEYS[1], ARGV[1])
-release(ARGV[2], ARGV[1])
+settle(ARGV[2], KEYS[1], ARGV[1])
 return 1
 """
 )
@@ -208,10 +215,8 @@ return 1
 REQUEUE: Final = (
     LIB
     + r"""
-local payload = redis.call('HGET', KEYS[1], ARGV[1])
+local payload = settle(ARGV[2], KEYS[1], ARGV[1])
 if not payload then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-release(ARGV[2], ARGV[1])
 route(ARGV[2], ARGV[3], payload, true)
 return 1
 """
@@ -221,10 +226,8 @@ return 1
 DEAD_LETTER: Final = (
     LIB
     + r"""
-local payload = redis.call('HGET', KEYS[1], ARGV[1])
+local payload = settle(ARGV[5], KEYS[1], ARGV[1])
 if not payload then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-release(ARGV[5], ARGV[1])
 redis.call('LPUSH', KEYS[2], cjson.encode({payload = payload, reason = ARGV[2],
                                            worker_id = ARGV[3], dead_lettered_at = ARGV[4]}))
 return 1
