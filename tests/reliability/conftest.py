@@ -138,6 +138,9 @@ class Deployment:
             "WSRUNNER_SHUTDOWN_GRACE": "5",
             "WSRUNNER_KILL_GRACE": "0.5",
             "WORKER_CONCURRENCY": "3",
+            # Most tasks here share the workspace ws-1 and are meant to run side by side (the
+            # one-writer rule has its own tests in tests/integration/test_turns.py).
+            "WSRUNNER_WORKSPACE_CONCURRENCY": "8",
             "LOG_LEVEL": "INFO",
             **extra,
         }

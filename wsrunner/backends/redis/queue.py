@@ -440,7 +440,7 @@ class RedisQueue:
         WAKE_BLOCK_S passes (False). Another daemon's release is seen by the next claim."""
         if self._released.is_set():
             return True
-        found = False
+        found, failed = False, None
         async with trio.open_nursery() as nursery:
 
             async def released() -> None:
@@ -450,16 +450,18 @@ class RedisQueue:
                 nursery.cancel_scope.cancel()
 
             async def arrived() -> None:
-                nonlocal found
+                nonlocal found, failed
                 try:
                     found = await self._work.wait() or found
-                except UnavailableError:
-                    self._failed()
-                    raise
+                except UnavailableError as exc:  # raised below as itself, not in a group
+                    failed = exc
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(released)
             nursery.start_soon(arrived)
+        if failed is not None:
+            self._failed()
+            raise failed
         return found
 
     async def ack(self, worker_id: str, claim_id: str) -> None:
