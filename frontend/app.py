@@ -40,6 +40,14 @@ async def json_object() -> dict[str, Any]:
     return body
 
 
+def concurrent(body: dict[str, Any]) -> bool:
+    """The body's `concurrent` flag: run beside a task or call holding the workspace."""
+    value = body.get("concurrent", False)
+    if not isinstance(value, bool):
+        raise ValidationError("concurrent", f"expected true or false, got {value!r}")
+    return value
+
+
 def required_arg(name: str) -> str:
     """A query parameter that must be given and not empty; a 422 naming it otherwise."""
     value = request.args.get(name)

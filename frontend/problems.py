@@ -29,6 +29,7 @@ from wsrunner.errors import (
     TooLargeError,
     UnavailableError,
     ValidationError,
+    WorkspaceBusyError,
     WorkspaceError,
     WsrunnerError,
 )
@@ -45,6 +46,7 @@ _STATUS: Final[tuple[tuple[type[WsrunnerError], int, str, str], ...]] = (
     (ValidationError, 422, "validation-error", "The request is not valid"),
     (PriorityRefusedError, 403, "priority-refused", "Priority not allowed for this token"),
     (LimitReachedError, 429, "limit-reached", "A limit of this token is reached"),
+    (WorkspaceBusyError, 423, "workspace-busy", "The workspace is busy"),
     (AuthenticationError, 401, "unauthenticated", "Authentication required"),
     (PathNotFoundError, 404, "path-not-found", "No such file or directory"),
     (NotFoundError, 404, "not-found", "Not found"),
@@ -118,6 +120,9 @@ def from_error(exc: WsrunnerError) -> Response:
     if isinstance(exc, LimitReachedError):
         extra.update(limit=exc.limit, value=exc.value)
         headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, WorkspaceBusyError):
+        extra["holder"] = None if exc.holder == "api" else exc.holder
+        headers["Retry-After"] = str(RETRY_AFTER_S)
     if isinstance(exc, UnavailableError):
         headers["Retry-After"] = str(RETRY_AFTER_S)
     return problem(status, slug, title, str(exc), headers, **extra)

@@ -367,6 +367,11 @@ class ToolCall(BaseModel):
     workspace_id: WorkspaceId
     tool: str = Field(description="a name from GET /api/tools")
     arguments: dict[str, Any] = Field(default_factory=dict)
+    concurrent: bool = Field(
+        False,
+        description="tools that write: run beside a task or call that holds the workspace instead of waiting "
+        "for it (at most workspace_wait_s, then 423)",
+    )
 
 
 class ToolResult(BaseModel):
@@ -432,6 +437,11 @@ class FileContent(BaseModel):
 class WriteRequest(BaseModel):
     path: str = Field(min_length=1, max_length=4096)
     content: str
+    concurrent: bool = Field(
+        False,
+        description="run beside a task or call that holds the workspace instead of waiting "
+        "for it (at most workspace_wait_s, then 423)",
+    )
 
 
 class WriteResult(BaseModel):
@@ -444,6 +454,11 @@ class ExecRequest(BaseModel):
     command: str = Field(min_length=1, max_length=65536)
     cwd: str = Field(".", max_length=4096)
     timeout: float = Field(120, ge=1, description="seconds; at most exec_timeout_max_s")
+    concurrent: bool = Field(
+        False,
+        description="run beside a task or call that holds the workspace instead of waiting "
+        "for it (at most workspace_wait_s, then 423)",
+    )
 
 
 class CommandResult(BaseModel):
@@ -495,3 +510,8 @@ class GitRequest(BaseModel):
         None, description="a string split like a shell would (no expansion), or a list"
     )
     branch: Branch | None = Field(None, description="clone only")
+    concurrent: bool = Field(
+        False,
+        description="operations that write: run beside a task or call that holds the workspace instead of waiting "
+        "for it (at most workspace_wait_s, then 423)",
+    )

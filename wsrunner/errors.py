@@ -72,6 +72,18 @@ class LimitReachedError(WsrunnerError):
         self.limit, self.value, self.retry_after_s = limit, value, retry_after_s
 
 
+class WorkspaceBusyError(WsrunnerError):
+    """A call that writes waited its time for a workspace another task or call holds."""
+
+    def __init__(self, workspace_id: str, holder: str, waited_s: float) -> None:
+        what = "an API call that writes" if holder == "api" else f"task {holder}"
+        super().__init__(
+            f"workspace {workspace_id} is busy: {what} holds it (waited {waited_s:g} s); "
+            'retry later, or send "concurrent": true to run beside it'
+        )
+        self.holder = holder
+
+
 class ConflictError(WsrunnerError):
     """The request contradicts the current state of the task."""
 

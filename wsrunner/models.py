@@ -265,6 +265,8 @@ class Waiting:
 
     @property
     def reason(self) -> str:
+        if self.workspace_holder == "api":
+            return "workspace busy: an API call that writes"
         if self.workspace_holder is not None:
             return f"workspace busy: task {self.workspace_holder or 'unknown'}"
         if self.token_limit is not None and self.running >= self.token_limit:

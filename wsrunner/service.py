@@ -17,7 +17,8 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -33,6 +34,7 @@ from wsrunner.errors import (
     PriorityRefusedError,
     UnavailableError,
     ValidationError,
+    WorkspaceBusyError,
 )
 from wsrunner.metrics import Metrics
 from wsrunner.models import (
@@ -55,11 +57,15 @@ from wsrunner.payload import (
 from wsrunner.ports import Queue, Store
 from wsrunner.settings import Settings
 from wsrunner.tokens import TokenRegistry
-from wsrunner.workspace.operations import WorkspaceOps
+from wsrunner.workspace.operations import CLONE_TIMEOUT_S, GIT_READS, WorkspaceOps
 
 logger = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S: Final = 2.0  #: per readiness check
+#: how long a call that writes may hold its workspace at most (it is released when it ends)
+WRITE_HOLD_S: Final = 60.0
+GIT_HOLD_S: Final = CLONE_TIMEOUT_S + 30
+EXEC_HOLD_S: Final = 630.0  #: the longest exec (600 s) and its kill
 _CLONE_KEYS: Final = frozenset(
     {
         "repo_url",
@@ -363,11 +369,16 @@ class Service:
         arguments: object,
         *,
         scope: ApiToken | None = None,
+        concurrent: bool = False,
     ) -> JSON:
-        """Run an agent tool in a workspace of the caller's scope (see `wsrunner.tools`)."""
+        """Run an agent tool in a workspace of the caller's scope (see `wsrunner.tools`); one
+        that writes holds the workspace as `writing` says."""
         ws = validate_workspace_id(workspace_id)
         _check_scope(scope, ws)
-        return await tools.call(self.workspace, ws, name, arguments)
+        reads = not tools.writes(name, arguments)
+        hold_s = EXEC_HOLD_S if name == "workspace_exec" else GIT_HOLD_S
+        async with self.writing(ws, concurrent=concurrent or reads, hold_s=hold_s):
+            return await tools.call(self.workspace, ws, name, arguments)
 
     # --- workspace operations (the internal API) ---------------------------------------------
 
@@ -394,8 +405,43 @@ class Service:
     async def read_file(self, workspace_id: str, path: str) -> JSON:
         return await self.workspace.read_file(workspace_id, path)
 
-    async def write_file(self, workspace_id: str, path: str, content: object) -> JSON:
-        return await self.workspace.write_file(workspace_id, path, content)
+    @asynccontextmanager
+    async def writing(
+        self, workspace_id: str, *, concurrent: bool = False, hold_s: float = WRITE_HOLD_S
+    ) -> AsyncIterator[None]:
+        """Hold `workspace_id` for a call that writes (as a task's claim does), for at most
+        `hold_s`: tasks of the workspace wait meanwhile. Waits up to `workspace_wait_s` for a
+        task or call that holds it. `concurrent` runs beside them instead (explicit).
+
+        Raises:
+            WorkspaceBusyError: it stayed busy for `workspace_wait_s`.
+        """
+        if concurrent:
+            yield
+            return
+        validate_workspace_id(workspace_id)
+        hold = f"api-{uuid.uuid4().hex}"
+        waited, delay = 0.0, 0.02
+        while (holder := await self.queue.hold_workspace(workspace_id, hold, hold_s)) is not None:
+            if waited >= self.settings.workspace_wait_s:
+                raise WorkspaceBusyError(workspace_id, holder, waited)
+            delay = min(delay * 2, 0.5, self.settings.workspace_wait_s - waited)
+            await trio.sleep(delay)
+            waited += delay
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await self.queue.release_workspace(workspace_id, hold)
+                except UnavailableError:  # it ends with its time to live
+                    logger.warning("could not release workspace %s", workspace_id)
+
+    async def write_file(
+        self, workspace_id: str, path: str, content: object, *, concurrent: bool = False
+    ) -> JSON:
+        async with self.writing(workspace_id, concurrent=concurrent):
+            return await self.workspace.write_file(workspace_id, path, content)
 
     async def check_exec(
         self,
@@ -417,8 +463,13 @@ class Service:
         timeout: object = None,  # noqa: ASYNC109
         *,
         on_output: Callable[[str, bytes], None] | None = None,
+        concurrent: bool = False,
     ) -> JSON:
-        return await self.workspace.exec(workspace_id, command, cwd, timeout, on_output=on_output)
+        _, _, seconds = self.workspace.check_exec(command, cwd, timeout)
+        async with self.writing(workspace_id, concurrent=concurrent, hold_s=seconds + 30):
+            return await self.workspace.exec(
+                workspace_id, command, cwd, timeout, on_output=on_output
+            )
 
     async def grep(
         self,
@@ -437,8 +488,13 @@ class Service:
         cwd: object = ".",
         args: object = None,
         branch: object = None,
+        *,
+        concurrent: bool = False,
     ) -> JSON:
-        return await self.workspace.git(workspace_id, operation, cwd, args, branch)
+        """A git operation; those that only read (`GIT_READS`) never wait for the workspace."""
+        reads = isinstance(operation, str) and operation in GIT_READS
+        async with self.writing(workspace_id, concurrent=concurrent or reads, hold_s=GIT_HOLD_S):
+            return await self.workspace.git(workspace_id, operation, cwd, args, branch)
 
 
 def _clone_url(url: object, settings: Settings) -> str:

@@ -42,6 +42,8 @@ class Settings:
     #: tasks of one workspace running at once, on all daemons together (one writer by default)
     workspace_concurrency: int = 1
     workspace_concurrencies: Mapping[str, int] = field(default_factory=dict)  #: per workspace
+    #: how long an internal API or tool call that writes waits for a busy workspace (then 423)
+    workspace_wait_s: float = 10.0
     #: "embedded" (in-process queue + SQLite in state_dir) or "redis" (Redis + PostgreSQL);
     #: chosen from whether REDIS_URL or DATABASE_URL is set, unless WSRUNNER_BACKEND says
     backend: str = "redis"
@@ -238,6 +240,7 @@ _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "concurrency": ("WORKER_CONCURRENCY", _positive_int),
     "workspace_concurrency": ("WSRUNNER_WORKSPACE_CONCURRENCY", _positive_int),
     "workspace_concurrencies": ("", _per_workspace("tasks")),
+    "workspace_wait_s": ("WSRUNNER_WORKSPACE_WAIT", _positive_float),
     "redis_url": ("REDIS_URL", str),
     "backend": ("WSRUNNER_BACKEND", _backend),
     "state_dir": ("STATE_DIRECTORY", _state_dir),

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from wsrunner.errors import ValidationError
 from wsrunner.models import JSON
-from wsrunner.workspace.operations import GIT_OPERATIONS, WorkspaceOps
+from wsrunner.workspace.operations import GIT_OPERATIONS, GIT_READS, WorkspaceOps
 
 _PATH: Final = {
     "type": "string",
@@ -133,6 +133,18 @@ TOOLS: Final[dict[str, Tool]] = {
         ),
     )
 }
+
+
+def writes(name: object, arguments: object) -> bool:
+    """Whether calling tool `name` with `arguments` may write to the workspace (an unknown tool
+    counts as writing; `call` refuses it)."""
+    tool = TOOLS.get(name) if isinstance(name, str) else None
+    if tool is None or (tool.permission == "write" and tool.name != "workspace_git"):
+        return True
+    if tool.name == "workspace_git":
+        operation = arguments.get("operation") if isinstance(arguments, dict) else None
+        return operation not in GIT_READS
+    return False
 
 
 def definitions() -> list[JSON]:

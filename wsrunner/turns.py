@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -76,7 +78,10 @@ class Turns:
     rules in its claim script.
     """
 
-    def __init__(self, workspace_limit: int = 1) -> None:
+    def __init__(
+        self, workspace_limit: int = 1, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
         self._levels = {p.value: _Level() for p in PRIORITY_ORDER}
         self._tick = 0  #: places at the back of a line count up from here ...
         self._front = 0  #: ... and places at its front down from here
@@ -87,6 +92,7 @@ class Turns:
         self._on_workspace: dict[str, dict[str, str]] = {}  #: workspace -> claim id -> task id
         self._on_tenant: dict[str, set[str]] = {}
         self._blocked: dict[str, float] = {}  #: workspace -> when a take first found it full
+        self._calls: dict[str, dict[str, float]] = {}  #: workspace -> API hold -> its end
 
     def _next(self) -> int:
         self._tick += 1
@@ -130,10 +136,30 @@ class Turns:
         return not self.busy_workspace(workspace) and self.tenant_full(tenant) is None
 
     def busy_workspace(self, workspace: str) -> str | None:
-        """A task holding `workspace` when it may hold no more claims, else None."""
+        """What holds `workspace` (a task id, or 'api' for an API call) when it may hold no
+        more, else None."""
         held = self._on_workspace.get(workspace, {})
+        now = self._clock()
+        calls = {h: end for h, end in self._calls.get(workspace, {}).items() if end > now}
+        if calls:
+            self._calls[workspace] = calls
+        else:
+            self._calls.pop(workspace, None)
         limit = self.workspace_limits.get(workspace, self.workspace_limit)
-        return next(iter(held.values()), "") if len(held) >= limit else None
+        if len(held) + len(calls) < limit:
+            return None
+        return next(iter(held.values()), "api")
+
+    def hold_call(self, workspace: str, hold_id: str, ttl_s: float) -> str | None:
+        """Hold `workspace` for an API call that writes, for at most `ttl_s`; None when it
+        holds it now, else what holds it."""
+        holder = self.busy_workspace(workspace)
+        if holder is None:
+            self._calls.setdefault(workspace, {})[hold_id] = self._clock() + ttl_s
+        return holder
+
+    def release_call(self, workspace: str, hold_id: str) -> None:
+        self._calls.get(workspace, {}).pop(hold_id, None)
 
     def tenant_full(self, tenant: str) -> int | None:
         """How many run, when `tenant` is at its token's limit; else None."""
@@ -141,9 +167,12 @@ class Turns:
         running = len(self._on_tenant.get(tenant, ()))
         return running if limit is not None and running >= limit else None
 
-    def take(self, now: float = 0.0) -> Taken | None:
+    def take(self, now: float | None = None) -> Taken | None:
         """The next payload by the rules, removed from the line; None if none may start.
-        `now` (seconds, any clock) times how long a workspace stays full with tasks waiting."""
+        `now` (the clock's, by default) times how long a workspace stays full with tasks
+        waiting."""
+        if now is None:
+            now = self._clock()
         for priority, level in self._levels.items():
             if level.unreadable:
                 return Taken(priority, level.unreadable.popleft())
@@ -178,7 +207,7 @@ class Turns:
         found = tenant_of(json.loads(payload))
         return Taken(priority, payload, tenant, ws, found[2] if found else "")
 
-    def claim(self, number: int, now: float = 0.0) -> Claim | None:
+    def claim(self, number: int, now: float | None = None) -> Claim | None:
         """`take(now)` as claim `<priority>:<number>`, holding what it needs until released."""
         taken = self.take(now)
         if taken is None:

@@ -11,7 +11,7 @@ from quart import Blueprint, Response, jsonify
 from quart_schema import document_request, document_response, operation_id, tag_blueprint
 
 from frontend import schemas
-from frontend.app import json_object
+from frontend.app import concurrent, json_object
 from frontend.context import current_hub, current_service
 from frontend.openapi import document_events
 from frontend.sse import KEEPALIVE, Hub, frame, stream_response
@@ -36,7 +36,11 @@ async def exec_command(workspace_id: str) -> Response:
     body = await json_object()
     return jsonify(
         await current_service().exec(
-            workspace_id, body.get("command"), body.get("cwd"), body.get("timeout")
+            workspace_id,
+            body.get("command"),
+            body.get("cwd"),
+            body.get("timeout"),
+            concurrent=concurrent(body),
         )
     )
 
@@ -50,6 +54,7 @@ async def exec_command(workspace_id: str) -> Response:
 async def exec_stream(workspace_id: str) -> Response:
     """Run a command and stream it as SSE: `output` events, then one `exit` with the result."""
     body = await json_object()
+    concurrent(body)  # checked now: a bad flag is a problem, not a stream
     service = current_service()
     await service.check_exec(
         workspace_id, body.get("command"), body.get("cwd"), body.get("timeout")
@@ -83,6 +88,7 @@ async def _exec_frames(
                         body.get("cwd"),
                         body.get("timeout"),
                         on_output=on_output,
+                        concurrent=concurrent(body),
                     )
                 except WsrunnerError as exc:
                     await send.send(("error", {"error": str(exc), "kind": type(exc).__name__}))

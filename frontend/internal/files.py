@@ -12,7 +12,7 @@ from quart_schema import (
 )
 
 from frontend import schemas
-from frontend.app import json_object, required_arg
+from frontend.app import concurrent, json_object, required_arg
 from frontend.context import current_service
 from wsrunner.errors import ValidationError
 
@@ -50,4 +50,8 @@ async def write_file(workspace_id: str) -> Response:
     path, content = body.get("path"), body.get("content")
     if not isinstance(path, str) or not path.strip():
         raise ValidationError("path", "expected a non-empty string")
-    return jsonify(await current_service().write_file(workspace_id, path.strip(), content))
+    return jsonify(
+        await current_service().write_file(
+            workspace_id, path.strip(), content, concurrent=concurrent(body)
+        )
+    )

@@ -6,7 +6,7 @@ from quart import Blueprint, Response, jsonify
 from quart_schema import document_request, document_response, operation_id, tag_blueprint
 
 from frontend import schemas
-from frontend.app import json_object
+from frontend.app import concurrent, json_object
 from frontend.context import current_service
 
 blueprint = Blueprint("git", __name__)
@@ -27,5 +27,6 @@ async def git(workspace_id: str) -> Response:
             body.get("cwd"),
             body.get("args"),
             body.get("branch"),
+            concurrent=concurrent(body),
         )
     )

@@ -7,7 +7,7 @@ from quart import Blueprint, Response, jsonify
 from quart_schema import document_request, document_response, operation_id, tag_blueprint
 
 from frontend import schemas
-from frontend.app import json_object
+from frontend.app import concurrent, json_object
 from frontend.context import current_scope, current_service
 
 blueprint = Blueprint("tools", __name__)
@@ -31,6 +31,10 @@ async def call_tool() -> Response:
     internal API."""
     body = await json_object()
     result = await current_service().call_tool(
-        body.get("workspace_id"), body.get("tool"), body.get("arguments", {}), scope=current_scope()
+        body.get("workspace_id"),
+        body.get("tool"),
+        body.get("arguments", {}),
+        scope=current_scope(),
+        concurrent=concurrent(body),
     )
     return jsonify({"tool": body["tool"], "result": result})

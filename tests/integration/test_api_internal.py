@@ -368,7 +368,8 @@ async def test_exec_waits_for_a_command_slot_then_503(start_daemon, monkeypatch)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hold_the_slot)
             await trio.sleep(0.5)
-            r = await c.post(f"{WS}/exec", json={"command": "true"})
+            # (another workspace: the first call holds this one's writer turn)
+            r = await c.post("/workspaces/ws-other/exec", json={"command": "true"})
             body = problem(r, 503)
             assert "command slots" in body["detail"] and r.headers["retry-after"] == "5"
         assert first[0].status_code == 200 and first[0].json()["exit_code"] == 0

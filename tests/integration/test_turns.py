@@ -13,9 +13,19 @@ import json
 from datetime import datetime
 
 import httpx
+import pytest
 import redis
+import trio
 
-from tests.conftest import Api, cmd, raw_payload, task_body, wait_for, wait_terminal
+from tests.conftest import (
+    INTERNAL_TOKEN,
+    Api,
+    cmd,
+    raw_payload,
+    task_body,
+    wait_for,
+    wait_terminal,
+)
 from wsrunner.backends.redis.keys import Keys
 from wsrunner.daemon import Daemon
 from wsrunner.errors import NotFoundError
@@ -214,3 +224,99 @@ async def test_the_running_limit_holds_across_two_daemons(start_daemon) -> None:
     assert not overlapping(await spans(first, ids))
     workers = {(await second.service.get(t)).worker_id for t in ids}
     assert workers <= {"turns-first", "turns-second"}
+
+
+@pytest.fixture(name="quick_api")
+async def _quick_api(start_daemon) -> Api:
+    """The API fixture's daemon, waiting 1 s for a busy workspace instead of 10."""
+    daemon: Daemon = await start_daemon(
+        frontend="frontend",
+        public_host="127.0.0.1",
+        public_port=0,
+        health_port=0,
+        internal_token=INTERNAL_TOKEN,
+        workspace_wait_s=1.0,
+    )
+    _, token = await daemon.service.tokens.create("tests", None)
+    public, internal = daemon.urls
+    return Api(daemon, public, internal, token)
+
+
+async def test_calls_that_write_wait_for_the_workspace_and_reads_do_not(quick_api: Api) -> None:
+    api = quick_api
+    async with api.client() as c, api.internal_client() as i:
+        r = await c.post(
+            "/api/tasks/submit", json=task_body(cmd("sleep 60"), workspace_id="ws-lock")
+        )
+        holder = r.json()["task_id"]
+        await wait_for(lambda: _status_is(api.daemon, holder, TaskState.RUNNING))
+        # Reads never wait.
+        assert (await i.get("/workspaces/ws-lock/files?path=.")).status_code == 200
+        r = await i.post("/workspaces/ws-lock/git", json={"operation": "status"})
+        assert r.status_code == 200, r.text
+        # Writes wait (1 s here), then 423 naming the task that holds it.
+        for path, body in (
+            ("files/write", {"path": "a.txt", "content": "x"}),
+            ("exec", {"command": "true"}),
+            ("git", {"operation": "add", "args": ["."]}),
+        ):
+            r = await i.post(f"/workspaces/ws-lock/{path}", json=body)
+            assert r.status_code == 423, (path, r.text)
+            assert r.json()["holder"] == holder and int(r.headers["Retry-After"]) > 0
+            assert "concurrent" in r.json()["detail"]
+        r = await c.post(
+            "/api/tools/call",
+            json={
+                "workspace_id": "ws-lock",
+                "tool": "workspace_write_file",
+                "arguments": {"path": "t.txt", "content": "x"},
+            },
+        )
+        assert r.status_code == 423, r.text
+        r = await c.post(
+            "/api/tools/call",
+            json={
+                "workspace_id": "ws-lock",
+                "tool": "workspace_read_file",
+                "arguments": {"path": "t.txt"},
+            },
+        )
+        assert r.status_code != 423, r.text
+        # ... unless they say they may run beside it.
+        r = await i.post(
+            "/workspaces/ws-lock/files/write",
+            json={"path": "a.txt", "content": "x", "concurrent": True},
+        )
+        assert r.status_code == 200, r.text
+        r = await i.post("/workspaces/ws-lock/exec", json={"command": "true", "concurrent": 1})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "concurrent"
+        # Once the task ends, the workspace is free again.
+        await c.post(f"/api/tasks/{holder}/cancel")
+        await wait_for(lambda: _status_is(api.daemon, holder, TaskState.CANCELLED))
+
+        async def write_ok() -> bool:
+            r = await i.post("/workspaces/ws-lock/files/write", json={"path": "b", "content": ""})
+            return r.status_code == 200
+
+        await wait_for(write_ok, timeout=10)
+
+
+async def test_a_task_waits_for_a_call_that_writes(quick_api: Api) -> None:
+    api = quick_api
+    async with api.client() as c, api.internal_client() as i, trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def long_exec() -> None:
+            r = await i.post("/workspaces/ws-call/exec", json={"command": "sleep 3"})
+            assert r.status_code == 200, r.text
+            done.set()
+
+        nursery.start_soon(long_exec)
+        await trio.sleep(1)  # the exec holds the workspace
+        r = await c.post("/api/tasks/submit", json=task_body(cmd("true"), workspace_id="ws-call"))
+        tid = r.json()["task_id"]
+        body = (await c.get(f"/api/tasks/{tid}")).json()
+        assert body["status"] == "queued", body
+        assert body["waiting"]["reason"] == "workspace busy: an API call that writes"
+        ended = await wait_terminal(api.daemon, tid, timeout=30)
+        assert done.is_set() and ended.status is TaskState.COMPLETED

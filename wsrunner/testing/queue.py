@@ -41,7 +41,7 @@ class MemoryQueue:
     def __init__(self, *, latency: float = 0.0) -> None:
         self.latency = latency  #: trio seconds each call takes before it acts
         self.on_error: Callable[[], None] | None = None  #: nothing here fails
-        self._turns = Turns()  #: the waiting payloads, and what claims hold
+        self._turns = Turns(clock=trio.current_time)  #: the waiting payloads, and the claims
         self._released = False  #: a claim settled since the last claim
         self._inflight: dict[str, dict[str, str]] = {}
         self._claims = 0
@@ -98,7 +98,7 @@ class MemoryQueue:
         """The next runnable payload (`wsrunner.turns`), leased to `worker_id`."""
         await _round_trip(self.latency)
         self._released = False
-        claim = self._turns.claim(self._claims + 1, trio.current_time())
+        claim = self._turns.claim(self._claims + 1)
         if claim is None:
             return None
         self._claims += 1
@@ -236,6 +236,15 @@ class MemoryQueue:
             self._turns.token_limits.pop(token_id, None)
         else:
             self._turns.token_limits[token_id] = max_running
+        self._wake_pollers()
+
+    async def hold_workspace(self, workspace_id: str, hold_id: str, ttl_s: float) -> str | None:
+        await _round_trip(self.latency)
+        return self._turns.hold_call(workspace_id, hold_id, ttl_s)
+
+    async def release_workspace(self, workspace_id: str, hold_id: str) -> None:
+        await _round_trip(self.latency)
+        self._turns.release_call(workspace_id, hold_id)
         self._wake_pollers()
 
     async def waiting_counts(self) -> dict[str, int]:

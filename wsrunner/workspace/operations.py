@@ -70,6 +70,8 @@ _GIT_DENIED_LONG: Final = (
 _GIT_DENIED_SHORT: Final = ("-c", "-O")
 _GIT_DENIED_SHORT_REMOTE: Final = ("-u",)  #: --upload-pack for clone, fetch and pull
 _GIT_REMOTE: Final = frozenset({"fetch", "pull", "push"})  #: operations that reach the remote
+#: operations that only read: they run with GIT_OPTIONAL_LOCKS=0 and never wait for the workspace
+GIT_READS: Final = frozenset({"status", "diff", "log", "show", "blame"})
 _GIT_ARGS_CHARS: Final = 16384  #: of `args` given as one string (split in a few milliseconds)
 _LANGUAGES: Final = {
     ".py": "python",
@@ -331,6 +333,7 @@ class WorkspaceOps:
                     ctx,
                     cwd=workdir,
                     timeout=GIT_TIMEOUT_S,
+                    extra_env={"GIT_OPTIONAL_LOCKS": "0"} if operation in GIT_READS else None,
                     git=True,
                     network=False,
                 )

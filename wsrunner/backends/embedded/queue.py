@@ -87,7 +87,7 @@ class LocalQueue:
         self._push(payload, next_up=False)
 
     async def claim(self, worker_id: str) -> Claim | None:
-        claim = self._turns.claim(self._claims + 1, time.monotonic())
+        claim = self._turns.claim(self._claims + 1)
         if claim is None:
             return None
         self._claims += 1
@@ -211,6 +211,13 @@ class LocalQueue:
             self._turns.token_limits.pop(token_id, None)
         else:
             self._turns.token_limits[token_id] = max_running
+        self._work.set()
+
+    async def hold_workspace(self, workspace_id: str, hold_id: str, ttl_s: float) -> str | None:
+        return self._turns.hold_call(workspace_id, hold_id, ttl_s)
+
+    async def release_workspace(self, workspace_id: str, hold_id: str) -> None:
+        self._turns.release_call(workspace_id, hold_id)
         self._work.set()
 
     async def waiting_counts(self) -> dict[str, int]:

@@ -327,6 +327,7 @@ class RedisQueue:
         self._dead_letter = client.script(turns.DEAD_LETTER)
         self._waiting = client.script(turns.WAITING)
         self._counts = client.script(turns.COUNTS)
+        self._hold = client.script(turns.HOLD)
         self._released = trio.Event()  #: set when a claim settled here may have freed work
         self._transition = client.script(_TRANSITION)
         self.tail = _StreamTail(client)  #: its `serve()` runs for as long as the queue is open
@@ -647,6 +648,18 @@ class RedisQueue:
             await self._cmd("HDEL", key, token_id)
         else:
             await self._cmd("HSET", key, token_id, max_running)
+
+    async def hold_workspace(self, workspace_id: str, hold_id: str, ttl_s: float) -> str | None:
+        """Hold `workspace_id` for an API call that writes, for at most `ttl_s`; None when it
+        holds it now, else what holds it (a task id, or 'api')."""
+        holder = await self._script(
+            self._hold, [], [self.keys.prefix, workspace_id, hold_id, max(1, int(ttl_s * 1000))]
+        )
+        return str(holder) or None
+
+    async def release_workspace(self, workspace_id: str, hold_id: str) -> None:
+        await self._cmd("ZREM", f"{self.keys.prefix}:turns:calls:{workspace_id}", hold_id)
+        self._released.set()
 
     async def waiting_counts(self) -> dict[str, int]:
         """Waiting tasks by what holds them back (`Waiting.kind`)."""

@@ -15,6 +15,8 @@ and workspace, then takes the next runnable payload. Keys, under `<prefix>:turns
 - `tenant:<tenant>`          SET of claim ids a tenant holds
 - `limits:ws`                HASH workspace -> claims it may hold ('*': the default)
 - `limits:token`             HASH token id -> max_running
+- `calls:<ws>`               ZSET API call -> when its hold ends (ms): internal API and tool
+                             calls that write hold the workspace too (`HOLD`)
 - `blocked`                  HASH workspace -> when (ms) a claim first found it full with
                              tasks waiting; read and cleared when one of them is taken
 
@@ -30,6 +32,8 @@ from typing import Final
 #: Functions the scripts below share; each script starts with them.
 LIB: Final = r"""
 local function tk(P, ...) return P .. ':turns:' .. table.concat({...}, ':') end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)  -- ms
 
 local function route(P, p, raw, next_up)
   local ok, obj = pcall(cjson.decode, raw)
@@ -102,8 +106,13 @@ local function ws_limit(P, ws)
   return tonumber(own[1] or own[2] or 1)
 end
 
+-- API calls that write hold a workspace as a claim does, until they end or their time runs out.
+local function calls(P, ws)
+  return redis.call('ZCOUNT', tk(P, 'calls', ws), now, '+inf')
+end
+
 local function ws_busy(P, ws)
-  return redis.call('HLEN', tk(P, 'ws', ws)) >= ws_limit(P, ws)
+  return redis.call('HLEN', tk(P, 'ws', ws)) + calls(P, ws) >= ws_limit(P, ws)
 end
 
 local function tenant_limit(P, tenant)
@@ -127,9 +136,6 @@ CLAIM: Final = (
 local P, inflight = ARGV[1], ARGV[2]
 local priorities = {unpack(ARGV, 3)}
 ingest(P, priorities)
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-
 local function hand(p, raw, tenant, ws)
   local claim = p .. ':' .. redis.call('INCR', P .. ':claim_seq')
   redis.call('HSET', inflight, claim, raw)
@@ -265,9 +271,11 @@ for _, t in ipairs(redis.call('ZRANGE', tk(P, mine, 'line'), 0, -1)) do
   line[#line + 1] = {t, spaces}
 end
 local holders = redis.call('HVALS', tk(P, 'ws', ws))
+local api = calls(P, ws)
+if #holders == 0 and api > 0 then holders = {'api'} end
 return cjson.encode({
   index = index, before = before, line = line,
-  held = #holders, holder = holders[1] or '', ws_limit = ws_limit(P, ws),
+  held = #holders + api, holder = holders[1] or '', ws_limit = ws_limit(P, ws),
   running = redis.call('SCARD', tk(P, 'tenant', tenant)),
   token_limit = tenant_limit(P, tenant) or -1,
 })
@@ -300,5 +308,24 @@ for _, p in ipairs(priorities) do
   end
 end
 return cjson.encode(out)
+"""
+)
+
+# ARGV: prefix, workspace, hold id, how long it may hold (ms).
+# Returns '' when the call now holds the workspace, else what holds it (a task id, or 'api').
+HOLD: Final = (
+    LIB
+    + r"""
+local P, ws, hold, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', tk(P, 'calls', ws), '-inf', now - 1)
+if ws_busy(P, ws) then
+  local holders = redis.call('HVALS', tk(P, 'ws', ws))
+  return holders[1] or 'api'
+end
+local key = tk(P, 'calls', ws)
+redis.call('ZADD', key, now + ttl, hold)
+local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', key, tonumber(last[2]))  -- gone with the longest hold
+return ''
 """
 )
