@@ -214,6 +214,12 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         await queue.set_workspace_limits(
             settings.workspace_concurrency, dict(settings.workspace_concurrencies)
         )
+        await queue.set_placement(
+            settings.host_id,
+            settings.volume_shared,
+            settings.home_unavailable,
+            await store.homes(),
+        )
         # The durable store is the source of truth: repair the queue first. An embedded queue
         # starts empty, so everything queued is pushed again, however recent.
         await reaper.reconcile(min_age_s=0 if settings.backend == "embedded" else None)

@@ -132,6 +132,18 @@ class QuotaExceededError(WorkspaceError):
     """The workspace uses more storage than its quota allows."""
 
 
+class WorkspaceElsewhereError(WorkspaceError):
+    """The workspace lives on a host that is gone, and this host's volume does not hold it."""
+
+    def __init__(self, workspace_id: str, home: str, here: str) -> None:
+        super().__init__(
+            f"workspace {workspace_id} lives on host {home}, which is unavailable (its lease "
+            f"ran out); this host ({here}) does not share its volume, so the task was not run "
+            "here. Bring the host back and submit again, or set home_unavailable: wait to keep "
+            "its tasks queued"
+        )
+
+
 class PolicyDeniedError(WorkspaceError):
     """The command policy denies a command; `details` is the structured error of the step."""
 

@@ -248,6 +248,9 @@ class Claim:
     payload: str  #: raw JSON, exactly as the producer pushed it
     #: how long its workspace had been found full while it waited (None: never)
     workspace_wait_s: float | None = None
+    #: '' (its home is here, or shared), 'new' (first use: here now), 'moved:<host>' (taken
+    #: over from a gone host, shared volume) or 'gone:<host>' (its home is gone: fail it)
+    placement: str = ""
 
     @property
     def priority(self) -> str:
@@ -262,9 +265,12 @@ class Waiting:
     workspace_holder: str | None  #: the task holding its workspace, while that is full
     running: int  #: its tenant's claims held now
     token_limit: int | None  #: its token's `max_running`, if it has one
+    home_gone: str | None = None  #: its workspace's home host, when that host is gone
 
     @property
     def reason(self) -> str:
+        if self.home_gone:
+            return f"home host {self.home_gone} unavailable"
         if self.workspace_holder == "api":
             return "workspace busy: an API call that writes"
         if self.workspace_holder is not None:
@@ -276,6 +282,8 @@ class Waiting:
     @property
     def kind(self) -> str:
         """The reason's label in metrics."""
+        if self.home_gone:
+            return "home_unavailable"
         return self.reason.split(":", 1)[0].replace(" ", "_")
 
 

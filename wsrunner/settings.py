@@ -38,6 +38,12 @@ class Settings:
     """Every tunable of the daemon. Build it with `load_settings()`."""
 
     worker_id: str  #: this daemon's name in Redis and in task records
+    #: the host whose volume this daemon serves (daemons of one host share it); a workspace's
+    #: tasks run on its home host only, unless `volume_shared`
+    host_id: str = field(default_factory=socket.gethostname)
+    volume_shared: bool = False  #: the volume is shared storage: any daemon may run any task
+    #: a workspace whose home host is gone (local volumes): "fail" its tasks, or "wait"
+    home_unavailable: str = "fail"
     concurrency: int = 3  #: task slots (WORKER_CONCURRENCY)
     #: tasks of one workspace running at once, on all daemons together (one writer by default)
     workspace_concurrency: int = 1
@@ -121,6 +127,22 @@ def policy_paths(settings: Settings) -> tuple[Path, Path]:
 def default_worker_id() -> str:
     """Unique per process and readable: host, pid and a random suffix (pid 1 is common)."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _host_id(v: Any) -> str:
+    s = str(v)
+    if not WORKSPACE_ID_RE.fullmatch(s):
+        raise ValueError(
+            "must be 1-128 letters, digits, '_', '-' or '.', starting with one of the first two"
+        )
+    return s
+
+
+def _home_unavailable(v: Any) -> str:
+    s = str(v).strip().lower()
+    if s not in ("fail", "wait"):
+        raise ValueError("must be fail or wait")
+    return s
 
 
 def _backend(v: Any) -> str:
@@ -237,6 +259,9 @@ def _log_format(v: Any) -> str:
 #: field name -> (environment variable, converter). The YAML key is the field name.
 _SOURCES: Final[Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "worker_id": ("WORKER_ID", str),
+    "host_id": ("WSRUNNER_HOST_ID", _host_id),
+    "volume_shared": ("WSRUNNER_VOLUME_SHARED", _flag),
+    "home_unavailable": ("WSRUNNER_HOME_UNAVAILABLE", _home_unavailable),
     "concurrency": ("WORKER_CONCURRENCY", _positive_int),
     "workspace_concurrency": ("WSRUNNER_WORKSPACE_CONCURRENCY", _positive_int),
     "workspace_concurrencies": ("", _per_workspace("tasks")),

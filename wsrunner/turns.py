@@ -241,7 +241,7 @@ class Turns:
 
     def counts(self) -> dict[str, int]:
         """Waiting payloads by what holds them back (`Waiting.kind`)."""
-        out = {"workspace_busy": 0, "token_limit": 0, "no_free_slot": 0}
+        out = {"workspace_busy": 0, "token_limit": 0, "no_free_slot": 0, "home_unavailable": 0}
         for level in self._levels.values():
             out["no_free_slot"] += len(level.unreadable)
             for (tenant, ws), queue in level.lists.items():

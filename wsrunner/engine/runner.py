@@ -24,6 +24,7 @@ from wsrunner.errors import (
     QuotaExceededError,
     UnavailableError,
     ValidationError,
+    WorkspaceElsewhereError,
 )
 from wsrunner.execution.steps import StepContext
 from wsrunner.metrics import Metrics
@@ -225,8 +226,15 @@ class TaskRunner:
         prepared: list[TaskEnvironment | Exception] = []
         unavailable: UnavailableError | None = None
         attempt: int | None = None
+        await self._place(spec, claim)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._prepare, spec, prepared)
+            if claim.placement.startswith("gone:"):  # nothing of it is made on this host
+                home = claim.placement.removeprefix("gone:")
+                prepared.append(
+                    WorkspaceElsewhereError(spec.workspace_id, home, self.settings.host_id)
+                )
+            else:
+                nursery.start_soon(self._prepare, spec, prepared)
             try:  # caught in here: the nursery would wrap it in an exception group
                 attempt = await self._start(spec, claim)
             except UnavailableError as exc:
@@ -249,6 +257,22 @@ class TaskRunner:
             await self._execute(rt, prepared[0], steps_done)
         finally:
             del self.running[spec.task_id]
+
+    async def _place(self, spec: TaskSpec, claim: Claim) -> None:
+        """Record durably that this host is now the workspace's home, when the claim made it
+        so (its first use, or a take-over from a host that is gone)."""
+        if claim.placement != "new" and not claim.placement.startswith("moved:"):
+            return
+        if claim.placement.startswith("moved:"):
+            logger.warning(
+                "workspace taken over from host %s, which is gone",
+                claim.placement.removeprefix("moved:"),
+                extra={"workspace_id": spec.workspace_id},
+            )
+        try:
+            await self.store.record_home(spec.workspace_id, self.settings.host_id)
+        except UnavailableError as exc:  # Redis has it; the next start records it again
+            logger.warning("workspace home not recorded: %s", exc, extra={"task_id": spec.task_id})
 
     async def _prepare(self, spec: TaskSpec, out: list[TaskEnvironment | Exception]) -> None:
         """Check the quota and make the task directory, into `out`; errors are the task's.
@@ -376,7 +400,7 @@ class TaskRunner:
                                 await self._event(rt, "error", {"step": i, "error": res["error"]})
                                 if spec.stop_on_error:
                                     break
-                    except QuotaExceededError as exc:
+                    except (QuotaExceededError, WorkspaceElsewhereError) as exc:
                         error = str(exc)
                         await self._event(rt, "error", {"error": error})
                     except Exception as exc:  # a bug, or a store gone mid-task: fail it, loudly

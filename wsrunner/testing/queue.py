@@ -230,6 +230,12 @@ class MemoryQueue:
         self._turns.workspace_limit, self._turns.workspace_limits = default, dict(overrides)
         self._wake_pollers()
 
+    async def set_placement(
+        self, host: str, shared: bool, on_gone: str, homes: dict[str, str]
+    ) -> None:
+        """One daemon serves every workspace here: nothing to place."""
+        await _round_trip(self.latency)
+
     async def set_token_limit(self, token_id: str, max_running: int | None) -> None:
         await _round_trip(self.latency)
         if max_running is None:

@@ -47,6 +47,7 @@ class MemoryStore:
         self.on_error: Callable[[], None] | None = None  #: nothing here fails
         self._rows: dict[str, _Row] = {}
         self._tokens: dict[str, tuple[ApiToken, str]] = {}
+        self._homes: dict[str, str] = {}
         self._clock = _Clock()
 
     async def ping(self) -> None:
@@ -330,6 +331,14 @@ class MemoryStore:
         token, digest = self._tokens[token_id]
         self._tokens[token_id] = (replace(token, limits=limits), digest)
         return self._tokens[token_id][0]
+
+    async def record_home(self, workspace_id: str, host: str) -> None:
+        await _round_trip(self.latency)
+        self._homes[workspace_id] = host
+
+    async def homes(self) -> dict[str, str]:
+        await _round_trip(self.latency)
+        return dict(self._homes)
 
     async def count_queued(self, token_id: str) -> int:
         await _round_trip(self.latency)

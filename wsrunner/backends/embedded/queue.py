@@ -206,6 +206,11 @@ class LocalQueue:
         self._turns.workspace_limit, self._turns.workspace_limits = default, dict(overrides)
         self._work.set()
 
+    async def set_placement(
+        self, host: str, shared: bool, on_gone: str, homes: dict[str, str]
+    ) -> None:
+        """One daemon serves every workspace here: nothing to place."""
+
     async def set_token_limit(self, token_id: str, max_running: int | None) -> None:
         if max_running is None:
             self._turns.token_limits.pop(token_id, None)

@@ -63,6 +63,9 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_sha256 TEXT NOT NULL, workspaces TEXT,
     created_at TEXT NOT NULL, last_used_at TEXT, revoked_at TEXT
 );
+CREATE TABLE IF NOT EXISTS workspace_homes (
+    workspace_id TEXT PRIMARY KEY, host TEXT NOT NULL, updated_at TEXT NOT NULL
+);
 """
 #: Columns added since the first release, to stores made before them.
 ADDED: Final = (
@@ -481,6 +484,23 @@ class SqliteStore:
         if row is None:
             raise NotFoundError(f"no API token with id {token_id!r}")
         return _token(row)
+
+    async def record_home(self, workspace_id: str, host: str) -> None:
+        now = _now().isoformat()
+        await self.run(
+            lambda c: c.execute(
+                "INSERT INTO workspace_homes (workspace_id, host, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (workspace_id) DO UPDATE SET host = excluded.host,"
+                " updated_at = excluded.updated_at",
+                (workspace_id, host, now),
+            )
+        )
+
+    async def homes(self) -> dict[str, str]:
+        rows = await self.run(
+            lambda c: c.execute("SELECT workspace_id, host FROM workspace_homes").fetchall()
+        )
+        return {r[0]: r[1] for r in rows}
 
     async def count_queued(self, token_id: str) -> int:
         row = await self.run(

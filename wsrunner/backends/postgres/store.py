@@ -520,6 +520,14 @@ class PostgresStore:
             raise NotFoundError(f"no API token with id {token_id!r}")
         return _token(rows[0])
 
+    async def record_home(self, workspace_id: str, host: str) -> None:
+        """Record (or move) `workspace_id`'s home host."""
+        await self._rows("record_home", {"workspace_id": workspace_id, "host": host})
+
+    async def homes(self) -> dict[str, str]:
+        """Every workspace's home host."""
+        return {r["workspace_id"]: r["host"] for r in await self._rows("list_homes", {})}
+
     async def count_queued(self, token_id: str) -> int:
         """How many tasks `token_id` submitted are waiting."""
         return int((await self._rows("count_queued_of_token", {"token_id": token_id}))[0]["n"])

@@ -329,6 +329,8 @@ class RedisQueue:
         self._counts = client.script(turns.COUNTS)
         self._hold = client.script(turns.HOLD)
         self._released = trio.Event()  #: set when a claim settled here may have freed work
+        #: this host, its volume ('shared' or 'local'), and what to do when a home is gone
+        self._placement: tuple[str, str, str] = ("", "shared", "fail")
         self._transition = client.script(_TRANSITION)
         self.tail = _StreamTail(client)  #: its `serve()` runs for as long as the queue is open
         self._work = _WorkWatch(client, keys.queues())  #: so does its `serve()`
@@ -429,12 +431,12 @@ class RedisQueue:
             res = await self._script(
                 self._claim,
                 [],
-                [self.keys.prefix, self.keys.inflight(worker_id), *_PRIORITIES],
+                [self.keys.prefix, self.keys.inflight(worker_id), *self._placement, *_PRIORITIES],
             )
         if res is None:
             return None
         waited = int(res[2])
-        return Claim(str(res[0]), str(res[1]), None if waited < 0 else waited / 1000)
+        return Claim(str(res[0]), str(res[1]), None if waited < 0 else waited / 1000, str(res[3]))
 
     async def wait_for_work(self) -> bool:
         """Block until a queue gets a payload or a claim settled here frees one (True), or
@@ -641,6 +643,16 @@ class RedisQueue:
             transaction=True,
         )
 
+    async def set_placement(
+        self, host: str, shared: bool, on_gone: str, homes: dict[str, str]
+    ) -> None:
+        """Claim for `host` (whose volume is `shared` or not) from now on, taking `on_gone`
+        ('fail' or 'wait') for workspaces whose home host is gone; `homes` (the durable
+        record) fills in what Redis lost."""
+        self._placement = (host, "shared" if shared else "local", on_gone)
+        key = f"{self.keys.prefix}:turns:homes"
+        await self._pipe([["HSETNX", key, ws, h] for ws, h in homes.items()] or [["PING"]])
+
     async def set_token_limit(self, token_id: str, max_running: int | None) -> None:
         """The most claims `token_id`'s tasks may hold at once (None: no limit)."""
         key = f"{self.keys.prefix}:turns:limits:token"
@@ -687,6 +699,7 @@ class RedisQueue:
             workspace_holder=found["holder"] if found["held"] >= found["ws_limit"] else None,
             running=found["running"],
             token_limit=None if found["token_limit"] < 0 else found["token_limit"],
+            home_gone=found["home_gone"] or None,
         )
 
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
@@ -714,6 +727,11 @@ class RedisQueue:
                 ["SADD", k.worker_tasks(worker_id), *ids],
                 ["EXPIRE", k.worker_tasks(worker_id), ttl],
             ]
+        host, volume, _ = self._placement
+        if host:  # the host's lease, kept by each of its daemons
+            commands.append(["SET", f"{k.prefix}:turns:host:{host}", volume, "EX", ttl])
+            if volume == "shared":
+                commands.append(["SADD", f"{k.prefix}:turns:shared", host])
         await self._pipe(commands, transaction=True)
 
     async def retire(self, worker_id: str) -> None:

@@ -17,6 +17,9 @@ and workspace, then takes the next runnable payload. Keys, under `<prefix>:turns
 - `limits:token`             HASH token id -> max_running
 - `calls:<ws>`               ZSET API call -> when its hold ends (ms): internal API and tool
                              calls that write hold the workspace too (`HOLD`)
+- `homes`                    HASH workspace -> its home host (whose volume holds it)
+- `host:<host>`              STRING, the host's lease: 'shared' or 'local' (its volume), with
+                             the daemons' lease TTL, renewed by every daemon of the host
 - `blocked`                  HASH workspace -> when (ms) a claim first found it full with
                              tasks waiting; read and cleared when one of them is taken
 
@@ -128,15 +131,39 @@ local function tenant_full(P, tenant)
 end
 """
 
-# ARGV: prefix, in-flight hash, the priorities highest first.
-# Returns {claim id, payload, ms the workspace was found full before (-1: never)}.
+# ARGV: prefix, in-flight hash, this host, its volume ('shared' or 'local'), what to do with a
+# workspace whose home host is gone ('fail' or 'wait'), the priorities highest first.
+# Returns {claim id, payload, ms the workspace was found full before (-1: never), placement}:
+# placement is '' (ran here before, or shared), 'new' (first use: this host is its home now),
+# 'moved:<host>' (taken over from a host that is gone, shared volumes), or 'gone:<host>' (its
+# home host is gone and its volume is not here: the daemon fails the task, saying so).
 CLAIM: Final = (
     LIB
     + r"""
-local P, inflight = ARGV[1], ARGV[2]
-local priorities = {unpack(ARGV, 3)}
+local P, inflight, host, volume, on_gone = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local priorities = {unpack(ARGV, 6)}
 ingest(P, priorities)
-local function hand(p, raw, tenant, ws)
+
+-- Whether this host may run `ws` now, and how: nil (not here), or a placement as above.
+local function placed(ws)
+  local home = redis.call('HGET', tk(P, 'homes'), ws)
+  if not home then return 'new' end
+  if home == host then return '' end
+  local lease = redis.call('GET', tk(P, 'host', home))
+  if lease then  -- its home runs: here too only when both share the volume
+    if lease == 'shared' and volume == 'shared' then return '' end
+    return nil
+  end
+  if volume == 'shared' and redis.call('SISMEMBER', tk(P, 'shared'), home) == 1 then
+    return 'moved:' .. home
+  end
+  if on_gone == 'fail' then return 'gone:' .. home end
+  return nil
+end
+local function hand(p, raw, tenant, ws, placement)
+  if placement == 'new' or string.sub(placement or '', 1, 6) == 'moved:' then
+    redis.call('HSET', tk(P, 'homes'), ws, host)
+  end
   local claim = p .. ':' .. redis.call('INCR', P .. ':claim_seq')
   redis.call('HSET', inflight, claim, raw)
   local waited = -1
@@ -155,7 +182,7 @@ local function hand(p, raw, tenant, ws)
     redis.call('HSET', tk(P, 'ws', ws), claim, tid)
     redis.call('SADD', tk(P, 'tenant', tenant), claim)
   end
-  return {claim, raw, waited}
+  return {claim, raw, waited, placement or ''}
 end
 
 for _, p in ipairs(priorities) do
@@ -174,7 +201,10 @@ for _, p in ipairs(priorities) do
           local page = redis.call('ZRANGE', spaces, at, at + 99)
           if #page == 0 then break end
           for _, ws in ipairs(page) do
-            if ws_busy(P, ws) then
+            local placement = placed(ws)
+            if placement == nil then
+              -- another host's workspace
+            elseif ws_busy(P, ws) then
               redis.call('HSETNX', tk(P, 'blocked'), ws, now)
             else
               local q = tk(P, p, 'q', tenant, ws)
@@ -192,7 +222,7 @@ for _, p in ipairs(priorities) do
                 else
                   redis.call('ZREM', line, tenant)
                 end
-                return hand(p, raw, tenant, ws)
+                return hand(p, raw, tenant, ws, placement)
               end
               redis.call('ZREM', spaces, ws)  -- an empty list left in line: drop it
             end
@@ -270,6 +300,9 @@ for _, t in ipairs(redis.call('ZRANGE', tk(P, mine, 'line'), 0, -1)) do
   end
   line[#line + 1] = {t, spaces}
 end
+local home = redis.call('HGET', tk(P, 'homes'), ws)
+local home_gone = ''
+if home and not redis.call('GET', tk(P, 'host', home)) then home_gone = home end
 local holders = redis.call('HVALS', tk(P, 'ws', ws))
 local api = calls(P, ws)
 if #holders == 0 and api > 0 then holders = {'api'} end
@@ -278,6 +311,7 @@ return cjson.encode({
   held = #holders + api, holder = holders[1] or '', ws_limit = ws_limit(P, ws),
   running = redis.call('SCARD', tk(P, 'tenant', tenant)),
   token_limit = tenant_limit(P, tenant) or -1,
+  home_gone = home_gone,
 })
 """
 )
@@ -290,14 +324,17 @@ COUNTS: Final = (
 local P = ARGV[1]
 local priorities = {unpack(ARGV, 2)}
 ingest(P, priorities)
-local out = {workspace_busy = 0, token_limit = 0, no_free_slot = 0}
+local out = {workspace_busy = 0, token_limit = 0, no_free_slot = 0, home_unavailable = 0}
 for _, p in ipairs(priorities) do
   out.no_free_slot = out.no_free_slot + redis.call('LLEN', tk(P, p, 'unreadable'))
   for _, tenant in ipairs(redis.call('ZRANGE', tk(P, p, 'line'), 0, -1)) do
     local full = tenant_full(P, tenant)
     for _, ws in ipairs(redis.call('ZRANGE', tk(P, p, 't', tenant), 0, -1)) do
       local n = redis.call('LLEN', tk(P, p, 'q', tenant, ws))
-      if ws_busy(P, ws) then
+      local home = redis.call('HGET', tk(P, 'homes'), ws)
+      if home and not redis.call('GET', tk(P, 'host', home)) then
+        out.home_unavailable = out.home_unavailable + n
+      elseif ws_busy(P, ws) then
         out.workspace_busy = out.workspace_busy + n
       elseif full then
         out.token_limit = out.token_limit + n

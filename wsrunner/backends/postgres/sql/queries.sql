@@ -159,3 +159,10 @@ RETURNING *;
 -- name: touch_token
 UPDATE api_tokens SET last_used_at = now()
  WHERE id = %(id)s AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute');
+
+-- name: record_home
+INSERT INTO workspace_homes (workspace_id, host) VALUES (%(workspace_id)s, %(host)s)
+ON CONFLICT (workspace_id) DO UPDATE SET host = excluded.host, updated_at = now();
+
+-- name: list_homes
+SELECT workspace_id, host FROM workspace_homes;
