@@ -142,7 +142,8 @@ class Metrics:
         self.tasks_waiting = Gauge(
             "wsrunner_tasks_waiting",
             "Queued tasks by what holds them back: workspace_busy (its workspace runs as "
-            "many as it may), token_limit (its token's max_running), no_free_slot (runnable)",
+            "many as it may), token_limit (its token's max_running), no_free_slot (runnable), "
+            "home_unavailable (its home host is gone)",
             ["reason"],
             registry=r,
         )

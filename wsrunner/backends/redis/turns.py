@@ -146,6 +146,7 @@ ingest(P, priorities)
 
 -- Whether this host may run `ws` now, and how: nil (not here), or a placement as above.
 local function placed(ws)
+  if host == '' then return '' end  -- a client that serves no volume (set_placement not called)
   local home = redis.call('HGET', tk(P, 'homes'), ws)
   if not home then return 'new' end
   if home == host then return '' end
