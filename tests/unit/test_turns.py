@@ -89,7 +89,12 @@ def test_a_token_at_its_running_limit_waits_and_others_go_by() -> None:
         (t, turns.waiting(t)) for t in _waiting_ids(turns) if turns.waiting(t) is not None
     ]
     assert waiting is not None and waiting.reason == "token limit: 1 running"
-    assert turns.counts() == {"workspace_busy": 0, "token_limit": 1, "no_free_slot": 0}
+    assert turns.counts() == {
+        "workspace_busy": 0,
+        "token_limit": 1,
+        "no_free_slot": 0,
+        "home_unavailable": 0,
+    }
     assert tid
 
 

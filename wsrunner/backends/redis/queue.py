@@ -262,8 +262,10 @@ class _WorkWatch:
     cannot be reused) and cost a new connection per queue at every idle moment.
     """
 
-    def __init__(self, client: RespClient, queues: Iterable[str]) -> None:
-        self._clients = {q: RespClient(client.address, pool_size=1) for q in queues}
+    def __init__(self, client: RespClient, queues: Iterable[str], wake: str) -> None:
+        self._clients = {q: RespClient(client.address, pool_size=1) for q in [*queues, wake]}
+        #: a list a release pushes to (bounded): popped, not moved, so one watcher wakes per push
+        self._wake = wake
         self._request: _WaitRequest | None = None
         self._changed = trio.Event()
 
@@ -300,7 +302,12 @@ class _WorkWatch:
                 await self._changed.wait()
             request = self._request
             try:
-                moved = await client.execute("BLMOVE", queue, queue, "RIGHT", "RIGHT", WAKE_BLOCK_S)
+                if queue == self._wake:
+                    moved = await client.execute("BLPOP", queue, WAKE_BLOCK_S)
+                else:
+                    moved = await client.execute(
+                        "BLMOVE", queue, queue, "RIGHT", "RIGHT", WAKE_BLOCK_S
+                    )
             except RedisError as exc:  # this wait fails; the poller backs off and waits again
                 request.error, served = _translate(exc), request
                 request.done.set()
@@ -333,7 +340,8 @@ class RedisQueue:
         self._placement: tuple[str, str, str] = ("", "shared", "fail")
         self._transition = client.script(_TRANSITION)
         self.tail = _StreamTail(client)  #: its `serve()` runs for as long as the queue is open
-        self._work = _WorkWatch(client, keys.queues())  #: so does its `serve()`
+        #: so does its `serve()`; it also wakes on another daemon's release (`turns:wake`)
+        self._work = _WorkWatch(client, keys.queues(), wake=f"{keys.prefix}:turns:wake")
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call a redis-py (asyncio) method through the bridge."""
@@ -670,7 +678,14 @@ class RedisQueue:
         return str(holder) or None
 
     async def release_workspace(self, workspace_id: str, hold_id: str) -> None:
-        await self._cmd("ZREM", f"{self.keys.prefix}:turns:calls:{workspace_id}", hold_id)
+        line = f"{self.keys.prefix}:turns"
+        await self._pipe(
+            [
+                ["ZREM", f"{line}:calls:{workspace_id}", hold_id],
+                ["LPUSH", f"{line}:wake", "1"],
+                ["LTRIM", f"{line}:wake", 0, 63],
+            ]
+        )
         self._released.set()
 
     async def waiting_counts(self) -> dict[str, int]:

@@ -20,6 +20,8 @@ and workspace, then takes the next runnable payload. Keys, under `<prefix>:turns
 - `homes`                    HASH workspace -> its home host (whose volume holds it)
 - `host:<host>`              STRING, the host's lease: 'shared' or 'local' (its volume), with
                              the daemons' lease TTL, renewed by every daemon of the host
+- `wake`                     LIST: each release pushes one entry (at most 64 kept); an idle
+                             daemon's wait pops one and claims again
 - `blocked`                  HASH workspace -> when (ms) a claim first found it full with
                              tasks waiting; read and cleared when one of them is taken
 
@@ -90,6 +92,8 @@ end
 local function release(P, claim)
   local info = redis.call('HGET', tk(P, 'held'), claim)
   if not info then return end
+  redis.call('LPUSH', tk(P, 'wake'), '1')  -- an idle daemon's watcher pops it and claims
+  redis.call('LTRIM', tk(P, 'wake'), 0, 63)
   local ws, tenant = string.match(info, '^([^\t]*)\t([^\t]*)\t')
   redis.call('HDEL', tk(P, 'ws', ws), claim)
   redis.call('SREM', tk(P, 'tenant', tenant), claim)
