@@ -191,7 +191,7 @@ def test_every_redis_command_the_daemon_sends_is_in_the_acl_list() -> None:
     """A command added to the Redis adapter without adding it to the ACL would make a daemon on
     a provisioned Redis fail where the tests' default user has every command."""
     sent: set[str] = set()
-    for module in ("queue.py", "resp.py"):
+    for module in ("queue.py", "resp.py", "turns.py"):
         text = (REPO / "wsrunner" / "backends" / "redis" / module).read_text()
         sent |= set(re.findall(r"redis\.call\('([A-Z]+)'", text))  # inside the Lua scripts
         sent |= set(re.findall(r"(?:execute|_cmd)\(\s*\"([A-Z]+)\"", text))

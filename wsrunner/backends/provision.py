@@ -75,6 +75,25 @@ REDIS_COMMANDS: Final = (
     "publish",
     "subscribe",
     "unsubscribe",  # events and the cancel channel
+    "decr",
+    "hlen",
+    "hmget",
+    "hsetnx",
+    "hvals",
+    "lrange",
+    "ltrim",
+    "pexpireat",
+    "scard",
+    "sismember",
+    "time",
+    "zadd",
+    "zcard",
+    "zcount",
+    "zrange",
+    "zrem",
+    "zremrangebyscore",
+    "zscore",
+    "blpop",  # the turns: lines, held claims, homes, calls, the wake list (docs/scheduling.md)
 )
 #: Sent by redis-py on connect to Redis 7.2 and later; its failure is ignored, but a refusal
 #: would fill `ACL LOG`, so it is allowed where it exists.
