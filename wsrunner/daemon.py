@@ -211,15 +211,7 @@ async def run_daemon(settings: Settings, *, task_status: Any = trio.TASK_STATUS_
         reaper.on_reap = lambda outcome: metrics.reap(outcome).inc()
         reaper.on_requeue = lambda reason: metrics.requeue(reason).inc()
         reaper.on_dead_letter = lambda reason: metrics.dead_letter(reason).inc()
-        await queue.set_workspace_limits(
-            settings.workspace_concurrency, dict(settings.workspace_concurrencies)
-        )
-        await queue.set_placement(
-            settings.host_id,
-            settings.volume_shared,
-            settings.home_unavailable,
-            await store.homes(),
-        )
+        await reaper.configure_turns()
         # The durable store is the source of truth: repair the queue first. An embedded queue
         # starts empty, so everything queued is pushed again, however recent.
         await reaper.reconcile(min_age_s=0 if settings.backend == "embedded" else None)

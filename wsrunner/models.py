@@ -251,6 +251,8 @@ class Claim:
     #: '' (its home is here, or shared), 'new' (first use: here now), 'moved:<host>' (taken
     #: over from a gone host, shared volume) or 'gone:<host>' (its home is gone: fail it)
     placement: str = ""
+    #: the workspace the claim holds, as the queue read the payload (None: it holds nothing)
+    workspace_id: str | None = None
 
     @property
     def priority(self) -> str:
@@ -285,6 +287,30 @@ class Waiting:
         if self.home_gone:
             return "home_unavailable"
         return self.reason.split(":", 1)[0].replace(" ", "_")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnsConfig:
+    """What the claim rules (`wsrunner.turns`) take from the settings and the durable record;
+    every daemon sets it at start and again at each reconcile pass."""
+
+    workspace_limit: int = 1  #: tasks and calls that write, per workspace, at once
+    workspace_limits: Mapping[str, int] = field(default_factory=dict)  #: ... per workspace
+    host: str = ""  #: the host whose volume the daemon serves ("": it places nothing)
+    volume_shared: bool = False
+    home_unavailable: str = "fail"  #: or "wait"
+    homes: Mapping[str, str] = field(default_factory=dict)  #: workspace -> home host, known
+    token_limits: Mapping[str, int | None] = field(default_factory=dict)  #: max_running
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What a running task's claim holds: its workspace and its tenant."""
+
+    claim_id: str
+    workspace_id: str
+    token_id: str | None
+    task_id: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

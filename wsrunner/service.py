@@ -105,8 +105,6 @@ class Service:
         self.tokens = TokenRegistry(store)  #: the public API's bearer tokens
         self.lifecycle = Lifecycle(queue, store)  #: how a task's state changes
         self.metrics = metrics or Metrics()
-        #: each token's `max_running` as this process last told the queue
-        self._running_limits: dict[str, int | None] = {}
 
     # --- tasks --------------------------------------------------------------------------------
 
@@ -152,7 +150,11 @@ class Service:
         )
         if created:
             try:
-                await self.queue.enqueue(to_payload(spec), event_data={"status": "queued"})
+                await self.queue.enqueue(
+                    to_payload(spec),
+                    event_data={"status": "queued"},
+                    max_running=None if scope is None else scope.limits.max_running,
+                )
             except UnavailableError as exc:
                 logger.error(
                     "task recorded but not queued yet (the reconciler will): %s",
@@ -162,7 +164,7 @@ class Service:
         return Submitted(record, created)
 
     async def _within_limits(self, scope: ApiToken, spec: TaskSpec) -> None:
-        """Refuse what `scope`'s limits do not allow; tell the queue its running limit.
+        """Refuse what `scope`'s limits do not allow (its running limit goes with the task).
 
         Raises:
             PriorityRefusedError: the priority is above the token's highest.
@@ -180,9 +182,6 @@ class Service:
                     f"token {scope.id} has {waiting} tasks waiting, its limit (max_queued "
                     f"{limits.max_queued}); retry once some have started",
                 )
-        if self._running_limits.get(scope.id, -1) != limits.max_running:
-            await self.queue.set_token_limit(scope.id, limits.max_running)
-            self._running_limits[scope.id] = limits.max_running
 
     async def waiting(self, record: TaskRecord) -> Waiting | None:
         """Where a queued task stands in line and why it is not running; None for a task

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from wsrunner.models import PRIORITY_ORDER, Claim, Waiting
+from wsrunner.models import PRIORITY_ORDER, Claim, Held, Waiting
 
 #: what the claim script accepts as a workspace and a token id (the API refuses anything else)
 _WORKSPACE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -93,6 +93,7 @@ class Turns:
         self._on_tenant: dict[str, set[str]] = {}
         self._blocked: dict[str, float] = {}  #: workspace -> when a take first found it full
         self._calls: dict[str, dict[str, float]] = {}  #: workspace -> API hold -> its end
+        self._released: dict[str, None] = {}  #: claims released lately, which stay released
 
     def _next(self) -> int:
         self._tick += 1
@@ -212,7 +213,12 @@ class Turns:
         taken = self.take(now)
         if taken is None:
             return None
-        claim = Claim(f"{taken.priority}:{number}", taken.payload, taken.workspace_wait_s)
+        claim = Claim(
+            f"{taken.priority}:{number}",
+            taken.payload,
+            taken.workspace_wait_s,
+            workspace_id=taken.workspace or None,
+        )
         self.hold(claim.claim_id, taken)
         return claim
 
@@ -224,11 +230,24 @@ class Turns:
         self._on_workspace.setdefault(taken.workspace, {})[claim_id] = taken.task_id
         self._on_tenant.setdefault(taken.tenant, set()).add(claim_id)
 
+    def reassert(self, held: Held) -> None:
+        """Hold again what a running task's claim holds, if it holds nothing now (the Redis
+        half's repair after a data loss; here nothing is lost, so this is the same check)."""
+        if held.claim_id in self._held:
+            return
+        tenant = f"t:{held.token_id}" if held.token_id else f"w:{held.workspace_id}"
+        taken = Taken("", "", tenant, held.workspace_id, held.task_id)
+        if held.claim_id not in self._released:
+            self.hold(held.claim_id, taken)
+
     def release(self, claim_id: str) -> bool:
         """Free what `claim_id` held; False if it held nothing."""
         taken = self._held.pop(claim_id, None)
         if taken is None:
             return False
+        self._released[claim_id] = None
+        if len(self._released) > 10_000:  # (a bounded memory of them, oldest out)
+            del self._released[next(iter(self._released))]
         on_ws = self._on_workspace[taken.workspace]
         del on_ws[claim_id]
         if not on_ws:
@@ -296,17 +315,19 @@ def place(line: Line, tenant: str, workspace: str, index: int) -> int:
     waiting gives one task: the item is its tenant's j-th, taken in round j, after j of each
     tenant before it in line and j - 1 of each after (fewer when they run out).
     """
-    tenants = [t for t, _ in line]
-    mine = tenants.index(tenant)
-    spaces = line[mine][1]
+    mine = [t for t, _ in line].index(tenant)
+    totals = [sum(n for _, n in spaces) for _, spaces in line]
+    return place_in(line[mine][1], workspace, index, totals[:mine], totals[mine + 1 :])
+
+
+def place_in(
+    spaces: list[tuple[str, int]], workspace: str, index: int, ahead: list[int], behind: list[int]
+) -> int:
+    """`place` from the tenant's own workspaces (in line order, with their lengths) and the
+    totals of the tenants ahead of it and behind it in line."""
     k = [w for w, _ in spaces].index(workspace)
     j = sum(min(n, index + (1 if i <= k else 0)) for i, (_, n) in enumerate(spaces))
-    others = sum(
-        min(sum(n for _, n in ws), j if i < mine else j - 1)
-        for i, (_, ws) in enumerate(line)
-        if i != mine
-    )
-    return others + j
+    return j + sum(min(t, j) for t in ahead) + sum(min(t, j - 1) for t in behind)
 
 
 def _in_line(places: dict[str, int]) -> list[str]:

@@ -1,16 +1,18 @@
 """Issue 22 with real daemons on Redis and PostgreSQL: one writer per workspace, tenants taking
 turns, per-token limits, and what a queued task says about why it waits.
 
-Overlaps are judged on the durable record's stamps: a task's `completed_at` is written before
-its claim is released, and the next task's `started_at` after it is claimed, so two tasks of
-one workspace overlapped if and only if one started before the other's end was recorded.
+Overlaps are judged on the durable record's stamps. A task frees its workspace when its steps
+end, before its end is recorded; `execution_time_ms` runs from just after its `started_at` to
+that moment, and the next task's `started_at` is written after it is claimed. So two tasks of
+one workspace overlapped if one started before `started_at + execution_time_ms` of the other
+(which, if anything, comes a little before the steps' real end).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
@@ -33,12 +35,12 @@ from wsrunner.models import Priority, TaskState, TokenLimits
 
 
 async def spans(daemon: Daemon, ids: list[str]) -> list[tuple[datetime, datetime]]:
-    """(started_at, completed_at) of each task once every one has ended, in start order."""
+    """(started_at, end of its steps) of each task once every one has ended, in start order."""
     out = []
     for tid in ids:
         rec = await wait_terminal(daemon, tid, timeout=120)
         assert rec.status is TaskState.COMPLETED, (rec.status, rec.error_message)
-        out.append((rec.started_at, rec.completed_at))
+        out.append((rec.started_at, rec.started_at + timedelta(milliseconds=rec.execution_time_ms)))
     return sorted(out)
 
 

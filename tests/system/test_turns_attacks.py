@@ -4,7 +4,8 @@ buggy producer (a raw LPUSH onto `<prefix>:tasks:<priority>`), against real daem
 and PostgreSQL.
 
 Tests marked xfail(strict) show a hole that is still open; the others show what held.
-Overlaps are judged on the durable record's stamps, as in tests/integration/test_turns.py.
+Overlaps are judged on the durable record's stamps, as in tests/integration/test_turns.py:
+from a task's start to the end of its steps.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import secrets
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -51,8 +52,14 @@ async def spans(
     for tid in ids:
         rec = await ended(daemon, tid, timeout)
         assert rec.started_at is not None, (tid, rec.status, rec.error_message)
-        out.append((rec.started_at, rec.completed_at))
+        out.append((rec.started_at, steps_end(rec)))
     return sorted(out)
+
+
+def steps_end(rec: Any) -> datetime:
+    """When its steps ended, at the latest: its workspace is free from then on (its end is
+    recorded after). `execution_time_ms` runs from just after `started_at` to that moment."""
+    return rec.started_at + timedelta(milliseconds=rec.execution_time_ms or 0)
 
 
 def overlapping(found: list[tuple[datetime, datetime]]) -> bool:
@@ -96,36 +103,29 @@ async def submit(daemon: Daemon, ws: str, command: str, scope: Any = None, **ext
 # --- one writer per workspace: payloads the claim script and the daemon read differently -------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a payload cjson cannot decode (a lone UTF-16 surrogate escape, which Python's json "
-    "accepts) is 'unreadable' to the claim script, so it is taken first and holds nothing, "
-    "yet the daemon parses and runs it: two writers in one workspace",
-)
 async def test_a_payload_with_a_lone_surrogate_still_holds_its_workspace(
     start_daemon, redis_client: redis.Redis, settings
 ) -> None:
     """A buggy producer (a JS one that cut a string inside an emoji: JSON.stringify writes
-    '\\ud83d') pushes two tasks of one workspace. They must run one after the other."""
+    '\\ud83d') pushes two tasks of one workspace. Redis's JSON reader refuses the lone
+    surrogate (so its claim held nothing) and Python's accepted it (so it ran beside the
+    other): now the daemon refuses it too, and dead-letters it, saying why."""
     daemon = await start_daemon(concurrency=2)
     odd = raw_payload(workspace_id="ws-sur", steps=[cmd("sleep 2")], agent_id="cut \ud83d")
     plain = raw_payload(workspace_id="ws-sur", steps=[cmd("sleep 2")])
     push(redis_client, settings.redis_prefix, plain)
     push(redis_client, settings.redis_prefix, odd)
-    ids = [json.loads(p)["task_id"] for p in (plain, odd)]
-    for tid in ids:
-        await wait_for(lambda tid=tid: record_of(daemon, tid), timeout=15)
-    found = await spans(daemon, ids)
-    assert not overlapping(found), f"both ran at once in ws-sur: {found}"
+    plain_id = json.loads(plain)["task_id"]
+    await wait_for(lambda: record_of(daemon, plain_id), timeout=15)
+    assert (await ended(daemon, plain_id)).status is TaskState.COMPLETED
+    await wait_for(
+        lambda: any(d["payload"] == odd for d in dead(redis_client, settings.redis_prefix))
+    )
+    [letter] = [d for d in dead(redis_client, settings.redis_prefix) if d["payload"] == odd]
+    assert "lone surrogate" in letter["reason"], letter
+    assert await record_of(daemon, json.loads(odd)["task_id"]) is None  # it never ran
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a payload nested deeper than Python's recursion limit but within cjson's (1000) is "
-    "claimed holding its workspace; the daemon's json.loads raises RecursionError (not a "
-    "ValueError), the slot logs it and leaves the claim held: the workspace is busy forever "
-    "and the payload is never dead-lettered",
-)
 async def test_a_payload_nested_too_deep_is_dead_lettered_and_frees_its_workspace(
     start_daemon, redis_client: redis.Redis, settings
 ) -> None:
@@ -263,12 +263,6 @@ async def test_a_claim_given_back_by_a_stopping_daemon_is_released(
 # --- Redis losing its data ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the claims a workspace holds live only in Redis: a Redis restarted empty forgets "
-    "the running task's claim, the reconciler pushes the queued task again, and it starts "
-    "beside the one still running",
-)
 async def test_redis_losing_its_data_keeps_one_writer_per_workspace(
     start_daemon, redis_client: redis.Redis, settings
 ) -> None:
@@ -281,12 +275,6 @@ async def test_redis_losing_its_data_keeps_one_writer_per_workspace(
     assert not overlapping(found), f"two tasks of ws-lost ran at once: {found}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a token's max_running reaches Redis only from Service._within_limits, when the "
-    "process's cache (_running_limits) says it changed: once Redis lost it, no submit ever "
-    "writes it again, and the token runs as many as there are slots",
-)
 async def test_redis_losing_its_data_keeps_the_running_limit(
     start_daemon, redis_client: redis.Redis, settings
 ) -> None:
@@ -303,12 +291,6 @@ async def test_redis_losing_its_data_keeps_the_running_limit(
 # --- token limits -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`tokens update --max-running` reaches Redis only with the token's next submit "
-    "(Service._within_limits): tasks queued before the change run under the old limit for "
-    "as long as the tenant submits nothing, though the docs say daemons apply it within 5 s",
-)
 async def test_a_lowered_running_limit_applies_to_tasks_already_queued(start_daemon) -> None:
     daemon = await start_daemon(concurrency=3)
     filler, _ = await daemon.service.tokens.create("filler", None)
@@ -424,13 +406,6 @@ def _fill(client: redis.Redis, prefix: str, payloads: list[str]) -> None:
         client.eval(turns.COUNTS, 0, prefix, *PRIORITIES)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the WAITING script (every GET /api/tasks/{id} of a queued task) reads and decodes "
-    "every payload of its workspace's list and walks every tenant's every workspace, in one "
-    "Lua call that stops Redis for all daemons: a tenant with 20,000 queued tasks makes "
-    "each GET of its last one block Redis for tens of ms (no max_queued by default)",
-)
 async def test_asking_where_a_task_waits_costs_redis_little_whatever_a_tenant_queued(
     redis_client: redis.Redis, prefix: str
 ) -> None:
@@ -517,25 +492,20 @@ async def test_a_claim_costs_little_whatever_waits_for_another_host(
     assert ms < 10, f"one claim held Redis for {ms:.1f} ms"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a claim a slot left in the in-flight hash (its comment: 'the reaper hands it on "
-    "once we restart') is never reaped after a graceful stop: retire() drops the worker from "
-    "the workers set, which is all dead_workers() reads, so its payload and the claim on its "
-    "workspace stay in Redis forever",
-)
 async def test_a_claim_left_behind_by_a_slot_is_recovered_after_a_graceful_stop(
     start_daemon, redis_client: redis.Redis, settings
 ) -> None:
-    """The too-deep payload above is left in daemon A's in-flight hash, holding ws-left. A
-    stops as asked (SIGTERM); B starts: the payload must be dead-lettered (or handed on) and
-    ws-left freed within a few leases."""
+    """A claim a slot could not settle (as a slot's bug left one before; the daemon now
+    dead-letters such a claim) stays in daemon A's in-flight hash, holding ws-left. A stops as
+    asked; B starts: the payload must be handed on (or dead-lettered) and ws-left freed."""
     prefix, keys = settings.redis_prefix, Keys(settings.redis_prefix)
     a_id = f"a-{secrets.token_hex(3)}"
     a = await start_daemon(concurrency=1, worker_id=a_id)
-    deep = raw_payload(workspace_id="ws-left")[:-1] + ', "x": ' + "[" * 990 + "]" * 990 + "}"
-    push(redis_client, prefix, deep)
-    await wait_for(lambda: redis_client.hlen(keys.inflight(a_id)) == 1, timeout=10)
+    left = raw_payload(workspace_id="ws-left")
+    claim, task = "normal:999999", json.loads(left)["task_id"]
+    redis_client.hset(keys.inflight(a_id), claim, left)
+    redis_client.hset(f"{prefix}:turns:held", claim, f"ws-left\tw:ws-left\t{task}")
+    redis_client.hset(f"{prefix}:turns:ws:ws-left", claim, task)
     a.stop()
     await wait_for(lambda: not redis_client.exists(keys.heartbeat(a_id)), timeout=10)
     b = await start_daemon(concurrency=1, worker_id=f"b-{secrets.token_hex(3)}")

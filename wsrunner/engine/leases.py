@@ -23,7 +23,7 @@ import trio
 from wsrunner.engine.lifecycle import ClaimRef, Lifecycle
 from wsrunner.engine.runner import StopReason, TaskRunner
 from wsrunner.errors import NotFoundError, UnavailableError
-from wsrunner.models import JSON, TaskRecord, TaskState
+from wsrunner.models import JSON, Held, TaskRecord, TaskState, TurnsConfig
 from wsrunner.payload import validate_task_id
 from wsrunner.ports import CancelBus, Membership, Queue, RecordLeases, Store
 from wsrunner.settings import Settings
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 async def serve_heartbeat(
     settings: Settings,
-    queue: Membership,
+    queue: Queue,
     store: RecordLeases,
     runner: TaskRunner,
     *,
@@ -43,8 +43,14 @@ async def serve_heartbeat(
     first = True
     while True:
         ids = list(runner.running)
+        held = [  # what their claims hold, should Redis have lost it
+            Held(rt.claim.claim_id, rt.spec.workspace_id, rt.spec.token_id, tid)
+            for tid, rt in runner.running.items()
+            if not rt.recording
+        ]
         try:
             await queue.heartbeat(settings.worker_id, ids, settings.lease_ttl_s)
+            await queue.reassert(held)
             await store.renew_leases(settings.worker_id, ids)
         except UnavailableError as exc:
             logger.warning("heartbeat failed: %s", exc)
@@ -199,10 +205,29 @@ class Reaper:
             self._tell(self.on_reap, "requeued")
             self._tell(self.on_requeue, "dead_daemon")
 
+    async def configure_turns(self) -> None:
+        """Give the queue the claim rules' settings, this host's placement, and the homes and
+        token limits of the durable record: at start, and at each reconcile pass, so that what
+        Redis lost comes back and a token's new `max_running` reaches its queued tasks."""
+        s = self.settings
+        tokens = await self.store.list_tokens()
+        await self.queue.configure(
+            TurnsConfig(
+                workspace_limit=s.workspace_concurrency,
+                workspace_limits=dict(s.workspace_concurrencies),
+                host=s.host_id,
+                volume_shared=s.volume_shared,
+                home_unavailable=s.home_unavailable,
+                homes=await self.store.homes(),
+                token_limits={t.id: t.limits.max_running for t in tokens if not t.revoked_at},
+            )
+        )
+
     async def reconcile(self, min_age_s: float | None = None) -> int:
         """Repair the queue from the durable store; returns how many tasks were re-queued or
         failed. Queued rows younger than `min_age_s` (default: a heartbeat, at least 5 s) are
         left alone, as their submit may still be on its way to the queue."""
+        await self.configure_turns()
         n = 0
         for rec in await self.store.expired_running():
             if rec.worker_id and await self.queue.is_alive(rec.worker_id):

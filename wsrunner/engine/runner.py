@@ -57,6 +57,25 @@ def _queued_at(payload: object) -> float | None:
     return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
 
 
+def _check_text(obj: object, depth: int = 0) -> None:
+    """Refuse strings a strict JSON reader refuses (lone surrogates, as from a producer that
+    cut a string inside an emoji): Redis's reader does, and the two must agree."""
+    if depth > 64:
+        raise ValueError("nested deeper than 64 levels")
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff)") from None
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_text(key, depth + 1)
+            _check_text(value, depth + 1)
+    elif isinstance(obj, list):
+        for value in obj:
+            _check_text(value, depth + 1)
+
+
 class StopReason(enum.Enum):
     """Why a running task's cancel scope was cancelled."""
 
@@ -300,13 +319,22 @@ class TaskRunner:
         obj: object = None
         try:
             obj = json.loads(claim.payload)
+            _check_text(obj)
             spec = parse_task(obj)
-        except ValueError as exc:  # not JSON at all
-            reason, kind = f"invalid JSON: {exc}", "invalid_json"
         except ValidationError as exc:
             reason, kind = str(exc), "invalid_payload"
+        except (ValueError, RecursionError) as exc:  # not JSON, or nested past Python's stack
+            reason, kind = f"invalid JSON: {str(exc)[:200]}", "invalid_json"
         else:
-            return spec, _queued_at(obj)
+            if claim.workspace_id is not None and claim.workspace_id == spec.workspace_id:
+                return spec, _queued_at(obj)
+            # The queue read another workspace (or none) from it: the task would run without
+            # holding its own workspace. Never run what the two read differently.
+            reason = (
+                f"invalid payload: the queue read workspace {claim.workspace_id!r} from it, "
+                f"the daemon {spec.workspace_id!r}"
+            )
+            kind = "invalid_payload"
         task_id = None
         if isinstance(obj, dict):
             try:
@@ -341,6 +369,14 @@ class TaskRunner:
             )
         finally:
             rt.mirrored.set()
+
+    async def _steps_over(self, rt: RunningTask) -> None:
+        """Free the task's workspace and tenant for the next task (its claim stays in flight
+        until its end is recorded). Without Redis, its end frees them."""
+        try:
+            await self.queue.steps_over(rt.claim.claim_id)
+        except UnavailableError as exc:
+            logger.warning("workspace not freed early: %s", exc, extra={"task_id": rt.spec.task_id})
 
     async def _event(self, rt: RunningTask, kind: str, data: JSON) -> None:
         """Emit an event after the start's. Without Redis it is lost (and logged); the task
@@ -422,6 +458,7 @@ class TaskRunner:
                 )
             with trio.CancelScope(shield=True):
                 rt.recording = True
+                await self._steps_over(rt)
                 if steps_done is not None:
                     await steps_done()
                 repos: list[str] = []

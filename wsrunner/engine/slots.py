@@ -95,10 +95,18 @@ class Slots:
 
         try:
             await self.runner.run_claim(claim, steps_done)
-        except Exception:
-            # A bug must not take the daemon (and every other task) down; the claim stays
-            # in our in-flight hash, so the reaper hands it on once we restart.
+        except Exception as exc:
+            # A bug must not take the daemon (and every other task) down, nor leave its
+            # workspace held: the payload goes to the dead letters, saying so. (A task that had
+            # started is then recovered from its record once its lease ends.)
             logger.exception("slot %d: unexpected error running claim %s", n, claim.claim_id)
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.runner.queue.dead_letter(
+                        self.runner.worker_id, claim.claim_id, f"internal error: {exc}"[:500]
+                    )
+                except Exception:  # the claim stays in flight; the reaper hands it on
+                    logger.exception("slot %d: claim %s not dead-lettered", n, claim.claim_id)
         finally:
             if released:
                 self._recording.release()

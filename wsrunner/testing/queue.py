@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import trio
@@ -14,7 +14,9 @@ from wsrunner.models import (
     PRIORITY_ORDER,
     Claim,
     Event,
+    Held,
     TaskState,
+    TurnsConfig,
     Waiting,
     sources_of,
 )
@@ -70,10 +72,18 @@ class MemoryQueue:
         self._work.set()
         self._work = trio.Event()
 
-    async def enqueue(self, payload: JSON, *, event_data: JSON) -> str:
+    async def enqueue(
+        self, payload: JSON, *, event_data: JSON, max_running: int | None = None
+    ) -> str:
         """Queue a new task with its status and `queued` event; the event's id."""
         await _round_trip(self.latency)
         tid = payload["task_id"]
+        token = payload.get("token_id")
+        if isinstance(token, str):
+            if max_running is None:
+                self._turns.token_limits.pop(token, None)
+            else:
+                self._turns.token_limits[token] = max_running
         self._status[tid] = {
             "status": TaskState.QUEUED.value,
             "workspace_id": payload["workspace_id"],
@@ -225,24 +235,27 @@ class MemoryQueue:
             found = newer()
         return found
 
-    async def set_workspace_limits(self, default: int, overrides: dict[str, int]) -> None:
+    async def configure(self, config: TurnsConfig) -> None:
+        """Workspace and token limits (one daemon serves every workspace here: no placement)."""
         await _round_trip(self.latency)
-        self._turns.workspace_limit, self._turns.workspace_limits = default, dict(overrides)
+        self._turns.workspace_limit = config.workspace_limit
+        self._turns.workspace_limits = dict(config.workspace_limits)
+        for token, n in config.token_limits.items():
+            if n is None:
+                self._turns.token_limits.pop(token, None)
+            else:
+                self._turns.token_limits[token] = n
         self._wake_pollers()
 
-    async def set_placement(
-        self, host: str, shared: bool, on_gone: str, homes: dict[str, str]
-    ) -> None:
-        """One daemon serves every workspace here: nothing to place."""
+    async def reassert(self, held: Sequence[Held]) -> None:
         await _round_trip(self.latency)
+        for h in held:
+            self._turns.reassert(h)
 
-    async def set_token_limit(self, token_id: str, max_running: int | None) -> None:
+    async def steps_over(self, claim_id: str) -> None:
         await _round_trip(self.latency)
-        if max_running is None:
-            self._turns.token_limits.pop(token_id, None)
-        else:
-            self._turns.token_limits[token_id] = max_running
-        self._wake_pollers()
+        if self._turns.release(claim_id):
+            self._wake_pollers()
 
     async def hold_workspace(self, workspace_id: str, hold_id: str, ttl_s: float) -> str | None:
         await _round_trip(self.latency)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -22,7 +22,17 @@ from typing import Any, Final
 import trio
 
 from wsrunner.backends.embedded.store import SqliteStore
-from wsrunner.models import JSON, PRIORITY_ORDER, Claim, Event, TaskState, Waiting, sources_of
+from wsrunner.models import (
+    JSON,
+    PRIORITY_ORDER,
+    Claim,
+    Event,
+    Held,
+    TaskState,
+    TurnsConfig,
+    Waiting,
+    sources_of,
+)
 from wsrunner.turns import Turns
 
 WAKE_BLOCK_S: Final = 5.0
@@ -63,8 +73,16 @@ class LocalQueue:
         self._turns.add(payload["priority"], json.dumps(payload), next_up=next_up)
         self._work.set()
 
-    async def enqueue(self, payload: JSON, *, event_data: JSON) -> str:
+    async def enqueue(
+        self, payload: JSON, *, event_data: JSON, max_running: int | None = None
+    ) -> str:
         tid = payload["task_id"]
+        token = payload.get("token_id")
+        if isinstance(token, str):
+            if max_running is None:
+                self._turns.token_limits.pop(token, None)
+            else:
+                self._turns.token_limits[token] = max_running
         self._status[tid] = {
             "status": TaskState.QUEUED.value,
             "workspace_id": payload["workspace_id"],
@@ -202,21 +220,24 @@ class LocalQueue:
 
     # --- turns --------------------------------------------------------------------------------
 
-    async def set_workspace_limits(self, default: int, overrides: dict[str, int]) -> None:
-        self._turns.workspace_limit, self._turns.workspace_limits = default, dict(overrides)
+    async def configure(self, config: TurnsConfig) -> None:
+        """Workspace and token limits (one daemon serves every workspace here: no placement)."""
+        self._turns.workspace_limit = config.workspace_limit
+        self._turns.workspace_limits = dict(config.workspace_limits)
+        for token, n in config.token_limits.items():
+            if n is None:
+                self._turns.token_limits.pop(token, None)
+            else:
+                self._turns.token_limits[token] = n
         self._work.set()
 
-    async def set_placement(
-        self, host: str, shared: bool, on_gone: str, homes: dict[str, str]
-    ) -> None:
-        """One daemon serves every workspace here: nothing to place."""
+    async def reassert(self, held: Sequence[Held]) -> None:
+        for h in held:
+            self._turns.reassert(h)
 
-    async def set_token_limit(self, token_id: str, max_running: int | None) -> None:
-        if max_running is None:
-            self._turns.token_limits.pop(token_id, None)
-        else:
-            self._turns.token_limits[token_id] = max_running
-        self._work.set()
+    async def steps_over(self, claim_id: str) -> None:
+        if self._turns.release(claim_id):
+            self._work.set()
 
     async def hold_workspace(self, workspace_id: str, hold_id: str, ttl_s: float) -> str | None:
         return self._turns.hold_call(workspace_id, hold_id, ttl_s)

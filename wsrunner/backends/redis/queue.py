@@ -23,7 +23,7 @@ import collections
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,12 +44,14 @@ from wsrunner.models import (
     PRIORITY_ORDER,
     Claim,
     Event,
+    Held,
     TaskState,
+    TurnsConfig,
     Waiting,
     json_text,
     sources_of,
 )
-from wsrunner.turns import place
+from wsrunner.turns import place_in
 
 logger = logging.getLogger(__name__)
 
@@ -335,6 +337,8 @@ class RedisQueue:
         self._waiting = client.script(turns.WAITING)
         self._counts = client.script(turns.COUNTS)
         self._hold = client.script(turns.HOLD)
+        self._reassert = client.script(turns.REASSERT)
+        self._steps_over = client.script(turns.STEPS_OVER)
         self._released = trio.Event()  #: set when a claim settled here may have freed work
         #: this host, its volume ('shared' or 'local'), and what to do when a home is gone
         self._placement: tuple[str, str, str] = ("", "shared", "fail")
@@ -381,8 +385,12 @@ class RedisQueue:
 
     # --- submit -------------------------------------------------------------------------------
 
-    async def enqueue(self, payload: JSON, *, event_data: JSON) -> str:
-        """Queue a new task: status hash, active set, payload and `queued` event in one MULTI.
+    async def enqueue(
+        self, payload: JSON, *, event_data: JSON, max_running: int | None = None
+    ) -> str:
+        """Queue a new task: status hash, active set, payload and `queued` event in one MULTI;
+        with the payload's `token_id`, that token's `max_running` too (None: no limit), so that
+        a limit Redis lost is back with the token's next task.
 
         Returns the id of the `queued` event.
         """
@@ -403,10 +411,19 @@ class RedisQueue:
                 ["SADD", k.active(ws), tid],
                 *self._event_commands(tid, "status_changed", event_data, ts),
                 ["LPUSH", k.queue(payload["priority"]), json.dumps(payload)],
+                *self._token_limit(payload.get("token_id"), max_running),
             ],
             transaction=True,
         )
         return str(results[3])
+
+    def _token_limit(self, token_id: object, max_running: int | None) -> list[list[Arg]]:
+        if not isinstance(token_id, str):
+            return []
+        key = f"{self.keys.prefix}:turns:limits:token"
+        if max_running is None:
+            return [["HDEL", key, token_id]]
+        return [["HSET", key, token_id, max_running]]
 
     async def requeue_payload(self, payload: JSON) -> None:
         """Put a payload rebuilt from PostgreSQL back on its queue, with a fresh status hash."""
@@ -444,7 +461,13 @@ class RedisQueue:
         if res is None:
             return None
         waited = int(res[2])
-        return Claim(str(res[0]), str(res[1]), None if waited < 0 else waited / 1000, str(res[3]))
+        return Claim(
+            str(res[0]),
+            str(res[1]),
+            None if waited < 0 else waited / 1000,
+            str(res[3]),
+            str(res[4]) or None,
+        )
 
     async def wait_for_work(self) -> bool:
         """Block until a queue gets a payload or a claim settled here frees one (True), or
@@ -639,35 +662,42 @@ class RedisQueue:
 
     # --- turns --------------------------------------------------------------------------------
 
-    async def set_workspace_limits(self, default: int, overrides: dict[str, int]) -> None:
-        """How many claims a workspace may hold: `default`, or its entry in `overrides`.
-        Shared by every daemon on this Redis: the last to start (or reload) sets them."""
-        key = f"{self.keys.prefix}:turns:limits:ws"
-        await self._pipe(
-            [
-                ["DEL", key],
-                ["HSET", key, "*", default, *_flat({k: str(v) for k, v in overrides.items()})],
-            ],
-            transaction=True,
+    async def configure(self, config: TurnsConfig) -> None:
+        """Take the claim rules' settings: workspace limits (shared by every daemon on this
+        Redis: the last to configure sets them), this host's placement, and the homes and
+        token limits the durable record knows, where Redis lost them or they changed."""
+        self._placement = (
+            config.host,
+            "shared" if config.volume_shared else "local",
+            config.home_unavailable,
         )
+        line = f"{self.keys.prefix}:turns"
+        limits = {"*": str(config.workspace_limit)}
+        limits.update({k: str(v) for k, v in config.workspace_limits.items()})
+        commands: list[list[Arg]] = [
+            ["DEL", f"{line}:limits:ws"],
+            ["HSET", f"{line}:limits:ws", *_flat(limits)],
+        ]
+        commands += [["HSETNX", f"{line}:homes", ws, h] for ws, h in config.homes.items()]
+        for token, n in config.token_limits.items():
+            key = f"{line}:limits:token"
+            commands.append(["HDEL", key, token] if n is None else ["HSET", key, token, n])
+        await self._pipe(commands, transaction=True)
 
-    async def set_placement(
-        self, host: str, shared: bool, on_gone: str, homes: dict[str, str]
-    ) -> None:
-        """Claim for `host` (whose volume is `shared` or not) from now on, taking `on_gone`
-        ('fail' or 'wait') for workspaces whose home host is gone; `homes` (the durable
-        record) fills in what Redis lost."""
-        self._placement = (host, "shared" if shared else "local", on_gone)
-        key = f"{self.keys.prefix}:turns:homes"
-        await self._pipe([["HSETNX", key, ws, h] for ws, h in homes.items()] or [["PING"]])
+    async def reassert(self, held: Sequence[Held]) -> None:
+        """Hold again what running tasks' claims hold, where Redis lost it (see REASSERT)."""
+        if not held:
+            return
+        args: list[Arg] = [self.keys.prefix]
+        for h in held:
+            tenant = f"t:{h.token_id}" if h.token_id else f"w:{h.workspace_id}"
+            args += [h.claim_id, h.workspace_id, tenant, h.task_id]
+        await self._script(self._reassert, [], args)
 
-    async def set_token_limit(self, token_id: str, max_running: int | None) -> None:
-        """The most claims `token_id`'s tasks may hold at once (None: no limit)."""
-        key = f"{self.keys.prefix}:turns:limits:token"
-        if max_running is None:
-            await self._cmd("HDEL", key, token_id)
-        else:
-            await self._cmd("HSET", key, token_id, max_running)
+    async def steps_over(self, claim_id: str) -> None:
+        """The claim's task ran its steps: its workspace and tenant are free for the next."""
+        await self._script(self._steps_over, [], [self.keys.prefix, claim_id])
+        self._released.set()
 
     async def hold_workspace(self, workspace_id: str, hold_id: str, ttl_s: float) -> str | None:
         """Hold `workspace_id` for an API call that writes, for at most `ttl_s`; None when it
@@ -707,8 +737,10 @@ class RedisQueue:
         found = json.loads(raw)
         if not found:
             return None
-        line = [(t, [(w, int(n)) for w, n in spaces]) for t, spaces in found["line"]]
-        position = found["before"] + place(line, tenant, workspace_id, found["index"])
+        spaces = [(str(w), int(n)) for w, n in found["spaces"]]
+        position = found["before"] + place_in(
+            spaces, workspace_id, found["index"], found["ahead"], found["behind"]
+        )
         return Waiting(
             position=position,
             workspace_holder=found["holder"] if found["held"] >= found["ws_limit"] else None,
@@ -750,15 +782,17 @@ class RedisQueue:
         await self._pipe(commands, transaction=True)
 
     async def retire(self, worker_id: str) -> None:
-        """Remove a stopped daemon's heartbeat; it must hold no claims any more."""
+        """Remove a stopped daemon's heartbeat. A claim it still holds (a slot that failed to
+        settle one) keeps it among the daemons, so that the reaper hands that claim on."""
         k = self.keys
         await self._pipe(
             [
                 ["DEL", k.heartbeat(worker_id), k.worker_tasks(worker_id)],
-                ["SREM", k.workers, worker_id],
+                ["SADD", k.workers, worker_id],
             ],
             transaction=True,
         )
+        await self.forget_worker(worker_id)  # leaves the set only when its in-flight is empty
 
     async def dead_workers(self) -> list[str]:
         """Daemons registered in the worker set whose heartbeat (lease) has expired."""

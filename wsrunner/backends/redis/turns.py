@@ -9,6 +9,10 @@ and workspace, then takes the next runnable payload. Keys, under `<prefix>:turns
 - `<p>:q:<tenant>:<ws>`      LIST of payloads: LPUSH to join, RPOP to take
 - `<p>:unreadable`           LIST of payloads with no readable workspace (taken first)
 - `<p>:count`                payloads in the lines (the depth is this, ingress and unreadable)
+- `<p>:totals`               HASH tenant -> its payloads in the line
+- `<p>:seq:<tenant>:<ws>`    HASH front, back: the numbers of the next payload to take and of
+                             the last to join that list (one given back takes front - 1)
+- `<p>:where`                HASH task id -> its number in its list (its place: minus front)
 - `tick`, `front`            the counters that order the lines (back: tick; front: -front)
 - `held`                     HASH claim id -> "<workspace>\\t<tenant>\\t<task id>"
 - `ws:<ws>`                  HASH claim id -> task id: the claims a workspace holds
@@ -22,6 +26,8 @@ and workspace, then takes the next runnable payload. Keys, under `<prefix>:turns
                              the daemons' lease TTL, renewed by every daemon of the host
 - `wake`                     LIST: each release pushes one entry (at most 64 kept); an idle
                              daemon's wait pops one and claims again
+- `released`                 ZSET of claims released in the last 10 minutes (by when), which
+                             a reassert leaves released
 - `blocked`                  HASH workspace -> when (ms) a claim first found it full with
                              tasks waiting; read and cleared when one of them is taken
 
@@ -63,6 +69,15 @@ local function route(P, p, raw, next_up)
   end
   local q = tk(P, p, 'q', tenant, ws)
   if next_up then redis.call('RPUSH', q, raw) else redis.call('LPUSH', q, raw) end
+  -- Each item's number in its list, so that a task's place is found without reading the list:
+  -- `back` numbers those that join, `front` is the next to be taken, minus those given back.
+  local seqs = tk(P, p, 'seq', tenant, ws)
+  if redis.call('HSETNX', seqs, 'front', 1) == 1 then redis.call('HSET', seqs, 'back', 0) end
+  local seq = next_up and redis.call('HINCRBY', seqs, 'front', -1)
+    or redis.call('HINCRBY', seqs, 'back', 1)
+  if type(obj['task_id']) == 'string' then
+    redis.call('HSET', tk(P, p, 'where'), obj['task_id'], seq)
+  end
   local spaces, line = tk(P, p, 't', tenant), tk(P, p, 'line')
   if next_up then  -- a task given back goes first
     redis.call('ZADD', spaces, -redis.call('INCR', tk(P, 'front')), ws)
@@ -76,6 +91,7 @@ local function route(P, p, raw, next_up)
     end
   end
   redis.call('INCR', tk(P, p, 'count'))
+  redis.call('HINCRBY', tk(P, p, 'totals'), tenant, 1)
 end
 
 local function ingest(P, priorities)
@@ -94,6 +110,9 @@ local function release(P, claim)
   if not info then return end
   redis.call('LPUSH', tk(P, 'wake'), '1')  -- an idle daemon's watcher pops it and claims
   redis.call('LTRIM', tk(P, 'wake'), 0, 63)
+  -- A reassert sent before this release must not bring it back: remembered for 10 minutes.
+  redis.call('ZADD', tk(P, 'released'), now, claim)
+  redis.call('ZREMRANGEBYSCORE', tk(P, 'released'), '-inf', now - 600000)
   local ws, tenant = string.match(info, '^([^\t]*)\t([^\t]*)\t')
   redis.call('HDEL', tk(P, 'ws', ws), claim)
   redis.call('SREM', tk(P, 'tenant', tenant), claim)
@@ -165,7 +184,8 @@ local function placed(ws)
   if on_gone == 'fail' then return 'gone:' .. home end
   return nil
 end
-local function hand(p, raw, tenant, ws, placement)
+
+local function hand(p, raw, tenant, ws, placement, tid)
   if placement == 'new' or string.sub(placement or '', 1, 6) == 'moved:' then
     redis.call('HSET', tk(P, 'homes'), ws, host)
   end
@@ -178,16 +198,11 @@ local function hand(p, raw, tenant, ws, placement)
       waited = now - tonumber(since)
       redis.call('HDEL', tk(P, 'blocked'), ws)
     end
-    local ok, obj = pcall(cjson.decode, raw)
-    local tid = ''
-    if ok and type(obj) == 'table' and type(obj['task_id']) == 'string' then
-      tid = obj['task_id']
-    end
     redis.call('HSET', tk(P, 'held'), claim, ws .. '\t' .. tenant .. '\t' .. tid)
     redis.call('HSET', tk(P, 'ws', ws), claim, tid)
     redis.call('SADD', tk(P, 'tenant', tenant), claim)
   end
-  return {claim, raw, waited, placement or ''}
+  return {claim, raw, waited, placement or '', ws or ''}
 end
 
 for _, p in ipairs(priorities) do
@@ -215,19 +230,31 @@ for _, p in ipairs(priorities) do
               local q = tk(P, p, 'q', tenant, ws)
               local raw = redis.call('RPOP', q)
               if raw then
+                local seqs = tk(P, p, 'seq', tenant, ws)
+                redis.call('HINCRBY', seqs, 'front', 1)
+                local ok, obj = pcall(cjson.decode, raw)
+                local tid = ''
+                if ok and type(obj) == 'table' and type(obj['task_id']) == 'string' then
+                  tid = obj['task_id']
+                  redis.call('HDEL', tk(P, p, 'where'), tid)
+                end
                 redis.call('DECR', tk(P, p, 'count'))
+                if redis.call('HINCRBY', tk(P, p, 'totals'), tenant, -1) <= 0 then
+                  redis.call('HDEL', tk(P, p, 'totals'), tenant)
+                end
                 local tick = redis.call('INCR', tk(P, 'tick'))
                 if redis.call('LLEN', q) > 0 then
                   redis.call('ZADD', spaces, tick, ws)
                 else
                   redis.call('ZREM', spaces, ws)
+                  redis.call('DEL', seqs)
                 end
                 if redis.call('ZCARD', spaces) > 0 then
                   redis.call('ZADD', line, tick, tenant)
                 else
                   redis.call('ZREM', line, tenant)
                 end
-                return hand(p, raw, tenant, ws, placement)
+                return hand(p, raw, tenant, ws, placement, tid)
               end
               redis.call('ZREM', spaces, ws)  -- an empty list left in line: drop it
             end
@@ -283,13 +310,11 @@ WAITING: Final = (
 local P, task, ws, tenant, mine = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local priorities = {unpack(ARGV, 6)}
 ingest(P, priorities)
-local q = redis.call('LRANGE', tk(P, mine, 'q', tenant, ws), 0, -1)
-local index = nil
-for i = #q, 1, -1 do  -- the oldest is last
-  local ok, obj = pcall(cjson.decode, q[i])
-  if ok and type(obj) == 'table' and obj['task_id'] == task then index = #q - i; break end
-end
-if index == nil then return '{}' end
+local seq = redis.call('HGET', tk(P, mine, 'where'), task)
+local front = redis.call('HGET', tk(P, mine, 'seq', tenant, ws), 'front')
+if not seq or not front then return '{}' end
+local index = tonumber(seq) - tonumber(front)
+if index < 0 then return '{}' end
 local before = 0
 for _, p in ipairs(priorities) do
   if p == mine then break end
@@ -297,13 +322,21 @@ for _, p in ipairs(priorities) do
     + redis.call('LLEN', tk(P, p, 'unreadable'))
 end
 before = before + redis.call('LLEN', tk(P, mine, 'unreadable'))
-local line = {}
-for _, t in ipairs(redis.call('ZRANGE', tk(P, mine, 'line'), 0, -1)) do
-  local spaces = {}
-  for _, w in ipairs(redis.call('ZRANGE', tk(P, mine, 't', t), 0, -1)) do
-    spaces[#spaces + 1] = {w, redis.call('LLEN', tk(P, mine, 'q', t, w))}
+-- Its own tenant's workspaces one by one; every other tenant by its total.
+local spaces = {}
+for _, w in ipairs(redis.call('ZRANGE', tk(P, mine, 't', tenant), 0, -1)) do
+  spaces[#spaces + 1] = {w, redis.call('LLEN', tk(P, mine, 'q', tenant, w))}
+end
+local line = tk(P, mine, 'line')
+local rank = redis.call('ZRANK', line, tenant) or 0
+local totals = redis.call('HGETALL', tk(P, mine, 'totals'))
+local ahead, behind = {0}, {0}  -- (never empty: cjson would make {} an object)
+for i = 1, #totals, 2 do
+  if totals[i] ~= tenant then
+    local r = redis.call('ZRANK', line, totals[i])
+    if r and r < rank then ahead[#ahead + 1] = tonumber(totals[i + 1])
+    else behind[#behind + 1] = tonumber(totals[i + 1]) end
   end
-  line[#line + 1] = {t, spaces}
 end
 local home = redis.call('HGET', tk(P, 'homes'), ws)
 local home_gone = ''
@@ -312,7 +345,7 @@ local holders = redis.call('HVALS', tk(P, 'ws', ws))
 local api = calls(P, ws)
 if #holders == 0 and api > 0 then holders = {'api'} end
 return cjson.encode({
-  index = index, before = before, line = line,
+  index = index, before = before, spaces = spaces, ahead = ahead, behind = behind,
   held = #holders + api, holder = holders[1] or '', ws_limit = ws_limit(P, ws),
   running = redis.call('SCARD', tk(P, 'tenant', tenant)),
   token_limit = tenant_limit(P, tenant) or -1,
@@ -369,5 +402,35 @@ redis.call('ZADD', key, now + ttl, hold)
 local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', key, tonumber(last[2]))  -- gone with the longest hold
 return ''
+"""
+)
+
+# ARGV: prefix, then per claim: claim id, workspace, tenant, task id.  A running task's claim
+# holds its workspace and tenant again where Redis lost them (a restart without its data);
+# one released meanwhile (`released`) stays released.
+REASSERT: Final = (
+    LIB
+    + r"""
+local P = ARGV[1]
+for i = 2, #ARGV, 4 do
+  local claim, ws, tenant, task = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if redis.call('HEXISTS', tk(P, 'held'), claim) == 0
+     and not redis.call('ZSCORE', tk(P, 'released'), claim) then
+    redis.call('HSET', tk(P, 'held'), claim, ws .. '\t' .. tenant .. '\t' .. task)
+    redis.call('HSET', tk(P, 'ws', ws), claim, task)
+    redis.call('SADD', tk(P, 'tenant', tenant), claim)
+  end
+end
+return 1
+"""
+)
+
+# ARGV: prefix, claim id.  A task's steps are over: its claim stays in flight until its end is
+# recorded, but its workspace and tenant are free for the next.
+STEPS_OVER: Final = (
+    LIB
+    + r"""
+release(ARGV[1], ARGV[2])
+return 1
 """
 )
