@@ -25,7 +25,7 @@ from wsrunner.engine.runner import StopReason, TaskRunner
 from wsrunner.errors import NotFoundError, UnavailableError
 from wsrunner.models import JSON, Held, TaskRecord, TaskState, TurnsConfig
 from wsrunner.payload import validate_task_id
-from wsrunner.ports import CancelBus, Membership, Queue, RecordLeases, Store
+from wsrunner.ports import CancelBus, Queue, RecordLeases, Store
 from wsrunner.settings import Settings
 
 logger = logging.getLogger(__name__)
