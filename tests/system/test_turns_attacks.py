@@ -3,7 +3,8 @@ the claim script's cost and what `waiting` tells, made as a hostile tenant (a pu
 buggy producer (a raw LPUSH onto `<prefix>:tasks:<priority>`), against real daemons on Redis
 and PostgreSQL.
 
-Tests marked xfail(strict) show a hole that is still open; the others show what held.
+Each test was first an xfail(strict) showing a hole (the review of issue 22), or shows what
+held; the holes are closed now.
 Overlaps are judged on the durable record's stamps, as in tests/integration/test_turns.py:
 from a task's start to the end of its steps.
 """
@@ -18,7 +19,6 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-import pytest
 import redis
 
 from tests.conftest import cmd, raw_payload, task_body, wait_for, wait_terminal
@@ -461,12 +461,6 @@ async def test_a_claim_costs_little_whatever_is_queued(
     assert sorted(times)[10] < 50
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a claim skips, one by one, every waiting workspace whose home is another live host "
-    "(placed() is nil: neither blocked nor bounded by the claims held), so one tenant's flood "
-    "over many workspaces homed on host A makes every claim on host B walk all of them",
-)
 async def test_a_claim_costs_little_whatever_waits_for_another_host(
     redis_client: redis.Redis, prefix: str
 ) -> None:

@@ -4,12 +4,15 @@ Producers still `LPUSH` onto `<prefix>:tasks:<priority>` (the reference system's
 "ingress"). A claim first moves what arrived there into the line of its priority, by tenant
 and workspace, then takes the next runnable payload. Keys, under `<prefix>:turns:`:
 
-- `<p>:line`                 ZSET tenant -> its place in line (the tick it joined or was served)
-- `<p>:t:<tenant>`           ZSET workspace -> its place in the tenant's line
+- `<p>:sites`                SET of the sites with lines: home hosts, and '' (no home yet)
+- `<p>:line:<site>`          ZSET tenant -> its place in line (the tick it joined or was
+                             served), per site: a claim reads the lines of the sites it may
+                             take from, merged, and never walks another host's workspaces
+- `<p>:t:<tenant>:<site>`    ZSET workspace -> its place in the tenant's line
 - `<p>:q:<tenant>:<ws>`      LIST of payloads: LPUSH to join, RPOP to take
 - `<p>:unreadable`           LIST of payloads with no readable workspace (taken first)
 - `<p>:count`                payloads in the lines (the depth is this, ingress and unreadable)
-- `<p>:totals`               HASH tenant -> its payloads in the line
+- `<p>:totals`               HASH "<tenant><TAB><site>" -> its payloads in that site's line
 - `<p>:seq:<tenant>:<ws>`    HASH front, back: the numbers of the next payload to take and of
                              the last to join that list (one given back takes front - 1)
 - `<p>:where`                HASH task id -> its number in its list (its place: minus front)
@@ -78,7 +81,10 @@ local function route(P, p, raw, next_up)
   if type(obj['task_id']) == 'string' then
     redis.call('HSET', tk(P, p, 'where'), obj['task_id'], seq)
   end
-  local spaces, line = tk(P, p, 't', tenant), tk(P, p, 'line')
+  -- The lines are kept per site: the workspace's home host, or '' before it has one.
+  local site = redis.call('HGET', tk(P, 'homes'), ws) or ''
+  redis.call('SADD', tk(P, p, 'sites'), site)
+  local spaces, line = tk(P, p, 't', tenant, site), tk(P, p, 'line', site)
   if next_up then  -- a task given back goes first
     redis.call('ZADD', spaces, -redis.call('INCR', tk(P, 'front')), ws)
     redis.call('ZADD', line, -redis.call('INCR', tk(P, 'front')), tenant)
@@ -91,7 +97,7 @@ local function route(P, p, raw, next_up)
     end
   end
   redis.call('INCR', tk(P, p, 'count'))
-  redis.call('HINCRBY', tk(P, p, 'totals'), tenant, 1)
+  redis.call('HINCRBY', tk(P, p, 'totals'), tenant .. '\t' .. site, 1)
 end
 
 local function ingest(P, priorities)
@@ -185,9 +191,54 @@ local function placed(ws)
   return nil
 end
 
-local function hand(p, raw, tenant, ws, placement, tid)
+-- The sites whose lines this host takes from: its own, '' (workspaces with no home yet), the
+-- shared hosts' when its volume is shared, and gone hosts' it takes over or fails.
+local function sites_here(p)
+  local out = {}
+  for _, s in ipairs(redis.call('SMEMBERS', tk(P, p, 'sites'))) do
+    if host == '' or s == host or s == '' then
+      out[#out + 1] = s
+    else
+      local lease = redis.call('GET', tk(P, 'host', s))
+      if lease then
+        if lease == 'shared' and volume == 'shared' then out[#out + 1] = s end
+      elseif (volume == 'shared' and redis.call('SISMEMBER', tk(P, 'shared'), s) == 1)
+          or on_gone == 'fail' then
+        out[#out + 1] = s
+      end
+    end
+  end
+  return out
+end
+
+-- A workspace homed now (first use, or taken over) moves to its new site's lines in every
+-- priority, keeping its places there.
+local function move_site(ws, tenant, from)
+  if from == host then return end
+  for _, p in ipairs(priorities) do
+    local spaces, line = tk(P, p, 't', tenant, from), tk(P, p, 'line', from)
+    local place = redis.call('ZSCORE', spaces, ws)
+    if place then
+      local turn = redis.call('ZSCORE', line, tenant) or place
+      local n = redis.call('LLEN', tk(P, p, 'q', tenant, ws))
+      local totals = tk(P, p, 'totals')
+      if redis.call('HINCRBY', totals, tenant .. '\t' .. from, -n) <= 0 then
+        redis.call('HDEL', totals, tenant .. '\t' .. from)
+      end
+      redis.call('HINCRBY', totals, tenant .. '\t' .. host, n)
+      redis.call('ZREM', spaces, ws)
+      if redis.call('ZCARD', spaces) == 0 then redis.call('ZREM', line, tenant) end
+      redis.call('ZADD', tk(P, p, 't', tenant, host), place, ws)
+      redis.call('ZADD', tk(P, p, 'line', host), 'NX', turn, tenant)
+      redis.call('SADD', tk(P, p, 'sites'), host)
+    end
+  end
+end
+
+local function hand(p, raw, tenant, ws, placement, tid, site)
   if placement == 'new' or string.sub(placement or '', 1, 6) == 'moved:' then
     redis.call('HSET', tk(P, 'homes'), ws, host)
+    move_site(ws, tenant, site)
   end
   local claim = p .. ':' .. redis.call('INCR', P .. ':claim_seq')
   redis.call('HSET', inflight, claim, raw)
@@ -205,65 +256,87 @@ local function hand(p, raw, tenant, ws, placement, tid)
   return {claim, raw, waited, placement or '', ws or ''}
 end
 
+-- Take the next payload of `tenant` in `site`, if one of its workspaces there may run now.
+local function take(p, site, tenant)
+  local spaces, line = tk(P, p, 't', tenant, site), tk(P, p, 'line', site)
+  local at = 0
+  while true do  -- a page at a time: a tenant may have many workspaces waiting
+    local page = redis.call('ZRANGE', spaces, at, at + 99)
+    if #page == 0 then return nil end
+    for _, ws in ipairs(page) do
+      local placement = placed(ws)
+      if placement == nil then
+        -- another host's workspace (moved there since it joined this line)
+      elseif ws_busy(P, ws) then
+        redis.call('HSETNX', tk(P, 'blocked'), ws, now)
+      else
+        local q = tk(P, p, 'q', tenant, ws)
+        local raw = redis.call('RPOP', q)
+        if raw then
+          local seqs = tk(P, p, 'seq', tenant, ws)
+          redis.call('HINCRBY', seqs, 'front', 1)
+          local ok, obj = pcall(cjson.decode, raw)
+          local tid = ''
+          if ok and type(obj) == 'table' and type(obj['task_id']) == 'string' then
+            tid = obj['task_id']
+            redis.call('HDEL', tk(P, p, 'where'), tid)
+          end
+          redis.call('DECR', tk(P, p, 'count'))
+          local unit = tenant .. '\t' .. site
+          if redis.call('HINCRBY', tk(P, p, 'totals'), unit, -1) <= 0 then
+            redis.call('HDEL', tk(P, p, 'totals'), unit)
+          end
+          local tick = redis.call('INCR', tk(P, 'tick'))
+          if redis.call('LLEN', q) > 0 then
+            redis.call('ZADD', spaces, tick, ws)
+          else
+            redis.call('ZREM', spaces, ws)
+            redis.call('DEL', seqs)
+          end
+          if redis.call('ZCARD', spaces) > 0 then
+            redis.call('ZADD', line, tick, tenant)
+          else
+            redis.call('ZREM', line, tenant)
+          end
+          return hand(p, raw, tenant, ws, placement, tid, site)
+        end
+        redis.call('ZREM', spaces, ws)  -- an empty list left in line: drop it
+      end
+    end
+    at = at + 100
+  end
+end
+
 for _, p in ipairs(priorities) do
   local odd = redis.call('RPOP', tk(P, p, 'unreadable'))
   if odd then return hand(p, odd) end
-  local line = tk(P, p, 'line')
-  local first = 0
-  while true do
-    local tenants = redis.call('ZRANGE', line, first, first + 99)
-    if #tenants == 0 then break end
-    for _, tenant in ipairs(tenants) do
-      if not tenant_full(P, tenant) then
-        local spaces = tk(P, p, 't', tenant)
-        local at = 0
-        while true do  -- a page at a time: a tenant may have many workspaces waiting
-          local page = redis.call('ZRANGE', spaces, at, at + 99)
-          if #page == 0 then break end
-          for _, ws in ipairs(page) do
-            local placement = placed(ws)
-            if placement == nil then
-              -- another host's workspace
-            elseif ws_busy(P, ws) then
-              redis.call('HSETNX', tk(P, 'blocked'), ws, now)
-            else
-              local q = tk(P, p, 'q', tenant, ws)
-              local raw = redis.call('RPOP', q)
-              if raw then
-                local seqs = tk(P, p, 'seq', tenant, ws)
-                redis.call('HINCRBY', seqs, 'front', 1)
-                local ok, obj = pcall(cjson.decode, raw)
-                local tid = ''
-                if ok and type(obj) == 'table' and type(obj['task_id']) == 'string' then
-                  tid = obj['task_id']
-                  redis.call('HDEL', tk(P, p, 'where'), tid)
-                end
-                redis.call('DECR', tk(P, p, 'count'))
-                if redis.call('HINCRBY', tk(P, p, 'totals'), tenant, -1) <= 0 then
-                  redis.call('HDEL', tk(P, p, 'totals'), tenant)
-                end
-                local tick = redis.call('INCR', tk(P, 'tick'))
-                if redis.call('LLEN', q) > 0 then
-                  redis.call('ZADD', spaces, tick, ws)
-                else
-                  redis.call('ZREM', spaces, ws)
-                  redis.call('DEL', seqs)
-                end
-                if redis.call('ZCARD', spaces) > 0 then
-                  redis.call('ZADD', line, tick, tenant)
-                else
-                  redis.call('ZREM', line, tenant)
-                end
-                return hand(p, raw, tenant, ws, placement, tid)
-              end
-              redis.call('ZREM', spaces, ws)  -- an empty list left in line: drop it
-            end
-          end
-          at = at + 100
-        end
-      end
+  -- The sites' lines merged in line order: a cursor over each, a page at a time.
+  local cursors = {}
+  for _, s in ipairs(sites_here(p)) do
+    cursors[#cursors + 1] = {site = s, first = 0, page = {}, i = 1, done = false}
+  end
+  local function head(c)
+    if c.i > #c.page and not c.done then
+      local got = redis.call('ZRANGE', tk(P, p, 'line', c.site), c.first, c.first + 99,
+                             'WITHSCORES')
+      c.first, c.page, c.i = c.first + 100, {}, 1
+      for k = 1, #got, 2 do c.page[#c.page + 1] = {got[k], tonumber(got[k + 1])} end
+      c.done = #c.page == 0
     end
-    first = first + 100
+    return c.page[c.i]
+  end
+  while true do
+    local best, from = nil, nil
+    for _, c in ipairs(cursors) do
+      local h = head(c)
+      if h and (best == nil or h[2] < best[2]) then best, from = h, c end
+    end
+    if best == nil then break end
+    from.i = from.i + 1
+    if not tenant_full(P, best[1]) then
+      local got = take(p, from.site, best[1])
+      if got then return got end
+    end
   end
 end
 return false
@@ -322,19 +395,21 @@ for _, p in ipairs(priorities) do
     + redis.call('LLEN', tk(P, p, 'unreadable'))
 end
 before = before + redis.call('LLEN', tk(P, mine, 'unreadable'))
--- Its own tenant's workspaces one by one; every other tenant by its total.
+-- Its own tenant's workspaces in its site one by one; every other (tenant, site) in the
+-- merged lines by its total, ahead of it or behind it by its place, as a claim merges them.
+local site = redis.call('HGET', tk(P, 'homes'), ws) or ''
 local spaces = {}
-for _, w in ipairs(redis.call('ZRANGE', tk(P, mine, 't', tenant), 0, -1)) do
+for _, w in ipairs(redis.call('ZRANGE', tk(P, mine, 't', tenant, site), 0, -1)) do
   spaces[#spaces + 1] = {w, redis.call('LLEN', tk(P, mine, 'q', tenant, w))}
 end
-local line = tk(P, mine, 'line')
-local rank = redis.call('ZRANK', line, tenant) or 0
+local own = tonumber(redis.call('ZSCORE', tk(P, mine, 'line', site), tenant) or 0)
 local totals = redis.call('HGETALL', tk(P, mine, 'totals'))
 local ahead, behind = {0}, {0}  -- (never empty: cjson would make {} an object)
 for i = 1, #totals, 2 do
-  if totals[i] ~= tenant then
-    local r = redis.call('ZRANK', line, totals[i])
-    if r and r < rank then ahead[#ahead + 1] = tonumber(totals[i + 1])
+  local t, s = string.match(totals[i], '^([^\t]*)\t(.*)$')
+  if t and not (t == tenant and s == site) then
+    local place = redis.call('ZSCORE', tk(P, mine, 'line', s), t)
+    if place and tonumber(place) < own then ahead[#ahead + 1] = tonumber(totals[i + 1])
     else behind[#behind + 1] = tonumber(totals[i + 1]) end
   end
 end
@@ -365,19 +440,21 @@ ingest(P, priorities)
 local out = {workspace_busy = 0, token_limit = 0, no_free_slot = 0, home_unavailable = 0}
 for _, p in ipairs(priorities) do
   out.no_free_slot = out.no_free_slot + redis.call('LLEN', tk(P, p, 'unreadable'))
-  for _, tenant in ipairs(redis.call('ZRANGE', tk(P, p, 'line'), 0, -1)) do
-    local full = tenant_full(P, tenant)
-    for _, ws in ipairs(redis.call('ZRANGE', tk(P, p, 't', tenant), 0, -1)) do
-      local n = redis.call('LLEN', tk(P, p, 'q', tenant, ws))
-      local home = redis.call('HGET', tk(P, 'homes'), ws)
-      if home and not redis.call('GET', tk(P, 'host', home)) then
-        out.home_unavailable = out.home_unavailable + n
-      elseif ws_busy(P, ws) then
-        out.workspace_busy = out.workspace_busy + n
-      elseif full then
-        out.token_limit = out.token_limit + n
-      else
-        out.no_free_slot = out.no_free_slot + n
+  for _, site in ipairs(redis.call('SMEMBERS', tk(P, p, 'sites'))) do
+    for _, tenant in ipairs(redis.call('ZRANGE', tk(P, p, 'line', site), 0, -1)) do
+      local full = tenant_full(P, tenant)
+      for _, ws in ipairs(redis.call('ZRANGE', tk(P, p, 't', tenant, site), 0, -1)) do
+        local n = redis.call('LLEN', tk(P, p, 'q', tenant, ws))
+        local home = redis.call('HGET', tk(P, 'homes'), ws)
+        if home and not redis.call('GET', tk(P, 'host', home)) then
+          out.home_unavailable = out.home_unavailable + n
+        elseif ws_busy(P, ws) then
+          out.workspace_busy = out.workspace_busy + n
+        elseif full then
+          out.token_limit = out.token_limit + n
+        else
+          out.no_free_slot = out.no_free_slot + n
+        end
       end
     end
   end
