@@ -76,6 +76,8 @@ REDIS_COMMANDS: Final = (
     "subscribe",
     "unsubscribe",  # events and the cancel channel
     "decr",
+    "hexists",
+    "hincrby",
     "hlen",
     "hmget",
     "hsetnx",
