@@ -320,5 +320,7 @@ async def test_a_task_waits_for_a_call_that_writes(quick_api: Api) -> None:
         body = (await c.get(f"/api/tasks/{tid}")).json()
         assert body["status"] == "queued", body
         assert body["waiting"]["reason"] == "workspace busy: an API call that writes"
+        metrics = await api.daemon.service.metrics_text()
+        assert b'wsrunner_tasks_waiting{reason="workspace_busy"} 1.0' in metrics
         ended = await wait_terminal(api.daemon, tid, timeout=30)
         assert done.is_set() and ended.status is TaskState.COMPLETED

@@ -31,6 +31,8 @@ and workspace, then takes the next runnable payload. Keys, under `<prefix>:turns
                              daemon's wait pops one and claims again
 - `released`                 ZSET of claims released in the last 10 minutes (by when), which
                              a reassert leaves released
+- `waiting`                  HASH workspace -> its payloads in the lines (for `/metrics`)
+- `callers`                  SET of workspaces API calls held lately (pruned by `/metrics`)
 - `blocked`                  HASH workspace -> when (ms) a claim first found it full with
                              tasks waiting; read and cleared when one of them is taken
 
@@ -97,6 +99,7 @@ local function route(P, p, raw, next_up)
     end
   end
   redis.call('INCR', tk(P, p, 'count'))
+  redis.call('HINCRBY', tk(P, 'waiting'), ws, 1)
   redis.call('HINCRBY', tk(P, p, 'totals'), tenant .. '\t' .. site, 1)
 end
 
@@ -282,6 +285,9 @@ local function take(p, site, tenant)
             redis.call('HDEL', tk(P, p, 'where'), tid)
           end
           redis.call('DECR', tk(P, p, 'count'))
+          if redis.call('HINCRBY', tk(P, 'waiting'), ws, -1) <= 0 then
+            redis.call('HDEL', tk(P, 'waiting'), ws)
+          end
           local unit = tenant .. '\t' .. site
           if redis.call('HINCRBY', tk(P, p, 'totals'), unit, -1) <= 0 then
             redis.call('HDEL', tk(P, p, 'totals'), unit)
@@ -437,28 +443,69 @@ COUNTS: Final = (
 local P = ARGV[1]
 local priorities = {unpack(ARGV, 2)}
 ingest(P, priorities)
+-- From what is held and limited, never by walking the lines (a scrape must not stop Redis):
+-- a gone home first, then a full workspace, then a token at its limit; the rest is runnable.
 local out = {workspace_busy = 0, token_limit = 0, no_free_slot = 0, home_unavailable = 0}
+local total = 0
 for _, p in ipairs(priorities) do
+  total = total + tonumber(redis.call('GET', tk(P, p, 'count')) or 0)
   out.no_free_slot = out.no_free_slot + redis.call('LLEN', tk(P, p, 'unreadable'))
-  for _, site in ipairs(redis.call('SMEMBERS', tk(P, p, 'sites'))) do
-    for _, tenant in ipairs(redis.call('ZRANGE', tk(P, p, 'line', site), 0, -1)) do
-      local full = tenant_full(P, tenant)
-      for _, ws in ipairs(redis.call('ZRANGE', tk(P, p, 't', tenant, site), 0, -1)) do
-        local n = redis.call('LLEN', tk(P, p, 'q', tenant, ws))
-        local home = redis.call('HGET', tk(P, 'homes'), ws)
-        if home and not redis.call('GET', tk(P, 'host', home)) then
-          out.home_unavailable = out.home_unavailable + n
-        elseif ws_busy(P, ws) then
-          out.workspace_busy = out.workspace_busy + n
-        elseif full then
-          out.token_limit = out.token_limit + n
-        else
-          out.no_free_slot = out.no_free_slot + n
+end
+local gone = {}
+for _, p in ipairs(priorities) do
+  for _, s in ipairs(redis.call('SMEMBERS', tk(P, p, 'sites'))) do
+    if s ~= '' and gone[s] == nil then gone[s] = not redis.call('GET', tk(P, 'host', s)) end
+  end
+end
+local function gone_home(ws)
+  local home = redis.call('HGET', tk(P, 'homes'), ws)
+  return home and gone[home]
+end
+for _, p in ipairs(priorities) do
+  local totals = redis.call('HGETALL', tk(P, p, 'totals'))
+  for i = 1, #totals, 2 do
+    local _, s = string.match(totals[i], '^([^\t]*)\t(.*)$')
+    if s and gone[s] then out.home_unavailable = out.home_unavailable + tonumber(totals[i + 1]) end
+  end
+end
+-- Workspaces that hold claims or calls: the only ones that can be full.
+local busy = {}
+for _, info in ipairs(redis.call('HVALS', tk(P, 'held'))) do
+  local ws = string.match(info, '^([^\t]*)\t')
+  if ws then busy[ws] = true end
+end
+for _, ws in ipairs(redis.call('SMEMBERS', tk(P, 'callers'))) do
+  if calls(P, ws) > 0 then busy[ws] = true else redis.call('SREM', tk(P, 'callers'), ws) end
+end
+for ws in pairs(busy) do
+  if ws_busy(P, ws) and not gone_home(ws) then
+    out.workspace_busy = out.workspace_busy + tonumber(redis.call('HGET', tk(P, 'waiting'), ws) or 0)
+  else
+    busy[ws] = nil
+  end
+end
+-- Tokens at their running limit: their waiting tasks not counted above.
+local limits = redis.call('HGETALL', tk(P, 'limits', 'token'))
+for i = 1, #limits, 2 do
+  local tenant = 't:' .. limits[i]
+  if redis.call('SCARD', tk(P, 'tenant', tenant)) >= tonumber(limits[i + 1]) then
+    for _, p in ipairs(priorities) do
+      for _, site in ipairs(redis.call('SMEMBERS', tk(P, p, 'sites'))) do
+        if not gone[site] then
+          local n = tonumber(redis.call('HGET', tk(P, p, 'totals'), tenant .. '\t' .. site) or 0)
+          if n > 0 then
+            for ws in pairs(busy) do
+              n = n - redis.call('LLEN', tk(P, p, 'q', tenant, ws))
+            end
+            out.token_limit = out.token_limit + math.max(n, 0)
+          end
         end
       end
     end
   end
 end
+out.no_free_slot = out.no_free_slot + math.max(
+  total - out.home_unavailable - out.workspace_busy - out.token_limit, 0)
 return cjson.encode(out)
 """
 )
@@ -476,6 +523,7 @@ if ws_busy(P, ws) then
 end
 local key = tk(P, 'calls', ws)
 redis.call('ZADD', key, now + ttl, hold)
+redis.call('SADD', tk(P, 'callers'), ws)
 local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', key, tonumber(last[2]))  -- gone with the longest hold
 return ''
