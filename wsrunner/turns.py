@@ -26,11 +26,11 @@ import json
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from wsrunner.models import PRIORITY_ORDER, Claim, Held, Waiting
+from wsrunner.models import PRIORITY_ORDER, Claim, Held, TurnsConfig, Waiting
 
 #: what the claim script accepts as a workspace and a token id (the API refuses anything else)
 _WORKSPACE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -340,3 +340,57 @@ def _names(payload: str, task_id: str) -> bool:
     except ValueError:
         return False
     return isinstance(obj, dict) and obj.get("task_id") == task_id
+
+
+class LocalTurns:
+    """The `Turns` port over a `Turns` in this process: the embedded queue's and the test
+    fake's. One daemon serves every workspace there, so nothing is placed."""
+
+    _turns: Turns
+
+    def _wake(self) -> None:
+        """Tell an idle poller that work may be runnable now."""
+        raise NotImplementedError
+
+    async def _call(self) -> None:
+        """What every call costs first (a fake's simulated round trip); nothing here."""
+
+    async def configure(self, config: TurnsConfig) -> None:
+        await self._call()
+        self._turns.workspace_limit = config.workspace_limit
+        self._turns.workspace_limits = dict(config.workspace_limits)
+        for token, n in config.token_limits.items():
+            if n is None:
+                self._turns.token_limits.pop(token, None)
+            else:
+                self._turns.token_limits[token] = n
+        self._wake()
+
+    async def reassert(self, held: Sequence[Held]) -> None:
+        await self._call()
+        for h in held:
+            self._turns.reassert(h)
+
+    async def steps_over(self, claim_id: str) -> None:
+        await self._call()
+        if self._turns.release(claim_id):
+            self._wake()
+
+    async def hold_workspace(self, workspace_id: str, hold_id: str, ttl_s: float) -> str | None:
+        await self._call()
+        return self._turns.hold_call(workspace_id, hold_id, ttl_s)
+
+    async def release_workspace(self, workspace_id: str, hold_id: str) -> None:
+        await self._call()
+        self._turns.release_call(workspace_id, hold_id)
+        self._wake()
+
+    async def waiting_counts(self) -> dict[str, int]:
+        await self._call()
+        return self._turns.counts()
+
+    async def waiting(
+        self, task_id: str, workspace_id: str, token_id: str | None, priority: str
+    ) -> Waiting | None:
+        await self._call()
+        return self._turns.waiting(task_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -14,14 +14,11 @@ from wsrunner.models import (
     PRIORITY_ORDER,
     Claim,
     Event,
-    Held,
     TaskState,
-    TurnsConfig,
-    Waiting,
     sources_of,
 )
 from wsrunner.testing.common import WAKE_BLOCK_S, _Clock, _copy, _round_trip
-from wsrunner.turns import Turns
+from wsrunner.turns import LocalTurns, Turns
 
 # --- the fast shared state --------------------------------------------------------------------
 
@@ -30,7 +27,7 @@ def _event_seq(event_id: str) -> int:
     return int(event_id.split("-", 1)[0])
 
 
-class MemoryQueue:
+class MemoryQueue(LocalTurns):
     """The `Queue` port in memory, with the Redis queue's rules.
 
     Payloads wait in `wsrunner.turns.Turns`, as in the Redis claim script: a re-queued one (a
@@ -67,6 +64,12 @@ class MemoryQueue:
     def _push(self, payload: JSON, *, next_up: bool) -> None:
         self._turns.add(payload["priority"], json.dumps(payload), next_up=next_up)
         self._wake_pollers()
+
+    def _wake(self) -> None:
+        self._wake_pollers()
+
+    async def _call(self) -> None:
+        await _round_trip(self.latency)
 
     def _wake_pollers(self) -> None:
         self._work.set()
@@ -234,46 +237,6 @@ class MemoryQueue:
                 await self._grown.setdefault(task_id, trio.Event()).wait()
             found = newer()
         return found
-
-    async def configure(self, config: TurnsConfig) -> None:
-        """Workspace and token limits (one daemon serves every workspace here: no placement)."""
-        await _round_trip(self.latency)
-        self._turns.workspace_limit = config.workspace_limit
-        self._turns.workspace_limits = dict(config.workspace_limits)
-        for token, n in config.token_limits.items():
-            if n is None:
-                self._turns.token_limits.pop(token, None)
-            else:
-                self._turns.token_limits[token] = n
-        self._wake_pollers()
-
-    async def reassert(self, held: Sequence[Held]) -> None:
-        await _round_trip(self.latency)
-        for h in held:
-            self._turns.reassert(h)
-
-    async def steps_over(self, claim_id: str) -> None:
-        await _round_trip(self.latency)
-        if self._turns.release(claim_id):
-            self._wake_pollers()
-
-    async def hold_workspace(self, workspace_id: str, hold_id: str, ttl_s: float) -> str | None:
-        await _round_trip(self.latency)
-        return self._turns.hold_call(workspace_id, hold_id, ttl_s)
-
-    async def release_workspace(self, workspace_id: str, hold_id: str) -> None:
-        await _round_trip(self.latency)
-        self._turns.release_call(workspace_id, hold_id)
-        self._wake_pollers()
-
-    async def waiting_counts(self) -> dict[str, int]:
-        return self._turns.counts()
-
-    async def waiting(
-        self, task_id: str, workspace_id: str, token_id: str | None, priority: str
-    ) -> Waiting | None:
-        await _round_trip(self.latency)
-        return self._turns.waiting(task_id)
 
     async def depths(self) -> dict[str, int]:
         await _round_trip(self.latency)

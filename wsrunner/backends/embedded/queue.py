@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -27,13 +27,10 @@ from wsrunner.models import (
     PRIORITY_ORDER,
     Claim,
     Event,
-    Held,
     TaskState,
-    TurnsConfig,
-    Waiting,
     sources_of,
 )
-from wsrunner.turns import Turns
+from wsrunner.turns import LocalTurns, Turns
 
 WAKE_BLOCK_S: Final = 5.0
 ENDED_KEPT: Final = 10_000  #: ended tasks whose final state still refuses a late transition
@@ -47,7 +44,7 @@ def _seq(event_id: str) -> int:
     return int(event_id.split("-", 1)[0])
 
 
-class LocalQueue:
+class LocalQueue(LocalTurns):
     """In-process queues over a SqliteStore's event table. Create with `open_local_queue()`."""
 
     def __init__(self, store: SqliteStore) -> None:
@@ -66,6 +63,9 @@ class LocalQueue:
 
     async def ping(self) -> None:
         await self._store.ping()
+
+    def _wake(self) -> None:
+        self._work.set()
 
     # --- submit and claims --------------------------------------------------------------------
 
@@ -217,42 +217,6 @@ class LocalQueue:
 
     async def depths(self) -> dict[str, int]:
         return {p.value: self._turns.depth(p.value) for p in PRIORITY_ORDER}
-
-    # --- turns --------------------------------------------------------------------------------
-
-    async def configure(self, config: TurnsConfig) -> None:
-        """Workspace and token limits (one daemon serves every workspace here: no placement)."""
-        self._turns.workspace_limit = config.workspace_limit
-        self._turns.workspace_limits = dict(config.workspace_limits)
-        for token, n in config.token_limits.items():
-            if n is None:
-                self._turns.token_limits.pop(token, None)
-            else:
-                self._turns.token_limits[token] = n
-        self._work.set()
-
-    async def reassert(self, held: Sequence[Held]) -> None:
-        for h in held:
-            self._turns.reassert(h)
-
-    async def steps_over(self, claim_id: str) -> None:
-        if self._turns.release(claim_id):
-            self._work.set()
-
-    async def hold_workspace(self, workspace_id: str, hold_id: str, ttl_s: float) -> str | None:
-        return self._turns.hold_call(workspace_id, hold_id, ttl_s)
-
-    async def release_workspace(self, workspace_id: str, hold_id: str) -> None:
-        self._turns.release_call(workspace_id, hold_id)
-        self._work.set()
-
-    async def waiting_counts(self) -> dict[str, int]:
-        return self._turns.counts()
-
-    async def waiting(
-        self, task_id: str, workspace_id: str, token_id: str | None, priority: str
-    ) -> Waiting | None:
-        return self._turns.waiting(task_id)
 
     async def statuses(self, task_ids: Iterable[str]) -> dict[str, str | None]:
         return {
