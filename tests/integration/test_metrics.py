@@ -143,6 +143,7 @@ async def test_http_requests_are_timed_by_route_template(api: Api) -> None:
     async with api.client() as c:
         r = await c.post("/api/tasks/submit", json=task_body(cmd("true")))
         task_id = r.json()["task_id"]
+        await wait_terminal(api.daemon, task_id)  # its workspace exists, to be listed below
         assert (await c.get(f"/api/tasks/{task_id}")).status_code == 200
         assert (await c.get(f"/api/nothing/{task_id}")).status_code == 404
     async with httpx.AsyncClient(base_url=api.public) as anon:
