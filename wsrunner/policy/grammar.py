@@ -28,6 +28,7 @@ _TEXT: Final = frozenset(
     {"raw_string", "string_content", "ansi_c_string", "comment", "heredoc_body", "heredoc_content"}
 )
 _LANGUAGE: Final = Language(tree_sitter_bash.language())
+READ_CHUNK: Final = 65536  #: bytes handed to the parser per read (a command is at most 64 KiB)
 _local = threading.local()
 
 
@@ -121,11 +122,13 @@ class Grammar:
         parser = getattr(_local, "parser", None)
         if parser is None:  # one per thread: a parser is not shared
             parser = _local.parser = Parser(_LANGUAGE)
-        view = memoryview(data)
         stopped: list[int] = []
 
-        def read(byte: int, _point: object) -> memoryview:
-            return view[byte:]
+        def read(byte: int, _point: object) -> bytes:
+            # A bytes object, never a memoryview: py-tree-sitter 0.26 keeps a pointer into
+            # what the callback returned, and a memoryview's buffer can go while it does (a
+            # segfault in a clean-clone CI run: tree-sitter/py-tree-sitter#435).
+            return data[byte : byte + READ_CHUNK]
 
         def progress(offset: int, has_error: bool) -> bool:
             if stop_at_error and has_error:  # every version of the parse is in error
