@@ -659,3 +659,35 @@ def test_the_readme_policy_example_is_valid(tmp_path: Path) -> None:
     assert policy.limits.cpus == 2 and policy.sandbox.read_only_paths == ("/opt/node",)
     assert not policy.evaluate("git push --force origin main").allowed
     assert policy.evaluate("git push origin main").allowed
+
+
+#: Crashed tree-sitter-bash 0.25.1 (a read out of bounds; exit 139): found by the OpenAPI fuzzing
+#: of the internal exec, minimized to `{` then a character of plane 15.
+CRASHERS = ["echo a{\U000f769d", "\u00af.\u00cd\x1f\U000af1e7{\U000f7c35\u0084-V", "a{\U000dffff"]
+
+
+def test_text_that_crashed_the_shell_parser_is_refused_and_the_process_lives() -> None:
+    """In a child process: on the old code the first of these killed it with SIGSEGV (and so
+    the daemon, since the policy reads every command in its own process)."""
+    probe = textwrap.dedent(
+        """
+        import sys
+        from wsrunner.policy.shell import simple_commands
+        for line in sys.argv[1:]:
+            try:
+                simple_commands(line)
+            except Exception as exc:
+                print(type(exc).__name__, exc)
+        print("alive")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *CRASHERS], capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "alive" and len(lines) == len(CRASHERS) + 1, done.stdout
+    assert all(line.startswith("UnreadableCharacterError") for line in lines[:-1]), lines
+    assert "U+40000" in lines[0]
+    # The planes a shell command does use still read: Latin, CJK, emoji, CJK extension B.
+    assert simple_commands("echo é 中 \U0001f600 \U00020000")

@@ -29,6 +29,8 @@ _TEXT: Final = frozenset(
 )
 _LANGUAGE: Final = Language(tree_sitter_bash.language())
 READ_CHUNK: Final = 65536  #: bytes handed to the parser per read (a command is at most 64 KiB)
+#: lead bytes of characters from U+40000 up, and bytes that are never UTF-8
+_HIGH_PLANES: Final = re.compile(rb"[\xf1-\xff]")
 _local = threading.local()
 
 
@@ -48,6 +50,15 @@ class CommandTooLongError(ShellSyntaxError):
     """The command line is longer than MAX_TEXT characters."""
 
     rule = "builtin:length"
+
+
+class UnreadableCharacterError(ShellSyntaxError):
+    """The command holds text the parser cannot be given safely: tree-sitter-bash 0.25.1 reads
+    memory out of bounds (and crashes the daemon) on characters from about U+50000 up, as
+    `a{` followed by U+F769D; every byte that starts one (0xF1-0xF4), and the bytes no UTF-8
+    text holds (0xF5-0xFF), are refused before it sees them."""
+
+    rule = "builtin:syntax"
 
 
 class TooComplexError(ShellSyntaxError):
@@ -119,6 +130,12 @@ class Grammar:
 
     def _parse(self, data: bytes, *, stop_at_error: bool) -> tuple[Node | None, int]:
         """(the root, 0), or (None, the byte where it stopped at an error)."""
+        if (high := _HIGH_PLANES.search(data)) is not None:
+            raise UnreadableCharacterError(
+                f"cannot read the command: it holds byte {high.group()[0]:#04x} at byte "
+                f"{high.start()}, of a character from U+40000 up (an unassigned, special-"
+                "purpose or private-use plane) or of no character; such text is refused"
+            )
         parser = getattr(_local, "parser", None)
         if parser is None:  # one per thread: a parser is not shared
             parser = _local.parser = Parser(_LANGUAGE)
