@@ -285,19 +285,26 @@ class Api:
         return httpx.AsyncClient(base_url=self.internal, headers=headers, timeout=60, **kw)
 
 
-@pytest.fixture(name="api")
-async def _api(start_daemon: Callable[..., Any]) -> Api:
-    daemon: Daemon = await start_daemon(
-        frontend="frontend",
-        public_host="127.0.0.1",
-        public_port=0,
-        health_port=0,
-        internal_token=INTERNAL_TOKEN,
-        sse_keepalive_s=0.5,
-    )
+async def start_api(start_daemon: Callable[..., Any], **overrides: Any) -> Api:
+    """A daemon serving both APIs on free loopback ports, and a token for every workspace;
+    `overrides` are its settings'."""
+    settings: dict[str, Any] = {
+        "frontend": "frontend",
+        "public_host": "127.0.0.1",
+        "public_port": 0,
+        "health_port": 0,
+        "internal_token": INTERNAL_TOKEN,
+        "sse_keepalive_s": 0.5,
+    }
+    daemon: Daemon = await start_daemon(**{**settings, **overrides})
     _, token = await daemon.service.tokens.create("tests", None)
     public, internal = daemon.urls
     return Api(daemon, public, internal, token)
+
+
+@pytest.fixture(name="api")
+async def _api(start_daemon: Callable[..., Any]) -> Api:
+    return await start_api(start_daemon)
 
 
 async def submit_and_wait(

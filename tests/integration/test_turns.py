@@ -20,10 +20,10 @@ import redis
 import trio
 
 from tests.conftest import (
-    INTERNAL_TOKEN,
     Api,
     cmd,
     raw_payload,
+    start_api,
     task_body,
     wait_for,
     wait_terminal,
@@ -231,17 +231,7 @@ async def test_the_running_limit_holds_across_two_daemons(start_daemon) -> None:
 @pytest.fixture(name="quick_api")
 async def _quick_api(start_daemon) -> Api:
     """The API fixture's daemon, waiting 1 s for a busy workspace instead of 10."""
-    daemon: Daemon = await start_daemon(
-        frontend="frontend",
-        public_host="127.0.0.1",
-        public_port=0,
-        health_port=0,
-        internal_token=INTERNAL_TOKEN,
-        workspace_wait_s=1.0,
-    )
-    _, token = await daemon.service.tokens.create("tests", None)
-    public, internal = daemon.urls
-    return Api(daemon, public, internal, token)
+    return await start_api(start_daemon, workspace_wait_s=1.0)
 
 
 async def test_calls_that_write_wait_for_the_workspace_and_reads_do_not(quick_api: Api) -> None:
