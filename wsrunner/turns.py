@@ -67,7 +67,8 @@ class _Level:
     unreadable: deque[str] = field(default_factory=deque)
     tenants: dict[str, int] = field(default_factory=dict)  #: tenant -> its place in line
     workspaces: dict[str, dict[str, int]] = field(default_factory=dict)  #: tenant -> ws -> place
-    lists: dict[tuple[str, str], deque[str]] = field(default_factory=dict)  #: left is next
+    #: (tenant, workspace) -> its (task id, payload)s, the next on the left
+    lists: dict[tuple[str, str], deque[tuple[str, str]]] = field(default_factory=dict)
     count: int = 0
 
 
@@ -114,9 +115,10 @@ class Turns:
         if found is None:
             level.unreadable.appendleft(payload) if next_up else level.unreadable.append(payload)
             return
-        tenant, ws, _ = found
+        tenant, ws, task_id = found
         queue = level.lists.setdefault((tenant, ws), deque())
-        queue.appendleft(payload) if next_up else queue.append(payload)
+        item = (task_id, payload)
+        queue.appendleft(item) if next_up else queue.append(item)
         spaces = level.workspaces.setdefault(tenant, {})
         if next_up:
             spaces[ws], level.tenants[tenant] = self._first(), self._first()
@@ -131,10 +133,6 @@ class Turns:
     def depth(self, priority: str) -> int:
         level = self._levels[priority]
         return level.count + len(level.unreadable)
-
-    def may_run(self, tenant: str, workspace: str) -> bool:
-        """Whether a task of `tenant` in `workspace` could start now."""
-        return not self.busy_workspace(workspace) and self.tenant_full(tenant) is None
 
     def busy_workspace(self, workspace: str) -> str | None:
         """What holds `workspace` (a task id, or 'api' for an API call) when it may hold no
@@ -194,7 +192,7 @@ class Turns:
 
     def _pop(self, priority: str, level: _Level, tenant: str, ws: str) -> Taken:
         queue = level.lists[(tenant, ws)]
-        payload = queue.popleft()
+        task_id, payload = queue.popleft()
         level.count -= 1
         spaces = level.workspaces[tenant]
         if queue:
@@ -205,8 +203,7 @@ class Turns:
             level.tenants[tenant] = self._next()
         else:
             del level.workspaces[tenant], level.tenants[tenant]
-        found = tenant_of(json.loads(payload))
-        return Taken(priority, payload, tenant, ws, found[2] if found else "")
+        return Taken(priority, payload, tenant, ws, task_id)
 
     def claim(self, number: int, now: float | None = None) -> Claim | None:
         """`take(now)` as claim `<priority>:<number>`, holding what it needs until released."""
@@ -291,7 +288,7 @@ class Turns:
         before = 0
         for level in self._levels.values():
             for (tenant, ws), queue in level.lists.items():
-                index = next((i for i, raw in enumerate(queue) if _names(raw, task_id)), None)
+                index = next((i for i, (tid, _) in enumerate(queue) if tid == task_id), None)
                 if index is not None:
                     line = [
                         (t, [(w, len(level.lists[(t, w)])) for w in _in_line(level.workspaces[t])])
@@ -332,14 +329,6 @@ def place_in(
 
 def _in_line(places: dict[str, int]) -> list[str]:
     return sorted(places, key=places.__getitem__)
-
-
-def _names(payload: str, task_id: str) -> bool:
-    try:
-        obj = json.loads(payload)
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and obj.get("task_id") == task_id
 
 
 class LocalTurns:

@@ -100,10 +100,10 @@ def test_a_token_at_its_running_limit_waits_and_others_go_by() -> None:
 
 def _waiting_ids(turns: Turns) -> list[str]:
     return [
-        json.loads(raw)["task_id"]
+        task_id
         for level in turns._levels.values()
         for queue in level.lists.values()
-        for raw in queue
+        for task_id, _ in queue
     ]
 
 

@@ -57,25 +57,6 @@ def _queued_at(payload: object) -> float | None:
     return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
 
 
-def _check_text(obj: object, depth: int = 0) -> None:
-    """Refuse strings a strict JSON reader refuses (lone surrogates, as from a producer that
-    cut a string inside an emoji): Redis's reader does, and the two must agree."""
-    if depth > 64:
-        raise ValueError("nested deeper than 64 levels")
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff)") from None
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _check_text(key, depth + 1)
-            _check_text(value, depth + 1)
-    elif isinstance(obj, list):
-        for value in obj:
-            _check_text(value, depth + 1)
-
-
 class StopReason(enum.Enum):
     """Why a running task's cancel scope was cancelled."""
 
@@ -319,7 +300,6 @@ class TaskRunner:
         obj: object = None
         try:
             obj = json.loads(claim.payload)
-            _check_text(obj)
             spec = parse_task(obj)
         except ValidationError as exc:
             reason, kind = str(exc), "invalid_payload"
@@ -329,10 +309,16 @@ class TaskRunner:
             if claim.workspace_id is not None and claim.workspace_id == spec.workspace_id:
                 return spec, _queued_at(obj)
             # The queue read another workspace (or none) from it: the task would run without
-            # holding its own workspace. Never run what the two read differently.
+            # holding its own workspace. Never run what the two read differently (Redis's JSON
+            # reader refuses a lone UTF-16 surrogate, which Python's accepts).
+            read = (
+                "could not read it"
+                if claim.workspace_id is None
+                else f"read workspace {claim.workspace_id!r} from it"
+            )
             reason = (
-                f"invalid payload: the queue read workspace {claim.workspace_id!r} from it, "
-                f"the daemon {spec.workspace_id!r}"
+                f"invalid payload: the queue's JSON reader {read} (a lone UTF-16 surrogate, "
+                f"for one), the daemon's read workspace {spec.workspace_id!r}"
             )
             kind = "invalid_payload"
         task_id = None
