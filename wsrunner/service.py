@@ -65,7 +65,7 @@ CHECK_TIMEOUT_S: Final = 2.0  #: per readiness check
 #: how long a call that writes may hold its workspace at most (it is released when it ends)
 WRITE_HOLD_S: Final = 60.0
 GIT_HOLD_S: Final = CLONE_TIMEOUT_S + 30
-EXEC_HOLD_S: Final = 630.0  #: the longest exec (600 s) and its kill
+KILL_MARGIN_S: Final = 30.0  #: an exec's hold outlives its time limit by this (its kill)
 _CLONE_KEYS: Final = frozenset(
     {
         "repo_url",
@@ -375,7 +375,8 @@ class Service:
         ws = validate_workspace_id(workspace_id)
         _check_scope(scope, ws)
         reads = not tools.writes(name, arguments)
-        hold_s = EXEC_HOLD_S if name == "workspace_exec" else GIT_HOLD_S
+        longest_exec = self.settings.exec_timeout_max_s + KILL_MARGIN_S
+        hold_s = longest_exec if name == "workspace_exec" else GIT_HOLD_S
         async with self.writing(ws, concurrent=concurrent or reads, hold_s=hold_s):
             return await tools.call(self.workspace, ws, name, arguments)
 
@@ -465,7 +466,9 @@ class Service:
         concurrent: bool = False,
     ) -> JSON:
         _, _, seconds = self.workspace.check_exec(command, cwd, timeout)
-        async with self.writing(workspace_id, concurrent=concurrent, hold_s=seconds + 30):
+        async with self.writing(
+            workspace_id, concurrent=concurrent, hold_s=seconds + KILL_MARGIN_S
+        ):
             return await self.workspace.exec(
                 workspace_id, command, cwd, timeout, on_output=on_output
             )

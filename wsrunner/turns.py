@@ -344,7 +344,8 @@ class LocalTurns:
     async def _call(self) -> None:
         """What every call costs first (a fake's simulated round trip); nothing here."""
 
-    async def configure(self, config: TurnsConfig) -> None:
+    async def configure(self, config: TurnsConfig) -> bool:
+        """Limits only (one daemon serves every workspace here: nothing is placed)."""
         await self._call()
         self._turns.workspace_limit = config.workspace_limit
         self._turns.workspace_limits = dict(config.workspace_limits)
@@ -354,6 +355,7 @@ class LocalTurns:
             else:
                 self._turns.token_limits[token] = n
         self._wake()
+        return False
 
     async def reassert(self, held: Sequence[Held]) -> None:
         await self._call()

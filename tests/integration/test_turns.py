@@ -314,3 +314,18 @@ async def test_a_task_waits_for_a_call_that_writes(quick_api: Api) -> None:
         assert b'wsrunner_tasks_waiting{reason="workspace_busy"} 1.0' in metrics
         ended = await wait_terminal(api.daemon, tid, timeout=30)
         assert done.is_set() and ended.status is TaskState.COMPLETED
+
+
+async def test_homes_come_back_after_redis_loses_its_data(
+    start_daemon, redis_client: redis.Redis, settings
+) -> None:
+    """A workspace's home is read back from PostgreSQL by the next reconcile pass (1 s here)
+    once Redis lost it, and only then: the pass reads no home while Redis has them."""
+    daemon = await start_daemon(concurrency=1)
+    first = await daemon.service.submit(task_body(cmd("true"), workspace_id="ws-home"))
+    await wait_terminal(daemon, first.record.id)
+    homes = f"{settings.redis_prefix}:turns:homes"
+    assert redis_client.hget(homes, "ws-home") == settings.host_id
+    keys = list(redis_client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
+    redis_client.delete(*keys)
+    await wait_for(lambda: redis_client.hget(homes, "ws-home") == settings.host_id, timeout=10)

@@ -13,6 +13,7 @@ A daemon's lease is its heartbeat key in Redis (TTL `lease_ttl_s`) and, for each
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -206,22 +207,22 @@ class Reaper:
             self._tell(self.on_requeue, "dead_daemon")
 
     async def configure_turns(self) -> None:
-        """Give the queue the claim rules' settings, this host's placement, and the homes and
-        token limits of the durable record: at start, and at each reconcile pass, so that what
-        Redis lost comes back and a token's new `max_running` reaches its queued tasks."""
+        """Give the queue the claim rules' settings, this host's placement and the tokens'
+        running limits: at start, and at each reconcile pass, so that what Redis lost comes
+        back and a token's new `max_running` reaches its queued tasks. The workspaces' homes
+        (a row per workspace) are read only when Redis has lost them."""
         s = self.settings
         tokens = await self.store.list_tokens()
-        await self.queue.configure(
-            TurnsConfig(
-                workspace_limit=s.workspace_concurrency,
-                workspace_limits=dict(s.workspace_concurrencies),
-                host=s.host_id,
-                volume_shared=s.volume_shared,
-                home_unavailable=s.home_unavailable,
-                homes=await self.store.homes(),
-                token_limits={t.id: t.limits.max_running for t in tokens if not t.revoked_at},
-            )
+        config = TurnsConfig(
+            workspace_limit=s.workspace_concurrency,
+            workspace_limits=dict(s.workspace_concurrencies),
+            host=s.host_id,
+            volume_shared=s.volume_shared,
+            home_unavailable=s.home_unavailable,
+            token_limits={t.id: t.limits.max_running for t in tokens if not t.revoked_at},
         )
+        if await self.queue.configure(config):
+            await self.queue.configure(dataclasses.replace(config, homes=await self.store.homes()))
 
     async def reconcile(self, min_age_s: float | None = None) -> int:
         """Repair the queue from the durable store; returns how many tasks were re-queued or

@@ -662,10 +662,13 @@ class RedisQueue:
 
     # --- turns --------------------------------------------------------------------------------
 
-    async def configure(self, config: TurnsConfig) -> None:
+    async def configure(self, config: TurnsConfig) -> bool:
         """Take the claim rules' settings: workspace limits (shared by every daemon on this
         Redis: the last to configure sets them), this host's placement, and the homes and
-        token limits the durable record knows, where Redis lost them or they changed."""
+        token limits the durable record knows, where Redis lost them or they changed.
+
+        Returns whether Redis had none of it (a first start, or a restart without its data):
+        then the caller gives it the homes."""
         self._placement = (
             config.host,
             "shared" if config.volume_shared else "local",
@@ -675,6 +678,7 @@ class RedisQueue:
         limits = {"*": str(config.workspace_limit)}
         limits.update({k: str(v) for k, v in config.workspace_limits.items()})
         commands: list[list[Arg]] = [
+            ["EXISTS", f"{line}:limits:ws"],  # gone only with the rest of Redis's data
             ["DEL", f"{line}:limits:ws"],
             ["HSET", f"{line}:limits:ws", *_flat(limits)],
         ]
@@ -682,7 +686,8 @@ class RedisQueue:
         for token, n in config.token_limits.items():
             key = f"{line}:limits:token"
             commands.append(["HDEL", key, token] if n is None else ["HSET", key, token, n])
-        await self._pipe(commands, transaction=True)
+        replies = await self._pipe(commands, transaction=True)
+        return not replies[0]
 
     async def reassert(self, held: Sequence[Held]) -> None:
         """Hold again what running tasks' claims hold, where Redis lost it (see REASSERT)."""
