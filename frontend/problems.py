@@ -114,7 +114,7 @@ def from_error(exc: WsrunnerError) -> Response:
         )
     if isinstance(exc, PriorityRefusedError):
         extra.update(
-            errors=[{"field": "priority", "message": str(exc).split(": ", 1)[1]}],
+            errors=[{"field": "priority", "message": exc.message}],
             max_priority=exc.highest,
         )
     if isinstance(exc, LimitReachedError):

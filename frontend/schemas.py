@@ -29,6 +29,14 @@ from wsrunner.taskshape import (
 #: The body of POST /api/tasks/submit: the core's model of a task.
 SubmitRequest = TaskRequest
 EventId = Annotated[str, Field(pattern=f"^{EVENT_ID.pattern}$", examples=["1732400000000-0"])]
+#: Run beside a task or call that holds the workspace instead of waiting for it.
+Concurrent = Annotated[
+    bool,
+    Field(
+        description="run beside a task or call that holds the workspace (a tool or git operation "
+        "that writes) instead of waiting for it, at most workspace_wait_s, then 423"
+    ),
+]
 
 
 class CloneRequest(BaseModel):
@@ -225,7 +233,8 @@ class Waiting(BaseModel):
         description="its place among waiting tasks (1 = next), as if every workspace were free"
     )
     reason: str = Field(
-        description="`workspace busy: task <id>`, `token limit: <n> running` or `no free slot`"
+        description="`home host <h> unavailable`, `workspace busy: task <id>`, `workspace busy: "
+        "an API call that writes`, `token limit: <n> running` or `no free slot`"
     )
 
 
@@ -367,11 +376,7 @@ class ToolCall(BaseModel):
     workspace_id: WorkspaceId
     tool: str = Field(description="a name from GET /api/tools")
     arguments: dict[str, Any] = Field(default_factory=dict)
-    concurrent: bool = Field(
-        False,
-        description="tools that write: run beside a task or call that holds the workspace instead of waiting "
-        "for it (at most workspace_wait_s, then 423)",
-    )
+    concurrent: Concurrent = False
 
 
 class ToolResult(BaseModel):
@@ -437,11 +442,7 @@ class FileContent(BaseModel):
 class WriteRequest(BaseModel):
     path: str = Field(min_length=1, max_length=4096)
     content: str
-    concurrent: bool = Field(
-        False,
-        description="run beside a task or call that holds the workspace instead of waiting "
-        "for it (at most workspace_wait_s, then 423)",
-    )
+    concurrent: Concurrent = False
 
 
 class WriteResult(BaseModel):
@@ -454,11 +455,7 @@ class ExecRequest(BaseModel):
     command: str = Field(min_length=1, max_length=65536)
     cwd: str = Field(".", max_length=4096)
     timeout: float = Field(120, ge=1, description="seconds; at most exec_timeout_max_s")
-    concurrent: bool = Field(
-        False,
-        description="run beside a task or call that holds the workspace instead of waiting "
-        "for it (at most workspace_wait_s, then 423)",
-    )
+    concurrent: Concurrent = False
 
 
 class CommandResult(BaseModel):
@@ -510,8 +507,4 @@ class GitRequest(BaseModel):
         None, description="a string split like a shell would (no expansion), or a list"
     )
     branch: Branch | None = Field(None, description="clone only")
-    concurrent: bool = Field(
-        False,
-        description="operations that write: run beside a task or call that holds the workspace instead of waiting "
-        "for it (at most workspace_wait_s, then 423)",
-    )
+    concurrent: Concurrent = False

@@ -81,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     _limit_arguments(create, "default: ")
     create.add_argument("--json", action="store_true", help="print JSON")
     update = actions.add_parser(
-        "update", help="change a token's limits (effective within 5 s; others stay as they are)"
+        "update",
+        help="change a token's limits (submits see it within 5 s, tasks already queued within "
+        "reconcile_interval_s; limits not named stay as they are)",
     )
     update.add_argument("token_id", metavar="ID", help="the id shown by `tokens list`")
     _limit_arguments(update, "unchanged unless given; created with ")

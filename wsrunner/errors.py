@@ -57,10 +57,11 @@ class PriorityRefusedError(WsrunnerError):
     """The caller's token may not submit at the priority asked for."""
 
     def __init__(self, asked: str, highest: str) -> None:
-        super().__init__(
-            f"priority: this token may submit at {highest} or lower, not {asked}; "
+        self.message = (
+            f"this token may submit at {highest} or lower, not {asked}; "
             "an operator grants more with `wsrunner tokens update --max-priority`"
         )
+        super().__init__(f"priority: {self.message}")
         self.highest = highest
 
 

@@ -155,6 +155,45 @@ def test_tokens_create_list_revoke(schema) -> None:
     assert usage.returncode == 2 and "--all-workspaces" in usage.stderr
 
 
+def test_tokens_limits_are_set_changed_one_at_a_time_and_listed(schema) -> None:
+    env = {"DATABASE_URL": DATABASE_URL, "WSRUNNER_DATABASE_SCHEMA": schema}
+    made = run_cli(
+        "tokens",
+        "create",
+        "--name",
+        "agents",
+        "--all-workspaces",
+        "--max-running",
+        "2",
+        "--json",
+        env=env,
+    )
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)
+    assert (token["max_priority"], token["max_running"], token["max_queued"]) == ("high", 2, None)
+    changed = run_cli(
+        "tokens",
+        "update",
+        token["id"],
+        "--max-priority",
+        "critical",
+        "--max-queued",
+        "50",
+        "--json",
+        env=env,
+    )
+    assert changed.returncode == 0, changed.stderr
+    row = json.loads(changed.stdout)  # what was not named stays as it was
+    assert (row["max_priority"], row["max_running"], row["max_queued"]) == ("critical", 2, 50)
+    cleared = run_cli("tokens", "update", token["id"], "--max-running", "none", env=env)
+    assert "up to critical, running no limit, queued 50" in cleared.stdout, cleared.stdout
+    assert "running no limit, queued 50" in run_cli("tokens", "list", env=env).stdout
+    bad = run_cli("tokens", "update", token["id"], "--max-running", "0", env=env)
+    assert bad.returncode == 2 and "expected a positive integer or 'none'" in bad.stderr
+    missing = run_cli("tokens", "update", "nope", "--max-running", "1", env=env)
+    assert missing.returncode == 2 and "no API token with id 'nope'" in missing.stderr
+
+
 async def test_serve_logs_json_lines_with_task_ids_and_no_secrets(tmp_path, prefix, schema) -> None:
     public, internal = free_port(), free_port()
     env = {
